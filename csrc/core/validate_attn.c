@@ -1,0 +1,166 @@
+/*
+ * validate_attn.c - the one place attention params are checked before any
+ * backend runs (forward and backward). Every failure names the argument, what
+ * was expected and what was given.
+ */
+#include "pf_internal.h"
+
+/* Checks shared by every floating-point tensor argument of an attention op. */
+static pf_status check_float_arg(const pf_tensor *t, const char *name, const pf_tensor *q) {
+    PF_CHECK_VALUE(pf_tensor_present(t) || pf_tensor_numel(t) == 0, "%s: missing", name);
+    PF_TRY(pf_check_float_dtype(t, name));
+    PF_CHECK_TYPE(t->dtype == q->dtype, "%s: expected dtype %s (the dtype of q), got %s", name,
+                  pf_dtype_name(q->dtype), pf_dtype_name(t->dtype));
+    PF_TRY(pf_check_last_contiguous(t, name));
+    PF_TRY(pf_check_same_device(t, name, q, "q"));
+    return PF_STATUS_OK;
+}
+
+static pf_status check_same_shape(const pf_tensor *t, const char *name, const pf_tensor *ref,
+                                  const char *ref_name) {
+    char a[128], b[128];
+    int same = t->ndim == ref->ndim;
+    for (int i = 0; same && i < t->ndim; i++) same = t->shape[i] == ref->shape[i];
+    PF_CHECK_VALUE(same, "%s: expected the shape of %s %s, got %s", name, ref_name,
+                   pf_shape_str(ref, a, sizeof a), pf_shape_str(t, b, sizeof b));
+    return PF_STATUS_OK;
+}
+
+/* cu_seqlens: int32 [batch + 1], 0 = first, non-decreasing, last = total. */
+static pf_status check_cu_seqlens(const pf_tensor *cu, const char *name, int64_t batch1,
+                                  int64_t total, const pf_tensor *q) {
+    PF_TRY(pf_check_dtype(cu, name, PF_DTYPE_I32));
+    PF_TRY(pf_check_rank(cu, name, 1));
+    PF_CHECK_VALUE(cu->shape[0] == batch1, "%s: expected length %lld (batch + 1), got %lld", name,
+                   (long long)batch1, (long long)cu->shape[0]);
+    PF_TRY(pf_check_same_device(cu, name, q, "q"));
+    if (!pf_tensor_on_host(cu)) return PF_STATUS_OK; /* device values are checked by the kernel */
+    PF_CHECK_VALUE(cu->strides[0] == 1 || cu->shape[0] <= 1, "%s: must be contiguous", name);
+    const int32_t *c = (const int32_t *)cu->data;
+    PF_CHECK_VALUE(c[0] == 0, "%s: expected %s[0] == 0, got %d", name, name, (int)c[0]);
+    for (int64_t i = 1; i < batch1; i++)
+        PF_CHECK_VALUE(c[i] >= c[i - 1], "%s: must be non-decreasing, but %s[%lld] = %d < %s[%lld] = %d",
+                       name, name, (long long)i, (int)c[i], name, (long long)(i - 1), (int)c[i - 1]);
+    PF_CHECK_VALUE(c[batch1 - 1] == total,
+                   "%s: the last entry must equal the number of packed tokens %lld, got %d", name,
+                   (long long)total, (int)c[batch1 - 1]);
+    return PF_STATUS_OK;
+}
+
+static pf_status validate_common(const pf_attn_params *p, int backward) {
+    const pf_tensor *q = &p->q, *k = &p->k, *v = &p->v;
+    PF_CHECK_VALUE(q->ndim >= 1, "q: expected a 4-d (or packed 3-d) tensor, got a scalar");
+    PF_TRY(pf_check_float_dtype(q, "q"));
+    PF_TRY(pf_check_last_contiguous(q, "q"));
+    PF_TRY(check_float_arg(k, "k", q));
+    PF_TRY(check_float_arg(v, "v", q));
+    PF_CHECK_VALUE(q->device != PF_DEVICE_CUDA || !pf_tensor_present(&p->alibi_slopes) ||
+                       p->alibi_slopes.device == PF_DEVICE_CUDA,
+                   "alibi_slopes: expected the device of q");
+
+    int varlen = pf_tensor_present(&p->cu_seqlens_q) || pf_tensor_present(&p->cu_seqlens_k) ||
+                 p->cu_seqlens_q.ndim > 0;
+    int rank = varlen ? 3 : 4;
+    PF_TRY(pf_check_rank(q, "q", rank));
+    PF_TRY(pf_check_rank(k, "k", rank));
+    PF_TRY(pf_check_rank(v, "v", rank));
+    PF_TRY(check_same_shape(v, "v", k, "k"));
+    int hd = rank - 1, hh = rank - 2;
+    int64_t d = q->shape[hd];
+    PF_CHECK_VALUE(d >= 1 && d <= PF_MAX_HEAD_DIM, "q: head_dim must be in [1, %d], got %lld",
+                   PF_MAX_HEAD_DIM, (long long)d);
+    PF_TRY(pf_check_dim(k, "k", hd, d, "head_dim, as in q"));
+    int64_t h = q->shape[hh], hk = k->shape[hh];
+    PF_CHECK_VALUE(hk >= 1, "k: num_kv_heads must be >= 1, got %lld", (long long)hk);
+    PF_CHECK_VALUE(h >= 1 && h % hk == 0,
+                   "q: num_heads (%lld) must be a positive multiple of num_kv_heads (%lld, from k)",
+                   (long long)h, (long long)hk);
+    int64_t batch;
+    if (varlen) {
+        PF_CHECK_VALUE(pf_tensor_present(&p->cu_seqlens_q) || p->cu_seqlens_q.ndim == 1,
+                       "cu_seqlens_q: required with cu_seqlens_k");
+        PF_CHECK_VALUE(p->cu_seqlens_k.ndim == 1, "cu_seqlens_k: required with cu_seqlens_q");
+        batch = p->cu_seqlens_q.shape[0] - 1;
+        PF_CHECK_VALUE(batch >= 0, "cu_seqlens_q: expected length batch + 1 >= 1, got 0");
+        PF_TRY(check_cu_seqlens(&p->cu_seqlens_q, "cu_seqlens_q", batch + 1, q->shape[0], q));
+        PF_TRY(check_cu_seqlens(&p->cu_seqlens_k, "cu_seqlens_k", batch + 1, k->shape[0], q));
+        PF_CHECK_VALUE(p->max_seqlen_q >= 0 && p->max_seqlen_k >= 0,
+                       "max_seqlen_q/max_seqlen_k: must be >= 0, got %lld and %lld",
+                       (long long)p->max_seqlen_q, (long long)p->max_seqlen_k);
+    } else {
+        batch = q->shape[0];
+        PF_TRY(pf_check_dim(k, "k", 0, batch, "batch, as in q"));
+    }
+
+    /* masking options */
+    PF_CHECK_VALUE(p->window_left >= -1, "window: left must be >= -1 (-1 = unbounded), got %d",
+                   (int)p->window_left);
+    PF_CHECK_VALUE(p->window_right >= -1, "window: right must be >= -1 (-1 = unbounded), got %d",
+                   (int)p->window_right);
+    PF_CHECK_VALUE(p->softcap >= 0.0f && p->softcap < __builtin_inff(),
+                   "softcap: must be a finite number >= 0 (0 = off), got %g", (double)p->softcap);
+    PF_CHECK_VALUE(p->softmax_scale == p->softmax_scale && p->softmax_scale > -__builtin_inff() &&
+                       p->softmax_scale < __builtin_inff(),
+                   "softmax_scale: must be finite, got %g", (double)p->softmax_scale);
+    PF_CHECK_VALUE(p->dropout_p >= 0.0f && p->dropout_p < 1.0f,
+                   "dropout_p: must be in [0, 1), got %g", (double)p->dropout_p);
+    if (pf_tensor_present(&p->alibi_slopes) || p->alibi_slopes.ndim > 0) {
+        const pf_tensor *a = &p->alibi_slopes;
+        char s[128];
+        PF_TRY(pf_check_dtype(a, "alibi_slopes", PF_DTYPE_F32));
+        PF_CHECK_VALUE((a->ndim == 1 && a->shape[0] == h) ||
+                           (a->ndim == 2 && a->shape[0] == batch && a->shape[1] == h),
+                       "alibi_slopes: expected shape [%lld] or [%lld, %lld] (num_heads or batch x "
+                       "num_heads), got %s",
+                       (long long)h, (long long)batch, (long long)h, pf_shape_str(a, s, sizeof s));
+        PF_TRY(pf_check_same_device(a, "alibi_slopes", q, "q"));
+    }
+
+    /* lse */
+    const pf_tensor *lse = &p->lse;
+    if (pf_tensor_present(lse) || backward || lse->ndim > 0) {
+        pf_tensor want = {0};
+        if (varlen) {
+            want.ndim = 2;
+            want.shape[0] = h;
+            want.shape[1] = q->shape[0];
+        } else {
+            want.ndim = 3;
+            want.shape[0] = batch;
+            want.shape[1] = h;
+            want.shape[2] = q->shape[1];
+        }
+        PF_TRY(pf_check_dtype(lse, "lse", PF_DTYPE_F32));
+        PF_TRY(check_same_shape(lse, "lse", &want, varlen ? "[num_heads, total_q]" : "[batch, num_heads, seqlen_q]"));
+        PF_TRY(pf_check_same_device(lse, "lse", q, "q"));
+        PF_TRY(pf_check_nonneg_strides(lse, "lse"));
+    }
+    return PF_STATUS_OK;
+}
+
+/* An output: q's dtype, the shape of `ref`, last dim contiguous, no negative strides. */
+static pf_status check_output(const pf_tensor *t, const char *name, const pf_tensor *ref,
+                              const char *ref_name, const pf_tensor *q) {
+    PF_TRY(check_float_arg(t, name, q));
+    PF_TRY(check_same_shape(t, name, ref, ref_name));
+    PF_TRY(pf_check_nonneg_strides(t, name));
+    return PF_STATUS_OK;
+}
+
+pf_status pf_flash_fwd_validate(const pf_attn_params *p) {
+    PF_CHECK_VALUE(p != NULL, "params: NULL");
+    PF_TRY(validate_common(p, 0));
+    PF_TRY(check_output(&p->out, "out", &p->q, "q", &p->q));
+    return PF_STATUS_OK;
+}
+
+pf_status pf_flash_bwd_validate(const pf_attn_params *p) {
+    PF_CHECK_VALUE(p != NULL, "params: NULL");
+    PF_TRY(validate_common(p, 1));
+    PF_TRY(check_output(&p->out, "out", &p->q, "q", &p->q));
+    PF_TRY(check_output(&p->dout, "dout", &p->q, "q", &p->q));
+    PF_TRY(check_output(&p->dq, "dq", &p->q, "q", &p->q));
+    PF_TRY(check_output(&p->dk, "dk", &p->k, "k", &p->q));
+    PF_TRY(check_output(&p->dv, "dv", &p->v, "v", &p->q));
+    return PF_STATUS_OK;
+}

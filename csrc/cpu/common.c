@@ -1,0 +1,78 @@
+/*
+ * common.c - CPU backend plumbing: problem shapes from params, row views,
+ * aligned scratch buffers.
+ */
+#include <stdlib.h>
+
+#include "cpu_backend.h"
+
+void pf_attn_shape_from_params(const pf_attn_params *p, pf_attn_shape *s) {
+    memset(s, 0, sizeof *s);
+    s->varlen = pf_tensor_present(&p->cu_seqlens_q);
+    if (s->varlen) {
+        s->batch = p->cu_seqlens_q.shape[0] - 1;
+        s->num_heads = p->q.shape[1];
+        s->num_kv_heads = p->k.shape[1];
+        s->head_dim = p->q.shape[2];
+        s->cu_q = (const int32_t *)p->cu_seqlens_q.data;
+        s->cu_k = (const int32_t *)p->cu_seqlens_k.data;
+        /* the true maxima (max_seqlen_* are only hints on the CPU) */
+        for (int64_t b = 0; b < s->batch; b++) {
+            int64_t lq = s->cu_q[b + 1] - s->cu_q[b], lk = s->cu_k[b + 1] - s->cu_k[b];
+            if (lq > s->seqlen_q) s->seqlen_q = lq;
+            if (lk > s->seqlen_k) s->seqlen_k = lk;
+        }
+    } else {
+        s->batch = p->q.shape[0];
+        s->seqlen_q = p->q.shape[1];
+        s->seqlen_k = p->k.shape[1];
+        s->num_heads = p->q.shape[2];
+        s->num_kv_heads = p->k.shape[2];
+        s->head_dim = p->q.shape[3];
+    }
+}
+
+pf_rows pf_rows_of(const pf_tensor *t, int varlen) {
+    pf_rows r;
+    r.data = (char *)t->data;
+    r.esize = pf_dtype_size(t->dtype);
+    if (varlen) {
+        r.sb = 0;
+        r.st = t->strides[0];
+        r.sh = t->strides[1];
+    } else {
+        r.sb = t->strides[0];
+        r.st = t->strides[1];
+        r.sh = t->strides[2];
+    }
+    return r;
+}
+
+void *pf_aligned_alloc(size_t bytes) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, bytes ? (bytes + 63) / 64 * 64 : 64) != 0) return NULL;
+    return p;
+}
+
+void pf_aligned_free(void *p) { free(p); }
+
+pf_status pf_cpu_alloc_scratch(void ***bufs, int n, size_t bytes) {
+    void **b = (void **)calloc((size_t)n, sizeof(void *));
+    PF_CHECK(b != NULL, PF_STATUS_OUT_OF_MEMORY, "out of host memory for scratch pointers");
+    for (int i = 0; i < n; i++) {
+        b[i] = pf_aligned_alloc(bytes);
+        if (!b[i]) {
+            pf_cpu_free_scratch(b, n);
+            PF_CHECK(0, PF_STATUS_OUT_OF_MEMORY, "out of host memory: %zu bytes of scratch per thread",
+                     bytes);
+        }
+    }
+    *bufs = b;
+    return PF_STATUS_OK;
+}
+
+void pf_cpu_free_scratch(void **bufs, int n) {
+    if (!bufs) return;
+    for (int i = 0; i < n; i++) pf_aligned_free(bufs[i]);
+    free(bufs);
+}

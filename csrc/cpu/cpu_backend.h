@@ -1,0 +1,41 @@
+/*
+ * cpu_backend.h - the CPU backend's entry points (called by csrc/core/dispatch.c
+ * after validation) and the tile routines its kernels share.
+ */
+#ifndef PF_CPU_BACKEND_H
+#define PF_CPU_BACKEND_H
+
+#include "attn_cpu.h"
+
+/* ---- entry points: params already validated ---- */
+pf_status pf_cpu_flash_fwd(const pf_attn_params *p);
+
+/* ---- tiles shared by forward, backward and paged kernels (kBlockN = 64) ---- */
+
+/* Per-row mask and score transform of one (sequence, head). */
+typedef struct pf_cpu_mask {
+    int64_t sq, sk;
+    int causal;
+    int64_t left, right;
+    float cap_log2;   /* softcap * log2(e), 0 = off */
+    float alibi_log2; /* slope * log2(e), 0 = off */
+} pf_cpu_mask;
+
+/* Scores of rows [i0, i0 + rows) against keys [j0, j0 + n): apply softcap,
+ * ALiBi and the causal/window/length mask (-inf) in place on s[rows][64]. */
+void pf_cpu_transform_scores(float *s, int64_t rows, int64_t n, int64_t i0, int64_t j0,
+                             const pf_cpu_mask *mk);
+void pf_cpu_score_tile(const float *q, int64_t ldq, const float *kt, int64_t dpad, float *s,
+                       int64_t rows);
+void pf_cpu_pv_tile(const float *pm, int64_t ldp, const float *vt, int64_t ldv, int64_t n,
+                    float *o, int64_t ldo, int64_t rows, int64_t dpad);
+void pf_cpu_stage_kt(const pf_rows *k, pf_dtype dt, int64_t b, int64_t tok0, int64_t h, int64_t n,
+                     int64_t d, int64_t dpad, float *kt, float *rowbuf);
+void pf_cpu_stage_rows(const pf_rows *v, pf_dtype dt, int64_t b, int64_t tok0, int64_t h,
+                       int64_t n, int64_t d, int64_t dpad, float *vt);
+
+/* One 64-byte-aligned scratch buffer per thread. */
+pf_status pf_cpu_alloc_scratch(void ***bufs, int n, size_t bytes);
+void pf_cpu_free_scratch(void **bufs, int n);
+
+#endif /* PF_CPU_BACKEND_H */

@@ -1,0 +1,96 @@
+/*
+ * bind_attn.c - bindings of the attention entry points:
+ *   _C.flash_fwd(q, k, v, out, lse=None, **options)
+ * The Python layer (pagedflash/api.py) fills defaults and allocates outputs;
+ * these functions only view tensors, fill pf_attn_params, release the GIL
+ * around the core call and map its status to an exception.
+ */
+#include "pf_py.h"
+
+/* Options shared by forward and backward, parsed from keywords. */
+typedef struct attn_opts {
+    PyObject *cu_q, *cu_k, *alibi, *stream;
+    long long max_q, max_k;
+    double scale, softcap, dropout_p;
+    int causal, wl, wr, num_threads, deterministic;
+    unsigned long long seed, offset;
+} attn_opts;
+
+/* View the shared optional tensors and copy the scalar options into p. */
+static int fill_options(const attn_opts *o, pf_attn_params *p, pf_py_keep *keep) {
+    if (pf_py_stream(o->stream, &keep->stream) < 0) return -1;
+    p->stream = keep->stream;
+    if (pf_py_opt_tensor(o->cu_q, "cu_seqlens_q", 0, &p->cu_seqlens_q, keep) < 0) return -1;
+    if (pf_py_opt_tensor(o->cu_k, "cu_seqlens_k", 0, &p->cu_seqlens_k, keep) < 0) return -1;
+    if (pf_py_opt_tensor(o->alibi, "alibi_slopes", 0, &p->alibi_slopes, keep) < 0) return -1;
+    p->max_seqlen_q = o->max_q;
+    p->max_seqlen_k = o->max_k;
+    p->softmax_scale = (float)o->scale;
+    p->causal = o->causal;
+    p->window_left = o->wl;
+    p->window_right = o->wr;
+    p->softcap = (float)o->softcap;
+    p->dropout_p = (float)o->dropout_p;
+    p->seed = o->seed;
+    p->offset = o->offset;
+    p->num_threads = o->num_threads;
+    p->deterministic = o->deterministic;
+    return 0;
+}
+
+#define ATTN_OPT_KWLIST                                                                     \
+    "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal", \
+        "window_left", "window_right", "softcap", "alibi_slopes", "dropout_p", "seed", "offset", \
+        "num_threads", "deterministic", "stream"
+#define ATTN_OPT_FORMAT "OOLLdpiidOdKKipO"
+#define ATTN_OPT_ARGS(o)                                                                         \
+    &(o).cu_q, &(o).cu_k, &(o).max_q, &(o).max_k, &(o).scale, &(o).causal, &(o).wl, &(o).wr,       \
+        &(o).softcap, &(o).alibi, &(o).dropout_p, &(o).seed, &(o).offset, &(o).num_threads,        \
+        &(o).deterministic, &(o).stream
+
+static void opts_init(attn_opts *o) {
+    memset(o, 0, sizeof *o);
+    o->cu_q = o->cu_k = o->alibi = o->stream = Py_None;
+    o->wl = o->wr = -1;
+}
+
+static PyObject *flash_fwd(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"q", "k", "v", "out", "lse", ATTN_OPT_KWLIST, NULL};
+    PyObject *oq, *ok, *ov, *oout, *olse = Py_None;
+    attn_opts o;
+    opts_init(&o);
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|O$" ATTN_OPT_FORMAT ":flash_fwd", kwlist,
+                                     &oq, &ok, &ov, &oout, &olse, ATTN_OPT_ARGS(o)))
+        return NULL;
+    pf_attn_params p;
+    memset(&p, 0, sizeof p);
+    pf_py_keep keep = {0};
+    PyObject *result = NULL;
+    if (fill_options(&o, &p, &keep) < 0) goto done;
+    if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto done;
+    if (pf_py_tensor(ok, "k", 0, &p.k, &keep) < 0) goto done;
+    if (pf_py_tensor(ov, "v", 0, &p.v, &keep) < 0) goto done;
+    if (pf_py_tensor(oout, "out", 1, &p.out, &keep) < 0) goto done;
+    if (pf_py_opt_tensor(olse, "lse", 1, &p.lse, &keep) < 0) goto done;
+    pf_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = pf_flash_fwd(&p);
+    Py_END_ALLOW_THREADS
+    if (status != PF_STATUS_OK) {
+        pf_py_raise(module, status);
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    pf_py_keep_release(&keep);
+    return result;
+}
+
+PyMethodDef pf_py_attn_methods[] = {
+    {"flash_fwd", (PyCFunction)(void (*)(void))flash_fwd, METH_VARARGS | METH_KEYWORDS,
+     "flash_fwd(q, k, v, out, lse=None, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, "
+     "max_seqlen_k=0, softmax_scale=0.0, causal=False, window_left=-1, window_right=-1, softcap=0.0, "
+     "alibi_slopes=None, dropout_p=0.0, seed=0, offset=0, num_threads=0, deterministic=False, "
+     "stream=None) -> None. Writes out (and lse)."},
+    {NULL, NULL, 0, NULL},
+};

@@ -1,0 +1,412 @@
+/*
+ * import.c - turn any array object into a pf_tensor view without copying.
+ *
+ * Order of preference:
+ *   1. numpy.ndarray, through the NumPy C API (fastest; knows writability);
+ *   2. __dlpack__ (versioned capsule first, then the legacy one), following the
+ *      consumer rules: ask with stream= and max_version=(1, 0), fall back
+ *      without keywords, check the major version, honour byte_offset and NULL
+ *      strides, rename the capsule to used_*, call the deleter exactly once
+ *      (at the end of the call, in pf_py_keep_release);
+ *   3. __cuda_array_interface__ and __array_interface__ (version 3 dicts).
+ * Every failure raises with a message naming the argument.
+ */
+#include "pf_py.h"
+
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#define NO_IMPORT_ARRAY
+#define PY_ARRAY_UNIQUE_SYMBOL pf_numpy_api
+#include <numpy/arrayobject.h>
+
+#include "pf_dlpack.h"
+
+static void *const pf_empty_data = (void *)&pf_empty_data; /* non-NULL for empty tensors */
+
+static int keep_push(pf_py_keep *keep, PyObject *owner, void *managed, int versioned) {
+    if (keep->n >= PF_PY_MAX_ARGS) {
+        PyErr_SetString(PyExc_RuntimeError, "pagedflash: too many tensor arguments in one call");
+        return -1;
+    }
+    Py_XINCREF(owner);
+    keep->items[keep->n].owner = owner;
+    keep->items[keep->n].managed = managed;
+    keep->items[keep->n].versioned = versioned;
+    keep->n++;
+    return 0;
+}
+
+void pf_py_keep_release(pf_py_keep *keep) {
+    for (int i = keep->n - 1; i >= 0; i--) {
+        void *m = keep->items[i].managed;
+        if (m) {
+            if (keep->items[i].versioned) {
+                DLManagedTensorVersioned *mt = (DLManagedTensorVersioned *)m;
+                if (mt->deleter) mt->deleter(mt);
+            } else {
+                DLManagedTensor *mt = (DLManagedTensor *)m;
+                if (mt->deleter) mt->deleter(mt);
+            }
+        }
+        Py_XDECREF(keep->items[i].owner);
+    }
+    keep->n = 0;
+}
+
+static int dtype_from_dl(DLDataType t, pf_dtype *out) {
+    *out = PF_DTYPE_INVALID;
+    if (t.lanes != 1) return -1;
+    if (t.code == kDLFloat && t.bits == 32) *out = PF_DTYPE_F32;
+    else if (t.code == kDLFloat && t.bits == 16) *out = PF_DTYPE_F16;
+    else if (t.code == kDLBfloat && t.bits == 16) *out = PF_DTYPE_BF16;
+    else if (t.code == kDLInt && t.bits == 32) *out = PF_DTYPE_I32;
+    else if (t.code == kDLInt && t.bits == 64) *out = PF_DTYPE_I64;
+    else if (t.code == kDLUInt && t.bits == 8) *out = PF_DTYPE_U8;
+    else if (t.code == kDLFloat && t.bits == 64) *out = PF_DTYPE_F64;
+    return *out == PF_DTYPE_INVALID ? -1 : 0;
+}
+
+static int device_from_dl(const char *name, DLDevice dev, pf_tensor *out) {
+    out->device_id = dev.device_id;
+    switch (dev.device_type) {
+        case kDLCPU: out->device = PF_DEVICE_CPU; return 0;
+        case kDLCUDA: out->device = PF_DEVICE_CUDA; return 0;
+        case kDLCUDAHost: out->device = PF_DEVICE_CUDA_HOST; return 0;
+        default:
+            PyErr_Format(PyExc_NotImplementedError,
+                         "%s: DLPack device type %d is not supported (CPU, CUDA and CUDA host are)",
+                         name, (int)dev.device_type);
+            return -1;
+    }
+}
+
+static int fill_from_dltensor(const char *name, const DLTensor *t, pf_tensor *out) {
+    if (t->ndim < 0 || t->ndim > PF_MAX_DIMS) {
+        PyErr_Format(PyExc_ValueError, "%s: at most %d dimensions are supported, got %d", name,
+                     PF_MAX_DIMS, (int)t->ndim);
+        return -1;
+    }
+    if (dtype_from_dl(t->dtype, &out->dtype) < 0) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s: unsupported dtype (DLPack code %d, %d bits, %d lanes); expected float16, "
+                     "bfloat16 or float32 (or int32/int64 for indices)",
+                     name, (int)t->dtype.code, (int)t->dtype.bits, (int)t->dtype.lanes);
+        return -1;
+    }
+    if (device_from_dl(name, t->device, out) < 0) return -1;
+    out->ndim = t->ndim;
+    int64_t numel = 1;
+    for (int i = 0; i < t->ndim; i++) {
+        out->shape[i] = t->shape[i];
+        numel *= t->shape[i];
+    }
+    int64_t stride = 1;
+    for (int i = t->ndim - 1; i >= 0; i--) {
+        out->strides[i] = t->strides ? t->strides[i] : stride;
+        stride *= t->shape[i];
+    }
+    out->data = t->data ? (char *)t->data + t->byte_offset : NULL;
+    if (numel == 0 || !out->data) out->data = pf_empty_data;
+    return 0;
+}
+
+/* Call obj.__dlpack__ with the consumer's keywords, falling back for old producers. */
+static PyObject *call_dlpack(PyObject *obj, PyObject *stream_arg) {
+    PyObject *meth = PyObject_GetAttrString(obj, "__dlpack__");
+    if (!meth) return NULL;
+    PyObject *args = PyTuple_New(0);
+    PyObject *kw = Py_BuildValue("{s:O,s:(ii)}", "stream", stream_arg, "max_version",
+                                 PF_DLPACK_MAJOR, PF_DLPACK_MINOR);
+    PyObject *cap = (args && kw) ? PyObject_Call(meth, args, kw) : NULL;
+    if (!cap && PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear(); /* a producer that predates max_version */
+        Py_XDECREF(kw);
+        kw = Py_BuildValue("{s:O}", "stream", stream_arg);
+        cap = kw ? PyObject_Call(meth, args, kw) : NULL;
+        if (!cap && PyErr_ExceptionMatches(PyExc_TypeError) && stream_arg == Py_None) {
+            PyErr_Clear();
+            cap = PyObject_CallNoArgs(meth);
+        }
+    }
+    Py_XDECREF(kw);
+    Py_XDECREF(args);
+    Py_DECREF(meth);
+    return cap;
+}
+
+static int import_dlpack(PyObject *obj, const char *name, int writable, pf_tensor *out,
+                         pf_py_keep *keep) {
+    /* Which device? CUDA producers need the consumer stream; CPU ones need None. */
+    PyObject *stream_arg = Py_None;
+    Py_INCREF(stream_arg);
+    PyObject *dev = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
+    if (dev) {
+        long dtype_code = -1;
+        if (PyTuple_Check(dev) && PyTuple_GET_SIZE(dev) == 2)
+            dtype_code = PyLong_AsLong(PyTuple_GET_ITEM(dev, 0));
+        Py_DECREF(dev);
+        if (PyErr_Occurred()) PyErr_Clear();
+        if (dtype_code == kDLCUDA || dtype_code == kDLCUDAManaged) {
+            Py_DECREF(stream_arg);
+            /* 1 = the legacy default stream in the array API's convention */
+            stream_arg = keep->stream ? PyLong_FromVoidPtr(keep->stream) : PyLong_FromLong(1);
+            if (!stream_arg) return -1;
+        }
+    } else {
+        PyErr_Clear();
+    }
+    PyObject *cap = call_dlpack(obj, stream_arg);
+    Py_DECREF(stream_arg);
+    if (!cap) {
+        if (PyErr_ExceptionMatches(PyExc_BufferError) || PyErr_ExceptionMatches(PyExc_RuntimeError)) {
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_NormalizeException(&type, &value, &tb);
+            PyErr_Format(PyExc_ValueError, "%s: could not be exported through DLPack: %S", name,
+                         value ? value : Py_None);
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(tb);
+        }
+        return -1;
+    }
+    int rc = -1;
+    if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
+        DLManagedTensorVersioned *mt =
+            (DLManagedTensorVersioned *)PyCapsule_GetPointer(cap, "dltensor_versioned");
+        if (!mt) goto done;
+        if (mt->version.major != PF_DLPACK_MAJOR) {
+            PyErr_Format(PyExc_TypeError, "%s: DLPack major version %u is not supported (expected %d)",
+                         name, mt->version.major, PF_DLPACK_MAJOR);
+            goto done; /* the capsule's destructor still owns it */
+        }
+        if (PyCapsule_SetName(cap, "used_dltensor_versioned") < 0) goto done;
+        if (keep_push(keep, NULL, mt, 1) < 0) {
+            if (mt->deleter) mt->deleter(mt);
+            goto done;
+        }
+        if (fill_from_dltensor(name, &mt->dl_tensor, out) < 0) goto done;
+        if (writable && (mt->flags & DLPACK_FLAG_BITMASK_READ_ONLY)) {
+            PyErr_Format(PyExc_ValueError, "%s: the array is read-only; an output must be writable", name);
+            goto done;
+        }
+        rc = 0;
+    } else if (PyCapsule_IsValid(cap, "dltensor")) {
+        DLManagedTensor *mt = (DLManagedTensor *)PyCapsule_GetPointer(cap, "dltensor");
+        if (!mt) goto done;
+        if (PyCapsule_SetName(cap, "used_dltensor") < 0) goto done;
+        if (keep_push(keep, NULL, mt, 0) < 0) {
+            if (mt->deleter) mt->deleter(mt);
+            goto done;
+        }
+        if (fill_from_dltensor(name, &mt->dl_tensor, out) < 0) goto done;
+        rc = 0;
+    } else {
+        PyErr_Format(PyExc_TypeError, "%s: __dlpack__ did not return a DLPack capsule", name);
+    }
+done:
+    Py_DECREF(cap);
+    return rc;
+}
+
+static int dtype_from_typestr(const char *ts, pf_dtype *out) {
+    /* "<f4", "|u1", ... ; byte order must be little or not applicable */
+    *out = PF_DTYPE_INVALID;
+    if (!ts || (ts[0] != '<' && ts[0] != '|' && ts[0] != '=')) return -1;
+    if (!strcmp(ts + 1, "f4")) *out = PF_DTYPE_F32;
+    else if (!strcmp(ts + 1, "f2")) *out = PF_DTYPE_F16;
+    else if (!strcmp(ts + 1, "i4")) *out = PF_DTYPE_I32;
+    else if (!strcmp(ts + 1, "i8")) *out = PF_DTYPE_I64;
+    else if (!strcmp(ts + 1, "u1")) *out = PF_DTYPE_U8;
+    else if (!strcmp(ts + 1, "f8")) *out = PF_DTYPE_F64;
+    return *out == PF_DTYPE_INVALID ? -1 : 0;
+}
+
+static int import_array_interface(PyObject *obj, PyObject *iface, const char *name, int writable,
+                                  int cuda, pf_tensor *out, pf_py_keep *keep) {
+    if (!PyDict_Check(iface)) {
+        PyErr_Format(PyExc_TypeError, "%s: the array interface is not a dict", name);
+        return -1;
+    }
+    PyObject *shape = PyDict_GetItemString(iface, "shape");
+    PyObject *typestr = PyDict_GetItemString(iface, "typestr");
+    PyObject *data = PyDict_GetItemString(iface, "data");
+    PyObject *strides = PyDict_GetItemString(iface, "strides");
+    PyObject *mask = PyDict_GetItemString(iface, "mask");
+    if (!shape || !PyTuple_Check(shape) || !typestr || !PyUnicode_Check(typestr) || !data ||
+        !PyTuple_Check(data) || PyTuple_GET_SIZE(data) != 2) {
+        PyErr_Format(PyExc_TypeError, "%s: malformed array interface (shape, typestr, data)", name);
+        return -1;
+    }
+    if (mask && mask != Py_None) {
+        PyErr_Format(PyExc_ValueError, "%s: masked arrays are not supported", name);
+        return -1;
+    }
+    const char *ts = PyUnicode_AsUTF8(typestr);
+    if (!ts) return -1;
+    if (dtype_from_typestr(ts, &out->dtype) < 0) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s: unsupported dtype '%s'; expected float16, bfloat16 or float32 (or int32/int64 "
+                     "for indices)",
+                     name, ts);
+        return -1;
+    }
+    Py_ssize_t nd = PyTuple_GET_SIZE(shape);
+    if (nd > PF_MAX_DIMS) {
+        PyErr_Format(PyExc_ValueError, "%s: at most %d dimensions are supported, got %zd", name,
+                     PF_MAX_DIMS, nd);
+        return -1;
+    }
+    int64_t esize = (int64_t)pf_dtype_size(out->dtype);
+    out->ndim = (int32_t)nd;
+    int64_t numel = 1;
+    for (Py_ssize_t i = 0; i < nd; i++) {
+        out->shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, i));
+        numel *= out->shape[i];
+    }
+    if (PyErr_Occurred()) return -1;
+    if (strides && strides != Py_None) {
+        if (!PyTuple_Check(strides) || PyTuple_GET_SIZE(strides) != nd) {
+            PyErr_Format(PyExc_ValueError, "%s: malformed strides in the array interface", name);
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < nd; i++) {
+            long long sb = PyLong_AsLongLong(PyTuple_GET_ITEM(strides, i));
+            if (sb % esize) {
+                PyErr_Format(PyExc_ValueError,
+                             "%s: strides must be multiples of the element size (%lld bytes), got %lld",
+                             name, (long long)esize, sb);
+                return -1;
+            }
+            out->strides[i] = sb / esize;
+        }
+        if (PyErr_Occurred()) return -1;
+    } else {
+        int64_t s = 1;
+        for (Py_ssize_t i = nd - 1; i >= 0; i--) {
+            out->strides[i] = s;
+            s *= out->shape[i];
+        }
+    }
+    void *ptr = PyLong_AsVoidPtr(PyTuple_GET_ITEM(data, 0));
+    if (PyErr_Occurred()) return -1;
+    int readonly = PyObject_IsTrue(PyTuple_GET_ITEM(data, 1));
+    if (readonly < 0) return -1;
+    if (writable && readonly) {
+        PyErr_Format(PyExc_ValueError, "%s: the array is read-only; an output must be writable", name);
+        return -1;
+    }
+    out->data = (numel == 0 || !ptr) ? pf_empty_data : ptr;
+    out->device = cuda ? PF_DEVICE_CUDA : PF_DEVICE_CPU;
+    out->device_id = 0;
+    if (cuda) {
+        int dev = pf_cuda_pointer_device(ptr);
+        out->device_id = dev >= 0 ? dev : 0;
+    }
+    return keep_push(keep, obj, NULL, 0);
+}
+
+static int import_ndarray(PyObject *obj, const char *name, int writable, pf_tensor *out,
+                          pf_py_keep *keep) {
+    PyArrayObject *a = (PyArrayObject *)obj;
+    int nd = PyArray_NDIM(a);
+    if (nd > PF_MAX_DIMS) {
+        PyErr_Format(PyExc_ValueError, "%s: at most %d dimensions are supported, got %d", name,
+                     PF_MAX_DIMS, nd);
+        return -1;
+    }
+    PyArray_Descr *d = PyArray_DESCR(a);
+    switch (d->type_num) {
+        case NPY_FLOAT32: out->dtype = PF_DTYPE_F32; break;
+        case NPY_FLOAT16: out->dtype = PF_DTYPE_F16; break;
+        case NPY_INT32: out->dtype = PF_DTYPE_I32; break;
+        case NPY_INT64: out->dtype = PF_DTYPE_I64; break;
+        case NPY_UINT8: out->dtype = PF_DTYPE_U8; break;
+        case NPY_FLOAT64: out->dtype = PF_DTYPE_F64; break;
+        default:
+            if (d->typeobj && strcmp(d->typeobj->tp_name, "bfloat16") == 0) {
+                out->dtype = PF_DTYPE_BF16; /* ml_dtypes.bfloat16 */
+                break;
+            }
+            PyErr_Format(PyExc_TypeError,
+                         "%s: unsupported dtype %S; expected float16, bfloat16 or float32 (or "
+                         "int32/int64 for indices)",
+                         name, (PyObject *)d);
+            return -1;
+    }
+    if (!PyArray_ISNOTSWAPPED(a)) {
+        PyErr_Format(PyExc_TypeError, "%s: byte-swapped arrays are not supported", name);
+        return -1;
+    }
+    if (writable && !PyArray_ISWRITEABLE(a)) {
+        PyErr_Format(PyExc_ValueError, "%s: the array is read-only; an output must be writable", name);
+        return -1;
+    }
+    int64_t esize = (int64_t)PyArray_ITEMSIZE(a);
+    out->ndim = nd;
+    int64_t numel = 1;
+    for (int i = 0; i < nd; i++) {
+        out->shape[i] = PyArray_DIM(a, i);
+        numel *= out->shape[i];
+        npy_intp sb = PyArray_STRIDE(a, i);
+        if (sb % esize) {
+            PyErr_Format(PyExc_ValueError, "%s: strides must be multiples of the element size", name);
+            return -1;
+        }
+        out->strides[i] = sb / esize;
+    }
+    out->data = numel == 0 ? pf_empty_data : PyArray_DATA(a);
+    out->device = PF_DEVICE_CPU;
+    out->device_id = 0;
+    return keep_push(keep, obj, NULL, 0);
+}
+
+int pf_py_tensor(PyObject *obj, const char *name, int writable, pf_tensor *out, pf_py_keep *keep) {
+    memset(out, 0, sizeof *out);
+    if (PyArray_Check(obj)) return import_ndarray(obj, name, writable, out, keep);
+    if (pf_py_is_tensor(NULL, obj)) {
+        *out = *pf_py_tensor_view(obj);
+        return keep_push(keep, obj, NULL, 0);
+    }
+    if (PyObject_HasAttrString(obj, "__dlpack__"))
+        return import_dlpack(obj, name, writable, out, keep);
+    PyObject *iface = PyObject_GetAttrString(obj, "__cuda_array_interface__");
+    if (iface) {
+        int rc = import_array_interface(obj, iface, name, writable, 1, out, keep);
+        Py_DECREF(iface);
+        return rc;
+    }
+    PyErr_Clear();
+    iface = PyObject_GetAttrString(obj, "__array_interface__");
+    if (iface) {
+        int rc = import_array_interface(obj, iface, name, writable, 0, out, keep);
+        Py_DECREF(iface);
+        return rc;
+    }
+    PyErr_Clear();
+    PyErr_Format(PyExc_TypeError,
+                 "%s: expected an array (an object with __dlpack__, __array_interface__ or "
+                 "__cuda_array_interface__), got %.200s",
+                 name, Py_TYPE(obj)->tp_name);
+    return -1;
+}
+
+int pf_py_opt_tensor(PyObject *obj, const char *name, int writable, pf_tensor *out,
+                     pf_py_keep *keep) {
+    if (obj == NULL || obj == Py_None) {
+        memset(out, 0, sizeof *out);
+        return 0;
+    }
+    return pf_py_tensor(obj, name, writable, out, keep);
+}
+
+int pf_py_stream(PyObject *obj, void **stream) {
+    *stream = NULL;
+    if (obj == NULL || obj == Py_None) return 0;
+    if (!PyLong_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "stream: expected None or an int (a cudaStream_t), got %.200s",
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *stream = PyLong_AsVoidPtr(obj);
+    return PyErr_Occurred() ? -1 : 0;
+}

@@ -1,0 +1,105 @@
+/*
+ * module.c - the extension module pagedflash._C: multi-phase init, module
+ * state (the Tensor type and the exception types), the status-to-exception
+ * mapping, and build information. Bindings live in bind_*.c.
+ */
+#include "pf_py.h"
+
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#define PY_ARRAY_UNIQUE_SYMBOL pf_numpy_api
+#include <numpy/arrayobject.h>
+
+pf_module_state *pf_py_state(PyObject *module) { return (pf_module_state *)PyModule_GetState(module); }
+
+PyObject *pf_py_raise(PyObject *module, pf_status status) {
+    pf_module_state *st = pf_py_state(module);
+    PyObject *type;
+    switch (status) {
+        case PF_STATUS_INVALID_VALUE: type = PyExc_ValueError; break;
+        case PF_STATUS_INVALID_TYPE: type = PyExc_TypeError; break;
+        case PF_STATUS_NOT_SUPPORTED: type = PyExc_NotImplementedError; break;
+        case PF_STATUS_OUT_OF_BLOCKS: type = st->out_of_blocks; break;
+        case PF_STATUS_CUDA_ERROR: type = st->cuda_error; break;
+        case PF_STATUS_OUT_OF_MEMORY: type = PyExc_MemoryError; break;
+        default: type = PyExc_RuntimeError; break;
+    }
+    const char *msg = pf_last_error();
+    PyErr_SetString(type, msg && msg[0] ? msg : pf_status_string(status));
+    return NULL;
+}
+
+static PyObject *build_info(PyObject *module, PyObject *unused) {
+    (void)module;
+    (void)unused;
+    return Py_BuildValue("{s:i,s:s,s:i,s:i,s:s}", "cuda", pf_has_cuda(), "cuda_archs",
+                         pf_cuda_archs(), "cuda_devices", pf_cuda_device_count(), "cpu_count",
+                         pf_cpu_count(), "version", PAGEDFLASH_VERSION_STRING);
+}
+
+static PyMethodDef module_methods[] = {
+    {"build_info", build_info, METH_NOARGS,
+     "build_info() -> dict: cuda (built), cuda_archs, cuda_devices (driver-visible), cpu_count, version"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMethodDef *const binding_tables[] = {
+    pf_py_attn_methods,
+    pf_py_tensor_methods,
+    pf_py_paged_methods,
+    pf_py_block_pool_methods,
+};
+
+static int module_exec(PyObject *m) {
+    if (_import_array() < 0) return -1;
+    pf_module_state *st = pf_py_state(m);
+    st->tensor_type = pf_py_tensor_type_create(m);
+    if (!st->tensor_type || PyModule_AddObjectRef(m, "Tensor", st->tensor_type) < 0) return -1;
+    st->out_of_blocks = PyErr_NewExceptionWithDoc(
+        "pagedflash.OutOfBlocks", "No free KV-cache blocks are left for the request.",
+        PyExc_MemoryError, NULL);
+    if (!st->out_of_blocks || PyModule_AddObjectRef(m, "OutOfBlocks", st->out_of_blocks) < 0) return -1;
+    st->cuda_error = PyErr_NewExceptionWithDoc(
+        "pagedflash.CudaError", "A CUDA call failed; the message holds CUDA's text and the call site.",
+        PyExc_RuntimeError, NULL);
+    if (!st->cuda_error || PyModule_AddObjectRef(m, "CudaError", st->cuda_error) < 0) return -1;
+    for (size_t i = 0; i < sizeof binding_tables / sizeof binding_tables[0]; i++)
+        if (PyModule_AddFunctions(m, binding_tables[i]) < 0) return -1;
+    return 0;
+}
+
+static int module_traverse(PyObject *m, visitproc visit, void *arg) {
+    pf_module_state *st = pf_py_state(m);
+    Py_VISIT(st->tensor_type);
+    Py_VISIT(st->out_of_blocks);
+    Py_VISIT(st->cuda_error);
+    return 0;
+}
+
+static int module_clear(PyObject *m) {
+    pf_module_state *st = pf_py_state(m);
+    Py_CLEAR(st->tensor_type);
+    Py_CLEAR(st->out_of_blocks);
+    Py_CLEAR(st->cuda_error);
+    return 0;
+}
+
+static void module_free(void *m) { module_clear((PyObject *)m); }
+
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, module_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "pagedflash._C",
+    .m_doc = "pagedflash C core bindings. Use the pagedflash package, not this module.",
+    .m_size = sizeof(pf_module_state),
+    .m_methods = module_methods,
+    .m_slots = module_slots,
+    .m_traverse = module_traverse,
+    .m_clear = module_clear,
+    .m_free = module_free,
+};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModuleDef_Init(&module_def); }

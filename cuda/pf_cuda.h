@@ -1,0 +1,41 @@
+/*
+ * pf_cuda.h - the one internal header between the C core and the CUDA
+ * backend: extern "C" launchers, each called by the core's dispatch after
+ * validation, each returning a pf_status (PF_STATUS_CUDA_ERROR with the CUDA
+ * message and call site on failure). Compiled only when PF_WITH_CUDA is set.
+ * A launcher not implemented yet lives in not_implemented.cu and returns
+ * PF_STATUS_NOT_SUPPORTED.
+ */
+#ifndef PF_CUDA_H
+#define PF_CUDA_H
+
+#include "pagedflash.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* build_info.cu */
+int pf_cuda_runtime_device_count(void);
+const char *pf_cuda_compiled_archs(void);
+int pf_cuda_runtime_pointer_device(const void *ptr);
+pf_status pf_cuda_device_alloc(void **ptr, size_t bytes, int32_t device_id);
+void pf_cuda_device_free(void *ptr, int32_t device_id);
+
+/* Launchers (params validated by the core). */
+pf_status pf_cuda_flash_fwd(const pf_attn_params *p);
+pf_status pf_cuda_flash_bwd(const pf_attn_params *p);
+pf_status pf_cuda_dropout_mask(const pf_attn_params *p, pf_tensor mask);
+pf_status pf_cuda_paged_attn(const pf_paged_params *p);
+pf_status pf_cuda_merge_attn_states(const pf_merge_params *p);
+pf_status pf_cuda_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache,
+                                 pf_tensor slot_mapping, void *stream);
+pf_status pf_cuda_copy_blocks(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping,
+                              void *stream);
+pf_status pf_cuda_swap_blocks(pf_tensor src, pf_tensor dst, pf_tensor block_mapping, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PF_CUDA_H */

@@ -1,0 +1,113 @@
+"""python -m pagedflash [demo|info]
+
+demo (the default): attention on a realistic shape on the best available device,
+checked against the float64 reference; prints the error, the time and the build.
+info: prints the build and device information.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+import pagedflash
+from pagedflash import reference
+
+
+def info() -> None:
+    bi = pagedflash.build_info()
+    print(f"pagedflash {bi['version']}")
+    print(f"  CPU backend : built, {bi['num_threads']} threads ({bi['cpu_count']} cores)")
+    if bi["cuda"]:
+        print(f"  CUDA backend: built for sm_{bi['cuda_archs'].replace(',', ', sm_')}; "
+              f"{bi['cuda_devices']} device(s) visible")
+    else:
+        print("  CUDA backend: not built (nvcc was not found at build time, or PAGEDFLASH_CUDA=0)")
+    print(f"  backends    : {', '.join(bi['backends'])}")
+
+
+def _cuda_torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() and pagedflash.build_info()["cuda_devices"] > 0 else None
+
+
+def demo(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, causal: bool) -> int:
+    info()
+    rng = np.random.default_rng(0)
+    shape_q = (batch, seqlen, heads, head_dim)
+    shape_kv = (batch, seqlen, kv_heads, head_dim)
+    q = rng.standard_normal(shape_q, dtype=np.float32).astype(np.float16)
+    k = rng.standard_normal(shape_kv, dtype=np.float32).astype(np.float16)
+    v = rng.standard_normal(shape_kv, dtype=np.float32).astype(np.float16)
+    torch = _cuda_torch()
+    device = "cuda" if torch is not None else "cpu"
+    if torch is not None:
+        args = [torch.from_numpy(x).cuda() for x in (q, k, v)]
+        run = lambda: pagedflash.flash_attn(*args, causal=causal)
+        sync = torch.cuda.synchronize
+    else:
+        run = lambda: pagedflash.flash_attn(q, k, v, causal=causal)
+        sync = lambda: None
+    out = run()
+    sync()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - t0)
+    out = np.asarray(out.float().cpu() if device == "cuda" else out, dtype=np.float64)
+    ref = reference.attention(q, k, v, causal=causal)
+    err = float(np.max(np.abs(out - ref)))
+    naive16 = _naive_fp16_error(q, k, v, causal, ref)
+    flops = 4 * batch * heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
+    t = min(times)
+    print(f"\nattention on {device}: batch {batch}, seqlen {seqlen}, heads {heads}/{kv_heads} (q/kv), "
+          f"head_dim {head_dim}, causal {causal}, float16")
+    print(f"  max |out - ref| = {err:.2e}   (naive float16 attention: {naive16:.2e})")
+    print(f"  time {t * 1e3:.2f} ms, {flops / t / 1e9:.1f} GFLOP/s")
+    ok = err <= 2 * naive16 + 1e-5
+    print("  check:", "PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+def _naive_fp16_error(q, k, v, causal, ref) -> float:
+    """Error of the naive algorithm run in float16 (the yardstick in DESIGN.md), one head group."""
+    b, s, h, d = q.shape
+    rep = h // k.shape[2]
+    kk = np.repeat(k, rep, axis=2)
+    vv = np.repeat(v, rep, axis=2)
+    sc = np.einsum("bihd,bjhd->bhij", q, kk).astype(np.float16) * np.float16(1 / np.sqrt(d))
+    if causal:
+        sc = np.where(np.tril(np.ones((s, s), bool))[None, None], sc, np.float16(-np.inf))
+    sc = sc - sc.max(-1, keepdims=True)
+    p = np.exp(sc)
+    p = (p / p.sum(-1, keepdims=True, dtype=np.float32).astype(np.float16)).astype(np.float16)
+    o = np.einsum("bhij,bjhd->bihd", p, vv).astype(np.float16)
+    return float(np.max(np.abs(o.astype(np.float64) - ref)))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pagedflash", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", nargs="?", default="demo", choices=["demo", "info"])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seqlen", type=int, default=1024)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--no-causal", action="store_true")
+    a = ap.parse_args(argv)
+    if a.command == "info":
+        info()
+        return 0
+    return demo(a.batch, a.seqlen, a.heads, a.kv_heads, a.head_dim, not a.no_causal)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

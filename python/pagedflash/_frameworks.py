@@ -1,0 +1,100 @@
+"""Which array library a call came from, and how to allocate its results there.
+
+NumPy in -> NumPy out; torch in -> torch out (allocated by torch on the input's
+device, on torch's current stream); anything else -> ``pagedflash.Tensor``,
+which exports itself through DLPack and the array interfaces. Frameworks are
+never imported here: a torch tensor is recognised by its type's module.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _C
+
+_TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16",
+                 "int32": "int32", "int64": "int64", "uint8": "uint8", "float64": "float64"}
+
+
+def is_torch(x) -> bool:
+    return type(x).__module__.partition(".")[0] == "torch"
+
+
+class _Numpy:
+    name = "numpy"
+
+    @staticmethod
+    def prepare(x):
+        """Copy only when the last dimension is strided (the C core needs it contiguous)."""
+        if x.ndim and x.shape[-1] > 1 and x.strides[-1] != x.itemsize:
+            return np.ascontiguousarray(x)
+        return x
+
+    @staticmethod
+    def empty(shape, dtype, like):
+        if dtype == "bfloat16":
+            return np.empty(shape, dtype=like.dtype)  # ml_dtypes.bfloat16 input
+        return np.empty(shape, dtype=np.dtype(dtype))
+
+    @staticmethod
+    def stream(like, stream):
+        return stream
+
+
+class _Torch:
+    name = "torch"
+
+    @staticmethod
+    def prepare(x):
+        x = x.detach()
+        if x.dim() and x.shape[-1] > 1 and x.stride(-1) != 1:
+            x = x.contiguous()
+        return x
+
+    @staticmethod
+    def empty(shape, dtype, like):
+        import torch
+
+        return torch.empty(tuple(shape), dtype=getattr(torch, _TORCH_DTYPES[dtype]), device=like.device)
+
+    @staticmethod
+    def stream(like, stream):
+        if stream is not None or like.device.type != "cuda":
+            return stream
+        import torch
+
+        return torch.cuda.current_stream(like.device).cuda_stream
+
+
+class _Foreign:
+    name = "pagedflash"
+
+    @staticmethod
+    def prepare(x):
+        return x
+
+    @staticmethod
+    def empty(shape, dtype, like):
+        _, _, device, device_id = _C.describe(like)
+        return _C.empty(tuple(shape), dtype, "cuda" if device == "cuda" else "cpu", device_id)
+
+    @staticmethod
+    def stream(like, stream):
+        return stream
+
+
+def library_of(x):
+    if isinstance(x, np.ndarray):
+        return _Numpy
+    if is_torch(x):
+        return _Torch
+    return _Foreign
+
+
+def describe(x):
+    """(shape, dtype name, device kind, device id) of any array pagedflash accepts."""
+    if isinstance(x, np.ndarray) and x.dtype.kind in "fiu":
+        return x.shape, x.dtype.name, "cpu", 0
+    if is_torch(x):
+        dev = x.device
+        return tuple(x.shape), str(x.dtype).rpartition(".")[2], dev.type, dev.index or 0
+    return _C.describe(x)

@@ -1,0 +1,113 @@
+"""The functional API: plain functions with keyword-only options.
+
+Each call: fill defaults, choose the output's library and stream, allocate
+outputs there, hand everything to ``pagedflash._C`` (which views the tensors
+without copying and releases the GIL while the C core computes).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence, Tuple
+
+from . import _C
+from ._frameworks import describe, library_of
+
+_num_threads = int(os.environ.get("PAGEDFLASH_NUM_THREADS", "0") or 0)
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by the CPU backend; 0 (the default) means one per core."""
+    global _num_threads
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"num_threads: must be >= 0 (0 = one per core), got {n}")
+    _num_threads = n
+
+
+def get_num_threads() -> int:
+    """Threads the CPU backend will use for the next call."""
+    return _num_threads or _C.build_info()["cpu_count"]
+
+
+def _window(window: Sequence[int]) -> Tuple[int, int]:
+    try:
+        left, right = (int(w) for w in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"window: expected a pair (left, right) of ints, got {window!r}") from None
+    return left, right
+
+
+def _scale(softmax_scale: Optional[float]) -> float:
+    return 0.0 if softmax_scale is None else float(softmax_scale)
+
+
+def flash_attn(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: Optional[float] = None,
+               window: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Any = None,
+               dropout_p: float = 0.0, seed: Optional[int] = None, offset: int = 0,
+               return_lse: bool = False, out: Any = None, stream: Optional[int] = None):
+    """Exact softmax attention, computed tile by tile (FlashAttention).
+
+    q: [batch, seqlen_q, num_heads, head_dim]; k, v: [batch, seqlen_k, num_kv_heads, head_dim],
+    num_heads % num_kv_heads == 0. float16, bfloat16 or float32; head_dim 1..256.
+
+    causal masks are aligned bottom-right when seqlen_q != seqlen_k; window=(left, right)
+    (-1 = unbounded); softcap > 0 caps scores with softcap * tanh(s / softcap);
+    alibi_slopes float32 [num_heads] or [batch, num_heads]; dropout_p with an explicit
+    seed (and offset) reproduces the same mask in flash_attn_backward.
+
+    Returns out (q's shape and dtype), or (out, lse) with return_lse=True, lse float32
+    [batch, num_heads, seqlen_q] in natural log. A fully masked row gives out = 0 and
+    lse = -inf. Results come back in the caller's library (NumPy, torch, or a
+    pagedflash.Tensor for other DLPack producers).
+    """
+    return _attn_fwd(q, k, v, None, None, 0, 0, causal=causal, softmax_scale=softmax_scale,
+                     window=window, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                     seed=seed, offset=offset, return_lse=return_lse, out=out, stream=stream)
+
+
+def flash_attn_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, max_seqlen_q: int,
+                      max_seqlen_k: int, *, causal: bool = False, softmax_scale: Optional[float] = None,
+                      window: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Any = None,
+                      dropout_p: float = 0.0, seed: Optional[int] = None, offset: int = 0,
+                      return_lse: bool = False, out: Any = None, stream: Optional[int] = None):
+    """flash_attn over packed variable-length sequences.
+
+    q: [total_q, num_heads, head_dim]; k, v: [total_k, num_kv_heads, head_dim];
+    cu_seqlens_q/k: int32 [batch + 1], prefix sums of the lengths (0 first, total last).
+    Sequence b's queries are rows cu_seqlens_q[b]:cu_seqlens_q[b+1] and attend only to its
+    own keys. lse is float32 [num_heads, total_q]. Options as in flash_attn.
+    """
+    return _attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                     softmax_scale=softmax_scale, window=window, softcap=softcap,
+                     alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed, offset=offset,
+                     return_lse=return_lse, out=out, stream=stream)
+
+
+def _seed(dropout_p: float, seed: Optional[int]) -> int:
+    if seed is not None:
+        return int(seed) & 0xFFFFFFFFFFFFFFFF
+    if dropout_p > 0.0:
+        return int.from_bytes(os.urandom(8), "little")
+    return 0
+
+
+def _lse_shape(qshape, varlen: bool):
+    return (qshape[1], qshape[0]) if varlen else (qshape[0], qshape[2], qshape[1])
+
+
+def _attn_fwd(q, k, v, cu_q, cu_k, max_q, max_k, *, causal, softmax_scale, window, softcap,
+              alibi_slopes, dropout_p, seed, offset, return_lse, out, stream):
+    lib = library_of(q)
+    q, k, v = lib.prepare(q), lib.prepare(k), lib.prepare(v)
+    qshape, qdtype, _, _ = describe(q)
+    varlen = cu_q is not None or cu_k is not None
+    if out is None:
+        out = lib.empty(qshape, qdtype, q)
+    lse = lib.empty(_lse_shape(qshape, varlen), "float32", q) if return_lse and len(qshape) == (3 if varlen else 4) else None
+    left, right = _window(window)
+    _C.flash_fwd(q, k, v, out, lse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                 max_seqlen_q=int(max_q), max_seqlen_k=int(max_k), softmax_scale=_scale(softmax_scale),
+                 causal=bool(causal), window_left=left, window_right=right, softcap=float(softcap),
+                 alibi_slopes=alibi_slopes, dropout_p=float(dropout_p), seed=_seed(dropout_p, seed),
+                 offset=int(offset), num_threads=_num_threads, stream=lib.stream(q, stream))
+    return (out, lse) if return_lse else out
