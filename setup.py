@@ -152,7 +152,7 @@ def c_sources():
 
 
 native = os.environ.get("PAGEDFLASH_NATIVE", "1") != "0"
-cflags = ["-std=c11", "-O3", "-fno-strict-aliasing", "-pthread", "-Wall", "-Wno-unused-function",
+cflags = ["-std=c11", "-O3", "-fno-strict-aliasing", "-pthread", "-Wall", "-Wno-unused-function", "-Wno-psabi",
           "-fvisibility=hidden", "-ffp-contract=fast"]
 if native:
     cflags.append("-march=native")

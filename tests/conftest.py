@@ -48,11 +48,11 @@ def rng(request):
     return np.random.default_rng(seed)
 
 
-def randn(rng, shape, dtype, *, scale=1.0, device="cpu"):
-    """Random normals in `dtype`: NumPy for float32/float16 on the CPU without torch,
-    torch otherwise (bfloat16 needs torch)."""
+def randn(rng, shape, dtype, *, scale=1.0, device="cpu", lib=None):
+    """Random normals in `dtype`: NumPy for float32/float16 on the CPU, torch for
+    bfloat16, CUDA, or lib="torch"."""
     x = (rng.standard_normal(shape) * scale).astype(np.float32)
-    if dtype == "bfloat16" or device != "cpu":
+    if dtype == "bfloat16" or device != "cpu" or lib == "torch":
         if torch is None:
             pytest.skip("bfloat16 and CUDA tests need torch")
         return torch.from_numpy(x).to(device=device, dtype=getattr(torch, dtype))

@@ -115,7 +115,7 @@ pf_status pf_check_float_dtype(const pf_tensor *t, const char *name) {
 }
 
 pf_status pf_check_last_contiguous(const pf_tensor *t, const char *name) {
-    if (t->ndim == 0) return PF_STATUS_OK;
+    if (t->ndim == 0 || pf_tensor_numel(t) == 0) return PF_STATUS_OK;
     int last = t->ndim - 1;
     PF_CHECK_VALUE(t->shape[last] <= 1 || t->strides[last] == 1,
                    "%s: the last dimension must be contiguous (stride 1), got stride %lld",

@@ -17,6 +17,8 @@
 /* GCC/Clang vector of 16 floats: one zmm on AVX-512, split on narrower ISAs. */
 typedef float pf_vf __attribute__((vector_size(64), aligned(64)));
 #define PF_VW 16
+/* The same vector type at 4-byte alignment, for loads straight from user tensors. */
+typedef float pf_vfu __attribute__((vector_size(64), aligned(4)));
 
 /* Where the rows of one tensor live: the token index is the absolute packed
  * index for varlen (batch stride 0) and the per-sequence index otherwise. */

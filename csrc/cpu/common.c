@@ -2,6 +2,7 @@
  * common.c - CPU backend plumbing: problem shapes from params, row views,
  * aligned scratch buffers.
  */
+#define _POSIX_C_SOURCE 200809L /* posix_memalign */
 #include <stdlib.h>
 
 #include "cpu_backend.h"

@@ -24,7 +24,9 @@
 #include "cpu_backend.h"
 #include "pf_philox.h"
 
-enum { kBlockM = 64, kBlockN = 64 };
+/* 128 x 64 tiles: 1.3x faster than 64 x 64 at d=64, s=2048, f32, 1 thread on this
+ * 2-core AVX-512 machine (the K^T staging is shared by twice the rows). */
+enum { kBlockM = 128, kBlockN = 64 };
 
 typedef struct fwd_ctx {
     const pf_attn_params *p;
@@ -70,7 +72,7 @@ static inline __attribute__((always_inline)) void pv_micro(const float *pm, int6
     for (int r = 0; r < 4; r++)
         for (int c = 0; c < NV; c++) acc[r][c] = ((const pf_vf *)(o + r * ldo))[c];
     for (int64_t j = 0; j < n; j++) {
-        const pf_vf *vrow = (const pf_vf *)(vt + j * ldv);
+        const pf_vfu *vrow = (const pf_vfu *)(vt + j * ldv);
         float p0 = pm[j], p1 = pm[ldp + j], p2 = pm[2 * ldp + j], p3 = pm[3 * ldp + j];
         for (int c = 0; c < NV; c++) {
             pf_vf vv = vrow[c];
@@ -114,8 +116,13 @@ void pf_cpu_stage_kt(const pf_rows *k, pf_dtype dt, int64_t b, int64_t tok0, int
                      int64_t d, int64_t dpad, float *kt, float *rowbuf) {
     for (int64_t j = 0; j < kBlockN; j++) {
         if (j < n) {
-            pf_load_row_f32(rowbuf, pf_row_ptr(k, b, tok0 + j, h), dt, d);
-            for (int64_t c = 0; c < d; c++) kt[c * kBlockN + j] = rowbuf[c];
+            const void *src = pf_row_ptr(k, b, tok0 + j, h);
+            const float *row = (const float *)src;
+            if (dt != PF_DTYPE_F32) {
+                pf_load_row_f32(rowbuf, src, dt, d);
+                row = rowbuf;
+            }
+            for (int64_t c = 0; c < d; c++) kt[c * kBlockN + j] = row[c];
         } else {
             for (int64_t c = 0; c < d; c++) kt[c * kBlockN + j] = 0.0f;
         }
@@ -128,8 +135,15 @@ void pf_cpu_stage_kt(const pf_rows *k, pf_dtype dt, int64_t b, int64_t tok0, int
 void pf_cpu_stage_rows(const pf_rows *v, pf_dtype dt, int64_t b, int64_t tok0, int64_t h,
                        int64_t n, int64_t d, int64_t dpad, float *vt) {
     for (int64_t j = 0; j < n; j++) {
-        pf_load_row_f32(vt + j * dpad, pf_row_ptr(v, b, tok0 + j, h), dt, d);
-        for (int64_t c = d; c < dpad; c++) vt[j * dpad + c] = 0.0f;
+        float *dst = vt + j * dpad;
+        const void *src = pf_row_ptr(v, b, tok0 + j, h);
+        if (dt == PF_DTYPE_F32) {
+            const float *row = (const float *)src;
+            for (int64_t c = 0; c < d; c++) dst[c] = row[c];
+        } else {
+            pf_load_row_f32(dst, src, dt, d);
+        }
+        for (int64_t c = d; c < dpad; c++) dst[c] = 0.0f;
     }
 }
 
@@ -233,36 +247,46 @@ static void fwd_item(void *vctx, int64_t item, int tid) {
         int64_t n = sk - j0 < kBlockN ? sk - j0 : kBlockN;
         pf_cpu_stage_kt(&ctx->k, dt, b, k0 + j0, hk, n, d, dpad, kt, rowbuf);
         pf_cpu_score_tile(qf, dpad, kt, dpad, s, rows4);
-        pf_cpu_transform_scores(s, rows, n, i0, j0, &mk);
+        /* rows see ranges that grow with i: the tile needs no mask when the first row
+         * reaches past its end and the last row starts before it */
+        int full = n == kBlockN && hi_first >= j0 + kBlockN - 1 && lo_last <= j0;
+        if (!full || mk.cap_log2 != 0.0f || mk.alibi_log2 != 0.0f)
+            pf_cpu_transform_scores(s, rows, n, i0, j0, &mk);
 
-        /* online softmax over the tile */
+        /* online softmax over the tile, a row at a time on 16-lane vectors */
         int64_t nvalid = 0;
         for (int64_t r = 0; r < rows; r++) {
-            float *srow = s + r * kBlockN;
+            pf_vf *sv = (pf_vf *)(s + r * kBlockN);
+            pf_vf vmax = pf_select(sv[0] > sv[1], sv[0], sv[1]);
+            pf_vf vmax2 = pf_select(sv[2] > sv[3], sv[2], sv[3]);
+            vmax = pf_select(vmax > vmax2, vmax, vmax2);
+            pf_vi nan = (sv[0] != sv[0]) | (sv[1] != sv[1]) | (sv[2] != sv[2]) | (sv[3] != sv[3]);
             float mx = m[r];
-            for (int64_t j = 0; j < kBlockN; j++) mx = srow[j] > mx ? srow[j] : mx;
-            for (int64_t j = 0; j < kBlockN; j++) mx = srow[j] != srow[j] ? srow[j] : mx;
+            for (int c = 0; c < PF_VW; c++) mx = vmax[c] > mx ? vmax[c] : mx;
+            int has_nan = 0;
+            for (int c = 0; c < PF_VW; c++) has_nan |= nan[c];
+            if (has_nan) mx = __builtin_nanf("");
             if (mx == -__builtin_inff()) { /* nothing visible yet in this row */
-                for (int64_t j = 0; j < kBlockN; j++) srow[j] = 0.0f;
+                sv[0] = sv[1] = sv[2] = sv[3] = pf_splat(0.0f);
                 continue;
             }
             float alpha = pf_exp2_s(m[r] - mx);
-            pf_vf vsum = {0};
             pf_vf vmx = pf_splat(mx);
-            for (int64_t j = 0; j < kBlockN; j += PF_VW) {
-                pf_vf e = pf_exp2_v(*(pf_vf *)(srow + j) - vmx);
-                *(pf_vf *)(srow + j) = e;
-                vsum += e;
-            }
+            pf_vf e0 = pf_exp2_v(sv[0] - vmx), e1 = pf_exp2_v(sv[1] - vmx);
+            pf_vf e2 = pf_exp2_v(sv[2] - vmx), e3 = pf_exp2_v(sv[3] - vmx);
+            sv[0] = e0; sv[1] = e1; sv[2] = e2; sv[3] = e3;
+            pf_vf vsum = (e0 + e1) + (e2 + e3);
             float sum = 0.0f;
             for (int c = 0; c < PF_VW; c++) sum += vsum[c];
             l[r] = l[r] * alpha + sum;
             m[r] = mx;
             if (alpha != 1.0f) {
-                float *orow = of + r * dpad;
-                for (int64_t c = 0; c < dpad; c++) orow[c] *= alpha;
+                pf_vf va = pf_splat(alpha);
+                pf_vf *orow = (pf_vf *)(of + r * dpad);
+                for (int64_t c = 0; c < dpad / PF_VW; c++) orow[c] *= va;
             }
             if (drop_threshold) {
+                float *srow = s + r * kBlockN;
                 int64_t i = i0 + r;
                 for (int64_t j = 0; j < n; j += 4) {
                     pf_u32x4 bits = pf_dropout_bits4(p->seed, p->offset, bh_id, i, j0 + j);
@@ -278,8 +302,13 @@ static void fwd_item(void *vctx, int64_t item, int tid) {
             for (int64_t j = 0; j < kBlockN; j++) s[r * kBlockN + j] = 0.0f;
         if (!nvalid) continue;
 
-        pf_cpu_stage_rows(&ctx->v, dt, b, k0 + j0, hk, n, d, dpad, vt);
-        pf_cpu_pv_tile(s, kBlockN, vt, dpad, n, of, dpad, rows4, dpad);
+        if (dt == PF_DTYPE_F32 && d == dpad) { /* V rows read in place */
+            const float *v0 = (const float *)pf_row_ptr(&ctx->v, b, k0 + j0, hk);
+            pf_cpu_pv_tile(s, kBlockN, v0, ctx->v.st, n, of, dpad, rows4, dpad);
+        } else {
+            pf_cpu_stage_rows(&ctx->v, dt, b, k0 + j0, hk, n, d, dpad, vt);
+            pf_cpu_pv_tile(s, kBlockN, vt, dpad, n, of, dpad, rows4, dpad);
+        }
     }
 
     /* normalize, store out and lse */

@@ -36,6 +36,9 @@ static int keep_push(pf_py_keep *keep, PyObject *owner, void *managed, int versi
 }
 
 void pf_py_keep_release(pf_py_keep *keep) {
+    /* deleters may run Python code: keep a pending exception out of their way */
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
     for (int i = keep->n - 1; i >= 0; i--) {
         void *m = keep->items[i].managed;
         if (m) {
@@ -50,6 +53,7 @@ void pf_py_keep_release(pf_py_keep *keep) {
         Py_XDECREF(keep->items[i].owner);
     }
     keep->n = 0;
+    PyErr_Restore(type, value, tb);
 }
 
 static int dtype_from_dl(DLDataType t, pf_dtype *out) {

@@ -6,9 +6,10 @@
  * __array_interface__ (host memory) or __cuda_array_interface__ (device memory),
  * so np.from_dlpack, torch.from_dlpack, cupy.from_dlpack and jax take it.
  */
+#include "pf_py.h"
+
 #include <stdlib.h>
 
-#include "pf_py.h"
 #include "pf_dlpack.h"
 
 typedef struct {
