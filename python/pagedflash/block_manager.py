@@ -243,6 +243,8 @@ class BlockManager:
             ValueError: seq_id already present, bad token ids.
             OutOfBlocks: not enough free blocks (the watermark is not applied here).
         """
+        if isinstance(token_ids, np.integer):
+            token_ids = int(token_ids)
         return self._pool.allocate(seq_id, token_ids)
 
     def append_slots(self, seq_id: int, num_new_tokens: int = 1,
