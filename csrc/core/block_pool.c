@@ -731,7 +731,7 @@ pf_status pf_block_pool_fork(pf_block_pool_t *p, int64_t parent_id, int64_t chil
     c->len = par->len;
     c->nblocks = par->nblocks;
     c->on_host = 0;
-    memcpy(c->blocks, par->blocks, (size_t)par->nblocks * sizeof(int32_t));
+    if (par->nblocks) memcpy(c->blocks, par->blocks, (size_t)par->nblocks * sizeof(int32_t));
     for (int32_t i = 0; i < par->nblocks; i++) p->side[0].ref[par->blocks[i]]++;
     id_insert(p, child_id, slot);
     p->nseqs++;
@@ -919,7 +919,7 @@ pf_status pf_block_pool_block_tables(const pf_block_pool_t *p, const int64_t *id
     for (int32_t i = 0; i < ns; i++) {
         const bp_seq *s = &p->seqs[seq_find(p, ids[i])];
         int32_t *row = out + (int64_t)i * width;
-        memcpy(row, s->blocks, (size_t)s->nblocks * sizeof(int32_t));
+        if (s->nblocks) memcpy(row, s->blocks, (size_t)s->nblocks * sizeof(int32_t));
         if (pad == 0) memset(row + s->nblocks, 0, (size_t)(width - s->nblocks) * sizeof(int32_t));
         else for (int32_t j = s->nblocks; j < width; j++) row[j] = pad;
     }
