@@ -609,6 +609,30 @@ def test_prefix_cache_eviction_is_lru_deepest_first():
     bm.check()
 
 
+def test_stats_dict_matches_properties():
+    bm = BlockManager(12, 4, num_cpu_blocks=5, enable_prefix_caching=True)
+    bm.allocate(1, tokens(9))
+    bm.allocate(2, tokens(9))          # 2 blocks hit
+    bm.allocate(3, tokens(4, start=1))
+    bm.swap_out(3)
+    bm.free(1)
+    s = bm.stats()
+    assert s == {
+        "num_blocks": 12, "block_size": 4, "num_cpu_blocks": 5,
+        "num_free_blocks": bm.num_free_blocks, "num_evictable_blocks": bm.num_evictable_blocks,
+        "num_used_blocks": bm.num_used_blocks, "num_cached_blocks": bm.num_cached_blocks,
+        "num_free_cpu_blocks": bm.num_free_cpu_blocks, "num_used_cpu_blocks": 1,
+        "num_seqs": 2, "prefix_cache_queries": bm.prefix_cache_queries,
+        "prefix_cache_hits": bm.prefix_cache_hits,
+    }
+    assert s["num_free_blocks"] + s["num_used_blocks"] == 12
+    # used: seq 2's 2 hit blocks + its own last block; evictable: seq 3's full block, cached
+    # on the device after its swap-out; seq 1's private partial block went to the free list
+    assert (s["num_used_blocks"], s["num_evictable_blocks"], s["num_cached_blocks"]) == (3, 1, 3)
+    assert (s["prefix_cache_queries"], s["prefix_cache_hits"]) == (4, 2)
+    assert bm.seq_ids == [2, 3] and len(bm) == 2 and bm.is_swapped(3)
+
+
 def test_prefix_cache_disabled_never_hits():
     bm = BlockManager(20, 4)
     bm.allocate(1, tokens(13))
