@@ -270,7 +270,212 @@ pf_status pf_swap_blocks(pf_tensor src, pf_tensor dst, pf_tensor block_mapping, 
 /* Block pool (mechanism under the Python BlockManager)                     */
 /* ------------------------------------------------------------------------ */
 
+/*
+ * A pool of KV-cache blocks with per-sequence block tables: free list, reference
+ * counts, copy-on-write, fork, swapping to a host pool, and prefix caching (full
+ * blocks identified by a hash chain, unreferenced cached blocks evicted least
+ * recently used first). It is the mechanism under the Python BlockManager, which
+ * adds the policy (watermark, admission, AllocStatus).
+ *
+ * Two pools of block ids: the device pool [0, num_blocks) and the host pool
+ * [0, num_cpu_blocks) used for swapped-out sequences. A sequence is an int64 id
+ * with a length in tokens and a block table: table[i] holds its tokens
+ * [i * block_size, (i + 1) * block_size); slot = block * block_size + offset.
+ * A device block is in exactly one of three states: free (on the free list),
+ * in use (refcount > 0, referenced by that many sequence-table entries) or
+ * evictable (refcount 0 but registered in the prefix cache; reusable, taken
+ * after the free list is empty, least recently released first). "Free" counts
+ * in pf_block_pool_stats and every capacity check include the evictable ones.
+ *
+ * Token ids (int32, >= 0; -1 = unknown) are recorded per block. With prefix
+ * caching on they are required; a block is registered in the cache when it
+ * becomes full: hash = H(parent block's hash, the block's token ids) (64-bit, a
+ * hit is confirmed by comparing the parent hash and every token id).
+ *
+ * Every mutating call checks everything (ids, lengths, free blocks, memory)
+ * before it changes anything: on failure the pool is exactly as it was.
+ * A pool is not thread-safe: serialize calls on one pool (the Python binding
+ * holds the GIL). Calls take microseconds and allocate only when a capacity grows.
+ */
 typedef struct pf_block_pool pf_block_pool_t;
+
+typedef struct pf_block_pool_config {
+    int32_t num_blocks;            /* device blocks, >= 1 */
+    int32_t block_size;            /* tokens per block, >= 1 */
+    int32_t num_cpu_blocks;        /* host blocks for swapping, >= 0 */
+    int32_t enable_prefix_caching; /* 0 or 1 */
+} pf_block_pool_config;
+
+typedef struct pf_block_pool_stats {
+    int32_t num_blocks, block_size, num_cpu_blocks;
+    int32_t num_free_blocks;       /* allocatable now: on the free list + evictable */
+    int32_t num_evictable_blocks;  /* cached, refcount 0 (included in num_free_blocks) */
+    int32_t num_used_blocks;       /* refcount > 0; free + used == num_blocks */
+    int32_t num_cached_blocks;     /* registered in the prefix cache (in use or evictable) */
+    int32_t num_free_cpu_blocks;
+    int32_t num_used_cpu_blocks;
+    int32_t num_seqs;              /* live sequences, swapped ones included */
+    int64_t prefix_cache_queries;  /* full prompt blocks eligible for a hit, over all allocations */
+    int64_t prefix_cache_hits;     /* of those, found in the cache */
+} pf_block_pool_stats;
+
+/* Block states reported by pf_block_pool_block_states. */
+#define PF_BLOCK_FREE 0
+#define PF_BLOCK_USED 1
+#define PF_BLOCK_EVICTABLE 2
+
+/* Create a pool. *pool receives the handle (NULL on failure). */
+pf_status pf_block_pool_init(pf_block_pool_t **pool, const pf_block_pool_config *config);
+/* Release a pool and everything it holds; NULL is a no-op. */
+void pf_block_pool_free(pf_block_pool_t *pool);
+
+/* Counts and cumulative prefix-cache statistics. */
+pf_status pf_block_pool_stats_get(const pf_block_pool_t *pool, pf_block_pool_stats *stats);
+
+/*
+ * Read-only prefix-cache lookup for a prompt of num_tokens token ids
+ * (token_ids int32 [num_tokens], may be NULL when prefix caching is off):
+ * *hit_blocks = leading full blocks allocate() would reuse, *hit_evictable = how
+ * many of those are evictable now (reusing them takes them out of the free count).
+ * At most (num_tokens - 1) / block_size blocks hit, so at least one prompt token
+ * is always computed.
+ */
+pf_status pf_block_pool_prefix_lookup(const pf_block_pool_t *pool, const int32_t *token_ids,
+                                      int64_t num_tokens, int32_t *hit_blocks,
+                                      int32_t *hit_evictable);
+
+/*
+ * Create sequence seq_id holding num_tokens tokens (token_ids int32 [num_tokens];
+ * NULL allowed only without prefix caching: tokens unknown). Leading full blocks
+ * found in the prefix cache are shared; the rest come from the free list, then
+ * by evicting cached blocks. *num_cached_tokens (may be NULL) receives the tokens
+ * whose KV is already in the cache (a multiple of block_size).
+ * Errors: seq_id already present, num_tokens < 0 (INVALID_VALUE); not enough
+ * free blocks (OUT_OF_BLOCKS).
+ */
+pf_status pf_block_pool_allocate(pf_block_pool_t *pool, int64_t seq_id, const int32_t *token_ids,
+                                 int64_t num_tokens, int64_t *num_cached_tokens);
+
+/*
+ * Append tokens to num_seqs running (not swapped) sequences, in order, as one
+ * atomic step: either every sequence is extended or nothing changes.
+ *   seq_ids         int64 [num_seqs], distinct
+ *   num_new_tokens  int32 [num_seqs] (>= 0), or NULL: `uniform_new_tokens` each
+ *   token_ids       int32 [sum of new tokens], the new tokens of each sequence
+ *                   concatenated in order; NULL allowed only without prefix caching
+ *   cow             int64 [num_seqs, 2] out: (src, dst) copy-on-write pairs; *num_cow
+ *                   receives their count. When a sequence's last block is partly
+ *                   filled and shared (refcount > 1), it gets a fresh block and
+ *                   the caller must copy src -> dst (pf_copy_blocks) before
+ *                   writing the new tokens.
+ * Full blocks that result are registered in the prefix cache.
+ * Errors: unknown, duplicate or swapped-out id (INVALID_VALUE); not enough
+ * free blocks for all of them together (OUT_OF_BLOCKS).
+ */
+pf_status pf_block_pool_append(pf_block_pool_t *pool, const int64_t *seq_ids, int32_t num_seqs,
+                               const int32_t *num_new_tokens, int32_t uniform_new_tokens,
+                               const int32_t *token_ids, int64_t *cow, int32_t *num_cow);
+
+/* New sequence child_id sharing every block of parent_id (refcounts + 1). The
+ * next append to either copies a shared, partly filled last block. */
+pf_status pf_block_pool_fork(pf_block_pool_t *pool, int64_t parent_id, int64_t child_id);
+
+/* Drop a sequence (running or swapped). Its blocks lose one reference; device
+ * blocks reaching 0 go to the evictable list if cached (last block first, so a
+ * prefix outlives its continuations), else to the free list. */
+pf_status pf_block_pool_release(pf_block_pool_t *pool, int64_t seq_id);
+
+/*
+ * Number of distinct blocks the sequences hold, i.e. the blocks a swap of them
+ * needs on the other side. to_host = 1: the sequences must be running (swap out);
+ * 0: they must be swapped out (swap in). Checks ids like the swap itself.
+ * Changes nothing visible (the pool is non-const for its internal stamps).
+ */
+pf_status pf_block_pool_swap_count(pf_block_pool_t *pool, const int64_t *seq_ids,
+                                   int32_t num_seqs, int32_t to_host, int32_t *num_blocks);
+
+/*
+ * Move sequences between the pools. Each distinct block they hold gets one block
+ * on the other side (blocks shared among them stay shared); the old block loses
+ * their references.
+ *   mapping  int64 [max_pairs, 2] out: (src, dst) block pairs for pf_swap_blocks
+ *            (device -> host for to_host = 1, host -> device for 0), in order of
+ *            first use; *num_pairs receives the count.
+ * Swapped-in full blocks are registered in the prefix cache again.
+ * Errors: as pf_block_pool_swap_count; max_pairs too small (INVALID_VALUE);
+ * not enough free blocks on the other side (OUT_OF_BLOCKS).
+ */
+pf_status pf_block_pool_swap(pf_block_pool_t *pool, const int64_t *seq_ids, int32_t num_seqs,
+                             int32_t to_host, int64_t *mapping, int64_t max_pairs,
+                             int64_t *num_pairs);
+
+/* A sequence's length, block count and whether it is swapped out (any out
+ * pointer may be NULL). INVALID_VALUE for an unknown id. */
+pf_status pf_block_pool_seq_info(const pf_block_pool_t *pool, int64_t seq_id, int64_t *num_tokens,
+                                 int32_t *num_blocks, int32_t *swapped);
+
+/* Copy a sequence's block table (device ids, or host ids if swapped) into
+ * out int32 [capacity]; *num_blocks receives its length (capacity must hold it). */
+pf_status pf_block_pool_block_table(const pf_block_pool_t *pool, int64_t seq_id, int32_t *out,
+                                    int32_t capacity, int32_t *num_blocks);
+
+/* The largest block count among running sequences seq_ids int64 [num_seqs]. */
+pf_status pf_block_pool_max_blocks(const pf_block_pool_t *pool, const int64_t *seq_ids,
+                                   int32_t num_seqs, int32_t *max_blocks);
+
+/*
+ * Padded block tables of running sequences, a gather of the persistent tables:
+ *   seq_ids int64 [num_seqs]; out int32 [num_seqs, width] (row stride `width`)
+ * Row i holds sequence i's table, then `pad` up to width. width must be at least
+ * every sequence's block count.
+ */
+pf_status pf_block_pool_block_tables(const pf_block_pool_t *pool, const int64_t *seq_ids,
+                                     int32_t num_seqs, int32_t *out, int32_t width, int32_t pad);
+
+/* seq_lens int32 [num_seqs] of running sequences. */
+pf_status pf_block_pool_seq_lens(const pf_block_pool_t *pool, const int64_t *seq_ids,
+                                 int32_t num_seqs, int32_t *out);
+
+/*
+ * The slots of the last k tokens of each running sequence, in order (the tokens
+ * being written this step): out int64 [capacity], *num_slots receives sum(k).
+ *   num_new_tokens int32 [num_seqs] (0 <= k <= length), or NULL: `uniform_new_tokens`
+ */
+pf_status pf_block_pool_slot_mapping(const pf_block_pool_t *pool, const int64_t *seq_ids,
+                                     int32_t num_seqs, const int32_t *num_new_tokens,
+                                     int32_t uniform_new_tokens, int64_t *out, int64_t capacity,
+                                     int64_t *num_slots);
+
+/* A sequence's token ids as recorded (-1 where unknown): out int32 [capacity]. */
+pf_status pf_block_pool_seq_tokens(const pf_block_pool_t *pool, int64_t seq_id, int32_t *out,
+                                   int64_t capacity, int64_t *num_tokens);
+
+/* Ids of the live sequences, in no particular order: out int64 [capacity]. */
+pf_status pf_block_pool_seq_ids(const pf_block_pool_t *pool, int64_t *out, int32_t capacity,
+                                int32_t *num_seqs);
+
+/*
+ * Per-block inspection, for tests and debugging. on_host selects the pool.
+ *   refcounts int32 [n], states int32 [n] (PF_BLOCK_*), hashes uint64 [n] (0 when
+ *   the block has none) -- any may be NULL; n = num_blocks or num_cpu_blocks.
+ */
+pf_status pf_block_pool_block_states(const pf_block_pool_t *pool, int32_t on_host,
+                                     int32_t *refcounts, int32_t *states, uint64_t *hashes);
+
+/* The free list (next taken first) of a pool, and the evictable device blocks
+ * (next evicted first): out int32 [capacity], *count receives the length. */
+pf_status pf_block_pool_free_list(const pf_block_pool_t *pool, int32_t on_host, int32_t *out,
+                                  int32_t capacity, int32_t *count);
+pf_status pf_block_pool_evictable(const pf_block_pool_t *pool, int32_t *out, int32_t capacity,
+                                  int32_t *count);
+
+/* Drop every evictable block from the prefix cache (they become free);
+ * *num_evicted (may be NULL) receives how many. */
+pf_status pf_block_pool_reset_prefix_cache(pf_block_pool_t *pool, int32_t *num_evicted);
+
+/* Verify every internal invariant (refcounts = table references, lists disjoint
+ * and complete, hash index consistent). PF_STATUS_INTERNAL with a message if not. */
+pf_status pf_block_pool_check(const pf_block_pool_t *pool);
 
 #ifdef __cplusplus
 }

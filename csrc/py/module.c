@@ -64,6 +64,7 @@ static int module_exec(PyObject *m) {
     if (!st->cuda_error || PyModule_AddObjectRef(m, "CudaError", st->cuda_error) < 0) return -1;
     for (size_t i = 0; i < sizeof binding_tables / sizeof binding_tables[0]; i++)
         if (PyModule_AddFunctions(m, binding_tables[i]) < 0) return -1;
+    { extern int pf_py_block_pool_init(PyObject *module); if (pf_py_block_pool_init(m) < 0) return -1; }
     return 0;
 }
 

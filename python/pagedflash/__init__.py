@@ -42,3 +42,8 @@ def build_info() -> dict:
     info["num_threads"] = get_num_threads()
     info["backends"] = ["cpu"] + (["cuda"] if info["cuda"] and info["cuda_devices"] > 0 else [])
     return info
+
+# block manager (serving): policy in Python over the C block pool
+from .block_manager import AllocStatus, BlockManager  # noqa: E402
+
+__all__ += ["AllocStatus", "BlockManager"]
