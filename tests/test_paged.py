@@ -453,3 +453,16 @@ def test_bad_cu_seqlens(rng):
                   cu_seqlens_q=np.array([0, 2, 6], np.int32))
     _expect_error(ValueError, "q:", randn(rng, (2, 3, 4, 16), "float32"), kc, vc, bt, sl,
                   cu_seqlens_q=np.array([0, 3, 6], np.int32))
+
+
+def test_empty_inputs(rng):
+    kc = randn(rng, (0, 16, 2, 8), "float32")
+    out, lse = pagedflash.paged_attn(np.zeros((0, 4, 8), np.float32), kc, kc, np.zeros((0, 3), np.int32),
+                                     np.zeros(0, np.int32), return_lse=True)
+    assert out.shape == (0, 4, 8) and lse.shape == (4, 0)
+    out, lse = pagedflash.paged_attn(np.zeros((0, 4, 8), np.float32), kc, kc, np.zeros((2, 0), np.int32),
+                                     np.zeros(2, np.int32), cu_seqlens_q=np.zeros(3, np.int32), return_lse=True)
+    assert out.shape == (0, 4, 8) and lse.shape == (4, 0)
+    with pytest.raises(ValueError, match="block_tables"):  # one token needs a block, and there are none
+        pagedflash.paged_attn(np.ones((2, 4, 8), np.float32), kc, kc, np.zeros((2, 1), np.int32),
+                              np.array([1, 0], np.int32))
