@@ -253,7 +253,7 @@ def test_splits_agree(rng, dtype):
     lens, qlens = [1500, 77, 640], [1, 1, 1]
     kc, vc, bt, sl = make_cache(rng, lens, 2, 64, 16, dtype, share=True)
     q = randn(rng, (3, 8, 64), dtype)
-    o1, l1 = pagedflash.paged_attn(q, kc, vc, bt, sl, num_splits=1, return_lse=True)
+    o1, l1 = pagedflash.paged_attn(q, kc, vc, bt, sl, num_splits=1, return_lse=True, out=poison_like(q))
     ref, ref_lse = reference.paged_attention(q, kc, vc, bt, sl, return_lse=True)
     a1 = reference.to_f64(o1)
     for n in (0, 2, 5, 24, 1000):
@@ -316,7 +316,8 @@ def test_merge_two_key_sets(rng, dtype):
     cut = 113
     oa, la = pagedflash.flash_attn(q, k[:, :cut], v[:, :cut], return_lse=True)
     ob, lb = pagedflash.flash_attn(q, k[:, cut:], v[:, cut:], return_lse=True)
-    out, lse = pagedflash.merge_attn_states(oa, _to_heads_tokens(la), ob, _to_heads_tokens(lb))
+    out, lse = pagedflash.merge_attn_states(oa, _to_heads_tokens(la), ob, _to_heads_tokens(lb),
+                                            out=poison_like(oa))
     assert type(out) is type(q) and tuple(out.shape) == tuple(q.shape)
     ref, ref_lse = reference.attention(q, k, v, return_lse=True)
     naive = naive_attention_lowp(q, k, v) if dtype != "float32" else None
@@ -466,3 +467,26 @@ def test_empty_inputs(rng):
     with pytest.raises(ValueError, match="block_tables"):  # one token needs a block, and there are none
         pagedflash.paged_attn(np.ones((2, 4, 8), np.float32), kc, kc, np.zeros((2, 1), np.int32),
                               np.array([1, 0], np.int32))
+
+
+def test_random_configurations(rng):
+    # a sweep over combinations the parametrized tests do not pair up
+    for _ in range(24):
+        hk = int(rng.choice([1, 2, 3]))
+        h = hk * int(rng.choice([1, 2, 3, 5, 8]))
+        d = int(rng.choice([8, 20, 33, 64, 100]))
+        bs = int(rng.choice([1, 3, 8, 16, 50, 64, 256]))
+        batch = int(rng.integers(1, 5))
+        lens = [int(x) for x in rng.integers(1, 400, size=batch)]
+        qlens = [int(rng.integers(0 if i else 1, min(n, 40) + 1)) for i, n in enumerate(lens)]
+        opts = {}
+        if rng.random() < 0.3:
+            opts["window"] = (int(rng.integers(-1, 50)), int(rng.integers(-1, 5)))
+        if rng.random() < 0.3:
+            opts["causal"] = False
+        if rng.random() < 0.3:
+            opts["softcap"] = float(rng.uniform(1, 10))
+        if rng.random() < 0.3:
+            opts["alibi"] = "heads" if rng.random() < 0.5 else "batch"
+        run_and_check(rng, dtype="float32", lens=lens, qlens=qlens, h=h, hk=hk, d=d, bs=bs, layout="packed",
+                      share=batch > 1 and rng.random() < 0.5, num_splits=int(rng.choice([0, 1, 3, 7])), **opts)
