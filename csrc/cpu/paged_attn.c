@@ -17,7 +17,8 @@
  * cache block, else block segments with pf_cpu_stage_rows and a transpose),
  * pf_cpu_score_tile, pf_cpu_transform_scores (softcap, ALiBi and the
  * causal/window mask with query i at position seq_len - q_len + i), the exp2
- * softmax and pf_cpu_pv_tile. Only tokens < seq_len are ever loaded, so stale
+ * softmax and pf_cpu_pv_tile; the cache rows of the V tile and of the next K
+ * tile are prefetched while a tile computes. Only tokens < seq_len are ever loaded, so stale
  * data (even NaN) in the unused slots of a partial block, or in blocks past the
  * sequence, never reaches a multiply.
  *
