@@ -47,3 +47,8 @@ def build_info() -> dict:
 from .block_manager import AllocStatus, BlockManager  # noqa: E402
 
 __all__ += ["AllocStatus", "BlockManager"]
+
+# serving operations (paged attention, flash decoding, merge, KV-cache ops)
+from .paged import copy_blocks, merge_attn_states, paged_attn, swap_blocks, write_kv_cache  # noqa: E402
+
+__all__ += ["copy_blocks", "merge_attn_states", "paged_attn", "swap_blocks", "write_kv_cache"]
