@@ -160,6 +160,8 @@ if native:
 ext = Extension(
     "pagedflash._C",
     sources=c_sources(),
+    # headers as dependencies: a header-only change must rebuild the extension
+    depends=sorted(str(p.relative_to(ROOT)) for d in ("csrc", "cuda") for p in (ROOT / d).rglob("*.h")),
     include_dirs=["csrc/include", "csrc/core", "csrc/cpu", numpy.get_include()],
     define_macros=[("PAGEDFLASH_VERSION_STRING", f'"{VERSION}"')],
     extra_compile_args=cflags,
