@@ -38,4 +38,17 @@ void pf_cpu_stage_rows(const pf_rows *v, pf_dtype dt, int64_t b, int64_t tok0, i
 pf_status pf_cpu_alloc_scratch(void ***bufs, int n, size_t bytes);
 void pf_cpu_free_scratch(void **bufs, int n);
 
+/* ---- backward and dropout mask (flash_bwd.c); appended by the backward task ---- */
+
+/* Tile sizes shared by the forward and the backward: the backward must walk the
+ * same key tiles as the forward so it recomputes the same scores. */
+#define PF_CPU_BLOCK_M 64
+#define PF_CPU_BLOCK_N 64
+
+/* dq, dk, dv from dout, q, k, v, out, lse (params validated). Deterministic:
+ * every output element is accumulated by one work item in a fixed order. */
+pf_status pf_cpu_flash_bwd(const pf_attn_params *p);
+/* keep[b, h, i, j] of the forward's dropout into u8 `mask` (params validated). */
+pf_status pf_cpu_dropout_mask(const pf_attn_params *p, pf_tensor mask);
+
 #endif /* PF_CPU_BACKEND_H */

@@ -42,3 +42,8 @@ def build_info() -> dict:
     info["num_threads"] = get_num_threads()
     info["backends"] = ["cpu"] + (["cuda"] if info["cuda"] and info["cuda_devices"] > 0 else [])
     return info
+
+# --- training: the backward pass and the dropout mask (docs/training.md) ---
+from .api import dropout_mask, flash_attn_backward, flash_attn_varlen_backward  # noqa: E402
+
+__all__ += ["dropout_mask", "flash_attn_backward", "flash_attn_varlen_backward"]
