@@ -192,23 +192,60 @@ static void pair_grads(const bwd_ctx *ctx, const float *qf, const float *dof, co
     }
 }
 
-/* dst[j][r] = src[r][j] for r < rows4, j < n4 (both tiles have kBlockM/kBlockN lead dims). */
-static void transpose_tile(const float *src, int64_t rows4, int64_t n4, float *dst) {
-    for (int64_t j = 0; j < n4; j++)
-        for (int64_t r = 0; r < rows4; r++) dst[j * kBlockM + r] = src[r * kBlockN + j];
+/* O[4 rows][NV*16 cols] += A^T[4 rows][0..n) . B[0..n)[NV*16 cols], with A stored
+ * untransposed ([n][lda]: row jj of A^T is column jj of A, so the four A values of one
+ * step are adjacent). Used for dV += P^T dO and dK += dS^T Q without a transpose. */
+static inline __attribute__((always_inline)) void tn_micro(const float *a, int64_t lda,
+                                                           const float *b, int64_t ldb, int64_t n,
+                                                           float *o, int64_t ldo, const int NV) {
+    pf_vf acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < NV; c++) acc[r][c] = ((const pf_vf *)(o + r * ldo))[c];
+    for (int64_t t = 0; t < n; t++) {
+        const pf_vf *brow = (const pf_vf *)(b + t * ldb);
+        const float *arow = a + t * lda;
+        float a0 = arow[0], a1 = arow[1], a2 = arow[2], a3 = arow[3];
+        for (int c = 0; c < NV; c++) {
+            pf_vf bv = brow[c];
+            acc[0][c] += a0 * bv;
+            acc[1][c] += a1 * bv;
+            acc[2][c] += a2 * bv;
+            acc[3][c] += a3 * bv;
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < NV; c++) ((pf_vf *)(o + r * ldo))[c] = acc[r][c];
+}
+
+/* O[rows][dpad] += A^T B: A [n][lda] (rows <= lda columns used), B [n][ldb]; rows % 4 == 0. */
+static void tn_tile(const float *a, int64_t lda, const float *b, int64_t ldb, int64_t n, float *o,
+                    int64_t ldo, int64_t rows, int64_t dpad) {
+    for (int64_t r = 0; r < rows; r += 4) {
+        for (int64_t c0 = 0; c0 < dpad; c0 += 64) {
+            int64_t nv = (dpad - c0) / PF_VW;
+            if (nv > 4) nv = 4;
+            float *orow = o + r * ldo + c0;
+            switch (nv) {
+                case 4: tn_micro(a + r, lda, b + c0, ldb, n, orow, ldo, 4); break;
+                case 3: tn_micro(a + r, lda, b + c0, ldb, n, orow, ldo, 3); break;
+                case 2: tn_micro(a + r, lda, b + c0, ldb, n, orow, ldo, 2); break;
+                default: tn_micro(a + r, lda, b + c0, ldb, n, orow, ldo, 1); break;
+            }
+        }
+    }
 }
 
 /* Scratch layout shared by both passes (floats). */
 typedef struct bwd_scratch {
     float *qf, *dof, *acc0, *acc1, *kt, *vt; /* [kBlockM|kBlockN][dpad] or [dpad][kBlockN] */
-    float *s, *ds, *g, *st, *dst;            /* [kBlockM][kBlockN] */
+    float *s, *ds, *g;                       /* [kBlockM][kBlockN] */
     float *lse2, *dsum;                      /* [kBlockM] */
     float *rowbuf;                           /* [dpad] */
 } bwd_scratch;
 
 static size_t bwd_scratch_bytes(int64_t dpad) {
     return sizeof(float) *
-           (size_t)(6 * 64 * dpad + 5 * kBlockM * kBlockN + 2 * kBlockM + dpad + 64);
+           (size_t)(6 * 64 * dpad + 3 * kBlockM * kBlockN + 2 * kBlockM + dpad + 64);
 }
 
 static bwd_scratch scratch_of(const bwd_ctx *ctx, int tid) {
@@ -224,8 +261,6 @@ static bwd_scratch scratch_of(const bwd_ctx *ctx, int tid) {
     w.s = f; f += kBlockM * kBlockN;
     w.ds = f; f += kBlockM * kBlockN;
     w.g = f; f += kBlockM * kBlockN;
-    w.st = f; f += kBlockM * kBlockN;
-    w.dst = f; f += kBlockM * kBlockN;
     w.lse2 = f; f += kBlockM;
     w.dsum = f; f += kBlockM;
     w.rowbuf = f;
@@ -300,10 +335,8 @@ static void kv_item(void *vctx, int64_t item, int tid) {
             load_query_tile(ctx, b, h, q0, i0, rows, rows4, w.qf, w.dof, w.lse2, w.dsum);
             pair_grads(ctx, w.qf, w.dof, w.lse2, w.dsum, rows, rows4, w.kt, w.vt, n, i0, j0, &mk,
                        bh_id, w.s, w.ds, w.g);
-            transpose_tile(w.s, rows4, n4, w.st);
-            transpose_tile(w.ds, rows4, n4, w.dst);
-            pf_cpu_pv_tile(w.st, kBlockM, w.dof, dpad, rows4, dv_acc, dpad, n4, dpad);
-            pf_cpu_pv_tile(w.dst, kBlockM, w.qf, dpad, rows4, dk_acc, dpad, n4, dpad);
+            tn_tile(w.s, kBlockN, w.dof, dpad, rows4, dv_acc, dpad, n4, dpad);  /* dV += (P Z)^T dO */
+            tn_tile(w.ds, kBlockN, w.qf, dpad, rows4, dk_acc, dpad, n4, dpad);  /* dK += dS^T Qs */
         }
     }
     const pf_dtype odt = p->dk.dtype;
