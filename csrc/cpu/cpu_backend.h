@@ -40,8 +40,8 @@ void pf_cpu_free_scratch(void **bufs, int n);
 
 /* ---- backward and dropout mask (flash_bwd.c); appended by the backward task ---- */
 
-/* Tile sizes shared by the forward and the backward: the backward must walk the
- * same key tiles as the forward so it recomputes the same scores. */
+/* Tile sizes of the forward and the backward (the score micro-kernel writes rows
+ * of PF_CPU_BLOCK_N floats; the backward recomputes scores with the same routines). */
 #define PF_CPU_BLOCK_M 64
 #define PF_CPU_BLOCK_N 64
 

@@ -23,6 +23,9 @@
  *      query tile, so GQA/MQA sums happen inside the item.
  *   2. dQ pass: work items (batch, head, query tile), each walking its visible
  *      key tiles (recomputing S and dP a second time).
+ *   The products reuse the forward's micro-kernels (pf_cpu_score_tile for S and
+ *   dP, pf_cpu_pv_tile for dQ) plus an A^T B kernel here (tn_tile) that reads P and
+ *   dS untransposed for dV and dK.
  *   Every output element is written by exactly one item whose loops run in a
  *   fixed order, so the gradients are bitwise identical run after run and for
  *   any thread count (no atomics, no reduction across threads).
