@@ -106,6 +106,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--print-every", type=int, default=10)
+    ap.add_argument("--bf16", action="store_true",
+                    help="run forward and backward under torch.autocast(bfloat16): attention sees bf16 q/k/v")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads for torch and pagedflash (a model this small gains nothing from more)")
     args = ap.parse_args(argv)
@@ -132,8 +134,9 @@ def main(argv=None) -> dict:
         x, y = data[:, :-1], data[:, 1:]
         losses = []
         for model, opt in ((model_pf, opt_pf), (model_ref, opt_ref)):
-            logits = model(x)
-            loss = F.cross_entropy(logits.reshape(-1, args.vocab), y.reshape(-1))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float().reshape(-1, args.vocab), y.reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_import_pagedflash_does_not_import_torch():
     code = ("import sys, pagedflash; assert 'torch' not in sys.modules, 'pagedflash imported torch'; "
             "import pagedflash.torch; assert 'torch' in sys.modules; print('ok')")
-    env_path = str(ROOT / "python")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
