@@ -283,3 +283,11 @@ def test_backward_bad_input(rng):
     with pytest.raises(TypeError, match="dv"):
         pagedflash.flash_attn_backward(q, q, k, v, out, lse, dq=dq, dk=dk, dv=dv.astype(np.float16))
     assert all(np.all(np.isnan(x)) for x in (dq, dk, dv))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_backward_long_sequence(rng, dtype):
+    """seqlen 1023 (many 64-tiles, a partial last one), GQA 2:1, causal + window."""
+    kw = dict(causal=True, window=(300, -1))
+    grads, (dout, q, k, v) = run_dense(rng, dtype, 1, 1023, 1023, 2, 1, 40, **kw)
+    check_grads(grads, dout, q, k, v, dtype, **kw)
