@@ -25,6 +25,8 @@
 #include "pf_philox.h"
 
 enum { kBlockM = 64, kBlockN = 64 };
+_Static_assert(kBlockM == PF_CPU_BLOCK_M && kBlockN == PF_CPU_BLOCK_N,
+               "flash_bwd.c relies on the forward's tile sizes (cpu_backend.h)");
 
 typedef struct fwd_ctx {
     const pf_attn_params *p;
