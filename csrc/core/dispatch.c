@@ -69,3 +69,16 @@ pf_status pf_flash_fwd(const pf_attn_params *p) {
     PF_TRY(pf_flash_fwd_validate(p));
     PF_DISPATCH(p->q.device, pf_cpu_flash_fwd(p), pf_cuda_flash_fwd(p));
 }
+
+pf_status pf_flash_bwd(const pf_attn_params *p) {
+    PF_TRY(pf_flash_bwd_validate(p));
+    PF_DISPATCH(p->q.device, pf_cpu_flash_bwd(p), pf_cuda_flash_bwd(p));
+}
+
+/* validate_attn.c; internal (the mask is a testing aid, its check lives with the others) */
+pf_status pf_dropout_mask_validate(const pf_attn_params *p, const pf_tensor *mask);
+
+pf_status pf_dropout_mask(const pf_attn_params *p, pf_tensor mask) {
+    PF_TRY(pf_dropout_mask_validate(p, &mask));
+    PF_DISPATCH(p->q.device, pf_cpu_dropout_mask(p, mask), pf_cuda_dropout_mask(p, mask));
+}

@@ -5,13 +5,20 @@
  */
 #include "pf_internal.h"
 
+/* The last dimension is contiguous; an empty tensor has nothing to address
+ * (NumPy reports all-zero strides for those) and passes. */
+static pf_status check_last_contiguous(const pf_tensor *t, const char *name) {
+    if (pf_tensor_numel(t) == 0) return PF_STATUS_OK;
+    return pf_check_last_contiguous(t, name);
+}
+
 /* Checks shared by every floating-point tensor argument of an attention op. */
 static pf_status check_float_arg(const pf_tensor *t, const char *name, const pf_tensor *q) {
     PF_CHECK_VALUE(pf_tensor_present(t) || pf_tensor_numel(t) == 0, "%s: missing", name);
     PF_TRY(pf_check_float_dtype(t, name));
     PF_CHECK_TYPE(t->dtype == q->dtype, "%s: expected dtype %s (the dtype of q), got %s", name,
                   pf_dtype_name(q->dtype), pf_dtype_name(t->dtype));
-    PF_TRY(pf_check_last_contiguous(t, name));
+    PF_TRY(check_last_contiguous(t, name));
     PF_TRY(pf_check_same_device(t, name, q, "q"));
     return PF_STATUS_OK;
 }
@@ -51,7 +58,7 @@ static pf_status validate_common(const pf_attn_params *p, int backward) {
     const pf_tensor *q = &p->q, *k = &p->k, *v = &p->v;
     PF_CHECK_VALUE(q->ndim >= 1, "q: expected a 4-d (or packed 3-d) tensor, got a scalar");
     PF_TRY(pf_check_float_dtype(q, "q"));
-    PF_TRY(pf_check_last_contiguous(q, "q"));
+    PF_TRY(check_last_contiguous(q, "q"));
     PF_TRY(check_float_arg(k, "k", q));
     PF_TRY(check_float_arg(v, "v", q));
     PF_CHECK_VALUE(q->device != PF_DEVICE_CUDA || !pf_tensor_present(&p->alibi_slopes) ||
@@ -156,11 +163,66 @@ pf_status pf_flash_fwd_validate(const pf_attn_params *p) {
 
 pf_status pf_flash_bwd_validate(const pf_attn_params *p) {
     PF_CHECK_VALUE(p != NULL, "params: NULL");
+    PF_CHECK_VALUE(pf_tensor_present(&p->lse) || p->lse.ndim > 0,
+                   "lse: required by the backward (the forward's log-sum-exp, return_lse=True)");
+    PF_CHECK_VALUE(pf_tensor_present(&p->dout) || p->dout.ndim > 0, "dout: missing");
+    PF_CHECK_VALUE(pf_tensor_present(&p->out) || p->out.ndim > 0,
+                   "out: required by the backward (the forward's output)");
+    PF_CHECK_VALUE(pf_tensor_present(&p->dq) || p->dq.ndim > 0, "dq: missing");
+    PF_CHECK_VALUE(pf_tensor_present(&p->dk) || p->dk.ndim > 0, "dk: missing");
+    PF_CHECK_VALUE(pf_tensor_present(&p->dv) || p->dv.ndim > 0, "dv: missing");
     PF_TRY(validate_common(p, 1));
     PF_TRY(check_output(&p->out, "out", &p->q, "q", &p->q));
     PF_TRY(check_output(&p->dout, "dout", &p->q, "q", &p->q));
     PF_TRY(check_output(&p->dq, "dq", &p->q, "q", &p->q));
     PF_TRY(check_output(&p->dk, "dk", &p->k, "k", &p->q));
     PF_TRY(check_output(&p->dv, "dv", &p->v, "v", &p->q));
+    return PF_STATUS_OK;
+}
+
+/*
+ * The dropout mask: q and k describe the problem (v may be absent); mask is u8
+ * [batch, num_heads, Sq, Sk] with Sq = seqlen_q, Sk = seqlen_k (dense) or, for
+ * varlen, Sq >= every sequence's query length and Sk >= every key length.
+ */
+pf_status pf_dropout_mask_validate(const pf_attn_params *p, const pf_tensor *mask) {
+    PF_CHECK_VALUE(p != NULL && mask != NULL, "params: NULL");
+    pf_attn_params tmp = *p;
+    if (!pf_tensor_present(&tmp.v) && tmp.v.ndim == 0) tmp.v = tmp.k;
+    PF_TRY(validate_common(&tmp, 0));
+    PF_TRY(pf_check_dtype(mask, "mask", PF_DTYPE_U8));
+    PF_TRY(pf_check_rank(mask, "mask", 4));
+    PF_TRY(pf_check_same_device(mask, "mask", &p->q, "q"));
+    PF_TRY(pf_check_nonneg_strides(mask, "mask"));
+    char sbuf[128];
+    int varlen = pf_tensor_present(&p->cu_seqlens_q);
+    int64_t batch, h = p->q.shape[varlen ? 1 : 2], sq = 0, sk = 0;
+    if (varlen) {
+        batch = p->cu_seqlens_q.shape[0] - 1;
+        if (pf_tensor_on_host(&p->cu_seqlens_q)) {
+            const int32_t *cq = (const int32_t *)p->cu_seqlens_q.data;
+            const int32_t *ck = (const int32_t *)p->cu_seqlens_k.data;
+            for (int64_t b = 0; b < batch; b++) {
+                if (cq[b + 1] - cq[b] > sq) sq = cq[b + 1] - cq[b];
+                if (ck[b + 1] - ck[b] > sk) sk = ck[b + 1] - ck[b];
+            }
+        }
+        PF_CHECK_VALUE(mask->shape[0] == batch && mask->shape[1] == h && mask->shape[2] >= sq &&
+                           mask->shape[3] >= sk,
+                       "mask: expected shape [%lld, %lld, >= %lld, >= %lld] (batch, num_heads, "
+                       "longest query and key sequence), got %s",
+                       (long long)batch, (long long)h, (long long)sq, (long long)sk,
+                       pf_shape_str(mask, sbuf, sizeof sbuf));
+    } else {
+        batch = p->q.shape[0];
+        sq = p->q.shape[1];
+        sk = p->k.shape[1];
+        PF_CHECK_VALUE(mask->shape[0] == batch && mask->shape[1] == h && mask->shape[2] == sq &&
+                           mask->shape[3] == sk,
+                       "mask: expected shape [%lld, %lld, %lld, %lld] (batch, num_heads, seqlen_q, "
+                       "seqlen_k), got %s",
+                       (long long)batch, (long long)h, (long long)sq, (long long)sk,
+                       pf_shape_str(mask, sbuf, sizeof sbuf));
+    }
     return PF_STATUS_OK;
 }

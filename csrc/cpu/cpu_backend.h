@@ -53,4 +53,17 @@ pf_status pf_cpu_swap_blocks(pf_tensor src, pf_tensor dst, pf_tensor block_mappi
 void pf_cpu_merge_partials(int64_t n, const float *lse, const float *o, int64_t ldo, int64_t d,
                            float *out, float *lse_out);
 
+/* ---- backward and dropout mask (flash_bwd.c); appended by the backward task ---- */
+
+/* Tile sizes of the forward and the backward (the score micro-kernel writes rows
+ * of PF_CPU_BLOCK_N floats; the backward recomputes scores with the same routines). */
+#define PF_CPU_BLOCK_M 64 /* the backward's query tile; the forward uses 128 rows */
+#define PF_CPU_BLOCK_N 64
+
+/* dq, dk, dv from dout, q, k, v, out, lse (params validated). Deterministic:
+ * every output element is accumulated by one work item in a fixed order. */
+pf_status pf_cpu_flash_bwd(const pf_attn_params *p);
+/* keep[b, h, i, j] of the forward's dropout into u8 `mask` (params validated). */
+pf_status pf_cpu_dropout_mask(const pf_attn_params *p, pf_tensor mask);
+
 #endif /* PF_CPU_BACKEND_H */

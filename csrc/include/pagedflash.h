@@ -180,8 +180,20 @@ pf_status pf_flash_bwd_validate(const pf_attn_params *params);
 pf_status pf_flash_bwd(const pf_attn_params *params);
 
 /*
- * The dropout mask as the forward applies it: keep[b, h, i, j] (1 kept, 0 dropped)
- * for the dense layout, u8 [batch, num_heads, seqlen_q, seqlen_k]. For tests.
+ * The dropout mask as the forward applies it: keep[b, h, i, j] (1 kept, 0 dropped).
+ * For tests. params gives q, k (v may be absent), dropout_p, seed, offset and, for
+ * varlen, cu_seqlens_q/k; the masking options are ignored (masked entries have P = 0).
+ *   dense:  mask u8 [batch, num_heads, seqlen_q, seqlen_k]
+ *   varlen: mask u8 [batch, num_heads, Sq, Sk], Sq/Sk >= the longest query/key
+ *           sequence; i, j are positions inside sequence b; entries past its
+ *           lengths are written 0.
+ * keep = philox4x32_10(counter = (j / 4, i, b * num_heads + h, offset),
+ *                      key = (seed & 0xffffffff, seed >> 32))[j % 4] >= floor(p * 2^32)
+ * (csrc/core/pf_philox.h); the CPU and CUDA backends agree bit for bit.
+ *
+ * pf_flash_bwd on the CPU is always deterministic (bitwise-identical gradients for
+ * any thread count); `deterministic` matters only to backends that would otherwise
+ * accumulate with atomics.
  */
 pf_status pf_dropout_mask(const pf_attn_params *params, pf_tensor mask);
 

@@ -86,11 +86,86 @@ done:
     return result;
 }
 
+static PyObject *flash_bwd(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"dout", "q", "k", "v", "out", "lse", "dq", "dk", "dv", ATTN_OPT_KWLIST,
+                             NULL};
+    PyObject *odout, *oq, *ok, *ov, *oout, *olse, *odq, *odk, *odv;
+    attn_opts o;
+    opts_init(&o);
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOO|$" ATTN_OPT_FORMAT ":flash_bwd",
+                                     kwlist, &odout, &oq, &ok, &ov, &oout, &olse, &odq, &odk, &odv,
+                                     ATTN_OPT_ARGS(o)))
+        return NULL;
+    pf_attn_params p;
+    memset(&p, 0, sizeof p);
+    pf_py_keep keep = {0};
+    PyObject *result = NULL;
+    if (fill_options(&o, &p, &keep) < 0) goto done;
+    if (pf_py_tensor(odout, "dout", 0, &p.dout, &keep) < 0) goto done;
+    if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto done;
+    if (pf_py_tensor(ok, "k", 0, &p.k, &keep) < 0) goto done;
+    if (pf_py_tensor(ov, "v", 0, &p.v, &keep) < 0) goto done;
+    if (pf_py_tensor(oout, "out", 0, &p.out, &keep) < 0) goto done;
+    if (pf_py_tensor(olse, "lse", 0, &p.lse, &keep) < 0) goto done;
+    if (pf_py_tensor(odq, "dq", 1, &p.dq, &keep) < 0) goto done;
+    if (pf_py_tensor(odk, "dk", 1, &p.dk, &keep) < 0) goto done;
+    if (pf_py_tensor(odv, "dv", 1, &p.dv, &keep) < 0) goto done;
+    pf_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = pf_flash_bwd(&p);
+    Py_END_ALLOW_THREADS
+    if (status != PF_STATUS_OK) {
+        pf_py_raise(module, status);
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    pf_py_keep_release(&keep);
+    return result;
+}
+
+static PyObject *dropout_mask(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"q", "k", "mask", ATTN_OPT_KWLIST, NULL};
+    PyObject *oq, *ok, *omask;
+    attn_opts o;
+    opts_init(&o);
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$" ATTN_OPT_FORMAT ":dropout_mask", kwlist,
+                                     &oq, &ok, &omask, ATTN_OPT_ARGS(o)))
+        return NULL;
+    pf_attn_params p;
+    memset(&p, 0, sizeof p);
+    pf_py_keep keep = {0};
+    pf_tensor mask;
+    PyObject *result = NULL;
+    if (fill_options(&o, &p, &keep) < 0) goto done;
+    if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto done;
+    if (pf_py_tensor(ok, "k", 0, &p.k, &keep) < 0) goto done;
+    if (pf_py_tensor(omask, "mask", 1, &mask, &keep) < 0) goto done;
+    pf_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = pf_dropout_mask(&p, mask);
+    Py_END_ALLOW_THREADS
+    if (status != PF_STATUS_OK) {
+        pf_py_raise(module, status);
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    pf_py_keep_release(&keep);
+    return result;
+}
+
 PyMethodDef pf_py_attn_methods[] = {
     {"flash_fwd", (PyCFunction)(void (*)(void))flash_fwd, METH_VARARGS | METH_KEYWORDS,
      "flash_fwd(q, k, v, out, lse=None, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, "
      "max_seqlen_k=0, softmax_scale=0.0, causal=False, window_left=-1, window_right=-1, softcap=0.0, "
      "alibi_slopes=None, dropout_p=0.0, seed=0, offset=0, num_threads=0, deterministic=False, "
      "stream=None) -> None. Writes out (and lse)."},
+    {"flash_bwd", (PyCFunction)(void (*)(void))flash_bwd, METH_VARARGS | METH_KEYWORDS,
+     "flash_bwd(dout, q, k, v, out, lse, dq, dk, dv, *, <the options of flash_fwd>) -> None. "
+     "Writes dq, dk, dv."},
+    {"dropout_mask", (PyCFunction)(void (*)(void))dropout_mask, METH_VARARGS | METH_KEYWORDS,
+     "dropout_mask(q, k, mask, *, <the options of flash_fwd>) -> None. Writes the u8 keep mask "
+     "[batch, num_heads, seqlen_q, seqlen_k] that dropout_p, seed and offset give."},
     {NULL, NULL, 0, NULL},
 };

@@ -52,3 +52,8 @@ __all__ += ["AllocStatus", "BlockManager"]
 from .paged import copy_blocks, merge_attn_states, paged_attn, swap_blocks, write_kv_cache  # noqa: E402
 
 __all__ += ["copy_blocks", "merge_attn_states", "paged_attn", "swap_blocks", "write_kv_cache"]
+
+# --- training: the backward pass and the dropout mask (docs/training.md) ---
+from .api import dropout_mask, flash_attn_backward, flash_attn_varlen_backward  # noqa: E402
+
+__all__ += ["dropout_mask", "flash_attn_backward", "flash_attn_varlen_backward"]

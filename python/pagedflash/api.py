@@ -111,3 +111,124 @@ def _attn_fwd(q, k, v, cu_q, cu_k, max_q, max_k, *, causal, softmax_scale, windo
                  alibi_slopes=alibi_slopes, dropout_p=float(dropout_p), seed=_seed(dropout_p, seed),
                  offset=int(offset), num_threads=_num_threads, stream=lib.stream(q, stream))
     return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------
+# Backward pass and the dropout mask (training)
+# ---------------------------------------------------------------------------
+
+
+def _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        missing = "cu_seqlens_k" if cu_seqlens_k is None else "cu_seqlens_q"
+        raise ValueError(f"{missing}: required when the other cu_seqlens is given (packed varlen layout)")
+    return int(max_seqlen_q or 0), int(max_seqlen_k or 0)
+
+
+def flash_attn_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *,
+                        cu_seqlens_q: Any = None, cu_seqlens_k: Any = None,
+                        max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal: bool = False,
+                        softmax_scale: Optional[float] = None, window: Sequence[int] = (-1, -1),
+                        softcap: float = 0.0, alibi_slopes: Any = None, dropout_p: float = 0.0,
+                        seed: Optional[int] = None, offset: int = 0, deterministic: bool = False,
+                        dq: Any = None, dk: Any = None, dv: Any = None, stream: Optional[int] = None):
+    """Gradients of flash_attn (or flash_attn_varlen) with respect to q, k and v.
+
+    dout, out: q's shape and dtype; out and lse are what the forward returned
+    (flash_attn(..., return_lse=True)). Dense: q [batch, seqlen_q, num_heads, head_dim],
+    k/v [batch, seqlen_k, num_kv_heads, head_dim], lse float32 [batch, num_heads, seqlen_q].
+    Packed varlen (pass cu_seqlens_q and cu_seqlens_k, int32 [batch + 1], as to
+    flash_attn_varlen): q [total_q, num_heads, head_dim], k/v [total_k, num_kv_heads,
+    head_dim], lse [num_heads, total_q]. The masking options (causal, softmax_scale,
+    window, softcap, alibi_slopes, dropout_p, seed, offset) must be the forward's; with
+    dropout_p > 0 the seed is required (the forward's seed: the mask is regenerated from it).
+
+    P is recomputed tile by tile from q, k and lse; the score matrix is never stored.
+    For GQA/MQA, dk/dv sum over the query heads that share a KV head. The CPU backend
+    is always deterministic (bitwise-identical gradients for any thread count), so
+    `deterministic` is accepted and has no further effect there.
+
+    Returns (dq, dk, dv) with the shapes and dtype of q, k, v (written into dq/dk/dv when
+    given). Raises ValueError / TypeError for bad shapes, dtypes or options (naming the
+    argument); nothing is written then.
+    """
+    max_q, max_k = _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if float(dropout_p) > 0.0 and seed is None:
+        raise ValueError("seed: required with dropout_p > 0 in the backward (pass the forward's seed "
+                         "so the same dropout mask is regenerated)")
+    lib = library_of(q)
+    dout, q, k, v, out, lse = (lib.prepare(x) for x in (dout, q, k, v, out, lse))
+    qshape, qdtype, _, _ = describe(q)
+    kshape, _, _, _ = describe(k)
+    if dq is None:
+        dq = lib.empty(qshape, qdtype, q)
+    if dk is None:
+        dk = lib.empty(kshape, qdtype, q)
+    if dv is None:
+        dv = lib.empty(describe(v)[0], qdtype, q)
+    left, right = _window(window)
+    _C.flash_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q=cu_seqlens_q,
+                 cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+                 softmax_scale=_scale(softmax_scale), causal=bool(causal), window_left=left,
+                 window_right=right, softcap=float(softcap), alibi_slopes=alibi_slopes,
+                 dropout_p=float(dropout_p), seed=_seed(dropout_p, seed), offset=int(offset),
+                 num_threads=_num_threads, deterministic=bool(deterministic),
+                 stream=lib.stream(q, stream))
+    return dq, dk, dv
+
+
+def flash_attn_varlen_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, cu_seqlens_q: Any,
+                               cu_seqlens_k: Any, max_seqlen_q: int, max_seqlen_k: int, **options):
+    """flash_attn_backward for the packed layout, with flash_attn_varlen's positional order.
+
+    Same as flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q=..., cu_seqlens_k=...,
+    max_seqlen_q=..., max_seqlen_k=..., **options); lse is [num_heads, total_q].
+    """
+    return flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q=cu_seqlens_q,
+                               cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                               max_seqlen_k=max_seqlen_k, **options)
+
+
+def dropout_mask(q: Any, k: Any, *, dropout_p: float, seed: int, offset: int = 0,
+                 cu_seqlens_q: Any = None, cu_seqlens_k: Any = None, max_seqlen_q: int = 0,
+                 max_seqlen_k: int = 0):
+    """The keep mask that flash_attn applies for (dropout_p, seed, offset); for tests.
+
+    Dense q [batch, seqlen_q, num_heads, d], k [batch, seqlen_k, num_kv_heads, d]: returns
+    uint8 [batch, num_heads, seqlen_q, seqlen_k], 1 = kept (scaled by 1 / (1 - dropout_p)),
+    0 = dropped. Varlen (cu_seqlens_q/k given): uint8 [batch, num_heads, Sq, Sk] with
+    Sq = max(max_seqlen_q, longest query sequence) and Sk likewise; entry [b, h, i, j]
+    is for query i and key j of sequence b, and positions past a sequence's lengths are 0.
+    The mask does not include causal/window masking (those entries have P = 0 anyway).
+    """
+    max_q, max_k = _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    lib = library_of(q)
+    q, k = lib.prepare(q), lib.prepare(k)
+    qshape = describe(q)[0]
+    kshape = describe(k)[0]
+    if cu_seqlens_q is not None:
+        import numpy as np
+
+        cq = np.asarray(_host_ints(cu_seqlens_q))
+        ck = np.asarray(_host_ints(cu_seqlens_k))
+        lq = int(np.max(np.diff(cq))) if cq.size > 1 else 0
+        lk = int(np.max(np.diff(ck))) if ck.size > 1 else 0
+        shape = (max(cq.size - 1, 0), qshape[1] if len(qshape) == 3 else 0, max(lq, max_q), max(lk, max_k))
+    else:
+        shape = (qshape[0], qshape[2], qshape[1], kshape[1]) if len(qshape) == 4 else (0, 0, 0, 0)
+    mask = lib.empty(shape, "uint8", q)
+    _C.dropout_mask(q, k, mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                    max_seqlen_q=max_q, max_seqlen_k=max_k, dropout_p=float(dropout_p),
+                    seed=int(seed) & 0xFFFFFFFFFFFFFFFF, offset=int(offset), num_threads=_num_threads)
+    return mask
+
+
+def _host_ints(x):
+    """A host copy of a small integer array from any library (for shape computation)."""
+    if type(x).__module__.partition(".")[0] == "torch":
+        return x.detach().cpu().numpy()
+    import numpy as np
+
+    if isinstance(x, np.ndarray):
+        return x
+    return np.from_dlpack(x)

@@ -197,3 +197,140 @@ def paged_attention(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, seq_l
         lse[:, qs] = l
     out = out.reshape(q.shape)
     return (out, lse) if return_lse else out
+
+# ---------------------------------------------------------------------------
+# Gradients (appended for the backward pass; see docs/training.md)
+# ---------------------------------------------------------------------------
+
+
+def _attention_backward_one(do, q, k, v, *, causal, scale, window, softcap, slopes, keep, dropout_p):
+    """One sequence: do/q [sq, h, d], k/v [sk, hk, d]. Returns dq, dk, dv (float64)."""
+    sq, h, d = q.shape
+    sk, hk, _ = k.shape
+    rep = h // hk
+    kk = np.repeat(k, rep, axis=1)
+    vv = np.repeat(v, rep, axis=1)
+    u = np.einsum("ihd,jhd->hij", q, kk) * scale
+    if softcap > 0:
+        t = np.tanh(u / softcap)
+        s = softcap * t
+    else:
+        t = None
+        s = u
+    if slopes is not None:
+        dist = np.abs(np.arange(sq)[:, None] + sk - sq - np.arange(sk)[None, :])
+        s = s - slopes[:, None, None] * dist[None]
+    lo, hi = mask_bounds(sq, sk, causal, window)
+    j = np.arange(sk)
+    allowed = (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])
+    s = np.where(allowed[None], s, -np.inf)
+    m = np.max(s, axis=-1, keepdims=True) if sk else np.full((h, sq, 1), -np.inf)
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = np.where(allowed[None], np.exp(s - m_safe), 0.0)
+        l = e.sum(axis=-1, keepdims=True)
+        p = np.where(l > 0, e / np.where(l > 0, l, 1.0), 0.0)
+    z = np.ones_like(p) if keep is None else keep / (1.0 - dropout_p)
+    dv_h = np.einsum("hij,ihd->jhd", p * z, do)               # dV = (P Z)^T dO
+    dp = np.einsum("ihd,jhd->hij", do, vv) * z                 # dP through the dropout
+    dsum = np.sum(p * dp, axis=-1, keepdims=True)              # D = rowsum(dO * O)
+    ds = p * (dp - dsum)                                       # softmax backward
+    if t is not None:
+        ds = ds * (1.0 - t * t)                                # softcap: d(c tanh(u/c))/du
+    dq = np.einsum("hij,jhd->ihd", ds, kk) * scale
+    dk_h = np.einsum("hij,ihd->jhd", ds, q) * scale
+    dk = dk_h.reshape(sk, hk, rep, d).sum(axis=2)              # GQA: sum the group's heads
+    dv = dv_h.reshape(sk, hk, rep, d).sum(axis=2)
+    return dq, dk, dv
+
+
+def attention_backward(dout: Any, q: Any, k: Any, v: Any, *, causal: bool = False,
+                       softmax_scale: Optional[float] = None, window: Sequence[int] = (-1, -1),
+                       softcap: float = 0.0, alibi_slopes: Any = None, dropout_p: float = 0.0,
+                       dropout_mask: Any = None):
+    """Gradients of `attention` in float64: returns (dq, dk, dv).
+
+    dout/q [batch, sq, h, d], k/v [batch, sk, hk, d]; options as in `attention`
+    (dropout_mask: keep mask [batch, h, sq, sk]). For GQA, dk/dv are summed over the
+    query heads sharing a KV head. Rows with no visible key contribute nothing.
+    """
+    do, q, k, v = to_f64(dout), to_f64(q), to_f64(k), to_f64(v)
+    b, sq, h, d = q.shape
+    scale = 1.0 / np.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    slopes = None if alibi_slopes is None else to_f64(alibi_slopes)
+    keep = None if dropout_mask is None else to_f64(dropout_mask)
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    for bi in range(b):
+        sl = None if slopes is None else (slopes if slopes.ndim == 1 else slopes[bi])
+        dq[bi], dk[bi], dv[bi] = _attention_backward_one(
+            do[bi], q[bi], k[bi], v[bi], causal=causal, scale=scale, window=window, softcap=softcap,
+            slopes=sl, keep=None if keep is None else keep[bi], dropout_p=dropout_p)
+    return dq, dk, dv
+
+
+def attention_varlen_backward(dout: Any, q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, *,
+                              causal: bool = False, softmax_scale: Optional[float] = None,
+                              window: Sequence[int] = (-1, -1), softcap: float = 0.0,
+                              alibi_slopes: Any = None, dropout_p: float = 0.0, dropout_masks: Any = None):
+    """Gradients of `attention_varlen` in float64: (dq [total_q, h, d], dk, dv [total_k, hk, d]).
+
+    dropout_masks: one keep mask [h, sq_b, sk_b] per sequence (as for attention_varlen).
+    """
+    do, q, k, v = to_f64(dout), to_f64(q), to_f64(k), to_f64(v)
+    cq = np.asarray(to_f64(cu_seqlens_q)).astype(np.int64)
+    ck = np.asarray(to_f64(cu_seqlens_k)).astype(np.int64)
+    d = q.shape[-1]
+    scale = 1.0 / np.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    slopes = None if alibi_slopes is None else to_f64(alibi_slopes)
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    for bi in range(len(cq) - 1):
+        qs, ks = slice(cq[bi], cq[bi + 1]), slice(ck[bi], ck[bi + 1])
+        sl = None if slopes is None else (slopes if slopes.ndim == 1 else slopes[bi])
+        keep = None if dropout_masks is None else to_f64(dropout_masks[bi])
+        dq[qs], dk[ks], dv[ks] = _attention_backward_one(
+            do[qs], q[qs], k[ks], v[ks], causal=causal, scale=scale, window=window, softcap=softcap,
+            slopes=sl, keep=keep, dropout_p=dropout_p)
+    return dq, dk, dv
+
+
+def attention_torch(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: Optional[float] = None,
+                    window: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Any = None,
+                    dropout_p: float = 0.0, dropout_mask: Any = None):
+    """The naive algorithm in torch, differentiable, computed in q's dtype (CPU or CUDA).
+
+    q [batch, sq, h, d], k/v [batch, sk, hk, d] torch tensors; dropout_mask: keep mask
+    [batch, h, sq, sk]. With float64 inputs this is the autograd gradient reference; with
+    float16/bfloat16 inputs it is the "naive same precision" baseline of the tolerance
+    rule. Softmax is written out (max-subtracted, masked entries exactly 0) so fully
+    masked rows give out 0 and zero gradients instead of NaN. Imports torch.
+    """
+    import torch
+
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    dt = q.dtype
+    scale = 1.0 / d**0.5 if softmax_scale is None else float(softmax_scale)
+    kk = k.repeat_interleave(h // hk, dim=2)
+    vv = v.repeat_interleave(h // hk, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", q, kk) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        sl = torch.as_tensor(alibi_slopes).to(device=q.device, dtype=dt)
+        sl = sl.view(1, h, 1, 1) if sl.dim() == 1 else sl.view(b, h, 1, 1)
+        dist = (torch.arange(sq, device=q.device)[:, None] + sk - sq
+                - torch.arange(sk, device=q.device)[None, :]).abs().to(dt)
+        s = s - sl * dist
+    lo, hi = mask_bounds(sq, sk, causal, window)
+    j = np.arange(sk)
+    allowed = torch.from_numpy((j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])).to(q.device)
+    s = s.masked_fill(~allowed, float("-inf"))
+    m = s.detach().amax(dim=-1, keepdim=True) if sk else s.new_zeros((b, h, sq, 1))
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m).masked_fill(~allowed, 0.0)
+    l = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(l > 0, l, torch.ones_like(l))
+    if dropout_mask is not None:
+        keep = torch.as_tensor(dropout_mask).to(device=q.device, dtype=dt)
+        p = p * keep / (1.0 - dropout_p)
+    return torch.einsum("bhij,bjhd->bihd", p, vv)

@@ -1,0 +1,287 @@
+"""pagedflash.torch: differentiable pagedflash attention for PyTorch.
+
+The C forward and backward are registered as PyTorch custom operators with
+``torch.library.custom_op``, each with a fake (meta) implementation, and joined
+with ``register_autograd``, so they work under autograd, ``torch.compile``
+(``fullgraph=True``: no graph breaks) and ``torch.library.opcheck``:
+
+    torch.ops.pagedflash.flash_attn_fwd(q, k, v, <options>)                      -> (out, lse)
+    torch.ops.pagedflash.flash_attn_bwd(dout, q, k, v, out, lse, <options>)      -> (dq, dk, dv)
+    torch.ops.pagedflash.flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                               max_seqlen_q, max_seqlen_k, <options>)
+    torch.ops.pagedflash.flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q,
+                                               cu_seqlens_k, max_seqlen_q, max_seqlen_k, <options>)
+
+    <options> = softmax_scale (0.0 = 1/sqrt(head_dim)), causal, window_left, window_right,
+                softcap, alibi_slopes, dropout_p, seed (int64 scalar tensor or None), offset
+
+Use the wrappers :func:`flash_attn` and :func:`flash_attn_varlen`.
+
+Dropout seeds: with ``dropout_p > 0`` and ``seed=None`` each call draws a fresh seed
+from torch's default CPU generator (``torch.manual_seed`` makes a run reproducible,
+and the draw is traced by ``torch.compile``); the forward saves it and the backward
+regenerates exactly the same mask from it.
+
+``lse`` (``return_lse=True``) is a non-differentiable output: no gradient flows
+through it. Double backward is not supported.
+
+Importing this module imports torch; ``import pagedflash`` alone never does.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from . import _C
+from . import api as _api
+
+__all__ = ["flash_attn", "flash_attn_varlen"]
+
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+
+# ---------------------------------------------------------------------------
+# helpers shared by the operator implementations
+# ---------------------------------------------------------------------------
+
+
+def _view(x: torch.Tensor) -> torch.Tensor:
+    """Detached, with a contiguous last dimension (the only layout rule of the C core)."""
+    x = x.detach()
+    if x.dim() and x.shape[-1] > 1 and x.stride(-1) != 1:
+        x = x.contiguous()
+    return x
+
+
+def _empty(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor with x's shape, dtype and device (what the kernels return)."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _stream(q: torch.Tensor):
+    return torch.cuda.current_stream(q.device).cuda_stream if q.device.type == "cuda" else None
+
+
+def _options(q, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p,
+             seed, offset, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    return dict(
+        cu_seqlens_q=None if cu_seqlens_q is None else _view(cu_seqlens_q),
+        cu_seqlens_k=None if cu_seqlens_k is None else _view(cu_seqlens_k),
+        max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k),
+        softmax_scale=float(softmax_scale), causal=bool(causal), window_left=int(window_left),
+        window_right=int(window_right), softcap=float(softcap),
+        alibi_slopes=None if alibi_slopes is None else _view(alibi_slopes),
+        dropout_p=float(dropout_p), seed=0 if seed is None else int(seed.item()) & _U64,
+        offset=int(offset), num_threads=_api._num_threads, stream=_stream(q))
+
+
+def _check_seed(dropout_p: float, seed: Optional[torch.Tensor]) -> None:
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("seed: required with dropout_p > 0 (an int64 scalar tensor)")
+
+
+# ---------------------------------------------------------------------------
+# dense operators
+# ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pagedflash::flash_attn_fwd", mutates_args=())
+def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+                    causal: bool, window_left: int, window_right: int, softcap: float,
+                    alibi_slopes: Optional[torch.Tensor], dropout_p: float,
+                    seed: Optional[torch.Tensor], offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """q [b, sq, h, d], k/v [b, sk, hk, d] -> (out [b, sq, h, d], lse float32 [b, h, sq])."""
+    _check_seed(dropout_p, seed)
+    out = _empty(q)
+    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+    _C.flash_fwd(_view(q), _view(k), _view(v), out, lse,
+                 **_options(q, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                            dropout_p, seed, offset))
+    return out, lse
+
+
+@_flash_attn_fwd.register_fake
+def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed,
+      offset):
+    return _empty(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("pagedflash::flash_attn_bwd", mutates_args=())
+def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    out: torch.Tensor, lse: torch.Tensor, softmax_scale: float, causal: bool,
+                    window_left: int, window_right: int, softcap: float,
+                    alibi_slopes: Optional[torch.Tensor], dropout_p: float,
+                    seed: Optional[torch.Tensor], offset: int
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of flash_attn_fwd, given its out and lse."""
+    _check_seed(dropout_p, seed)
+    dq, dk, dv = _empty(q), _empty(k), _empty(v)
+    _C.flash_bwd(_view(dout), _view(q), _view(k), _view(v), _view(out), _view(lse), dq, dk, dv,
+                 **_options(q, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                            dropout_p, seed, offset))
+    return dq, dk, dv
+
+
+@_flash_attn_bwd.register_fake
+def _(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+      dropout_p, seed, offset):
+    return _empty(q), _empty(k), _empty(v)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    (q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed,
+     offset) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, seed)
+    ctx.options = (softmax_scale, causal, window_left, window_right, softcap, dropout_p, offset)
+    ctx.mark_non_differentiable(lse)
+
+
+def _fwd_backward(ctx, dout, dlse):
+    q, k, v, out, lse, alibi_slopes, seed = ctx.saved_tensors
+    softmax_scale, causal, window_left, window_right, softcap, dropout_p, offset = ctx.options
+    dq, dk, dv = _flash_attn_bwd(dout, q, k, v, out, lse, softmax_scale, causal, window_left,
+                                 window_right, softcap, alibi_slopes, dropout_p, seed, offset)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+_flash_attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# packed variable-length operators
+# ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pagedflash::flash_attn_varlen_fwd", mutates_args=())
+def _flash_attn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                           max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int,
+                           window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
+                           dropout_p: float, seed: Optional[torch.Tensor],
+                           offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """q [total_q, h, d], k/v [total_k, hk, d] -> (out [total_q, h, d], lse float32 [h, total_q])."""
+    _check_seed(dropout_p, seed)
+    out = _empty(q)
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    _C.flash_fwd(_view(q), _view(k), _view(v), out, lse,
+                 **_options(q, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                            dropout_p, seed, offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                            max_seqlen_k))
+    return out, lse
+
+
+@_flash_attn_varlen_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+      window_right, softcap, alibi_slopes, dropout_p, seed, offset):
+    return _empty(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("pagedflash::flash_attn_varlen_bwd", mutates_args=())
+def _flash_attn_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                           softmax_scale: float, causal: bool, window_left: int, window_right: int,
+                           softcap: float, alibi_slopes: Optional[torch.Tensor], dropout_p: float,
+                           seed: Optional[torch.Tensor], offset: int
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of flash_attn_varlen_fwd, given its out and lse."""
+    _check_seed(dropout_p, seed)
+    dq, dk, dv = _empty(q), _empty(k), _empty(v)
+    _C.flash_bwd(_view(dout), _view(q), _view(k), _view(v), _view(out), _view(lse), dq, dk, dv,
+                 **_options(q, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                            dropout_p, seed, offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                            max_seqlen_k))
+    return dq, dk, dv
+
+
+@_flash_attn_varlen_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+      causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, offset):
+    return _empty(q), _empty(k), _empty(v)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+     window_right, softcap, alibi_slopes, dropout_p, seed, offset) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed)
+    ctx.options = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap,
+                   dropout_p, offset)
+    ctx.mark_non_differentiable(lse)
+
+
+def _varlen_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed = ctx.saved_tensors
+    (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, dropout_p,
+     offset) = ctx.options
+    dq, dk, dv = _flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                        max_seqlen_k, softmax_scale, causal, window_left, window_right,
+                                        softcap, alibi_slopes, dropout_p, seed, offset)
+    return (dq, dk, dv) + (None,) * 13
+
+
+_flash_attn_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# differentiable wrappers
+# ---------------------------------------------------------------------------
+
+
+def _seed_tensor(dropout_p: float, seed: Optional[int]) -> Optional[torch.Tensor]:
+    if not dropout_p > 0.0:
+        return None
+    if seed is None:
+        # a fresh draw from torch's default generator, traced by torch.compile
+        return torch.randint(0, 2**62, (), dtype=torch.int64)
+    if isinstance(seed, torch.Tensor):
+        return seed.reshape(()).to(device="cpu", dtype=torch.int64)
+    s = int(seed) & _U64
+    return torch.tensor(s - (1 << 64) if s >= 1 << 63 else s, dtype=torch.int64)
+
+
+def _window(window: Sequence[int]) -> Tuple[int, int]:
+    if len(window) != 2:
+        raise ValueError(f"window: expected a pair (left, right) of ints, got {window!r}")
+    return int(window[0]), int(window[1])
+
+
+def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+               softmax_scale: Optional[float] = None, window: Sequence[int] = (-1, -1),
+               softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+               dropout_p: float = 0.0, seed=None, offset: int = 0, return_lse: bool = False):
+    """Differentiable flash attention (pagedflash.flash_attn semantics) on torch tensors.
+
+    q [batch, seqlen_q, num_heads, head_dim]; k, v [batch, seqlen_k, num_kv_heads, head_dim].
+    Options as in pagedflash.flash_attn. seed: an int, an int64 scalar tensor, or None
+    (with dropout_p > 0: a fresh draw from torch's generator per call). Returns out, or
+    (out, lse) with return_lse=True (lse float32 [batch, num_heads, seqlen_q], not
+    differentiable). Gradients reach q, k and v. Works under torch.compile(fullgraph=True).
+    """
+    left, right = _window(window)
+    out, lse = torch.ops.pagedflash.flash_attn_fwd(
+        q, k, v, 0.0 if softmax_scale is None else float(softmax_scale), bool(causal), left, right,
+        float(softcap), alibi_slopes, float(dropout_p), _seed_tensor(dropout_p, seed), int(offset))
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+                      causal: bool = False, softmax_scale: Optional[float] = None,
+                      window: Sequence[int] = (-1, -1), softcap: float = 0.0,
+                      alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0, seed=None,
+                      offset: int = 0, return_lse: bool = False):
+    """Differentiable flash attention over packed variable-length sequences.
+
+    q [total_q, num_heads, head_dim]; k, v [total_k, num_kv_heads, head_dim];
+    cu_seqlens_q/k int32 [batch + 1] (on q's device). Returns out, or (out, lse) with
+    lse float32 [num_heads, total_q]. Otherwise as flash_attn.
+    """
+    left, right = _window(window)
+    out, lse = torch.ops.pagedflash.flash_attn_varlen_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+        0.0 if softmax_scale is None else float(softmax_scale), bool(causal), left, right,
+        float(softcap), alibi_slopes, float(dropout_p), _seed_tensor(dropout_p, seed), int(offset))
+    return (out, lse) if return_lse else out
