@@ -14,19 +14,22 @@ from __future__ import annotations
 
 from . import _C
 from ._C import CudaError, OutOfBlocks, Tensor
-from .api import flash_attn, flash_attn_varlen, get_num_threads, set_num_threads
+from .api import (dropout_mask, flash_attn, flash_attn_backward, flash_attn_varlen,
+                  flash_attn_varlen_backward, get_num_threads, set_num_threads)
+from .block_manager import AllocStatus, BlockManager
+from .paged import copy_blocks, merge_attn_states, paged_attn, swap_blocks, write_kv_cache
 
 __version__ = _C.build_info()["version"]
 
 __all__ = [
-    "CudaError",
-    "OutOfBlocks",
-    "Tensor",
-    "build_info",
-    "flash_attn",
-    "flash_attn_varlen",
-    "get_num_threads",
-    "set_num_threads",
+    # training
+    "flash_attn", "flash_attn_varlen", "flash_attn_backward", "flash_attn_varlen_backward",
+    "dropout_mask",
+    # serving
+    "paged_attn", "merge_attn_states", "write_kv_cache", "copy_blocks", "swap_blocks",
+    "BlockManager", "AllocStatus",
+    # types, errors, configuration
+    "Tensor", "OutOfBlocks", "CudaError", "build_info", "get_num_threads", "set_num_threads",
 ]
 
 
@@ -42,18 +45,3 @@ def build_info() -> dict:
     info["num_threads"] = get_num_threads()
     info["backends"] = ["cpu"] + (["cuda"] if info["cuda"] and info["cuda_devices"] > 0 else [])
     return info
-
-# block manager (serving): policy in Python over the C block pool
-from .block_manager import AllocStatus, BlockManager  # noqa: E402
-
-__all__ += ["AllocStatus", "BlockManager"]
-
-# serving operations (paged attention, flash decoding, merge, KV-cache ops)
-from .paged import copy_blocks, merge_attn_states, paged_attn, swap_blocks, write_kv_cache  # noqa: E402
-
-__all__ += ["copy_blocks", "merge_attn_states", "paged_attn", "swap_blocks", "write_kv_cache"]
-
-# --- training: the backward pass and the dropout mask (docs/training.md) ---
-from .api import dropout_mask, flash_attn_backward, flash_attn_varlen_backward  # noqa: E402
-
-__all__ += ["dropout_mask", "flash_attn_backward", "flash_attn_varlen_backward"]
