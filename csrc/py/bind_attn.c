@@ -65,25 +65,16 @@ static PyObject *flash_fwd(PyObject *module, PyObject *args, PyObject *kwargs) {
     pf_attn_params p;
     memset(&p, 0, sizeof p);
     pf_py_keep keep = {0};
-    PyObject *result = NULL;
+    pf_status status = PF_STATUS_OK;
     if (fill_options(&o, &p, &keep) < 0) goto done;
     if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto done;
     if (pf_py_tensor(ok, "k", 0, &p.k, &keep) < 0) goto done;
     if (pf_py_tensor(ov, "v", 0, &p.v, &keep) < 0) goto done;
     if (pf_py_tensor(oout, "out", 1, &p.out, &keep) < 0) goto done;
     if (pf_py_opt_tensor(olse, "lse", 1, &p.lse, &keep) < 0) goto done;
-    pf_status status;
-    Py_BEGIN_ALLOW_THREADS
-    status = pf_flash_fwd(&p);
-    Py_END_ALLOW_THREADS
-    if (status != PF_STATUS_OK) {
-        pf_py_raise(module, status);
-        goto done;
-    }
-    result = Py_NewRef(Py_None);
+    PF_PY_CALL(status, pf_flash_fwd(&p));
 done:
-    pf_py_keep_release(&keep);
-    return result;
+    return pf_py_finish(module, status, &keep);
 }
 
 static PyObject *flash_bwd(PyObject *module, PyObject *args, PyObject *kwargs) {
@@ -99,7 +90,7 @@ static PyObject *flash_bwd(PyObject *module, PyObject *args, PyObject *kwargs) {
     pf_attn_params p;
     memset(&p, 0, sizeof p);
     pf_py_keep keep = {0};
-    PyObject *result = NULL;
+    pf_status status = PF_STATUS_OK;
     if (fill_options(&o, &p, &keep) < 0) goto done;
     if (pf_py_tensor(odout, "dout", 0, &p.dout, &keep) < 0) goto done;
     if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto done;
@@ -110,18 +101,9 @@ static PyObject *flash_bwd(PyObject *module, PyObject *args, PyObject *kwargs) {
     if (pf_py_tensor(odq, "dq", 1, &p.dq, &keep) < 0) goto done;
     if (pf_py_tensor(odk, "dk", 1, &p.dk, &keep) < 0) goto done;
     if (pf_py_tensor(odv, "dv", 1, &p.dv, &keep) < 0) goto done;
-    pf_status status;
-    Py_BEGIN_ALLOW_THREADS
-    status = pf_flash_bwd(&p);
-    Py_END_ALLOW_THREADS
-    if (status != PF_STATUS_OK) {
-        pf_py_raise(module, status);
-        goto done;
-    }
-    result = Py_NewRef(Py_None);
+    PF_PY_CALL(status, pf_flash_bwd(&p));
 done:
-    pf_py_keep_release(&keep);
-    return result;
+    return pf_py_finish(module, status, &keep);
 }
 
 static PyObject *dropout_mask(PyObject *module, PyObject *args, PyObject *kwargs) {
@@ -136,23 +118,14 @@ static PyObject *dropout_mask(PyObject *module, PyObject *args, PyObject *kwargs
     memset(&p, 0, sizeof p);
     pf_py_keep keep = {0};
     pf_tensor mask;
-    PyObject *result = NULL;
+    pf_status status = PF_STATUS_OK;
     if (fill_options(&o, &p, &keep) < 0) goto done;
     if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto done;
     if (pf_py_tensor(ok, "k", 0, &p.k, &keep) < 0) goto done;
     if (pf_py_tensor(omask, "mask", 1, &mask, &keep) < 0) goto done;
-    pf_status status;
-    Py_BEGIN_ALLOW_THREADS
-    status = pf_dropout_mask(&p, mask);
-    Py_END_ALLOW_THREADS
-    if (status != PF_STATUS_OK) {
-        pf_py_raise(module, status);
-        goto done;
-    }
-    result = Py_NewRef(Py_None);
+    PF_PY_CALL(status, pf_dropout_mask(&p, mask));
 done:
-    pf_py_keep_release(&keep);
-    return result;
+    return pf_py_finish(module, status, &keep);
 }
 
 PyMethodDef pf_py_attn_methods[] = {

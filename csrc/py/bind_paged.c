@@ -28,7 +28,7 @@ static PyObject *paged_attn(PyObject *module, PyObject *args, PyObject *kwargs) 
     pf_paged_params p;
     memset(&p, 0, sizeof p);
     pf_py_keep keep = {0};
-    PyObject *result = NULL;
+    pf_status status = PF_STATUS_OK;
     if (pf_py_stream(ostream, &keep.stream) < 0) goto done;
     p.stream = keep.stream;
     if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto done;
@@ -47,18 +47,9 @@ static PyObject *paged_attn(PyObject *module, PyObject *args, PyObject *kwargs) 
     p.softcap = (float)softcap;
     p.num_splits = num_splits;
     p.num_threads = num_threads;
-    pf_status status;
-    Py_BEGIN_ALLOW_THREADS
-    status = pf_paged_attn(&p);
-    Py_END_ALLOW_THREADS
-    if (status != PF_STATUS_OK) {
-        pf_py_raise(module, status);
-        goto done;
-    }
-    result = Py_NewRef(Py_None);
+    PF_PY_CALL(status, pf_paged_attn(&p));
 done:
-    pf_py_keep_release(&keep);
-    return result;
+    return pf_py_finish(module, status, &keep);
 }
 
 static PyObject *merge_attn_states(PyObject *module, PyObject *args, PyObject *kwargs) {
@@ -72,7 +63,7 @@ static PyObject *merge_attn_states(PyObject *module, PyObject *args, PyObject *k
     pf_merge_params p;
     memset(&p, 0, sizeof p);
     pf_py_keep keep = {0};
-    PyObject *result = NULL;
+    pf_status status = PF_STATUS_OK;
     if (pf_py_stream(ostream, &keep.stream) < 0) goto done;
     p.stream = keep.stream;
     p.num_threads = num_threads;
@@ -82,18 +73,9 @@ static PyObject *merge_attn_states(PyObject *module, PyObject *args, PyObject *k
     if (pf_py_tensor(olb, "lse_b", 0, &p.lse_b, &keep) < 0) goto done;
     if (pf_py_tensor(oout, "out", 1, &p.out, &keep) < 0) goto done;
     if (pf_py_opt_tensor(olse, "lse", 1, &p.lse, &keep) < 0) goto done;
-    pf_status status;
-    Py_BEGIN_ALLOW_THREADS
-    status = pf_merge_attn_states(&p);
-    Py_END_ALLOW_THREADS
-    if (status != PF_STATUS_OK) {
-        pf_py_raise(module, status);
-        goto done;
-    }
-    result = Py_NewRef(Py_None);
+    PF_PY_CALL(status, pf_merge_attn_states(&p));
 done:
-    pf_py_keep_release(&keep);
-    return result;
+    return pf_py_finish(module, status, &keep);
 }
 
 static PyObject *write_kv_cache(PyObject *module, PyObject *args, PyObject *kwargs) {
@@ -104,26 +86,17 @@ static PyObject *write_kv_cache(PyObject *module, PyObject *args, PyObject *kwar
         return NULL;
     pf_tensor k, v, kc, vc, sm;
     pf_py_keep keep = {0};
-    PyObject *result = NULL;
+    pf_status status = PF_STATUS_OK;
     if (pf_py_stream(ostream, &keep.stream) < 0) goto done;
     if (pf_py_tensor(ok, "k", 0, &k, &keep) < 0) goto done;
     if (pf_py_tensor(ov, "v", 0, &v, &keep) < 0) goto done;
     if (pf_py_tensor(okc, "k_cache", 1, &kc, &keep) < 0) goto done;
     if (pf_py_tensor(ovc, "v_cache", 1, &vc, &keep) < 0) goto done;
     if (pf_py_tensor(osm, "slot_mapping", 0, &sm, &keep) < 0) goto done;
-    pf_status status;
     void *stream = keep.stream;
-    Py_BEGIN_ALLOW_THREADS
-    status = pf_write_kv_cache(k, v, kc, vc, sm, stream);
-    Py_END_ALLOW_THREADS
-    if (status != PF_STATUS_OK) {
-        pf_py_raise(module, status);
-        goto done;
-    }
-    result = Py_NewRef(Py_None);
+    PF_PY_CALL(status, pf_write_kv_cache(k, v, kc, vc, sm, stream));
 done:
-    pf_py_keep_release(&keep);
-    return result;
+    return pf_py_finish(module, status, &keep);
 }
 
 /* copy_blocks takes any number of caches: the imports are spread over as many
@@ -188,24 +161,15 @@ static PyObject *swap_blocks(PyObject *module, PyObject *args, PyObject *kwargs)
         return NULL;
     pf_tensor src, dst, map;
     pf_py_keep keep = {0};
-    PyObject *result = NULL;
+    pf_status status = PF_STATUS_OK;
     if (pf_py_stream(ostream, &keep.stream) < 0) goto done;
     if (pf_py_tensor(osrc, "src", 0, &src, &keep) < 0) goto done;
     if (pf_py_tensor(odst, "dst", 1, &dst, &keep) < 0) goto done;
     if (pf_py_tensor(omap, "block_mapping", 0, &map, &keep) < 0) goto done;
-    pf_status status;
     void *stream = keep.stream;
-    Py_BEGIN_ALLOW_THREADS
-    status = pf_swap_blocks(src, dst, map, stream);
-    Py_END_ALLOW_THREADS
-    if (status != PF_STATUS_OK) {
-        pf_py_raise(module, status);
-        goto done;
-    }
-    result = Py_NewRef(Py_None);
+    PF_PY_CALL(status, pf_swap_blocks(src, dst, map, stream));
 done:
-    pf_py_keep_release(&keep);
-    return result;
+    return pf_py_finish(module, status, &keep);
 }
 
 PyMethodDef pf_py_paged_methods[] = {

@@ -28,6 +28,13 @@ PyObject *pf_py_raise(PyObject *module, pf_status status) {
     return NULL;
 }
 
+PyObject *pf_py_finish(PyObject *module, pf_status status, pf_py_keep *keep) {
+    pf_py_keep_release(keep);
+    if (PyErr_Occurred()) return NULL;
+    if (status != PF_STATUS_OK) return pf_py_raise(module, status);
+    Py_RETURN_NONE;
+}
+
 static PyObject *build_info(PyObject *module, PyObject *unused) {
     (void)module;
     (void)unused;

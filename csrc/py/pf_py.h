@@ -42,6 +42,18 @@ void pf_py_keep_release(pf_py_keep *keep);
 /* Parse a stream argument (None or an int cudaStream_t). Returns 0 or -1. */
 int pf_py_stream(PyObject *obj, void **stream);
 
+/* Run `call` (a pf_status expression) with the GIL released, storing its status. */
+#define PF_PY_CALL(status, call) \
+    do {                         \
+        Py_BEGIN_ALLOW_THREADS   \
+        (status) = (call);       \
+        Py_END_ALLOW_THREADS     \
+    } while (0)
+
+/* The end of every binding: release the imports (deleters run, even on error), then
+ * return None, or raise the exception for a failed status / a pending Python error. */
+PyObject *pf_py_finish(PyObject *module, pf_status status, pf_py_keep *keep);
+
 /* Raise the exception for `status` with pf_last_error(); returns NULL. */
 PyObject *pf_py_raise(PyObject *module, pf_status status);
 
