@@ -26,13 +26,14 @@ from pagedflash import reference  # noqa: E402
 
 from conftest import as_np64, assert_close  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_import_pagedflash_does_not_import_torch():
     code = ("import sys, pagedflash; assert 'torch' not in sys.modules, 'pagedflash imported torch'; "
             "import pagedflash.torch; assert 'torch' in sys.modules; print('ok')")
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
+    # the same pagedflash this test process imported (installed or in-place build)
+    pkg_parent = str(Path(pagedflash.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=pkg_parent)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
