@@ -911,3 +911,20 @@ def test_stateful_no_caching():
 
 def test_stateful_watermark():
     run_state_machine_as_test(MachineWatermark, settings=STATEFUL)
+
+
+def test_num_cached_tokens_predicts_allocate():
+    bm = BlockManager(64, 4, enable_prefix_caching=True)
+    system = list(range(100, 113))                     # 13 tokens: 3 full blocks
+    assert bm.num_cached_tokens(system + [1, 2]) == 0
+    assert bm.allocate(0, system + [1, 2]) == 0
+    queries = bm.prefix_cache_queries
+    for prompt in (system + [7, 8, 9], system[:12], system[:8] + [5], [9] * 20):
+        predicted = bm.num_cached_tokens(prompt)
+        assert bm.prefix_cache_queries == queries, "num_cached_tokens must not count as a query"
+        sid = len(bm) + 1
+        assert bm.allocate(sid, prompt) == predicted
+        assert predicted % 4 == 0 and predicted < len(prompt)
+        bm.free(sid)
+        queries = bm.prefix_cache_queries
+    assert BlockManager(8, 4).num_cached_tokens([1, 2, 3, 4, 5]) == 0

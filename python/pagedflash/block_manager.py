@@ -227,6 +227,22 @@ class BlockManager:
             return AllocStatus.OK
         return AllocStatus.LATER
 
+    def num_cached_tokens(self, token_ids: IntSeq) -> int:
+        """How many leading tokens of a prompt :meth:`allocate` would find cached now.
+
+        Lets a scheduler size the first prefill chunk before admitting the prompt.
+        Returns a multiple of block_size, less than ``len(token_ids)`` (at least one
+        prompt token is always computed); 0 without prefix caching. Changes nothing
+        (hit counters included).
+        """
+        if not self._prefix_caching or isinstance(token_ids, (int, np.integer)):
+            return 0
+        n = len(token_ids)
+        if n == 0:
+            return 0
+        hits, _ = self._pool.prefix_lookup(token_ids)
+        return min(hits, (n - 1) // self._block_size) * self._block_size
+
     def allocate(self, seq_id: int, token_ids: Union[IntSeq, int]) -> int:
         """Create sequence ``seq_id`` holding a prompt.
 
