@@ -38,4 +38,19 @@ void pf_cpu_stage_rows(const pf_rows *v, pf_dtype dt, int64_t b, int64_t tok0, i
 pf_status pf_cpu_alloc_scratch(void ***bufs, int n, size_t bytes);
 void pf_cpu_free_scratch(void **bufs, int n);
 
+/* ---- serving operations (paged_attn.c, cache_ops.c): params already validated ---- */
+pf_status pf_cpu_paged_attn(const pf_paged_params *p);
+pf_status pf_cpu_merge_attn_states(const pf_merge_params *p);
+pf_status pf_cpu_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache,
+                                pf_tensor slot_mapping);
+pf_status pf_cpu_copy_blocks(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping);
+pf_status pf_cpu_swap_blocks(pf_tensor src, pf_tensor dst, pf_tensor block_mapping);
+
+/* Merge n partial attention results of one (query, head) by log-sum-exp:
+ * o_i = o + i * ldo ([d] floats), lse_i natural log. Writes out [d] and *lse_out.
+ * Sides with lse_i = -inf are skipped (their o_i is never read); all -inf gives
+ * out = 0, lse = -inf; a NaN lse gives NaN. out may alias o (the first row). */
+void pf_cpu_merge_partials(int64_t n, const float *lse, const float *o, int64_t ldo, int64_t d,
+                           float *out, float *lse_out);
+
 #endif /* PF_CPU_BACKEND_H */

@@ -190,19 +190,54 @@ pf_status pf_dropout_mask(const pf_attn_params *params, pf_tensor mask);
 /* ------------------------------------------------------------------------ */
 
 /*
- * q            [total_q, num_heads, head_dim]; with cu_seqlens_q absent total_q = batch
- *              (one query per sequence, decode) -- or [batch, q_len, num_heads, head_dim]
- *              in which case every sequence has q_len queries.
+ * Paged attention: each sequence's queries attend to the tokens it holds in a
+ * block-allocated KV cache, read through its row of block_tables. One call
+ * serves decode (1 query per sequence), speculative verification (k queries)
+ * and chunked prefill (a chunk of queries), mixed freely with cu_seqlens_q.
+ *
+ * Query layouts (q and out have the same layout; out has q's dtype):
+ *   [batch, num_heads, head_dim]         cu_seqlens_q absent: one query per
+ *                                        sequence (decode); total_q = batch
+ *   [batch, q_len, num_heads, head_dim]  cu_seqlens_q absent: q_len queries for
+ *                                        every sequence; total_q = batch * q_len,
+ *                                        query i of sequence b is token b * q_len + i
+ *   [total_q, num_heads, head_dim]       with cu_seqlens_q int32 [batch + 1]
+ *                                        (0 first, non-decreasing, total_q last):
+ *                                        sequence b owns tokens cu[b] .. cu[b+1] - 1
+ *                                        (a sequence may have 0 queries)
  * k_cache,
- * v_cache      [num_blocks, block_size, num_kv_heads, head_dim], q's dtype
- * block_tables int32 [batch, max_blocks_per_seq]; ids in [0, num_blocks)
- * seq_lens     int32 [batch]; tokens held per sequence, q_len <= seq_len <= max_blocks_per_seq * block_size
- * cu_seqlens_q int32 [batch + 1] (optional) packed queries per sequence
- * out          q's shape and dtype; lse f32 [num_heads, total_q] (optional)
- * Query i of a sequence with q_len queries and seq_len tokens sits at position
- * seq_len - q_len + i; causal lets it see tokens 0..that position.
- * num_splits: 0 = automatic; 1 = no split; n = split each sequence's tokens in n chunks
- * merged by log-sum-exp.
+ * v_cache      [num_blocks, block_size, num_kv_heads, head_dim], q's dtype and device;
+ *              1 <= block_size <= 256; 1 <= head_dim <= 256;
+ *              num_heads % num_kv_heads == 0 (query head h reads KV head h / (num_heads / num_kv_heads))
+ * block_tables int32 [batch, max_blocks_per_seq]; token t of sequence b lives in block
+ *              block_tables[b, t / block_size] at offset t % block_size. Only the first
+ *              ceil(seq_len / block_size) entries of a row are read (and checked to lie in
+ *              [0, num_blocks)); the rest may hold anything (padding). Ids may repeat
+ *              across sequences (shared prefixes).
+ * seq_lens     int32 [batch]; tokens held per sequence, the queries' own tokens included
+ *              (write_kv_cache runs first): q_len <= seq_len <= max_blocks_per_seq * block_size.
+ *              Slots past seq_len in the last block are never read (stale data, even NaN,
+ *              cannot reach the output).
+ * out          q's shape and dtype
+ * lse          f32 [num_heads, total_q] (optional), natural log, for every layout (the
+ *              layout pf_merge_attn_states takes)
+ * alibi_slopes f32 [num_heads] or [batch, num_heads] (optional)
+ * block_tables, seq_lens, cu_seqlens_q, alibi_slopes live on q's device; host-resident ones
+ * are range-checked before anything runs (on CUDA the kernels bound-check instead).
+ *
+ * Causal alignment: query i of a sequence with q_len queries and seq_len tokens sits at
+ * position p = seq_len - q_len + i. causal lets it see tokens 0..p; window (left, right)
+ * keeps p - left <= j <= p + right (-1 = unbounded); causal = 0 and no window: all
+ * seq_len tokens. softcap, ALiBi (s -= slope * |p - j|) and softmax_scale (0 = 1/sqrt(d))
+ * as in pf_attn_params. A query that sees no token gets out = 0 and lse = -inf.
+ *
+ * Flash decoding: num_splits = 1 processes each sequence's tokens in one pass; n > 1
+ * splits them into n chunks (whole 64-token tiles, so at most ceil(seq_len / 64) are
+ * non-empty) computed in parallel, each giving a partial out + lse, merged by
+ * log-sum-exp; 0 = automatic from the work and num_threads (splits only when
+ * batch x kv heads x query tiles leaves threads idle). Results agree across num_splits
+ * to float32 rounding.
+ * num_threads: CPU backend thread count, 0 = pf_cpu_count().
  */
 typedef struct pf_paged_params {
     pf_tensor q;
@@ -227,9 +262,15 @@ pf_status pf_paged_attn(const pf_paged_params *params);
 
 /*
  * Merge two partial attention results over disjoint key sets:
- *   out_a, out_b, out  [tokens, num_heads, head_dim] (or any leading shape ending in heads, dim)
- *   lse_a, lse_b, lse  f32 [num_heads, tokens]
- * out = (exp(lse_a - lse) out_a + exp(lse_b - lse) out_b), lse = logaddexp(lse_a, lse_b).
+ *   out_a, out_b, out  [..., num_heads, head_dim]: any leading shape (tokens = its product),
+ *                      one float dtype for all three
+ *   lse_a, lse_b       f32 [num_heads, tokens], natural log
+ *   lse                f32 [num_heads, tokens], optional output
+ * lse = logaddexp(lse_a, lse_b), out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b.
+ * A side whose lse is -inf contributes nothing (its out is never read, so it may hold
+ * anything); both -inf gives out = 0, lse = -inf. NaN in an lse propagates.
+ * out (and lse) may be the very same memory as out_a or out_b (lse_a or lse_b), with the
+ * same strides: in-place merging is supported; other overlaps are not.
  */
 typedef struct pf_merge_params {
     pf_tensor out_a, lse_a, out_b, lse_b, out, lse;
@@ -237,6 +278,7 @@ typedef struct pf_merge_params {
     void *stream;
 } pf_merge_params;
 
+pf_status pf_merge_attn_states_validate(const pf_merge_params *params);
 pf_status pf_merge_attn_states(const pf_merge_params *params);
 
 /* ------------------------------------------------------------------------ */
@@ -244,26 +286,40 @@ pf_status pf_merge_attn_states(const pf_merge_params *params);
 /* ------------------------------------------------------------------------ */
 
 /*
- * k, v            [num_tokens, num_kv_heads, head_dim]
- * k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim], same dtype
- * slot_mapping    int64 [num_tokens]; slot = block * block_size + offset; negative = skip.
- * All slots are checked before anything is written.
+ * k, v             [num_tokens, num_kv_heads, head_dim], the caches' dtype (f32, f16, bf16)
+ * k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim], one shape and device
+ * slot_mapping     int64 [num_tokens] on the caches' device; token t goes to slot
+ *                  slot_mapping[t] = block * block_size + offset; negative = skip.
+ * All slots are checked (< num_blocks * block_size) before anything is written (host
+ * slot_mapping; on CUDA the kernel bound-checks). Two tokens mapped to one slot: one of
+ * them wins, which one is unspecified.
  */
+pf_status pf_write_kv_cache_validate(pf_tensor k, pf_tensor v, pf_tensor k_cache,
+                                     pf_tensor v_cache, pf_tensor slot_mapping);
 pf_status pf_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache,
                             pf_tensor slot_mapping, void *stream);
 
 /*
- * caches          num_caches tensors, each [num_blocks, block_size, num_kv_heads, head_dim]
- *                 (pass every layer's k and v caches together)
- * block_mapping   int64 [n, 2] (src, dst) pairs; every id checked before any copy.
+ * caches          num_caches tensors [num_blocks_c, ...] (a block is a slice along dim 0,
+ *                 e.g. [num_blocks, block_size, num_kv_heads, head_dim]); pass every
+ *                 layer's k and v caches together. Any dtypes, one device.
+ * block_mapping   int64 [n, 2] (src, dst) pairs, host-readable (or, for CUDA caches, on
+ *                 their device); every id checked against every cache before any copy.
+ * For each cache the pairs are applied in order (a later pair sees earlier copies).
  */
+pf_status pf_copy_blocks_validate(const pf_tensor *caches, int32_t num_caches,
+                                  pf_tensor block_mapping);
 pf_status pf_copy_blocks(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping,
                          void *stream);
 
 /*
- * src, dst        [num_blocks_*, block_size, ...] same block shape and dtype; any devices
- * block_mapping   int64 [n, 2] (src block, dst block), on the host.
+ * src, dst        [num_blocks_src, ...] and [num_blocks_dst, ...]: same block shape and
+ *                 dtype; any devices (host <-> host on the CPU backend; if either side is
+ *                 CUDA the CUDA backend copies with cudaMemcpyAsync on `stream`)
+ * block_mapping   int64 [n, 2] (src block, dst block), host-readable; ids checked against
+ *                 src and dst before any copy. Pairs are applied in order.
  */
+pf_status pf_swap_blocks_validate(pf_tensor src, pf_tensor dst, pf_tensor block_mapping);
 pf_status pf_swap_blocks(pf_tensor src, pf_tensor dst, pf_tensor block_mapping, void *stream);
 
 /* ------------------------------------------------------------------------ */

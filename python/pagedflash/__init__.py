@@ -42,3 +42,8 @@ def build_info() -> dict:
     info["num_threads"] = get_num_threads()
     info["backends"] = ["cpu"] + (["cuda"] if info["cuda"] and info["cuda_devices"] > 0 else [])
     return info
+
+# serving operations (paged attention, flash decoding, merge, KV-cache ops)
+from .paged import copy_blocks, merge_attn_states, paged_attn, swap_blocks, write_kv_cache  # noqa: E402
+
+__all__ += ["copy_blocks", "merge_attn_states", "paged_attn", "swap_blocks", "write_kv_cache"]

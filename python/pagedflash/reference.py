@@ -139,3 +139,61 @@ def attention_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: An
         out[qs] = o
         lse[:, qs] = l
     return (out, lse) if return_lse else out
+
+
+def gather_paged_kv(k_cache: Any, v_cache: Any, block_tables: Any, seq_lens: Any):
+    """Each sequence's contiguous K/V from a paged cache: a list of (k [len, hk, d], v) in float64.
+
+    k_cache/v_cache [num_blocks, block_size, hk, d]; token t of sequence b is
+    k_cache[block_tables[b, t // block_size], t % block_size].
+    """
+    kc, vc = to_f64(k_cache), to_f64(v_cache)
+    bt = np.asarray(to_f64(block_tables)).astype(np.int64)
+    sl = np.asarray(to_f64(seq_lens)).astype(np.int64)
+    bs = kc.shape[1]
+    res = []
+    for b in range(bt.shape[0]):
+        t = np.arange(sl[b])
+        blocks = bt[b, t // bs]
+        res.append((kc[blocks, t % bs], vc[blocks, t % bs]))
+    return res
+
+
+def paged_attention(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, seq_lens: Any, *,
+                    cu_seqlens_q: Any = None, causal: bool = True, softmax_scale: Optional[float] = None,
+                    window: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Any = None,
+                    return_lse: bool = False):
+    """Naive paged attention in float64: gathers each sequence's K/V through its block
+    table and runs the naive attention on the contiguous sequence.
+
+    q [batch, h, d] (one query per sequence), [batch, q_len, h, d], or packed [total_q, h, d]
+    with cu_seqlens_q [batch + 1]. The q_len queries of a sequence holding seq_len tokens are
+    its last q_len tokens (bottom-right causal alignment). Returns out (q's layout, float64)
+    and, with return_lse, lse [h, total_q].
+    """
+    q = to_f64(q)
+    kv = gather_paged_kv(k_cache, v_cache, block_tables, seq_lens)
+    batch = len(kv)
+    d, h = q.shape[-1], q.shape[-2]
+    scale = 1.0 / np.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    slopes = None if alibi_slopes is None else to_f64(alibi_slopes)
+    if cu_seqlens_q is not None:
+        cu = np.asarray(to_f64(cu_seqlens_q)).astype(np.int64)
+        qp = q
+    elif q.ndim == 4:
+        cu = np.arange(batch + 1) * q.shape[1]
+        qp = q.reshape(-1, h, d)
+    else:
+        cu = np.arange(batch + 1)
+        qp = q
+    out = np.zeros(qp.shape)
+    lse = np.zeros((h, qp.shape[0]))
+    for b in range(batch):
+        qs = slice(cu[b], cu[b + 1])
+        sl = None if slopes is None else (slopes if slopes.ndim == 1 else slopes[b])
+        o, l, _ = _attention_one(qp[qs], kv[b][0], kv[b][1], causal=causal, scale=scale, window=window,
+                                 softcap=softcap, slopes=sl, keep=None, dropout_p=0.0)
+        out[qs] = o
+        lse[:, qs] = l
+    out = out.reshape(q.shape)
+    return (out, lse) if return_lse else out

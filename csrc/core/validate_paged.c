@@ -1,0 +1,404 @@
+/*
+ * validate_paged.c - the checks run before any backend touches a paged
+ * attention call, a merge of attention states or a cache operation
+ * (write_kv_cache, copy_blocks, swap_blocks). Layouts: see pagedflash.h.
+ *
+ * Every check runs before anything is written, so a failed call leaves out,
+ * lse and every cache exactly as they were. Index tensors (block_tables,
+ * seq_lens, cu_seqlens_q, slot_mapping, block_mapping) are range-checked here
+ * when they are host-readable; tensors resident on a CUDA device cannot be
+ * read from the host without a synchronizing copy, so for them the CUDA
+ * kernels bound-check (see the TODO(cuda) hooks below).
+ */
+#include <stdio.h>
+
+#include "pf_internal.h"
+
+/* The largest block_size paged attention accepts (the CUDA kernels size their
+ * shared-memory staging by it). */
+#define PF_PAGED_MAX_BLOCK_SIZE 256
+
+/* ---- shared helpers ---- */
+
+static pf_status check_same_shape(const pf_tensor *t, const char *name, const pf_tensor *ref,
+                                  const char *ref_name) {
+    char a[128], b[128];
+    int same = t->ndim == ref->ndim;
+    for (int i = 0; same && i < t->ndim; i++) same = t->shape[i] == ref->shape[i];
+    PF_CHECK_VALUE(same, "%s: expected the shape of %s %s, got %s", name, ref_name,
+                   pf_shape_str(ref, a, sizeof a), pf_shape_str(t, b, sizeof b));
+    return PF_STATUS_OK;
+}
+
+/* A tensor argument that must be there (data may be a placeholder when empty). */
+static pf_status check_present(const pf_tensor *t, const char *name) {
+    PF_CHECK_VALUE(pf_tensor_present(t) || (t->ndim > 0 && pf_tensor_numel(t) == 0),
+                   "%s: missing (NULL data)", name);
+    return PF_STATUS_OK;
+}
+
+/* A floating-point tensor with `ref`'s dtype and device, last dimension contiguous. */
+static pf_status check_float_like(const pf_tensor *t, const char *name, const pf_tensor *ref,
+                                  const char *ref_name) {
+    PF_TRY(check_present(t, name));
+    PF_TRY(pf_check_float_dtype(t, name));
+    PF_CHECK_TYPE(t->dtype == ref->dtype, "%s: expected dtype %s (the dtype of %s), got %s", name,
+                  pf_dtype_name(ref->dtype), ref_name, pf_dtype_name(t->dtype));
+    PF_TRY(pf_check_last_contiguous(t, name));
+    PF_TRY(pf_check_same_device(t, name, ref, ref_name));
+    return PF_STATUS_OK;
+}
+
+/* An integer index tensor: dtype, rank, device; last dimension contiguous. */
+static pf_status check_index(const pf_tensor *t, const char *name, pf_dtype dtype, int ndim,
+                             const pf_tensor *ref, const char *ref_name) {
+    PF_TRY(check_present(t, name));
+    PF_TRY(pf_check_dtype(t, name, dtype));
+    PF_TRY(pf_check_rank(t, name, ndim));
+    PF_TRY(pf_check_last_contiguous(t, name));
+    if (ref) PF_TRY(pf_check_same_device(t, name, ref, ref_name));
+    return PF_STATUS_OK;
+}
+
+static inline int32_t at_i32(const pf_tensor *t, int64_t i) {
+    return ((const int32_t *)t->data)[i * t->strides[0]];
+}
+
+static inline int32_t at_i32_2(const pf_tensor *t, int64_t i, int64_t j) {
+    return ((const int32_t *)t->data)[i * t->strides[0] + j * t->strides[1]];
+}
+
+static inline int64_t at_i64_2(const pf_tensor *t, int64_t i, int64_t j) {
+    return ((const int64_t *)t->data)[i * t->strides[0] + j * t->strides[1]];
+}
+
+/* ---- paged attention ---- */
+
+/* Range checks of the index tensors' values (all host-readable). */
+static pf_status check_paged_indices_host(const pf_paged_params *p, int64_t batch, int has_cu,
+                                          int64_t q_len_dense) {
+    const pf_tensor *bt = &p->block_tables, *sl = &p->seq_lens, *cu = &p->cu_seqlens_q;
+    const int64_t num_blocks = p->k_cache.shape[0], block_size = p->k_cache.shape[1];
+    const int64_t max_blocks = bt->shape[1];
+    const int64_t capacity = max_blocks * block_size;
+    if (has_cu) {
+        PF_CHECK_VALUE(at_i32(cu, 0) == 0, "cu_seqlens_q: expected cu_seqlens_q[0] == 0, got %d",
+                       (int)at_i32(cu, 0));
+        for (int64_t b = 1; b <= batch; b++)
+            PF_CHECK_VALUE(at_i32(cu, b) >= at_i32(cu, b - 1),
+                           "cu_seqlens_q: must be non-decreasing, but cu_seqlens_q[%lld] = %d < "
+                           "cu_seqlens_q[%lld] = %d",
+                           (long long)b, (int)at_i32(cu, b), (long long)(b - 1),
+                           (int)at_i32(cu, b - 1));
+        PF_CHECK_VALUE(at_i32(cu, batch) == p->q.shape[0],
+                       "cu_seqlens_q: the last entry must equal the number of packed queries in q "
+                       "(%lld), got cu_seqlens_q[%lld] = %d",
+                       (long long)p->q.shape[0], (long long)batch, (int)at_i32(cu, batch));
+    }
+    for (int64_t b = 0; b < batch; b++) {
+        int64_t len = at_i32(sl, b);
+        int64_t q_len = has_cu ? (int64_t)at_i32(cu, b + 1) - at_i32(cu, b) : q_len_dense;
+        PF_CHECK_VALUE(len >= 0, "seq_lens: seq_lens[%lld] = %lld is negative", (long long)b,
+                       (long long)len);
+        PF_CHECK_VALUE(len <= capacity,
+                       "seq_lens: seq_lens[%lld] = %lld exceeds the %lld tokens its block_tables "
+                       "row covers (max_blocks_per_seq %lld x block_size %lld)",
+                       (long long)b, (long long)len, (long long)capacity, (long long)max_blocks,
+                       (long long)block_size);
+        PF_CHECK_VALUE(q_len <= len,
+                       "seq_lens: seq_lens[%lld] = %lld is shorter than the sequence's %lld "
+                       "queries (q_len <= seq_len: the queries' own keys must already be in the "
+                       "cache)",
+                       (long long)b, (long long)len, (long long)q_len);
+        int64_t used = (len + block_size - 1) / block_size;
+        for (int64_t j = 0; j < used; j++) {
+            int64_t id = at_i32_2(bt, b, j);
+            PF_CHECK_VALUE(id >= 0 && id < num_blocks,
+                           "block_tables: block_tables[%lld, %lld] = %lld is out of range [0, %lld) "
+                           "(num_blocks of k_cache); sequence %lld holds %lld tokens in %lld blocks",
+                           (long long)b, (long long)j, (long long)id, (long long)num_blocks,
+                           (long long)b, (long long)len, (long long)used);
+        }
+    }
+    return PF_STATUS_OK;
+}
+
+pf_status pf_paged_attn_validate(const pf_paged_params *p) {
+    char s1[128];
+    PF_CHECK_VALUE(p != NULL, "params: NULL");
+    const pf_tensor *q = &p->q, *kc = &p->k_cache, *vc = &p->v_cache;
+
+    /* q */
+    PF_TRY(check_present(q, "q"));
+    PF_TRY(pf_check_float_dtype(q, "q"));
+    PF_TRY(pf_check_last_contiguous(q, "q"));
+    int has_cu = pf_tensor_present(&p->cu_seqlens_q) || p->cu_seqlens_q.ndim > 0;
+    PF_CHECK_VALUE(q->ndim == 3 || (q->ndim == 4 && !has_cu),
+                   "q: expected [batch, num_heads, head_dim], [batch, q_len, num_heads, head_dim] "
+                   "or, with cu_seqlens_q, [total_q, num_heads, head_dim]; got %d-d with shape %s",
+                   (int)q->ndim, pf_shape_str(q, s1, sizeof s1));
+    const int hd = q->ndim - 1, hh = q->ndim - 2;
+    const int64_t d = q->shape[hd], h = q->shape[hh];
+    PF_CHECK_VALUE(d >= 1 && d <= PF_MAX_HEAD_DIM, "q: head_dim must be in [1, %d], got %lld",
+                   PF_MAX_HEAD_DIM, (long long)d);
+
+    /* caches */
+    PF_TRY(check_float_like(kc, "k_cache", q, "q"));
+    PF_TRY(check_float_like(vc, "v_cache", q, "q"));
+    PF_TRY(pf_check_rank(kc, "k_cache", 4));
+    PF_TRY(check_same_shape(vc, "v_cache", kc, "k_cache"));
+    PF_TRY(pf_check_dim(kc, "k_cache", 3, d, "head_dim, as in q"));
+    const int64_t block_size = kc->shape[1], hk = kc->shape[2];
+    PF_CHECK_VALUE(block_size >= 1 && block_size <= PF_PAGED_MAX_BLOCK_SIZE,
+                   "k_cache: block_size (dimension 1) must be in [1, %d], got %lld",
+                   PF_PAGED_MAX_BLOCK_SIZE, (long long)block_size);
+    PF_CHECK_VALUE(hk >= 1, "k_cache: num_kv_heads (dimension 2) must be >= 1, got %lld",
+                   (long long)hk);
+    PF_CHECK_VALUE(h >= 1 && h % hk == 0,
+                   "q: num_heads (%lld) must be a positive multiple of num_kv_heads (%lld, from "
+                   "k_cache)",
+                   (long long)h, (long long)hk);
+
+    /* block_tables, seq_lens, cu_seqlens_q */
+    PF_TRY(check_index(&p->block_tables, "block_tables", PF_DTYPE_I32, 2, q, "q"));
+    const int64_t batch = p->block_tables.shape[0];
+    PF_TRY(check_index(&p->seq_lens, "seq_lens", PF_DTYPE_I32, 1, q, "q"));
+    PF_CHECK_VALUE(p->seq_lens.shape[0] == batch,
+                   "seq_lens: expected length %lld (batch, the rows of block_tables), got %lld",
+                   (long long)batch, (long long)p->seq_lens.shape[0]);
+    int64_t q_len_dense = 0, total_q;
+    if (has_cu) {
+        PF_TRY(check_index(&p->cu_seqlens_q, "cu_seqlens_q", PF_DTYPE_I32, 1, q, "q"));
+        PF_CHECK_VALUE(p->cu_seqlens_q.shape[0] == batch + 1,
+                       "cu_seqlens_q: expected length %lld (batch + 1, batch = the rows of "
+                       "block_tables), got %lld",
+                       (long long)(batch + 1), (long long)p->cu_seqlens_q.shape[0]);
+        total_q = q->shape[0];
+    } else {
+        PF_CHECK_VALUE(q->shape[0] == batch,
+                       "q: expected dimension 0 (batch) to be %lld (the rows of block_tables), got "
+                       "%lld (shape %s)",
+                       (long long)batch, (long long)q->shape[0], pf_shape_str(q, s1, sizeof s1));
+        q_len_dense = q->ndim == 4 ? q->shape[1] : 1;
+        total_q = batch * q_len_dense;
+    }
+
+    /* out, lse, alibi_slopes */
+    PF_TRY(check_float_like(&p->out, "out", q, "q"));
+    PF_TRY(check_same_shape(&p->out, "out", q, "q"));
+    PF_TRY(pf_check_nonneg_strides(&p->out, "out"));
+    if (pf_tensor_present(&p->lse) || p->lse.ndim > 0) {
+        pf_tensor want = {0};
+        want.ndim = 2;
+        want.shape[0] = h;
+        want.shape[1] = total_q;
+        PF_TRY(pf_check_dtype(&p->lse, "lse", PF_DTYPE_F32));
+        PF_TRY(check_same_shape(&p->lse, "lse", &want, "[num_heads, total_q]"));
+        PF_TRY(pf_check_same_device(&p->lse, "lse", q, "q"));
+        PF_TRY(pf_check_nonneg_strides(&p->lse, "lse"));
+    }
+    if (pf_tensor_present(&p->alibi_slopes) || p->alibi_slopes.ndim > 0) {
+        const pf_tensor *a = &p->alibi_slopes;
+        PF_TRY(pf_check_dtype(a, "alibi_slopes", PF_DTYPE_F32));
+        PF_CHECK_VALUE((a->ndim == 1 && a->shape[0] == h) ||
+                           (a->ndim == 2 && a->shape[0] == batch && a->shape[1] == h),
+                       "alibi_slopes: expected shape [%lld] or [%lld, %lld] (num_heads or batch x "
+                       "num_heads), got %s",
+                       (long long)h, (long long)batch, (long long)h, pf_shape_str(a, s1, sizeof s1));
+        PF_TRY(pf_check_same_device(a, "alibi_slopes", q, "q"));
+    }
+
+    /* scalar options */
+    PF_CHECK_VALUE(p->window_left >= -1, "window: left must be >= -1 (-1 = unbounded), got %d",
+                   (int)p->window_left);
+    PF_CHECK_VALUE(p->window_right >= -1, "window: right must be >= -1 (-1 = unbounded), got %d",
+                   (int)p->window_right);
+    PF_CHECK_VALUE(p->softcap >= 0.0f && p->softcap < __builtin_inff(),
+                   "softcap: must be a finite number >= 0 (0 = off), got %g", (double)p->softcap);
+    PF_CHECK_VALUE(p->softmax_scale == p->softmax_scale && p->softmax_scale > -__builtin_inff() &&
+                       p->softmax_scale < __builtin_inff(),
+                   "softmax_scale: must be finite, got %g", (double)p->softmax_scale);
+    PF_CHECK_VALUE(p->num_splits >= 0, "num_splits: must be >= 0 (0 = automatic), got %d",
+                   (int)p->num_splits);
+
+    /* values of the index tensors */
+    if (pf_tensor_on_host(&p->block_tables) && pf_tensor_on_host(&p->seq_lens) &&
+        (!has_cu || pf_tensor_on_host(&p->cu_seqlens_q))) {
+        PF_TRY(check_paged_indices_host(p, batch, has_cu, q_len_dense));
+    } else {
+        /* TODO(cuda): device-resident block_tables / seq_lens / cu_seqlens_q are not read
+         * here (that would need a synchronizing copy). The CUDA paged kernel must treat an
+         * id outside [0, num_blocks), a seq_len outside [q_len, max_blocks_per_seq *
+         * block_size] or an inconsistent cu_seqlens_q as "read nothing" and never address
+         * memory outside k_cache / v_cache. */
+    }
+    return PF_STATUS_OK;
+}
+
+/* ---- merge of attention states ---- */
+
+pf_status pf_merge_attn_states_validate(const pf_merge_params *p) {
+    char s1[128];
+    PF_CHECK_VALUE(p != NULL, "params: NULL");
+    const pf_tensor *a = &p->out_a;
+    PF_TRY(check_present(a, "out_a"));
+    PF_TRY(pf_check_float_dtype(a, "out_a"));
+    PF_TRY(pf_check_last_contiguous(a, "out_a"));
+    PF_CHECK_VALUE(a->ndim >= 2, "out_a: expected [..., num_heads, head_dim] (>= 2-d), got shape %s",
+                   pf_shape_str(a, s1, sizeof s1));
+    PF_CHECK_VALUE(a->shape[a->ndim - 2] >= 1 && a->shape[a->ndim - 1] >= 1,
+                   "out_a: num_heads and head_dim must be >= 1, got shape %s",
+                   pf_shape_str(a, s1, sizeof s1));
+    PF_TRY(check_float_like(&p->out_b, "out_b", a, "out_a"));
+    PF_TRY(check_same_shape(&p->out_b, "out_b", a, "out_a"));
+    PF_TRY(check_float_like(&p->out, "out", a, "out_a"));
+    PF_TRY(check_same_shape(&p->out, "out", a, "out_a"));
+    PF_TRY(pf_check_nonneg_strides(&p->out, "out"));
+
+    pf_tensor want = {0};
+    want.ndim = 2;
+    want.shape[0] = a->shape[a->ndim - 2];
+    want.shape[1] = 1;
+    for (int i = 0; i < a->ndim - 2; i++) want.shape[1] *= a->shape[i];
+    const char *names[3] = {"lse_a", "lse_b", "lse"};
+    const pf_tensor *lses[3] = {&p->lse_a, &p->lse_b, &p->lse};
+    for (int i = 0; i < 3; i++) {
+        const pf_tensor *l = lses[i];
+        if (i == 2 && !pf_tensor_present(l) && l->ndim == 0) break; /* lse output is optional */
+        PF_TRY(check_present(l, names[i]));
+        PF_TRY(pf_check_dtype(l, names[i], PF_DTYPE_F32));
+        PF_TRY(check_same_shape(l, names[i], &want, "[num_heads, tokens]"));
+        PF_TRY(pf_check_same_device(l, names[i], a, "out_a"));
+        if (i == 2) PF_TRY(pf_check_nonneg_strides(l, names[i]));
+    }
+    return PF_STATUS_OK;
+}
+
+/* ---- cache operations ---- */
+
+pf_status pf_write_kv_cache_validate(pf_tensor k, pf_tensor v, pf_tensor k_cache,
+                                     pf_tensor v_cache, pf_tensor slot_mapping) {
+    const pf_tensor *kc = &k_cache;
+    PF_TRY(check_present(kc, "k_cache"));
+    PF_TRY(pf_check_float_dtype(kc, "k_cache"));
+    PF_TRY(pf_check_last_contiguous(kc, "k_cache"));
+    PF_TRY(pf_check_rank(kc, "k_cache", 4));
+    PF_TRY(pf_check_nonneg_strides(kc, "k_cache"));
+    PF_TRY(check_float_like(&v_cache, "v_cache", kc, "k_cache"));
+    PF_TRY(check_same_shape(&v_cache, "v_cache", kc, "k_cache"));
+    PF_TRY(pf_check_nonneg_strides(&v_cache, "v_cache"));
+
+    PF_TRY(check_float_like(&k, "k", kc, "k_cache"));
+    PF_TRY(pf_check_rank(&k, "k", 3));
+    PF_TRY(pf_check_dim(&k, "k", 1, kc->shape[2], "num_kv_heads, as in k_cache"));
+    PF_TRY(pf_check_dim(&k, "k", 2, kc->shape[3], "head_dim, as in k_cache"));
+    PF_TRY(check_float_like(&v, "v", kc, "k_cache"));
+    PF_TRY(check_same_shape(&v, "v", &k, "k"));
+
+    PF_TRY(check_index(&slot_mapping, "slot_mapping", PF_DTYPE_I64, 1, kc, "k_cache"));
+    PF_CHECK_VALUE(slot_mapping.shape[0] == k.shape[0],
+                   "slot_mapping: expected length %lld (num_tokens, dimension 0 of k), got %lld",
+                   (long long)k.shape[0], (long long)slot_mapping.shape[0]);
+
+    if (pf_tensor_on_host(&slot_mapping)) {
+        const int64_t num_slots = kc->shape[0] * kc->shape[1];
+        const int64_t *sm = (const int64_t *)slot_mapping.data;
+        for (int64_t t = 0; t < slot_mapping.shape[0]; t++) {
+            int64_t slot = sm[t * slot_mapping.strides[0]];
+            PF_CHECK_VALUE(slot < num_slots,
+                           "slot_mapping: slot_mapping[%lld] = %lld is out of range: the cache holds "
+                           "%lld slots (num_blocks %lld x block_size %lld); negative = skip",
+                           (long long)t, (long long)slot, (long long)num_slots,
+                           (long long)kc->shape[0], (long long)kc->shape[1]);
+        }
+    } else {
+        /* TODO(cuda): a device-resident slot_mapping is bound-checked by the CUDA kernel
+         * (slots >= num_blocks * block_size are skipped, never written). */
+    }
+    return PF_STATUS_OK;
+}
+
+/* block_mapping: int64 [n, 2]; when host-readable, ids within [0, src_blocks) and
+ * [0, dst_blocks). Names the cache the bound comes from. */
+static pf_status check_block_mapping(const pf_tensor *m, int64_t src_blocks, const char *src_name,
+                                     int64_t dst_blocks, const char *dst_name) {
+    char s1[128];
+    PF_TRY(check_index(m, "block_mapping", PF_DTYPE_I64, 2, NULL, NULL));
+    PF_CHECK_VALUE(m->shape[1] == 2,
+                   "block_mapping: expected shape [n, 2] ((src, dst) pairs), got %s",
+                   pf_shape_str(m, s1, sizeof s1));
+    if (!pf_tensor_on_host(m)) return PF_STATUS_OK;
+    for (int64_t i = 0; i < m->shape[0]; i++) {
+        int64_t src = at_i64_2(m, i, 0), dst = at_i64_2(m, i, 1);
+        PF_CHECK_VALUE(src >= 0 && src < src_blocks,
+                       "block_mapping: block_mapping[%lld, 0] = %lld (src) is out of range [0, "
+                       "%lld) (num_blocks of %s)",
+                       (long long)i, (long long)src, (long long)src_blocks, src_name);
+        PF_CHECK_VALUE(dst >= 0 && dst < dst_blocks,
+                       "block_mapping: block_mapping[%lld, 1] = %lld (dst) is out of range [0, "
+                       "%lld) (num_blocks of %s)",
+                       (long long)i, (long long)dst, (long long)dst_blocks, dst_name);
+    }
+    return PF_STATUS_OK;
+}
+
+/* A cache for copy/swap: rank >= 1, a known dtype, last dim contiguous, no negative strides. */
+static pf_status check_cache(const pf_tensor *t, const char *name) {
+    PF_TRY(check_present(t, name));
+    PF_CHECK_VALUE(t->ndim >= 1, "%s: expected [num_blocks, ...] (>= 1-d), got a scalar", name);
+    PF_CHECK_TYPE(pf_dtype_size(t->dtype) > 0, "%s: invalid dtype", name);
+    PF_TRY(pf_check_last_contiguous(t, name));
+    PF_TRY(pf_check_nonneg_strides(t, name));
+    return PF_STATUS_OK;
+}
+
+pf_status pf_copy_blocks_validate(const pf_tensor *caches, int32_t num_caches,
+                                  pf_tensor block_mapping) {
+    PF_CHECK_VALUE(num_caches >= 0, "caches: num_caches must be >= 0, got %d", (int)num_caches);
+    PF_CHECK_VALUE(num_caches == 0 || caches != NULL, "caches: NULL with num_caches = %d",
+                   (int)num_caches);
+    char name[32], fewest_name[32] = "caches";
+    int64_t fewest = INT64_MAX;
+    for (int32_t c = 0; c < num_caches; c++) {
+        snprintf(name, sizeof name, "caches[%d]", (int)c);
+        PF_TRY(check_cache(&caches[c], name));
+        if (c > 0) PF_TRY(pf_check_same_device(&caches[c], name, &caches[0], "caches[0]"));
+        if (caches[c].shape[0] < fewest) {
+            fewest = caches[c].shape[0];
+            memcpy(fewest_name, name, sizeof name);
+        }
+    }
+    if (num_caches > 0 && caches[0].device == PF_DEVICE_CUDA) {
+        PF_CHECK_VALUE(pf_tensor_on_host(&block_mapping) ||
+                           block_mapping.device_id == caches[0].device_id,
+                       "block_mapping: expected host memory or the caches' device cuda:%d, got "
+                       "cuda:%d",
+                       (int)caches[0].device_id, (int)block_mapping.device_id);
+        /* TODO(cuda): a device-resident block_mapping is bound-checked by the CUDA kernel. */
+    } else {
+        PF_CHECK_VALUE(pf_tensor_on_host(&block_mapping),
+                       "block_mapping: expected host memory for host caches, got a CUDA tensor");
+    }
+    /* every id against the cache with the fewest blocks, i.e. against every cache */
+    PF_TRY(check_block_mapping(&block_mapping, fewest, fewest_name, fewest, fewest_name));
+    return PF_STATUS_OK;
+}
+
+pf_status pf_swap_blocks_validate(pf_tensor src, pf_tensor dst, pf_tensor block_mapping) {
+    char s1[128], s2[128];
+    PF_TRY(check_cache(&src, "src"));
+    PF_TRY(check_cache(&dst, "dst"));
+    PF_CHECK_TYPE(src.dtype == dst.dtype, "dst: expected dtype %s (the dtype of src), got %s",
+                  pf_dtype_name(src.dtype), pf_dtype_name(dst.dtype));
+    int same = src.ndim == dst.ndim;
+    for (int i = 1; same && i < src.ndim; i++) same = src.shape[i] == dst.shape[i];
+    PF_CHECK_VALUE(same,
+                   "dst: expected the block shape of src (all dimensions but the first), src has "
+                   "shape %s, dst %s",
+                   pf_shape_str(&src, s1, sizeof s1), pf_shape_str(&dst, s2, sizeof s2));
+    PF_CHECK_VALUE(pf_tensor_on_host(&block_mapping),
+                   "block_mapping: expected host memory (the copies are issued from the host), "
+                   "got a CUDA tensor");
+    PF_TRY(check_block_mapping(&block_mapping, src.shape[0], "src", dst.shape[0], "dst"));
+    return PF_STATUS_OK;
+}
