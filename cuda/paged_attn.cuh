@@ -591,7 +591,17 @@ pf_status pf_paged_attn_run(pf_paged_args *a, int rows_per_tile, cudaStream_t st
     else
         kernel = pf_paged_attn_kernel<kD, T, 8, kNT>;
     if (mode == 0) {
+        /* resident CTAs per multiprocessor, cached per (device, variant) */
+        static int cached[64][2];
+        int dev = 0;
+        PF_CUDA_CHECK(cudaGetDevice(&dev));
+        const int v = rows_per_tile == 16 ? 1 : 0;
+        if (dev < 64 && cached[dev][v] > 0) {
+            *occupancy = cached[dev][v];
+            return PF_STATUS_OK;
+        }
         PF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(occupancy, kernel, PF_PAGED_WARPS * 32, 0));
+        if (dev < 64) cached[dev][v] = *occupancy;
         return PF_STATUS_OK;
     }
     const int64_t grid =
