@@ -10,8 +10,9 @@
  *                           (cudaGetLastError after <<<...>>>).
  *   pf_cuda_device_guard    makes a device current for a scope and restores the
  *                           caller's device on exit (checked on entry).
- *   pf_cuda_workspace()     a cached, grow-only scratch buffer per (device,
- *                           stream) -- see workspace.cu for the rules.
+ *   pf_cuda_scratch_acquire / _release: a cached, grow-only scratch buffer
+ *                           per (device, stream), graph-capture aware -- see
+ *                           workspace.cu.
  *   pf_cuda_sm_count()      multiprocessor count of a device, cached.
  *   pf_cu_load / pf_cu_store / pf_cu_to_float: float16 / bfloat16 / float32
  *                           element conversion in device code.
@@ -58,14 +59,25 @@ struct pf_cuda_device_guard {
 };
 
 /*
- * A scratch buffer of at least `bytes` bytes for work enqueued on `stream` of
- * the current device. One buffer per (device, stream), grown (never shrunk) with
- * cudaMallocAsync / cudaFreeAsync on that stream, so growing never synchronizes
- * and never frees memory that earlier work on the stream still reads. The
- * returned pointer stays valid until the next call for the same (device,
- * stream). Thread-safe. bytes == 0 returns NULL.
+ * Scratch space of at least `bytes` bytes for work enqueued on `stream` of the
+ * current device, held from pf_cuda_scratch_acquire to pf_cuda_scratch_release
+ * (call release after enqueuing the work that uses it, also on error paths).
+ *
+ * Outside graph capture: one cached buffer per (device, stream), grown (never
+ * shrunk) with cudaMallocAsync / cudaFreeAsync on that stream, so growing never
+ * synchronizes and never frees memory that earlier work on the stream still
+ * reads; release does nothing. While `stream` is being captured into a CUDA
+ * graph: a graph-owned allocation (cudaMallocAsync in the capture) freed by
+ * release (cudaFreeAsync in the capture), so the graph can be replayed any
+ * number of times and never refers to the cached buffers. Thread-safe.
+ * bytes == 0 gives NULL.
  */
-pf_status pf_cuda_workspace(cudaStream_t stream, size_t bytes, void **ptr);
+struct pf_cuda_scratch {
+    void *ptr = nullptr;
+    bool graph_owned = false;
+};
+pf_status pf_cuda_scratch_acquire(cudaStream_t stream, size_t bytes, pf_cuda_scratch *scratch);
+pf_status pf_cuda_scratch_release(cudaStream_t stream, pf_cuda_scratch *scratch);
 
 /* Multiprocessor count of the current device (cached per device). */
 pf_status pf_cuda_sm_count(int *count);

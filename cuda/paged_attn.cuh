@@ -84,7 +84,8 @@ struct pf_paged_args {
 
     int batch, q_len, total_q;  /* q_len: dense layouts (0 with cu_seqlens_q) */
     int num_heads, num_kv_heads, group, head_dim;
-    int block_size, bs_shift;   /* bs_shift = log2(block_size) or -1 */
+    int block_size;
+    unsigned bs_magic, bs_shift; /* t / block_size = (umulhi(t, magic) + t) >> shift */
     int num_blocks, max_blocks;
     int num_splits, num_row_tiles; /* row tiles per sequence (dense) or plan entries (packed) */
     int causal, window_left, window_right;
@@ -98,12 +99,25 @@ struct pf_paged_args {
 
 /* ---- small device helpers ---- */
 
+/* 16 bytes through the read-only path, without L1 allocation (streamed once). */
 __device__ __forceinline__ uint4 pf_ldg16(const void *p) {
     uint4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "l"(p));
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p));
     return r;
+}
+
+/* The row a missing token (past the split, or in a block with a bad id) reads:
+ * zeros, so its V contributes exactly nothing and its K is masked anyway. */
+static __device__ __align__(16) uint4 pf_paged_zeros[32];
+
+/* An opaque zero: keeps the compiler from folding unused MMA operand registers
+ * (which would force it to rebuild operand quads with moves in the loop). */
+__device__ __forceinline__ uint32_t pf_opaque_zero() {
+    uint32_t z;
+    asm volatile("mov.b32 %0, 0;" : "=r"(z));
+    return z;
 }
 
 template <typename T>
@@ -112,8 +126,7 @@ __device__ __forceinline__ void pf_mma_16816(float (&c)[4], const uint32_t (&a)[
 template <>
 __device__ __forceinline__ void pf_mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -121,8 +134,7 @@ __device__ __forceinline__ void pf_mma_16816<__nv_bfloat16>(float (&c)[4], const
 
 template <>
 __device__ __forceinline__ void pf_mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -131,8 +143,7 @@ __device__ __forceinline__ void pf_mma_16816<__half>(float (&c)[4], const uint32
 /* c += A (16x8 tf32) * B (8x8 tf32); a/b hold float bit patterns. */
 __device__ __forceinline__ void pf_mma_1688_tf32(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                  uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
@@ -218,15 +229,20 @@ __device__ __forceinline__ pf_seq_info pf_seq_info_of(const pf_paged_args &a, in
     return s;
 }
 
+/* t / block_size for 0 <= t < 2^31 by multiply-high (bs_magic, bs_shift set by the launcher). */
+__device__ __forceinline__ int pf_block_index(const pf_paged_args &a, int t) {
+    return (int)((__umulhi((unsigned)t, a.bs_magic) + (unsigned)t) >> a.bs_shift);
+}
+
 /* Block id of token t of sequence b, or -1 when the table entry is out of range. */
 __device__ __forceinline__ int pf_block_of(const pf_paged_args &a, int b, int t) {
-    int j = a.bs_shift >= 0 ? (t >> a.bs_shift) : (t / a.block_size);
-    int id = __ldg(a.block_tables + (int64_t)b * a.bt_sb + (int64_t)j * a.bt_sj);
+    const int j = pf_block_index(a, t);
+    const int id = __ldg(a.block_tables + (int64_t)b * a.bt_sb + (int64_t)j * a.bt_sj);
     return (unsigned)id < (unsigned)a.num_blocks ? id : -1;
 }
 
 __device__ __forceinline__ int pf_offset_in_block(const pf_paged_args &a, int t) {
-    return a.bs_shift >= 0 ? (t & (a.block_size - 1)) : (t % a.block_size);
+    return t - pf_block_index(a, t) * a.block_size;
 }
 
 /* Token range [s_lo, s_hi) of `split` within [kv_lo, kv_hi), cut in whole `align`-token pieces. */
@@ -303,7 +319,11 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32)
     float row_slope[2];
     uint32_t qa[kKS][4];
 #pragma unroll
-    for (int ks = 0; ks < kKS; ks++) qa[ks][0] = qa[ks][1] = qa[ks][2] = qa[ks][3] = 0u;
+    for (int ks = 0; ks < kKS; ks++) {
+        qa[ks][0] = qa[ks][2] = 0u;
+        qa[ks][1] = pf_opaque_zero();
+        qa[ks][3] = pf_opaque_zero();
+    }
 #pragma unroll
     for (int h2 = 0; h2 < 2; h2++) {
         row_lo[h2] = 1;
@@ -346,53 +366,65 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32)
     uint4 kbuf[kNT][kKJ];
     uint4 vbuf[kNT][2][kVC];
     bool vok[kNT][2]; /* token 2q + e of group nt exists (in range, good block) */
+    const char *const zero = reinterpret_cast<const char *>(pf_paged_zeros);
 
-    /* block id of token (t0 + lane % kTile), or -1 */
+    /* block id of token (t0 + lane % kTile) (the table load), -1 when none */
     auto fetch_id = [&](int t0) -> int {
         const int t = t0 + (lane % kTile);
-        if (t0 >= s_hi || t >= s_hi) return -1;
+        if (t >= s_hi) return -1;
         return pf_block_of(a, b, t);
     };
-    auto issue_k = [&](int t0, int id_l) {
-#pragma unroll
-        for (int nt = 0; nt < kNT; nt++) {
-            const int src = nt * 8 + g;
-            const int id = __shfl_sync(0xffffffffu, id_l, src);
-            const int t = t0 + src;
-            const char *p = kbase + (int64_t)max(id, 0) * k_sblk_b + (int64_t)pf_offset_in_block(a, t) * k_stok_b;
-#pragma unroll
-            for (int j = 0; j < kKJ; j++)
-                kbuf[nt][j] = id >= 0 ? pf_ldg16(p + (qd + 4 * j) * 16) : make_uint4(0, 0, 0, 0);
+    /* that token's K and V row pointers; a missing token reads the zero row */
+    auto make_ptrs = [&](int t0, int id, const char *&kp, const char *&vp) {
+        kp = vp = zero;
+        if (id >= 0) {
+            const int64_t off = pf_offset_in_block(a, t0 + (lane % kTile));
+            kp = kbase + (int64_t)id * k_sblk_b + off * k_stok_b;
+            vp = vbase + (int64_t)id * v_sblk_b + off * v_stok_b;
         }
     };
-    auto issue_v = [&](int t0, int id_l) {
+    auto shfl_ptr = [&](const char *p, int src) -> const char * {
+        const uint64_t u = reinterpret_cast<uint64_t>(p);
+        const uint32_t lo = __shfl_sync(0xffffffffu, (uint32_t)u, src);
+        const uint32_t hi = __shfl_sync(0xffffffffu, (uint32_t)(u >> 32), src);
+        return reinterpret_cast<const char *>(((uint64_t)hi << 32) | lo);
+    };
+    auto issue_k = [&](const char *kp_l) {
+#pragma unroll
+        for (int nt = 0; nt < kNT; nt++) {
+            const char *p = shfl_ptr(kp_l, nt * 8 + g);
+#pragma unroll
+            for (int j = 0; j < kKJ; j++) kbuf[nt][j] = pf_ldg16(p + (qd + 4 * j) * 16);
+        }
+    };
+    auto issue_v = [&](const char *vp_l) {
 #pragma unroll
         for (int nt = 0; nt < kNT; nt++)
 #pragma unroll
             for (int e = 0; e < 2; e++) {
-                const int src = nt * 8 + 2 * qd + e;
-                const int id = __shfl_sync(0xffffffffu, id_l, src);
-                const int t = t0 + src;
-                vok[nt][e] = id >= 0;
-                const char *p =
-                    vbase + (int64_t)max(id, 0) * v_sblk_b + (int64_t)pf_offset_in_block(a, t) * v_stok_b;
+                const char *p = shfl_ptr(vp_l, nt * 8 + 2 * qd + e);
+                vok[nt][e] = p != zero;
 #pragma unroll
                 for (int c = 0; c < kVC; c++) {
-                    const bool in_dim = (kD % 64 == 0) || (g + 8 * c < kChunks);
-                    vbuf[nt][e][c] = (id >= 0 && in_dim) ? pf_ldg16(p + (g + 8 * c) * 16) : make_uint4(0, 0, 0, 0);
+                    if (kD % 64 == 0 || g + 8 * c < kChunks)
+                        vbuf[nt][e][c] = pf_ldg16(p + (g + 8 * c) * 16);
+                    else
+                        vbuf[nt][e][c] = make_uint4(0u, 0u, 0u, 0u);
                 }
             }
     };
 
     int t_cur = s_lo + warp * kTile;
     if (t_cur < s_hi) {
-        int id_a = fetch_id(t_cur);
-        int id_b = fetch_id(t_cur + kRound);
-        issue_k(t_cur, id_a);
-        issue_v(t_cur, id_a);
+        const char *kp_n, *vp_n;
+        make_ptrs(t_cur, fetch_id(t_cur), kp_n, vp_n);
+        issue_k(kp_n);
+        issue_v(vp_n);
+        int id_n = fetch_id(t_cur + kRound);
+        make_ptrs(t_cur + kRound, id_n, kp_n, vp_n);
+        id_n = fetch_id(t_cur + 2 * kRound);
         for (; t_cur < s_hi; t_cur += kRound) {
             const int t_next = t_cur + kRound;
-            const int id_c = fetch_id(t_next + kRound);
 
             /* S = Q K^T */
             float s[kNT][4];
@@ -405,7 +437,7 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32)
                     pf_mma_16816<T>(s[nt], qa[2 * j + 1], kbuf[nt][j].z, kbuf[nt][j].w);
                 }
             }
-            if (t_next < s_hi) issue_k(t_next, id_b);
+            if (t_next < s_hi) issue_k(kp_n);
 
             /* scale, softcap, ALiBi, mask; row maxima */
             float mx[2] = {-INFINITY, -INFINITY};
@@ -417,7 +449,7 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32)
                     const int t = t_cur + nt * 8 + 2 * qd + e;
                     float x = s[nt][c];
                     x = a.cap_log2 != 0.f ? a.cap_log2 * pf_tanh(x * a.qk_scale) : x * a.qk_scale;
-                    x -= row_slope[h2] * (float)abs(row_pos[h2] - t);
+                    if (a.alibi) x -= row_slope[h2] * (float)abs(row_pos[h2] - t);
                     const bool ok = vok[nt][e] && t >= row_lo[h2] && t <= row_hi[h2];
                     x = ok ? x : -INFINITY;
                     s[nt][c] = x;
@@ -477,8 +509,9 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32)
                         pf_mma_1688_tf32(oacc[n][i], __float_as_uint(x00), __float_as_uint(x01), __float_as_uint(x10),
                                          __float_as_uint(x11), pb[nt][2 * n], pb[nt][2 * n + 1]);
                 }
-            if (t_next < s_hi) issue_v(t_next, id_b);
-            id_b = id_c;
+            if (t_next < s_hi) issue_v(vp_n);
+            make_ptrs(t_next + kRound, id_n, kp_n, vp_n);
+            id_n = fetch_id(t_next + 2 * kRound);
         }
     }
 

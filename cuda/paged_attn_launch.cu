@@ -314,6 +314,9 @@ static bool pf_aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
 static size_t pf_round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
 
+static pf_status pf_paged_enqueue(pf_paged_args &a, pf_paged_fn fast, int rows, int64_t splits, bool has_cu,
+                                  size_t o_bytes, size_t l_bytes, char *wp, pf_dtype dtype, cudaStream_t stream);
+
 extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
     pf_cuda_device_guard guard;
     PF_TRY(guard.set(p->q.device_id));
@@ -368,9 +371,16 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
     a.block_size = (int)kc.shape[1];
     a.num_kv_heads = (int)kc.shape[2];
     a.group = a.num_heads / a.num_kv_heads;
-    a.bs_shift = -1;
-    for (int s = 0; s < 16; s++)
-        if ((1 << s) == a.block_size) a.bs_shift = s;
+    /* division by block_size as (umulhi(t, magic) + t) >> shift, exact for t < 2^31 */
+    {
+        unsigned l = 0;
+        while ((1u << l) < (unsigned)a.block_size) l++;
+        a.bs_shift = l;
+        a.bs_magic = (unsigned)((((uint64_t)1 << 32) * (((uint64_t)1 << l) - (uint64_t)a.block_size)) /
+                                    (uint64_t)a.block_size +
+                                1);
+        if (a.block_size == 1) a.bs_magic = 0;
+    }
     a.k_sblk = kc.strides[0];
     a.k_stok = kc.strides[1];
     a.k_sh = kc.strides[2];
@@ -474,9 +484,17 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
         plan_bytes = pf_round_up(fast ? (size_t)a.num_row_tiles * 2 * sizeof(int32_t)
                                       : (size_t)a.total_q * sizeof(int32_t),
                                  256);
-    void *ws = NULL;
-    PF_TRY(pf_cuda_workspace(stream, o_bytes + l_bytes + plan_bytes, &ws));
-    char *wp = (char *)ws;
+    pf_cuda_scratch scratch;
+    PF_TRY(pf_cuda_scratch_acquire(stream, o_bytes + l_bytes + plan_bytes, &scratch));
+    pf_status st = pf_paged_enqueue(a, fast, rows, splits, has_cu, o_bytes, l_bytes, (char *)scratch.ptr, q.dtype,
+                                    stream);
+    pf_status st2 = pf_cuda_scratch_release(stream, &scratch);
+    return st != PF_STATUS_OK ? st : st2;
+}
+
+/* Everything after the workspace is in hand: plan, main kernel, combine. */
+static pf_status pf_paged_enqueue(pf_paged_args &a, pf_paged_fn fast, int rows, int64_t splits, bool has_cu,
+                                  size_t o_bytes, size_t l_bytes, char *wp, pf_dtype dtype, cudaStream_t stream) {
     if (splits > 1) {
         a.o_part = (float *)wp;
         a.lse_part = (float *)(wp + o_bytes);
@@ -501,9 +519,9 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
 
     if (fast) {
         PF_TRY(fast(&a, rows, stream, 1, NULL));
-    } else if (q.dtype == PF_DTYPE_F32) {
+    } else if (dtype == PF_DTYPE_F32) {
         PF_TRY(pf_launch_simple<float>(a, qmap, stream));
-    } else if (q.dtype == PF_DTYPE_F16) {
+    } else if (dtype == PF_DTYPE_F16) {
         PF_TRY(pf_launch_simple<__half>(a, qmap, stream));
     } else {
         PF_TRY(pf_launch_simple<__nv_bfloat16>(a, qmap, stream));
@@ -533,9 +551,9 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
             c.s0 = a.o_sb;
             c.s1 = a.o_st;
         }
-        if (q.dtype == PF_DTYPE_F32)
+        if (dtype == PF_DTYPE_F32)
             PF_TRY(pf_launch_combine<float>(c, stream));
-        else if (q.dtype == PF_DTYPE_F16)
+        else if (dtype == PF_DTYPE_F16)
             PF_TRY(pf_launch_combine<__half>(c, stream));
         else
             PF_TRY(pf_launch_combine<__nv_bfloat16>(c, stream));

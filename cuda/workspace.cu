@@ -8,7 +8,10 @@
  * requesting stream, so the release is ordered after every kernel already
  * enqueued there that reads it, and nothing synchronizes. Sizes grow to the next
  * power of two (>= 1 MiB) so a slowly growing workload reallocates rarely.
- * Buffers live until the process exits (the driver reclaims them).
+ * Buffers live until the process exits (the driver reclaims them). During
+ * stream capture no cached buffer is touched: the scratch space becomes a
+ * graph memory node (allocated and freed inside the graph), so graphs stay
+ * replayable and independent of later eager calls.
  *
  * Sharing rule: work on one stream runs in order, so consecutive calls on a
  * stream may reuse its buffer freely; different streams never share one. A
@@ -49,9 +52,18 @@ int pf_sm_counts[kMaxDevices]; /* 0 = not read yet */
 
 }  // namespace
 
-pf_status pf_cuda_workspace(cudaStream_t stream, size_t bytes, void **ptr) {
-    *ptr = nullptr;
+pf_status pf_cuda_scratch_acquire(cudaStream_t stream, size_t bytes, pf_cuda_scratch *scratch) {
+    scratch->ptr = nullptr;
+    scratch->graph_owned = false;
     if (bytes == 0) return PF_STATUS_OK;
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    PF_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture == cudaStreamCaptureStatusActive) {
+        /* a graph memory node: allocated and freed by every replay of the graph */
+        PF_CUDA_CHECK(cudaMallocAsync(&scratch->ptr, bytes, stream));
+        scratch->graph_owned = true;
+        return PF_STATUS_OK;
+    }
     int device = 0;
     PF_CUDA_CHECK(cudaGetDevice(&device));
     std::lock_guard<std::mutex> lock(pf_ws_mutex);
@@ -68,7 +80,17 @@ pf_status pf_cuda_workspace(cudaStream_t stream, size_t bytes, void **ptr) {
         PF_CUDA_CHECK(cudaMallocAsync(&e.ptr, want, stream));
         e.bytes = want;
     }
-    *ptr = e.ptr;
+    scratch->ptr = e.ptr;
+    return PF_STATUS_OK;
+}
+
+pf_status pf_cuda_scratch_release(cudaStream_t stream, pf_cuda_scratch *scratch) {
+    if (scratch->graph_owned && scratch->ptr) {
+        void *p = scratch->ptr;
+        scratch->ptr = nullptr;
+        scratch->graph_owned = false;
+        PF_CUDA_CHECK(cudaFreeAsync(p, stream));
+    }
     return PF_STATUS_OK;
 }
 
