@@ -108,6 +108,17 @@ __device__ __forceinline__ uint4 pf_ldg16(const void *p) {
     return r;
 }
 
+/* 16-byte global -> shared copy, L2 only (cp.async.cg), completes asynchronously. */
+__device__ __forceinline__ void pf_cp_async16(void *smem, const void *gmem) {
+    const uint32_t sa = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sa), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void pf_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void pf_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
 /* The row a missing token (past the split, or in a block with a bad id) reads:
  * zeros, so its V contributes exactly nothing and its K is masked anyway. */
 static __device__ __align__(16) uint4 pf_paged_zeros[32];
@@ -256,13 +267,22 @@ __device__ __forceinline__ void pf_split_range(int kv_lo, int kv_hi, int split, 
     if (s_hi < s_lo) s_hi = s_lo;
 }
 
+/* Tokens per warp iteration / 8, 16-byte chunks per lane per tile, pipeline depth. */
+__host__ __device__ constexpr int pf_paged_nt(int d) { return d <= 128 ? 2 : 1; }
+__host__ __device__ constexpr int pf_paged_slots(int d) { return pf_paged_nt(d) * (d / 32 + 2 * ((d + 63) / 64)); }
+__host__ __device__ constexpr int pf_paged_stages(int d) { return d <= 64 ? 4 : 3; }
+/* Dynamic shared memory of one CTA: the warps' rings. */
+__host__ __device__ constexpr int pf_paged_smem_bytes(int d) {
+    return PF_PAGED_WARPS * pf_paged_stages(d) * pf_paged_slots(d) * 32 * 16;
+}
+
 /*
  * The tensor-core kernel. kD: head dim (multiple of 32, <= 256); T: __half or
  * __nv_bfloat16; kRows: rows per tile (8 or 16); kNT: 8-token groups per warp
  * iteration (1 or 2).
  */
 template <int kD, typename T, int kRows, int kNT>
-__global__ void __launch_bounds__(PF_PAGED_WARPS * 32)
+__global__ void __launch_bounds__(PF_PAGED_WARPS * 32, 2)
     pf_paged_attn_kernel(const pf_paged_args a) {
     static_assert(kD % 32 == 0 && kD <= 256, "head dim");
     static_assert(kRows == 8 || kRows == 16, "rows per tile");
@@ -274,6 +294,8 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32)
     constexpr int kRT = kRows / 8;           /* 8-row n-tiles of O^T */
     constexpr int kTile = 8 * kNT;           /* tokens per warp iteration */
     constexpr int kRound = kTile * PF_PAGED_WARPS;
+    constexpr int kSlots = pf_paged_slots(kD);   /* 16-byte chunks per lane per tile (K then V) */
+    constexpr int kStages = pf_paged_stages(kD); /* tiles in flight per warp */
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, qd = lane & 3;
@@ -363,10 +385,13 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32)
     const int64_t k_sblk_b = a.k_sblk * (int64_t)sizeof(T), k_stok_b = a.k_stok * (int64_t)sizeof(T);
     const int64_t v_sblk_b = a.v_sblk * (int64_t)sizeof(T), v_stok_b = a.v_stok * (int64_t)sizeof(T);
 
-    uint4 kbuf[kNT][kKJ];
-    uint4 vbuf[kNT][2][kVC];
-    bool vok[kNT][2]; /* token 2q + e of group nt exists (in range, good block) */
+    /* Per-warp ring of kStages tiles in shared memory. Every lane copies its own
+     * 16-byte chunks (cp.async) and later reads back exactly those, so no barrier
+     * is needed: cp.async.wait_group orders a lane's copies before its reads. */
+    extern __shared__ uint4 pf_paged_smem[];
+    uint4 *const ring = pf_paged_smem + warp * (kStages * kSlots * 32) + lane;
     const char *const zero = reinterpret_cast<const char *>(pf_paged_zeros);
+    uint32_t vok_bits = 0; /* per stage: bit (nt * 2 + e): token 2q + e of group nt exists */
 
     /* block id of token (t0 + lane % kTile) (the table load), -1 when none */
     auto fetch_id = [&](int t0) -> int {
@@ -389,42 +414,49 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32)
         const uint32_t hi = __shfl_sync(0xffffffffu, (uint32_t)(u >> 32), src);
         return reinterpret_cast<const char *>(((uint64_t)hi << 32) | lo);
     };
-    auto issue_k = [&](const char *kp_l) {
+    /* enqueue the copies of one tile into stage `st` (one commit group, possibly empty) */
+    auto issue = [&](bool valid, const char *kp_l, const char *vp_l, int st) {
+        if (valid) {
+            uint4 *slot = ring + st * (kSlots * 32);
 #pragma unroll
-        for (int nt = 0; nt < kNT; nt++) {
-            const char *p = shfl_ptr(kp_l, nt * 8 + g);
+            for (int nt = 0; nt < kNT; nt++) {
+                const char *p = shfl_ptr(kp_l, nt * 8 + g);
 #pragma unroll
-            for (int j = 0; j < kKJ; j++) kbuf[nt][j] = pf_ldg16(p + (qd + 4 * j) * 16);
-        }
-    };
-    auto issue_v = [&](const char *vp_l) {
-#pragma unroll
-        for (int nt = 0; nt < kNT; nt++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const char *p = shfl_ptr(vp_l, nt * 8 + 2 * qd + e);
-                vok[nt][e] = p != zero;
-#pragma unroll
-                for (int c = 0; c < kVC; c++) {
-                    if (kD % 64 == 0 || g + 8 * c < kChunks)
-                        vbuf[nt][e][c] = pf_ldg16(p + (g + 8 * c) * 16);
-                    else
-                        vbuf[nt][e][c] = make_uint4(0u, 0u, 0u, 0u);
-                }
+                for (int j = 0; j < kKJ; j++) pf_cp_async16(slot + (nt * kKJ + j) * 32, p + (qd + 4 * j) * 16);
             }
+            uint32_t bits = 0;
+#pragma unroll
+            for (int nt = 0; nt < kNT; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const char *p = shfl_ptr(vp_l, nt * 8 + 2 * qd + e);
+                    bits |= (uint32_t)(p != zero) << (nt * 2 + e);
+#pragma unroll
+                    for (int c = 0; c < kVC; c++)
+                        if (kD % 64 == 0 || g + 8 * c < kChunks)
+                            pf_cp_async16(slot + (kNT * kKJ + (nt * 2 + e) * kVC + c) * 32, p + (g + 8 * c) * 16);
+                }
+            vok_bits = (vok_bits & ~(0xfu << (4 * st))) | (bits << (4 * st));
+        }
+        pf_cp_async_commit();
     };
 
     int t_cur = s_lo + warp * kTile;
     if (t_cur < s_hi) {
-        const char *kp_n, *vp_n;
-        make_ptrs(t_cur, fetch_id(t_cur), kp_n, vp_n);
-        issue_k(kp_n);
-        issue_v(vp_n);
-        int id_n = fetch_id(t_cur + kRound);
-        make_ptrs(t_cur + kRound, id_n, kp_n, vp_n);
-        id_n = fetch_id(t_cur + 2 * kRound);
+        /* prologue: tiles 0 .. kStages-1 in flight */
+        int id_n = fetch_id(t_cur);
+#pragma unroll
+        for (int st = 0; st < kStages; st++) {
+            const int t0 = t_cur + st * kRound;
+            const char *kp, *vp;
+            make_ptrs(t0, id_n, kp, vp);
+            id_n = fetch_id(t0 + kRound);
+            issue(t0 < s_hi, kp, vp, st);
+        }
+        int st = 0;
         for (; t_cur < s_hi; t_cur += kRound) {
-            const int t_next = t_cur + kRound;
+            pf_cp_async_wait<kStages - 1>();
+            const uint4 *slot = ring + st * (kSlots * 32);
 
             /* S = Q K^T */
             float s[kNT][4];
@@ -433,11 +465,12 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32)
                 s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
                 for (int j = 0; j < kKJ; j++) {
-                    pf_mma_16816<T>(s[nt], qa[2 * j], kbuf[nt][j].x, kbuf[nt][j].y);
-                    pf_mma_16816<T>(s[nt], qa[2 * j + 1], kbuf[nt][j].z, kbuf[nt][j].w);
+                    const uint4 kv = slot[(nt * kKJ + j) * 32];
+                    pf_mma_16816<T>(s[nt], qa[2 * j], kv.x, kv.y);
+                    pf_mma_16816<T>(s[nt], qa[2 * j + 1], kv.z, kv.w);
                 }
             }
-            if (t_next < s_hi) issue_k(kp_n);
+            const uint32_t vbits = vok_bits >> (4 * st);
 
             /* scale, softcap, ALiBi, mask; row maxima */
             float mx[2] = {-INFINITY, -INFINITY};
@@ -450,7 +483,7 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32)
                     float x = s[nt][c];
                     x = a.cap_log2 != 0.f ? a.cap_log2 * pf_tanh(x * a.qk_scale) : x * a.qk_scale;
                     if (a.alibi) x -= row_slope[h2] * (float)abs(row_pos[h2] - t);
-                    const bool ok = vok[nt][e] && t >= row_lo[h2] && t <= row_hi[h2];
+                    const bool ok = ((vbits >> (nt * 2 + e)) & 1u) && t >= row_lo[h2] && t <= row_hi[h2];
                     x = ok ? x : -INFINITY;
                     s[nt][c] = x;
                     mx[h2] = fmaxf(mx[h2], x);
@@ -498,22 +531,36 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32)
 #pragma unroll
             for (int nt = 0; nt < kNT; nt++)
 #pragma unroll
-                for (int i = 0; i < kMT; i++) {
-                    const int c = i >> 2, w = i & 3;
-                    const uint32_t w0 = (&vbuf[nt][0][c].x)[w], w1 = (&vbuf[nt][1][c].x)[w];
-                    float x00, x01, x10, x11;
-                    pf_unpack2<T>(w0, x00, x01); /* token 2q:   elements 2i, 2i+1 */
-                    pf_unpack2<T>(w1, x10, x11); /* token 2q+1 */
+                for (int c = 0; c < kVC; c++) {
+                    if (kD % 64 != 0 && g + 8 * c >= kChunks) continue; /* zero padding: adds nothing */
+                    const uint4 v0 = slot[(kNT * kKJ + (nt * 2 + 0) * kVC + c) * 32];
+                    const uint4 v1 = slot[(kNT * kKJ + (nt * 2 + 1) * kVC + c) * 32];
 #pragma unroll
-                    for (int n = 0; n < kRT; n++)
-                        pf_mma_1688_tf32(oacc[n][i], __float_as_uint(x00), __float_as_uint(x01), __float_as_uint(x10),
-                                         __float_as_uint(x11), pb[nt][2 * n], pb[nt][2 * n + 1]);
+                    for (int w = 0; w < 4; w++) {
+                        const int i = c * 4 + w;
+                        float x00, x01, x10, x11;
+                        pf_unpack2<T>((&v0.x)[w], x00, x01); /* token 2q:   elements 2i, 2i+1 */
+                        pf_unpack2<T>((&v1.x)[w], x10, x11); /* token 2q+1 */
+#pragma unroll
+                        for (int n = 0; n < kRT; n++)
+                            pf_mma_1688_tf32(oacc[n][i], __float_as_uint(x00), __float_as_uint(x01),
+                                             __float_as_uint(x10), __float_as_uint(x11), pb[nt][2 * n],
+                                             pb[nt][2 * n + 1]);
+                    }
                 }
-            if (t_next < s_hi) issue_v(vp_n);
-            make_ptrs(t_next + kRound, id_n, kp_n, vp_n);
-            id_n = fetch_id(t_next + 2 * kRound);
+
+            /* refill this stage with the tile kStages ahead */
+            {
+                const int t_far = t_cur + kStages * kRound;
+                const char *kp, *vp;
+                make_ptrs(t_far, id_n, kp, vp);
+                id_n = fetch_id(t_far + kRound);
+                issue(t_far < s_hi, kp, vp, st);
+            }
+            st = st + 1 == kStages ? 0 : st + 1;
         }
     }
+    pf_cp_async_wait<0>();
 
     /* ---- merge the 4 warps through shared memory, then write ---- */
     constexpr int kAccStride = kD + 4;
@@ -617,30 +664,38 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32)
 /* Occupancy query (mode 0) or launch (mode 1) of one (head dim, dtype) instantiation. */
 template <int kD, typename T>
 pf_status pf_paged_attn_run(pf_paged_args *a, int rows_per_tile, cudaStream_t stream, int mode, int *occupancy) {
-    constexpr int kNT = kD <= 128 ? 2 : 1;
+    constexpr int kNT = pf_paged_nt(kD);
     void (*kernel)(const pf_paged_args);
     if (rows_per_tile == 16 && kD <= 128)
         kernel = pf_paged_attn_kernel<kD, T, (kD <= 128 ? 16 : 8), kNT>;
     else
         kernel = pf_paged_attn_kernel<kD, T, 8, kNT>;
+    constexpr int kSmem = pf_paged_smem_bytes(kD);
+    /* opt in to > 48 KB of dynamic shared memory, once per (device, variant) */
+    static int opted[64][2];
+    int dev = 0;
+    PF_CUDA_CHECK(cudaGetDevice(&dev));
+    const int v = rows_per_tile == 16 ? 1 : 0;
+    if (dev >= 64 || !opted[dev][v]) {
+        PF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+        if (dev < 64) opted[dev][v] = 1;
+    }
     if (mode == 0) {
         /* resident CTAs per multiprocessor, cached per (device, variant) */
         static int cached[64][2];
-        int dev = 0;
-        PF_CUDA_CHECK(cudaGetDevice(&dev));
-        const int v = rows_per_tile == 16 ? 1 : 0;
         if (dev < 64 && cached[dev][v] > 0) {
             *occupancy = cached[dev][v];
             return PF_STATUS_OK;
         }
-        PF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(occupancy, kernel, PF_PAGED_WARPS * 32, 0));
+        PF_CUDA_CHECK(
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(occupancy, kernel, PF_PAGED_WARPS * 32, kSmem));
         if (dev < 64) cached[dev][v] = *occupancy;
         return PF_STATUS_OK;
     }
     const int64_t grid =
         (int64_t)a->num_row_tiles * a->num_kv_heads * a->num_splits * (a->plan ? 1 : a->batch);
     if (grid == 0) return PF_STATUS_OK;
-    kernel<<<(unsigned)grid, PF_PAGED_WARPS * 32, 0, stream>>>(*a);
+    kernel<<<(unsigned)grid, PF_PAGED_WARPS * 32, kSmem, stream>>>(*a);
     PF_CUDA_CHECK_LAUNCH();
     return PF_STATUS_OK;
 }
