@@ -88,6 +88,7 @@ struct pf_paged_args {
     unsigned bs_magic, bs_shift; /* t / block_size = (umulhi(t, magic) + t) >> shift */
     int num_blocks, max_blocks;
     int num_splits, num_row_tiles; /* row tiles per sequence (dense) or plan entries (packed) */
+    int kv_per_cta;           /* 1: token mode; PF_PAGED_WARPS: head mode (one KV head per warp) */
     int causal, window_left, window_right;
     float qk_scale;           /* softmax_scale * log2(e), or softmax_scale / softcap with softcap */
     float cap_log2;           /* softcap * log2(e); 0 = no softcap */
@@ -106,17 +107,6 @@ __device__ __forceinline__ uint4 pf_ldg16(const void *p) {
         : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
         : "l"(p));
     return r;
-}
-
-/* 16-byte global -> shared copy, L2 only (cp.async.cg), completes asynchronously. */
-__device__ __forceinline__ void pf_cp_async16(void *smem, const void *gmem) {
-    const uint32_t sa = (uint32_t)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sa), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void pf_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void pf_cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
 /* The row a missing token (past the split, or in a block with a bad id) reads:
@@ -267,21 +257,12 @@ __device__ __forceinline__ void pf_split_range(int kv_lo, int kv_hi, int split, 
     if (s_hi < s_lo) s_hi = s_lo;
 }
 
-/* Tokens per warp iteration / 8, 16-byte chunks per lane per tile, pipeline depth. */
-__host__ __device__ constexpr int pf_paged_nt(int d) { return d <= 128 ? 2 : 1; }
-__host__ __device__ constexpr int pf_paged_slots(int d) { return pf_paged_nt(d) * (d / 32 + 2 * ((d + 63) / 64)); }
-__host__ __device__ constexpr int pf_paged_stages(int d) { return d <= 64 ? 4 : 3; }
-/* Dynamic shared memory of one CTA: the warps' rings. */
-__host__ __device__ constexpr int pf_paged_smem_bytes(int d) {
-    return PF_PAGED_WARPS * pf_paged_stages(d) * pf_paged_slots(d) * 32 * 16;
-}
-
 /*
  * The tensor-core kernel. kD: head dim (multiple of 32, <= 256); T: __half or
  * __nv_bfloat16; kRows: rows per tile (8 or 16); kNT: 8-token groups per warp
  * iteration (1 or 2).
  */
-template <int kD, typename T, int kRows, int kNT>
+template <int kD, typename T, int kRows, int kNT, bool kHeadWarps>
 __global__ void __launch_bounds__(PF_PAGED_WARPS * 32, 2)
     pf_paged_attn_kernel(const pf_paged_args a) {
     static_assert(kD % 32 == 0 && kD <= 256, "head dim");
@@ -294,8 +275,10 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32, 2)
     constexpr int kRT = kRows / 8;           /* 8-row n-tiles of O^T */
     constexpr int kTile = 8 * kNT;           /* tokens per warp iteration */
     constexpr int kRound = kTile * PF_PAGED_WARPS;
-    constexpr int kSlots = pf_paged_slots(kD);   /* 16-byte chunks per lane per tile (K then V) */
-    constexpr int kStages = pf_paged_stages(kD); /* tiles in flight per warp */
+    /* head mode: warp w owns KV head 4c + w and walks every tile of the split (so the
+     * CTA reads 4 heads' rows of each token together: 4x longer contiguous runs);
+     * token mode: the 4 warps share one KV head and take every 4th tile. */
+    constexpr int kStep = kHeadWarps ? kTile : kRound;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, qd = lane & 3;
@@ -304,8 +287,10 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32, 2)
     int bid = blockIdx.x;
     const int split = bid % a.num_splits;
     bid /= a.num_splits;
-    const int kvh = bid % a.num_kv_heads;
-    bid /= a.num_kv_heads;
+    const int kv_groups = kHeadWarps ? (a.num_kv_heads + PF_PAGED_WARPS - 1) / PF_PAGED_WARPS : a.num_kv_heads;
+    const int kvh = kHeadWarps ? (bid % kv_groups) * PF_PAGED_WARPS + warp : bid % kv_groups;
+    bid /= kv_groups;
+    if (kHeadWarps && kvh >= a.num_kv_heads) return; /* no barrier follows in head mode */
     int b, rt;
     if (a.plan) {
         b = a.plan[2 * bid];
@@ -385,13 +370,10 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32, 2)
     const int64_t k_sblk_b = a.k_sblk * (int64_t)sizeof(T), k_stok_b = a.k_stok * (int64_t)sizeof(T);
     const int64_t v_sblk_b = a.v_sblk * (int64_t)sizeof(T), v_stok_b = a.v_stok * (int64_t)sizeof(T);
 
-    /* Per-warp ring of kStages tiles in shared memory. Every lane copies its own
-     * 16-byte chunks (cp.async) and later reads back exactly those, so no barrier
-     * is needed: cp.async.wait_group orders a lane's copies before its reads. */
-    extern __shared__ uint4 pf_paged_smem[];
-    uint4 *const ring = pf_paged_smem + warp * (kStages * kSlots * 32) + lane;
+    uint4 kbuf[kNT][kKJ];
+    uint4 vbuf[kNT][2][kVC];
+    bool vok[kNT][2]; /* token 2q + e of group nt exists (in range, good block) */
     const char *const zero = reinterpret_cast<const char *>(pf_paged_zeros);
-    uint32_t vok_bits = 0; /* per stage: bit (nt * 2 + e): token 2q + e of group nt exists */
 
     /* block id of token (t0 + lane % kTile) (the table load), -1 when none */
     auto fetch_id = [&](int t0) -> int {
@@ -414,49 +396,42 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32, 2)
         const uint32_t hi = __shfl_sync(0xffffffffu, (uint32_t)(u >> 32), src);
         return reinterpret_cast<const char *>(((uint64_t)hi << 32) | lo);
     };
-    /* enqueue the copies of one tile into stage `st` (one commit group, possibly empty) */
-    auto issue = [&](bool valid, const char *kp_l, const char *vp_l, int st) {
-        if (valid) {
-            uint4 *slot = ring + st * (kSlots * 32);
+    auto issue_k = [&](const char *kp_l) {
 #pragma unroll
-            for (int nt = 0; nt < kNT; nt++) {
-                const char *p = shfl_ptr(kp_l, nt * 8 + g);
+        for (int nt = 0; nt < kNT; nt++) {
+            const char *p = shfl_ptr(kp_l, nt * 8 + g);
 #pragma unroll
-                for (int j = 0; j < kKJ; j++) pf_cp_async16(slot + (nt * kKJ + j) * 32, p + (qd + 4 * j) * 16);
-            }
-            uint32_t bits = 0;
-#pragma unroll
-            for (int nt = 0; nt < kNT; nt++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const char *p = shfl_ptr(vp_l, nt * 8 + 2 * qd + e);
-                    bits |= (uint32_t)(p != zero) << (nt * 2 + e);
-#pragma unroll
-                    for (int c = 0; c < kVC; c++)
-                        if (kD % 64 == 0 || g + 8 * c < kChunks)
-                            pf_cp_async16(slot + (kNT * kKJ + (nt * 2 + e) * kVC + c) * 32, p + (g + 8 * c) * 16);
-                }
-            vok_bits = (vok_bits & ~(0xfu << (4 * st))) | (bits << (4 * st));
+            for (int j = 0; j < kKJ; j++) kbuf[nt][j] = pf_ldg16(p + (qd + 4 * j) * 16);
         }
-        pf_cp_async_commit();
+    };
+    auto issue_v = [&](const char *vp_l) {
+#pragma unroll
+        for (int nt = 0; nt < kNT; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const char *p = shfl_ptr(vp_l, nt * 8 + 2 * qd + e);
+                vok[nt][e] = p != zero;
+#pragma unroll
+                for (int c = 0; c < kVC; c++) {
+                    if (kD % 64 == 0 || g + 8 * c < kChunks)
+                        vbuf[nt][e][c] = pf_ldg16(p + (g + 8 * c) * 16);
+                    else
+                        vbuf[nt][e][c] = make_uint4(0u, 0u, 0u, 0u);
+                }
+            }
     };
 
-    int t_cur = s_lo + warp * kTile;
+    int t_cur = s_lo + (kHeadWarps ? 0 : warp * kTile);
     if (t_cur < s_hi) {
-        /* prologue: tiles 0 .. kStages-1 in flight */
-        int id_n = fetch_id(t_cur);
-#pragma unroll
-        for (int st = 0; st < kStages; st++) {
-            const int t0 = t_cur + st * kRound;
-            const char *kp, *vp;
-            make_ptrs(t0, id_n, kp, vp);
-            id_n = fetch_id(t0 + kRound);
-            issue(t0 < s_hi, kp, vp, st);
-        }
-        int st = 0;
-        for (; t_cur < s_hi; t_cur += kRound) {
-            pf_cp_async_wait<kStages - 1>();
-            const uint4 *slot = ring + st * (kSlots * 32);
+        const char *kp_n, *vp_n;
+        make_ptrs(t_cur, fetch_id(t_cur), kp_n, vp_n);
+        issue_k(kp_n);
+        issue_v(vp_n);
+        int id_n = fetch_id(t_cur + kStep);
+        make_ptrs(t_cur + kStep, id_n, kp_n, vp_n);
+        id_n = fetch_id(t_cur + 2 * kStep);
+        for (; t_cur < s_hi; t_cur += kStep) {
+            const int t_next = t_cur + kStep;
 
             /* S = Q K^T */
             float s[kNT][4];
@@ -465,12 +440,11 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32, 2)
                 s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
                 for (int j = 0; j < kKJ; j++) {
-                    const uint4 kv = slot[(nt * kKJ + j) * 32];
-                    pf_mma_16816<T>(s[nt], qa[2 * j], kv.x, kv.y);
-                    pf_mma_16816<T>(s[nt], qa[2 * j + 1], kv.z, kv.w);
+                    pf_mma_16816<T>(s[nt], qa[2 * j], kbuf[nt][j].x, kbuf[nt][j].y);
+                    pf_mma_16816<T>(s[nt], qa[2 * j + 1], kbuf[nt][j].z, kbuf[nt][j].w);
                 }
             }
-            const uint32_t vbits = vok_bits >> (4 * st);
+            if (t_next < s_hi) issue_k(kp_n);
 
             /* scale, softcap, ALiBi, mask; row maxima */
             float mx[2] = {-INFINITY, -INFINITY};
@@ -483,7 +457,7 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32, 2)
                     float x = s[nt][c];
                     x = a.cap_log2 != 0.f ? a.cap_log2 * pf_tanh(x * a.qk_scale) : x * a.qk_scale;
                     if (a.alibi) x -= row_slope[h2] * (float)abs(row_pos[h2] - t);
-                    const bool ok = ((vbits >> (nt * 2 + e)) & 1u) && t >= row_lo[h2] && t <= row_hi[h2];
+                    const bool ok = vok[nt][e] && t >= row_lo[h2] && t <= row_hi[h2];
                     x = ok ? x : -INFINITY;
                     s[nt][c] = x;
                     mx[h2] = fmaxf(mx[h2], x);
@@ -531,48 +505,87 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32, 2)
 #pragma unroll
             for (int nt = 0; nt < kNT; nt++)
 #pragma unroll
-                for (int c = 0; c < kVC; c++) {
-                    if (kD % 64 != 0 && g + 8 * c >= kChunks) continue; /* zero padding: adds nothing */
-                    const uint4 v0 = slot[(kNT * kKJ + (nt * 2 + 0) * kVC + c) * 32];
-                    const uint4 v1 = slot[(kNT * kKJ + (nt * 2 + 1) * kVC + c) * 32];
+                for (int i = 0; i < kMT; i++) {
+                    const int c = i >> 2, w = i & 3;
+                    const uint32_t w0 = (&vbuf[nt][0][c].x)[w], w1 = (&vbuf[nt][1][c].x)[w];
+                    float x00, x01, x10, x11;
+                    pf_unpack2<T>(w0, x00, x01); /* token 2q:   elements 2i, 2i+1 */
+                    pf_unpack2<T>(w1, x10, x11); /* token 2q+1 */
 #pragma unroll
-                    for (int w = 0; w < 4; w++) {
-                        const int i = c * 4 + w;
-                        float x00, x01, x10, x11;
-                        pf_unpack2<T>((&v0.x)[w], x00, x01); /* token 2q:   elements 2i, 2i+1 */
-                        pf_unpack2<T>((&v1.x)[w], x10, x11); /* token 2q+1 */
-#pragma unroll
-                        for (int n = 0; n < kRT; n++)
-                            pf_mma_1688_tf32(oacc[n][i], __float_as_uint(x00), __float_as_uint(x01),
-                                             __float_as_uint(x10), __float_as_uint(x11), pb[nt][2 * n],
-                                             pb[nt][2 * n + 1]);
-                    }
+                    for (int n = 0; n < kRT; n++)
+                        pf_mma_1688_tf32(oacc[n][i], __float_as_uint(x00), __float_as_uint(x01), __float_as_uint(x10),
+                                         __float_as_uint(x11), pb[nt][2 * n], pb[nt][2 * n + 1]);
                 }
-
-            /* refill this stage with the tile kStages ahead */
-            {
-                const int t_far = t_cur + kStages * kRound;
-                const char *kp, *vp;
-                make_ptrs(t_far, id_n, kp, vp);
-                id_n = fetch_id(t_far + kRound);
-                issue(t_far < s_hi, kp, vp, st);
-            }
-            st = st + 1 == kStages ? 0 : st + 1;
+            if (t_next < s_hi) issue_v(vp_n);
+            make_ptrs(t_next + kStep, id_n, kp_n, vp_n);
+            id_n = fetch_id(t_next + 2 * kStep);
         }
     }
-    pf_cp_async_wait<0>();
-
-    /* ---- merge the 4 warps through shared memory, then write ---- */
-    constexpr int kAccStride = kD + 4;
-    __shared__ float sm_m[PF_PAGED_WARPS][kRows], sm_l[PF_PAGED_WARPS][kRows];
-    __shared__ __align__(16) float sm_acc[kRows][kAccStride];
-    __shared__ float sm_M[kRows], sm_L[kRows];
 
 #pragma unroll
     for (int h2 = 0; h2 < 2; h2++) {
         l_run[h2] += __shfl_xor_sync(0xffffffffu, l_run[h2], 1);
         l_run[h2] += __shfl_xor_sync(0xffffffffu, l_run[h2], 2);
     }
+    const bool partial = a.num_splits > 1;
+
+    if constexpr (kHeadWarps) {
+        /* this warp holds whole rows: normalize and write straight from registers */
+#pragma unroll
+        for (int n = 0; n < kRT; n++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int rr = n * 8 + 2 * qd + e;
+                const float L = __shfl_sync(0xffffffffu, l_run[n], (2 * qd + e) * 4);
+                const float M = __shfl_sync(0xffffffffu, m_run[n], (2 * qd + e) * 4);
+                if (rr >= rows_here) continue;
+                const int r = r0 + rr;
+                const int i = r / a.group, head = kvh * a.group + r % a.group;
+                const int qidx = si.qidx0 + i;
+                const float inv = L > 0.f ? 1.f / L : 0.f;
+                const float lse = L > 0.f ? (M + __log2f(L)) * PF_LN2_F : -INFINITY;
+#pragma unroll
+                for (int c = 0; c < kVC; c++) {
+                    const int ch = g + 8 * c;
+                    if (kD % 64 != 0 && ch >= kChunks) continue;
+                    float v[8];
+#pragma unroll
+                    for (int w = 0; w < 4; w++) {
+                        v[2 * w] = oacc[n][4 * c + w][e] * inv;
+                        v[2 * w + 1] = oacc[n][4 * c + w][2 + e] * inv;
+                    }
+                    if (partial) {
+                        float *dst = a.o_part +
+                                     (((int64_t)split * a.total_q + qidx) * a.num_heads + head) * a.head_dim + ch * 8;
+                        reinterpret_cast<float4 *>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+                        reinterpret_cast<float4 *>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+                    } else {
+                        T *dst = reinterpret_cast<T *>(a.out) + (int64_t)b * a.o_sb + (int64_t)(si.tok0 + i) * a.o_st +
+                                 (int64_t)head * a.o_sh + ch * 8;
+                        uint4 pk;
+                        pk.x = pf_pack2<T>(v[0], v[1]);
+                        pk.y = pf_pack2<T>(v[2], v[3]);
+                        pk.z = pf_pack2<T>(v[4], v[5]);
+                        pk.w = pf_pack2<T>(v[6], v[7]);
+                        *reinterpret_cast<uint4 *>(dst) = pk;
+                    }
+                }
+                if (g == 0) {
+                    if (partial)
+                        a.lse_part[((int64_t)split * a.total_q + qidx) * a.num_heads + head] = lse;
+                    else if (a.lse)
+                        a.lse[(int64_t)head * a.lse_sh + (int64_t)qidx * a.lse_st] = lse;
+                }
+            }
+        return;
+    }
+
+    /* ---- token mode: merge the 4 warps through shared memory, then write ---- */
+    constexpr int kAccStride = kD + 4;
+    __shared__ float sm_m[PF_PAGED_WARPS][kRows], sm_l[PF_PAGED_WARPS][kRows];
+    __shared__ __align__(16) float sm_acc[kRows][kAccStride];
+    __shared__ float sm_M[kRows], sm_L[kRows];
+
     if (qd == 0) {
         sm_m[warp][g] = m_run[0];
         sm_l[warp][g] = l_run[0];
@@ -626,7 +639,6 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32, 2)
     }
 
     /* rows x 16-byte chunks, spread over the CTA */
-    const bool partial = a.num_splits > 1;
     for (int idx = threadIdx.x; idx < rows_here * kChunks; idx += PF_PAGED_WARPS * 32) {
         const int rr = idx / kChunks, ch = idx % kChunks;
         const int r = r0 + rr;
@@ -661,41 +673,36 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32, 2)
     }
 }
 
-/* Occupancy query (mode 0) or launch (mode 1) of one (head dim, dtype) instantiation. */
+/* Occupancy query (mode 0) or launch (mode 1) of one (head dim, dtype) instantiation.
+ * a->kv_per_cta selects the mode: 1 = token mode, PF_PAGED_WARPS = head mode. */
 template <int kD, typename T>
 pf_status pf_paged_attn_run(pf_paged_args *a, int rows_per_tile, cudaStream_t stream, int mode, int *occupancy) {
-    constexpr int kNT = pf_paged_nt(kD);
+    constexpr int kNT = kD <= 128 ? 2 : 1;
+    constexpr int kR16 = kD <= 128 ? 16 : 8;
+    const bool heads = a->kv_per_cta > 1;
     void (*kernel)(const pf_paged_args);
     if (rows_per_tile == 16 && kD <= 128)
-        kernel = pf_paged_attn_kernel<kD, T, (kD <= 128 ? 16 : 8), kNT>;
+        kernel = heads ? pf_paged_attn_kernel<kD, T, kR16, kNT, true> : pf_paged_attn_kernel<kD, T, kR16, kNT, false>;
     else
-        kernel = pf_paged_attn_kernel<kD, T, 8, kNT>;
-    constexpr int kSmem = pf_paged_smem_bytes(kD);
-    /* opt in to > 48 KB of dynamic shared memory, once per (device, variant) */
-    static int opted[64][2];
-    int dev = 0;
-    PF_CUDA_CHECK(cudaGetDevice(&dev));
-    const int v = rows_per_tile == 16 ? 1 : 0;
-    if (dev >= 64 || !opted[dev][v]) {
-        PF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-        if (dev < 64) opted[dev][v] = 1;
-    }
+        kernel = heads ? pf_paged_attn_kernel<kD, T, 8, kNT, true> : pf_paged_attn_kernel<kD, T, 8, kNT, false>;
     if (mode == 0) {
         /* resident CTAs per multiprocessor, cached per (device, variant) */
-        static int cached[64][2];
+        static int cached[64][4];
+        int dev = 0;
+        PF_CUDA_CHECK(cudaGetDevice(&dev));
+        const int v = (rows_per_tile == 16 ? 1 : 0) + (heads ? 2 : 0);
         if (dev < 64 && cached[dev][v] > 0) {
             *occupancy = cached[dev][v];
             return PF_STATUS_OK;
         }
-        PF_CUDA_CHECK(
-            cudaOccupancyMaxActiveBlocksPerMultiprocessor(occupancy, kernel, PF_PAGED_WARPS * 32, kSmem));
+        PF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(occupancy, kernel, PF_PAGED_WARPS * 32, 0));
         if (dev < 64) cached[dev][v] = *occupancy;
         return PF_STATUS_OK;
     }
-    const int64_t grid =
-        (int64_t)a->num_row_tiles * a->num_kv_heads * a->num_splits * (a->plan ? 1 : a->batch);
+    const int64_t kv_groups = (a->num_kv_heads + a->kv_per_cta - 1) / a->kv_per_cta;
+    const int64_t grid = (int64_t)a->num_row_tiles * kv_groups * a->num_splits * (a->plan ? 1 : a->batch);
     if (grid == 0) return PF_STATUS_OK;
-    kernel<<<(unsigned)grid, PF_PAGED_WARPS * 32, kSmem, stream>>>(*a);
+    kernel<<<(unsigned)grid, PF_PAGED_WARPS * 32, 0, stream>>>(*a);
     PF_CUDA_CHECK_LAUNCH();
     return PF_STATUS_OK;
 }

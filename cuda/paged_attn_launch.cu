@@ -20,6 +20,7 @@
  * sequence. An explicit num_splits is honoured up to those caps.
  */
 #include <math.h>
+#include <stdlib.h>
 
 #include "paged_attn.cuh"
 
@@ -437,8 +438,21 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
             a.num_row_tiles = (int)(a.batch + ((int64_t)a.total_q * a.group + rows - 1) / rows);
         else
             a.num_row_tiles = (int)((rows_per_seq + rows - 1) / rows);
+        /* head mode (each warp one KV head, the CTA reading 4 heads' rows of every token
+         * together) unless there are fewer KV heads than warps */
+        a.kv_per_cta = a.num_kv_heads >= PF_PAGED_WARPS ? PF_PAGED_WARPS : 1;
+        {
+            static int override = -2;
+            if (override == -2) {
+                const char *e = getenv("PAGEDFLASH_PAGED_MODE");
+                override = e ? atoi(e) : -1;
+            }
+            if (override == 0) a.kv_per_cta = 1;
+            if (override == 1) a.kv_per_cta = PF_PAGED_WARPS;
+        }
         PF_TRY(fast(&a, rows, stream, 0, &occupancy));
-        work = (int64_t)a.num_row_tiles * a.num_kv_heads * (has_cu ? 1 : a.batch);
+        const int64_t kv_groups = (a.num_kv_heads + a.kv_per_cta - 1) / a.kv_per_cta;
+        work = (int64_t)a.num_row_tiles * kv_groups * (has_cu ? 1 : a.batch);
     } else {
         static int simple_occ[3];
         const int di = q.dtype == PF_DTYPE_F32 ? 0 : q.dtype == PF_DTYPE_F16 ? 1 : 2;
