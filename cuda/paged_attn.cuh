@@ -88,7 +88,7 @@ struct pf_paged_args {
     unsigned bs_magic, bs_shift; /* t / block_size = (umulhi(t, magic) + t) >> shift */
     int num_blocks, max_blocks;
     int num_splits, num_row_tiles; /* row tiles per sequence (dense) or plan entries (packed) */
-    int kv_per_cta;           /* 1: token mode; PF_PAGED_WARPS: head mode (one KV head per warp) */
+    int kv_per_cta;           /* 1: token mode; 4 or 8: head mode (warps per CTA, one KV head each) */
     int causal, window_left, window_right;
     float qk_scale;           /* softmax_scale * log2(e), or softmax_scale / softcap with softcap */
     float cap_log2;           /* softcap * log2(e); 0 = no softcap */
@@ -262,9 +262,10 @@ __device__ __forceinline__ void pf_split_range(int kv_lo, int kv_hi, int split, 
  * __nv_bfloat16; kRows: rows per tile (8 or 16); kNT: 8-token groups per warp
  * iteration (1 or 2).
  */
-template <int kD, typename T, int kRows, int kNT, bool kHeadWarps>
-__global__ void __launch_bounds__(PF_PAGED_WARPS * 32, 2)
+template <int kD, typename T, int kRows, int kNT, bool kHeadWarps, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     pf_paged_attn_kernel(const pf_paged_args a) {
+    static_assert(kWarps == PF_PAGED_WARPS || (kHeadWarps && kWarps == 8), "warps per CTA");
     static_assert(kD % 32 == 0 && kD <= 256, "head dim");
     static_assert(kRows == 8 || kRows == 16, "rows per tile");
     constexpr int kKS = kD / 16;             /* k-steps of S = Q K^T */
@@ -274,9 +275,10 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32, 2)
     constexpr int kChunks = kD / 8;          /* 16-byte chunks per row */
     constexpr int kRT = kRows / 8;           /* 8-row n-tiles of O^T */
     constexpr int kTile = 8 * kNT;           /* tokens per warp iteration */
-    constexpr int kRound = kTile * PF_PAGED_WARPS;
-    /* head mode: warp w owns KV head 4c + w and walks every tile of the split (so the
-     * CTA reads 4 heads' rows of each token together: 4x longer contiguous runs);
+    constexpr int kRound = kTile * PF_PAGED_WARPS; /* split alignment; token mode's stride */
+    /* head mode: warp w owns KV head kWarps * c + w and walks every tile of the split
+     * (so the CTA reads kWarps heads' rows of each token together: with 8 KV heads
+     * and 8 warps, whole contiguous token rows of every block);
      * token mode: the 4 warps share one KV head and take every 4th tile. */
     constexpr int kStep = kHeadWarps ? kTile : kRound;
 
@@ -287,8 +289,8 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32, 2)
     int bid = blockIdx.x;
     const int split = bid % a.num_splits;
     bid /= a.num_splits;
-    const int kv_groups = kHeadWarps ? (a.num_kv_heads + PF_PAGED_WARPS - 1) / PF_PAGED_WARPS : a.num_kv_heads;
-    const int kvh = kHeadWarps ? (bid % kv_groups) * PF_PAGED_WARPS + warp : bid % kv_groups;
+    const int kv_groups = kHeadWarps ? (a.num_kv_heads + kWarps - 1) / kWarps : a.num_kv_heads;
+    const int kvh = kHeadWarps ? (bid % kv_groups) * kWarps + warp : bid % kv_groups;
     bid /= kv_groups;
     if (kHeadWarps && kvh >= a.num_kv_heads) return; /* no barrier follows in head mode */
     int b, rt;
@@ -674,37 +676,45 @@ __global__ void __launch_bounds__(PF_PAGED_WARPS * 32, 2)
 }
 
 /* Occupancy query (mode 0) or launch (mode 1) of one (head dim, dtype) instantiation.
- * a->kv_per_cta selects the mode: 1 = token mode, PF_PAGED_WARPS = head mode. */
-template <int kD, typename T>
-pf_status pf_paged_attn_run(pf_paged_args *a, int rows_per_tile, cudaStream_t stream, int mode, int *occupancy) {
+ * a->kv_per_cta selects the mode: 1 = token mode (4 warps on one KV head), 4 or 8 =
+ * head mode with that many warps, one KV head each. */
+template <int kD, typename T, int kRows, bool kHeads, int kWarps>
+pf_status pf_paged_attn_go(pf_paged_args *a, cudaStream_t stream, int mode, int *occupancy) {
     constexpr int kNT = kD <= 128 ? 2 : 1;
-    constexpr int kR16 = kD <= 128 ? 16 : 8;
-    const bool heads = a->kv_per_cta > 1;
-    void (*kernel)(const pf_paged_args);
-    if (rows_per_tile == 16 && kD <= 128)
-        kernel = heads ? pf_paged_attn_kernel<kD, T, kR16, kNT, true> : pf_paged_attn_kernel<kD, T, kR16, kNT, false>;
-    else
-        kernel = heads ? pf_paged_attn_kernel<kD, T, 8, kNT, true> : pf_paged_attn_kernel<kD, T, 8, kNT, false>;
+    void (*kernel)(const pf_paged_args) = pf_paged_attn_kernel<kD, T, kRows, kNT, kHeads, kWarps>;
     if (mode == 0) {
-        /* resident CTAs per multiprocessor, cached per (device, variant) */
-        static int cached[64][4];
+        /* resident CTAs per multiprocessor, cached per device */
+        static int cached[64];
         int dev = 0;
         PF_CUDA_CHECK(cudaGetDevice(&dev));
-        const int v = (rows_per_tile == 16 ? 1 : 0) + (heads ? 2 : 0);
-        if (dev < 64 && cached[dev][v] > 0) {
-            *occupancy = cached[dev][v];
+        if (dev < 64 && cached[dev] > 0) {
+            *occupancy = cached[dev];
             return PF_STATUS_OK;
         }
-        PF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(occupancy, kernel, PF_PAGED_WARPS * 32, 0));
-        if (dev < 64) cached[dev][v] = *occupancy;
+        PF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(occupancy, kernel, kWarps * 32, 0));
+        if (dev < 64) cached[dev] = *occupancy;
         return PF_STATUS_OK;
     }
     const int64_t kv_groups = (a->num_kv_heads + a->kv_per_cta - 1) / a->kv_per_cta;
     const int64_t grid = (int64_t)a->num_row_tiles * kv_groups * a->num_splits * (a->plan ? 1 : a->batch);
     if (grid == 0) return PF_STATUS_OK;
-    kernel<<<(unsigned)grid, PF_PAGED_WARPS * 32, 0, stream>>>(*a);
+    kernel<<<(unsigned)grid, kWarps * 32, 0, stream>>>(*a);
     PF_CUDA_CHECK_LAUNCH();
     return PF_STATUS_OK;
+}
+
+template <int kD, typename T, int kRows>
+pf_status pf_paged_attn_mode(pf_paged_args *a, cudaStream_t stream, int mode, int *occupancy) {
+    if (a->kv_per_cta == 8) return pf_paged_attn_go<kD, T, kRows, true, 8>(a, stream, mode, occupancy);
+    if (a->kv_per_cta == 4) return pf_paged_attn_go<kD, T, kRows, true, 4>(a, stream, mode, occupancy);
+    return pf_paged_attn_go<kD, T, kRows, false, 4>(a, stream, mode, occupancy);
+}
+
+template <int kD, typename T>
+pf_status pf_paged_attn_run(pf_paged_args *a, int rows_per_tile, cudaStream_t stream, int mode, int *occupancy) {
+    if (rows_per_tile == 16 && kD <= 128)
+        return pf_paged_attn_mode<kD, T, (kD <= 128 ? 16 : 8)>(a, stream, mode, occupancy);
+    return pf_paged_attn_mode<kD, T, 8>(a, stream, mode, occupancy);
 }
 
 /* The entry point each instantiation file defines (extern "C", weak-referenced by the launcher). */

@@ -226,7 +226,6 @@ __global__ void __launch_bounds__(PF_SIMPLE_WARPS * 32)
 /* Combine: out = sum_s exp(lse_s - lse) o_s, lse = logsumexp_s lse_s          */
 /* ------------------------------------------------------------------------ */
 
-#define PF_COMBINE_WARPS 4
 
 struct pf_combine_args {
     const float *o_part, *lse_part;
@@ -239,54 +238,102 @@ struct pf_combine_args {
     int64_t lse_sh, lse_st;
 };
 
+/* One CTA of 128 threads per (query, head) row. The weights exp(lse_s - lse) go to
+ * shared memory; then the threads split the row's columns (float4 when head_dim
+ * % 4 == 0) and the splits (groups of threads take every G-th split, several
+ * loads in flight each), and the groups' sums meet in shared memory. */
+#define PF_COMBINE_THREADS 128
+
 template <typename T>
-__global__ void __launch_bounds__(PF_COMBINE_WARPS * 32) pf_paged_combine_kernel(const pf_combine_args c) {
-    __shared__ float wsm[PF_COMBINE_WARPS][PF_PAGED_MAX_SPLITS];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int64_t item = (int64_t)blockIdx.x * PF_COMBINE_WARPS + warp;
-    if (item >= (int64_t)c.total_q * c.num_heads) return;
+__global__ void __launch_bounds__(PF_COMBINE_THREADS) pf_paged_combine_kernel(const pf_combine_args c) {
+    __shared__ float wsm[PF_PAGED_MAX_SPLITS];
+    __shared__ float red[PF_COMBINE_THREADS / 32];
+    __shared__ __align__(16) float part[PF_COMBINE_THREADS * 4];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int64_t item = blockIdx.x;
     const int qidx = (int)(item / c.num_heads), head = (int)(item % c.num_heads);
-    if (c.qmap && c.qmap[qidx] < 0) return;
+    if (c.qmap && c.qmap[qidx] < 0) return; /* uniform over the CTA */
     const int64_t row_stride = (int64_t)c.total_q * c.num_heads;
     const float *lp = c.lse_part + (int64_t)qidx * c.num_heads + head;
+
+    /* max and sum over the splits' lse */
     float mx = -INFINITY;
-    for (int s = lane; s < c.num_splits; s += 32) mx = fmaxf(mx, lp[s * row_stride]);
+    for (int s = tid; s < c.num_splits; s += PF_COMBINE_THREADS) mx = fmaxf(mx, lp[s * row_stride]);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if (lane == 0) red[warp] = mx;
+    __syncthreads();
+    mx = red[0];
+#pragma unroll
+    for (int w = 1; w < PF_COMBINE_THREADS / 32; w++) mx = fmaxf(mx, red[w]);
+    __syncthreads();
     float sum = 0.f;
-    for (int s = lane; s < c.num_splits; s += 32) {
+    for (int s = tid; s < c.num_splits; s += PF_COMBINE_THREADS) {
         const float l = lp[s * row_stride];
         sum += l == -INFINITY ? 0.f : __expf(l - mx);
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) red[warp] = sum;
+    __syncthreads();
+    sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < PF_COMBINE_THREADS / 32; w++) sum += red[w];
     const float lse = mx == -INFINITY ? -INFINITY : mx + __logf(sum);
-    for (int s = lane; s < c.num_splits; s += 32) {
+    for (int s = tid; s < c.num_splits; s += PF_COMBINE_THREADS) {
         const float l = lp[s * row_stride];
-        wsm[warp][s] = l == -INFINITY ? 0.f : __expf(l - lse);
+        wsm[s] = l == -INFINITY ? 0.f : __expf(l - lse);
     }
-    __syncwarp();
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    __syncthreads();
+
     const float *op = c.o_part + ((int64_t)qidx * c.num_heads + head) * c.head_dim;
     const int64_t split_stride = row_stride * c.head_dim;
-#pragma unroll 4
-    for (int s = 0; s < c.num_splits; s++) {
-        const float w = wsm[warp][s];
-        const float *os = op + s * split_stride;
-#pragma unroll
-        for (int k = 0; k < 8; k++) {
-            const int d = lane + 32 * k;
-            if (d < c.head_dim) acc[k] += w * os[d];
-        }
-    }
     T *dst = reinterpret_cast<T *>(c.out) + (int64_t)(qidx / c.qdiv) * c.s0 + (int64_t)(qidx % c.qdiv) * c.s1 +
              (int64_t)head * c.sh;
-#pragma unroll
-    for (int k = 0; k < 8; k++) {
-        const int d = lane + 32 * k;
-        if (d < c.head_dim) dst[d] = pf_cu_from_float<T>(mx == -INFINITY ? 0.f : acc[k]);
+    const bool empty = mx == -INFINITY;
+    if (c.head_dim % 4 == 0 && c.head_dim <= 4 * PF_COMBINE_THREADS) {
+        const int cols = c.head_dim / 4;
+        const int groups = PF_COMBINE_THREADS / cols;
+        const int grp = tid / cols, col = tid % cols;
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (grp < groups) {
+            int s = grp;
+#pragma unroll 4
+            for (; s < c.num_splits; s += groups) {
+                const float w = wsm[s];
+                const float4 v = reinterpret_cast<const float4 *>(op + s * split_stride)[col];
+                acc.x += w * v.x;
+                acc.y += w * v.y;
+                acc.z += w * v.z;
+                acc.w += w * v.w;
+            }
+            reinterpret_cast<float4 *>(part)[grp * cols + col] = acc;
+        }
+        __syncthreads();
+        if (tid < cols) {
+            float4 r = reinterpret_cast<const float4 *>(part)[tid];
+            for (int gg = 1; gg < groups; gg++) {
+                const float4 v = reinterpret_cast<const float4 *>(part)[gg * cols + tid];
+                r.x += v.x;
+                r.y += v.y;
+                r.z += v.z;
+                r.w += v.w;
+            }
+            if (empty) r = make_float4(0.f, 0.f, 0.f, 0.f);
+            dst[4 * tid + 0] = pf_cu_from_float<T>(r.x);
+            dst[4 * tid + 1] = pf_cu_from_float<T>(r.y);
+            dst[4 * tid + 2] = pf_cu_from_float<T>(r.z);
+            dst[4 * tid + 3] = pf_cu_from_float<T>(r.w);
+        }
+    } else {
+        for (int d = tid; d < c.head_dim; d += PF_COMBINE_THREADS) {
+            float acc = 0.f;
+#pragma unroll 4
+            for (int s = 0; s < c.num_splits; s++) acc += wsm[s] * op[s * split_stride + d];
+            dst[d] = pf_cu_from_float<T>(empty ? 0.f : acc);
+        }
     }
-    if (lane == 0 && c.lse) c.lse[(int64_t)head * c.lse_sh + (int64_t)qidx * c.lse_st] = lse;
+    if (tid == 0 && c.lse) c.lse[(int64_t)head * c.lse_sh + (int64_t)qidx * c.lse_st] = lse;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -304,9 +351,8 @@ static pf_status pf_launch_simple(const pf_paged_args &a, const int32_t *qmap, c
 
 template <typename T>
 static pf_status pf_launch_combine(const pf_combine_args &c, cudaStream_t stream) {
-    const int64_t warps = (int64_t)c.total_q * c.num_heads;
-    const int64_t blocks = (warps + PF_COMBINE_WARPS - 1) / PF_COMBINE_WARPS;
-    pf_paged_combine_kernel<T><<<(unsigned)blocks, PF_COMBINE_WARPS * 32, 0, stream>>>(c);
+    const int64_t rows = (int64_t)c.total_q * c.num_heads;
+    pf_paged_combine_kernel<T><<<(unsigned)rows, PF_COMBINE_THREADS, 0, stream>>>(c);
     PF_CUDA_CHECK_LAUNCH();
     return PF_STATUS_OK;
 }
@@ -440,7 +486,7 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
             a.num_row_tiles = (int)((rows_per_seq + rows - 1) / rows);
         /* head mode (each warp one KV head, the CTA reading 4 heads' rows of every token
          * together) unless there are fewer KV heads than warps */
-        a.kv_per_cta = a.num_kv_heads >= PF_PAGED_WARPS ? PF_PAGED_WARPS : 1;
+        a.kv_per_cta = a.num_kv_heads % 8 == 0 ? 8 : a.num_kv_heads >= 4 ? 4 : 1;
         {
             static int override = -2;
             if (override == -2) {
@@ -448,7 +494,8 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
                 override = e ? atoi(e) : -1;
             }
             if (override == 0) a.kv_per_cta = 1;
-            if (override == 1) a.kv_per_cta = PF_PAGED_WARPS;
+            if (override == 1) a.kv_per_cta = 4;
+            if (override == 2) a.kv_per_cta = 8;
         }
         PF_TRY(fast(&a, rows, stream, 0, &occupancy));
         const int64_t kv_groups = (a.num_kv_heads + a.kv_per_cta - 1) / a.kv_per_cta;
