@@ -281,6 +281,9 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
      * and 8 warps, whole contiguous token rows of every block);
      * token mode: the 4 warps share one KV head and take every 4th tile. */
     constexpr int kStep = kHeadWarps ? kTile : kRound;
+    /* tiles in flight per warp: 2 where the registers allow (one KV head per warp, 8 rows,
+     * head dim <= 128), else 1 */
+    constexpr int kDepth = (kHeadWarps && kRows == 8 && kD <= 128) ? 2 : 1;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, qd = lane & 3;
@@ -372,9 +375,9 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     const int64_t k_sblk_b = a.k_sblk * (int64_t)sizeof(T), k_stok_b = a.k_stok * (int64_t)sizeof(T);
     const int64_t v_sblk_b = a.v_sblk * (int64_t)sizeof(T), v_stok_b = a.v_stok * (int64_t)sizeof(T);
 
-    uint4 kbuf[kNT][kKJ];
-    uint4 vbuf[kNT][2][kVC];
-    bool vok[kNT][2]; /* token 2q + e of group nt exists (in range, good block) */
+    uint4 kbuf[kDepth][kNT][kKJ];
+    uint4 vbuf[kDepth][kNT][2][kVC];
+    bool vok[kDepth][kNT][2]; /* token 2q + e of group nt exists (in range, good block) */
     const char *const zero = reinterpret_cast<const char *>(pf_paged_zeros);
 
     /* block id of token (t0 + lane % kTile) (the table load), -1 when none */
@@ -398,42 +401,54 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
         const uint32_t hi = __shfl_sync(0xffffffffu, (uint32_t)(u >> 32), src);
         return reinterpret_cast<const char *>(((uint64_t)hi << 32) | lo);
     };
-    auto issue_k = [&](const char *kp_l) {
+    auto issue_k = [&](uint4 (&kb)[kNT][kKJ], const char *kp_l) {
 #pragma unroll
         for (int nt = 0; nt < kNT; nt++) {
             const char *p = shfl_ptr(kp_l, nt * 8 + g);
 #pragma unroll
-            for (int j = 0; j < kKJ; j++) kbuf[nt][j] = pf_ldg16(p + (qd + 4 * j) * 16);
+            for (int j = 0; j < kKJ; j++) kb[nt][j] = pf_ldg16(p + (qd + 4 * j) * 16);
         }
     };
-    auto issue_v = [&](const char *vp_l) {
+    auto issue_v = [&](uint4 (&vb)[kNT][2][kVC], bool (&ok)[kNT][2], const char *vp_l) {
 #pragma unroll
         for (int nt = 0; nt < kNT; nt++)
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 const char *p = shfl_ptr(vp_l, nt * 8 + 2 * qd + e);
-                vok[nt][e] = p != zero;
+                ok[nt][e] = p != zero;
 #pragma unroll
                 for (int c = 0; c < kVC; c++) {
                     if (kD % 64 == 0 || g + 8 * c < kChunks)
-                        vbuf[nt][e][c] = pf_ldg16(p + (g + 8 * c) * 16);
+                        vb[nt][e][c] = pf_ldg16(p + (g + 8 * c) * 16);
                     else
-                        vbuf[nt][e][c] = make_uint4(0u, 0u, 0u, 0u);
+                        vb[nt][e][c] = make_uint4(0u, 0u, 0u, 0u);
                 }
             }
     };
 
     int t_cur = s_lo + (kHeadWarps ? 0 : warp * kTile);
     if (t_cur < s_hi) {
+        /* prologue: tiles 0 .. kDepth-1 in flight; pointers of tile kDepth, id of kDepth+1 */
         const char *kp_n, *vp_n;
-        make_ptrs(t_cur, fetch_id(t_cur), kp_n, vp_n);
-        issue_k(kp_n);
-        issue_v(vp_n);
-        int id_n = fetch_id(t_cur + kStep);
-        make_ptrs(t_cur + kStep, id_n, kp_n, vp_n);
-        id_n = fetch_id(t_cur + 2 * kStep);
-        for (; t_cur < s_hi; t_cur += kStep) {
-            const int t_next = t_cur + kStep;
+        int id_n = fetch_id(t_cur);
+#pragma unroll
+        for (int d = 0; d < kDepth; d++) {
+            make_ptrs(t_cur + d * kStep, id_n, kp_n, vp_n);
+            id_n = fetch_id(t_cur + (d + 1) * kStep);
+            issue_k(kbuf[d], kp_n);
+            issue_v(vbuf[d], vok[d], vp_n);
+        }
+        make_ptrs(t_cur + kDepth * kStep, id_n, kp_n, vp_n);
+        id_n = fetch_id(t_cur + (kDepth + 1) * kStep);
+        bool more = true;
+        while (more) {
+#pragma unroll
+        for (int par = 0; par < kDepth; par++) {
+            if (t_cur >= s_hi) {
+                more = false;
+                break;
+            }
+            const int t_next = t_cur + kDepth * kStep; /* the tile that refills this buffer */
 
             /* S = Q K^T */
             float s[kNT][4];
@@ -442,11 +457,11 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                 s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
                 for (int j = 0; j < kKJ; j++) {
-                    pf_mma_16816<T>(s[nt], qa[2 * j], kbuf[nt][j].x, kbuf[nt][j].y);
-                    pf_mma_16816<T>(s[nt], qa[2 * j + 1], kbuf[nt][j].z, kbuf[nt][j].w);
+                    pf_mma_16816<T>(s[nt], qa[2 * j], kbuf[par][nt][j].x, kbuf[par][nt][j].y);
+                    pf_mma_16816<T>(s[nt], qa[2 * j + 1], kbuf[par][nt][j].z, kbuf[par][nt][j].w);
                 }
             }
-            if (t_next < s_hi) issue_k(kp_n);
+            if (t_next < s_hi) issue_k(kbuf[par], kp_n);
 
             /* scale, softcap, ALiBi, mask; row maxima */
             float mx[2] = {-INFINITY, -INFINITY};
@@ -459,7 +474,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                     float x = s[nt][c];
                     x = a.cap_log2 != 0.f ? a.cap_log2 * pf_tanh(x * a.qk_scale) : x * a.qk_scale;
                     if (a.alibi) x -= row_slope[h2] * (float)abs(row_pos[h2] - t);
-                    const bool ok = vok[nt][e] && t >= row_lo[h2] && t <= row_hi[h2];
+                    const bool ok = vok[par][nt][e] && t >= row_lo[h2] && t <= row_hi[h2];
                     x = ok ? x : -INFINITY;
                     s[nt][c] = x;
                     mx[h2] = fmaxf(mx[h2], x);
@@ -509,7 +524,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
 #pragma unroll
                 for (int i = 0; i < kMT; i++) {
                     const int c = i >> 2, w = i & 3;
-                    const uint32_t w0 = (&vbuf[nt][0][c].x)[w], w1 = (&vbuf[nt][1][c].x)[w];
+                    const uint32_t w0 = (&vbuf[par][nt][0][c].x)[w], w1 = (&vbuf[par][nt][1][c].x)[w];
                     float x00, x01, x10, x11;
                     pf_unpack2<T>(w0, x00, x01); /* token 2q:   elements 2i, 2i+1 */
                     pf_unpack2<T>(w1, x10, x11); /* token 2q+1 */
@@ -518,9 +533,11 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                         pf_mma_1688_tf32(oacc[n][i], __float_as_uint(x00), __float_as_uint(x01), __float_as_uint(x10),
                                          __float_as_uint(x11), pb[nt][2 * n], pb[nt][2 * n + 1]);
                 }
-            if (t_next < s_hi) issue_v(vp_n);
+            if (t_next < s_hi) issue_v(vbuf[par], vok[par], vp_n);
             make_ptrs(t_next + kStep, id_n, kp_n, vp_n);
             id_n = fetch_id(t_next + 2 * kStep);
+            t_cur += kStep;
+        }
         }
     }
 

@@ -25,7 +25,8 @@
 #include "paged_attn.cuh"
 
 #define PF_PAGED_MAX_SPLITS 256
-#define PF_PAGED_MIN_SPLIT_TOKENS 256
+#define PF_PAGED_MIN_SPLIT_TOKENS 64
+#define PF_PAGED_TARGET_WAVES 2
 
 /* The instantiations (cuda/inst/paged_attn_hdimNN_<dtype>.cu). Weak: a head dim
  * left out of the build (PAGEDFLASH_HEADDIMS) resolves to NULL and that call
@@ -526,7 +527,7 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
     if (p->num_splits > 0) {
         splits = p->num_splits < cap ? p->num_splits : cap;
     } else {
-        const int64_t capacity = (int64_t)sms * (occupancy > 0 ? occupancy : 1);
+        const int64_t capacity = (int64_t)sms * (occupancy > 0 ? occupancy : 1) * PF_PAGED_TARGET_WAVES;
         splits = work >= capacity ? 1 : capacity / work;
         const int64_t by_len = max_ctx / PF_PAGED_MIN_SPLIT_TOKENS;
         if (splits > by_len) splits = by_len;
