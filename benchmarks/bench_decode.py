@@ -204,6 +204,7 @@ def main():
     ap.add_argument("--explore", default="", help="also time these num_splits values, e.g. 1,2,4,8")
     ap.add_argument("--math-limit", type=float, default=2 << 30, help="skip MATH above this many K/V bytes")
     ap.add_argument("--out", default=None, help="write the markdown table here")
+    ap.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     args = ap.parse_args()
     args.backends = [b for b in args.backends.split(",") if b]
     args.explore = [int(x) for x in args.explore.split(",") if x]
@@ -244,10 +245,13 @@ def main():
                 best = t if best is None else min(best, t)
         cells.append(f"{best / r['pf']:.2f}x" if best else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = args.commit or ""
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip()
+        except OSError:
+            commit = ""
     meta = (f"Device: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
             f"date {datetime.date.today()}, commit {commit or 'unknown'}; {args.heads} query heads, "
             f"{args.kv_heads} KV heads, d={args.dim}, {args.dtype}, block size {args.block_size}, blocks scattered "

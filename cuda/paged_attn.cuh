@@ -15,16 +15,20 @@
  *   o_part    f32 [num_splits, total_q, num_heads, head_dim]  (split partials,
  *   lse_part  f32 [num_splits, total_q, num_heads]             normalized, natural-log lse)
  *
- * Work decomposition. One CTA (4 warps) = (sequence b, KV head, row tile,
- * split). A "row" is one (query i, query head of the GQA group) pair, rows
- * ordered query-major (r = i * group + head_in_group); a row tile holds kRows
- * (8 or 16) rows, so all the query heads sharing a KV head -- and for q_len > 1
- * several queries -- are computed against every K/V row loaded (the K/V bytes
- * of a split are read from memory once per row tile). The split's token range
- * is cut into tiles of kTile = 8 * kNT tokens handed round-robin to the 4 warps;
- * each warp keeps its own online-softmax state and the 4 are merged through
- * shared memory at the end.
- *
+ * Work decomposition. A "row" is one (query i, query head of the GQA group)
+ * pair, rows ordered query-major (r = i * group + head_in_group); a row tile
+ * holds kRows (8 or 16) rows, so all the query heads sharing a KV head -- and
+ * for q_len > 1 several queries -- are computed against every K/V row loaded
+ * (the K/V bytes of a split are read from memory once per row tile). The
+ * split's token range is cut into tiles of kTile = 8 * kNT tokens.
+ *   head mode (>= 4 KV heads): a CTA of kWarps (4 or 8) warps = (sequence, row
+ *     tile, split, group of kWarps KV heads); warp w owns one KV head and walks
+ *     every tile of the split, so the CTA reads each token's rows of kWarps heads
+ *     together (the cache interleaves heads within a token: longer contiguous
+ *     runs for the memory system), and writes its rows straight from registers.
+ *   token mode: a CTA of 4 warps = (sequence, KV head, row tile, split); the
+ *     warps take every 4th tile, keep their own online-softmax state and are
+ *     merged through shared memory at the end.
  * Per warp and tile, on the tensor cores, with no shared memory:
  *   S = Q K^T   mma.m16n8k16 (f16/bf16 in, f32 accumulate). A = Q (rows padded
  *               to 16), B = K^T loaded straight from global memory: lane
@@ -38,9 +42,11 @@
  *               g + 8c; B = P^T is the S accumulator as it sits in registers
  *               (token 2q / 2q+1 -> k slot q / q+4). The output lands with each
  *               lane holding whole 8-element chunks of rows 2q, 2q+1.
- * K/V for the next tile are loaded while the current one is computed (the K
- * registers are refilled right after S, the V registers right after PV), and
- * block-table entries are fetched two tiles ahead.
+ * K/V for the next kDepth tiles are in flight while the current one is computed
+ * (a tile's K registers are refilled right after S, its V registers right after
+ * PV; kDepth = 2 where the registers allow, else 1), and block-table entries are
+ * fetched ahead of the pointers that need them. Missing tokens read a static
+ * zero row, so every load is an unpredicated 16-byte ld.global.nc.
  *
  * Masking / bounds: query i of a sequence with q_len queries and seq_len tokens
  * sits at p = seq_len - q_len + i; causal keeps j <= p, window (l, r) keeps
