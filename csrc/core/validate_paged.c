@@ -30,6 +30,13 @@ static pf_status check_same_shape(const pf_tensor *t, const char *name, const pf
     return PF_STATUS_OK;
 }
 
+/* pf_check_last_contiguous, except that an empty tensor has no layout to check
+ * (NumPy gives empty arrays all-zero strides). */
+static pf_status check_last_contiguous(const pf_tensor *t, const char *name) {
+    if (t->ndim > 0 && pf_tensor_numel(t) == 0) return PF_STATUS_OK;
+    return pf_check_last_contiguous(t, name);
+}
+
 /* A tensor argument that must be there (data may be a placeholder when empty). */
 static pf_status check_present(const pf_tensor *t, const char *name) {
     PF_CHECK_VALUE(pf_tensor_present(t) || (t->ndim > 0 && pf_tensor_numel(t) == 0),
@@ -44,7 +51,7 @@ static pf_status check_float_like(const pf_tensor *t, const char *name, const pf
     PF_TRY(pf_check_float_dtype(t, name));
     PF_CHECK_TYPE(t->dtype == ref->dtype, "%s: expected dtype %s (the dtype of %s), got %s", name,
                   pf_dtype_name(ref->dtype), ref_name, pf_dtype_name(t->dtype));
-    PF_TRY(pf_check_last_contiguous(t, name));
+    PF_TRY(check_last_contiguous(t, name));
     PF_TRY(pf_check_same_device(t, name, ref, ref_name));
     return PF_STATUS_OK;
 }
@@ -55,7 +62,7 @@ static pf_status check_index(const pf_tensor *t, const char *name, pf_dtype dtyp
     PF_TRY(check_present(t, name));
     PF_TRY(pf_check_dtype(t, name, dtype));
     PF_TRY(pf_check_rank(t, name, ndim));
-    PF_TRY(pf_check_last_contiguous(t, name));
+    PF_TRY(check_last_contiguous(t, name));
     if (ref) PF_TRY(pf_check_same_device(t, name, ref, ref_name));
     return PF_STATUS_OK;
 }
@@ -131,7 +138,7 @@ pf_status pf_paged_attn_validate(const pf_paged_params *p) {
     /* q */
     PF_TRY(check_present(q, "q"));
     PF_TRY(pf_check_float_dtype(q, "q"));
-    PF_TRY(pf_check_last_contiguous(q, "q"));
+    PF_TRY(check_last_contiguous(q, "q"));
     int has_cu = pf_tensor_present(&p->cu_seqlens_q) || p->cu_seqlens_q.ndim > 0;
     PF_CHECK_VALUE(q->ndim == 3 || (q->ndim == 4 && !has_cu),
                    "q: expected [batch, num_heads, head_dim], [batch, q_len, num_heads, head_dim] "
@@ -243,7 +250,7 @@ pf_status pf_merge_attn_states_validate(const pf_merge_params *p) {
     const pf_tensor *a = &p->out_a;
     PF_TRY(check_present(a, "out_a"));
     PF_TRY(pf_check_float_dtype(a, "out_a"));
-    PF_TRY(pf_check_last_contiguous(a, "out_a"));
+    PF_TRY(check_last_contiguous(a, "out_a"));
     PF_CHECK_VALUE(a->ndim >= 2, "out_a: expected [..., num_heads, head_dim] (>= 2-d), got shape %s",
                    pf_shape_str(a, s1, sizeof s1));
     PF_CHECK_VALUE(a->shape[a->ndim - 2] >= 1 && a->shape[a->ndim - 1] >= 1,
@@ -281,7 +288,7 @@ pf_status pf_write_kv_cache_validate(pf_tensor k, pf_tensor v, pf_tensor k_cache
     const pf_tensor *kc = &k_cache;
     PF_TRY(check_present(kc, "k_cache"));
     PF_TRY(pf_check_float_dtype(kc, "k_cache"));
-    PF_TRY(pf_check_last_contiguous(kc, "k_cache"));
+    PF_TRY(check_last_contiguous(kc, "k_cache"));
     PF_TRY(pf_check_rank(kc, "k_cache", 4));
     PF_TRY(pf_check_nonneg_strides(kc, "k_cache"));
     PF_TRY(check_float_like(&v_cache, "v_cache", kc, "k_cache"));
@@ -347,7 +354,7 @@ static pf_status check_cache(const pf_tensor *t, const char *name) {
     PF_TRY(check_present(t, name));
     PF_CHECK_VALUE(t->ndim >= 1, "%s: expected [num_blocks, ...] (>= 1-d), got a scalar", name);
     PF_CHECK_TYPE(pf_dtype_size(t->dtype) > 0, "%s: invalid dtype", name);
-    PF_TRY(pf_check_last_contiguous(t, name));
+    PF_TRY(check_last_contiguous(t, name));
     PF_TRY(pf_check_nonneg_strides(t, name));
     return PF_STATUS_OK;
 }

@@ -17,7 +17,8 @@
  * cache block, else block segments with pf_cpu_stage_rows and a transpose),
  * pf_cpu_score_tile, pf_cpu_transform_scores (softcap, ALiBi and the
  * causal/window mask with query i at position seq_len - q_len + i), the exp2
- * softmax and pf_cpu_pv_tile. Only tokens < seq_len are ever loaded, so stale
+ * softmax and pf_cpu_pv_tile; the cache rows of the V tile and of the next K
+ * tile are prefetched while a tile computes. Only tokens < seq_len are ever loaded, so stale
  * data (even NaN) in the unused slots of a partial block, or in blocks past the
  * sequence, never reaches a multiply.
  *
@@ -92,6 +93,20 @@ static void stage_rows_paged(const paged_ctx *c, const pf_rows *cache, int64_t b
         pf_cpu_stage_rows(cache, dt, block_id(c, b, t), off, hk, seg, c->head_dim, c->dpad,
                           dst + done * c->dpad);
         done += seg;
+    }
+}
+
+/* Ask for the cache rows of tokens [j0, j0 + n), KV head hk, ahead of their use. Rows
+ * of one head are a few hundred bytes every num_kv_heads * head_dim elements, a pattern
+ * the hardware prefetchers do not follow across pages: without this, decode is bound by
+ * the latency of one row after another. */
+static void prefetch_rows_paged(const paged_ctx *c, const pf_rows *cache, int64_t b, int64_t hk,
+                                int64_t j0, int64_t n) {
+    const int64_t row_bytes = c->head_dim * (int64_t)cache->esize;
+    for (int64_t j = 0; j < n; j++) {
+        int64_t t = j0 + j;
+        const char *row = pf_row_ptr(cache, block_id(c, b, t), t % c->block_size, hk);
+        for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + off, 0, 3);
     }
 }
 
@@ -237,6 +252,7 @@ static void paged_item(void *vctx, int64_t item, int tid) {
     for (int64_t j0 = jb < je ? ts + (jb - ts) / kBlockN * kBlockN : je; j0 < je; j0 += kBlockN) {
         const int64_t n = je - j0 < kBlockN ? je - j0 : kBlockN;
         stage_kt_paged(c, b, g, j0, n, kt, vt, rowbuf);
+        prefetch_rows_paged(c, &c->vc, b, g, j0, n);
         pf_cpu_score_tile(qf, dpad, kt, dpad, s, rows4);
         for (int64_t hh = 0; hh < nhr; hh++) {
             mk.alibi_log2 = slope_log2[hh];
@@ -244,6 +260,9 @@ static void paged_item(void *vctx, int64_t item, int tid) {
         }
         if (!softmax_tile(s, rows, rows4, m, l, of, dpad)) continue;
         stage_rows_paged(c, &c->vc, b, g, j0, n, vt);
+        if (j0 + kBlockN < je) /* the next K tile, while this one's P V runs */
+            prefetch_rows_paged(c, &c->kc, b, g, j0 + kBlockN,
+                                je - j0 - kBlockN < kBlockN ? je - j0 - kBlockN : kBlockN);
         pf_cpu_pv_tile(s, kBlockN, vt, dpad, n, of, dpad, rows4, dpad);
     }
 
