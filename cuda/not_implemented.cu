@@ -12,12 +12,3 @@
 extern "C" pf_status pf_cuda_flash_fwd(const pf_attn_params *) { PF_CUDA_TODO("flash_attn"); }
 extern "C" pf_status pf_cuda_flash_bwd(const pf_attn_params *) { PF_CUDA_TODO("flash_attn_backward"); }
 extern "C" pf_status pf_cuda_dropout_mask(const pf_attn_params *, pf_tensor) { PF_CUDA_TODO("dropout_mask"); }
-extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *) { PF_CUDA_TODO("paged_attn"); }
-extern "C" pf_status pf_cuda_merge_attn_states(const pf_merge_params *) { PF_CUDA_TODO("merge_attn_states"); }
-extern "C" pf_status pf_cuda_write_kv_cache(pf_tensor, pf_tensor, pf_tensor, pf_tensor, pf_tensor, void *) {
-    PF_CUDA_TODO("write_kv_cache");
-}
-extern "C" pf_status pf_cuda_copy_blocks(const pf_tensor *, int32_t, pf_tensor, void *) {
-    PF_CUDA_TODO("copy_blocks");
-}
-extern "C" pf_status pf_cuda_swap_blocks(pf_tensor, pf_tensor, pf_tensor, void *) { PF_CUDA_TODO("swap_blocks"); }

@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""Decode benchmark: pagedflash.paged_attn on a paged KV cache (blocks scattered at random)
+against torch SDPA's backends on the same K/V stored contiguously.
+
+One query per sequence, causal (a decode step sees every token), bfloat16 by default.
+For every (batch, context) point:
+  1. build the contiguous K/V [batch, kv_heads, ctx, d] and scatter it into a paged cache
+     [num_blocks, block_size, kv_heads, d] through a random block table;
+  2. check pagedflash against SDPA (max |diff|);
+  3. time each candidate: R input sets (R copies so that together they exceed the L2 cache:
+     every call reads cold K/V) captured in one CUDA graph, replayed; time per call =
+     replay time / R, median of several replays.
+TB/s counts the K/V bytes a call must read (batch * ctx * kv_heads * d * 2 tensors * 2 bytes),
+the same count for every candidate. A backend that rejects grouped-query attention
+(enable_gqa) runs on K/V expanded to num_heads (it then reads num_heads/kv_heads times the
+bytes: its TB/s is still computed on the unexpanded count), when that fits in memory.
+A device-to-device copy is timed once for the bandwidth ceiling (bytes read + written).
+
+  python benchmarks/bench_decode.py --out benchmarks/results/decode_h200.md
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import statistics
+import subprocess
+import sys
+
+import torch
+import torch.nn.attention
+import torch.nn.functional as F
+
+import pagedflash
+
+BACKENDS = ["FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
+L2_ROTATE_BYTES = 512 << 20
+
+
+def sdpa_backend(name):
+    from torch.nn.attention import SDPBackend
+    return getattr(SDPBackend, name)
+
+
+def time_graph(fns, reps=7, inner=None):
+    """Median seconds per call of fns (a list of zero-arg callables, one per input set),
+    captured together in a CUDA graph; falls back to eager launches if capture fails."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns[:2] * 2:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = None
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for f in fns:
+                f()
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - report and fall back
+        print(f"  (graph capture failed: {type(e).__name__}: {str(e)[:80]}; timing eagerly)", file=sys.stderr)
+        g = None
+        torch.cuda.synchronize()
+    run = g.replay if g is not None else (lambda: [f() for f in fns])
+    run()
+    torch.cuda.synchronize()
+    # enough replays per sample for ~2 ms
+    st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    st.record()
+    run()
+    en.record()
+    en.synchronize()
+    one = max(st.elapsed_time(en) * 1e-3, 1e-6)
+    inner = inner or max(1, min(50, int(2e-3 / one)))
+    times = []
+    for _ in range(reps):
+        st.record()
+        for _ in range(inner):
+            run()
+        en.record()
+        en.synchronize()
+        times.append(st.elapsed_time(en) * 1e-3 / (inner * len(fns)))
+    return statistics.median(times)
+
+
+def bandwidth_ceilings():
+    """(device-to-device copy TB/s counting read + write, read-only TB/s of a sum) on 4 GiB."""
+    n = 4 << 30
+    a = torch.empty(n // 2, dtype=torch.bfloat16, device="cuda")
+    a.normal_()
+    b = torch.empty_like(a)
+    t_copy = time_graph([lambda: b.copy_(a)], reps=5)
+    t_sum = time_graph([lambda: a.sum(dtype=torch.float32)], reps=5)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n / t_copy / 1e12, n / t_sum / 1e12
+
+
+def make_point(batch, ctx, h, hk, d, bs, dtype, sets, gen):
+    """Contiguous q/k/v and the paged cache holding the same K/V, for `sets` input sets."""
+    blocks_per_seq = (ctx + bs - 1) // bs
+    total_blocks = sets * batch * blocks_per_seq
+    kc = torch.empty((total_blocks, bs, hk, d), dtype=dtype, device="cuda")
+    vc = torch.empty_like(kc)
+    perm = torch.randperm(total_blocks, device="cuda", generator=gen).to(torch.int32)
+    data = []
+    t = torch.arange(ctx, device="cuda")
+    for r in range(sets):
+        q = torch.randn((batch, h, d), dtype=dtype, device="cuda", generator=gen)
+        k = torch.randn((batch, hk, ctx, d), dtype=dtype, device="cuda", generator=gen)
+        v = torch.randn((batch, hk, ctx, d), dtype=dtype, device="cuda", generator=gen)
+        bt = perm[r * batch * blocks_per_seq:(r + 1) * batch * blocks_per_seq].view(batch, blocks_per_seq)
+        for b in range(batch):
+            blk = bt[b, t // bs].long()
+            kc[blk, t % bs] = k[b].transpose(0, 1)
+            vc[blk, t % bs] = v[b].transpose(0, 1)
+        sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        data.append(dict(q=q, k=k, v=v, bt=bt.contiguous(), sl=sl))
+    return kc, vc, data
+
+
+def bench_point(batch, ctx, args, gen, mem_budget):
+    h, hk, d, bs = args.heads, args.kv_heads, args.dim, args.block_size
+    dtype = getattr(torch, args.dtype)
+    kv_bytes = batch * ctx * hk * d * 2 * dtype.itemsize
+    sets = max(1, math.ceil(L2_ROTATE_BYTES / kv_bytes))
+    kc, vc, data = make_point(batch, ctx, h, hk, d, bs, dtype, sets, gen)
+    row = dict(batch=batch, ctx=ctx, mb=kv_bytes / 2**20)
+
+    outs = [torch.empty_like(x["q"]) for x in data]
+    def pf_fn(r, ns=0):
+        x = data[r]
+        return lambda: pagedflash.paged_attn(x["q"], kc, vc, x["bt"], x["sl"], out=outs[r], num_splits=ns)
+
+    # correctness against SDPA (math on float32 would be slow at scale: use flash/efficient)
+    x = data[0]
+    pagedflash.paged_attn(x["q"], kc, vc, x["bt"], x["sl"], out=outs[0])
+    with torch.nn.attention.sdpa_kernel([sdpa_backend("FLASH_ATTENTION"), sdpa_backend("EFFICIENT_ATTENTION"),
+                                         sdpa_backend("MATH")]):
+        ref = F.scaled_dot_product_attention(x["q"][:, :, None], x["k"], x["v"], enable_gqa=True)[:, :, 0]
+    row["maxdiff"] = float((outs[0].float() - ref.float()).abs().max())
+
+    row["pf"] = time_graph([pf_fn(r) for r in range(sets)])
+    if args.explore:
+        row["explore"] = {}
+        for ns in args.explore:
+            row["explore"][ns] = time_graph([pf_fn(r, ns) for r in range(sets)])
+
+    for name in args.backends:
+        res = None
+        note = ""
+        for expand in (False, True):
+            if expand:
+                if kv_bytes * (h // hk) * sets > mem_budget:
+                    note = "GQA unsupported; expanded K/V too large"
+                    break
+                ek = [xx["k"].repeat_interleave(h // hk, dim=1) for xx in data]
+                ev = [xx["v"].repeat_interleave(h // hk, dim=1) for xx in data]
+            def fn(r, expand=expand):
+                xx = data[r]
+                if expand:
+                    return lambda: F.scaled_dot_product_attention(xx["q"][:, :, None], ek[r], ev[r])
+                return lambda: F.scaled_dot_product_attention(xx["q"][:, :, None], xx["k"], xx["v"], enable_gqa=True)
+            if name == "MATH" and kv_bytes * (h // hk if expand else 1) > args.math_limit:
+                note = "skipped (size)"
+                break
+            try:
+                with torch.nn.attention.sdpa_kernel([sdpa_backend(name)]):
+                    fn(0)()
+                    torch.cuda.synchronize()
+                    res = time_graph([fn(r) for r in range(sets)])
+                note = "expanded K/V" if expand else ""
+                break
+            except RuntimeError as e:
+                torch.cuda.synchronize()
+                note = f"error: {str(e).splitlines()[0][:60]}"
+                if not expand:
+                    continue
+            finally:
+                if expand:
+                    del ek, ev
+        row[name] = (res, note)
+    del kc, vc, data, outs
+    torch.cuda.empty_cache()
+    return row
+
+
+def fmt_us(t):
+    return "-" if t is None else f"{t * 1e6:.1f}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", default="1,8,32,128")
+    ap.add_argument("--ctx", default="1024,4096,16384,65536")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--explore", default="", help="also time these num_splits values, e.g. 1,2,4,8")
+    ap.add_argument("--math-limit", type=float, default=2 << 30, help="skip MATH above this many K/V bytes")
+    ap.add_argument("--out", default=None, help="write the markdown table here")
+    ap.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
+    args = ap.parse_args()
+    args.backends = [b for b in args.backends.split(",") if b]
+    args.explore = [int(x) for x in args.explore.split(",") if x]
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    mem_budget = props.total_memory * 0.35
+    bw, bw_read = bandwidth_ceilings()
+    print(f"device {props.name}, {props.multi_processor_count} SMs; device-to-device copy {bw:.2f} TB/s "
+          f"(read + write), read-only sum {bw_read:.2f} TB/s", flush=True)
+    rows = []
+    for batch in [int(x) for x in args.batch.split(",")]:
+        for ctx in [int(x) for x in args.ctx.split(",")]:
+            r = bench_point(batch, ctx, args, gen, mem_budget)
+            rows.append(r)
+            kv = r["mb"] * 2**20
+            best = min((r[n][0] for n in args.backends if r[n][0] is not None), default=None)
+            line = (f"b={batch:4d} ctx={ctx:6d} pf {fmt_us(r['pf']):>8} us {kv / r['pf'] / 1e12:5.2f} TB/s  "
+                    + "  ".join(f"{n.split('_')[0][:5]} {fmt_us(r[n][0])}" for n in args.backends)
+                    + (f"  ratio {best / r['pf']:.2f}x" if best else "") + f"  maxdiff {r['maxdiff']:.2e}")
+            if args.explore:
+                line += "  splits " + " ".join(f"{k}:{v * 1e6:.1f}" for k, v in r["explore"].items())
+            print(line, flush=True)
+
+    head = ["batch", "context", "K/V MB", "pagedflash us", "TB/s"] + [f"{n} us (TB/s)" for n in args.backends] + \
+           ["best SDPA / pagedflash"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        kv = r["mb"] * 2**20
+        cells = [str(r["batch"]), str(r["ctx"]), f"{r['mb']:.0f}", fmt_us(r["pf"]), f"{kv / r['pf'] / 1e12:.2f}"]
+        best = None
+        for n in args.backends:
+            t, note = r[n]
+            if t is None:
+                cells.append(note or "-")
+            else:
+                cells.append(f"{fmt_us(t)} ({kv / t / 1e12:.2f})" + (f" {note}" if note else ""))
+                best = t if best is None else min(best, t)
+        cells.append(f"{best / r['pf']:.2f}x" if best else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    commit = args.commit or ""
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip()
+        except OSError:
+            commit = ""
+    meta = (f"Device: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
+            f"date {datetime.date.today()}, commit {commit or 'unknown'}; {args.heads} query heads, "
+            f"{args.kv_heads} KV heads, d={args.dim}, {args.dtype}, block size {args.block_size}, blocks scattered "
+            f"at random; device-to-device copy {bw:.2f} TB/s (read + write), read-only (torch.sum) {bw_read:.2f} TB/s. "
+            f"Times: CUDA-graph replays, cold L2 (rotating input sets), median.")
+    table = "\n".join(lines)
+    print(meta)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(f"# Decode benchmark\n\n{meta}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

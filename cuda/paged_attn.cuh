@@ -1,0 +1,750 @@
+/*
+ * paged_attn.cuh - the paged attention / flash decoding kernel (split-KV over
+ * a block-allocated KV cache), float16 and bfloat16, head dims 32, 64, 96,
+ * 128, 192, 256. Included by the generated instantiation files
+ * cuda/inst/paged_attn_hdimNN_<dtype>.cu and by paged_attn_launch.cu (for the
+ * argument struct); the launcher (paged_attn_launch.cu) chooses the variant,
+ * the split count and the workspace.
+ *
+ * Layouts (element strides, last dimension contiguous):
+ *   q, out    rows addressed as base + b * s_b + tok * s_t + head * s_h, where
+ *             tok = query index i (dense layouts) or cu_seqlens_q[b] + i (packed)
+ *   k_cache,
+ *   v_cache   [num_blocks, block_size, num_kv_heads, head_dim]
+ *   block_tables int32 [batch, max_blocks]; seq_lens int32 [batch]
+ *   o_part    f32 [num_splits, total_q, num_heads, head_dim]  (split partials,
+ *   lse_part  f32 [num_splits, total_q, num_heads]             normalized, natural-log lse)
+ *
+ * Work decomposition. A "row" is one (query i, query head of the GQA group)
+ * pair, rows ordered query-major (r = i * group + head_in_group); a row tile
+ * holds kRows (8 or 16) rows, so all the query heads sharing a KV head -- and
+ * for q_len > 1 several queries -- are computed against every K/V row loaded
+ * (the K/V bytes of a split are read from memory once per row tile). The
+ * split's token range is cut into tiles of kTile = 8 * kNT tokens.
+ *   head mode (>= 4 KV heads): a CTA of kWarps (4 or 8) warps = (sequence, row
+ *     tile, split, group of kWarps KV heads); warp w owns one KV head and walks
+ *     every tile of the split, so the CTA reads each token's rows of kWarps heads
+ *     together (the cache interleaves heads within a token: longer contiguous
+ *     runs for the memory system), and writes its rows straight from registers.
+ *   token mode: a CTA of 4 warps = (sequence, KV head, row tile, split); the
+ *     warps take every 4th tile, keep their own online-softmax state and are
+ *     merged through shared memory at the end.
+ * Per warp and tile, on the tensor cores, with no shared memory:
+ *   S = Q K^T   mma.m16n8k16 (f16/bf16 in, f32 accumulate). A = Q (rows padded
+ *               to 16), B = K^T loaded straight from global memory: lane
+ *               (g = lane / 4, q = lane % 4) loads token g of each 8-token
+ *               group, 16-byte chunks q + 4j of its row; the head dimension is
+ *               permuted identically in Q and K (the dot product does not care),
+ *               so every load is one 16-byte vector and no shuffles are needed.
+ *   O^T += V^T P^T  mma.m16n8k8 tf32 (V converted exactly from f16/bf16, P
+ *               rounded to tf32: 10 mantissa bits, finer than bf16). A = V^T:
+ *               lane (g, q) loads tokens 2q, 2q+1 of each group, 16-byte chunks
+ *               g + 8c; B = P^T is the S accumulator as it sits in registers
+ *               (token 2q / 2q+1 -> k slot q / q+4). The output lands with each
+ *               lane holding whole 8-element chunks of rows 2q, 2q+1.
+ * K/V for the next kDepth tiles are in flight while the current one is computed
+ * (a tile's K registers are refilled right after S, its V registers right after
+ * PV; kDepth = 2 where the registers allow, else 1), and block-table entries are
+ * fetched ahead of the pointers that need them. Missing tokens read a static
+ * zero row, so every load is an unpredicated 16-byte ld.global.nc.
+ *
+ * Masking / bounds: query i of a sequence with q_len queries and seq_len tokens
+ * sits at p = seq_len - q_len + i; causal keeps j <= p, window (l, r) keeps
+ * p - l <= j <= p + r, always j < seq_len. softcap (s = cap * tanh(s / cap))
+ * then ALiBi (s -= slope * |p - j|) are applied to the scaled score, in the
+ * log2 domain. seq_len is clamped to [0, max_blocks * block_size]; a block id
+ * outside [0, num_blocks) is never dereferenced: its tokens contribute nothing
+ * (as if masked). Loads of tokens that are masked for every row, past seq_len
+ * or in a bad block are skipped (registers zeroed), so stale data -- NaN
+ * included -- in unused slots never reaches the output. A row that sees no
+ * token gets out = 0 and lse = -inf.
+ */
+#ifndef PF_PAGED_ATTN_CUH
+#define PF_PAGED_ATTN_CUH
+
+#include "cuda_util.cuh"
+
+/* Everything a paged-attention kernel needs, filled by paged_attn_launch.cu. */
+struct pf_paged_args {
+    const void *q;            /* rows of head_dim elements, see strides below */
+    void *out;                /* q's layout and dtype */
+    const void *k_cache;      /* [num_blocks, block_size, num_kv_heads, head_dim] */
+    const void *v_cache;      /* same shape */
+    const int32_t *block_tables; /* [batch, max_blocks] */
+    const int32_t *seq_lens;  /* [batch] */
+    const int32_t *cu_seqlens_q; /* [batch + 1] or NULL (dense layouts) */
+    const float *alibi;       /* [num_heads] or [batch, num_heads], or NULL */
+    float *lse;               /* [num_heads, total_q] or NULL (written when num_splits == 1) */
+    float *o_part;            /* [num_splits, total_q, num_heads, head_dim] when num_splits > 1 */
+    float *lse_part;          /* [num_splits, total_q, num_heads] when num_splits > 1 */
+    const int32_t *plan;      /* packed layout: [num_row_tiles, 2] (sequence, row tile); -1 = none */
+
+    int64_t q_sb, q_st, q_sh; /* element strides of q: sequence, token, head */
+    int64_t o_sb, o_st, o_sh; /* of out */
+    int64_t k_sblk, k_stok, k_sh;
+    int64_t v_sblk, v_stok, v_sh;
+    int64_t bt_sb, bt_sj;     /* block_tables */
+    int64_t sl_s, cu_s;       /* seq_lens, cu_seqlens_q */
+    int64_t al_sb, al_sh;     /* alibi_slopes (al_sb = 0 for [num_heads]) */
+    int64_t lse_sh, lse_st;   /* lse */
+
+    int batch, q_len, total_q;  /* q_len: dense layouts (0 with cu_seqlens_q) */
+    int num_heads, num_kv_heads, group, head_dim;
+    int block_size;
+    unsigned bs_magic, bs_shift; /* t / block_size = (umulhi(t, magic) + t) >> shift */
+    int num_blocks, max_blocks;
+    int num_splits, num_row_tiles; /* row tiles per sequence (dense) or plan entries (packed) */
+    int kv_per_cta;           /* 1: token mode; 4 or 8: head mode (warps per CTA, one KV head each) */
+    int causal, window_left, window_right;
+    float qk_scale;           /* softmax_scale * log2(e), or softmax_scale / softcap with softcap */
+    float cap_log2;           /* softcap * log2(e); 0 = no softcap */
+};
+
+#define PF_PAGED_WARPS 4
+#define PF_LOG2E_F 1.4426950408889634f
+#define PF_LN2_F 0.6931471805599453f
+
+/* ---- small device helpers ---- */
+
+/* 16 bytes through the read-only path, without L1 allocation (streamed once). */
+__device__ __forceinline__ uint4 pf_ldg16(const void *p) {
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p));
+    return r;
+}
+
+/* The row a missing token (past the split, or in a block with a bad id) reads:
+ * zeros, so its V contributes exactly nothing and its K is masked anyway. */
+static __device__ __align__(16) uint4 pf_paged_zeros[32];
+
+/* An opaque zero: keeps the compiler from folding unused MMA operand registers
+ * (which would force it to rebuild operand quads with moves in the loop). */
+__device__ __forceinline__ uint32_t pf_opaque_zero() {
+    uint32_t z;
+    asm volatile("mov.b32 %0, 0;" : "=r"(z));
+    return z;
+}
+
+template <typename T>
+__device__ __forceinline__ void pf_mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void pf_mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                            uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void pf_mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* c += A (16x8 tf32) * B (8x8 tf32); a/b hold float bit patterns. */
+__device__ __forceinline__ void pf_mma_1688_tf32(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pf_to_tf32(float x) {
+    uint32_t r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+
+/* The two 16-bit values of a word as exact floats (low half first). */
+template <typename T>
+__device__ __forceinline__ void pf_unpack2(uint32_t w, float &lo, float &hi);
+template <>
+__device__ __forceinline__ void pf_unpack2<__nv_bfloat16>(uint32_t w, float &lo, float &hi) {
+    lo = __uint_as_float(w << 16);
+    hi = __uint_as_float(w & 0xffff0000u);
+}
+template <>
+__device__ __forceinline__ void pf_unpack2<__half>(uint32_t w, float &lo, float &hi) {
+    __half2 h = *reinterpret_cast<__half2 *>(&w);
+    float2 f = __half22float2(h);
+    lo = f.x;
+    hi = f.y;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pf_pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pf_pack2<__nv_bfloat16>(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pf_pack2<__half>(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+
+/* tanh with absolute error ~1e-7 (exp2-based; fast-math safe). */
+__device__ __forceinline__ float pf_tanh(float x) {
+    float t = exp2f(-2.0f * PF_LOG2E_F * fabsf(x));
+    float r = __fdividef(1.0f - t, 1.0f + t);
+    return copysignf(r, x);
+}
+
+/* Mask bounds [lo, hi] (inclusive) of the query at position p (seq_len tokens). */
+__device__ __forceinline__ void pf_row_bounds(const pf_paged_args &a, int p, int seq_len, int &lo, int &hi) {
+    lo = 0;
+    hi = seq_len - 1;
+    if (a.window_left >= 0) lo = max(lo, p - a.window_left);
+    int right = a.causal ? 0 : a.window_right;
+    if (a.causal || right >= 0) hi = min(hi, p + right);
+}
+
+/* Sequence-level facts shared by the kernels. */
+struct pf_seq_info {
+    int seq_len;   /* clamped to [0, max_blocks * block_size] */
+    int q_len;     /* this sequence's queries (>= 0) */
+    int tok0;      /* first query's token index (packed) or 0 */
+    int qidx0;     /* first query's index in [0, total_q) */
+};
+
+__device__ __forceinline__ pf_seq_info pf_seq_info_of(const pf_paged_args &a, int b) {
+    pf_seq_info s;
+    int len = a.seq_lens[(int64_t)b * a.sl_s];
+    int cap = a.max_blocks * a.block_size;
+    s.seq_len = min(max(len, 0), cap);
+    if (a.cu_seqlens_q) {
+        int c0 = a.cu_seqlens_q[(int64_t)b * a.cu_s];
+        int c1 = a.cu_seqlens_q[(int64_t)(b + 1) * a.cu_s];
+        c0 = min(max(c0, 0), a.total_q);
+        c1 = min(max(c1, c0), a.total_q);
+        s.q_len = c1 - c0;
+        s.tok0 = c0;
+        s.qidx0 = c0;
+    } else {
+        s.q_len = a.q_len;
+        s.tok0 = 0;
+        s.qidx0 = b * a.q_len;
+    }
+    return s;
+}
+
+/* t / block_size for 0 <= t < 2^31 by multiply-high (bs_magic, bs_shift set by the launcher). */
+__device__ __forceinline__ int pf_block_index(const pf_paged_args &a, int t) {
+    return (int)((__umulhi((unsigned)t, a.bs_magic) + (unsigned)t) >> a.bs_shift);
+}
+
+/* Block id of token t of sequence b, or -1 when the table entry is out of range. */
+__device__ __forceinline__ int pf_block_of(const pf_paged_args &a, int b, int t) {
+    const int j = pf_block_index(a, t);
+    const int id = __ldg(a.block_tables + (int64_t)b * a.bt_sb + (int64_t)j * a.bt_sj);
+    return (unsigned)id < (unsigned)a.num_blocks ? id : -1;
+}
+
+__device__ __forceinline__ int pf_offset_in_block(const pf_paged_args &a, int t) {
+    return t - pf_block_index(a, t) * a.block_size;
+}
+
+/* Token range [s_lo, s_hi) of `split` within [kv_lo, kv_hi), cut in whole `align`-token pieces. */
+__device__ __forceinline__ void pf_split_range(int kv_lo, int kv_hi, int split, int num_splits, int align, int &s_lo,
+                                               int &s_hi) {
+    int len = max(kv_hi - kv_lo, 0);
+    int per = (len + num_splits - 1) / num_splits;
+    per = (per + align - 1) / align * align;
+    s_lo = kv_lo + min(split * per, len);
+    s_hi = min(kv_hi, s_lo + per);
+    if (s_hi < s_lo) s_hi = s_lo;
+}
+
+/*
+ * The tensor-core kernel. kD: head dim (multiple of 32, <= 256); T: __half or
+ * __nv_bfloat16; kRows: rows per tile (8 or 16); kNT: 8-token groups per warp
+ * iteration (1 or 2).
+ */
+template <int kD, typename T, int kRows, int kNT, bool kHeadWarps, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
+    pf_paged_attn_kernel(const pf_paged_args a) {
+    static_assert(kWarps == PF_PAGED_WARPS || (kHeadWarps && kWarps == 8), "warps per CTA");
+    static_assert(kD % 32 == 0 && kD <= 256, "head dim");
+    static_assert(kRows == 8 || kRows == 16, "rows per tile");
+    constexpr int kKS = kD / 16;             /* k-steps of S = Q K^T */
+    constexpr int kKJ = kD / 32;             /* 16-byte K chunks per lane per token */
+    constexpr int kVC = (kD + 63) / 64;      /* 16-byte V chunks per lane per token */
+    constexpr int kMT = 4 * kVC;             /* m-tiles (16 dims each, permuted) of O^T */
+    constexpr int kChunks = kD / 8;          /* 16-byte chunks per row */
+    constexpr int kRT = kRows / 8;           /* 8-row n-tiles of O^T */
+    constexpr int kTile = 8 * kNT;           /* tokens per warp iteration */
+    constexpr int kRound = kTile * PF_PAGED_WARPS; /* split alignment; token mode's stride */
+    /* head mode: warp w owns KV head kWarps * c + w and walks every tile of the split
+     * (so the CTA reads kWarps heads' rows of each token together: with 8 KV heads
+     * and 8 warps, whole contiguous token rows of every block);
+     * token mode: the 4 warps share one KV head and take every 4th tile. */
+    constexpr int kStep = kHeadWarps ? kTile : kRound;
+    /* tiles in flight per warp: 2 where the registers allow (one KV head per warp, 8 rows,
+     * head dim <= 128), else 1 */
+    constexpr int kDepth = (kHeadWarps && kRows == 8 && kD <= 128) ? 2 : 1;
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, qd = lane & 3;
+
+    /* ---- which (sequence, kv head, row tile, split) ---- */
+    int bid = blockIdx.x;
+    const int split = bid % a.num_splits;
+    bid /= a.num_splits;
+    const int kv_groups = kHeadWarps ? (a.num_kv_heads + kWarps - 1) / kWarps : a.num_kv_heads;
+    const int kvh = kHeadWarps ? (bid % kv_groups) * kWarps + warp : bid % kv_groups;
+    bid /= kv_groups;
+    if (kHeadWarps && kvh >= a.num_kv_heads) return; /* no barrier follows in head mode */
+    int b, rt;
+    if (a.plan) {
+        b = a.plan[2 * bid];
+        rt = a.plan[2 * bid + 1];
+        if (b < 0) return;
+    } else {
+        rt = bid % a.num_row_tiles;
+        b = bid / a.num_row_tiles;
+    }
+    const pf_seq_info si = pf_seq_info_of(a, b);
+    const int rows_total = si.q_len * a.group;
+    const int r0 = rt * kRows;
+    if (r0 >= rows_total) return; /* uniform over the CTA */
+    const int rows_here = min(kRows, rows_total - r0);
+
+    /* token range of the tile's rows: bounds are monotone in the query index */
+    int kv_lo, kv_hi;
+    {
+        int lo0, hi0, lo1, hi1;
+        const int i_first = r0 / a.group, i_last = (r0 + rows_here - 1) / a.group;
+        pf_row_bounds(a, si.seq_len - si.q_len + i_first, si.seq_len, lo0, hi0);
+        pf_row_bounds(a, si.seq_len - si.q_len + i_last, si.seq_len, lo1, hi1);
+        kv_lo = max(lo0, 0);
+        kv_hi = max(hi1 + 1, kv_lo);
+        (void)hi0;
+        (void)lo1;
+    }
+    int s_lo, s_hi;
+    pf_split_range(kv_lo, kv_hi, split, a.num_splits, kRound, s_lo, s_hi);
+
+    /* ---- this lane's S rows (g, g + 8): bounds, ALiBi slope, Q fragments ---- */
+    int row_lo[2], row_hi[2], row_pos[2];
+    float row_slope[2];
+    uint32_t qa[kKS][4];
+#pragma unroll
+    for (int ks = 0; ks < kKS; ks++) {
+        qa[ks][0] = qa[ks][2] = 0u;
+        qa[ks][1] = pf_opaque_zero();
+        qa[ks][3] = pf_opaque_zero();
+    }
+#pragma unroll
+    for (int h2 = 0; h2 < 2; h2++) {
+        row_lo[h2] = 1;
+        row_hi[h2] = 0; /* empty */
+        row_pos[h2] = 0;
+        row_slope[h2] = 0.f;
+        const int rl = g + 8 * h2;
+        if (rl >= kRows || rl >= rows_here) continue;
+        const int r = r0 + rl;
+        const int i = r / a.group, head = kvh * a.group + r % a.group;
+        const int p = si.seq_len - si.q_len + i;
+        pf_row_bounds(a, p, si.seq_len, row_lo[h2], row_hi[h2]);
+        row_pos[h2] = p;
+        if (a.alibi) row_slope[h2] = a.alibi[(int64_t)b * a.al_sb + (int64_t)head * a.al_sh] * PF_LOG2E_F;
+        const T *qp = reinterpret_cast<const T *>(a.q) + (int64_t)b * a.q_sb + (int64_t)(si.tok0 + i) * a.q_st +
+                      (int64_t)head * a.q_sh;
+#pragma unroll
+        for (int j = 0; j < kKJ; j++) {
+            uint4 w = *reinterpret_cast<const uint4 *>(qp + (qd + 4 * j) * 8);
+            qa[2 * j][h2] = w.x;
+            qa[2 * j][2 + h2] = w.y;
+            qa[2 * j + 1][h2] = w.z;
+            qa[2 * j + 1][2 + h2] = w.w;
+        }
+    }
+
+    /* ---- per-warp online softmax state ---- */
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+    float oacc[kRT][kMT][4];
+#pragma unroll
+    for (int n = 0; n < kRT; n++)
+#pragma unroll
+        for (int i = 0; i < kMT; i++) oacc[n][i][0] = oacc[n][i][1] = oacc[n][i][2] = oacc[n][i][3] = 0.f;
+
+    const char *kbase = reinterpret_cast<const char *>(a.k_cache) + (int64_t)kvh * a.k_sh * (int64_t)sizeof(T);
+    const char *vbase = reinterpret_cast<const char *>(a.v_cache) + (int64_t)kvh * a.v_sh * (int64_t)sizeof(T);
+    const int64_t k_sblk_b = a.k_sblk * (int64_t)sizeof(T), k_stok_b = a.k_stok * (int64_t)sizeof(T);
+    const int64_t v_sblk_b = a.v_sblk * (int64_t)sizeof(T), v_stok_b = a.v_stok * (int64_t)sizeof(T);
+
+    uint4 kbuf[kDepth][kNT][kKJ];
+    uint4 vbuf[kDepth][kNT][2][kVC];
+    bool vok[kDepth][kNT][2]; /* token 2q + e of group nt exists (in range, good block) */
+    const char *const zero = reinterpret_cast<const char *>(pf_paged_zeros);
+
+    /* block id of token (t0 + lane % kTile) (the table load), -1 when none */
+    auto fetch_id = [&](int t0) -> int {
+        const int t = t0 + (lane % kTile);
+        if (t >= s_hi) return -1;
+        return pf_block_of(a, b, t);
+    };
+    /* that token's K and V row pointers; a missing token reads the zero row */
+    auto make_ptrs = [&](int t0, int id, const char *&kp, const char *&vp) {
+        kp = vp = zero;
+        if (id >= 0) {
+            const int64_t off = pf_offset_in_block(a, t0 + (lane % kTile));
+            kp = kbase + (int64_t)id * k_sblk_b + off * k_stok_b;
+            vp = vbase + (int64_t)id * v_sblk_b + off * v_stok_b;
+        }
+    };
+    auto shfl_ptr = [&](const char *p, int src) -> const char * {
+        const uint64_t u = reinterpret_cast<uint64_t>(p);
+        const uint32_t lo = __shfl_sync(0xffffffffu, (uint32_t)u, src);
+        const uint32_t hi = __shfl_sync(0xffffffffu, (uint32_t)(u >> 32), src);
+        return reinterpret_cast<const char *>(((uint64_t)hi << 32) | lo);
+    };
+    auto issue_k = [&](uint4 (&kb)[kNT][kKJ], const char *kp_l) {
+#pragma unroll
+        for (int nt = 0; nt < kNT; nt++) {
+            const char *p = shfl_ptr(kp_l, nt * 8 + g);
+#pragma unroll
+            for (int j = 0; j < kKJ; j++) kb[nt][j] = pf_ldg16(p + (qd + 4 * j) * 16);
+        }
+    };
+    auto issue_v = [&](uint4 (&vb)[kNT][2][kVC], bool (&ok)[kNT][2], const char *vp_l) {
+#pragma unroll
+        for (int nt = 0; nt < kNT; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const char *p = shfl_ptr(vp_l, nt * 8 + 2 * qd + e);
+                ok[nt][e] = p != zero;
+#pragma unroll
+                for (int c = 0; c < kVC; c++) {
+                    if (kD % 64 == 0 || g + 8 * c < kChunks)
+                        vb[nt][e][c] = pf_ldg16(p + (g + 8 * c) * 16);
+                    else
+                        vb[nt][e][c] = make_uint4(0u, 0u, 0u, 0u);
+                }
+            }
+    };
+
+    int t_cur = s_lo + (kHeadWarps ? 0 : warp * kTile);
+    if (t_cur < s_hi) {
+        /* prologue: tiles 0 .. kDepth-1 in flight; pointers of tile kDepth, id of kDepth+1 */
+        const char *kp_n, *vp_n;
+        int id_n = fetch_id(t_cur);
+#pragma unroll
+        for (int d = 0; d < kDepth; d++) {
+            make_ptrs(t_cur + d * kStep, id_n, kp_n, vp_n);
+            id_n = fetch_id(t_cur + (d + 1) * kStep);
+            issue_k(kbuf[d], kp_n);
+            issue_v(vbuf[d], vok[d], vp_n);
+        }
+        make_ptrs(t_cur + kDepth * kStep, id_n, kp_n, vp_n);
+        id_n = fetch_id(t_cur + (kDepth + 1) * kStep);
+        bool more = true;
+        while (more) {
+#pragma unroll
+        for (int par = 0; par < kDepth; par++) {
+            if (t_cur >= s_hi) {
+                more = false;
+                break;
+            }
+            const int t_next = t_cur + kDepth * kStep; /* the tile that refills this buffer */
+
+            /* S = Q K^T */
+            float s[kNT][4];
+#pragma unroll
+            for (int nt = 0; nt < kNT; nt++) {
+                s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+                for (int j = 0; j < kKJ; j++) {
+                    pf_mma_16816<T>(s[nt], qa[2 * j], kbuf[par][nt][j].x, kbuf[par][nt][j].y);
+                    pf_mma_16816<T>(s[nt], qa[2 * j + 1], kbuf[par][nt][j].z, kbuf[par][nt][j].w);
+                }
+            }
+            if (t_next < s_hi) issue_k(kbuf[par], kp_n);
+
+            /* scale, softcap, ALiBi, mask; row maxima */
+            float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+            for (int nt = 0; nt < kNT; nt++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    const int h2 = c >> 1, e = c & 1;
+                    const int t = t_cur + nt * 8 + 2 * qd + e;
+                    float x = s[nt][c];
+                    x = a.cap_log2 != 0.f ? a.cap_log2 * pf_tanh(x * a.qk_scale) : x * a.qk_scale;
+                    if (a.alibi) x -= row_slope[h2] * (float)abs(row_pos[h2] - t);
+                    const bool ok = vok[par][nt][e] && t >= row_lo[h2] && t <= row_hi[h2];
+                    x = ok ? x : -INFINITY;
+                    s[nt][c] = x;
+                    mx[h2] = fmaxf(mx[h2], x);
+                }
+            float alpha[2], m_use[2];
+#pragma unroll
+            for (int h2 = 0; h2 < 2; h2++) {
+                mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 1));
+                mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 2));
+                const float m_new = fmaxf(m_run[h2], mx[h2]);
+                m_use[h2] = m_new == -INFINITY ? 0.f : m_new;
+                alpha[h2] = exp2f(m_run[h2] - m_use[h2]);
+                m_run[h2] = m_new;
+            }
+            uint32_t pb[kNT][4];
+            float lsum[2] = {0.f, 0.f};
+#pragma unroll
+            for (int nt = 0; nt < kNT; nt++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    const float pv = exp2f(s[nt][c] - m_use[c >> 1]);
+                    lsum[c >> 1] += pv;
+                    pb[nt][c] = pf_to_tf32(pv);
+                }
+            l_run[0] = l_run[0] * alpha[0] + lsum[0];
+            l_run[1] = l_run[1] * alpha[1] + lsum[1];
+
+            /* rescale O^T rows (2q, 2q+1 of each 8-row n-tile) when a maximum moved */
+            if (__any_sync(0xffffffffu, alpha[0] != 1.f || (kRT > 1 && alpha[1] != 1.f))) {
+#pragma unroll
+                for (int n = 0; n < kRT; n++) {
+                    const float a0 = __shfl_sync(0xffffffffu, alpha[n], 8 * qd);
+                    const float a1 = __shfl_sync(0xffffffffu, alpha[n], 8 * qd + 4);
+#pragma unroll
+                    for (int i = 0; i < kMT; i++) {
+                        oacc[n][i][0] *= a0;
+                        oacc[n][i][1] *= a1;
+                        oacc[n][i][2] *= a0;
+                        oacc[n][i][3] *= a1;
+                    }
+                }
+            }
+
+            /* O^T += V^T P^T */
+#pragma unroll
+            for (int nt = 0; nt < kNT; nt++)
+#pragma unroll
+                for (int i = 0; i < kMT; i++) {
+                    const int c = i >> 2, w = i & 3;
+                    const uint32_t w0 = (&vbuf[par][nt][0][c].x)[w], w1 = (&vbuf[par][nt][1][c].x)[w];
+                    float x00, x01, x10, x11;
+                    pf_unpack2<T>(w0, x00, x01); /* token 2q:   elements 2i, 2i+1 */
+                    pf_unpack2<T>(w1, x10, x11); /* token 2q+1 */
+#pragma unroll
+                    for (int n = 0; n < kRT; n++)
+                        pf_mma_1688_tf32(oacc[n][i], __float_as_uint(x00), __float_as_uint(x01), __float_as_uint(x10),
+                                         __float_as_uint(x11), pb[nt][2 * n], pb[nt][2 * n + 1]);
+                }
+            if (t_next < s_hi) issue_v(vbuf[par], vok[par], vp_n);
+            make_ptrs(t_next + kStep, id_n, kp_n, vp_n);
+            id_n = fetch_id(t_next + 2 * kStep);
+            t_cur += kStep;
+        }
+        }
+    }
+
+#pragma unroll
+    for (int h2 = 0; h2 < 2; h2++) {
+        l_run[h2] += __shfl_xor_sync(0xffffffffu, l_run[h2], 1);
+        l_run[h2] += __shfl_xor_sync(0xffffffffu, l_run[h2], 2);
+    }
+    const bool partial = a.num_splits > 1;
+
+    if constexpr (kHeadWarps) {
+        /* this warp holds whole rows: normalize and write straight from registers */
+#pragma unroll
+        for (int n = 0; n < kRT; n++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int rr = n * 8 + 2 * qd + e;
+                const float L = __shfl_sync(0xffffffffu, l_run[n], (2 * qd + e) * 4);
+                const float M = __shfl_sync(0xffffffffu, m_run[n], (2 * qd + e) * 4);
+                if (rr >= rows_here) continue;
+                const int r = r0 + rr;
+                const int i = r / a.group, head = kvh * a.group + r % a.group;
+                const int qidx = si.qidx0 + i;
+                const float inv = L > 0.f ? 1.f / L : 0.f;
+                const float lse = L > 0.f ? (M + __log2f(L)) * PF_LN2_F : -INFINITY;
+#pragma unroll
+                for (int c = 0; c < kVC; c++) {
+                    const int ch = g + 8 * c;
+                    if (kD % 64 != 0 && ch >= kChunks) continue;
+                    float v[8];
+#pragma unroll
+                    for (int w = 0; w < 4; w++) {
+                        v[2 * w] = oacc[n][4 * c + w][e] * inv;
+                        v[2 * w + 1] = oacc[n][4 * c + w][2 + e] * inv;
+                    }
+                    if (partial) {
+                        float *dst = a.o_part +
+                                     (((int64_t)split * a.total_q + qidx) * a.num_heads + head) * a.head_dim + ch * 8;
+                        reinterpret_cast<float4 *>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+                        reinterpret_cast<float4 *>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+                    } else {
+                        T *dst = reinterpret_cast<T *>(a.out) + (int64_t)b * a.o_sb + (int64_t)(si.tok0 + i) * a.o_st +
+                                 (int64_t)head * a.o_sh + ch * 8;
+                        uint4 pk;
+                        pk.x = pf_pack2<T>(v[0], v[1]);
+                        pk.y = pf_pack2<T>(v[2], v[3]);
+                        pk.z = pf_pack2<T>(v[4], v[5]);
+                        pk.w = pf_pack2<T>(v[6], v[7]);
+                        *reinterpret_cast<uint4 *>(dst) = pk;
+                    }
+                }
+                if (g == 0) {
+                    if (partial)
+                        a.lse_part[((int64_t)split * a.total_q + qidx) * a.num_heads + head] = lse;
+                    else if (a.lse)
+                        a.lse[(int64_t)head * a.lse_sh + (int64_t)qidx * a.lse_st] = lse;
+                }
+            }
+        return;
+    }
+
+    /* ---- token mode: merge the 4 warps through shared memory, then write ---- */
+    constexpr int kAccStride = kD + 4;
+    __shared__ float sm_m[PF_PAGED_WARPS][kRows], sm_l[PF_PAGED_WARPS][kRows];
+    __shared__ __align__(16) float sm_acc[kRows][kAccStride];
+    __shared__ float sm_M[kRows], sm_L[kRows];
+
+    if (qd == 0) {
+        sm_m[warp][g] = m_run[0];
+        sm_l[warp][g] = l_run[0];
+        if (kRows == 16) {
+            sm_m[warp][g + 8] = m_run[1];
+            sm_l[warp][g + 8] = l_run[1];
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < kRows) {
+        const int r = threadIdx.x;
+        float M = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < PF_PAGED_WARPS; w++) M = fmaxf(M, sm_m[w][r]);
+        float L = 0.f;
+#pragma unroll
+        for (int w = 0; w < PF_PAGED_WARPS; w++)
+            if (sm_m[w][r] != -INFINITY) L += sm_l[w][r] * exp2f(sm_m[w][r] - M);
+        sm_M[r] = M;
+        sm_L[r] = L;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < PF_PAGED_WARPS; w++) {
+        if (warp == w) {
+#pragma unroll
+            for (int n = 0; n < kRT; n++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int rr = n * 8 + 2 * qd + e;
+                    const float mw = sm_m[w][rr];
+                    const float sc = mw == -INFINITY ? 0.f : exp2f(mw - sm_M[rr]);
+#pragma unroll
+                    for (int i = 0; i < kMT; i++) {
+                        const int c = i >> 2;
+                        const int ch = g + 8 * c;
+                        if (kD % 64 != 0 && ch >= kChunks) continue;
+                        const int d0 = ch * 8 + 2 * (i & 3);
+                        float v0 = oacc[n][i][e] * sc, v1 = oacc[n][i][2 + e] * sc;
+                        if (w == 0) {
+                            sm_acc[rr][d0] = v0;
+                            sm_acc[rr][d0 + 1] = v1;
+                        } else {
+                            sm_acc[rr][d0] += v0;
+                            sm_acc[rr][d0 + 1] += v1;
+                        }
+                    }
+                }
+        }
+        __syncthreads();
+    }
+
+    /* rows x 16-byte chunks, spread over the CTA */
+    for (int idx = threadIdx.x; idx < rows_here * kChunks; idx += PF_PAGED_WARPS * 32) {
+        const int rr = idx / kChunks, ch = idx % kChunks;
+        const int r = r0 + rr;
+        const int i = r / a.group, head = kvh * a.group + r % a.group;
+        const float L = sm_L[rr];
+        const float inv = L > 0.f ? 1.f / L : 0.f;
+        const float *src = &sm_acc[rr][ch * 8];
+        float v[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = src[k] * inv;
+        const int qidx = si.qidx0 + i;
+        if (partial) {
+            float *dst = a.o_part + (((int64_t)split * a.total_q + qidx) * a.num_heads + head) * a.head_dim + ch * 8;
+            reinterpret_cast<float4 *>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+            reinterpret_cast<float4 *>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+            if (ch == 0)
+                a.lse_part[((int64_t)split * a.total_q + qidx) * a.num_heads + head] =
+                    L > 0.f ? (sm_M[rr] + __log2f(L)) * PF_LN2_F : -INFINITY;
+        } else {
+            T *dst = reinterpret_cast<T *>(a.out) + (int64_t)b * a.o_sb + (int64_t)(si.tok0 + i) * a.o_st +
+                     (int64_t)head * a.o_sh + ch * 8;
+            uint4 pk;
+            pk.x = pf_pack2<T>(v[0], v[1]);
+            pk.y = pf_pack2<T>(v[2], v[3]);
+            pk.z = pf_pack2<T>(v[4], v[5]);
+            pk.w = pf_pack2<T>(v[6], v[7]);
+            *reinterpret_cast<uint4 *>(dst) = pk;
+            if (ch == 0 && a.lse)
+                a.lse[(int64_t)head * a.lse_sh + (int64_t)qidx * a.lse_st] =
+                    L > 0.f ? (sm_M[rr] + __log2f(L)) * PF_LN2_F : -INFINITY;
+        }
+    }
+}
+
+/* Occupancy query (mode 0) or launch (mode 1) of one (head dim, dtype) instantiation.
+ * a->kv_per_cta selects the mode: 1 = token mode (4 warps on one KV head), 4 or 8 =
+ * head mode with that many warps, one KV head each. */
+template <int kD, typename T, int kRows, bool kHeads, int kWarps>
+pf_status pf_paged_attn_go(pf_paged_args *a, cudaStream_t stream, int mode, int *occupancy) {
+    constexpr int kNT = kD <= 128 ? 2 : 1;
+    void (*kernel)(const pf_paged_args) = pf_paged_attn_kernel<kD, T, kRows, kNT, kHeads, kWarps>;
+    if (mode == 0) {
+        /* resident CTAs per multiprocessor, cached per device */
+        static int cached[64];
+        int dev = 0;
+        PF_CUDA_CHECK(cudaGetDevice(&dev));
+        if (dev < 64 && cached[dev] > 0) {
+            *occupancy = cached[dev];
+            return PF_STATUS_OK;
+        }
+        PF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(occupancy, kernel, kWarps * 32, 0));
+        if (dev < 64) cached[dev] = *occupancy;
+        return PF_STATUS_OK;
+    }
+    const int64_t kv_groups = (a->num_kv_heads + a->kv_per_cta - 1) / a->kv_per_cta;
+    const int64_t grid = (int64_t)a->num_row_tiles * kv_groups * a->num_splits * (a->plan ? 1 : a->batch);
+    if (grid == 0) return PF_STATUS_OK;
+    kernel<<<(unsigned)grid, kWarps * 32, 0, stream>>>(*a);
+    PF_CUDA_CHECK_LAUNCH();
+    return PF_STATUS_OK;
+}
+
+template <int kD, typename T, int kRows>
+pf_status pf_paged_attn_mode(pf_paged_args *a, cudaStream_t stream, int mode, int *occupancy) {
+    if (a->kv_per_cta == 8) return pf_paged_attn_go<kD, T, kRows, true, 8>(a, stream, mode, occupancy);
+    if (a->kv_per_cta == 4) return pf_paged_attn_go<kD, T, kRows, true, 4>(a, stream, mode, occupancy);
+    return pf_paged_attn_go<kD, T, kRows, false, 4>(a, stream, mode, occupancy);
+}
+
+template <int kD, typename T>
+pf_status pf_paged_attn_run(pf_paged_args *a, int rows_per_tile, cudaStream_t stream, int mode, int *occupancy) {
+    if (rows_per_tile == 16 && kD <= 128)
+        return pf_paged_attn_mode<kD, T, (kD <= 128 ? 16 : 8)>(a, stream, mode, occupancy);
+    return pf_paged_attn_mode<kD, T, 8>(a, stream, mode, occupancy);
+}
+
+/* The entry point each instantiation file defines (extern "C", weak-referenced by the launcher). */
+#define PF_PAGED_INSTANTIATE(D, T, NAME)                                                                 \
+    extern "C" pf_status pf_paged_attn_hdim##D##_##NAME(pf_paged_args *a, int rows_per_tile, cudaStream_t s, \
+                                                        int mode, int *occupancy) {                       \
+        return pf_paged_attn_run<D, T>(a, rows_per_tile, s, mode, occupancy);                           \
+    }
+
+#endif /* PF_PAGED_ATTN_CUH */
