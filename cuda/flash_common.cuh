@@ -161,6 +161,13 @@ struct TypeOps<__nv_bfloat16> {
     }
 };
 
+/* float32: only the conversions (the float32 kernels use CUDA cores) */
+template <>
+struct TypeOps<float> {
+    static PF_DEV float to_float(float x) { return x; }
+    static PF_DEV float from_float(float x) { return x; }
+};
+
 PF_DEV uint32_t smem_addr(const void *p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
 /* Four 8x8 b16 matrices; lane l gives the row address of matrix l / 8, row l % 8. */

@@ -34,6 +34,7 @@
 #ifndef PF_FLASH_FWD_CUH
 #define PF_FLASH_FWD_CUH
 
+#include <cstdio>
 #include <cstdlib>
 
 #include "flash_common.cuh"
@@ -47,8 +48,9 @@
 namespace pf {
 namespace cuda {
 
-template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kMinBlocks_ = 1>
 struct FwdConfig {
+    static constexpr int kMinBlocks = kMinBlocks_; /* __launch_bounds__ occupancy hint */
     static constexpr int kHeadDim = kHeadDim_;
     static constexpr int kBlockM = kBlockM_;
     static constexpr int kBlockN = kBlockN_;
@@ -172,7 +174,7 @@ PF_DEV SeqInfo seq_info(const FlashParams &p, int b) {
 /* ---- the kernel ------------------------------------------------------------ */
 
 template <typename T, typename Cfg, bool Is_aligned, bool Has_extras, bool Has_dropout>
-__global__ void __launch_bounds__(Cfg::kNThreads)
+__global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
     flash_fwd_kernel(const __grid_constant__ FlashParams p) {
     using Ops = TypeOps<T>;
     constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kHeadDim = Cfg::kHeadDim;
@@ -358,24 +360,26 @@ __global__ void __launch_bounds__(Cfg::kNThreads)
             }
 
             /* online softmax (log2 domain) */
+            float alpha[kMT][2];
+            bool rescale = false;
 #pragma unroll
             for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
                 for (int hf = 0; hf < 2; ++hf) {
-                    float mx = row_max[mt][hf];
+                    /* row max as a tree (short dependency chains) */
+                    float v[kNT];
 #pragma unroll
-                    for (int nt = 0; nt < kNT; ++nt)
-                        mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hf], s[mt][nt][2 * hf + 1]));
-                    mx = quad_max(mx);
+                    for (int nt = 0; nt < kNT; ++nt) v[nt] = fmaxf(s[mt][nt][2 * hf], s[mt][nt][2 * hf + 1]);
+#pragma unroll
+                    for (int w = 1; w < kNT; w *= 2)
+#pragma unroll
+                        for (int nt = 0; nt + w < kNT; nt += 2 * w) v[nt] = fmaxf(v[nt], v[nt + w]);
+                    const float mx = quad_max(fmaxf(row_max[mt][hf], v[0]));
                     const float m_sc = mx == -INFINITY ? 0.0f : mx * sc;
-                    const float alpha = fast_exp2(row_max[mt][hf] * sc - m_sc);
+                    alpha[mt][hf] = fast_exp2(row_max[mt][hf] * sc - m_sc);
+                    rescale |= alpha[mt][hf] != 1.0f;
                     row_max[mt][hf] = mx;
-                    float sum = row_sum[mt][hf] * alpha;
-#pragma unroll
-                    for (int dt = 0; dt < kDT; ++dt) {
-                        acc[mt][dt][2 * hf] *= alpha;
-                        acc[mt][dt][2 * hf + 1] *= alpha;
-                    }
+                    float sum = row_sum[mt][hf] * alpha[mt][hf];
 #pragma unroll
                     for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
@@ -386,6 +390,16 @@ __global__ void __launch_bounds__(Cfg::kNThreads)
                         }
                     row_sum[mt][hf] = sum;
                 }
+            /* O *= exp2(m_old - m_new); skipped when no row of the warp got a new max
+             * (most tiles after the first few on long rows) */
+            if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+                for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+                    for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) acc[mt][dt][e] *= alpha[mt][e / 2];
+            }
 
             /* dropout: keep (i, j) iff philox(j / 4, i, b * h + h, offset; seed)[j % 4] >= threshold */
             if (Has_dropout && p.drop_threshold) {
@@ -499,34 +513,33 @@ pf_status launch_fwd_cfg(const FlashParams &p, cudaStream_t stream, int device, 
 }
 
 #ifdef PF_TUNE
-/* Tuning builds (-DPF_TUNE): PAGEDFLASH_FWD_TILE=MxNxW picks one of these
- * candidates at run time so one device run can time them all. */
+/* Tuning builds (-DPF_TUNE): PAGEDFLASH_FWD_TILE=MxNxW[xMinBlocks] picks one of these
+ * candidates (fast-path kernel only, head dims 64 and 128) at run time, so
+ * one device run can time them all. */
 template <typename T, int kHeadDim>
 pf_status launch_fwd_tune(const FlashParams &p, cudaStream_t stream, int device, int max_rows, bool *handled) {
-    const char *env = getenv("PAGEDFLASH_FWD_TILE");
     *handled = false;
-    if (!env) return PF_STATUS_OK;
-    int m = 0, n = 0, w = 0;
-    if (sscanf(env, "%dx%dx%d", &m, &n, &w) != 3) return PF_STATUS_OK;
-    *handled = true;
-#define PF_TUNE_CASE(M, N, W)                                                                         \
-    if (m == M && n == N && w == W) return launch_fwd_cfg<T, FwdConfig<kHeadDim, M, N, W>>(p, stream, device, max_rows);
-    if (kHeadDim <= 128) {
-        PF_TUNE_CASE(128, 64, 4)
-        PF_TUNE_CASE(128, 32, 4)
-        PF_TUNE_CASE(64, 64, 4)
-        PF_TUNE_CASE(128, 64, 8)
-        PF_TUNE_CASE(128, 128, 8)
-    }
-    if (kHeadDim <= 64) { PF_TUNE_CASE(128, 128, 4) }
-    if (kHeadDim >= 128) {
-        PF_TUNE_CASE(64, 64, 4)
-        PF_TUNE_CASE(128, 64, 8)
-        PF_TUNE_CASE(64, 32, 4)
-        PF_TUNE_CASE(128, 32, 8)
-    }
+    if constexpr (kHeadDim == 64 || kHeadDim == 128) {
+        const char *env = getenv("PAGEDFLASH_FWD_TILE");
+        int m = 0, n = 0, w = 0, b = 1;
+        if (!env || sscanf(env, "%dx%dx%dx%d", &m, &n, &w, &b) < 3) return PF_STATUS_OK;
+        if (!p.aligned || p.drop_threshold || p.softcap > 0.0f || p.alibi || !(p.scale_log2 > 0.0f))
+            return PF_STATUS_OK;
+        *handled = true;
+#define PF_TUNE_CASE(M, N, W, B) \
+    if (m == M && n == N && w == W && b == B) \
+        return launch_fwd<T, FwdConfig<kHeadDim, M, N, W, B>, true, false, false>(p, stream, device, max_rows);
+        PF_TUNE_CASE(128, 64, 4, 1)
+        PF_TUNE_CASE(64, 64, 4, 2)
+        PF_TUNE_CASE(64, 64, 4, 3)
+        PF_TUNE_CASE(128, 64, 8, 1)
+        PF_TUNE_CASE(128, 64, 8, 2)
+        PF_TUNE_CASE(128, 128, 8, 2)
+        PF_TUNE_CASE(128, 32, 4, 1)
+        if constexpr (kHeadDim == 64) { PF_TUNE_CASE(128, 128, 4, 1) }
 #undef PF_TUNE_CASE
-    *handled = false;
+        *handled = false;
+    }
     return PF_STATUS_OK;
 }
 #endif

@@ -9,7 +9,6 @@
 #define PF_CUDA_TODO(what) \
     PF_CHECK(0, PF_STATUS_NOT_SUPPORTED, "%s is not implemented on CUDA yet", what)
 
-extern "C" pf_status pf_cuda_flash_bwd(const pf_attn_params *) { PF_CUDA_TODO("flash_attn_backward"); }
 extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *) { PF_CUDA_TODO("paged_attn"); }
 extern "C" pf_status pf_cuda_merge_attn_states(const pf_merge_params *) { PF_CUDA_TODO("merge_attn_states"); }
 extern "C" pf_status pf_cuda_write_kv_cache(pf_tensor, pf_tensor, pf_tensor, pf_tensor, pf_tensor, void *) {
