@@ -249,11 +249,9 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
         load_tile<kBlockN, kHeadDim, kStride, kNThreads>(sV, vb + (int64_t)j0 * p.v_row_stride, p.v_row_stride,
                                                          keys_valid, d, aligned, tid);
 
-        /* issue the loads of step s into stage buffer s % kStages */
-        auto issue = [&](int s) {
-            const int h = hk * G + s / nm;
-            const int m0 = (m_lo + s % nm) * kBlockM;
-            const int st = s % kStages;
+        /* issue the loads of step s (query head h, tile starting at m0) into stage s % 2 */
+        auto issue = [&](int s, int h, int m0) {
+            const int st = s & 1;
             const int rows_valid = sq - m0;
             const T *qh = static_cast<const T *>(p.q) + b * p.q_batch_stride +
                           (int64_t)(si.q_start + m0) * p.q_row_stride + h * p.q_head_stride;
@@ -276,8 +274,9 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
             }
         };
 
-        if (n_steps > 0) issue(0);
+        if (n_steps > 0) issue(0, hk * G, m_lo * kBlockM);
         cp_async_commit();
+        int cur_h = hk * G, cur_m = m_lo; /* step s's head and query tile */
 
         float acc_dk[kDoDK ? kDT : 1][4], acc_dv[kDoDV ? kDT : 1][4];
 #pragma unroll
@@ -292,15 +291,18 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
 
 #pragma unroll 1
         for (int s = 0; s < n_steps; ++s) {
-            const int st = s % kStages;
+            const int st = s & 1;
+            const int h = cur_h, m0 = cur_m * kBlockM;
+            if (++cur_m == m_hi) {
+                cur_m = m_lo;
+                ++cur_h;
+            }
             cp_async_wait<0>();
             __syncthreads(); /* step s landed; every warp is done with step s - 1 */
-            if (s + 1 < n_steps) issue(s + 1);
+            if (s + 1 < n_steps) issue(s + 1, cur_h, cur_m * kBlockM);
             cp_async_commit();
             static_assert(kStages == 2, "the issue/consume order assumes double buffering");
 
-            const int h = hk * G + s / nm;
-            const int m0 = (m_lo + s % nm) * kBlockM;
             const uint32_t qS = smem_addr(sQ0 + st * Cfg::kQElems);
             const uint32_t doS = smem_addr(sdO0 + st * Cfg::kQElems);
             const float *sLse = sLse0 + st * kBlockM;
@@ -345,14 +347,20 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
                     float dt_v;
                     const float x = bwd_score<Has_extras>(p, sP[nt][e], alibi_log2, i + off - j, &dt_v);
                     if (Has_extras) dth[nt][e] = dt_v;
-                    float pr = fast_exp2(x - lse_v);
-                    if (need_mask) {
+                    sP[nt][e] = fast_exp2(x - lse_v);
+                }
+            if (need_mask) { /* only tiles that cross a causal/window/length boundary */
+#pragma unroll
+                for (int nt = 0; nt < kNTm; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int j = kj + 8 * (e / 2);
+                        const int i = m0 + nt * 8 + 2 * t + (e & 1);
                         const int lo = has_lo ? i + off - left : 0;
                         const int hi = has_hi ? imin(sk - 1, i + off + right) : sk - 1;
-                        if (j < lo || j > hi) pr = 0.0f;
+                        if (j < lo || j > hi) sP[nt][e] = 0.0f;
                     }
-                    sP[nt][e] = pr;
-                }
+            }
 
             /* dP^T = V dO^T */
             float sdP[kDoDK ? kNTm : 1][4];
@@ -673,10 +681,10 @@ __global__ void __launch_bounds__(Cfg::kNThreads) flash_bwd_dq_kernel(const __gr
                         float dth;
                         const float x = bwd_score<Has_extras>(p, s[mt][nt][e], alibi_log2, i + off - j, &dth);
                         float pr = fast_exp2(x - lse_r[mt][hf]);
-                        if (need_mask) {
+                        if (need_mask) { /* uniform per tile; hoisted by the compiler */
                             const int lo = has_lo ? i + off - left : 0;
                             const int hi = has_hi ? imin(sk - 1, i + off + right) : sk - 1;
-                            if (j < lo || j > hi) pr = 0.0f;
+                            pr = (j < lo || j > hi) ? 0.0f : pr;
                         }
                         float dp = dpv[mt][nt][e];
                         if (Has_extras && p.drop_threshold) dp = dropout_keep(p, bh, i, j) ? dp * p.drop_scale : 0.0f;

@@ -6,7 +6,8 @@
 #   sanitize  compute-sanitizer memcheck, racecheck, initcheck over a
 #             reduced test selection                                  -> sanitizer_<tool>.log
 #   bench     benchmarks/bench_attention.py (prefill grid)            -> bench.md, bench.log
-# Stages to run: STAGES="build test sanitize bench" (the default: all). Exit status:
+# Stages to run: STAGES="build test sanitize bench" (the default: all); SANITIZE_SELECTION
+# (a pytest -k expression) and SANITIZE_TIMEOUT (seconds per tool), BENCH_ARGS. Exit status:
 # non-zero if any stage failed (every stage still runs).
 set -uo pipefail
 LOG=${1:?usage: scripts/gpu_check.sh <logdir>}
@@ -43,7 +44,7 @@ if has sanitize; then
     step "sanitize $tool"
     extra=""
     [[ $tool == memcheck ]] && extra="--leak-check no"
-    compute-sanitizer --tool $tool $extra --error-exitcode 99 --print-limit 20 \
+    timeout ${SANITIZE_TIMEOUT:-900} compute-sanitizer --tool $tool $extra --error-exitcode 99 --print-limit 20 \
       $PY -m pytest tests/test_gpu_attention.py -m gpu -q -x -p no:cacheprovider -k "$SEL" \
       > "$LOG/sanitizer_$tool.log" 2>&1
     rc=$?
