@@ -767,7 +767,11 @@ pf_status launch_bwd_dq(const FlashParams &p, cudaStream_t stream, int device) {
 }
 
 /* Tiles per head dim: BwdConfig<d, queries per step, warps (16 keys each), stages>,
- * and the deterministic dQ kernel's FwdConfig<d, query rows, keys per tile, warps>. */
+ * and the deterministic dQ kernel's FwdConfig<d, query rows, keys per tile, warps>.
+ * d <= 128: 64 queries x 128 keys, 8 warps, 1 block/SM (d=128: 255 registers,
+ * 24 B spilled; 0.78x FA2 at s=8k on H200, benchmarks/results/prefill_h200.md).
+ * d = 192: the same tile, split in two passes (dV, then dK + dQ), 224 KB of shared
+ * memory; d = 256: 32 queries x 64 keys, 4 warps, split. Not tuned beyond d=64/128. */
 template <int kHeadDim>
 struct BwdTile;
 template <>

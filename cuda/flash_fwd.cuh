@@ -483,8 +483,15 @@ pf_status launch_fwd(const FlashParams &p, cudaStream_t stream, int device, int 
  * Tile per head dim (kBlockM x kBlockN, warps). Registers: O takes
  * kMT * kHeadDim / 2 floats and S kMT * kBlockN / 2 per thread; keep the sum
  * under ~200 so that the 255-register cap does not spill.
- * Measurements behind each choice: see the comments in FwdTile below and
- * benchmarks/results/.
+ * Measured (H200, bf16, 16k tokens, benchmarks/results/fwd_tiles_h200.md):
+ *   d=64:  128x64x4 304 TFLOP/s at s=8k; 128x128x4 298 (-2%), 64x64x4 at 3
+ *          blocks/SM 254 (-16%), 128x64x8 at 2 blocks/SM 274 (-10%).
+ *   d=128: 128x64x4 326 at s=8k; 128x64x8 (2/SM, 128 regs, spills) 298 (-9%),
+ *          64x64x4 (3/SM) 285 (-12%), 128x32x4 272 (-17%); the same order at s=1k
+ *          and causal.
+ *   d=32/96: the d=64/128 shape (not measured separately).
+ *   d=192: 8 warps of 16 rows (O = 96 regs) so that 128 rows fit; d=256: 64x64,
+ *          4 warps (O = 128 regs), 96 KB of shared memory (not measured yet).
  */
 template <int kHeadDim>
 struct FwdTile;
