@@ -122,10 +122,14 @@ def bench_point(d, h, s, causal, args, out_rows):
     os.environ.pop("PAGEDFLASH_FWD_TILE", None)
     if bwd is not None:
         dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
-        ms = cuda_time(lambda: bwd(dout, q, k, v, out, lse, causal=causal, dq=dq, dk=dk, dv=dv), args.warmup,
-                       args.iters)
-        row["pf_bwd"] = fb / ms / 1e9
-    for be in BACKENDS:
+        for tile in (args.bwd_tiles.split(",") if args.bwd_tiles else [None]):
+            if tile:
+                os.environ["PAGEDFLASH_BWD_TILE"] = tile
+            ms = cuda_time(lambda: bwd(dout, q, k, v, out, lse, causal=causal, dq=dq, dk=dk, dv=dv), args.warmup,
+                           args.iters)
+            row[f"pf_bwd{'@' + tile if tile else ''}"] = fb / ms / 1e9
+        os.environ.pop("PAGEDFLASH_BWD_TILE", None)
+    for be in args.backends.split(","):
         short = {"FLASH_ATTENTION": "fa2", "CUDNN_ATTENTION": "cudnn", "EFFICIENT_ATTENTION": "eff"}[be]
         try:
             fn = sdpa_fn(be, q, k, v, causal)
@@ -159,17 +163,18 @@ def fmt(x, nd=1):
     return str(x)
 
 
-def table(rows, tiles):
+def table(rows, tiles, bwd_tiles=()):
     pf_cols = [f"pf_fwd@{t}" for t in tiles] if tiles else ["pf_fwd"]
-    cols = ["d", "h", "s", "b", "causal"] + pf_cols + ["fa2_fwd", "cudnn_fwd", "eff_fwd", "fwd_vs_fa2", "pf_bwd",
-                                                       "fa2_bwd", "cudnn_bwd", "eff_bwd", "bwd_vs_fa2", "err_out",
-                                                       "err_grad"]
+    pb_cols = [f"pf_bwd@{t}" for t in bwd_tiles] if bwd_tiles else ["pf_bwd"]
+    cols = ["d", "h", "s", "b", "causal"] + pf_cols + ["fa2_fwd", "cudnn_fwd", "eff_fwd", "fwd_vs_fa2"] + pb_cols + [
+        "fa2_bwd", "cudnn_bwd", "eff_bwd", "bwd_vs_fa2", "err_out", "err_grad"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         best_pf = max((r.get(c, 0.0) or 0.0) for c in pf_cols)
         r = dict(r)
         r["fwd_vs_fa2"] = best_pf / r["fa2_fwd"] if r.get("fa2_fwd") else None
-        r["bwd_vs_fa2"] = r["pf_bwd"] / r["fa2_bwd"] if r.get("pf_bwd") and r.get("fa2_bwd") else None
+        best_pb = max((r.get(c, 0.0) or 0.0) for c in pb_cols)
+        r["bwd_vs_fa2"] = best_pb / r["fa2_bwd"] if best_pb and r.get("fa2_bwd") else None
         vals = []
         for c in cols:
             x = r.get(c)
@@ -191,6 +196,8 @@ def main():
     ap.add_argument("--dims", help="comma-separated head dims (64, 128)")
     ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     ap.add_argument("--tiles", help="forward tiles to compare (tuning builds): 128x64x4,...")
+    ap.add_argument("--bwd-tiles", help="backward tiles to compare (tuning builds): 64x8,32x8,...")
+    ap.add_argument("--backends", default=",".join(BACKENDS), help="SDPA backends to time")
     ap.add_argument("--no-bwd", action="store_true", help="skip SDPA backward timings")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=30)
@@ -224,7 +231,8 @@ def main():
             f"torch {torch.__version__}; median of {args.iters} CUDA-event timings after {args.warmup} warm-ups\n\n"
             f"fa2 = SDPA FLASH_ATTENTION (FlashAttention-2), cudnn = SDPA CUDNN_ATTENTION, "
             f"eff = SDPA EFFICIENT_ATTENTION; err_* = max |pagedflash - SDPA flash|\n")
-    text = head + "\n" + table(rows, tiles) + "\n"
+    bwd_tiles = args.bwd_tiles.split(",") if args.bwd_tiles else []
+    text = head + "\n" + table(rows, tiles, bwd_tiles) + "\n"
     print()
     print(text)
     if args.out:

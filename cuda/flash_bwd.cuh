@@ -37,6 +37,9 @@
 #ifndef PF_FLASH_BWD_CUH
 #define PF_FLASH_BWD_CUH
 
+#include <cstdio>
+#include <cstdlib>
+
 #include "flash_common.cuh"
 #include "flash_fwd.cuh"
 #include "flash_params.h"
@@ -825,6 +828,32 @@ pf_status bwd_main_and_dq(const FlashParams &p, cudaStream_t stream, int device)
     return PF_STATUS_OK;
 }
 
+#ifdef PF_TUNE
+/* Tuning builds: PAGEDFLASH_BWD_TILE=MxW runs BwdConfig<d, M, W> (fast path, d 64/128). */
+template <typename T, int kHeadDim>
+pf_status bwd_tune(const FlashParams &p, cudaStream_t stream, int device, bool *handled) {
+    *handled = false;
+    if constexpr (kHeadDim == 64 || kHeadDim == 128) {
+        const char *env = getenv("PAGEDFLASH_BWD_TILE");
+        int m = 0, w = 0;
+        if (!env || sscanf(env, "%dx%d", &m, &w) != 2 || !p.aligned || p.deterministic || p.softcap > 0.0f ||
+            p.alibi || p.drop_threshold || !(p.scale_log2 > 0.0f))
+            return PF_STATUS_OK;
+        *handled = true;
+#define PF_BWD_TUNE_CASE(M, W) \
+    if (m == M && w == W) return launch_bwd_main<T, BwdConfig<kHeadDim, M, W>, true, false, 0>(p, stream, device);
+        PF_BWD_TUNE_CASE(64, 8)
+        PF_BWD_TUNE_CASE(32, 8)
+        PF_BWD_TUNE_CASE(64, 4)
+        PF_BWD_TUNE_CASE(32, 4)
+        if constexpr (kHeadDim == 64) { PF_BWD_TUNE_CASE(128, 8) }
+#undef PF_BWD_TUNE_CASE
+        *handled = false;
+    }
+    return PF_STATUS_OK;
+}
+#endif
+
 template <typename T, int kHeadDim>
 pf_status flash_bwd_run(const FlashParams &params, cudaStream_t stream, int device) {
     FlashParams p = params;
@@ -845,6 +874,12 @@ pf_status flash_bwd_run(const FlashParams &params, cudaStream_t stream, int devi
     PF_CUDA_CHECK_LAUNCH("bwd_prep_kernel");
 
     const bool extras = p.softcap > 0.0f || p.alibi != nullptr || p.drop_threshold != 0 || !(p.scale_log2 > 0.0f);
+#ifdef PF_TUNE
+    bool handled = false;
+    PF_TRY((bwd_tune<T, kHeadDim>(p, stream, device, &handled)));
+    if (handled) {
+    } else
+#endif
     if (!p.aligned)
         PF_TRY((bwd_main_and_dq<T, kHeadDim, false, true>(p, stream, device)));
     else if (extras)

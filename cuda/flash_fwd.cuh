@@ -48,9 +48,10 @@
 namespace pf {
 namespace cuda {
 
-template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kMinBlocks_ = 1>
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kMinBlocks_ = 1, bool kLazyRescale_ = true>
 struct FwdConfig {
     static constexpr int kMinBlocks = kMinBlocks_; /* __launch_bounds__ occupancy hint */
+    static constexpr bool kLazyRescale = kLazyRescale_; /* skip O *= 1 when no row max moved */
     static constexpr int kHeadDim = kHeadDim_;
     static constexpr int kBlockM = kBlockM_;
     static constexpr int kBlockN = kBlockN_;
@@ -392,7 +393,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
                 }
             /* O *= exp2(m_old - m_new); skipped when no row of the warp got a new max
              * (most tiles after the first few on long rows) */
-            if (__any_sync(0xffffffffu, rescale)) {
+            if (!Cfg::kLazyRescale || __any_sync(0xffffffffu, rescale)) {
 #pragma unroll
                 for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
@@ -528,14 +529,17 @@ pf_status launch_fwd_tune(const FlashParams &p, cudaStream_t stream, int device,
     *handled = false;
     if constexpr (kHeadDim == 64 || kHeadDim == 128) {
         const char *env = getenv("PAGEDFLASH_FWD_TILE");
-        int m = 0, n = 0, w = 0, b = 1;
-        if (!env || sscanf(env, "%dx%dx%dx%d", &m, &n, &w, &b) < 3) return PF_STATUS_OK;
+        int m = 0, n = 0, w = 0, b = 1, lazy = 1;
+        if (!env || sscanf(env, "%dx%dx%dx%dx%d", &m, &n, &w, &b, &lazy) < 3) return PF_STATUS_OK;
         if (!p.aligned || p.drop_threshold || p.softcap > 0.0f || p.alibi || !(p.scale_log2 > 0.0f))
             return PF_STATUS_OK;
         *handled = true;
 #define PF_TUNE_CASE(M, N, W, B) \
-    if (m == M && n == N && w == W && b == B) \
+    if (m == M && n == N && w == W && b == B && lazy) \
         return launch_fwd<T, FwdConfig<kHeadDim, M, N, W, B>, true, false, false>(p, stream, device, max_rows);
+        if (m == 128 && n == 64 && w == 4 && b == 1 && !lazy)
+            return launch_fwd<T, FwdConfig<kHeadDim, 128, 64, 4, 1, false>, true, false, false>(p, stream, device,
+                                                                                               max_rows);
         PF_TUNE_CASE(128, 64, 4, 1)
         PF_TUNE_CASE(64, 64, 4, 2)
         PF_TUNE_CASE(64, 64, 4, 3)
