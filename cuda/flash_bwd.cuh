@@ -774,7 +774,12 @@ pf_status launch_bwd_dq(const FlashParams &p, cudaStream_t stream, int device) {
  * d <= 128: 64 queries x 128 keys, 8 warps, 1 block/SM (d=128: 255 registers,
  * 24 B spilled; 0.78x FA2 at s=8k on H200, benchmarks/results/prefill_h200.md).
  * d = 192: the same tile, split in two passes (dV, then dK + dQ), 224 KB of shared
- * memory; d = 256: 32 queries x 64 keys, 4 warps, split. Not tuned beyond d=64/128. */
+ * memory; d = 256: 32 queries x 64 keys, 4 warps, split. Not tuned beyond d=64/128.
+ * Candidates timed on H200 (benchmarks/results/tune_h200.md, s=8k non-causal):
+ * d=128: 64x8 239, 32x8 225, 64x4 210, 32x4 214 TFLOP/s -> 64x8 stays.
+ * d=64:  64x8 214, 32x8 187, 64x4 221, 32x4 191, 128x8 235 (+9%, 0.83x FA2) ->
+ *        128 queries per step is faster but has not been through the GPU tests
+ *        yet; switch BwdTile<64> (and <32>) to BwdConfig<d, 128, 8> after a test run. */
 template <int kHeadDim>
 struct BwdTile;
 template <>

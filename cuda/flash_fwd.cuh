@@ -490,6 +490,10 @@ pf_status launch_fwd(const FlashParams &p, cudaStream_t stream, int device, int 
  *   d=128: 128x64x4 326 at s=8k; 128x64x8 (2/SM, 128 regs, spills) 298 (-9%),
  *          64x64x4 (3/SM) 285 (-12%), 128x32x4 272 (-17%); the same order at s=1k
  *          and causal.
+ *   Lazy rescale (skip O *= alpha when no row max of the warp moved): d=128
+ *          +1..3.5% (337.7 vs 326.3 at s=8k), d=64 -1..5% (296.0 vs 298.4 at s=8k,
+ *          247.6 vs 259.8 at s=2k causal): on for d >= 96, off for d <= 64
+ *          (benchmarks/results/tune_h200.md).
  *   d=32/96: the d=64/128 shape (not measured separately).
  *   d=192: 8 warps of 16 rows (O = 96 regs) so that 128 rows fit; d=256: 64x64,
  *          4 warps (O = 128 regs), 96 KB of shared memory (not measured yet).
@@ -497,9 +501,9 @@ pf_status launch_fwd(const FlashParams &p, cudaStream_t stream, int device, int 
 template <int kHeadDim>
 struct FwdTile;
 template <>
-struct FwdTile<32> { using type = FwdConfig<32, 128, 64, 4>; };
+struct FwdTile<32> { using type = FwdConfig<32, 128, 64, 4, 1, false>; };
 template <>
-struct FwdTile<64> { using type = FwdConfig<64, 128, 64, 4>; };
+struct FwdTile<64> { using type = FwdConfig<64, 128, 64, 4, 1, false>; };
 template <>
 struct FwdTile<96> { using type = FwdConfig<96, 128, 64, 4>; };
 template <>
