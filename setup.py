@@ -8,7 +8,12 @@ Environment switches
   PAGEDFLASH_HEADDIMS=64,128  head dims instantiated by the CUDA kernels (quick builds)
   PAGEDFLASH_NATIVE=1|0       compile the CPU backend for this machine's ISA (-march=native)
   MAX_JOBS=N                  parallel nvcc processes (default: CPU count)
+  PAGEDFLASH_CUDA_OBJ_DIR=dir where CUDA objects go (default: under build_temp); an object
+                              is reused when the hash of its source, the CUDA/C headers,
+                              the flags and nvcc matches (objects built on one machine can
+                              travel to another with the same nvcc)
 """
+import hashlib
 import os
 import shutil
 import subprocess
@@ -109,10 +114,12 @@ class BuildExt(build_ext):
         archs = cuda_archs()
         sources = sorted((ROOT / "cuda").glob("*.cu")) + sorted((ROOT / "cuda" / "inst").glob("*.cu"))
         headdims = os.environ.get("PAGEDFLASH_HEADDIMS")
+        kept_dims = []
         if headdims:
-            keep = {f"hdim{h.strip()}" for h in headdims.split(",")}
+            kept_dims = [h.strip() for h in headdims.split(",") if h.strip()]
+            keep = {f"hdim{h}" for h in kept_dims}
             sources = [s for s in sources if "_hdim" not in s.name or any(k + "_" in s.name for k in keep)]
-        out_dir = Path(self.build_temp) / "cuda"
+        out_dir = Path(os.environ.get("PAGEDFLASH_CUDA_OBJ_DIR") or (Path(self.build_temp) / "cuda"))
         out_dir.mkdir(parents=True, exist_ok=True)
         flags = [
             "-O3", "-std=c++17", "--use_fast_math", "-Xcompiler", "-fPIC", "-Xptxas", "-O3",
@@ -122,15 +129,34 @@ class BuildExt(build_ext):
         ]
         if headdims:
             flags.append("-DPF_HEADDIMS_TRIMMED")
+            flags += [f"-DPF_HDIM{h}" for h in kept_dims]
         flags += gencode_flags(archs)
         flags += os.environ.get("PAGEDFLASH_NVCC_FLAGS", "").split()
 
+        # Any header change rebuilds every object (simple and safe).
+        common = hashlib.sha256()
+        for hdr in sorted((ROOT / "cuda").glob("*.cuh")) + sorted((ROOT / "cuda").glob("*.h")) + \
+                sorted((ROOT / "csrc" / "include").glob("*.h")) + sorted((ROOT / "csrc" / "core").glob("*.h")):
+            common.update(hdr.name.encode() + b"\0" + hdr.read_bytes())
+        common.update("\0".join(flags).replace(str(ROOT), "<root>").encode())
+        try:
+            common.update(subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.encode())
+        except OSError:
+            pass
+
         def compile_one(src):
             obj = out_dir / (src.stem + ".o")
+            stamp = out_dir / (src.stem + ".sha256")
+            h = common.copy()
+            h.update(src.read_bytes())
+            digest = h.hexdigest()
+            if obj.exists() and stamp.exists() and stamp.read_text() == digest:
+                return str(obj)
             cmd = [nvcc, "-c", str(src), "-o", str(obj)] + flags
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"nvcc failed on {src.name}:\n{' '.join(cmd)}\n{r.stdout}{r.stderr}")
+            stamp.write_text(digest)
             return str(obj)
 
         jobs = int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))

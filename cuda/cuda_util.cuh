@@ -38,7 +38,8 @@
         }                                                                                       \
     } while (0)
 
-#define PF_CUDA_CHECK_LAUNCH() PF_CUDA_CHECK(cudaGetLastError())
+/* PF_CUDA_CHECK_LAUNCH() or PF_CUDA_CHECK_LAUNCH("kernel"): the launch error, if any. */
+#define PF_CUDA_CHECK_LAUNCH(...) PF_CUDA_CHECK(cudaGetLastError())
 
 /* Makes `device` current for the guard's lifetime (a no-op when it already is).
  * Use: pf_cuda_device_guard g; PF_TRY(g.set(device)); */

@@ -3,8 +3,6 @@
  * backend: extern "C" launchers, each called by the core's dispatch after
  * validation, each returning a pf_status (PF_STATUS_CUDA_ERROR with the CUDA
  * message and call site on failure). Compiled only when PF_WITH_CUDA is set.
- * A launcher not implemented yet lives in not_implemented.cu and returns
- * PF_STATUS_NOT_SUPPORTED.
  */
 #ifndef PF_CUDA_H
 #define PF_CUDA_H

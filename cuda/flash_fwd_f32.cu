@@ -1,0 +1,161 @@
+/*
+ * flash_fwd_f32.cu - the forward for float32 inputs: a simple, exact-in-float32
+ * kernel (CUDA cores, no tensor cores), with the same semantics as the
+ * float16/bfloat16 kernel (flash_fwd.cuh) and the CPU backend.
+ *
+ * Layouts: FlashParams (flash_params.h).
+ *
+ * A block of 8 warps owns 8 consecutive query rows of one (batch, head), one
+ * row per warp. Keys go in chunks of 32 through shared memory (K and V
+ * [32][kMaxD + 1], the +1 keeps lane-per-key reads conflict free): lane j
+ * scores key j0 + j against its warp's query row, the warp takes max and sum
+ * with shuffles (online softmax in the log2 domain), and lane c accumulates
+ * output columns c, c + 32, ... over the chunk's 32 keys.
+ */
+#include "flash_common.cuh"
+#include "flash_fwd.cuh"
+#include "flash_params.h"
+#include "pf_philox.h"
+
+namespace pf {
+namespace cuda {
+
+namespace {
+
+constexpr int kF32Warps = 8;
+constexpr int kF32Keys = 32;
+
+PF_DEV float warp_max(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+
+PF_DEV float warp_sum(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+template <int kMaxD>
+__global__ void __launch_bounds__(kF32Warps * 32) flash_fwd_f32_kernel(const __grid_constant__ FlashParams p) {
+    constexpr int kPer = kMaxD / 32;
+    constexpr int kKS = kMaxD + 1;
+    extern __shared__ __align__(16) unsigned char pf_smem[];
+    float *sK = reinterpret_cast<float *>(pf_smem);
+    float *sV = sK + kF32Keys * kKS;
+    float *sQ = sV + kF32Keys * kKS;
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int b = blockIdx.z, h = blockIdx.y, hk = h / p.head_group;
+    const SeqInfo si = seq_info(p, b);
+    const int sq = si.sq, sk = si.sk, d = p.head_dim;
+    const float *qb = static_cast<const float *>(p.q) + b * p.q_batch_stride + (int64_t)si.q_start * p.q_row_stride +
+                      h * p.q_head_stride;
+    const float *kb = static_cast<const float *>(p.k) + b * p.k_batch_stride + (int64_t)si.k_start * p.k_row_stride +
+                      hk * p.k_head_stride;
+    const float *vb = static_cast<const float *>(p.v) + b * p.v_batch_stride + (int64_t)si.k_start * p.v_row_stride +
+                      hk * p.v_head_stride;
+    float *ob = static_cast<float *>(p.o) + b * p.o_batch_stride + (int64_t)si.q_start * p.o_row_stride +
+                h * p.o_head_stride;
+    float *lseb = p.lse ? p.lse + b * p.lse_batch_stride + h * p.lse_head_stride +
+                              (int64_t)si.q_start * p.lse_row_stride
+                        : nullptr;
+    const int off = sk - sq;
+    const bool has_lo = p.window_left >= 0;
+    const bool has_hi = p.causal || p.window_right >= 0;
+    const int left = p.window_left, right = p.causal ? 0 : p.window_right;
+    const float alibi_log2 = p.alibi ? p.alibi[b * p.alibi_batch_stride + h * p.alibi_head_stride] * kLog2e : 0.0f;
+    const uint64_t bh = (uint64_t)b * p.num_heads + h;
+
+    for (int tile = blockIdx.x; tile * kF32Warps < sq; tile += gridDim.x) {
+        const int m0 = tile * kF32Warps;
+        const int rows_valid = imin(kF32Warps, sq - m0);
+        const int i = m0 + warp;
+        const bool row_ok = warp < rows_valid;
+        const int i_last = m0 + rows_valid - 1;
+        const int j_begin = has_lo ? imax(0, m0 + off - left) : 0;
+        const int j_end = has_hi ? imin(sk, i_last + off + right + 1) : sk;
+        const int lo = has_lo ? i + off - left : 0;
+        const int hi = has_hi ? imin(sk - 1, i + off + right) : sk - 1;
+
+        __syncthreads(); /* the previous tile is done with sQ */
+        for (int c = lane; c < kMaxD; c += 32)
+            sQ[warp * kMaxD + c] = (row_ok && c < d) ? qb[(int64_t)i * p.q_row_stride + c] : 0.0f;
+
+        float m = -INFINITY, l = 0.0f, acc[kPer];
+#pragma unroll
+        for (int c = 0; c < kPer; ++c) acc[c] = 0.0f;
+
+        for (int j0 = j_begin / kF32Keys * kF32Keys; j0 < j_end; j0 += kF32Keys) {
+            __syncthreads(); /* every warp is done with the previous chunk */
+            for (int idx = tid; idx < kF32Keys * kMaxD; idx += kF32Warps * 32) {
+                const int r = idx / kMaxD, c = idx % kMaxD;
+                const bool ok = j0 + r < sk && c < d;
+                sK[r * kKS + c] = ok ? kb[(int64_t)(j0 + r) * p.k_row_stride + c] : 0.0f;
+                sV[r * kKS + c] = ok ? vb[(int64_t)(j0 + r) * p.v_row_stride + c] : 0.0f;
+            }
+            __syncthreads();
+            if (!row_ok) continue;
+            const int j = j0 + lane;
+            float s = 0.0f;
+#pragma unroll 8
+            for (int c = 0; c < kMaxD; ++c) s = fmaf(sQ[warp * kMaxD + c], sK[lane * kKS + c], s);
+            float x = p.softcap > 0.0f ? p.softcap_log2 * tanh_abs_accurate(s * p.softcap_inv_scale)
+                                       : s * p.scale_log2;
+            if (p.alibi) x -= alibi_log2 * (float)abs(i + off - j);
+            if (j >= sk || j < lo || j > hi) x = -INFINITY;
+            const float mx = fmaxf(m, warp_max(x));
+            if (mx == -INFINITY) continue; /* nothing visible yet */
+            const float alpha = exp2f(m - mx);
+            float pr = exp2f(x - mx);
+            l = l * alpha + warp_sum(pr);
+            m = mx;
+            if (p.drop_threshold) {
+                const pf_u32x4 r = pf_dropout_bits4(p.seed, p.offset, bh, i, j & ~3);
+                const uint32_t w = (j & 2) ? ((j & 1) ? r.w : r.z) : ((j & 1) ? r.y : r.x);
+                if (w < p.drop_threshold) pr = 0.0f;
+            }
+#pragma unroll
+            for (int c = 0; c < kPer; ++c) acc[c] *= alpha;
+#pragma unroll 4
+            for (int jj = 0; jj < kF32Keys; ++jj) {
+                const float pj = __shfl_sync(0xffffffffu, pr, jj);
+#pragma unroll
+                for (int c = 0; c < kPer; ++c) acc[c] = fmaf(pj, sV[jj * kKS + lane + 32 * c], acc[c]);
+            }
+        }
+        if (!row_ok) continue;
+        const float inv = l > 0.0f ? p.drop_scale / l : 0.0f;
+#pragma unroll
+        for (int c = 0; c < kPer; ++c) {
+            const int col = lane + 32 * c;
+            if (col < d) ob[(int64_t)i * p.o_row_stride + col] = acc[c] * inv;
+        }
+        if (lseb && lane == 0) lseb[(int64_t)i * p.lse_row_stride] = l > 0.0f ? (m + log2f(l)) * kLn2 : -INFINITY;
+    }
+}
+
+template <int kMaxD>
+pf_status launch_f32(const FlashParams &p, cudaStream_t stream, int device) {
+    auto kernel = flash_fwd_f32_kernel<kMaxD>;
+    constexpr int smem = (2 * kF32Keys * (kMaxD + 1) + kF32Warps * kMaxD) * 4;
+    static std::atomic<uint64_t> attr_done{0};
+    PF_TRY(set_max_smem(kernel, smem, device, attr_done));
+    const int tiles = (p.max_seqlen_q + kF32Warps - 1) / kF32Warps;
+    dim3 grid(tiles > 0 ? tiles : 1, p.num_heads, p.batch);
+    kernel<<<grid, kF32Warps * 32, smem, stream>>>(p);
+    PF_CUDA_CHECK_LAUNCH("flash_fwd_f32_kernel");
+    return PF_STATUS_OK;
+}
+
+}  // namespace
+
+pf_status flash_fwd_run_f32(const FlashParams &p, cudaStream_t stream, int device) {
+    if (p.head_dim <= 64) return launch_f32<64>(p, stream, device);
+    if (p.head_dim <= 128) return launch_f32<128>(p, stream, device);
+    return launch_f32<256>(p, stream, device);
+}
+
+}  // namespace cuda
+}  // namespace pf

@@ -1,0 +1,94 @@
+/*
+ * flash_params.h - the kernel-side description of one flash attention call
+ * (forward or backward), filled by the launchers from a validated
+ * pf_attn_params, and the declarations of the per-(dtype, head dim) run
+ * functions that the generated files in cuda/inst/ instantiate.
+ *
+ * Addressing: element (b, token, head, c) of q lives at
+ *   q + b * q_batch_stride + token * q_row_stride + head * q_head_stride + c
+ * For packed variable-length batches the batch stride is 0 and `token` is the
+ * absolute packed index cu_seqlens[b] + i. lse: b * lse_batch_stride +
+ * head * lse_head_stride + token * lse_row_stride (same rule).
+ */
+#ifndef PF_FLASH_PARAMS_H
+#define PF_FLASH_PARAMS_H
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "pagedflash.h"
+
+namespace pf {
+namespace cuda {
+
+struct FlashParams {
+    /* forward inputs / outputs */
+    const void *q, *k, *v;  /* [b, sq, h, d] / [b, sk, hk, d] (or packed [t, h(k), d]) */
+    void *o;                /* q's layout */
+    float *lse;             /* [b, h, sq] or [h, total_q]; NULL = not wanted (fwd) */
+    /* backward */
+    const void *dout;       /* q's layout */
+    void *dq, *dk, *dv;     /* q's / k's / v's layouts */
+    float *dq_accum;        /* workspace: f32 [b, h, sq_pad, d_pad] (or [h, total_q + pad...]) */
+    float *dsum;            /* workspace: f32 D = rowsum(dO * O), like lse but padded */
+    float *dk_accum, *dv_accum; /* workspace for GQA: f32 [b, sk, h, d_pad] per query head */
+
+    int64_t q_batch_stride, q_row_stride, q_head_stride;
+    int64_t k_batch_stride, k_row_stride, k_head_stride;
+    int64_t v_batch_stride, v_row_stride, v_head_stride;
+    int64_t o_batch_stride, o_row_stride, o_head_stride;
+    int64_t do_batch_stride, do_row_stride, do_head_stride;
+    int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
+    int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
+    int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
+    int64_t lse_batch_stride, lse_head_stride, lse_row_stride;
+
+    const int32_t *cu_seqlens_q, *cu_seqlens_k; /* device, varlen only (clamped in-kernel) */
+    int batch, num_heads, num_kv_heads, head_group; /* head_group = num_heads / num_kv_heads */
+    int head_dim;
+    int seqlen_q, seqlen_k;  /* dense lengths; for varlen the packed totals */
+    int max_seqlen_q;        /* grid rows: seqlen_q, or varlen's max_seqlen_q clamped to [1, total_q]
+                                (a too-small hint is still safe: blocks loop over the extra tiles) */
+    int max_seqlen_k;
+    int total_q, total_k;    /* rows of the packed tensors (bounds for clamping) */
+    int varlen;
+
+    float softmax_scale;
+    float scale_log2;        /* softmax_scale * log2(e) */
+    float softcap;           /* 0 = off */
+    float softcap_inv_scale; /* softmax_scale / softcap */
+    float softcap_log2;      /* softcap * log2(e) */
+    const float *alibi;      /* [h] or [b, h], f32, NULL = off */
+    int64_t alibi_batch_stride, alibi_head_stride;
+    int causal;
+    int window_left, window_right; /* -1 = unbounded; causal forces right = 0 */
+
+    float dropout_p;
+    uint32_t drop_threshold; /* keep iff philox word >= threshold; 0 = off */
+    float drop_scale;        /* 1 / (1 - p) */
+    uint64_t seed, offset;
+
+    int aligned;             /* 16-byte vector access is valid for every tensor */
+    int deterministic;
+    int num_sms;
+    int seqlen_q_rounded;    /* backward workspace row count per (b, h) */
+    int head_dim_rounded;
+};
+
+/* Fill p from validated params (flash_fwd_launch.cu); backward adds dout/dq/dk/dv. */
+pf_status fill_flash_params(const pf_attn_params *a, FlashParams *p, bool backward);
+
+/* Run functions: one per (element type, head dim), instantiated in cuda/inst/. */
+template <typename T, int kHeadDim>
+pf_status flash_fwd_run(const FlashParams &p, cudaStream_t stream, int device);
+
+template <typename T, int kHeadDim>
+pf_status flash_bwd_run(const FlashParams &p, cudaStream_t stream, int device);
+
+pf_status flash_fwd_run_f32(const FlashParams &p, cudaStream_t stream, int device);
+pf_status flash_bwd_run_f32(const FlashParams &p, cudaStream_t stream, int device);
+
+}  // namespace cuda
+}  // namespace pf
+
+#endif /* PF_FLASH_PARAMS_H */

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# gpu_check.sh <logdir> - the GPU checks of pagedflash's CUDA attention, on a machine
+# with an NVIDIA GPU, nvcc, torch (CUDA), and optionally cupy/jax/compute-sanitizer:
+#   build     PAGEDFLASH_CUDA=1 PAGEDFLASH_CUDA_ARCHS=90 in place   -> build.log
+#   test      pytest -m gpu tests/test_gpu_attention.py               -> tests.log
+#   sanitize  compute-sanitizer memcheck, racecheck, initcheck over a
+#             reduced test selection                                  -> sanitizer_<tool>.log
+#   bench     benchmarks/bench_attention.py (prefill grid)            -> bench.md, bench.log
+# Stages to run: STAGES="build test sanitize bench" (the default: all); SANITIZE_SELECTION
+# (a pytest -k expression) and SANITIZE_TIMEOUT (seconds per tool), BENCH_ARGS. Exit status:
+# non-zero if any stage failed (every stage still runs).
+set -uo pipefail
+LOG=${1:?usage: scripts/gpu_check.sh <logdir>}
+mkdir -p "$LOG"
+LOG=$(cd "$LOG" && pwd)
+cd "$(dirname "$0")/.."
+STAGES=${STAGES:-"build test sanitize bench"}
+export PAGEDFLASH_CUDA=1 PAGEDFLASH_CUDA_ARCHS=${PAGEDFLASH_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD/python
+PY=${PYTHON:-python3}
+status=0
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+step() { echo "== $1 ($(date +%T))"; }
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nvcc --version | tail -2;
+  $PY -c 'import torch; print("torch", torch.__version__)'; } > "$LOG/device.txt" 2>&1
+
+if has build; then
+  step build
+  $PY setup.py -q build_ext --inplace > "$LOG/build.log" 2>&1 || { echo "build FAILED"; tail -30 "$LOG/build.log"; exit 1; }
+fi
+$PY -c 'import pagedflash, json; print(json.dumps(pagedflash.build_info()))' | tee -a "$LOG/device.txt"
+
+if has test; then
+  step test
+  $PY -m pytest tests/test_gpu_attention.py -m gpu -q --maxfail=25 -p no:cacheprovider -rs --durations=8 \
+      > "$LOG/tests.log" 2>&1 || status=1
+  tail -15 "$LOG/tests.log"
+fi
+
+if has sanitize; then
+  SEL=${SANITIZE_SELECTION:-"test_fwd_head_dims and (128 or 32) and bfloat16 or test_fwd_padded_head_dims and 100 or bad_device_offsets or test_fwd_varlen and bfloat16 or test_fwd_dropout and float16 or test_bwd and bfloat16 and 64 and True and 2"}
+  for tool in memcheck racecheck initcheck; do
+    step "sanitize $tool"
+    extra=""
+    [[ $tool == memcheck ]] && extra="--leak-check no"
+    timeout ${SANITIZE_TIMEOUT:-900} compute-sanitizer --tool $tool $extra --error-exitcode 99 --print-limit 20 \
+      $PY -m pytest tests/test_gpu_attention.py -m gpu -q -x -p no:cacheprovider -k "$SEL" \
+      > "$LOG/sanitizer_$tool.log" 2>&1
+    rc=$?
+    echo "$tool exit $rc"; grep -E "ERROR SUMMARY|passed|failed" "$LOG/sanitizer_$tool.log" | tail -3
+    [[ $rc == 0 ]] || status=1
+  done
+fi
+
+if has bench; then
+  step bench
+  $PY benchmarks/bench_attention.py --out "$LOG/bench.md" ${BENCH_ARGS:-} > "$LOG/bench.log" 2>&1 || status=1
+  tail -40 "$LOG/bench.log"
+fi
+exit $status
