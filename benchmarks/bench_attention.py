@@ -57,15 +57,7 @@ def cuda_time(fn, warmup: int, iters: int) -> float:
 
 
 def backward_fn():
-    """pagedflash.flash_attn_backward, or (PAGEDFLASH_CUDA_TESTLIB=1, branches without the
-    binding) the developer harness scripts/cuda_testlib.py; None when neither exists."""
-    fn = getattr(pagedflash, "flash_attn_backward", None)
-    if fn is None and os.environ.get("PAGEDFLASH_CUDA_TESTLIB") == "1":
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
-        import cuda_testlib
-
-        fn = cuda_testlib.flash_attn_backward
-    return fn
+    return pagedflash.flash_attn_backward
 
 
 def flops_fwd(b, s, h, d, causal):

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# gpu_check.sh <logdir> - the GPU checks of pagedflash's CUDA attention, on a machine
-# with an NVIDIA GPU, nvcc, torch (CUDA), and optionally cupy/jax/compute-sanitizer:
-#   build     PAGEDFLASH_CUDA=1 PAGEDFLASH_CUDA_ARCHS=90 in place   -> build.log
-#   test      pytest -m gpu tests/test_gpu_attention.py               -> tests.log
+# gpu_check.sh <logdir> - every GPU check of pagedflash in one go, on a machine with an
+# NVIDIA GPU, nvcc, torch (CUDA), and optionally cupy/jax/compute-sanitizer:
+#   build     PAGEDFLASH_CUDA=1 PAGEDFLASH_CUDA_ARCHS=90 in place, timed -> build.log
+#   test      the GPU tests (attention, paged/decode/cache ops), then the
+#             whole suite (CPU tests too)                                -> tests.log
 #   sanitize  compute-sanitizer memcheck, racecheck, initcheck over a
-#             reduced test selection                                  -> sanitizer_<tool>.log
-#   bench     benchmarks/bench_attention.py (prefill grid)            -> bench.md, bench.log
+#             reduced test selection                                     -> sanitizer_<tool>.log
+#   bench     benchmarks/bench_attention.py (prefill grid) and
+#             benchmarks/bench_decode.py (paged decode grid)            -> bench.md, decode.md, *.log
 # Stages to run: STAGES="build test sanitize bench" (the default: all); SANITIZE_SELECTION
 # (a pytest -k expression) and SANITIZE_TIMEOUT (seconds per tool), BENCH_ARGS. Exit status:
 # non-zero if any stage failed (every stage still runs).
@@ -27,25 +29,29 @@ step() { echo "== $1 ($(date +%T))"; }
 
 if has build; then
   step build
+  t0=$(date +%s)
   $PY setup.py -q build_ext --inplace > "$LOG/build.log" 2>&1 || { echo "build FAILED"; tail -30 "$LOG/build.log"; exit 1; }
+  echo "build took $(( $(date +%s) - t0 )) s (MAX_JOBS=$MAX_JOBS, archs $PAGEDFLASH_CUDA_ARCHS, head dims ${PAGEDFLASH_HEADDIMS:-all})" | tee -a "$LOG/build.log"
 fi
 $PY -c 'import pagedflash, json; print(json.dumps(pagedflash.build_info()))' | tee -a "$LOG/device.txt"
 
 if has test; then
   step test
-  $PY -m pytest tests/test_gpu_attention.py -m gpu -q --maxfail=25 -p no:cacheprovider -rs --durations=8 \
-      > "$LOG/tests.log" 2>&1 || status=1
+  $PY -m pytest tests/test_gpu_attention.py tests/test_gpu_paged.py -m gpu -q --maxfail=25 -p no:cacheprovider \
+      -rs --durations=8 > "$LOG/tests.log" 2>&1 || status=1
+  tail -5 "$LOG/tests.log"
+  [[ ${GPU_ONLY:-0} == 1 ]] || $PY -m pytest tests -q -m "not gpu" -p no:cacheprovider -x >> "$LOG/tests.log" 2>&1 || status=1
   tail -15 "$LOG/tests.log"
 fi
 
 if has sanitize; then
-  SEL=${SANITIZE_SELECTION:-"test_fwd_head_dims and (128 or 32) and bfloat16 or test_fwd_padded_head_dims and 100 or bad_device_offsets or test_fwd_varlen and bfloat16 or test_fwd_dropout and float16 or test_bwd and bfloat16 and 64 and True and 2"}
+  SEL=${SANITIZE_SELECTION:-"test_fwd_head_dims and (128 or 32) and bfloat16 or test_fwd_padded_head_dims and 100 or bad_device_offsets or test_fwd_varlen and bfloat16 or test_fwd_dropout and float16 or test_bwd and bfloat16 and 64 and True and 2 or test_bad_block_ids_in_device_tables or test_write_kv_cache or test_copy_blocks or test_query_lengths and bfloat16"}
   for tool in memcheck racecheck initcheck; do
     step "sanitize $tool"
     extra=""
     [[ $tool == memcheck ]] && extra="--leak-check no"
     timeout ${SANITIZE_TIMEOUT:-900} compute-sanitizer --tool $tool $extra --error-exitcode 99 --print-limit 20 \
-      $PY -m pytest tests/test_gpu_attention.py -m gpu -q -x -p no:cacheprovider -k "$SEL" \
+      $PY -m pytest tests/test_gpu_attention.py tests/test_gpu_paged.py -m gpu -q -x -p no:cacheprovider -k "$SEL" \
       > "$LOG/sanitizer_$tool.log" 2>&1
     rc=$?
     echo "$tool exit $rc"; grep -E "ERROR SUMMARY|passed|failed" "$LOG/sanitizer_$tool.log" | tail -3
@@ -57,5 +63,7 @@ if has bench; then
   step bench
   $PY benchmarks/bench_attention.py --out "$LOG/bench.md" ${BENCH_ARGS:-} > "$LOG/bench.log" 2>&1 || status=1
   tail -40 "$LOG/bench.log"
+  $PY benchmarks/bench_decode.py --out "$LOG/decode.md" ${DECODE_ARGS:-} > "$LOG/decode.log" 2>&1 || status=1
+  tail -25 "$LOG/decode.log"
 fi
 exit $status

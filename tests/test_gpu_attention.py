@@ -363,24 +363,11 @@ def test_fwd_errors_leave_inputs(rng):
 
 
 # ---------------------------------------------------------------------------
-# backward (enabled once pagedflash.flash_attn_backward exists)
+# backward
 # ---------------------------------------------------------------------------
 
 def _backward_or_skip():
-    fn = getattr(pagedflash, "flash_attn_backward", None)
-    if fn is None and os.environ.get("PAGEDFLASH_CUDA_TESTLIB") == "1":
-        # developer harness (scripts/cuda_testlib.py) while the binding is on another branch
-        import importlib.util
-        from pathlib import Path
-
-        path = Path(__file__).resolve().parent.parent / "scripts" / "cuda_testlib.py"
-        spec = importlib.util.spec_from_file_location("pf_cuda_testlib", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        fn = mod.flash_attn_backward
-    if fn is None:
-        pytest.skip("pagedflash.flash_attn_backward is not on this branch yet")
-    return fn
+    return pagedflash.flash_attn_backward
 
 
 def torch_ref_grads(q, k, v, dout, *, causal=False, window=(-1, -1), softcap=0.0, alibi_slopes=None,
