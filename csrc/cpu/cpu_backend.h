@@ -25,6 +25,13 @@ typedef struct pf_cpu_mask {
  * ALiBi and the causal/window/length mask (-inf) in place on s[rows][64]. */
 void pf_cpu_transform_scores(float *s, int64_t rows, int64_t n, int64_t i0, int64_t j0,
                              const pf_cpu_mask *mk);
+/* Online softmax over one score tile s[rows4][64] (log2 domain, masked entries -inf):
+ * updates the running row max m and sum l, rescales the partial output of[rows][dpad]
+ * by exp2(m_old - m_new), and leaves P = exp2(s - m) in s (zeros in rows that have
+ * seen nothing yet and in the padding rows [rows, rows4)). NaN in a row propagates.
+ * Returns the number of rows that have seen a key so far. */
+int64_t pf_cpu_softmax_tile(float *s, int64_t rows, int64_t rows4, float *m, float *l, float *of,
+                            int64_t dpad);
 void pf_cpu_score_tile(const float *q, int64_t ldq, const float *kt, int64_t dpad, float *s,
                        int64_t rows);
 void pf_cpu_pv_tile(const float *pm, int64_t ldp, const float *vt, int64_t ldv, int64_t n,

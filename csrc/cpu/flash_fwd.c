@@ -182,6 +182,47 @@ void pf_cpu_transform_scores(float *s, int64_t rows, int64_t n, int64_t i0, int6
     }
 }
 
+int64_t pf_cpu_softmax_tile(float *s, int64_t rows, int64_t rows4, float *m, float *l, float *of,
+                            int64_t dpad) {
+    int64_t nvalid = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        pf_vf *sv = (pf_vf *)(s + r * kBlockN);
+        pf_vf vmax = pf_select(sv[0] > sv[1], sv[0], sv[1]);
+        pf_vf vmax2 = pf_select(sv[2] > sv[3], sv[2], sv[3]);
+        vmax = pf_select(vmax > vmax2, vmax, vmax2);
+        pf_vi nan = (sv[0] != sv[0]) | (sv[1] != sv[1]) | (sv[2] != sv[2]) | (sv[3] != sv[3]);
+        float mx = m[r];
+        for (int c = 0; c < PF_VW; c++) mx = vmax[c] > mx ? vmax[c] : mx;
+        int has_nan = 0;
+        for (int c = 0; c < PF_VW; c++) has_nan |= nan[c];
+        if (has_nan) mx = __builtin_nanf(""); /* NaN anywhere in the row propagates */
+        if (mx == -__builtin_inff()) {        /* nothing visible yet in this row */
+            sv[0] = sv[1] = sv[2] = sv[3] = pf_splat(0.0f);
+            continue;
+        }
+        float alpha = pf_exp2_s(m[r] - mx);
+        pf_vf vmx = pf_splat(mx);
+        pf_vf e0 = pf_exp2_v(sv[0] - vmx), e1 = pf_exp2_v(sv[1] - vmx);
+        pf_vf e2 = pf_exp2_v(sv[2] - vmx), e3 = pf_exp2_v(sv[3] - vmx);
+        sv[0] = e0; sv[1] = e1; sv[2] = e2; sv[3] = e3;
+        pf_vf vsum = (e0 + e1) + (e2 + e3);
+        float sum = 0.0f;
+        for (int c = 0; c < PF_VW; c++) sum += vsum[c];
+        l[r] = l[r] * alpha + sum;
+        m[r] = mx;
+        if (alpha != 1.0f) {
+            pf_vf va = pf_splat(alpha);
+            pf_vf *orow = (pf_vf *)(of + r * dpad);
+            for (int64_t c = 0; c < dpad / PF_VW; c++) orow[c] *= va;
+        }
+        nvalid++;
+    }
+    /* padding rows of the micro-kernels carry zeros */
+    for (int64_t r = rows; r < rows4; r++)
+        for (int64_t j = 0; j < kBlockN; j++) s[r * kBlockN + j] = 0.0f;
+    return nvalid;
+}
+
 static void fwd_item(void *vctx, int64_t item, int tid) {
     fwd_ctx *ctx = (fwd_ctx *)vctx;
     const pf_attn_params *p = ctx->p;
@@ -260,39 +301,9 @@ static void fwd_item(void *vctx, int64_t item, int tid) {
         if (!full || mk.cap_log2 != 0.0f || mk.alibi_log2 != 0.0f)
             pf_cpu_transform_scores(s, rows, n, i0, j0, &mk);
 
-        /* online softmax over the tile, a row at a time on 16-lane vectors */
-        int64_t nvalid = 0;
-        for (int64_t r = 0; r < rows; r++) {
-            pf_vf *sv = (pf_vf *)(s + r * kBlockN);
-            pf_vf vmax = pf_select(sv[0] > sv[1], sv[0], sv[1]);
-            pf_vf vmax2 = pf_select(sv[2] > sv[3], sv[2], sv[3]);
-            vmax = pf_select(vmax > vmax2, vmax, vmax2);
-            pf_vi nan = (sv[0] != sv[0]) | (sv[1] != sv[1]) | (sv[2] != sv[2]) | (sv[3] != sv[3]);
-            float mx = m[r];
-            for (int c = 0; c < PF_VW; c++) mx = vmax[c] > mx ? vmax[c] : mx;
-            int has_nan = 0;
-            for (int c = 0; c < PF_VW; c++) has_nan |= nan[c];
-            if (has_nan) mx = __builtin_nanf("");
-            if (mx == -__builtin_inff()) { /* nothing visible yet in this row */
-                sv[0] = sv[1] = sv[2] = sv[3] = pf_splat(0.0f);
-                continue;
-            }
-            float alpha = pf_exp2_s(m[r] - mx);
-            pf_vf vmx = pf_splat(mx);
-            pf_vf e0 = pf_exp2_v(sv[0] - vmx), e1 = pf_exp2_v(sv[1] - vmx);
-            pf_vf e2 = pf_exp2_v(sv[2] - vmx), e3 = pf_exp2_v(sv[3] - vmx);
-            sv[0] = e0; sv[1] = e1; sv[2] = e2; sv[3] = e3;
-            pf_vf vsum = (e0 + e1) + (e2 + e3);
-            float sum = 0.0f;
-            for (int c = 0; c < PF_VW; c++) sum += vsum[c];
-            l[r] = l[r] * alpha + sum;
-            m[r] = mx;
-            if (alpha != 1.0f) {
-                pf_vf va = pf_splat(alpha);
-                pf_vf *orow = (pf_vf *)(of + r * dpad);
-                for (int64_t c = 0; c < dpad / PF_VW; c++) orow[c] *= va;
-            }
-            if (drop_threshold) {
+        int64_t nvalid = pf_cpu_softmax_tile(s, rows, rows4, m, l, of, dpad);
+        if (drop_threshold && nvalid) {
+            for (int64_t r = 0; r < rows; r++) {
                 float *srow = s + r * kBlockN;
                 int64_t i = i0 + r;
                 for (int64_t j = 0; j < n; j += 4) {
@@ -302,11 +313,7 @@ static void fwd_item(void *vctx, int64_t item, int tid) {
                         srow[j + t] = w[t] >= drop_threshold ? srow[j + t] * drop_scale : 0.0f;
                 }
             }
-            nvalid++;
         }
-        /* padding rows of the micro-kernel carry zeros */
-        for (int64_t r = rows; r < rows4; r++)
-            for (int64_t j = 0; j < kBlockN; j++) s[r * kBlockN + j] = 0.0f;
         if (!nvalid) continue;
 
         if (dt == PF_DTYPE_F32 && d == dpad) { /* V rows read in place */

@@ -129,45 +129,6 @@ static void stage_kt_paged(const paged_ctx *c, int64_t b, int64_t hk, int64_t j0
         for (int64_t j = 0; j < kBlockN; j++) kt[col * kBlockN + j] = 0.0f;
 }
 
-/* Online softmax over one score tile s[rows4][kBlockN] (masked entries -inf):
- * updates the running max m and sum l, rescales the partial output of, and leaves
- * P = exp2(s - m) in s (zeros in rows with nothing visible and in padding rows).
- * Returns the number of rows that have seen a key so far. */
-static int64_t softmax_tile(float *s, int64_t rows, int64_t rows4, float *m, float *l, float *of,
-                            int64_t dpad) {
-    int64_t nvalid = 0;
-    for (int64_t r = 0; r < rows; r++) {
-        float *srow = s + r * kBlockN;
-        float mx = m[r];
-        for (int64_t j = 0; j < kBlockN; j++) mx = srow[j] > mx ? srow[j] : mx;
-        for (int64_t j = 0; j < kBlockN; j++) mx = srow[j] != srow[j] ? srow[j] : mx;
-        if (mx == -__builtin_inff()) {
-            for (int64_t j = 0; j < kBlockN; j++) srow[j] = 0.0f;
-            continue;
-        }
-        float alpha = pf_exp2_s(m[r] - mx);
-        pf_vf vsum = {0};
-        pf_vf vmx = pf_splat(mx);
-        for (int64_t j = 0; j < kBlockN; j += PF_VW) {
-            pf_vf e = pf_exp2_v(*(pf_vf *)(srow + j) - vmx);
-            *(pf_vf *)(srow + j) = e;
-            vsum += e;
-        }
-        float sum = 0.0f;
-        for (int i = 0; i < PF_VW; i++) sum += vsum[i];
-        l[r] = l[r] * alpha + sum;
-        m[r] = mx;
-        if (alpha != 1.0f) {
-            float *orow = of + r * dpad;
-            for (int64_t col = 0; col < dpad; col++) orow[col] *= alpha;
-        }
-        nvalid++;
-    }
-    for (int64_t r = rows; r < rows4; r++)
-        for (int64_t j = 0; j < kBlockN; j++) s[r * kBlockN + j] = 0.0f;
-    return nvalid;
-}
-
 static void paged_item(void *vctx, int64_t item, int tid) {
     const paged_ctx *c = (const paged_ctx *)vctx;
     const pf_paged_params *p = c->p;
@@ -258,7 +219,7 @@ static void paged_item(void *vctx, int64_t item, int tid) {
             mk.alibi_log2 = slope_log2[hh];
             pf_cpu_transform_scores(s + hh * nqr * kBlockN, nqr, n, i0, j0, &mk);
         }
-        if (!softmax_tile(s, rows, rows4, m, l, of, dpad)) continue;
+        if (!pf_cpu_softmax_tile(s, rows, rows4, m, l, of, dpad)) continue;
         stage_rows_paged(c, &c->vc, b, g, j0, n, vt);
         if (j0 + kBlockN < je) /* the next K tile, while this one's P V runs */
             prefetch_rows_paged(c, &c->kc, b, g, j0 + kBlockN,
