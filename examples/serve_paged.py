@@ -34,9 +34,9 @@ The logits of every position that the paged run computed must match (max abs dif
 the KV memory the paged cache used at its peak against contiguous pre-allocation of the
 maximum length for every sequence. Exit status 0 when every check passes, 1 otherwise.
 
-    PYTHONPATH=python python3 examples/serve_paged.py            # default size
-    PYTHONPATH=python python3 examples/serve_paged.py --small    # a few seconds (the test)
-    PYTHONPATH=python python3 examples/serve_paged.py --seed 3 --num-splits 2
+    python3 examples/serve_paged.py            # default size
+    python3 examples/serve_paged.py --small    # a few seconds (the test)
+    python3 examples/serve_paged.py --seed 3 --num-splits 2
 """
 from __future__ import annotations
 

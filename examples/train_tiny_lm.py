@@ -11,8 +11,8 @@ one computes attention with pagedflash.torch.flash_attn, the other with PyTorch'
 scaled_dot_product_attention. The script prints both loss curves; they agree to within
 float32 noise, and the loss falls.
 
-    PYTHONPATH=python python examples/train_tiny_lm.py            # 300 steps
-    PYTHONPATH=python python examples/train_tiny_lm.py --steps 30 # quick check
+    python examples/train_tiny_lm.py            # 300 steps
+    python examples/train_tiny_lm.py --steps 30 # quick check
 """
 from __future__ import annotations
 

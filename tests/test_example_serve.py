@@ -15,13 +15,17 @@ from pathlib import Path
 
 import pytest
 
+import pagedflash
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "serve_paged.py"
 
 
 def run_example(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    paths = [str(ROOT / "python")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    # the pagedflash under test (installed or an in-place build), not necessarily ./python
+    pkg_parent = str(Path(pagedflash.__file__).resolve().parent.parent)
+    paths = [pkg_parent] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env["PYTHONPATH"] = os.pathsep.join(paths)
     return subprocess.run([sys.executable, str(EXAMPLE), *args], env=env, capture_output=True, text=True,
                           timeout=300)
