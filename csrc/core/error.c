@@ -143,3 +143,58 @@ pf_status pf_check_same_device(const pf_tensor *t, const char *name, const pf_te
                    b ? "cuda" : "cpu", (int)ref->device_id, a ? "cuda" : "cpu", (int)t->device_id);
     return PF_STATUS_OK;
 }
+
+pf_status pf_check_same_shape(const pf_tensor *t, const char *name, const pf_tensor *ref,
+                              const char *ref_name) {
+    char a[128], b[128];
+    int same = t->ndim == ref->ndim;
+    for (int i = 0; same && i < t->ndim; i++) same = t->shape[i] == ref->shape[i];
+    PF_CHECK_VALUE(same, "%s: expected the shape of %s %s, got %s", name, ref_name,
+                   pf_shape_str(ref, a, sizeof a), pf_shape_str(t, b, sizeof b));
+    return PF_STATUS_OK;
+}
+
+pf_status pf_check_present(const pf_tensor *t, const char *name) {
+    PF_CHECK_VALUE(pf_tensor_present(t) || (t->ndim > 0 && pf_tensor_numel(t) == 0),
+                   "%s: missing (NULL data)", name);
+    return PF_STATUS_OK;
+}
+
+pf_status pf_check_float_like(const pf_tensor *t, const char *name, const pf_tensor *ref,
+                              const char *ref_name) {
+    PF_TRY(pf_check_present(t, name));
+    PF_TRY(pf_check_float_dtype(t, name));
+    PF_CHECK_TYPE(t->dtype == ref->dtype, "%s: expected dtype %s (the dtype of %s), got %s", name,
+                  pf_dtype_name(ref->dtype), ref_name, pf_dtype_name(t->dtype));
+    PF_TRY(pf_check_last_contiguous(t, name));
+    PF_TRY(pf_check_same_device(t, name, ref, ref_name));
+    return PF_STATUS_OK;
+}
+
+pf_status pf_check_mask_options(int32_t window_left, int32_t window_right, float softcap,
+                                float softmax_scale) {
+    PF_CHECK_VALUE(window_left >= -1, "window: left must be >= -1 (-1 = unbounded), got %d",
+                   (int)window_left);
+    PF_CHECK_VALUE(window_right >= -1, "window: right must be >= -1 (-1 = unbounded), got %d",
+                   (int)window_right);
+    PF_CHECK_VALUE(softcap >= 0.0f && softcap < __builtin_inff(),
+                   "softcap: must be a finite number >= 0 (0 = off), got %g", (double)softcap);
+    PF_CHECK_VALUE(softmax_scale == softmax_scale && softmax_scale > -__builtin_inff() &&
+                       softmax_scale < __builtin_inff(),
+                   "softmax_scale: must be finite, got %g", (double)softmax_scale);
+    return PF_STATUS_OK;
+}
+
+pf_status pf_check_alibi(const pf_tensor *a, int64_t num_heads, int64_t batch, const pf_tensor *q) {
+    if (!pf_tensor_present(a) && a->ndim == 0) return PF_STATUS_OK;
+    char s[128];
+    PF_TRY(pf_check_dtype(a, "alibi_slopes", PF_DTYPE_F32));
+    PF_CHECK_VALUE((a->ndim == 1 && a->shape[0] == num_heads) ||
+                       (a->ndim == 2 && a->shape[0] == batch && a->shape[1] == num_heads),
+                   "alibi_slopes: expected shape [%lld] or [%lld, %lld] (num_heads or batch x "
+                   "num_heads), got %s",
+                   (long long)num_heads, (long long)batch, (long long)num_heads,
+                   pf_shape_str(a, s, sizeof s));
+    PF_TRY(pf_check_same_device(a, "alibi_slopes", q, "q"));
+    return PF_STATUS_OK;
+}

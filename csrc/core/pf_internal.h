@@ -70,6 +70,19 @@ pf_status pf_check_float_dtype(const pf_tensor *t, const char *name);
 pf_status pf_check_last_contiguous(const pf_tensor *t, const char *name);
 pf_status pf_check_same_device(const pf_tensor *t, const char *name, const pf_tensor *ref,
                                const char *ref_name);
+/* A required argument: non-NULL data (an empty tensor may carry a placeholder). */
+pf_status pf_check_present(const pf_tensor *t, const char *name);
+/* Same rank and shape as `ref`. */
+pf_status pf_check_same_shape(const pf_tensor *t, const char *name, const pf_tensor *ref,
+                              const char *ref_name);
+/* Present, float16/bfloat16/float32 with `ref`'s dtype and device, last dim contiguous. */
+pf_status pf_check_float_like(const pf_tensor *t, const char *name, const pf_tensor *ref,
+                              const char *ref_name);
+/* window (left, right >= -1), softcap (finite, >= 0), softmax_scale (finite). */
+pf_status pf_check_mask_options(int32_t window_left, int32_t window_right, float softcap,
+                                float softmax_scale);
+/* alibi_slopes, when given: f32 [num_heads] or [batch, num_heads] on q's device. */
+pf_status pf_check_alibi(const pf_tensor *a, int64_t num_heads, int64_t batch, const pf_tensor *q);
 /* The tensor is host-readable (CPU or page-locked host memory). */
 int pf_tensor_on_host(const pf_tensor *t);
 /* Strides must be non-negative (no aliasing trickery on outputs). */

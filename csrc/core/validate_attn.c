@@ -5,34 +5,6 @@
  */
 #include "pf_internal.h"
 
-/* The last dimension is contiguous; an empty tensor has nothing to address
- * (NumPy reports all-zero strides for those) and passes. */
-static pf_status check_last_contiguous(const pf_tensor *t, const char *name) {
-    if (pf_tensor_numel(t) == 0) return PF_STATUS_OK;
-    return pf_check_last_contiguous(t, name);
-}
-
-/* Checks shared by every floating-point tensor argument of an attention op. */
-static pf_status check_float_arg(const pf_tensor *t, const char *name, const pf_tensor *q) {
-    PF_CHECK_VALUE(pf_tensor_present(t) || pf_tensor_numel(t) == 0, "%s: missing", name);
-    PF_TRY(pf_check_float_dtype(t, name));
-    PF_CHECK_TYPE(t->dtype == q->dtype, "%s: expected dtype %s (the dtype of q), got %s", name,
-                  pf_dtype_name(q->dtype), pf_dtype_name(t->dtype));
-    PF_TRY(check_last_contiguous(t, name));
-    PF_TRY(pf_check_same_device(t, name, q, "q"));
-    return PF_STATUS_OK;
-}
-
-static pf_status check_same_shape(const pf_tensor *t, const char *name, const pf_tensor *ref,
-                                  const char *ref_name) {
-    char a[128], b[128];
-    int same = t->ndim == ref->ndim;
-    for (int i = 0; same && i < t->ndim; i++) same = t->shape[i] == ref->shape[i];
-    PF_CHECK_VALUE(same, "%s: expected the shape of %s %s, got %s", name, ref_name,
-                   pf_shape_str(ref, a, sizeof a), pf_shape_str(t, b, sizeof b));
-    return PF_STATUS_OK;
-}
-
 /* cu_seqlens: int32 [batch + 1], 0 = first, non-decreasing, last = total. */
 static pf_status check_cu_seqlens(const pf_tensor *cu, const char *name, int64_t batch1,
                                   int64_t total, const pf_tensor *q) {
@@ -58,9 +30,9 @@ static pf_status validate_common(const pf_attn_params *p, int backward) {
     const pf_tensor *q = &p->q, *k = &p->k, *v = &p->v;
     PF_CHECK_VALUE(q->ndim >= 1, "q: expected a 4-d (or packed 3-d) tensor, got a scalar");
     PF_TRY(pf_check_float_dtype(q, "q"));
-    PF_TRY(check_last_contiguous(q, "q"));
-    PF_TRY(check_float_arg(k, "k", q));
-    PF_TRY(check_float_arg(v, "v", q));
+    PF_TRY(pf_check_last_contiguous(q, "q"));
+    PF_TRY(pf_check_float_like(k, "k", q, "q"));
+    PF_TRY(pf_check_float_like(v, "v", q, "q"));
     PF_CHECK_VALUE(q->device != PF_DEVICE_CUDA || !pf_tensor_present(&p->alibi_slopes) ||
                        p->alibi_slopes.device == PF_DEVICE_CUDA,
                    "alibi_slopes: expected the device of q");
@@ -71,7 +43,7 @@ static pf_status validate_common(const pf_attn_params *p, int backward) {
     PF_TRY(pf_check_rank(q, "q", rank));
     PF_TRY(pf_check_rank(k, "k", rank));
     PF_TRY(pf_check_rank(v, "v", rank));
-    PF_TRY(check_same_shape(v, "v", k, "k"));
+    PF_TRY(pf_check_same_shape(v, "v", k, "k"));
     int hd = rank - 1, hh = rank - 2;
     int64_t d = q->shape[hd];
     PF_CHECK_VALUE(d >= 1 && d <= PF_MAX_HEAD_DIM, "q: head_dim must be in [1, %d], got %lld",
@@ -100,28 +72,10 @@ static pf_status validate_common(const pf_attn_params *p, int backward) {
     }
 
     /* masking options */
-    PF_CHECK_VALUE(p->window_left >= -1, "window: left must be >= -1 (-1 = unbounded), got %d",
-                   (int)p->window_left);
-    PF_CHECK_VALUE(p->window_right >= -1, "window: right must be >= -1 (-1 = unbounded), got %d",
-                   (int)p->window_right);
-    PF_CHECK_VALUE(p->softcap >= 0.0f && p->softcap < __builtin_inff(),
-                   "softcap: must be a finite number >= 0 (0 = off), got %g", (double)p->softcap);
-    PF_CHECK_VALUE(p->softmax_scale == p->softmax_scale && p->softmax_scale > -__builtin_inff() &&
-                       p->softmax_scale < __builtin_inff(),
-                   "softmax_scale: must be finite, got %g", (double)p->softmax_scale);
+    PF_TRY(pf_check_mask_options(p->window_left, p->window_right, p->softcap, p->softmax_scale));
     PF_CHECK_VALUE(p->dropout_p >= 0.0f && p->dropout_p < 1.0f,
                    "dropout_p: must be in [0, 1), got %g", (double)p->dropout_p);
-    if (pf_tensor_present(&p->alibi_slopes) || p->alibi_slopes.ndim > 0) {
-        const pf_tensor *a = &p->alibi_slopes;
-        char s[128];
-        PF_TRY(pf_check_dtype(a, "alibi_slopes", PF_DTYPE_F32));
-        PF_CHECK_VALUE((a->ndim == 1 && a->shape[0] == h) ||
-                           (a->ndim == 2 && a->shape[0] == batch && a->shape[1] == h),
-                       "alibi_slopes: expected shape [%lld] or [%lld, %lld] (num_heads or batch x "
-                       "num_heads), got %s",
-                       (long long)h, (long long)batch, (long long)h, pf_shape_str(a, s, sizeof s));
-        PF_TRY(pf_check_same_device(a, "alibi_slopes", q, "q"));
-    }
+    PF_TRY(pf_check_alibi(&p->alibi_slopes, h, batch, q));
 
     /* lse */
     const pf_tensor *lse = &p->lse;
@@ -138,7 +92,7 @@ static pf_status validate_common(const pf_attn_params *p, int backward) {
             want.shape[2] = q->shape[1];
         }
         PF_TRY(pf_check_dtype(lse, "lse", PF_DTYPE_F32));
-        PF_TRY(check_same_shape(lse, "lse", &want, varlen ? "[num_heads, total_q]" : "[batch, num_heads, seqlen_q]"));
+        PF_TRY(pf_check_same_shape(lse, "lse", &want, varlen ? "[num_heads, total_q]" : "[batch, num_heads, seqlen_q]"));
         PF_TRY(pf_check_same_device(lse, "lse", q, "q"));
         PF_TRY(pf_check_nonneg_strides(lse, "lse"));
     }
@@ -148,8 +102,8 @@ static pf_status validate_common(const pf_attn_params *p, int backward) {
 /* An output: q's dtype, the shape of `ref`, last dim contiguous, no negative strides. */
 static pf_status check_output(const pf_tensor *t, const char *name, const pf_tensor *ref,
                               const char *ref_name, const pf_tensor *q) {
-    PF_TRY(check_float_arg(t, name, q));
-    PF_TRY(check_same_shape(t, name, ref, ref_name));
+    PF_TRY(pf_check_float_like(t, name, q, "q"));
+    PF_TRY(pf_check_same_shape(t, name, ref, ref_name));
     PF_TRY(pf_check_nonneg_strides(t, name));
     return PF_STATUS_OK;
 }

@@ -20,49 +20,13 @@
 
 /* ---- shared helpers ---- */
 
-static pf_status check_same_shape(const pf_tensor *t, const char *name, const pf_tensor *ref,
-                                  const char *ref_name) {
-    char a[128], b[128];
-    int same = t->ndim == ref->ndim;
-    for (int i = 0; same && i < t->ndim; i++) same = t->shape[i] == ref->shape[i];
-    PF_CHECK_VALUE(same, "%s: expected the shape of %s %s, got %s", name, ref_name,
-                   pf_shape_str(ref, a, sizeof a), pf_shape_str(t, b, sizeof b));
-    return PF_STATUS_OK;
-}
-
-/* pf_check_last_contiguous, except that an empty tensor has no layout to check
- * (NumPy gives empty arrays all-zero strides). */
-static pf_status check_last_contiguous(const pf_tensor *t, const char *name) {
-    if (t->ndim > 0 && pf_tensor_numel(t) == 0) return PF_STATUS_OK;
-    return pf_check_last_contiguous(t, name);
-}
-
-/* A tensor argument that must be there (data may be a placeholder when empty). */
-static pf_status check_present(const pf_tensor *t, const char *name) {
-    PF_CHECK_VALUE(pf_tensor_present(t) || (t->ndim > 0 && pf_tensor_numel(t) == 0),
-                   "%s: missing (NULL data)", name);
-    return PF_STATUS_OK;
-}
-
-/* A floating-point tensor with `ref`'s dtype and device, last dimension contiguous. */
-static pf_status check_float_like(const pf_tensor *t, const char *name, const pf_tensor *ref,
-                                  const char *ref_name) {
-    PF_TRY(check_present(t, name));
-    PF_TRY(pf_check_float_dtype(t, name));
-    PF_CHECK_TYPE(t->dtype == ref->dtype, "%s: expected dtype %s (the dtype of %s), got %s", name,
-                  pf_dtype_name(ref->dtype), ref_name, pf_dtype_name(t->dtype));
-    PF_TRY(check_last_contiguous(t, name));
-    PF_TRY(pf_check_same_device(t, name, ref, ref_name));
-    return PF_STATUS_OK;
-}
-
 /* An integer index tensor: dtype, rank, device; last dimension contiguous. */
 static pf_status check_index(const pf_tensor *t, const char *name, pf_dtype dtype, int ndim,
                              const pf_tensor *ref, const char *ref_name) {
-    PF_TRY(check_present(t, name));
+    PF_TRY(pf_check_present(t, name));
     PF_TRY(pf_check_dtype(t, name, dtype));
     PF_TRY(pf_check_rank(t, name, ndim));
-    PF_TRY(check_last_contiguous(t, name));
+    PF_TRY(pf_check_last_contiguous(t, name));
     if (ref) PF_TRY(pf_check_same_device(t, name, ref, ref_name));
     return PF_STATUS_OK;
 }
@@ -136,9 +100,9 @@ pf_status pf_paged_attn_validate(const pf_paged_params *p) {
     const pf_tensor *q = &p->q, *kc = &p->k_cache, *vc = &p->v_cache;
 
     /* q */
-    PF_TRY(check_present(q, "q"));
+    PF_TRY(pf_check_present(q, "q"));
     PF_TRY(pf_check_float_dtype(q, "q"));
-    PF_TRY(check_last_contiguous(q, "q"));
+    PF_TRY(pf_check_last_contiguous(q, "q"));
     int has_cu = pf_tensor_present(&p->cu_seqlens_q) || p->cu_seqlens_q.ndim > 0;
     PF_CHECK_VALUE(q->ndim == 3 || (q->ndim == 4 && !has_cu),
                    "q: expected [batch, num_heads, head_dim], [batch, q_len, num_heads, head_dim] "
@@ -150,10 +114,10 @@ pf_status pf_paged_attn_validate(const pf_paged_params *p) {
                    PF_MAX_HEAD_DIM, (long long)d);
 
     /* caches */
-    PF_TRY(check_float_like(kc, "k_cache", q, "q"));
-    PF_TRY(check_float_like(vc, "v_cache", q, "q"));
+    PF_TRY(pf_check_float_like(kc, "k_cache", q, "q"));
+    PF_TRY(pf_check_float_like(vc, "v_cache", q, "q"));
     PF_TRY(pf_check_rank(kc, "k_cache", 4));
-    PF_TRY(check_same_shape(vc, "v_cache", kc, "k_cache"));
+    PF_TRY(pf_check_same_shape(vc, "v_cache", kc, "k_cache"));
     PF_TRY(pf_check_dim(kc, "k_cache", 3, d, "head_dim, as in q"));
     const int64_t block_size = kc->shape[1], hk = kc->shape[2];
     PF_CHECK_VALUE(block_size >= 1 && block_size <= PF_PAGED_MAX_BLOCK_SIZE,
@@ -191,8 +155,8 @@ pf_status pf_paged_attn_validate(const pf_paged_params *p) {
     }
 
     /* out, lse, alibi_slopes */
-    PF_TRY(check_float_like(&p->out, "out", q, "q"));
-    PF_TRY(check_same_shape(&p->out, "out", q, "q"));
+    PF_TRY(pf_check_float_like(&p->out, "out", q, "q"));
+    PF_TRY(pf_check_same_shape(&p->out, "out", q, "q"));
     PF_TRY(pf_check_nonneg_strides(&p->out, "out"));
     if (pf_tensor_present(&p->lse) || p->lse.ndim > 0) {
         pf_tensor want = {0};
@@ -200,31 +164,14 @@ pf_status pf_paged_attn_validate(const pf_paged_params *p) {
         want.shape[0] = h;
         want.shape[1] = total_q;
         PF_TRY(pf_check_dtype(&p->lse, "lse", PF_DTYPE_F32));
-        PF_TRY(check_same_shape(&p->lse, "lse", &want, "[num_heads, total_q]"));
+        PF_TRY(pf_check_same_shape(&p->lse, "lse", &want, "[num_heads, total_q]"));
         PF_TRY(pf_check_same_device(&p->lse, "lse", q, "q"));
         PF_TRY(pf_check_nonneg_strides(&p->lse, "lse"));
     }
-    if (pf_tensor_present(&p->alibi_slopes) || p->alibi_slopes.ndim > 0) {
-        const pf_tensor *a = &p->alibi_slopes;
-        PF_TRY(pf_check_dtype(a, "alibi_slopes", PF_DTYPE_F32));
-        PF_CHECK_VALUE((a->ndim == 1 && a->shape[0] == h) ||
-                           (a->ndim == 2 && a->shape[0] == batch && a->shape[1] == h),
-                       "alibi_slopes: expected shape [%lld] or [%lld, %lld] (num_heads or batch x "
-                       "num_heads), got %s",
-                       (long long)h, (long long)batch, (long long)h, pf_shape_str(a, s1, sizeof s1));
-        PF_TRY(pf_check_same_device(a, "alibi_slopes", q, "q"));
-    }
+    PF_TRY(pf_check_alibi(&p->alibi_slopes, h, batch, q));
 
     /* scalar options */
-    PF_CHECK_VALUE(p->window_left >= -1, "window: left must be >= -1 (-1 = unbounded), got %d",
-                   (int)p->window_left);
-    PF_CHECK_VALUE(p->window_right >= -1, "window: right must be >= -1 (-1 = unbounded), got %d",
-                   (int)p->window_right);
-    PF_CHECK_VALUE(p->softcap >= 0.0f && p->softcap < __builtin_inff(),
-                   "softcap: must be a finite number >= 0 (0 = off), got %g", (double)p->softcap);
-    PF_CHECK_VALUE(p->softmax_scale == p->softmax_scale && p->softmax_scale > -__builtin_inff() &&
-                       p->softmax_scale < __builtin_inff(),
-                   "softmax_scale: must be finite, got %g", (double)p->softmax_scale);
+    PF_TRY(pf_check_mask_options(p->window_left, p->window_right, p->softcap, p->softmax_scale));
     PF_CHECK_VALUE(p->num_splits >= 0, "num_splits: must be >= 0 (0 = automatic), got %d",
                    (int)p->num_splits);
 
@@ -248,18 +195,18 @@ pf_status pf_merge_attn_states_validate(const pf_merge_params *p) {
     char s1[128];
     PF_CHECK_VALUE(p != NULL, "params: NULL");
     const pf_tensor *a = &p->out_a;
-    PF_TRY(check_present(a, "out_a"));
+    PF_TRY(pf_check_present(a, "out_a"));
     PF_TRY(pf_check_float_dtype(a, "out_a"));
-    PF_TRY(check_last_contiguous(a, "out_a"));
+    PF_TRY(pf_check_last_contiguous(a, "out_a"));
     PF_CHECK_VALUE(a->ndim >= 2, "out_a: expected [..., num_heads, head_dim] (>= 2-d), got shape %s",
                    pf_shape_str(a, s1, sizeof s1));
     PF_CHECK_VALUE(a->shape[a->ndim - 2] >= 1 && a->shape[a->ndim - 1] >= 1,
                    "out_a: num_heads and head_dim must be >= 1, got shape %s",
                    pf_shape_str(a, s1, sizeof s1));
-    PF_TRY(check_float_like(&p->out_b, "out_b", a, "out_a"));
-    PF_TRY(check_same_shape(&p->out_b, "out_b", a, "out_a"));
-    PF_TRY(check_float_like(&p->out, "out", a, "out_a"));
-    PF_TRY(check_same_shape(&p->out, "out", a, "out_a"));
+    PF_TRY(pf_check_float_like(&p->out_b, "out_b", a, "out_a"));
+    PF_TRY(pf_check_same_shape(&p->out_b, "out_b", a, "out_a"));
+    PF_TRY(pf_check_float_like(&p->out, "out", a, "out_a"));
+    PF_TRY(pf_check_same_shape(&p->out, "out", a, "out_a"));
     PF_TRY(pf_check_nonneg_strides(&p->out, "out"));
 
     pf_tensor want = {0};
@@ -272,9 +219,9 @@ pf_status pf_merge_attn_states_validate(const pf_merge_params *p) {
     for (int i = 0; i < 3; i++) {
         const pf_tensor *l = lses[i];
         if (i == 2 && !pf_tensor_present(l) && l->ndim == 0) break; /* lse output is optional */
-        PF_TRY(check_present(l, names[i]));
+        PF_TRY(pf_check_present(l, names[i]));
         PF_TRY(pf_check_dtype(l, names[i], PF_DTYPE_F32));
-        PF_TRY(check_same_shape(l, names[i], &want, "[num_heads, tokens]"));
+        PF_TRY(pf_check_same_shape(l, names[i], &want, "[num_heads, tokens]"));
         PF_TRY(pf_check_same_device(l, names[i], a, "out_a"));
         if (i == 2) PF_TRY(pf_check_nonneg_strides(l, names[i]));
     }
@@ -286,21 +233,21 @@ pf_status pf_merge_attn_states_validate(const pf_merge_params *p) {
 pf_status pf_write_kv_cache_validate(pf_tensor k, pf_tensor v, pf_tensor k_cache,
                                      pf_tensor v_cache, pf_tensor slot_mapping) {
     const pf_tensor *kc = &k_cache;
-    PF_TRY(check_present(kc, "k_cache"));
+    PF_TRY(pf_check_present(kc, "k_cache"));
     PF_TRY(pf_check_float_dtype(kc, "k_cache"));
-    PF_TRY(check_last_contiguous(kc, "k_cache"));
+    PF_TRY(pf_check_last_contiguous(kc, "k_cache"));
     PF_TRY(pf_check_rank(kc, "k_cache", 4));
     PF_TRY(pf_check_nonneg_strides(kc, "k_cache"));
-    PF_TRY(check_float_like(&v_cache, "v_cache", kc, "k_cache"));
-    PF_TRY(check_same_shape(&v_cache, "v_cache", kc, "k_cache"));
+    PF_TRY(pf_check_float_like(&v_cache, "v_cache", kc, "k_cache"));
+    PF_TRY(pf_check_same_shape(&v_cache, "v_cache", kc, "k_cache"));
     PF_TRY(pf_check_nonneg_strides(&v_cache, "v_cache"));
 
-    PF_TRY(check_float_like(&k, "k", kc, "k_cache"));
+    PF_TRY(pf_check_float_like(&k, "k", kc, "k_cache"));
     PF_TRY(pf_check_rank(&k, "k", 3));
     PF_TRY(pf_check_dim(&k, "k", 1, kc->shape[2], "num_kv_heads, as in k_cache"));
     PF_TRY(pf_check_dim(&k, "k", 2, kc->shape[3], "head_dim, as in k_cache"));
-    PF_TRY(check_float_like(&v, "v", kc, "k_cache"));
-    PF_TRY(check_same_shape(&v, "v", &k, "k"));
+    PF_TRY(pf_check_float_like(&v, "v", kc, "k_cache"));
+    PF_TRY(pf_check_same_shape(&v, "v", &k, "k"));
 
     PF_TRY(check_index(&slot_mapping, "slot_mapping", PF_DTYPE_I64, 1, kc, "k_cache"));
     PF_CHECK_VALUE(slot_mapping.shape[0] == k.shape[0],
@@ -351,10 +298,10 @@ static pf_status check_block_mapping(const pf_tensor *m, int64_t src_blocks, con
 
 /* A cache for copy/swap: rank >= 1, a known dtype, last dim contiguous, no negative strides. */
 static pf_status check_cache(const pf_tensor *t, const char *name) {
-    PF_TRY(check_present(t, name));
+    PF_TRY(pf_check_present(t, name));
     PF_CHECK_VALUE(t->ndim >= 1, "%s: expected [num_blocks, ...] (>= 1-d), got a scalar", name);
     PF_CHECK_TYPE(pf_dtype_size(t->dtype) > 0, "%s: invalid dtype", name);
-    PF_TRY(check_last_contiguous(t, name));
+    PF_TRY(pf_check_last_contiguous(t, name));
     PF_TRY(pf_check_nonneg_strides(t, name));
     return PF_STATUS_OK;
 }
