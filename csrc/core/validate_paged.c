@@ -8,7 +8,8 @@
  * seq_lens, cu_seqlens_q, slot_mapping, block_mapping) are range-checked here
  * when they are host-readable; tensors resident on a CUDA device cannot be
  * read from the host without a synchronizing copy, so for them the CUDA
- * kernels bound-check (see the TODO(cuda) hooks below).
+ * kernels bound-check instead (cuda/paged_attn.cuh, cuda/cache_ops.cu): an id outside
+ * the cache reads or writes nothing, never memory outside it.
  */
 #include <stdio.h>
 
@@ -180,11 +181,11 @@ pf_status pf_paged_attn_validate(const pf_paged_params *p) {
         (!has_cu || pf_tensor_on_host(&p->cu_seqlens_q))) {
         PF_TRY(check_paged_indices_host(p, batch, has_cu, q_len_dense));
     } else {
-        /* TODO(cuda): device-resident block_tables / seq_lens / cu_seqlens_q are not read
-         * here (that would need a synchronizing copy). The CUDA paged kernel must treat an
-         * id outside [0, num_blocks), a seq_len outside [q_len, max_blocks_per_seq *
-         * block_size] or an inconsistent cu_seqlens_q as "read nothing" and never address
-         * memory outside k_cache / v_cache. */
+        /* Device-resident block_tables / seq_lens / cu_seqlens_q are not read here (that
+         * would need a synchronizing copy). The CUDA paged kernel treats a block id outside
+         * [0, num_blocks) as contributing nothing, clamps seq_len to the table's capacity
+         * and cu_seqlens_q to q, and never addresses memory outside k_cache / v_cache
+         * (tests/test_gpu_paged.py::test_bad_block_ids_in_device_tables, sanitizer-clean). */
     }
     return PF_STATUS_OK;
 }
@@ -266,8 +267,8 @@ pf_status pf_write_kv_cache_validate(pf_tensor k, pf_tensor v, pf_tensor k_cache
                            (long long)kc->shape[0], (long long)kc->shape[1]);
         }
     } else {
-        /* TODO(cuda): a device-resident slot_mapping is bound-checked by the CUDA kernel
-         * (slots >= num_blocks * block_size are skipped, never written). */
+        /* A device-resident slot_mapping is bound-checked by the CUDA kernel: slots
+         * >= num_blocks * block_size are skipped, never written. */
     }
     return PF_STATUS_OK;
 }
@@ -328,7 +329,8 @@ pf_status pf_copy_blocks_validate(const pf_tensor *caches, int32_t num_caches,
                        "block_mapping: expected host memory or the caches' device cuda:%d, got "
                        "cuda:%d",
                        (int)caches[0].device_id, (int)block_mapping.device_id);
-        /* TODO(cuda): a device-resident block_mapping is bound-checked by the CUDA kernel. */
+        /* A device-resident block_mapping is bound-checked by the CUDA kernel: a pair with
+         * an id outside a cache is skipped for that cache. */
     } else {
         PF_CHECK_VALUE(pf_tensor_on_host(&block_mapping),
                        "block_mapping: expected host memory for host caches, got a CUDA tensor");
