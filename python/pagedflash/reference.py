@@ -45,16 +45,20 @@ def mask_bounds(sq: int, sk: int, causal: bool, window: Sequence[int]):
     return lo, hi
 
 
-def _attention_one(q, k, v, *, causal, scale, window, softcap, slopes, keep, dropout_p):
-    """One sequence: q [sq, h, d], k/v [sk, hk, d]; slopes [h] or None; keep [h, sq, sk] or None."""
-    sq, h, d = q.shape
-    sk, hk, _ = k.shape
-    rep = h // hk
-    kk = np.repeat(k, rep, axis=1)
-    vv = np.repeat(v, rep, axis=1)
+def _probabilities(q, kk, *, causal, scale, window, softcap, slopes):
+    """Softmax probabilities of one sequence, with every masking option.
+
+    q [sq, h, d], kk [sk, h, d] (KV heads already repeated for GQA). Returns P [h, sq, sk]
+    (0 where masked; rows that see nothing are all 0), lse [h, sq] (-inf for such rows) and
+    tanh(u / softcap) for the softcap gradient (None without softcap).
+    """
+    sq, h, _ = q.shape
+    sk = kk.shape[0]
     s = np.einsum("ihd,jhd->hij", q, kk) * scale
+    t = None
     if softcap > 0:
-        s = softcap * np.tanh(s / softcap)
+        t = np.tanh(s / softcap)
+        s = softcap * t
     if slopes is not None:
         dist = np.abs(np.arange(sq)[:, None] + sk - sq - np.arange(sk)[None, :])
         s = s - slopes[:, None, None] * dist[None]
@@ -65,8 +69,7 @@ def _attention_one(q, k, v, *, causal, scale, window, softcap, slopes, keep, dro
     m = np.max(s, axis=-1, keepdims=True) if sk else np.full((h, sq, 1), -np.inf)
     m_safe = np.where(np.isfinite(m), m, 0.0)
     with np.errstate(invalid="ignore", over="ignore"):
-        e = np.exp(s - m_safe)
-        e = np.where(allowed[None], e, 0.0)
+        e = np.where(allowed[None], np.exp(s - m_safe), 0.0)
         l = e.sum(axis=-1, keepdims=True)
         p = np.where(l > 0, e / np.where(l > 0, l, 1.0), 0.0)
         lse = np.where(l[..., 0] > 0, np.log(np.where(l > 0, l, 1.0))[..., 0] + m_safe[..., 0], -np.inf)
@@ -74,6 +77,16 @@ def _attention_one(q, k, v, *, causal, scale, window, softcap, slopes, keep, dro
     nan_rows = np.isnan(s).any(axis=-1)
     lse = np.where(nan_rows, np.nan, lse)
     p = np.where(nan_rows[..., None], np.nan, p)
+    return p, lse, t
+
+
+def _attention_one(q, k, v, *, causal, scale, window, softcap, slopes, keep, dropout_p):
+    """One sequence: q [sq, h, d], k/v [sk, hk, d]; slopes [h] or None; keep [h, sq, sk] or None."""
+    rep = q.shape[1] // k.shape[1]
+    kk = np.repeat(k, rep, axis=1)
+    vv = np.repeat(v, rep, axis=1)
+    p, lse, _ = _probabilities(q, kk, causal=causal, scale=scale, window=window, softcap=softcap,
+                               slopes=slopes)
     if keep is not None:
         p = p * keep / (1.0 - dropout_p)
     out = np.einsum("hij,jhd->ihd", p, vv)
@@ -210,26 +223,8 @@ def _attention_backward_one(do, q, k, v, *, causal, scale, window, softcap, slop
     rep = h // hk
     kk = np.repeat(k, rep, axis=1)
     vv = np.repeat(v, rep, axis=1)
-    u = np.einsum("ihd,jhd->hij", q, kk) * scale
-    if softcap > 0:
-        t = np.tanh(u / softcap)
-        s = softcap * t
-    else:
-        t = None
-        s = u
-    if slopes is not None:
-        dist = np.abs(np.arange(sq)[:, None] + sk - sq - np.arange(sk)[None, :])
-        s = s - slopes[:, None, None] * dist[None]
-    lo, hi = mask_bounds(sq, sk, causal, window)
-    j = np.arange(sk)
-    allowed = (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])
-    s = np.where(allowed[None], s, -np.inf)
-    m = np.max(s, axis=-1, keepdims=True) if sk else np.full((h, sq, 1), -np.inf)
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(invalid="ignore", over="ignore"):
-        e = np.where(allowed[None], np.exp(s - m_safe), 0.0)
-        l = e.sum(axis=-1, keepdims=True)
-        p = np.where(l > 0, e / np.where(l > 0, l, 1.0), 0.0)
+    p, _, t = _probabilities(q, kk, causal=causal, scale=scale, window=window, softcap=softcap,
+                             slopes=slopes)
     z = np.ones_like(p) if keep is None else keep / (1.0 - dropout_p)
     dv_h = np.einsum("hij,ihd->jhd", p * z, do)               # dV = (P Z)^T dO
     dp = np.einsum("ihd,jhd->hij", do, vv) * z                 # dP through the dropout
