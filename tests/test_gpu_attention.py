@@ -328,6 +328,22 @@ def test_cupy_dlpack(rng):
     check_fwd(qt, kt, vt, torch.from_dlpack(o), None, "float16", causal=True)
 
 
+def test_cupy_current_stream(rng):
+    """CuPy inputs run on CuPy's current stream: work queued there before the call (a write
+    of new values into q) is seen by the call, and the result is ready after that stream
+    synchronizes, with no other synchronization."""
+    cp = pytest.importorskip("cupy")
+    qt, kt, vt = make_qkv(rng, "float16", 2, 300, 310, 4, 2, 64)
+    q0, k, v = (cp.from_dlpack(x) for x in (qt, kt, vt))
+    torch.cuda.synchronize()
+    with cp.cuda.Stream(non_blocking=True) as s:
+        q = cp.empty_like(q0)
+        q[...] = q0 * 2  # queued on s
+        out = pagedflash.flash_attn(q, k, v, causal=True)
+        s.synchronize()
+    check_fwd(qt * 2, kt, vt, torch.from_dlpack(cp.from_dlpack(out)), None, "float16", causal=True)
+
+
 def test_jax_dlpack(rng):
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     jax = pytest.importorskip("jax")

@@ -2,7 +2,8 @@
 
 NumPy in -> NumPy out; torch in -> torch out (allocated by torch on the input's
 device, on torch's current stream); anything else -> ``pagedflash.Tensor``,
-which exports itself through DLPack and the array interfaces. Frameworks are
+which exports itself through DLPack and the array interfaces (CuPy inputs run on
+CuPy's current stream; other producers on ``stream=`` or the legacy default stream). Frameworks are
 never imported here: a torch tensor is recognised by its type's module.
 """
 from __future__ import annotations
@@ -82,11 +83,27 @@ class _Foreign:
         return stream
 
 
+class _CuPy(_Foreign):
+    """CuPy arrays: results are pagedflash.Tensor (DLPack), work goes on CuPy's current stream."""
+
+    name = "cupy"
+
+    @staticmethod
+    def stream(like, stream):
+        if stream is not None:
+            return stream
+        import cupy
+
+        return cupy.cuda.get_current_stream().ptr or None
+
+
 def library_of(x):
     if isinstance(x, np.ndarray):
         return _Numpy
     if is_torch(x):
         return _Torch
+    if type(x).__module__.partition(".")[0] == "cupy":
+        return _CuPy
     return _Foreign
 
 
