@@ -245,9 +245,15 @@ def test_backward_large_inputs_no_nan(rng, dtype, sq):
             for g in grads:
                 assert np.all(np.isfinite(as_np64(g)))
             if dtype == "float32":
+                # dS = P (dP - D) cancels terms of size |dO| |V| sqrt(d) (D = rowsum(dO * O),
+                # as in FlashAttention), so float32 leaves residue of 1e-7 of those terms even
+                # where the exact gradient is 0 (sq = 1); the bound is 1e-5 relative to them.
                 ref = reference.attention_backward(dout, q, k, v, causal=causal)
+                dp_size = np.max(np.abs(dout)) * np.max(np.abs(v)) * np.sqrt(d)
+                grad_size = dp_size * max(np.max(np.abs(q)), np.max(np.abs(k))) / np.sqrt(d)
                 for g, r in zip(grads, ref):
-                    assert np.max(np.abs(g - r)) <= 1e-4 * max(1.0, np.max(np.abs(r)))
+                    tol = 1e-5 * max(1.0, np.max(np.abs(r)), grad_size)
+                    assert np.max(np.abs(g - r)) <= tol
 
 
 def test_backward_strided_inputs(rng):
