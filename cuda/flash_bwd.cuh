@@ -39,6 +39,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <type_traits>
 
 #include "flash_common.cuh"
 #include "flash_fwd.cuh"
@@ -48,7 +49,8 @@
 namespace pf {
 namespace cuda {
 
-template <int kHeadDim_, int kBlockM_, int kNWarps_, int kStages_ = 2, int kMinBlocks_ = 1>
+template <int kHeadDim_, int kBlockM_, int kNWarps_, int kStages_ = 2, int kMinBlocks_ = 1, int kDqRows_ = 16,
+          bool kDeferDq_ = false>
 struct BwdConfig {
     static constexpr int kHeadDim = kHeadDim_;
     static constexpr int kBlockM = kBlockM_;    /* queries per step */
@@ -61,16 +63,26 @@ struct BwdConfig {
     static constexpr int kSStride = kBlockM + 8; /* dS^T rows */
     static constexpr int kNTm = kBlockM / 8;
     static constexpr int kDT = kHeadDim / 8;
-    static constexpr int kDqRowWarps = kBlockM / 16;
+    /* dQ += dS K: the kBlockM x kHeadDim tile is split into kDqRows x kDqCols warp
+     * tiles (kDqRows 32 loads each K fragment once per two 16-row m-tiles). */
+    static constexpr int kDqRows = kDqRows_;
+    static constexpr int kDqMT = kDqRows / 16;
+    static constexpr int kDqRowWarps = kBlockM / kDqRows;
     static constexpr int kDqColWarps = kNWarps / kDqRowWarps;
     static constexpr int kDqCols = kHeadDim / kDqColWarps;
-    static_assert(kBlockM % 16 == 0 && kNWarps % kDqRowWarps == 0, "dQ tile splits among warps");
+    /* kDeferDq: step s's dQ product runs after step s + 1's first barrier, from a
+     * second dS^T buffer, so a step has one block-wide barrier instead of two. */
+    static constexpr bool kDeferDq = kDeferDq_;
+    static constexpr int kSBufs = kDeferDq ? 2 : 1;
+    static_assert(kDqRows % 16 == 0 && kBlockM % kDqRows == 0 && kNWarps % kDqRowWarps == 0,
+                  "dQ tile splits among warps");
     static_assert(kDqCols % 16 == 0 && kDqCols * kDqColWarps == kHeadDim, "dQ column groups of 16");
     /* shared memory, in elements of T then floats */
     static constexpr int kKVElems = kBlockN * kStride;
     static constexpr int kQElems = kBlockM * kStride;
     static constexpr int kSElems = kBlockN * kSStride;
-    static constexpr int kSmemBytes = (2 * kKVElems + 2 * kStages * kQElems + kSElems) * 2 + 2 * kStages * kBlockM * 4;
+    static constexpr int kSmemBytes =
+        (2 * kKVElems + 2 * kStages * kQElems + kSBufs * kSElems) * 2 + 2 * kStages * kBlockM * 4;
 };
 
 PF_DEV void cp_async_4(uint32_t dst, const void *src, bool pred) {
@@ -200,8 +212,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
     T *sV = sK + Cfg::kKVElems;
     T *sQ0 = sV + Cfg::kKVElems;                   /* [kStages][kBlockM][kStride] */
     T *sdO0 = sQ0 + kStages * Cfg::kQElems;        /* [kStages][kBlockM][kStride] */
-    T *sdS = sdO0 + kStages * Cfg::kQElems;        /* [kBlockN][kSStride] */
-    float *sLse0 = reinterpret_cast<float *>(sdS + Cfg::kSElems); /* [kStages][kBlockM] */
+    T *sdS0 = sdO0 + kStages * Cfg::kQElems;       /* [kSBufs][kBlockN][kSStride] */
+    float *sLse0 = reinterpret_cast<float *>(sdS0 + Cfg::kSBufs * Cfg::kSElems); /* [kStages][kBlockM] */
     float *sD0 = sLse0 + kStages * kBlockM;                      /* [kStages][kBlockM] */
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -229,10 +241,11 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
     const uint32_t vA = smem_addr(sV) + warp * 16 * kStride * 2 + a_lane_off; /* V rows as A */
     const uint32_t bN_off = (((lane & 7) + 8 * (lane >> 4)) * kStride + 8 * ((lane >> 3) & 1)) * 2;  /* B, rows = n */
     const uint32_t bT_off = (((lane & 7) + 8 * ((lane >> 3) & 1)) * kStride + 8 * (lane >> 4)) * 2;  /* B^T, rows = k */
-    constexpr int kDqRowWarps = Cfg::kDqRowWarps, kDqCols = Cfg::kDqCols;
+    constexpr int kDqRowWarps = Cfg::kDqRowWarps, kDqCols = Cfg::kDqCols, kDqRows = Cfg::kDqRows;
+    constexpr int kDqMT = Cfg::kDqMT;
     const int dq_wr = warp % kDqRowWarps, dq_wc = warp / kDqRowWarps;
-    const uint32_t dsA = smem_addr(sdS) +
-        (((lane & 7) + 8 * (lane >> 4)) * kSStride + dq_wr * 16 + 8 * ((lane >> 3) & 1)) * 2;
+    const uint32_t dsA0 = smem_addr(sdS0) +
+        (((lane & 7) + 8 * (lane >> 4)) * kSStride + dq_wr * kDqRows + 8 * ((lane >> 3) & 1)) * 2;
     const uint32_t kB = smem_addr(sK) + (((lane & 7) + 8 * ((lane >> 3) & 1)) * kStride + dq_wc * kDqCols +
                                          8 * (lane >> 4)) * 2;
 
@@ -291,6 +304,48 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
 
         const int kj = j0 + warp * 16 + g; /* this thread's key rows: kj, kj + 8 */
 
+        /* dQ[m0_ + kDqRows dq_wr .., kDqCols dq_wc ..] += dS K from dS^T buffer buf, by atomics */
+        auto dq_product = [&](int buf, int h_, int m0_) {
+            float acc_dq[kDqMT][kDqCols / 8][4];
+#pragma unroll
+            for (int mt = 0; mt < kDqMT; ++mt)
+#pragma unroll
+                for (int dt = 0; dt < kDqCols / 8; ++dt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc_dq[mt][dt][e] = 0.0f;
+            const uint32_t dsA = dsA0 + buf * (Cfg::kSElems * 2);
+#pragma unroll
+            for (int kk = 0; kk < kBlockN / 16; ++kk) {
+                uint32_t a[kDqMT][4];
+#pragma unroll
+                for (int mt = 0; mt < kDqMT; ++mt) ldmatrix_x4_trans(a[mt], dsA + (kk * 16 * kSStride + mt * 16) * 2);
+#pragma unroll
+                for (int dp = 0; dp < kDqCols / 16; ++dp) {
+                    uint32_t bf[4];
+                    ldmatrix_x4_trans(bf, kB + (kk * 16 * kStride + dp * 16) * 2);
+#pragma unroll
+                    for (int mt = 0; mt < kDqMT; ++mt) {
+                        Ops::mma(acc_dq[mt][2 * dp], a[mt], bf[0], bf[1]);
+                        Ops::mma(acc_dq[mt][2 * dp + 1], a[mt], bf[2], bf[3]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int mt = 0; mt < kDqMT; ++mt)
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    const int r = m0_ + dq_wr * kDqRows + mt * 16 + g + 8 * hf;
+                    if (r < sq) {
+                        float *dst = p.dq_accum + ((row_base + r) * p.num_heads + h_) * kHeadDim + dq_wc * kDqCols +
+                                     2 * t;
+#pragma unroll
+                        for (int dt = 0; dt < kDqCols / 8; ++dt)
+                            atomic_add2(dst + dt * 8, acc_dq[mt][dt][2 * hf], acc_dq[mt][dt][2 * hf + 1]);
+                    }
+                }
+        };
+        int prev_h = 0, prev_m0 = 0; /* step s - 1's head and first query (deferred dQ) */
+
 #pragma unroll 1
         for (int s = 0; s < n_steps; ++s) {
             const int st = s & 1;
@@ -304,6 +359,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
             if (s + 1 < n_steps) issue(s + 1, cur_h, cur_m * kBlockM);
             cp_async_commit();
             static_assert(kStages == 2, "the issue/consume order assumes double buffering");
+            /* step s - 1's dQ: its dS^T is complete (barrier above); step s writes the other buffer */
+            if (Cfg::kDeferDq && dq_atomic && s > 0) dq_product((s - 1) & 1, prev_h, prev_m0);
 
             const uint32_t qS = smem_addr(sQ0 + st * Cfg::kQElems);
             const uint32_t doS = smem_addr(sdO0 + st * Cfg::kQElems);
@@ -448,6 +505,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
                     if (dq_atomic) {
                         /* dS^T to shared memory for the dQ product (same rounding as used for dK) */
                         const int r = warp * 16 + g;
+                        T *sdS = sdS0 + (Cfg::kDeferDq ? st : 0) * Cfg::kSElems;
                         *reinterpret_cast<uint32_t *>(sdS + r * kSStride + kk * 16 + 2 * t) = a[0];
                         *reinterpret_cast<uint32_t *>(sdS + (r + 8) * kSStride + kk * 16 + 2 * t) = a[1];
                         *reinterpret_cast<uint32_t *>(sdS + r * kSStride + kk * 16 + 8 + 2 * t) = a[2];
@@ -462,39 +520,17 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
                     }
                 }
 
-                if (dq_atomic) {
+                if (!Cfg::kDeferDq && dq_atomic) {
                     __syncthreads(); /* dS^T complete */
-                    /* dQ[m0 + 16 dq_wr .., dq_wc * kDqCols ..] += dS K */
-                    float acc_dq[kDqCols / 8][4];
-#pragma unroll
-                    for (int dt = 0; dt < kDqCols / 8; ++dt)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) acc_dq[dt][e] = 0.0f;
-#pragma unroll
-                    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-                        uint32_t a[4];
-                        ldmatrix_x4_trans(a, dsA + kk * 16 * kSStride * 2);
-#pragma unroll
-                        for (int dp = 0; dp < kDqCols / 16; ++dp) {
-                            uint32_t bf[4];
-                            ldmatrix_x4_trans(bf, kB + (kk * 16 * kStride + dp * 16) * 2);
-                            Ops::mma(acc_dq[2 * dp], a, bf[0], bf[1]);
-                            Ops::mma(acc_dq[2 * dp + 1], a, bf[2], bf[3]);
-                        }
-                    }
-#pragma unroll
-                    for (int hf = 0; hf < 2; ++hf) {
-                        const int r = m0 + dq_wr * 16 + g + 8 * hf;
-                        if (r < sq) {
-                            float *dst = p.dq_accum + ((row_base + r) * p.num_heads + h) * kHeadDim +
-                                         dq_wc * kDqCols + 2 * t;
-#pragma unroll
-                            for (int dt = 0; dt < kDqCols / 8; ++dt)
-                                atomic_add2(dst + dt * 8, acc_dq[dt][2 * hf], acc_dq[dt][2 * hf + 1]);
-                        }
-                    }
+                    dq_product(0, h, m0);
                 }
             }
+            prev_h = h;
+            prev_m0 = m0;
+        }
+        if (Cfg::kDeferDq && dq_atomic && n_steps > 0) {
+            __syncthreads(); /* the last step's dS^T complete */
+            dq_product((n_steps - 1) & 1, prev_h, prev_m0);
         }
 
         /* epilogue: dK * scale, dV, staged in sK / sV, then 16-byte stores */
@@ -784,36 +820,42 @@ struct BwdTile;
 template <>
 struct BwdTile<32> {
     using type = BwdConfig<32, 64, 8>;
+    using extras = type;
     using dq = FwdConfig<32, 64, 64, 4>;
     static constexpr bool kSplit = false;
 };
 template <>
 struct BwdTile<64> {
-    using type = BwdConfig<64, 64, 8>;
+    using type = BwdConfig<64, 128, 8, 2, 1, 32, true>;
+    using extras = BwdConfig<64, 64, 8, 2, 1, 32, true>; /* 128 rows spill 1.5 KB with extras */
     using dq = FwdConfig<64, 64, 64, 4>;
     static constexpr bool kSplit = false;
 };
 template <>
 struct BwdTile<96> {
-    using type = BwdConfig<96, 64, 8>;
+    using type = BwdConfig<96, 64, 8, 2, 1, 16, true>;
+    using extras = type;
     using dq = FwdConfig<96, 64, 64, 4>;
     static constexpr bool kSplit = false;
 };
 template <>
 struct BwdTile<128> {
-    using type = BwdConfig<128, 64, 8>;
+    using type = BwdConfig<128, 64, 8, 2, 1, 32, true>;
+    using extras = type;
     using dq = FwdConfig<128, 64, 64, 4>;
     static constexpr bool kSplit = false;
 };
 template <>
 struct BwdTile<192> {
     using type = BwdConfig<192, 64, 8>;
+    using extras = type;
     using dq = FwdConfig<192, 64, 32, 4>;
     static constexpr bool kSplit = true;
 };
 template <>
 struct BwdTile<256> {
     using type = BwdConfig<256, 32, 4>;
+    using extras = type;
     using dq = FwdConfig<256, 64, 32, 4>;
     static constexpr bool kSplit = true;
 };
@@ -821,7 +863,7 @@ struct BwdTile<256> {
 template <typename T, int kHeadDim, bool Is_aligned, bool Has_extras>
 pf_status bwd_main_and_dq(const FlashParams &p, cudaStream_t stream, int device) {
     using Tile = BwdTile<kHeadDim>;
-    using Cfg = typename Tile::type;
+    using Cfg = std::conditional_t<Has_extras, typename Tile::extras, typename Tile::type>;
     if constexpr (Tile::kSplit) {
         PF_TRY((launch_bwd_main<T, Cfg, Is_aligned, Has_extras, 1>(p, stream, device)));
         PF_TRY((launch_bwd_main<T, Cfg, Is_aligned, Has_extras, 2>(p, stream, device)));
@@ -839,18 +881,24 @@ pf_status bwd_tune(const FlashParams &p, cudaStream_t stream, int device, bool *
     *handled = false;
     if constexpr (kHeadDim == 64 || kHeadDim == 128) {
         const char *env = getenv("PAGEDFLASH_BWD_TILE");
-        int m = 0, w = 0;
-        if (!env || sscanf(env, "%dx%d", &m, &w) != 2 || !p.aligned || p.deterministic || p.softcap > 0.0f ||
-            p.alibi || p.drop_threshold || !(p.scale_log2 > 0.0f))
+        int m = 0, w = 0, r = 16, df = 0; /* MxW[xRxD]: queries, warps, dQ rows per warp, deferred dQ */
+        if (!env || sscanf(env, "%dx%dx%dx%d", &m, &w, &r, &df) < 2 || !p.aligned || p.deterministic ||
+            p.softcap > 0.0f || p.alibi || p.drop_threshold || !(p.scale_log2 > 0.0f))
             return PF_STATUS_OK;
         *handled = true;
-#define PF_BWD_TUNE_CASE(M, W) \
-    if (m == M && w == W) return launch_bwd_main<T, BwdConfig<kHeadDim, M, W>, true, false, 0>(p, stream, device);
-        PF_BWD_TUNE_CASE(64, 8)
-        PF_BWD_TUNE_CASE(32, 8)
-        PF_BWD_TUNE_CASE(64, 4)
-        PF_BWD_TUNE_CASE(32, 4)
-        if constexpr (kHeadDim == 64) { PF_BWD_TUNE_CASE(128, 8) }
+#define PF_BWD_TUNE_CASE(M, W, R, D)                                                                     \
+    if (m == M && w == W && r == R && df == D)                                                        \
+        return launch_bwd_main<T, BwdConfig<kHeadDim, M, W, 2, 1, R, D>, true, false, 0>(p, stream, device);
+        PF_BWD_TUNE_CASE(64, 8, 16, 0)
+        PF_BWD_TUNE_CASE(64, 8, 32, 0)
+        PF_BWD_TUNE_CASE(64, 8, 16, 1)
+        PF_BWD_TUNE_CASE(64, 8, 32, 1)
+        if constexpr (kHeadDim == 64) {
+            PF_BWD_TUNE_CASE(128, 8, 16, 0)
+            PF_BWD_TUNE_CASE(128, 8, 32, 0)
+            PF_BWD_TUNE_CASE(128, 8, 16, 1)
+            PF_BWD_TUNE_CASE(128, 8, 32, 1)
+        }
 #undef PF_BWD_TUNE_CASE
         *handled = false;
     }
