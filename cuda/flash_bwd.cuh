@@ -3,13 +3,15 @@
  * (mma.sync m16n8k16, float32 accumulation).
  *
  * Layouts: FlashParams (flash_params.h); dq/dk/dv have q's/k's/v's layouts.
- * Workspace (workspace.h): dsum f32 [num_heads][rows] (D = rowsum(dO * O)) and,
- * unless deterministic, dq_accum f32 [rows][num_heads][kHeadDim], where rows =
+ * Workspace (workspace.h): dsum f32 [num_heads][rows] (D = rowsum(dO * O)), then
+ * lse2 f32 [num_heads][rows] (lse log2 e, +inf on fully masked rows; at
+ * bwd_lse2_offset) and, unless deterministic, dq_accum f32
+ * [rows][num_heads][kHeadDim], where rows =
  * batch * seqlen_q (dense) or total_q (varlen) and a row is b * seqlen_q + i or
  * cu_seqlens_q[b] + i.
  *
  * Passes, all on the caller's stream:
- *   1. bwd_prep_kernel: D = rowsum(dO * O) per (row, head); zeroes dq_accum.
+ *   1. bwd_prep_kernel: D = rowsum(dO * O) and lse2 per (row, head); zeroes dq_accum.
  *   2. flash_bwd_kernel: one block owns a K/V tile of kBlockN = 16 * kNWarps keys
  *      of one KV head (each warp 16 keys) and loops over every query head of its
  *      group and every query tile that sees the keys (Q, dO, lse, D double-buffered
@@ -50,7 +52,7 @@ namespace pf {
 namespace cuda {
 
 template <int kHeadDim_, int kBlockM_, int kNWarps_, int kStages_ = 2, int kMinBlocks_ = 1, int kDqRows_ = 16,
-          bool kDeferDq_ = false>
+          bool kDeferDq_ = false, bool kLse2_ = false>
 struct BwdConfig {
     static constexpr int kHeadDim = kHeadDim_;
     static constexpr int kBlockM = kBlockM_;    /* queries per step */
@@ -74,6 +76,9 @@ struct BwdConfig {
      * second dS^T buffer, so a step has one block-wide barrier instead of two. */
     static constexpr bool kDeferDq = kDeferDq_;
     static constexpr int kSBufs = kDeferDq ? 2 : 1;
+    /* kLse2: read lse2 (pass 1: lse log2 e, +inf on masked rows) instead of lse, so the
+     * exp needs no per-element scale / -inf / row-bound select */
+    static constexpr bool kLse2 = kLse2_;
     static_assert(kDqRows % 16 == 0 && kBlockM % kDqRows == 0 && kNWarps % kDqRowWarps == 0,
                   "dQ tile splits among warps");
     static_assert(kDqCols % 16 == 0 && kDqCols * kDqColWarps == kHeadDim, "dQ column groups of 16");
@@ -111,8 +116,13 @@ PF_DEV void bwd_query_range(const FlashParams &p, int sq, int sk, int j0, int j_
 }
 
 /* ------------------------------------------------------------------------ */
-/* pass 1: D = rowsum(dO * O), dq_accum = 0                                   */
+/* pass 1: D = rowsum(dO * O), lse2 = lse log2(e), dq_accum = 0               */
 /* ------------------------------------------------------------------------ */
+
+/* Workspace offset (floats) of lse2 [num_heads][rows], after D (256-byte aligned). */
+__host__ __device__ inline int64_t bwd_lse2_offset(int64_t rows, int num_heads) {
+    return (rows * num_heads + 63) & ~(int64_t)63;
+}
 
 template <typename T>
 __global__ void __launch_bounds__(256) bwd_prep_kernel(const __grid_constant__ FlashParams p, int64_t rows,
@@ -136,6 +146,10 @@ __global__ void __launch_bounds__(256) bwd_prep_kernel(const __grid_constant__ F
 #pragma unroll
         for (int x = 16; x > 0; x >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, x);
         if (lane == 0) p.dsum[h * rows + r] = acc;
+        if (lane == 1) { /* lse2 = lse log2(e) (+inf for rows the forward masked completely: P = 0) */
+            const float l = p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + i * p.lse_row_stride];
+            p.dsum[bwd_lse2_offset(rows, H) + h * rows + r] = l == -INFINITY ? INFINITY : l * kLog2e;
+        }
         if (zero_dq) {
             float *dq = p.dq_accum + (r * H + h) * hd;
             for (int c = lane; c < hd; c += 32) dq[c] = 0.0f;
@@ -278,8 +292,13 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
                                                              rows_valid, d, aligned, tid);
             if (tid < kBlockM) {
                 const bool ok = tid < rows_valid;
-                const float *lse = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride +
-                                   (int64_t)(si.q_start + m0 + (ok ? tid : 0)) * p.lse_row_stride;
+                /* kLse2: lse2 from pass 1; rows past the end read 0: their Q, dO and D are zero
+                 * too, so P = 1 there but P dO = 0 and dS = 0 */
+                const float *lse =
+                    Cfg::kLse2 ? p.dsum + bwd_lse2_offset(rows_total, p.num_heads) + h * rows_total + row_base + m0 +
+                                     (ok ? tid : 0)
+                               : p.lse + b * p.lse_batch_stride + h * p.lse_head_stride +
+                                     (int64_t)(si.q_start + m0 + (ok ? tid : 0)) * p.lse_row_stride;
                 cp_async_4(smem_addr(sLse0 + st * kBlockM + tid), lse, ok);
             } else if (kDoDK && tid < 2 * kBlockM) {
                 const int r = tid - kBlockM;
@@ -401,8 +420,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
                     const int ci = nt * 8 + 2 * t + (e & 1);
                     const int i = m0 + ci;
                     float lse_v = sLse[ci];
-                    /* rows past the end and rows the forward masked completely: P = 0 */
-                    lse_v = (ci < sq - m0 && lse_v != -INFINITY) ? lse_v * kLog2e : INFINITY;
+                    /* rows past the end and rows the forward masked completely: P = 0 (kLse2: done in pass 1) */
+                    if (!Cfg::kLse2) lse_v = (ci < sq - m0 && lse_v != -INFINITY) ? lse_v * kLog2e : INFINITY;
                     float dt_v;
                     const float x = bwd_score<Has_extras>(p, sP[nt][e], alibi_log2, i + off - j, &dt_v);
                     if (Has_extras) dth[nt][e] = dt_v;
@@ -840,7 +859,7 @@ struct BwdTile<96> {
 };
 template <>
 struct BwdTile<128> {
-    using type = BwdConfig<128, 64, 8, 2, 1, 32, true>;
+    using type = BwdConfig<128, 64, 8, 2, 1, 32, true, true>;
     using extras = type;
     using dq = FwdConfig<128, 64, 64, 4>;
     static constexpr bool kSplit = false;
@@ -911,7 +930,8 @@ pf_status flash_bwd_run(const FlashParams &params, cudaStream_t stream, int devi
     FlashParams p = params;
     p.head_dim_rounded = kHeadDim;
     const int64_t rows = p.varlen ? (int64_t)p.total_q : (int64_t)p.batch * p.seqlen_q;
-    const size_t dsum_bytes = ((size_t)rows * p.num_heads * 4 + 255) & ~(size_t)255;
+    /* D and lse2, each [num_heads][rows] rounded up to 256 bytes */
+    const size_t dsum_bytes = 2 * (size_t)bwd_lse2_offset(rows, p.num_heads) * 4;
     const size_t dq_bytes = p.deterministic ? 0 : (size_t)rows * p.num_heads * kHeadDim * 4;
     pf_cuda_scratch scratch; /* cached per (device, stream): cuda_util.cuh */
     PF_TRY(pf_cuda_scratch_acquire(stream, dsum_bytes + dq_bytes, &scratch));
