@@ -20,8 +20,10 @@
  *        S^T  = K Q^T                 P^T = exp2(S^T log2e - lse log2e)  (recomputed)
  *        dP^T = V dO^T                dS^T = P^T o (dP^T - D)            (o: elementwise)
  *        dV  += P^T dO                dK  += dS^T Q      (dK, dV in registers)
- *        dQ  += dS K: dS^T goes through shared memory, the block splits the dQ
- *        tile among its warps and adds it to dq_accum with float32 atomics.
+ *        dQ  += dS K: dS^T goes through shared memory (two buffers), the block
+ *        splits the dQ tile among its warps (32-row warp tiles at d=64/128) and
+ *        adds it to dq_accum with float32 atomics; for d = 64..128 step s's product
+ *        runs after step s + 1's barrier, so a step has one block-wide barrier.
  *      GQA: the group's query heads are summed in the block's registers, so dK/dV
  *      are reduced per KV head with no atomics and no extra memory.
  *      Head dims > 128 run it twice (dV only, then dK + dQ) to fit the registers.
@@ -823,17 +825,40 @@ pf_status launch_bwd_dq(const FlashParams &p, cudaStream_t stream, int device) {
                               stream, device, done, p, "flash_bwd_dq_kernel");
 }
 
-/* Tiles per head dim: BwdConfig<d, queries per step, warps (16 keys each), stages>,
- * and the deterministic dQ kernel's FwdConfig<d, query rows, keys per tile, warps>.
- * d <= 128: 64 queries x 128 keys, 8 warps, 1 block/SM (d=128: 255 registers,
- * 24 B spilled; 0.78x FA2 at s=8k on H200, benchmarks/results/prefill_h200.md).
- * d = 192: the same tile, split in two passes (dV, then dK + dQ), 224 KB of shared
- * memory; d = 256: 32 queries x 64 keys, 4 warps, split. Not tuned beyond d=64/128.
- * Candidates timed on H200 (benchmarks/results/tune_h200.md, s=8k non-causal):
- * d=128: 64x8 239, 32x8 225, 64x4 210, 32x4 214 TFLOP/s -> 64x8 stays.
- * d=64:  64x8 214, 32x8 187, 64x4 221, 32x4 191, 128x8 235 (+9%, 0.83x FA2) ->
- *        128 queries per step is faster but has not been through the GPU tests
- *        yet; switch BwdTile<64> (and <32>) to BwdConfig<d, 128, 8> after a test run. */
+/* Tiles per head dim: BwdConfig<d, queries per step, warps (16 keys each), stages,
+ * min blocks, dQ rows per warp, deferred dQ, lse2>, and the deterministic dQ kernel's
+ * FwdConfig<d, query rows, keys per tile, warps>.
+ * d <= 128: 128 keys, 8 warps, 1 block/SM; d = 192: 64 x 128 split in two passes (dV,
+ * then dK + dQ), 224 KB of shared memory; d = 256: 32 queries x 64 keys, 4 warps,
+ * split. Not tuned beyond d=64/128.
+ * First tuning run (benchmarks/results/tune_h200.md, s=8k non-causal, TFLOP/s):
+ * d=128: 64x8 239, 32x8 225, 64x4 210, 32x4 214; d=64: 64x8 214, 32x8 187, 64x4 221,
+ * 32x4 191, 128x8 235.
+ * Backward tuning on H200 (bf16, 16k tokens, same-run A/B through the PF_TUNE hook,
+ * TFLOP/s at s=16k non-causal; benchmarks/results/prefill_h200.md has the full grid):
+ *  - deferred dQ (kDeferDq: one barrier per step instead of two, 2 dS^T buffers):
+ *    d=128 244.5 -> 257.4 (+5%); with 32-row dQ warp tiles (kDqRows=32: 32 instead
+ *    of 40 LDSM.x4 per dQ product and warp) 263.1 (+7.6%); 32-row tiles alone +2.5%.
+ *  - d=64: 128 queries per step 219.3 -> 239.6 (+9%), + deferred dQ 246-247 (+12%);
+ *    16- and 32-row dQ tiles tie there (247.1 / 246.0).
+ *  - lse2 (pass 1 writes lse log2 e with +inf on masked rows; kLse2): d=128 +2% at
+ *    s >= 4k (263.2 -> 268.8), d=64 -2..3% at s=1k (192.2 -> 188.6), so d=64 keeps lse.
+ *  Rejected:
+ *  - red.global.add.v4 for dQ (lane pairs swap halves): d=128 265.3 -> 247.9, d=64
+ *    247.9 -> 242.6 (the shuffles and 16-36 B of new spills cost more than half the
+ *    reductions save).
+ *  - 3 Q/dO/lse/D stages (cp.async, 207-215 KB smem): d=128 268.4 -> 257.6 (-4%),
+ *    d=64 +0.6..1.5% except -1% at 16k causal: not worth the shared memory.
+ *  - FlashAttention-2's warp layout (a separate kernel: S^T/dP^T on 32x32 warp tiles,
+ *    P^T and dS^T through shared memory, dK/dV split 4 keys x 2 columns, dQ 2 x 4;
+ *    144 instead of 176 LDSM.x4 per 320 HMMA per warp at d=128, no spills): d=128
+ *    244.3 vs 265.1, d=64 198.0 vs 247.8. Nsight Compute (d=128, s=4k): shared-memory
+ *    wavefronts 673M vs 799M, but an extra barrier per step, 39% vs 42% tensor-pipe
+ *    activity; shared-memory traffic is not what limits this kernel.
+ *  What limits it now (Nsight Compute, d=128 s=4k, this kernel vs FA2's): same
+ *  occupancy (2 warps per scheduler, 255 registers), 7% more instructions, and more
+ *  short-scoreboard (LDSM/MUFU -> use: 177K vs 127K) and long-scoreboard (85K vs 44K)
+ *  stall cycles; tensor pipe 42% vs 50% active. */
 template <int kHeadDim>
 struct BwdTile;
 template <>
