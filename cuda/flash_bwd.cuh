@@ -3,13 +3,15 @@
  * (mma.sync m16n8k16, float32 accumulation).
  *
  * Layouts: FlashParams (flash_params.h); dq/dk/dv have q's/k's/v's layouts.
- * Workspace (workspace.h): dsum f32 [num_heads][rows] (D = rowsum(dO * O)) and,
- * unless deterministic, dq_accum f32 [rows][num_heads][kHeadDim], where rows =
+ * Workspace (workspace.h): dsum f32 [num_heads][rows] (D = rowsum(dO * O)), then
+ * lse2 f32 [num_heads][rows] (lse log2 e, +inf on fully masked rows; at
+ * bwd_lse2_offset) and, unless deterministic, dq_accum f32
+ * [rows][num_heads][kHeadDim], where rows =
  * batch * seqlen_q (dense) or total_q (varlen) and a row is b * seqlen_q + i or
  * cu_seqlens_q[b] + i.
  *
  * Passes, all on the caller's stream:
- *   1. bwd_prep_kernel: D = rowsum(dO * O) per (row, head); zeroes dq_accum.
+ *   1. bwd_prep_kernel: D = rowsum(dO * O) and lse2 per (row, head); zeroes dq_accum.
  *   2. flash_bwd_kernel: one block owns a K/V tile of kBlockN = 16 * kNWarps keys
  *      of one KV head (each warp 16 keys) and loops over every query head of its
  *      group and every query tile that sees the keys (Q, dO, lse, D double-buffered
@@ -18,8 +20,10 @@
  *        S^T  = K Q^T                 P^T = exp2(S^T log2e - lse log2e)  (recomputed)
  *        dP^T = V dO^T                dS^T = P^T o (dP^T - D)            (o: elementwise)
  *        dV  += P^T dO                dK  += dS^T Q      (dK, dV in registers)
- *        dQ  += dS K: dS^T goes through shared memory, the block splits the dQ
- *        tile among its warps and adds it to dq_accum with float32 atomics.
+ *        dQ  += dS K: dS^T goes through shared memory (two buffers), the block
+ *        splits the dQ tile among its warps (32-row warp tiles at d=64/128) and
+ *        adds it to dq_accum with float32 atomics; for d = 64..128 step s's product
+ *        runs after step s + 1's barrier, so a step has one block-wide barrier.
  *      GQA: the group's query heads are summed in the block's registers, so dK/dV
  *      are reduced per KV head with no atomics and no extra memory.
  *      Head dims > 128 run it twice (dV only, then dK + dQ) to fit the registers.
@@ -39,6 +43,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <type_traits>
 
 #include "flash_common.cuh"
 #include "flash_fwd.cuh"
@@ -48,7 +53,8 @@
 namespace pf {
 namespace cuda {
 
-template <int kHeadDim_, int kBlockM_, int kNWarps_, int kStages_ = 2, int kMinBlocks_ = 1>
+template <int kHeadDim_, int kBlockM_, int kNWarps_, int kStages_ = 2, int kMinBlocks_ = 1, int kDqRows_ = 16,
+          bool kDeferDq_ = false, bool kLse2_ = false>
 struct BwdConfig {
     static constexpr int kHeadDim = kHeadDim_;
     static constexpr int kBlockM = kBlockM_;    /* queries per step */
@@ -61,16 +67,29 @@ struct BwdConfig {
     static constexpr int kSStride = kBlockM + 8; /* dS^T rows */
     static constexpr int kNTm = kBlockM / 8;
     static constexpr int kDT = kHeadDim / 8;
-    static constexpr int kDqRowWarps = kBlockM / 16;
+    /* dQ += dS K: the kBlockM x kHeadDim tile is split into kDqRows x kDqCols warp
+     * tiles (kDqRows 32 loads each K fragment once per two 16-row m-tiles). */
+    static constexpr int kDqRows = kDqRows_;
+    static constexpr int kDqMT = kDqRows / 16;
+    static constexpr int kDqRowWarps = kBlockM / kDqRows;
     static constexpr int kDqColWarps = kNWarps / kDqRowWarps;
     static constexpr int kDqCols = kHeadDim / kDqColWarps;
-    static_assert(kBlockM % 16 == 0 && kNWarps % kDqRowWarps == 0, "dQ tile splits among warps");
+    /* kDeferDq: step s's dQ product runs after step s + 1's first barrier, from a
+     * second dS^T buffer, so a step has one block-wide barrier instead of two. */
+    static constexpr bool kDeferDq = kDeferDq_;
+    static constexpr int kSBufs = kDeferDq ? 2 : 1;
+    /* kLse2: read lse2 (pass 1: lse log2 e, +inf on masked rows) instead of lse, so the
+     * exp needs no per-element scale / -inf / row-bound select */
+    static constexpr bool kLse2 = kLse2_;
+    static_assert(kDqRows % 16 == 0 && kBlockM % kDqRows == 0 && kNWarps % kDqRowWarps == 0,
+                  "dQ tile splits among warps");
     static_assert(kDqCols % 16 == 0 && kDqCols * kDqColWarps == kHeadDim, "dQ column groups of 16");
     /* shared memory, in elements of T then floats */
     static constexpr int kKVElems = kBlockN * kStride;
     static constexpr int kQElems = kBlockM * kStride;
     static constexpr int kSElems = kBlockN * kSStride;
-    static constexpr int kSmemBytes = (2 * kKVElems + 2 * kStages * kQElems + kSElems) * 2 + 2 * kStages * kBlockM * 4;
+    static constexpr int kSmemBytes =
+        (2 * kKVElems + 2 * kStages * kQElems + kSBufs * kSElems) * 2 + 2 * kStages * kBlockM * 4;
 };
 
 PF_DEV void cp_async_4(uint32_t dst, const void *src, bool pred) {
@@ -99,8 +118,13 @@ PF_DEV void bwd_query_range(const FlashParams &p, int sq, int sk, int j0, int j_
 }
 
 /* ------------------------------------------------------------------------ */
-/* pass 1: D = rowsum(dO * O), dq_accum = 0                                   */
+/* pass 1: D = rowsum(dO * O), lse2 = lse log2(e), dq_accum = 0               */
 /* ------------------------------------------------------------------------ */
+
+/* Workspace offset (floats) of lse2 [num_heads][rows], after D (256-byte aligned). */
+__host__ __device__ inline int64_t bwd_lse2_offset(int64_t rows, int num_heads) {
+    return (rows * num_heads + 63) & ~(int64_t)63;
+}
 
 template <typename T>
 __global__ void __launch_bounds__(256) bwd_prep_kernel(const __grid_constant__ FlashParams p, int64_t rows,
@@ -124,6 +148,10 @@ __global__ void __launch_bounds__(256) bwd_prep_kernel(const __grid_constant__ F
 #pragma unroll
         for (int x = 16; x > 0; x >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, x);
         if (lane == 0) p.dsum[h * rows + r] = acc;
+        if (lane == 1) { /* lse2 = lse log2(e) (+inf for rows the forward masked completely: P = 0) */
+            const float l = p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + i * p.lse_row_stride];
+            p.dsum[bwd_lse2_offset(rows, H) + h * rows + r] = l == -INFINITY ? INFINITY : l * kLog2e;
+        }
         if (zero_dq) {
             float *dq = p.dq_accum + (r * H + h) * hd;
             for (int c = lane; c < hd; c += 32) dq[c] = 0.0f;
@@ -200,8 +228,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
     T *sV = sK + Cfg::kKVElems;
     T *sQ0 = sV + Cfg::kKVElems;                   /* [kStages][kBlockM][kStride] */
     T *sdO0 = sQ0 + kStages * Cfg::kQElems;        /* [kStages][kBlockM][kStride] */
-    T *sdS = sdO0 + kStages * Cfg::kQElems;        /* [kBlockN][kSStride] */
-    float *sLse0 = reinterpret_cast<float *>(sdS + Cfg::kSElems); /* [kStages][kBlockM] */
+    T *sdS0 = sdO0 + kStages * Cfg::kQElems;       /* [kSBufs][kBlockN][kSStride] */
+    float *sLse0 = reinterpret_cast<float *>(sdS0 + Cfg::kSBufs * Cfg::kSElems); /* [kStages][kBlockM] */
     float *sD0 = sLse0 + kStages * kBlockM;                      /* [kStages][kBlockM] */
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -229,10 +257,11 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
     const uint32_t vA = smem_addr(sV) + warp * 16 * kStride * 2 + a_lane_off; /* V rows as A */
     const uint32_t bN_off = (((lane & 7) + 8 * (lane >> 4)) * kStride + 8 * ((lane >> 3) & 1)) * 2;  /* B, rows = n */
     const uint32_t bT_off = (((lane & 7) + 8 * ((lane >> 3) & 1)) * kStride + 8 * (lane >> 4)) * 2;  /* B^T, rows = k */
-    constexpr int kDqRowWarps = Cfg::kDqRowWarps, kDqCols = Cfg::kDqCols;
+    constexpr int kDqRowWarps = Cfg::kDqRowWarps, kDqCols = Cfg::kDqCols, kDqRows = Cfg::kDqRows;
+    constexpr int kDqMT = Cfg::kDqMT;
     const int dq_wr = warp % kDqRowWarps, dq_wc = warp / kDqRowWarps;
-    const uint32_t dsA = smem_addr(sdS) +
-        (((lane & 7) + 8 * (lane >> 4)) * kSStride + dq_wr * 16 + 8 * ((lane >> 3) & 1)) * 2;
+    const uint32_t dsA0 = smem_addr(sdS0) +
+        (((lane & 7) + 8 * (lane >> 4)) * kSStride + dq_wr * kDqRows + 8 * ((lane >> 3) & 1)) * 2;
     const uint32_t kB = smem_addr(sK) + (((lane & 7) + 8 * ((lane >> 3) & 1)) * kStride + dq_wc * kDqCols +
                                          8 * (lane >> 4)) * 2;
 
@@ -265,8 +294,13 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
                                                              rows_valid, d, aligned, tid);
             if (tid < kBlockM) {
                 const bool ok = tid < rows_valid;
-                const float *lse = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride +
-                                   (int64_t)(si.q_start + m0 + (ok ? tid : 0)) * p.lse_row_stride;
+                /* kLse2: lse2 from pass 1; rows past the end read 0: their Q, dO and D are zero
+                 * too, so P = 1 there but P dO = 0 and dS = 0 */
+                const float *lse =
+                    Cfg::kLse2 ? p.dsum + bwd_lse2_offset(rows_total, p.num_heads) + h * rows_total + row_base + m0 +
+                                     (ok ? tid : 0)
+                               : p.lse + b * p.lse_batch_stride + h * p.lse_head_stride +
+                                     (int64_t)(si.q_start + m0 + (ok ? tid : 0)) * p.lse_row_stride;
                 cp_async_4(smem_addr(sLse0 + st * kBlockM + tid), lse, ok);
             } else if (kDoDK && tid < 2 * kBlockM) {
                 const int r = tid - kBlockM;
@@ -291,6 +325,48 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
 
         const int kj = j0 + warp * 16 + g; /* this thread's key rows: kj, kj + 8 */
 
+        /* dQ[m0_ + kDqRows dq_wr .., kDqCols dq_wc ..] += dS K from dS^T buffer buf, by atomics */
+        auto dq_product = [&](int buf, int h_, int m0_) {
+            float acc_dq[kDqMT][kDqCols / 8][4];
+#pragma unroll
+            for (int mt = 0; mt < kDqMT; ++mt)
+#pragma unroll
+                for (int dt = 0; dt < kDqCols / 8; ++dt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc_dq[mt][dt][e] = 0.0f;
+            const uint32_t dsA = dsA0 + buf * (Cfg::kSElems * 2);
+#pragma unroll
+            for (int kk = 0; kk < kBlockN / 16; ++kk) {
+                uint32_t a[kDqMT][4];
+#pragma unroll
+                for (int mt = 0; mt < kDqMT; ++mt) ldmatrix_x4_trans(a[mt], dsA + (kk * 16 * kSStride + mt * 16) * 2);
+#pragma unroll
+                for (int dp = 0; dp < kDqCols / 16; ++dp) {
+                    uint32_t bf[4];
+                    ldmatrix_x4_trans(bf, kB + (kk * 16 * kStride + dp * 16) * 2);
+#pragma unroll
+                    for (int mt = 0; mt < kDqMT; ++mt) {
+                        Ops::mma(acc_dq[mt][2 * dp], a[mt], bf[0], bf[1]);
+                        Ops::mma(acc_dq[mt][2 * dp + 1], a[mt], bf[2], bf[3]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int mt = 0; mt < kDqMT; ++mt)
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    const int r = m0_ + dq_wr * kDqRows + mt * 16 + g + 8 * hf;
+                    if (r < sq) {
+                        float *dst = p.dq_accum + ((row_base + r) * p.num_heads + h_) * kHeadDim + dq_wc * kDqCols +
+                                     2 * t;
+#pragma unroll
+                        for (int dt = 0; dt < kDqCols / 8; ++dt)
+                            atomic_add2(dst + dt * 8, acc_dq[mt][dt][2 * hf], acc_dq[mt][dt][2 * hf + 1]);
+                    }
+                }
+        };
+        int prev_h = 0, prev_m0 = 0; /* step s - 1's head and first query (deferred dQ) */
+
 #pragma unroll 1
         for (int s = 0; s < n_steps; ++s) {
             const int st = s & 1;
@@ -304,6 +380,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
             if (s + 1 < n_steps) issue(s + 1, cur_h, cur_m * kBlockM);
             cp_async_commit();
             static_assert(kStages == 2, "the issue/consume order assumes double buffering");
+            /* step s - 1's dQ: its dS^T is complete (barrier above); step s writes the other buffer */
+            if (Cfg::kDeferDq && dq_atomic && s > 0) dq_product((s - 1) & 1, prev_h, prev_m0);
 
             const uint32_t qS = smem_addr(sQ0 + st * Cfg::kQElems);
             const uint32_t doS = smem_addr(sdO0 + st * Cfg::kQElems);
@@ -344,8 +422,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
                     const int ci = nt * 8 + 2 * t + (e & 1);
                     const int i = m0 + ci;
                     float lse_v = sLse[ci];
-                    /* rows past the end and rows the forward masked completely: P = 0 */
-                    lse_v = (ci < sq - m0 && lse_v != -INFINITY) ? lse_v * kLog2e : INFINITY;
+                    /* rows past the end and rows the forward masked completely: P = 0 (kLse2: done in pass 1) */
+                    if (!Cfg::kLse2) lse_v = (ci < sq - m0 && lse_v != -INFINITY) ? lse_v * kLog2e : INFINITY;
                     float dt_v;
                     const float x = bwd_score<Has_extras>(p, sP[nt][e], alibi_log2, i + off - j, &dt_v);
                     if (Has_extras) dth[nt][e] = dt_v;
@@ -448,6 +526,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
                     if (dq_atomic) {
                         /* dS^T to shared memory for the dQ product (same rounding as used for dK) */
                         const int r = warp * 16 + g;
+                        T *sdS = sdS0 + (Cfg::kDeferDq ? st : 0) * Cfg::kSElems;
                         *reinterpret_cast<uint32_t *>(sdS + r * kSStride + kk * 16 + 2 * t) = a[0];
                         *reinterpret_cast<uint32_t *>(sdS + (r + 8) * kSStride + kk * 16 + 2 * t) = a[1];
                         *reinterpret_cast<uint32_t *>(sdS + r * kSStride + kk * 16 + 8 + 2 * t) = a[2];
@@ -462,39 +541,17 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
                     }
                 }
 
-                if (dq_atomic) {
+                if (!Cfg::kDeferDq && dq_atomic) {
                     __syncthreads(); /* dS^T complete */
-                    /* dQ[m0 + 16 dq_wr .., dq_wc * kDqCols ..] += dS K */
-                    float acc_dq[kDqCols / 8][4];
-#pragma unroll
-                    for (int dt = 0; dt < kDqCols / 8; ++dt)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) acc_dq[dt][e] = 0.0f;
-#pragma unroll
-                    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-                        uint32_t a[4];
-                        ldmatrix_x4_trans(a, dsA + kk * 16 * kSStride * 2);
-#pragma unroll
-                        for (int dp = 0; dp < kDqCols / 16; ++dp) {
-                            uint32_t bf[4];
-                            ldmatrix_x4_trans(bf, kB + (kk * 16 * kStride + dp * 16) * 2);
-                            Ops::mma(acc_dq[2 * dp], a, bf[0], bf[1]);
-                            Ops::mma(acc_dq[2 * dp + 1], a, bf[2], bf[3]);
-                        }
-                    }
-#pragma unroll
-                    for (int hf = 0; hf < 2; ++hf) {
-                        const int r = m0 + dq_wr * 16 + g + 8 * hf;
-                        if (r < sq) {
-                            float *dst = p.dq_accum + ((row_base + r) * p.num_heads + h) * kHeadDim +
-                                         dq_wc * kDqCols + 2 * t;
-#pragma unroll
-                            for (int dt = 0; dt < kDqCols / 8; ++dt)
-                                atomic_add2(dst + dt * 8, acc_dq[dt][2 * hf], acc_dq[dt][2 * hf + 1]);
-                        }
-                    }
+                    dq_product(0, h, m0);
                 }
             }
+            prev_h = h;
+            prev_m0 = m0;
+        }
+        if (Cfg::kDeferDq && dq_atomic && n_steps > 0) {
+            __syncthreads(); /* the last step's dS^T complete */
+            dq_product((n_steps - 1) & 1, prev_h, prev_m0);
         }
 
         /* epilogue: dK * scale, dV, staged in sK / sV, then 16-byte stores */
@@ -768,52 +825,81 @@ pf_status launch_bwd_dq(const FlashParams &p, cudaStream_t stream, int device) {
                               stream, device, done, p, "flash_bwd_dq_kernel");
 }
 
-/* Tiles per head dim: BwdConfig<d, queries per step, warps (16 keys each), stages>,
- * and the deterministic dQ kernel's FwdConfig<d, query rows, keys per tile, warps>.
- * d <= 128: 64 queries x 128 keys, 8 warps, 1 block/SM (d=128: 255 registers,
- * 24 B spilled; 0.78x FA2 at s=8k on H200, benchmarks/results/prefill_h200.md).
- * d = 192: the same tile, split in two passes (dV, then dK + dQ), 224 KB of shared
- * memory; d = 256: 32 queries x 64 keys, 4 warps, split. Not tuned beyond d=64/128.
- * Candidates timed on H200 (benchmarks/results/tune_h200.md, s=8k non-causal):
- * d=128: 64x8 239, 32x8 225, 64x4 210, 32x4 214 TFLOP/s -> 64x8 stays.
- * d=64:  64x8 214, 32x8 187, 64x4 221, 32x4 191, 128x8 235 (+9%, 0.83x FA2) ->
- *        128 queries per step is faster but has not been through the GPU tests
- *        yet; switch BwdTile<64> (and <32>) to BwdConfig<d, 128, 8> after a test run. */
+/* Tiles per head dim: BwdConfig<d, queries per step, warps (16 keys each), stages,
+ * min blocks, dQ rows per warp, deferred dQ, lse2>, and the deterministic dQ kernel's
+ * FwdConfig<d, query rows, keys per tile, warps>.
+ * d <= 128: 128 keys, 8 warps, 1 block/SM; d = 192: 64 x 128 split in two passes (dV,
+ * then dK + dQ), 224 KB of shared memory; d = 256: 32 queries x 64 keys, 4 warps,
+ * split. Not tuned beyond d=64/128.
+ * First tuning run (benchmarks/results/tune_h200.md, s=8k non-causal, TFLOP/s):
+ * d=128: 64x8 239, 32x8 225, 64x4 210, 32x4 214; d=64: 64x8 214, 32x8 187, 64x4 221,
+ * 32x4 191, 128x8 235.
+ * Backward tuning on H200 (bf16, 16k tokens, same-run A/B through the PF_TUNE hook,
+ * TFLOP/s at s=16k non-causal; benchmarks/results/prefill_h200.md has the full grid):
+ *  - deferred dQ (kDeferDq: one barrier per step instead of two, 2 dS^T buffers):
+ *    d=128 244.5 -> 257.4 (+5%); with 32-row dQ warp tiles (kDqRows=32: 32 instead
+ *    of 40 LDSM.x4 per dQ product and warp) 263.1 (+7.6%); 32-row tiles alone +2.5%.
+ *  - d=64: 128 queries per step 219.3 -> 239.6 (+9%), + deferred dQ 246-247 (+12%);
+ *    16- and 32-row dQ tiles tie there (247.1 / 246.0).
+ *  - lse2 (pass 1 writes lse log2 e with +inf on masked rows; kLse2): d=128 +2% at
+ *    s >= 4k (263.2 -> 268.8), d=64 -2..3% at s=1k (192.2 -> 188.6), so d=64 keeps lse.
+ *  Rejected:
+ *  - red.global.add.v4 for dQ (lane pairs swap halves): d=128 265.3 -> 247.9, d=64
+ *    247.9 -> 242.6 (the shuffles and 16-36 B of new spills cost more than half the
+ *    reductions save).
+ *  - 3 Q/dO/lse/D stages (cp.async, 207-215 KB smem): d=128 268.4 -> 257.6 (-4%),
+ *    d=64 +0.6..1.5% except -1% at 16k causal: not worth the shared memory.
+ *  - FlashAttention-2's warp layout (a separate kernel: S^T/dP^T on 32x32 warp tiles,
+ *    P^T and dS^T through shared memory, dK/dV split 4 keys x 2 columns, dQ 2 x 4;
+ *    144 instead of 176 LDSM.x4 per 320 HMMA per warp at d=128, no spills): d=128
+ *    244.3 vs 265.1, d=64 198.0 vs 247.8. Nsight Compute (d=128, s=4k): shared-memory
+ *    wavefronts 673M vs 799M, but an extra barrier per step, 39% vs 42% tensor-pipe
+ *    activity; shared-memory traffic is not what limits this kernel.
+ *  What limits it now (Nsight Compute, d=128 s=4k, this kernel vs FA2's): same
+ *  occupancy (2 warps per scheduler, 255 registers), 7% more instructions, and more
+ *  short-scoreboard (LDSM/MUFU -> use: 177K vs 127K) and long-scoreboard (85K vs 44K)
+ *  stall cycles; tensor pipe 42% vs 50% active. */
 template <int kHeadDim>
 struct BwdTile;
 template <>
 struct BwdTile<32> {
     using type = BwdConfig<32, 64, 8>;
+    using extras = type;
     using dq = FwdConfig<32, 64, 64, 4>;
     static constexpr bool kSplit = false;
 };
 template <>
 struct BwdTile<64> {
-    using type = BwdConfig<64, 64, 8>;
+    using type = BwdConfig<64, 128, 8, 2, 1, 32, true>;
+    using extras = BwdConfig<64, 64, 8, 2, 1, 32, true>; /* 128 rows spill 1.5 KB with extras */
     using dq = FwdConfig<64, 64, 64, 4>;
     static constexpr bool kSplit = false;
 };
 template <>
 struct BwdTile<96> {
-    using type = BwdConfig<96, 64, 8>;
+    using type = BwdConfig<96, 64, 8, 2, 1, 16, true>;
+    using extras = type;
     using dq = FwdConfig<96, 64, 64, 4>;
     static constexpr bool kSplit = false;
 };
 template <>
 struct BwdTile<128> {
-    using type = BwdConfig<128, 64, 8>;
+    using type = BwdConfig<128, 64, 8, 2, 1, 32, true, true>;
+    using extras = type;
     using dq = FwdConfig<128, 64, 64, 4>;
     static constexpr bool kSplit = false;
 };
 template <>
 struct BwdTile<192> {
     using type = BwdConfig<192, 64, 8>;
+    using extras = type;
     using dq = FwdConfig<192, 64, 32, 4>;
     static constexpr bool kSplit = true;
 };
 template <>
 struct BwdTile<256> {
     using type = BwdConfig<256, 32, 4>;
+    using extras = type;
     using dq = FwdConfig<256, 64, 32, 4>;
     static constexpr bool kSplit = true;
 };
@@ -821,7 +907,7 @@ struct BwdTile<256> {
 template <typename T, int kHeadDim, bool Is_aligned, bool Has_extras>
 pf_status bwd_main_and_dq(const FlashParams &p, cudaStream_t stream, int device) {
     using Tile = BwdTile<kHeadDim>;
-    using Cfg = typename Tile::type;
+    using Cfg = std::conditional_t<Has_extras, typename Tile::extras, typename Tile::type>;
     if constexpr (Tile::kSplit) {
         PF_TRY((launch_bwd_main<T, Cfg, Is_aligned, Has_extras, 1>(p, stream, device)));
         PF_TRY((launch_bwd_main<T, Cfg, Is_aligned, Has_extras, 2>(p, stream, device)));
@@ -839,18 +925,24 @@ pf_status bwd_tune(const FlashParams &p, cudaStream_t stream, int device, bool *
     *handled = false;
     if constexpr (kHeadDim == 64 || kHeadDim == 128) {
         const char *env = getenv("PAGEDFLASH_BWD_TILE");
-        int m = 0, w = 0;
-        if (!env || sscanf(env, "%dx%d", &m, &w) != 2 || !p.aligned || p.deterministic || p.softcap > 0.0f ||
-            p.alibi || p.drop_threshold || !(p.scale_log2 > 0.0f))
+        int m = 0, w = 0, r = 16, df = 0; /* MxW[xRxD]: queries, warps, dQ rows per warp, deferred dQ */
+        if (!env || sscanf(env, "%dx%dx%dx%d", &m, &w, &r, &df) < 2 || !p.aligned || p.deterministic ||
+            p.softcap > 0.0f || p.alibi || p.drop_threshold || !(p.scale_log2 > 0.0f))
             return PF_STATUS_OK;
         *handled = true;
-#define PF_BWD_TUNE_CASE(M, W) \
-    if (m == M && w == W) return launch_bwd_main<T, BwdConfig<kHeadDim, M, W>, true, false, 0>(p, stream, device);
-        PF_BWD_TUNE_CASE(64, 8)
-        PF_BWD_TUNE_CASE(32, 8)
-        PF_BWD_TUNE_CASE(64, 4)
-        PF_BWD_TUNE_CASE(32, 4)
-        if constexpr (kHeadDim == 64) { PF_BWD_TUNE_CASE(128, 8) }
+#define PF_BWD_TUNE_CASE(M, W, R, D)                                                                     \
+    if (m == M && w == W && r == R && df == D)                                                        \
+        return launch_bwd_main<T, BwdConfig<kHeadDim, M, W, 2, 1, R, D>, true, false, 0>(p, stream, device);
+        PF_BWD_TUNE_CASE(64, 8, 16, 0)
+        PF_BWD_TUNE_CASE(64, 8, 32, 0)
+        PF_BWD_TUNE_CASE(64, 8, 16, 1)
+        PF_BWD_TUNE_CASE(64, 8, 32, 1)
+        if constexpr (kHeadDim == 64) {
+            PF_BWD_TUNE_CASE(128, 8, 16, 0)
+            PF_BWD_TUNE_CASE(128, 8, 32, 0)
+            PF_BWD_TUNE_CASE(128, 8, 16, 1)
+            PF_BWD_TUNE_CASE(128, 8, 32, 1)
+        }
 #undef PF_BWD_TUNE_CASE
         *handled = false;
     }
@@ -863,7 +955,8 @@ pf_status flash_bwd_run(const FlashParams &params, cudaStream_t stream, int devi
     FlashParams p = params;
     p.head_dim_rounded = kHeadDim;
     const int64_t rows = p.varlen ? (int64_t)p.total_q : (int64_t)p.batch * p.seqlen_q;
-    const size_t dsum_bytes = ((size_t)rows * p.num_heads * 4 + 255) & ~(size_t)255;
+    /* D and lse2, each [num_heads][rows] rounded up to 256 bytes */
+    const size_t dsum_bytes = 2 * (size_t)bwd_lse2_offset(rows, p.num_heads) * 4;
     const size_t dq_bytes = p.deterministic ? 0 : (size_t)rows * p.num_heads * kHeadDim * 4;
     pf_cuda_scratch scratch; /* cached per (device, stream): cuda_util.cuh */
     PF_TRY(pf_cuda_scratch_acquire(stream, dsum_bytes + dq_bytes, &scratch));
