@@ -16,13 +16,39 @@ import pagedflash
 from pagedflash import reference
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _gpu_names(count: int):
+    """GPU names through torch when it is installed (pagedflash itself does not need it)."""
+    try:
+        import torch
+
+        return [torch.cuda.get_device_name(i) for i in range(min(count, torch.cuda.device_count()))]
+    except Exception:  # torch absent or without CUDA: names are optional
+        return []
+
+
 def info() -> None:
     bi = pagedflash.build_info()
     print(f"pagedflash {bi['version']}")
+    print(f"  CPU         : {_cpu_model()}")
     print(f"  CPU backend : built, {bi['num_threads']} threads ({bi['cpu_count']} cores)")
     if bi["cuda"]:
         print(f"  CUDA backend: built for sm_{bi['cuda_archs'].replace(',', ', sm_')}; "
               f"{bi['cuda_devices']} device(s) visible")
+        for i, name in enumerate(_gpu_names(bi["cuda_devices"])):
+            print(f"  GPU {i}       : {name}")
     else:
         print("  CUDA backend: not built (nvcc was not found at build time, or PAGEDFLASH_CUDA=0)")
     print(f"  backends    : {', '.join(bi['backends'])}")
