@@ -41,6 +41,12 @@ void pf_cpu_stage_kt(const pf_rows *k, pf_dtype dt, int64_t b, int64_t tok0, int
 void pf_cpu_stage_rows(const pf_rows *v, pf_dtype dt, int64_t b, int64_t tok0, int64_t h,
                        int64_t n, int64_t d, int64_t dpad, float *vt);
 
+/* The log2-domain scaling every CPU kernel folds into Q: scores become (Q * q_scale) K^T,
+ * then cap_log2 * tanh(.) with softcap (cap_log2 = 0 without). Returns the softmax
+ * scale itself (softmax_scale, or 1/sqrt(head_dim) when it is 0). */
+float pf_cpu_score_scales(float softmax_scale, float softcap, int64_t head_dim, float *q_scale,
+                          float *cap_log2);
+
 /* One 64-byte-aligned scratch buffer per thread. */
 pf_status pf_cpu_alloc_scratch(void ***bufs, int n, size_t bytes);
 void pf_cpu_free_scratch(void **bufs, int n);

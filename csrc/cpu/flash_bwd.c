@@ -415,14 +415,8 @@ pf_status pf_cpu_flash_bwd(const pf_attn_params *p) {
     ctx.n_ntiles = (sh->seqlen_k + kBlockN - 1) / kBlockN;
     ctx.group = sh->num_heads / sh->num_kv_heads;
 
-    float scale = p->softmax_scale != 0.0f ? p->softmax_scale : 1.0f / sqrtf((float)sh->head_dim);
-    if (p->softcap > 0.0f) {
-        ctx.q_scale = scale / p->softcap;
-        ctx.cap_log2 = p->softcap * PF_LOG2E;
-    } else {
-        ctx.q_scale = scale * PF_LOG2E;
-        ctx.cap_log2 = 0.0f;
-    }
+    float scale = pf_cpu_score_scales(p->softmax_scale, p->softcap, sh->head_dim, &ctx.q_scale,
+                                      &ctx.cap_log2);
     ctx.dq_scale = scale;
     ctx.dk_scale = scale / ctx.q_scale;
     ctx.drop_threshold = pf_dropout_threshold(p->dropout_p);

@@ -367,14 +367,8 @@ pf_status pf_cpu_flash_fwd(const pf_attn_params *p) {
     ctx.dpad = (sh->head_dim + PF_VW - 1) / PF_VW * PF_VW;
     ctx.n_mtiles = (sh->seqlen_q + kBlockM - 1) / kBlockM;
 
-    float scale = p->softmax_scale != 0.0f ? p->softmax_scale : 1.0f / sqrtf((float)sh->head_dim);
-    if (p->softcap > 0.0f) {
-        ctx.q_scale = scale / p->softcap;
-        ctx.cap_log2 = p->softcap * PF_LOG2E;
-    } else {
-        ctx.q_scale = scale * PF_LOG2E;
-        ctx.cap_log2 = 0.0f;
-    }
+    pf_cpu_score_scales(p->softmax_scale, p->softcap, sh->head_dim, &ctx.q_scale,
+                        &ctx.cap_log2);
 
     int64_t items = sh->batch * sh->num_heads * ctx.n_mtiles;
     if (items == 0) return PF_STATUS_OK;

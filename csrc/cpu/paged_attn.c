@@ -341,14 +341,8 @@ pf_status pf_cpu_paged_attn(const pf_paged_params *p) {
     }
     c.n_qtiles = (max_qlen + c.nq - 1) / c.nq;
 
-    float scale = p->softmax_scale != 0.0f ? p->softmax_scale : 1.0f / sqrtf((float)c.head_dim);
-    if (p->softcap > 0.0f) {
-        c.q_scale = scale / p->softcap;
-        c.cap_log2 = p->softcap * PF_LOG2E;
-    } else {
-        c.q_scale = scale * PF_LOG2E;
-        c.cap_log2 = 0.0f;
-    }
+    pf_cpu_score_scales(p->softmax_scale, p->softcap, c.head_dim, &c.q_scale,
+                        &c.cap_log2);
 
     if (c.batch == 0 || c.n_qtiles == 0) return PF_STATUS_OK;
     const int threads = pf_resolve_threads(p->num_threads, INT64_MAX);
