@@ -90,3 +90,10 @@ float pf_cpu_score_scales(float softmax_scale, float softcap, int64_t head_dim, 
     }
     return scale;
 }
+
+float pf_cpu_alibi_log2(const pf_tensor *slopes, int64_t b, int64_t h) {
+    if (!pf_tensor_present(slopes)) return 0.0f;
+    int64_t off = slopes->ndim == 2 ? b * slopes->strides[0] + h * slopes->strides[1]
+                                    : h * slopes->strides[0];
+    return ((const float *)slopes->data)[off] * PF_LOG2E;
+}

@@ -47,6 +47,9 @@ void pf_cpu_stage_rows(const pf_rows *v, pf_dtype dt, int64_t b, int64_t tok0, i
 float pf_cpu_score_scales(float softmax_scale, float softcap, int64_t head_dim, float *q_scale,
                           float *cap_log2);
 
+/* ALiBi slope of (batch b, head h) times log2(e) from f32 [h] or [batch, h]; 0 without ALiBi. */
+float pf_cpu_alibi_log2(const pf_tensor *slopes, int64_t b, int64_t h);
+
 /* One 64-byte-aligned scratch buffer per thread. */
 pf_status pf_cpu_alloc_scratch(void ***bufs, int n, size_t bytes);
 void pf_cpu_free_scratch(void **bufs, int n);

@@ -95,11 +95,7 @@ static void fill_mask(const bwd_ctx *ctx, int64_t b, int64_t h, int64_t sq, int6
     mk->left = p->window_left;
     mk->right = p->window_right;
     mk->cap_log2 = 0.0f; /* the backward applies tanh itself (it needs 1 - tanh^2) */
-    if (pf_tensor_present(&p->alibi_slopes)) {
-        const pf_tensor *a = &p->alibi_slopes;
-        int64_t off = a->ndim == 2 ? b * a->strides[0] + h * a->strides[1] : h * a->strides[0];
-        mk->alibi_log2 = ((const float *)a->data)[off] * PF_LOG2E;
-    }
+    mk->alibi_log2 = pf_cpu_alibi_log2(&p->alibi_slopes, b, h);
 }
 
 /* Load the query tile: qf = q * q_scale and dof = dout, rows [rows, rows4) zero,

@@ -272,12 +272,7 @@ static void fwd_item(void *vctx, int64_t item, int tid) {
     mk.left = p->window_left;
     mk.right = p->window_right;
     mk.cap_log2 = ctx->cap_log2;
-    mk.alibi_log2 = 0.0f;
-    if (pf_tensor_present(&p->alibi_slopes)) {
-        const pf_tensor *a = &p->alibi_slopes;
-        int64_t off = a->ndim == 2 ? b * a->strides[0] + h * a->strides[1] : h * a->strides[0];
-        mk.alibi_log2 = ((const float *)a->data)[off] * PF_LOG2E;
-    }
+    mk.alibi_log2 = pf_cpu_alibi_log2(&p->alibi_slopes, b, h);
 
     /* The key range this tile can see at all. */
     int64_t lo_first, hi_first, lo_last, hi_last;

@@ -200,15 +200,7 @@ static void paged_item(void *vctx, int64_t item, int tid) {
     mk.right = p->window_right;
     mk.cap_log2 = c->cap_log2;
     float slope_log2[kBlockM];
-    for (int64_t hh = 0; hh < nhr; hh++) {
-        slope_log2[hh] = 0.0f;
-        if (pf_tensor_present(&p->alibi_slopes)) {
-            const pf_tensor *a = &p->alibi_slopes;
-            int64_t h = h0 + hh;
-            int64_t o = a->ndim == 2 ? b * a->strides[0] + h * a->strides[1] : h * a->strides[0];
-            slope_log2[hh] = ((const float *)a->data)[o] * PF_LOG2E;
-        }
-    }
+    for (int64_t hh = 0; hh < nhr; hh++) slope_log2[hh] = pf_cpu_alibi_log2(&p->alibi_slopes, b, h0 + hh);
 
     for (int64_t j0 = jb < je ? ts + (jb - ts) / kBlockN * kBlockN : je; j0 < je; j0 += kBlockN) {
         const int64_t n = je - j0 < kBlockN ? je - j0 : kBlockN;
