@@ -61,6 +61,15 @@ static inline void pf_seq_bounds(const pf_attn_shape *s, int64_t b, int64_t *q0,
     }
 }
 
+/* The lse entry of query row i of sequence b, head h: lse is f32 [batch, num_heads, seqlen_q]
+ * (dense) or [num_heads, total_q] (varlen, where q0 is the sequence's first packed row). */
+static inline float *pf_lse_ptr(const pf_tensor *lse, int varlen, int64_t b, int64_t h, int64_t q0,
+                                int64_t i) {
+    float *base = (float *)lse->data;
+    if (varlen) return base + h * lse->strides[0] + (q0 + i) * lse->strides[1];
+    return base + b * lse->strides[0] + h * lse->strides[1] + i * lse->strides[2];
+}
+
 /* Inclusive key range [lo, hi] that query row i (of sq rows, sk keys) may see.
  * Empty when lo > hi. */
 static inline void pf_mask_bounds(int64_t i, int64_t sq, int64_t sk, int causal, int64_t left,

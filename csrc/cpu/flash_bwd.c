@@ -282,7 +282,6 @@ static void rowstats_item(void *vctx, int64_t item, int tid) {
     int64_t rows = sq - i0 < kBlockM ? sq - i0 : kBlockM;
     bwd_scratch w = scratch_of(ctx, tid);
     float *orow = w.qf, *drow = w.dof;
-    const pf_tensor *lt = &p->lse;
     const int64_t base = row_base(ctx, b, h, q0);
     for (int64_t r = 0; r < rows; r++) {
         int64_t i = i0 + r;
@@ -290,9 +289,7 @@ static void rowstats_item(void *vctx, int64_t item, int tid) {
         pf_load_row_f32(drow, pf_row_ptr(&ctx->dout, b, q0 + i, h), dt, d);
         float acc = 0.0f;
         for (int64_t c = 0; c < d; c++) acc += orow[c] * drow[c];
-        float lse = sh->varlen ? ((const float *)lt->data)[h * lt->strides[0] + (q0 + i) * lt->strides[1]]
-                               : ((const float *)lt->data)[b * lt->strides[0] + h * lt->strides[1] +
-                                                           i * lt->strides[2]];
+        float lse = *pf_lse_ptr(&p->lse, sh->varlen, b, h, q0, i);
         ctx->dsum[base + i] = acc;
         ctx->lse2[base + i] = lse == -__builtin_inff() ? __builtin_inff() : lse * PF_LOG2E;
     }

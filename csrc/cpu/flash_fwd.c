@@ -333,14 +333,7 @@ static void fwd_item(void *vctx, int64_t item, int tid) {
             lse = (m[r] + log2f(l[r])) * PF_LN2;
         }
         pf_store_row_f32(pf_row_ptr(&ctx->out, b, q0 + i0 + r, h), orow, dt, d);
-        if (pf_tensor_present(&p->lse)) {
-            const pf_tensor *t = &p->lse;
-            float *dst = (float *)t->data;
-            if (sh->varlen)
-                dst[h * t->strides[0] + (q0 + i0 + r) * t->strides[1]] = lse;
-            else
-                dst[b * t->strides[0] + h * t->strides[1] + (i0 + r) * t->strides[2]] = lse;
-        }
+        if (pf_tensor_present(&p->lse)) *pf_lse_ptr(&p->lse, sh->varlen, b, h, q0, i0 + r) = lse;
     }
 }
 
