@@ -12,6 +12,8 @@ import numpy as np
 
 from . import _C
 
+_KDLCUDA = 2  # DLPack's device type of CUDA memory
+
 _TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16",
                  "int32": "int32", "int64": "int64", "uint8": "uint8", "float64": "float64"}
 
@@ -75,8 +77,12 @@ class _Foreign:
 
     @staticmethod
     def empty(shape, dtype, like):
-        _, _, device, device_id = _C.describe(like)
-        return _C.empty(tuple(shape), dtype, "cuda" if device == "cuda" else "cpu", device_id)
+        if hasattr(like, "__dlpack_device__"):  # the device without exporting the array
+            device_type, device_id = like.__dlpack_device__()
+            device = "cuda" if int(device_type) == _KDLCUDA else "cpu"
+        else:  # array interfaces only: the import layer knows the device of a CUDA pointer
+            _, _, device, device_id = _C.describe(like)
+        return _C.empty(tuple(shape), dtype, device, int(device_id) if device == "cuda" else 0)
 
     @staticmethod
     def stream(like, stream):

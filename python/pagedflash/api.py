@@ -103,7 +103,9 @@ def _attn_fwd(q, k, v, cu_q, cu_k, max_q, max_k, *, causal, softmax_scale, windo
     varlen = cu_q is not None or cu_k is not None
     if out is None:
         out = lib.empty(qshape, qdtype, q)
-    lse = lib.empty(_lse_shape(qshape, varlen), "float32", q) if return_lse and len(qshape) == (3 if varlen else 4) else None
+    lse = None
+    if return_lse and len(qshape) == (3 if varlen else 4):  # a wrong rank is reported by _C
+        lse = lib.empty(_lse_shape(qshape, varlen), "float32", q)
     left, right = _window(window)
     _C.flash_fwd(q, k, v, out, lse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                  max_seqlen_q=int(max_q), max_seqlen_k=int(max_k), softmax_scale=_scale(softmax_scale),
