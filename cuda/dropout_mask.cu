@@ -54,8 +54,8 @@ extern "C" pf_status pf_cuda_dropout_mask(const pf_attn_params *a, pf_tensor mas
     p.offset = a->offset;
     p.threshold = pf_dropout_threshold(a->dropout_p);
     if (p.total == 0) return PF_STATUS_OK;
-    pf::cuda::DeviceGuard guard;
-    PF_CUDA_CHECK(guard.init(a->q.device_id));
+    pf_cuda_device_guard guard;
+    PF_TRY(guard.set(a->q.device_id));
     int sms = 0;
     PF_TRY(pf::cuda::sm_count(a->q.device_id, &sms));
     int64_t blocks = (p.total + 255) / 256;

@@ -35,8 +35,8 @@ extern "C" pf_status pf_cuda_flash_bwd(const pf_attn_params *a) {
     if (p.batch == 0 || p.num_heads == 0) return PF_STATUS_OK;
     if (p.max_seqlen_q == 0 && p.max_seqlen_k == 0) return PF_STATUS_OK;
     const int device = a->q.device_id;
-    DeviceGuard guard;
-    PF_CUDA_CHECK(guard.init(device));
+    pf_cuda_device_guard guard;
+    PF_TRY(guard.set(device));
     cudaStream_t stream = (cudaStream_t)a->stream;
     switch (a->q.dtype) {
         case PF_DTYPE_F16: return bwd_dispatch<__half>(p, stream, device);

@@ -3,7 +3,6 @@
  * (flash forward/backward, and later paged attention / decoding):
  *
  *   host side   (PF_CUDA_CHECK / PF_CUDA_CHECK_LAUNCH come from cuda_util.cuh)
- *               pf::cuda::DeviceGuard (run on the tensors' device, restore after),
  *               pf::cuda::set_max_smem (cudaFuncSetAttribute once per kernel and
  *               device), pf::cuda::sm_count.
  *   device side the sm_80+ warp-level tensor-core path: mma.sync m16n8k16 with
@@ -43,25 +42,6 @@ namespace cuda {
 /* ------------------------------------------------------------------------ */
 /* Host helpers                                                              */
 /* ------------------------------------------------------------------------ */
-
-/* Makes `device` current for the guard's lifetime (a no-op when it already is). */
-struct DeviceGuard {
-    int prev = -1;
-    bool switched = false;
-    cudaError_t init(int device) {
-        cudaError_t err = cudaGetDevice(&prev);
-        if (err != cudaSuccess) return err;
-        if (prev != device) {
-            err = cudaSetDevice(device);
-            if (err != cudaSuccess) return err;
-            switched = true;
-        }
-        return cudaSuccess;
-    }
-    ~DeviceGuard() {
-        if (switched) cudaSetDevice(prev);
-    }
-};
 
 constexpr int kMaxDevices = 64;
 
