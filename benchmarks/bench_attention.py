@@ -82,7 +82,7 @@ def bench_point(d, h, s, causal, args, out_rows):
     q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=dt, generator=g) for _ in range(4))
     ff = flops_fwd(b, s, h, d, causal)
     fb = 2.5 * ff
-    bwd = backward_fn()
+    bwd = None if args.no_pf_bwd else backward_fn()
     row = {"d": d, "h": h, "s": s, "b": b, "causal": causal}
 
     # ---- correctness first (against SDPA's FlashAttention-2 backend) ----
@@ -121,6 +121,17 @@ def bench_point(d, h, s, causal, args, out_rows):
                            args.iters)
             row[f"pf_bwd{'@' + tile if tile else ''}"] = fb / ms / 1e9
         os.environ.pop("PAGEDFLASH_BWD_TILE", None)
+    if args.compare_sm80:  # the same call on the sm_80 (mma.sync) kernels, for the Hopper kernels' gain
+        os.environ["PAGEDFLASH_SM90"] = "0"
+        try:
+            ms = cuda_time(lambda: pagedflash.flash_attn(q, k, v, causal=causal, out=out), args.warmup, args.iters)
+            row["pf80_fwd"] = ff / ms / 1e9
+            if bwd is not None:
+                ms = cuda_time(lambda: bwd(dout, q, k, v, out, lse, causal=causal, dq=dq, dk=dk, dv=dv),
+                               args.warmup, args.iters)
+                row["pf80_bwd"] = fb / ms / 1e9
+        finally:
+            os.environ.pop("PAGEDFLASH_SM90", None)
     for be in args.backends.split(","):
         short = {"FLASH_ATTENTION": "fa2", "CUDNN_ATTENTION": "cudnn", "EFFICIENT_ATTENTION": "eff"}[be]
         try:
@@ -158,8 +169,10 @@ def fmt(x, nd=1):
 def table(rows, tiles, bwd_tiles=()):
     pf_cols = [f"pf_fwd@{t}" for t in tiles] if tiles else ["pf_fwd"]
     pb_cols = [f"pf_bwd@{t}" for t in bwd_tiles] if bwd_tiles else ["pf_bwd"]
-    cols = ["d", "h", "s", "b", "causal"] + pf_cols + ["fa2_fwd", "cudnn_fwd", "eff_fwd", "fwd_vs_fa2"] + pb_cols + [
-        "fa2_bwd", "cudnn_bwd", "eff_bwd", "bwd_vs_fa2", "err_out", "err_grad"]
+    extra_f = ["pf80_fwd"] if any("pf80_fwd" in r for r in rows) else []
+    extra_b = ["pf80_bwd"] if any("pf80_bwd" in r for r in rows) else []
+    cols = ["d", "h", "s", "b", "causal"] + pf_cols + extra_f + ["fa2_fwd", "cudnn_fwd", "eff_fwd", "fwd_vs_fa2"] + \
+        pb_cols + extra_b + ["fa2_bwd", "cudnn_bwd", "eff_bwd", "bwd_vs_fa2", "err_out", "err_grad"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         best_pf = max((r.get(c, 0.0) or 0.0) for c in pf_cols)
@@ -191,6 +204,9 @@ def main():
     ap.add_argument("--bwd-tiles", help="backward tiles to compare (tuning builds): 64x8,32x8,...")
     ap.add_argument("--backends", default=",".join(BACKENDS), help="SDPA backends to time")
     ap.add_argument("--no-bwd", action="store_true", help="skip SDPA backward timings")
+    ap.add_argument("--compare-sm80", action="store_true",
+                    help="also time pagedflash's sm_80 kernels (PAGEDFLASH_SM90=0): columns pf80_*")
+    ap.add_argument("--no-pf-bwd", action="store_true", help="skip pagedflash's backward")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--commit", default=os.environ.get("PAGEDFLASH_COMMIT", ""))
@@ -222,7 +238,8 @@ def main():
             f"device: {dev}; date: {datetime.date.today().isoformat()}; commit: {commit or 'unknown'}; "
             f"torch {torch.__version__}; median of {args.iters} CUDA-event timings after {args.warmup} warm-ups\n\n"
             f"fa2 = SDPA FLASH_ATTENTION (FlashAttention-2), cudnn = SDPA CUDNN_ATTENTION, "
-            f"eff = SDPA EFFICIENT_ATTENTION; err_* = max |pagedflash - SDPA flash|\n")
+            f"eff = SDPA EFFICIENT_ATTENTION; pf80 = pagedflash on its sm_80 kernels (PAGEDFLASH_SM90=0); "
+            f"err_* = max |pagedflash - SDPA flash|\n")
     bwd_tiles = args.bwd_tiles.split(",") if args.bwd_tiles else []
     text = head + "\n" + table(rows, tiles, bwd_tiles) + "\n"
     print()

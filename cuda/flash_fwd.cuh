@@ -172,6 +172,146 @@ PF_DEV SeqInfo seq_info(const FlashParams &p, int b) {
     return s;
 }
 
+/* ---- per-slice score processing (shared with the sm_90 kernel) ----------
+ * Each works on one m16 slice of S held as mma C fragments, s[nt][e] =
+ * (row i0 + 8 * (e / 2), key j0 + 8 * nt + 2 * t + e % 2), lane = 4 g + t. */
+
+/* softcap or plain scaling into the log2 domain, then ALiBi */
+template <int kNT>
+PF_DEV void fwd_score_extras(float (&s)[kNT][4], const FlashParams &p, int i0, int j0, int t, int off,
+                             float alibi_log2) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        const int i = i0 + 8 * hf;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                float x = s[nt][2 * hf + e];
+                if (p.softcap > 0.0f)
+                    x = p.softcap_log2 * tanh_abs_accurate(x * p.softcap_inv_scale);
+                else
+                    x *= p.scale_log2;
+                if (p.alibi) {
+                    const int j = j0 + nt * 8 + 2 * t + e;
+                    x -= alibi_log2 * (float)abs(i + off - j);
+                }
+                s[nt][2 * hf + e] = x;
+            }
+    }
+}
+
+/* Mask geometry of one call: row i sees keys [i + off - left, i + off + right] within [0, sk). */
+struct FwdMask {
+    int off, left, right, sk;
+    bool has_lo, has_hi;
+    /* does key tile [j0, j0 + n) need masking for rows [m0, i_last]? */
+    PF_DEV bool needed(int j0, int n, int m0, int i_last) const {
+        return j0 + n > sk || (has_hi && j0 + n - 1 > m0 + off + right) || (has_lo && j0 < i_last + off - left);
+    }
+    template <int kNT>
+    PF_DEV void apply(float (&s)[kNT][4], int i0, int j0, int t) const {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const int i = i0 + 8 * hf;
+            const int lo = has_lo ? i + off - left : 0;
+            const int hi = has_hi ? imin(sk - 1, i + off + right) : sk - 1;
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int j = j0 + nt * 8 + 2 * t + e;
+                    if (j < lo || j > hi) s[nt][2 * hf + e] = -INFINITY;
+                }
+        }
+    }
+};
+
+PF_DEV FwdMask fwd_mask(const FlashParams &p, int sq, int sk) {
+    FwdMask m;
+    m.off = sk - sq;
+    m.has_lo = p.window_left >= 0;
+    m.has_hi = p.causal || p.window_right >= 0;
+    m.left = p.window_left;
+    m.right = p.causal ? 0 : p.window_right;
+    m.sk = sk;
+    return m;
+}
+
+/* Online softmax step in the log2 domain (scores times sc): new row max,
+ * alpha = exp2(m_old - m_new), s -> exp2(s sc - m_new), row_sum = row_sum *
+ * alpha + the slice's sum (per thread; the quad reduces l only at the end).
+ * Returns whether any alpha != 1. */
+template <int kNT>
+PF_DEV bool fwd_softmax(float (&s)[kNT][4], float (&row_max)[2], float (&row_sum)[2], float (&alpha)[2], float sc) {
+    bool rescale = false;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        /* row max as a tree (short dependency chains) */
+        float v[kNT];
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) v[nt] = fmaxf(s[nt][2 * hf], s[nt][2 * hf + 1]);
+#pragma unroll
+        for (int w = 1; w < kNT; w *= 2)
+#pragma unroll
+            for (int nt = 0; nt + w < kNT; nt += 2 * w) v[nt] = fmaxf(v[nt], v[nt + w]);
+        const float mx = quad_max(fmaxf(row_max[hf], v[0]));
+        const float m_sc = mx == -INFINITY ? 0.0f : mx * sc;
+        alpha[hf] = fast_exp2(row_max[hf] * sc - m_sc);
+        rescale |= alpha[hf] != 1.0f;
+        row_max[hf] = mx;
+        float sum = row_sum[hf] * alpha[hf];
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const float pr = fast_exp2(fmaf(s[nt][2 * hf + e], sc, -m_sc));
+                s[nt][2 * hf + e] = pr;
+                sum += pr;
+            }
+        row_sum[hf] = sum;
+    }
+    return rescale;
+}
+
+/* dropout: keep (i, j) iff philox(j / 4, i, b * h + h, offset; seed)[j % 4] >= threshold */
+template <int kNT>
+PF_DEV void fwd_dropout(float (&s)[kNT][4], const FlashParams &p, uint64_t bh, int i0, int j0, int t) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        const int i = i0 + 8 * hf;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+            const int jg = j0 + nt * 8 + 4 * (t >> 1);
+            const pf_u32x4 r = pf_dropout_bits4(p.seed, p.offset, bh, i, jg);
+            const uint32_t w0 = (t & 1) ? r.z : r.x, w1 = (t & 1) ? r.w : r.y;
+            if (w0 < p.drop_threshold) s[nt][2 * hf] = 0.0f;
+            if (w1 < p.drop_threshold) s[nt][2 * hf + 1] = 0.0f;
+        }
+    }
+}
+
+/* Epilogue of one row half: the quad's l, the output factor, and lse (natural log). */
+template <bool Has_dropout>
+PF_DEV float fwd_finish_row(const FlashParams &p, float row_max, float row_sum, float sc, float *lse) {
+    const float l = quad_sum(row_sum);
+    *lse = l > 0.0f ? (row_max * sc + __log2f(l)) * kLn2 : -INFINITY;
+    return l > 0.0f ? (Has_dropout ? p.drop_scale : 1.0f) / l : 0.0f;
+}
+
+/* Rows of a tile that sees no key: out = 0, lse = -inf. */
+template <int kHeadDim, int kNThreads, typename T>
+PF_DEV void fwd_write_empty(const FlashParams &p, T *ob, float *lseb, int m0, int rows_valid, int d, int tid) {
+    constexpr int C = kHeadDim / 8;
+    for (int idx = tid; idx < rows_valid * C; idx += kNThreads) {
+        const int r = idx / C, c = idx % C;
+        uint16_t *gs = reinterpret_cast<uint16_t *>(ob + (int64_t)(m0 + r) * p.o_row_stride);
+        for (int x = c * 8; x < c * 8 + 8 && x < d; ++x) gs[x] = 0;
+    }
+    if (lseb)
+        for (int r = tid; r < rows_valid; r += kNThreads) lseb[(int64_t)(m0 + r) * p.lse_row_stride] = -INFINITY;
+}
+
 /* ---- the kernel ------------------------------------------------------------ */
 
 template <typename T, typename Cfg, bool Is_aligned, bool Has_extras, bool Has_dropout>
@@ -206,11 +346,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
                               (int64_t)si.q_start * p.lse_row_stride
                         : nullptr;
 
-    /* mask geometry: row i sees keys [i + off - left, i + off + right] within [0, sk) */
-    const int off = sk - sq;
-    const bool has_lo = p.window_left >= 0;
-    const bool has_hi = p.causal || p.window_right >= 0;
-    const int left = p.window_left, right = p.causal ? 0 : p.window_right;
+    const FwdMask mask = fwd_mask(p, sq, sk);
+    const int off = mask.off;
 
     float alibi_log2 = 0.0f;
     if (Has_extras && p.alibi)
@@ -232,21 +369,13 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
         const int m0 = tile * kBlockM;
         const int rows_valid = imin(kBlockM, sq - m0);
         const int i_last = m0 + rows_valid - 1;
-        const int j_begin = has_lo ? imax(0, m0 + off - left) : 0;
-        const int j_end = has_hi ? imin(sk, i_last + off + right + 1) : sk;
+        const int j_begin = mask.has_lo ? imax(0, m0 + off - mask.left) : 0;
+        const int j_end = mask.has_hi ? imin(sk, i_last + off + mask.right + 1) : sk;
         const int n_lo = j_begin / kBlockN;
         const int n_hi = j_end > j_begin ? (j_end + kBlockN - 1) / kBlockN : n_lo;
 
         if (n_hi <= n_lo) { /* nothing visible: out = 0, lse = -inf */
-            constexpr int C = kHeadDim / 8;
-            for (int idx = tid; idx < rows_valid * C; idx += kNThreads) {
-                const int r = idx / C, c = idx % C;
-                uint16_t *gs = reinterpret_cast<uint16_t *>(ob + (int64_t)(m0 + r) * p.o_row_stride);
-                for (int x = c * 8; x < c * 8 + 8 && x < d; ++x) gs[x] = 0;
-            }
-            if (lseb)
-                for (int r = tid; r < rows_valid; r += kNThreads)
-                    lseb[(int64_t)(m0 + r) * p.lse_row_stride] = -INFINITY;
+            fwd_write_empty<kHeadDim, kNThreads>(p, ob, lseb, m0, rows_valid, d, tid);
             continue;
         }
 
@@ -309,46 +438,13 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
             if (Has_extras) {
 #pragma unroll
                 for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-                    for (int hf = 0; hf < 2; ++hf) {
-                        const int i = m0 + wrow + mt * 16 + g + 8 * hf;
-#pragma unroll
-                        for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-                            for (int e = 0; e < 2; ++e) {
-                                float x = s[mt][nt][2 * hf + e];
-                                if (p.softcap > 0.0f)
-                                    x = p.softcap_log2 * tanh_abs_accurate(x * p.softcap_inv_scale);
-                                else
-                                    x *= p.scale_log2;
-                                if (p.alibi) {
-                                    const int j = j0 + nt * 8 + 2 * t + e;
-                                    x -= alibi_log2 * (float)abs(i + off - j);
-                                }
-                                s[mt][nt][2 * hf + e] = x;
-                            }
-                    }
+                    fwd_score_extras(s[mt], p, m0 + wrow + mt * 16 + g, j0, t, off, alibi_log2);
             }
 
             /* causal / window / key-length mask, only on tiles that cross a boundary */
-            const bool need_mask = j0 + kBlockN > sk || (has_hi && j0 + kBlockN - 1 > m0 + off + right) ||
-                                   (has_lo && j0 < i_last + off - left);
-            if (need_mask) {
+            if (mask.needed(j0, kBlockN, m0, i_last)) {
 #pragma unroll
-                for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-                    for (int hf = 0; hf < 2; ++hf) {
-                        const int i = m0 + wrow + mt * 16 + g + 8 * hf;
-                        const int lo = has_lo ? i + off - left : 0;
-                        const int hi = has_hi ? imin(sk - 1, i + off + right) : sk - 1;
-#pragma unroll
-                        for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-                            for (int e = 0; e < 2; ++e) {
-                                const int j = j0 + nt * 8 + 2 * t + e;
-                                if (j < lo || j > hi) s[mt][nt][2 * hf + e] = -INFINITY;
-                            }
-                    }
+                for (int mt = 0; mt < kMT; ++mt) mask.apply(s[mt], m0 + wrow + mt * 16 + g, j0, t);
             }
 
             cp_async_wait<0>();
@@ -364,33 +460,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
             float alpha[kMT][2];
             bool rescale = false;
 #pragma unroll
-            for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-                for (int hf = 0; hf < 2; ++hf) {
-                    /* row max as a tree (short dependency chains) */
-                    float v[kNT];
-#pragma unroll
-                    for (int nt = 0; nt < kNT; ++nt) v[nt] = fmaxf(s[mt][nt][2 * hf], s[mt][nt][2 * hf + 1]);
-#pragma unroll
-                    for (int w = 1; w < kNT; w *= 2)
-#pragma unroll
-                        for (int nt = 0; nt + w < kNT; nt += 2 * w) v[nt] = fmaxf(v[nt], v[nt + w]);
-                    const float mx = quad_max(fmaxf(row_max[mt][hf], v[0]));
-                    const float m_sc = mx == -INFINITY ? 0.0f : mx * sc;
-                    alpha[mt][hf] = fast_exp2(row_max[mt][hf] * sc - m_sc);
-                    rescale |= alpha[mt][hf] != 1.0f;
-                    row_max[mt][hf] = mx;
-                    float sum = row_sum[mt][hf] * alpha[mt][hf];
-#pragma unroll
-                    for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const float pr = fast_exp2(fmaf(s[mt][nt][2 * hf + e], sc, -m_sc));
-                            s[mt][nt][2 * hf + e] = pr;
-                            sum += pr;
-                        }
-                    row_sum[mt][hf] = sum;
-                }
+            for (int mt = 0; mt < kMT; ++mt) rescale |= fwd_softmax(s[mt], row_max[mt], row_sum[mt], alpha[mt], sc);
             /* O *= exp2(m_old - m_new); skipped when no row of the warp got a new max
              * (most tiles after the first few on long rows) */
             if (!Cfg::kLazyRescale || __any_sync(0xffffffffu, rescale)) {
@@ -402,22 +472,9 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
                         for (int e = 0; e < 4; ++e) acc[mt][dt][e] *= alpha[mt][e / 2];
             }
 
-            /* dropout: keep (i, j) iff philox(j / 4, i, b * h + h, offset; seed)[j % 4] >= threshold */
             if (Has_dropout && p.drop_threshold) {
 #pragma unroll
-                for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-                    for (int hf = 0; hf < 2; ++hf) {
-                        const int i = m0 + wrow + mt * 16 + g + 8 * hf;
-#pragma unroll
-                        for (int nt = 0; nt < kNT; ++nt) {
-                            const int jg = j0 + nt * 8 + 4 * (t >> 1);
-                            const pf_u32x4 r = pf_dropout_bits4(p.seed, p.offset, bh, i, jg);
-                            const uint32_t w0 = (t & 1) ? r.z : r.x, w1 = (t & 1) ? r.w : r.y;
-                            if (w0 < p.drop_threshold) s[mt][nt][2 * hf] = 0.0f;
-                            if (w1 < p.drop_threshold) s[mt][nt][2 * hf + 1] = 0.0f;
-                        }
-                    }
+                for (int mt = 0; mt < kMT; ++mt) fwd_dropout(s[mt], p, bh, m0 + wrow + mt * 16 + g, j0, t);
             }
 
             /* O += P V */
@@ -449,12 +506,10 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
         for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
-                const float l = quad_sum(row_sum[mt][hf]);
-                const float inv = l > 0.0f ? (Has_dropout ? p.drop_scale : 1.0f) / l : 0.0f;
+                float lse;
+                const float inv = fwd_finish_row<Has_dropout>(p, row_max[mt][hf], row_sum[mt][hf], sc, &lse);
                 const int r = wrow + mt * 16 + g + 8 * hf;
-                if (lseb && t == 0 && r < rows_valid)
-                    lseb[(int64_t)(m0 + r) * p.lse_row_stride] =
-                        l > 0.0f ? (row_max[mt][hf] * sc + __log2f(l)) * kLn2 : -INFINITY;
+                if (lseb && t == 0 && r < rows_valid) lseb[(int64_t)(m0 + r) * p.lse_row_stride] = lse;
 #pragma unroll
                 for (int dt = 0; dt < kDT; ++dt)
                     *reinterpret_cast<uint32_t *>(sQ + r * kStride + dt * 8 + 2 * t) =
@@ -559,9 +614,16 @@ pf_status launch_fwd_tune(const FlashParams &p, cudaStream_t stream, int device,
 }
 #endif
 
+/* flash_fwd_sm90.cuh: the Hopper kernel, tried first (sets *launched when it took the call). */
+template <typename T, int kHeadDim>
+pf_status flash_fwd_sm90_run(const FlashParams &p, cudaStream_t stream, int device, bool *launched);
+
 template <typename T, int kHeadDim>
 pf_status flash_fwd_run(const FlashParams &p, cudaStream_t stream, int device) {
     const int max_rows = p.max_seqlen_q;
+    bool launched = false;
+    const pf_status st90 = flash_fwd_sm90_run<T, kHeadDim>(p, stream, device, &launched);
+    if (launched || st90 != PF_STATUS_OK) return st90;
 #ifdef PF_TUNE
     bool handled = false;
     pf_status st = launch_fwd_tune<T, kHeadDim>(p, stream, device, max_rows, &handled);

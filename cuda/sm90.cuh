@@ -101,6 +101,13 @@ PF_DEV void fence_regs(uint32_t (&d)[N]) {
 #pragma unroll
     for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
 }
+template <int N, int M>
+PF_DEV void fence_regs(uint32_t (&d)[N][M]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+        for (int j = 0; j < M; ++j) asm volatile("" : "+r"(d[i][j])::"memory");
+}
 
 /* D (+)= A B^T over K = 16 * kSteps, both operands K-major swizzled tiles:
  * A rows [a_row0, +64) of an RA-row tile, B rows [b_row0, +N) of an RB-row tile. */
@@ -125,18 +132,25 @@ PF_DEV void gemm_rs_mnmajor(float (&d)[N / 2], const uint32_t (&a)[kSteps][4], u
 
 /* Rows [0, R) of a global tile (row r at g + r * row_stride, 16-byte aligned
  * rows) -> swizzled tile; rows >= rows_valid and columns >= d are zero-filled.
- * kThreads threads, thread `tid` among them. */
+ * kThreads threads, thread `tid` among them: it copies chunk tid % C of rows
+ * tid / C + k * kRowStep, whose swizzle is the same for every k (kRowStep is a
+ * multiple of 8), so one running source pointer and one destination offset
+ * serve the whole tile. */
 template <int R, int D, int kThreads, typename T>
 PF_DEV void load_swizzled(uint32_t tile, const T *g, int64_t row_stride, int rows_valid, int d, int tid) {
     constexpr int C = D / 8; /* 16-byte chunks per row */
-    constexpr int kTotal = R * C;
-    static_assert(kTotal % kThreads == 0, "whole passes over the tile");
+    constexpr int kRowStep = kThreads / C;
+    static_assert(kThreads % C == 0 && kRowStep % 8 == 0 && R % kRowStep == 0, "whole passes, fixed swizzle");
+    const int r0 = tid / C, c = (tid % C) * 8;
+    const bool col_ok = c < d;
+    const T *src = g + r0 * row_stride + c;
+    uint32_t dst = tile + swz<R>(r0, c);
 #pragma unroll
-    for (int it = 0; it < kTotal / kThreads; ++it) {
-        const int idx = tid + it * kThreads;
-        const int r = idx / C, c = (idx % C) * 8;
-        const bool ok = r < rows_valid && c < d;
-        cp_async_16(tile + swz<R>(r, c), ok ? (const void *)(g + r * row_stride + c) : (const void *)g, ok);
+    for (int it = 0; it < R / kRowStep; ++it) {
+        const bool ok = col_ok && r0 + it * kRowStep < rows_valid;
+        cp_async_16(dst, ok ? (const void *)src : (const void *)g, ok);
+        src += kRowStep * row_stride;
+        dst += kRowStep * 128;
     }
 }
 

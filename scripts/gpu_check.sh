@@ -2,6 +2,7 @@
 # gpu_check.sh <logdir> - every GPU check of pagedflash in one go, on a machine with an
 # NVIDIA GPU, nvcc, torch (CUDA), and optionally cupy/jax/compute-sanitizer:
 #   build     PAGEDFLASH_CUDA=1 PAGEDFLASH_CUDA_ARCHS=90 in place, timed -> build.log
+#   selftest  tests/cuda/sm90_selftest.cu (wgmma building blocks)       -> selftest.log
 #   test      the GPU tests (attention, paged/decode/cache ops), then the
 #             whole suite (CPU tests too)                                -> tests.log
 #   sanitize  compute-sanitizer memcheck, racecheck, initcheck over a
@@ -16,7 +17,7 @@ LOG=${1:?usage: scripts/gpu_check.sh <logdir>}
 mkdir -p "$LOG"
 LOG=$(cd "$LOG" && pwd)
 cd "$(dirname "$0")/.."
-STAGES=${STAGES:-"build test sanitize bench"}
+STAGES=${STAGES:-"build selftest test sanitize bench"}
 export PAGEDFLASH_CUDA=1 PAGEDFLASH_CUDA_ARCHS=${PAGEDFLASH_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD/python
 PY=${PYTHON:-python3}
@@ -35,10 +36,22 @@ if has build; then
 fi
 $PY -c 'import pagedflash, json; print(json.dumps(pagedflash.build_info()))' | tee -a "$LOG/device.txt"
 
+if has selftest; then
+  step selftest
+  { nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc/include -Icsrc/core -Icuda \
+      tests/cuda/sm90_selftest.cu -o /tmp/pf_sm90_selftest && /tmp/pf_sm90_selftest; } > "$LOG/selftest.log" 2>&1 || status=1
+  rm -f /tmp/pf_sm90_selftest
+  tail -3 "$LOG/selftest.log"
+fi
+
 if has test; then
   step test
   $PY -m pytest tests/test_gpu_attention.py tests/test_gpu_paged.py -m gpu -q --maxfail=25 -p no:cacheprovider \
-      -rs --durations=8 > "$LOG/tests.log" 2>&1 || status=1
+      -rs --durations=8 ${TEST_ARGS:-} > "$LOG/tests.log" 2>&1 || status=1
+  # the sm_80 kernels once more where Hopper kernels would otherwise take the call
+  PAGEDFLASH_SM90=0 $PY -m pytest tests/test_gpu_attention.py -m gpu -q --maxfail=25 -p no:cacheprovider \
+      ${TEST_ARGS_SM80:-} > "$LOG/tests_sm80.log" 2>&1 || status=1
+  tail -3 "$LOG/tests_sm80.log"
   tail -5 "$LOG/tests.log"
   [[ ${GPU_ONLY:-0} == 1 ]] || $PY -m pytest tests -q -m "not gpu" -p no:cacheprovider -x >> "$LOG/tests.log" 2>&1 || status=1
   tail -15 "$LOG/tests.log"

@@ -1,0 +1,270 @@
+/*
+ * flash_fwd_sm90.cuh - the forward on Hopper (sm_90a): wgmma tensor cores,
+ * chosen by flash_fwd_run (flash_fwd.cuh) on compute capability 9.x for
+ * float16 / bfloat16, head dims 64 and 128, 16-byte aligned tensors. Same
+ * semantics, masks, extras, dropout, varlen, GQA, lse as the sm_80 kernel,
+ * whose per-slice score helpers (fwd_score_extras, FwdMask, fwd_softmax,
+ * fwd_dropout) it shares.
+ *
+ * One thread block = two warpgroups (256 threads) = one query tile of 128 rows
+ * of one (batch, head); warpgroup w owns rows [64w, 64w + 64), its warp v rows
+ * 16v..16v+15 of those (the wgmma accumulator layout, sm90.cuh). Shared memory,
+ * all in the swizzled tile layout of sm90.cuh: Q [128][D], and three K/V
+ * buffers of kBlockN keys (d=128: 32 + 3 x 64 KB = 224 KB; d=64: 112 KB).
+ *
+ * Key tiles are walked from last to first (as on sm_80: the masked tiles of a
+ * causal row come first). Tile n lives in buffer (n_hi - 1 - n) % 3; its
+ * cp.async copies are issued two tiles ahead, at the top of the iteration that
+ * frees the buffer, so one block-wide barrier per tile suffices. Per
+ * iteration, with P(n) already in registers:
+ *   barrier (K/V(n - 1) landed; everyone is done with buffer n + 1)
+ *   issue the copies of K/V(n - 2)
+ *   issue S = Q K(n - 1)^T and O += P(n) V(n)   (wgmma, asynchronous, in order)
+ *   wait for S; scale / mask / online softmax of S while P V runs
+ *   wait for P V; O *= exp2(m_old - m_new); P(n - 1) = S packed to 16 bits
+ * Epilogue: O / l staged through this warpgroup's rows of the Q tile and
+ * stored with 16-byte vectors; lse as on sm_80.
+ */
+#ifndef PF_FLASH_FWD_SM90_CUH
+#define PF_FLASH_FWD_SM90_CUH
+
+#include "flash_fwd.cuh"
+#include "sm90.cuh"
+
+namespace pf {
+namespace cuda {
+
+template <int kHeadDim_, int kBlockN_>
+struct FwdSm90Config {
+    static constexpr int kHeadDim = kHeadDim_;
+    static constexpr int kBlockM = 128;
+    static constexpr int kBlockN = kBlockN_;
+    static constexpr int kNThreads = 256;
+    static constexpr int kNT = kBlockN / 8; /* n8 column tiles of S */
+    static constexpr int kDT = kHeadDim / 8; /* of O */
+    static constexpr int kQBytes = kBlockM * kHeadDim * 2;
+    static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
+    static constexpr int kStages = 3;
+    static constexpr int kSmemBytes = kQBytes + kStages * 2 * kKVBytes + 1024; /* + alignment slack */
+    static_assert(kHeadDim % 64 == 0 && kBlockN % 16 == 0, "swizzled tiles are 64 columns wide");
+};
+
+/* swizzled smem [R rows] -> rows [row0, row0 + rows) of a global tile, columns [0, d) */
+template <int R, int kHeadDim, int kThreads, typename T>
+PF_DEV void store_swizzled(T *g, int64_t row_stride, const unsigned char *tile, int row0, int rows, int rows_valid,
+                           int d, int tid) {
+    constexpr int C = kHeadDim / 8;
+    for (int idx = tid; idx < rows * C; idx += kThreads) {
+        const int r = row0 + idx / C, c = (idx % C) * 8;
+        if (r >= rows_valid || c >= d) continue;
+        *reinterpret_cast<uint4 *>(g + r * row_stride + c) =
+            *reinterpret_cast<const uint4 *>(tile + sm90::swz<R>(r, c));
+    }
+}
+
+template <typename T, typename Cfg, bool Has_extras, bool Has_dropout>
+__global__ void __launch_bounds__(Cfg::kNThreads, 1) flash_fwd_sm90_kernel(const __grid_constant__ FlashParams p) {
+#ifdef PF_SM90_DEVICE
+    using Ops = TypeOps<T>;
+    constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kHeadDim = Cfg::kHeadDim;
+    constexpr int kNThreads = Cfg::kNThreads, kNT = Cfg::kNT, kDT = Cfg::kDT;
+    constexpr int kKSteps = kBlockN / 16;
+
+    extern __shared__ __align__(128) unsigned char pf_smem90[]; /* aligned to 1024 below */
+    const uint32_t raw = smem_addr(pf_smem90);
+    const uint32_t sQ = (raw + 1023) & ~1023u;
+    unsigned char *gQ = pf_smem90 + (sQ - raw); /* generic pointer to the Q tile */
+    auto sK = [&](int buf) { return sQ + Cfg::kQBytes + buf * 2 * Cfg::kKVBytes; };
+    auto sV = [&](int buf) { return sQ + Cfg::kQBytes + buf * 2 * Cfg::kKVBytes + Cfg::kKVBytes; };
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
+    const int g = lane / 4, t = lane % 4;
+    const int b = blockIdx.z, h = blockIdx.y, hk = h / p.head_group;
+    const SeqInfo si = seq_info(p, b);
+    const int sq = si.sq, sk = si.sk, d = p.head_dim;
+
+    const T *qb = static_cast<const T *>(p.q) + b * p.q_batch_stride + (int64_t)si.q_start * p.q_row_stride +
+                  h * p.q_head_stride;
+    const T *kb = static_cast<const T *>(p.k) + b * p.k_batch_stride + (int64_t)si.k_start * p.k_row_stride +
+                  hk * p.k_head_stride;
+    const T *vb = static_cast<const T *>(p.v) + b * p.v_batch_stride + (int64_t)si.k_start * p.v_row_stride +
+                  hk * p.v_head_stride;
+    T *ob = static_cast<T *>(p.o) + b * p.o_batch_stride + (int64_t)si.q_start * p.o_row_stride +
+            h * p.o_head_stride;
+    float *lseb = p.lse ? p.lse + b * p.lse_batch_stride + h * p.lse_head_stride +
+                              (int64_t)si.q_start * p.lse_row_stride
+                        : nullptr;
+
+    const FwdMask mask = fwd_mask(p, sq, sk);
+    const int off = mask.off;
+    float alibi_log2 = 0.0f;
+    if (Has_extras && p.alibi) alibi_log2 = p.alibi[b * p.alibi_batch_stride + h * p.alibi_head_stride] * kLog2e;
+    const float sc = Has_extras ? 1.0f : p.scale_log2;
+    const uint64_t bh = (uint64_t)b * p.num_heads + h;
+    const int wrow = 16 * warp; /* this warp's first row in the tile */
+
+    const int n_mtiles = (sq + kBlockM - 1) / kBlockM;
+    int tile = p.causal ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
+    for (; tile < n_mtiles; tile += gridDim.x) {
+        const int m0 = tile * kBlockM;
+        const int rows_valid = imin(kBlockM, sq - m0);
+        const int i_last = m0 + rows_valid - 1;
+        const int j_begin = mask.has_lo ? imax(0, m0 + off - mask.left) : 0;
+        const int j_end = mask.has_hi ? imin(sk, i_last + off + mask.right + 1) : sk;
+        const int n_lo = j_begin / kBlockN;
+        const int n_hi = j_end > j_begin ? (j_end + kBlockN - 1) / kBlockN : n_lo;
+        if (n_hi <= n_lo) {
+            fwd_write_empty<kHeadDim, kNThreads>(p, ob, lseb, m0, rows_valid, d, tid);
+            continue;
+        }
+
+        auto load_kv = [&](int n) {
+            const int j0 = n * kBlockN, buf = (n_hi - 1 - n) % Cfg::kStages;
+            sm90::load_swizzled<kBlockN, kHeadDim, kNThreads>(sK(buf), kb + (int64_t)j0 * p.k_row_stride,
+                                                              p.k_row_stride, sk - j0, d, tid);
+            sm90::load_swizzled<kBlockN, kHeadDim, kNThreads>(sV(buf), vb + (int64_t)j0 * p.v_row_stride,
+                                                              p.v_row_stride, sk - j0, d, tid);
+        };
+        /* S of key tile n: scale / mask / online softmax; returns whether O needs the rescale */
+        float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f}, alpha[2];
+        float s[kNT][4];
+        auto softmax_tile = [&](int n) {
+            const int j0 = n * kBlockN;
+            if (Has_extras) fwd_score_extras(s, p, m0 + wrow + g, j0, t, off, alibi_log2);
+            if (mask.needed(j0, kBlockN, m0, i_last)) mask.apply(s, m0 + wrow + g, j0, t);
+            const bool rescale = fwd_softmax(s, row_max, row_sum, alpha, sc);
+            if (Has_dropout && p.drop_threshold) fwd_dropout(s, p, bh, m0 + wrow + g, j0, t);
+            return rescale;
+        };
+        uint32_t pa[kKSteps][4];
+        auto pack_p = [&]() {
+#pragma unroll
+            for (int kk = 0; kk < kKSteps; ++kk) {
+                pa[kk][0] = Ops::pack(s[2 * kk][0], s[2 * kk][1]);
+                pa[kk][1] = Ops::pack(s[2 * kk][2], s[2 * kk][3]);
+                pa[kk][2] = Ops::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                pa[kk][3] = Ops::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            }
+        };
+        float(&s_flat)[kBlockN / 2] = reinterpret_cast<float(&)[kBlockN / 2]>(s);
+
+        /* prologue: Q and the first two key tiles in flight, S of the first */
+        sm90::load_swizzled<kBlockM, kHeadDim, kNThreads>(sQ, qb + (int64_t)m0 * p.q_row_stride, p.q_row_stride,
+                                                          rows_valid, d, tid);
+        load_kv(n_hi - 1);
+        cp_async_commit();
+        if (n_hi - 2 >= n_lo) load_kv(n_hi - 2);
+        cp_async_commit();
+        cp_async_wait<1>();
+        sm90::fence_proxy_async();
+        __syncthreads();
+        sm90::wgmma_fence();
+        sm90::gemm_ss_kmajor<kBlockN, kHeadDim / 16, kBlockM, kBlockN, T>(s_flat, sQ, 64 * wg, sK(0), 0, false);
+        sm90::wgmma_commit();
+        sm90::wgmma_wait<0>();
+        sm90::fence_regs(s_flat);
+        softmax_tile(n_hi - 1);
+        pack_p();
+
+        float o[kDT][4];
+        float(&o_flat)[kHeadDim / 2] = reinterpret_cast<float(&)[kHeadDim / 2]>(o);
+#pragma unroll
+        for (int i = 0; i < kHeadDim / 2; ++i) o_flat[i] = 0.0f;
+
+#pragma unroll 1
+        for (int n = n_hi - 1;; --n) {
+            const bool has_next = n - 1 >= n_lo;
+            if (has_next) {
+                cp_async_wait<0>();
+                sm90::fence_proxy_async();
+            }
+            __syncthreads(); /* K/V(n - 1) landed; buffer of n + 1 is free */
+            if (n - 2 >= n_lo) {
+                load_kv(n - 2);
+                cp_async_commit();
+            }
+            const int buf = (n_hi - 1 - n) % Cfg::kStages, buf_next = (n_hi - n) % Cfg::kStages;
+            sm90::fence_regs(pa);
+            sm90::fence_regs(o_flat);
+            sm90::wgmma_fence();
+            if (has_next) {
+                sm90::gemm_ss_kmajor<kBlockN, kHeadDim / 16, kBlockM, kBlockN, T>(s_flat, sQ, 64 * wg,
+                                                                                 sK(buf_next), 0, false);
+                sm90::wgmma_commit();
+            }
+            sm90::gemm_rs_mnmajor<kHeadDim, kKSteps, kBlockN, T>(o_flat, pa, sV(buf), 0, true);
+            sm90::wgmma_commit();
+            if (!has_next) {
+                sm90::wgmma_wait<0>();
+                sm90::fence_regs(o_flat);
+                break;
+            }
+            sm90::wgmma_wait<1>();
+            sm90::fence_regs(s_flat);
+            const bool rescale = softmax_tile(n - 1);
+            sm90::wgmma_wait<0>();
+            sm90::fence_regs(o_flat);
+            if (rescale) {
+#pragma unroll
+                for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e / 2];
+            }
+            pack_p();
+        }
+
+        /* epilogue: O / l into this warpgroup's rows of the Q tile, then 16-byte stores */
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            float lse;
+            const float inv = fwd_finish_row<Has_dropout>(p, row_max[hf], row_sum[hf], sc, &lse);
+            const int r = wrow + g + 8 * hf;
+            if (lseb && t == 0 && r < rows_valid) lseb[(int64_t)(m0 + r) * p.lse_row_stride] = lse;
+#pragma unroll
+            for (int dt = 0; dt < kDT; ++dt)
+                *reinterpret_cast<uint32_t *>(gQ + sm90::swz<kBlockM>(r, dt * 8) + 4 * t) =
+                    Ops::pack(o[dt][2 * hf] * inv, o[dt][2 * hf + 1] * inv);
+        }
+        asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); /* this warpgroup's rows are staged */
+        store_swizzled<kBlockM, kHeadDim, 128>(ob + (int64_t)m0 * p.o_row_stride, p.o_row_stride, gQ, 64 * wg, 64,
+                                               rows_valid, d, tid % 128);
+        __syncthreads(); /* the next tile of this block reuses Q and the K/V buffers */
+    }
+#endif
+}
+
+template <typename T, typename Cfg, bool Has_extras, bool Has_dropout>
+pf_status launch_fwd_sm90(const FlashParams &p, cudaStream_t stream, int device) {
+    auto kernel = flash_fwd_sm90_kernel<T, Cfg, Has_extras, Has_dropout>;
+    constexpr int smem = Cfg::kSmemBytes;
+    static std::atomic<uint64_t> attr_done{0};
+    PF_TRY(set_max_smem(kernel, smem, device, attr_done));
+    const int tiles = (p.max_seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM;
+    dim3 grid(tiles > 0 ? tiles : 1, p.num_heads, p.batch);
+    kernel<<<grid, Cfg::kNThreads, smem, stream>>>(p);
+    PF_CUDA_CHECK_LAUNCH("flash_fwd_sm90_kernel");
+    return PF_STATUS_OK;
+}
+
+/* The sm_90 forward for head dim kHeadDim, or PF_STATUS_NOT_SUPPORTED (with no
+ * launch) when the call needs the sm_80 kernel: unaligned tensors, head dims
+ * without an sm_90 tile, devices other than compute capability 9.x. */
+template <typename T, int kHeadDim>
+pf_status flash_fwd_sm90_run(const FlashParams &p, cudaStream_t stream, int device, bool *launched) {
+    *launched = false;
+    if constexpr (kHeadDim == 64 || kHeadDim == 128) {
+        if (!p.aligned || !sm90_available(device)) return PF_STATUS_OK;
+        using Cfg = FwdSm90Config<kHeadDim, 128>;
+        *launched = true;
+        if (p.drop_threshold) return launch_fwd_sm90<T, Cfg, true, true>(p, stream, device);
+        const bool extras = p.softcap > 0.0f || p.alibi != nullptr || !(p.scale_log2 > 0.0f);
+        if (extras) return launch_fwd_sm90<T, Cfg, true, false>(p, stream, device);
+        return launch_fwd_sm90<T, Cfg, false, false>(p, stream, device);
+    }
+    return PF_STATUS_OK;
+}
+
+}  // namespace cuda
+}  // namespace pf
+
+#endif /* PF_FLASH_FWD_SM90_CUH */
