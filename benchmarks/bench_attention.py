@@ -108,10 +108,10 @@ def bench_point(d, h, s, causal, args, out_rows):
     tiles = args.tiles.split(",") if args.tiles else [None]
     for tile in tiles:
         if tile:
-            os.environ["PAGEDFLASH_FWD_TILE"] = tile
+            os.environ[args.tile_env] = tile
         ms = cuda_time(lambda: pagedflash.flash_attn(q, k, v, causal=causal, out=out), args.warmup, args.iters)
         row[f"pf_fwd{'@' + tile if tile else ''}"] = ff / ms / 1e9
-    os.environ.pop("PAGEDFLASH_FWD_TILE", None)
+    os.environ.pop(args.tile_env, None)
     if bwd is not None:
         dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
         for tile in (args.bwd_tiles.split(",") if args.bwd_tiles else [None]):
@@ -201,6 +201,8 @@ def main():
     ap.add_argument("--dims", help="comma-separated head dims (64, 128)")
     ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     ap.add_argument("--tiles", help="forward tiles to compare (tuning builds): 128x64x4,...")
+    ap.add_argument("--tile-env", default="PAGEDFLASH_FWD_TILE",
+                    help="the variable --tiles sets (PAGEDFLASH_FWD90_CFG for the sm_90 kernels)")
     ap.add_argument("--bwd-tiles", help="backward tiles to compare (tuning builds): 64x8,32x8,...")
     ap.add_argument("--backends", default=",".join(BACKENDS), help="SDPA backends to time")
     ap.add_argument("--no-bwd", action="store_true", help="skip SDPA backward timings")

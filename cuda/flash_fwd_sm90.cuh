@@ -34,8 +34,12 @@
 namespace pf {
 namespace cuda {
 
-template <int kHeadDim_, int kBlockN_>
+template <int kHeadDim_, int kBlockN_, bool kDeep_>
 struct FwdSm90Config {
+    /* kDeep: S of key tile n - 2 is computed while the softmax of tile n - 1 runs
+     * (two S accumulators, 4 K/V stages); otherwise S(n - 1) is waited for and
+     * only P V overlaps the softmax (one S accumulator, 3 stages). */
+    static constexpr bool kDeep = kDeep_;
     static constexpr int kHeadDim = kHeadDim_;
     static constexpr int kBlockM = 128;
     static constexpr int kBlockN = kBlockN_;
@@ -44,7 +48,7 @@ struct FwdSm90Config {
     static constexpr int kDT = kHeadDim / 8; /* of O */
     static constexpr int kQBytes = kBlockM * kHeadDim * 2;
     static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
-    static constexpr int kStages = 3;
+    static constexpr int kStages = kDeep ? 4 : 3;
     static constexpr int kSmemBytes = kQBytes + kStages * 2 * kKVBytes + 1024; /* + alignment slack */
     static_assert(kHeadDim % 64 == 0 && kBlockN % 16 == 0, "swizzled tiles are 64 columns wide");
 };
@@ -127,91 +131,156 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) flash_fwd_sm90_kernel(const
         };
         /* S of key tile n: scale / mask / online softmax; returns whether O needs the rescale */
         float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f}, alpha[2];
-        float s[kNT][4];
-        auto softmax_tile = [&](int n) {
+        auto softmax_tile = [&](float(&sx)[kNT][4], int n) {
             const int j0 = n * kBlockN;
-            if (Has_extras) fwd_score_extras(s, p, m0 + wrow + g, j0, t, off, alibi_log2);
-            if (mask.needed(j0, kBlockN, m0, i_last)) mask.apply(s, m0 + wrow + g, j0, t);
-            const bool rescale = fwd_softmax(s, row_max, row_sum, alpha, sc);
-            if (Has_dropout && p.drop_threshold) fwd_dropout(s, p, bh, m0 + wrow + g, j0, t);
+            if (Has_extras) fwd_score_extras(sx, p, m0 + wrow + g, j0, t, off, alibi_log2);
+            if (mask.needed(j0, kBlockN, m0, i_last)) mask.apply(sx, m0 + wrow + g, j0, t);
+            const bool rescale = fwd_softmax(sx, row_max, row_sum, alpha, sc);
+            if (Has_dropout && p.drop_threshold) fwd_dropout(sx, p, bh, m0 + wrow + g, j0, t);
             return rescale;
         };
         uint32_t pa[kKSteps][4];
-        auto pack_p = [&]() {
+        auto pack_p = [&](const float(&sx)[kNT][4]) {
 #pragma unroll
             for (int kk = 0; kk < kKSteps; ++kk) {
-                pa[kk][0] = Ops::pack(s[2 * kk][0], s[2 * kk][1]);
-                pa[kk][1] = Ops::pack(s[2 * kk][2], s[2 * kk][3]);
-                pa[kk][2] = Ops::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                pa[kk][3] = Ops::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                pa[kk][0] = Ops::pack(sx[2 * kk][0], sx[2 * kk][1]);
+                pa[kk][1] = Ops::pack(sx[2 * kk][2], sx[2 * kk][3]);
+                pa[kk][2] = Ops::pack(sx[2 * kk + 1][0], sx[2 * kk + 1][1]);
+                pa[kk][3] = Ops::pack(sx[2 * kk + 1][2], sx[2 * kk + 1][3]);
             }
         };
-        float(&s_flat)[kBlockN / 2] = reinterpret_cast<float(&)[kBlockN / 2]>(s);
-
-        /* prologue: Q and the first two key tiles in flight, S of the first */
-        sm90::load_swizzled<kBlockM, kHeadDim, kNThreads>(sQ, qb + (int64_t)m0 * p.q_row_stride, p.q_row_stride,
-                                                          rows_valid, d, tid);
-        load_kv(n_hi - 1);
-        cp_async_commit();
-        if (n_hi - 2 >= n_lo) load_kv(n_hi - 2);
-        cp_async_commit();
-        cp_async_wait<1>();
-        sm90::fence_proxy_async();
-        __syncthreads();
-        sm90::wgmma_fence();
-        sm90::gemm_ss_kmajor<kBlockN, kHeadDim / 16, kBlockM, kBlockN, T>(s_flat, sQ, 64 * wg, sK(0), 0, false);
-        sm90::wgmma_commit();
-        sm90::wgmma_wait<0>();
-        sm90::fence_regs(s_flat);
-        softmax_tile(n_hi - 1);
-        pack_p();
-
-        float o[kDT][4];
+        auto flat = [](float(&sx)[kNT][4]) -> float(&)[kBlockN / 2] {
+            return reinterpret_cast<float(&)[kBlockN / 2]>(sx);
+        };
+        auto buf_of = [&](int n) { return (n_hi - 1 - n) % Cfg::kStages; };
+        float o[kDT][4]; /* written first by the first P V (scale-d 0): never defined outside wgmma */
         float(&o_flat)[kHeadDim / 2] = reinterpret_cast<float(&)[kHeadDim / 2]>(o);
-#pragma unroll
-        for (int i = 0; i < kHeadDim / 2; ++i) o_flat[i] = 0.0f;
-
-#pragma unroll 1
-        for (int n = n_hi - 1;; --n) {
-            const bool has_next = n - 1 >= n_lo;
-            if (has_next) {
-                cp_async_wait<0>();
-                sm90::fence_proxy_async();
-            }
-            __syncthreads(); /* K/V(n - 1) landed; buffer of n + 1 is free */
-            if (n - 2 >= n_lo) {
-                load_kv(n - 2);
-                cp_async_commit();
-            }
-            const int buf = (n_hi - 1 - n) % Cfg::kStages, buf_next = (n_hi - n) % Cfg::kStages;
-            sm90::fence_regs(pa);
-            sm90::fence_regs(o_flat);
-            sm90::wgmma_fence();
-            if (has_next) {
-                sm90::gemm_ss_kmajor<kBlockN, kHeadDim / 16, kBlockM, kBlockN, T>(s_flat, sQ, 64 * wg,
-                                                                                 sK(buf_next), 0, false);
-                sm90::wgmma_commit();
-            }
-            sm90::gemm_rs_mnmajor<kHeadDim, kKSteps, kBlockN, T>(o_flat, pa, sV(buf), 0, true);
+        auto issue_s = [&](float(&sx)[kNT][4], int n) {
+            sm90::gemm_ss_kmajor<kBlockN, kHeadDim / 16, kBlockM, kBlockN, T>(flat(sx), sQ, 64 * wg, sK(buf_of(n)), 0,
+                                                                             false);
             sm90::wgmma_commit();
-            if (!has_next) {
-                sm90::wgmma_wait<0>();
-                sm90::fence_regs(o_flat);
-                break;
-            }
-            sm90::wgmma_wait<1>();
-            sm90::fence_regs(s_flat);
-            const bool rescale = softmax_tile(n - 1);
-            sm90::wgmma_wait<0>();
-            sm90::fence_regs(o_flat);
+        };
+        auto issue_pv = [&](int n) {
+            sm90::gemm_rs_mnmajor<kHeadDim, kKSteps, kBlockN, T>(o_flat, pa, sV(buf_of(n)), 0, n != n_hi - 1);
+            sm90::wgmma_commit();
+        };
+        auto rescale_o = [&](bool rescale) {
             if (rescale) {
 #pragma unroll
                 for (int dt = 0; dt < kDT; ++dt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e / 2];
             }
-            pack_p();
+        };
+        auto before_wgmma = [&]() {
+            sm90::fence_regs(pa);
+            sm90::fence_regs(o_flat);
+            sm90::wgmma_fence();
+        };
+
+        /* prologue: Q and the first key tiles in flight */
+        sm90::load_swizzled<kBlockM, kHeadDim, kNThreads>(sQ, qb + (int64_t)m0 * p.q_row_stride, p.q_row_stride,
+                                                          rows_valid, d, tid);
+        load_kv(n_hi - 1);
+        cp_async_commit();
+        if (n_hi - 2 >= n_lo) load_kv(n_hi - 2);
+        cp_async_commit();
+
+        if constexpr (!Cfg::kDeep) {
+            float s[kNT][4];
+            cp_async_wait<1>();
+            sm90::fence_proxy_async();
+            __syncthreads();
+            sm90::wgmma_fence();
+            issue_s(s, n_hi - 1);
+            sm90::wgmma_wait<0>();
+            sm90::fence_regs(flat(s));
+            softmax_tile(s, n_hi - 1);
+            pack_p(s);
+#pragma unroll 1
+            for (int n = n_hi - 1; n > n_lo; --n) {
+                cp_async_wait<0>();
+                sm90::fence_proxy_async();
+                __syncthreads(); /* K/V(n - 1) landed; buffer of n + 1 is free */
+                if (n - 2 >= n_lo) {
+                    load_kv(n - 2);
+                    cp_async_commit();
+                }
+                before_wgmma();
+                issue_s(s, n - 1);
+                issue_pv(n);
+                sm90::wgmma_wait<1>();
+                sm90::fence_regs(flat(s));
+                const bool rescale = softmax_tile(s, n - 1);
+                sm90::wgmma_wait<0>();
+                sm90::fence_regs(o_flat);
+                rescale_o(rescale);
+                pack_p(s);
+            }
+        } else {
+            /* S(n - 1) is complete when step n starts; step n issues S(n - 2) and P(n) V(n),
+             * then runs the softmax of S(n - 1). Two accumulators alternate (sa, sb). */
+            float sa[kNT][4], sb[kNT][4];
+            if (n_hi - 3 >= n_lo) load_kv(n_hi - 3);
+            cp_async_commit();
+            cp_async_wait<1>();
+            sm90::fence_proxy_async();
+            __syncthreads();
+            sm90::wgmma_fence();
+            issue_s(sa, n_hi - 1);
+            issue_s(sb, n_hi - 2); /* unconditional (stale buffer when there is no such tile: unused) */
+            sm90::wgmma_wait<0>();
+            sm90::fence_regs(flat(sa));
+            sm90::fence_regs(flat(sb));
+            softmax_tile(sa, n_hi - 1);
+            pack_p(sa);
+            /* one step with S(n - 2) issued: cur holds S(n - 1), nxt receives S(n - 2) */
+            auto step = [&](float(&cur)[kNT][4], float(&nxt)[kNT][4], int n) {
+                cp_async_wait<0>();
+                sm90::fence_proxy_async();
+                __syncthreads(); /* K/V(n - 2) landed; buffer of n + 1 is free */
+                if (n - 3 >= n_lo) load_kv(n - 3);
+                cp_async_commit();
+                before_wgmma();
+                issue_s(nxt, n - 2);
+                issue_pv(n);
+                const bool rescale = softmax_tile(cur, n - 1);
+                sm90::wgmma_wait<0>();
+                sm90::fence_regs(o_flat);
+                sm90::fence_regs(flat(nxt));
+                rescale_o(rescale);
+                pack_p(cur);
+            };
+            /* the step with no S left to issue: cur holds S(n_lo), n = n_lo + 1 */
+            auto last_step = [&](float(&cur)[kNT][4], int n) {
+                before_wgmma();
+                issue_pv(n);
+                const bool rescale = softmax_tile(cur, n - 1);
+                sm90::wgmma_wait<0>();
+                sm90::fence_regs(o_flat);
+                rescale_o(rescale);
+                pack_p(cur);
+            };
+            int n = n_hi - 1;
+#pragma unroll 1
+            while (true) {
+                if (n - 2 < n_lo) {
+                    if (n - 1 >= n_lo) last_step(sb, n--);
+                    break;
+                }
+                step(sb, sa, n--);
+                if (n - 2 < n_lo) {
+                    if (n - 1 >= n_lo) last_step(sa, n--);
+                    break;
+                }
+                step(sa, sb, n--);
+            }
         }
+        /* the last tile's P V (its V landed with its K, before its S) */
+        before_wgmma();
+        issue_pv(n_lo);
+        sm90::wgmma_wait<0>();
+        sm90::fence_regs(o_flat);
 
         /* epilogue: O / l into this warpgroup's rows of the Q tile, then 16-byte stores */
 #pragma unroll
@@ -246,20 +315,40 @@ pf_status launch_fwd_sm90(const FlashParams &p, cudaStream_t stream, int device)
     return PF_STATUS_OK;
 }
 
-/* The sm_90 forward for head dim kHeadDim, or PF_STATUS_NOT_SUPPORTED (with no
- * launch) when the call needs the sm_80 kernel: unaligned tensors, head dims
- * without an sm_90 tile, devices other than compute capability 9.x. */
+/* The sm_90 forward for head dim kHeadDim; leaves *launched false (and
+ * launches nothing) when the call needs the sm_80 kernel: unaligned tensors,
+ * head dims without an sm_90 tile, devices other than compute capability 9.x.
+ * Tiles (H200, bf16, 16k tokens; benchmarks/results/prefill_h200.md):
+ *   d=128: 128 keys per tile, S(n - 1) waited for (one S accumulator; two
+ *          would not fit the registers).
+ *   d=64:  128 keys, deep (two S accumulators, S(n - 2) overlapping the
+ *          softmax); the softcap/ALiBi/dropout kernels use the shallow loop
+ *          (the deep one spills there). */
 template <typename T, int kHeadDim>
 pf_status flash_fwd_sm90_run(const FlashParams &p, cudaStream_t stream, int device, bool *launched) {
     *launched = false;
     if constexpr (kHeadDim == 64 || kHeadDim == 128) {
         if (!p.aligned || !sm90_available(device)) return PF_STATUS_OK;
-        using Cfg = FwdSm90Config<kHeadDim, 128>;
+        using Cfg = FwdSm90Config<kHeadDim, 128, false>;
         *launched = true;
         if (p.drop_threshold) return launch_fwd_sm90<T, Cfg, true, true>(p, stream, device);
         const bool extras = p.softcap > 0.0f || p.alibi != nullptr || !(p.scale_log2 > 0.0f);
         if (extras) return launch_fwd_sm90<T, Cfg, true, false>(p, stream, device);
-        return launch_fwd_sm90<T, Cfg, false, false>(p, stream, device);
+#ifdef PF_TUNE
+        /* tuning builds: PAGEDFLASH_FWD90_CFG=<keys per tile>,<deep 0|1> (fast path only) */
+        if (const char *env = getenv("PAGEDFLASH_FWD90_CFG")) {
+            int n = 0, deep = 0;
+            if (sscanf(env, "%d,%d", &n, &deep) == 2) {
+                if (n == 128 && !deep) return launch_fwd_sm90<T, FwdSm90Config<kHeadDim, 128, false>, false, false>(p, stream, device);
+                if (n == 64 && deep) return launch_fwd_sm90<T, FwdSm90Config<kHeadDim, 64, true>, false, false>(p, stream, device);
+                if (n == 64 && !deep) return launch_fwd_sm90<T, FwdSm90Config<kHeadDim, 64, false>, false, false>(p, stream, device);
+                if constexpr (kHeadDim == 64)
+                    if (n == 128 && deep) return launch_fwd_sm90<T, FwdSm90Config<kHeadDim, 128, true>, false, false>(p, stream, device);
+            }
+        }
+#endif
+        using Fast = FwdSm90Config<kHeadDim, 128, kHeadDim == 64>;
+        return launch_fwd_sm90<T, Fast, false, false>(p, stream, device);
     }
     return PF_STATUS_OK;
 }
