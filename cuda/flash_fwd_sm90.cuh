@@ -335,10 +335,10 @@ pf_status flash_fwd_sm90_run(const FlashParams &p, cudaStream_t stream, int devi
         const bool extras = p.softcap > 0.0f || p.alibi != nullptr || !(p.scale_log2 > 0.0f);
         if (extras) return launch_fwd_sm90<T, Cfg, true, false>(p, stream, device);
 #ifdef PF_TUNE
-        /* tuning builds: PAGEDFLASH_FWD90_CFG=<keys per tile>,<deep 0|1> (fast path only) */
+        /* tuning builds: PAGEDFLASH_FWD90_CFG=<keys per tile>x<deep 0|1> (fast path only) */
         if (const char *env = getenv("PAGEDFLASH_FWD90_CFG")) {
             int n = 0, deep = 0;
-            if (sscanf(env, "%d,%d", &n, &deep) == 2) {
+            if (sscanf(env, "%dx%d", &n, &deep) == 2) {
                 if (n == 128 && !deep) return launch_fwd_sm90<T, FwdSm90Config<kHeadDim, 128, false>, false, false>(p, stream, device);
                 if (n == 64 && deep) return launch_fwd_sm90<T, FwdSm90Config<kHeadDim, 64, true>, false, false>(p, stream, device);
                 if (n == 64 && !deep) return launch_fwd_sm90<T, FwdSm90Config<kHeadDim, 64, false>, false, false>(p, stream, device);
