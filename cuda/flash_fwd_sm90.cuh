@@ -34,16 +34,18 @@
 namespace pf {
 namespace cuda {
 
-template <int kHeadDim_, int kBlockN_, bool kDeep_>
+template <int kHeadDim_, int kBlockN_, bool kDeep_, int kNWG_ = 2, int kMinBlocks_ = 1>
 struct FwdSm90Config {
     /* kDeep: S of key tile n - 2 is computed while the softmax of tile n - 1 runs
      * (two S accumulators, 4 K/V stages); otherwise S(n - 1) is waited for and
      * only P V overlaps the softmax (one S accumulator, 3 stages). */
     static constexpr bool kDeep = kDeep_;
     static constexpr int kHeadDim = kHeadDim_;
-    static constexpr int kBlockM = 128;
+    static constexpr int kNWG = kNWG_; /* warpgroups, 64 query rows each */
+    static constexpr int kMinBlocks = kMinBlocks_;
+    static constexpr int kBlockM = 64 * kNWG;
     static constexpr int kBlockN = kBlockN_;
-    static constexpr int kNThreads = 256;
+    static constexpr int kNThreads = 128 * kNWG;
     static constexpr int kNT = kBlockN / 8; /* n8 column tiles of S */
     static constexpr int kDT = kHeadDim / 8; /* of O */
     static constexpr int kQBytes = kBlockM * kHeadDim * 2;
@@ -67,7 +69,7 @@ PF_DEV void store_swizzled(T *g, int64_t row_stride, const unsigned char *tile, 
 }
 
 template <typename T, typename Cfg, bool Has_extras, bool Has_dropout>
-__global__ void __launch_bounds__(Cfg::kNThreads, 1) flash_fwd_sm90_kernel(const __grid_constant__ FlashParams p) {
+__global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks) flash_fwd_sm90_kernel(const __grid_constant__ FlashParams p) {
 #ifdef PF_SM90_DEVICE
     using Ops = TypeOps<T>;
     constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kHeadDim = Cfg::kHeadDim;
@@ -335,16 +337,26 @@ pf_status flash_fwd_sm90_run(const FlashParams &p, cudaStream_t stream, int devi
         const bool extras = p.softcap > 0.0f || p.alibi != nullptr || !(p.scale_log2 > 0.0f);
         if (extras) return launch_fwd_sm90<T, Cfg, true, false>(p, stream, device);
 #ifdef PF_TUNE
-        /* tuning builds: PAGEDFLASH_FWD90_CFG=<keys per tile>x<deep 0|1> (fast path only) */
+        /* tuning builds: PAGEDFLASH_FWD90_CFG=<keys per tile>x<deep 0|1>x<warpgroups>x<blocks per SM>
+         * (fast path only) */
         if (const char *env = getenv("PAGEDFLASH_FWD90_CFG")) {
-            int n = 0, deep = 0;
-            if (sscanf(env, "%dx%d", &n, &deep) == 2) {
-                if (n == 128 && !deep) return launch_fwd_sm90<T, FwdSm90Config<kHeadDim, 128, false>, false, false>(p, stream, device);
-                if (n == 64 && deep) return launch_fwd_sm90<T, FwdSm90Config<kHeadDim, 64, true>, false, false>(p, stream, device);
-                if (n == 64 && !deep) return launch_fwd_sm90<T, FwdSm90Config<kHeadDim, 64, false>, false, false>(p, stream, device);
-                if constexpr (kHeadDim == 64)
-                    if (n == 128 && deep) return launch_fwd_sm90<T, FwdSm90Config<kHeadDim, 128, true>, false, false>(p, stream, device);
+            int n = 0, deep = 0, nwg = 2, mb = 1;
+            sscanf(env, "%dx%dx%dx%d", &n, &deep, &nwg, &mb);
+#define PF_FWD90_TUNE(N, DEEP, NWG, MB)                                                                     \
+    if (n == N && deep == DEEP && nwg == NWG && mb == MB)                                                   \
+        return launch_fwd_sm90<T, FwdSm90Config<kHeadDim, N, DEEP, NWG, MB>, false, false>(p, stream, device);
+            PF_FWD90_TUNE(128, 0, 2, 1)
+            PF_FWD90_TUNE(64, 1, 2, 1)
+            PF_FWD90_TUNE(64, 0, 2, 1)
+            if constexpr (kHeadDim == 64) {
+                PF_FWD90_TUNE(128, 1, 2, 1)
+                PF_FWD90_TUNE(128, 0, 3, 1)
+                PF_FWD90_TUNE(64, 1, 3, 1)
+                PF_FWD90_TUNE(64, 0, 3, 1)
+                PF_FWD90_TUNE(64, 0, 2, 2)
+                PF_FWD90_TUNE(128, 0, 2, 2)
             }
+#undef PF_FWD90_TUNE
         }
 #endif
         using Fast = FwdSm90Config<kHeadDim, 128, kHeadDim == 64>;

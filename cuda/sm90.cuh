@@ -140,13 +140,14 @@ template <int R, int D, int kThreads, typename T>
 PF_DEV void load_swizzled(uint32_t tile, const T *g, int64_t row_stride, int rows_valid, int d, int tid) {
     constexpr int C = D / 8; /* 16-byte chunks per row */
     constexpr int kRowStep = kThreads / C;
-    static_assert(kThreads % C == 0 && kRowStep % 8 == 0 && R % kRowStep == 0, "whole passes, fixed swizzle");
+    static_assert(kThreads % C == 0 && kRowStep % 8 == 0, "whole rows per pass, fixed swizzle");
     const int r0 = tid / C, c = (tid % C) * 8;
     const bool col_ok = c < d;
     const T *src = g + r0 * row_stride + c;
     uint32_t dst = tile + swz<R>(r0, c);
 #pragma unroll
-    for (int it = 0; it < R / kRowStep; ++it) {
+    for (int it = 0; it < (R + kRowStep - 1) / kRowStep; ++it) {
+        if (R % kRowStep != 0 && r0 + it * kRowStep >= R) break;
         const bool ok = col_ok && r0 + it * kRowStep < rows_valid;
         cp_async_16(dst, ok ? (const void *)src : (const void *)g, ok);
         src += kRowStep * row_stride;
