@@ -6,11 +6,13 @@
  * whose per-slice score helpers (fwd_score_extras, FwdMask, fwd_softmax,
  * fwd_dropout) it shares.
  *
- * One thread block = two warpgroups (256 threads) = one query tile of 128 rows
- * of one (batch, head); warpgroup w owns rows [64w, 64w + 64), its warp v rows
- * 16v..16v+15 of those (the wgmma accumulator layout, sm90.cuh). Shared memory,
- * all in the swizzled tile layout of sm90.cuh: Q [128][D], and three K/V
- * buffers of kBlockN keys (d=128: 32 + 3 x 64 KB = 224 KB; d=64: 112 KB).
+ * One thread block = kNWG warpgroups (2: 256 threads) = one query tile of
+ * 64 * kNWG rows of one (batch, head); warpgroup w owns rows [64w, 64w + 64),
+ * its warp v rows 16v..16v+15 of those (the wgmma accumulator layout,
+ * sm90.cuh). Shared memory, all in the swizzled tile layout of sm90.cuh: Q
+ * [kBlockM][D], and three K/V buffers of kBlockN keys (d=128, 128 keys: 32 +
+ * 3 x 64 KB = 224 KB, one block per SM; d=64, 64 keys: 64 KB, two blocks per
+ * SM). The tiles and their measurements: flash_fwd_sm90_run below.
  *
  * Key tiles are walked from last to first (as on sm_80: the masked tiles of a
  * causal row come first). Tile n lives in buffer (n_hi - 1 - n) % 3; its
@@ -31,15 +33,13 @@
 #include "flash_fwd.cuh"
 #include "sm90.cuh"
 
+#include <type_traits>
+
 namespace pf {
 namespace cuda {
 
-template <int kHeadDim_, int kBlockN_, bool kDeep_, int kNWG_ = 2, int kMinBlocks_ = 1>
+template <int kHeadDim_, int kBlockN_, int kNWG_ = 2, int kMinBlocks_ = 1>
 struct FwdSm90Config {
-    /* kDeep: S of key tile n - 2 is computed while the softmax of tile n - 1 runs
-     * (two S accumulators, 4 K/V stages); otherwise S(n - 1) is waited for and
-     * only P V overlaps the softmax (one S accumulator, 3 stages). */
-    static constexpr bool kDeep = kDeep_;
     static constexpr int kHeadDim = kHeadDim_;
     static constexpr int kNWG = kNWG_; /* warpgroups, 64 query rows each */
     static constexpr int kMinBlocks = kMinBlocks_;
@@ -50,7 +50,7 @@ struct FwdSm90Config {
     static constexpr int kDT = kHeadDim / 8; /* of O */
     static constexpr int kQBytes = kBlockM * kHeadDim * 2;
     static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
-    static constexpr int kStages = kDeep ? 4 : 3;
+    static constexpr int kStages = 3;
     static constexpr int kSmemBytes = kQBytes + kStages * 2 * kKVBytes + 1024; /* + alignment slack */
     static_assert(kHeadDim % 64 == 0 && kBlockN % 16 == 0, "swizzled tiles are 64 columns wide");
 };
@@ -188,95 +188,35 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks) flash_fwd_sm9
         if (n_hi - 2 >= n_lo) load_kv(n_hi - 2);
         cp_async_commit();
 
-        if constexpr (!Cfg::kDeep) {
-            float s[kNT][4];
-            cp_async_wait<1>();
-            sm90::fence_proxy_async();
-            __syncthreads();
-            sm90::wgmma_fence();
-            issue_s(s, n_hi - 1);
-            sm90::wgmma_wait<0>();
-            sm90::fence_regs(flat(s));
-            softmax_tile(s, n_hi - 1);
-            pack_p(s);
+        float s[kNT][4];
+        cp_async_wait<1>();
+        sm90::fence_proxy_async();
+        __syncthreads();
+        sm90::wgmma_fence();
+        issue_s(s, n_hi - 1);
+        sm90::wgmma_wait<0>();
+        sm90::fence_regs(flat(s));
+        softmax_tile(s, n_hi - 1);
+        pack_p(s);
 #pragma unroll 1
-            for (int n = n_hi - 1; n > n_lo; --n) {
-                cp_async_wait<0>();
-                sm90::fence_proxy_async();
-                __syncthreads(); /* K/V(n - 1) landed; buffer of n + 1 is free */
-                if (n - 2 >= n_lo) {
-                    load_kv(n - 2);
-                    cp_async_commit();
-                }
-                before_wgmma();
-                issue_s(s, n - 1);
-                issue_pv(n);
-                sm90::wgmma_wait<1>();
-                sm90::fence_regs(flat(s));
-                const bool rescale = softmax_tile(s, n - 1);
-                sm90::wgmma_wait<0>();
-                sm90::fence_regs(o_flat);
-                rescale_o(rescale);
-                pack_p(s);
-            }
-        } else {
-            /* S(n - 1) is complete when step n starts; step n issues S(n - 2) and P(n) V(n),
-             * then runs the softmax of S(n - 1). Two accumulators alternate (sa, sb). */
-            float sa[kNT][4], sb[kNT][4];
-            if (n_hi - 3 >= n_lo) load_kv(n_hi - 3);
-            cp_async_commit();
-            cp_async_wait<1>();
+        for (int n = n_hi - 1; n > n_lo; --n) {
+            cp_async_wait<0>();
             sm90::fence_proxy_async();
-            __syncthreads();
-            sm90::wgmma_fence();
-            issue_s(sa, n_hi - 1);
-            issue_s(sb, n_hi - 2); /* unconditional (stale buffer when there is no such tile: unused) */
-            sm90::wgmma_wait<0>();
-            sm90::fence_regs(flat(sa));
-            sm90::fence_regs(flat(sb));
-            softmax_tile(sa, n_hi - 1);
-            pack_p(sa);
-            /* one step with S(n - 2) issued: cur holds S(n - 1), nxt receives S(n - 2) */
-            auto step = [&](float(&cur)[kNT][4], float(&nxt)[kNT][4], int n) {
-                cp_async_wait<0>();
-                sm90::fence_proxy_async();
-                __syncthreads(); /* K/V(n - 2) landed; buffer of n + 1 is free */
-                if (n - 3 >= n_lo) load_kv(n - 3);
+            __syncthreads(); /* K/V(n - 1) landed; buffer of n + 1 is free */
+            if (n - 2 >= n_lo) {
+                load_kv(n - 2);
                 cp_async_commit();
-                before_wgmma();
-                issue_s(nxt, n - 2);
-                issue_pv(n);
-                const bool rescale = softmax_tile(cur, n - 1);
-                sm90::wgmma_wait<0>();
-                sm90::fence_regs(o_flat);
-                sm90::fence_regs(flat(nxt));
-                rescale_o(rescale);
-                pack_p(cur);
-            };
-            /* the step with no S left to issue: cur holds S(n_lo), n = n_lo + 1 */
-            auto last_step = [&](float(&cur)[kNT][4], int n) {
-                before_wgmma();
-                issue_pv(n);
-                const bool rescale = softmax_tile(cur, n - 1);
-                sm90::wgmma_wait<0>();
-                sm90::fence_regs(o_flat);
-                rescale_o(rescale);
-                pack_p(cur);
-            };
-            int n = n_hi - 1;
-#pragma unroll 1
-            while (true) {
-                if (n - 2 < n_lo) {
-                    if (n - 1 >= n_lo) last_step(sb, n--);
-                    break;
-                }
-                step(sb, sa, n--);
-                if (n - 2 < n_lo) {
-                    if (n - 1 >= n_lo) last_step(sa, n--);
-                    break;
-                }
-                step(sa, sb, n--);
             }
+            before_wgmma();
+            issue_s(s, n - 1);
+            issue_pv(n);
+            sm90::wgmma_wait<1>();
+            sm90::fence_regs(flat(s));
+            const bool rescale = softmax_tile(s, n - 1);
+            sm90::wgmma_wait<0>();
+            sm90::fence_regs(o_flat);
+            rescale_o(rescale);
+            pack_p(s);
         }
         /* the last tile's P V (its V landed with its K, before its S) */
         before_wgmma();
@@ -320,46 +260,29 @@ pf_status launch_fwd_sm90(const FlashParams &p, cudaStream_t stream, int device)
 /* The sm_90 forward for head dim kHeadDim; leaves *launched false (and
  * launches nothing) when the call needs the sm_80 kernel: unaligned tensors,
  * head dims without an sm_90 tile, devices other than compute capability 9.x.
- * Tiles (H200, bf16, 16k tokens; benchmarks/results/prefill_h200.md):
- *   d=128: 128 keys per tile, S(n - 1) waited for (one S accumulator; two
- *          would not fit the registers).
- *   d=64:  128 keys, deep (two S accumulators, S(n - 2) overlapping the
- *          softmax); the softcap/ALiBi/dropout kernels use the shallow loop
- *          (the deep one spills there). */
+ *
+ * Tiles (H200, bf16, 16k tokens, TFLOP/s at s = 1k / 8k non-causal, 512 / 8k
+ * causal; benchmarks/results/fwd90_tiles_h200.md):
+ *   d=64:  64 keys, 2 warpgroups, 2 blocks per SM (128 registers, 36 bytes of
+ *          spills outside the loop): 360 / 385, 209 / 363 -- against
+ *          128 keys 1 block/SM 281 / 310, 161 / 299; 3 warpgroups with 128 keys
+ *          274 / 340, 139 / 307; 3 warpgroups with 64 keys 247 / 307, 137 / 280;
+ *          an S(n - 2)-ahead pipeline with two S accumulators +1%.
+ *   d=128: 128 keys, 2 warpgroups, 1 block per SM (236 registers): 394 / 435,
+ *          287 / 419 -- against 64 keys 364 / 408, 276 / 385.
+ *   The softcap / ALiBi / dropout kernels use 128 keys, 1 block per SM (they
+ *   spill 100-300 bytes at 2 blocks per SM). */
 template <typename T, int kHeadDim>
 pf_status flash_fwd_sm90_run(const FlashParams &p, cudaStream_t stream, int device, bool *launched) {
     *launched = false;
     if constexpr (kHeadDim == 64 || kHeadDim == 128) {
         if (!p.aligned || !sm90_available(device)) return PF_STATUS_OK;
-        using Cfg = FwdSm90Config<kHeadDim, 128, false>;
+        using Cfg = FwdSm90Config<kHeadDim, 128>;
         *launched = true;
         if (p.drop_threshold) return launch_fwd_sm90<T, Cfg, true, true>(p, stream, device);
         const bool extras = p.softcap > 0.0f || p.alibi != nullptr || !(p.scale_log2 > 0.0f);
         if (extras) return launch_fwd_sm90<T, Cfg, true, false>(p, stream, device);
-#ifdef PF_TUNE
-        /* tuning builds: PAGEDFLASH_FWD90_CFG=<keys per tile>x<deep 0|1>x<warpgroups>x<blocks per SM>
-         * (fast path only) */
-        if (const char *env = getenv("PAGEDFLASH_FWD90_CFG")) {
-            int n = 0, deep = 0, nwg = 2, mb = 1;
-            sscanf(env, "%dx%dx%dx%d", &n, &deep, &nwg, &mb);
-#define PF_FWD90_TUNE(N, DEEP, NWG, MB)                                                                     \
-    if (n == N && deep == DEEP && nwg == NWG && mb == MB)                                                   \
-        return launch_fwd_sm90<T, FwdSm90Config<kHeadDim, N, DEEP, NWG, MB>, false, false>(p, stream, device);
-            PF_FWD90_TUNE(128, 0, 2, 1)
-            PF_FWD90_TUNE(64, 1, 2, 1)
-            PF_FWD90_TUNE(64, 0, 2, 1)
-            if constexpr (kHeadDim == 64) {
-                PF_FWD90_TUNE(128, 1, 2, 1)
-                PF_FWD90_TUNE(128, 0, 3, 1)
-                PF_FWD90_TUNE(64, 1, 3, 1)
-                PF_FWD90_TUNE(64, 0, 3, 1)
-                PF_FWD90_TUNE(64, 0, 2, 2)
-                PF_FWD90_TUNE(128, 0, 2, 2)
-            }
-#undef PF_FWD90_TUNE
-        }
-#endif
-        using Fast = FwdSm90Config<kHeadDim, 128, kHeadDim == 64>;
+        using Fast = std::conditional_t<kHeadDim == 64, FwdSm90Config<64, 64, 2, 2>, FwdSm90Config<kHeadDim, 128>>;
         return launch_fwd_sm90<T, Fast, false, false>(p, stream, device);
     }
     return PF_STATUS_OK;
