@@ -825,6 +825,14 @@ pf_status launch_bwd_dq(const FlashParams &p, cudaStream_t stream, int device) {
                               stream, device, done, p, "flash_bwd_dq_kernel");
 }
 
+}  // namespace cuda
+}  // namespace pf
+
+#include "flash_bwd_sm90.cuh" /* the Hopper main kernel (uses the helpers above) */
+
+namespace pf {
+namespace cuda {
+
 /* Tiles per head dim: BwdConfig<d, queries per step, warps (16 keys each), stages,
  * min blocks, dQ rows per warp, deferred dQ, lse2>, and the deterministic dQ kernel's
  * FwdConfig<d, query rows, keys per tile, warps>.
@@ -971,13 +979,18 @@ pf_status flash_bwd_run(const FlashParams &params, cudaStream_t stream, int devi
     PF_CUDA_CHECK_LAUNCH("bwd_prep_kernel");
 
     const bool extras = p.softcap > 0.0f || p.alibi != nullptr || p.drop_threshold != 0 || !(p.scale_log2 > 0.0f);
+    bool use_sm90 = false; /* the sm_90a main kernel: flash_bwd_sm90.cuh says which calls it takes */
+    if constexpr (bwd_sm90_has_tile<T, kHeadDim>())
+        use_sm90 = p.aligned && !extras && !p.deterministic && sm90_available(device);
 #ifdef PF_TUNE
     bool handled = false;
     PF_TRY((bwd_tune<T, kHeadDim>(p, stream, device, &handled)));
     if (handled) {
     } else
 #endif
-    if (!p.aligned)
+    if (use_sm90)
+        PF_TRY((launch_bwd_sm90<T, kHeadDim>(p, stream, device)));
+    else if (!p.aligned)
         PF_TRY((bwd_main_and_dq<T, kHeadDim, false, true>(p, stream, device)));
     else if (extras)
         PF_TRY((bwd_main_and_dq<T, kHeadDim, true, true>(p, stream, device)));
