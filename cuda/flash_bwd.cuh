@@ -973,24 +973,27 @@ pf_status flash_bwd_run(const FlashParams &params, cudaStream_t stream, int devi
 
     int sms = 0;
     PF_TRY(sm_count(device, &sms));
+    const bool extras = p.softcap > 0.0f || p.alibi != nullptr || p.drop_threshold != 0 || !(p.scale_log2 > 0.0f);
+    bool use_sm90 = false; /* the sm_90a kernels: flash_bwd_sm90.cuh says which calls they take */
+    if constexpr (bwd_sm90_has_tile<T, kHeadDim>())
+        use_sm90 = p.aligned && !extras && !p.deterministic && rows * p.num_heads * (kHeadDim / 8) < INT32_MAX / 2 &&
+                   sm90_available(device);
+    if (use_sm90) {
+        PF_TRY((flash_bwd_sm90_passes<T, kHeadDim>(p, rows, sms, stream, device)));
+        return pf_cuda_scratch_release(stream, &scratch);
+    }
     const int64_t warps = rows * p.num_heads;
     const int prep_blocks = (int)((warps + 7) / 8 < (int64_t)sms * 8 ? (warps + 7) / 8 : (int64_t)sms * 8);
     bwd_prep_kernel<T><<<prep_blocks > 0 ? prep_blocks : 1, 256, 0, stream>>>(p, rows, !p.deterministic);
     PF_CUDA_CHECK_LAUNCH("bwd_prep_kernel");
 
-    const bool extras = p.softcap > 0.0f || p.alibi != nullptr || p.drop_threshold != 0 || !(p.scale_log2 > 0.0f);
-    bool use_sm90 = false; /* the sm_90a main kernel: flash_bwd_sm90.cuh says which calls it takes */
-    if constexpr (bwd_sm90_has_tile<T, kHeadDim>())
-        use_sm90 = p.aligned && !extras && !p.deterministic && sm90_available(device);
 #ifdef PF_TUNE
     bool handled = false;
     PF_TRY((bwd_tune<T, kHeadDim>(p, stream, device, &handled)));
     if (handled) {
     } else
 #endif
-    if (use_sm90)
-        PF_TRY((launch_bwd_sm90<T, kHeadDim>(p, stream, device)));
-    else if (!p.aligned)
+    if (!p.aligned)
         PF_TRY((bwd_main_and_dq<T, kHeadDim, false, true>(p, stream, device)));
     else if (extras)
         PF_TRY((bwd_main_and_dq<T, kHeadDim, true, true>(p, stream, device)));

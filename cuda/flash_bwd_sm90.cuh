@@ -331,6 +331,82 @@ __global__ void __launch_bounds__(256, 1) flash_bwd_sm90_kernel(const __grid_con
 #endif
 }
 
+/* Passes 1 and 3 for the calls this kernel takes (aligned, non-deterministic; rows * heads
+ * * d / 8 < 2^31): one thread per 16-byte chunk (8 elements) of a (row, head), so every access
+ * is a 16-byte vector and consecutive threads touch consecutive dq_accum chunks. Same results
+ * as bwd_prep_kernel / bwd_convert_dq_kernel (D summed in another order). */
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(256) bwd_prep_sm90_kernel(const __grid_constant__ FlashParams p, int rows) {
+    constexpr int C = kHeadDim / 8; /* chunks per (row, head): 8 or 16, a power of two */
+    const int H = p.num_heads, d = p.head_dim;
+    const int total = rows * H * C;
+    const int64_t lse2_off = bwd_lse2_offset(rows, H);
+    /* whole warps iterate together (the shuffles below): the bound is rounded up to 32 */
+    const int bound = (total + 31) & ~31;
+    for (int w = blockIdx.x * blockDim.x + threadIdx.x; w < bound; w += gridDim.x * blockDim.x) {
+        const bool valid = w < total;
+        const int c = w % C;
+        const int rh = w / C;
+        const int h = rh % H, r = rh / H;
+        int b = 0, i = r;
+        if (!p.varlen) {
+            b = r / p.seqlen_q;
+            i = r - b * p.seqlen_q;
+        }
+        float acc = 0.0f;
+        if (valid && c * 8 < d) {
+            const uint4 o = *reinterpret_cast<const uint4 *>(static_cast<const T *>(p.o) + b * p.o_batch_stride +
+                                                             (int64_t)i * p.o_row_stride + h * p.o_head_stride + c * 8);
+            const uint4 g = *reinterpret_cast<const uint4 *>(static_cast<const T *>(p.dout) + b * p.do_batch_stride +
+                                                             (int64_t)i * p.do_row_stride + h * p.do_head_stride +
+                                                             c * 8);
+            const T *oe = reinterpret_cast<const T *>(&o);
+            const T *ge = reinterpret_cast<const T *>(&g);
+#pragma unroll
+            for (int x = 0; x < 8; ++x) acc += TypeOps<T>::to_float(oe[x]) * TypeOps<T>::to_float(ge[x]);
+        }
+#pragma unroll
+        for (int x = C / 2; x > 0; x >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, x, C);
+        if (!valid) continue;
+        if (c == 0) p.dsum[(int64_t)h * rows + r] = acc;
+        if (c == 1) {
+            const float l = p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + i * p.lse_row_stride];
+            p.dsum[lse2_off + (int64_t)h * rows + r] = l == -INFINITY ? INFINITY : l * kLog2e;
+        }
+        float4 *dq = reinterpret_cast<float4 *>(p.dq_accum + (int64_t)w * 8);
+        dq[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+        dq[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+}
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(256) bwd_convert_dq_sm90_kernel(const __grid_constant__ FlashParams p, int rows) {
+    constexpr int C = kHeadDim / 8;
+    const int H = p.num_heads, d = p.head_dim;
+    const int total = rows * H * C;
+    for (int w = blockIdx.x * blockDim.x + threadIdx.x; w < total; w += gridDim.x * blockDim.x) {
+        const int c = w % C;
+        if (c * 8 >= d) continue;
+        const int rh = w / C;
+        const int h = rh % H, r = rh / H;
+        int b = 0, i = r;
+        if (!p.varlen) {
+            b = r / p.seqlen_q;
+            i = r - b * p.seqlen_q;
+        }
+        const float4 *src = reinterpret_cast<const float4 *>(p.dq_accum + (int64_t)w * 8);
+        const float4 x0 = src[0], x1 = src[1];
+        const float sc = p.softmax_scale;
+        uint4 v;
+        v.x = TypeOps<T>::pack(x0.x * sc, x0.y * sc);
+        v.y = TypeOps<T>::pack(x0.z * sc, x0.w * sc);
+        v.z = TypeOps<T>::pack(x1.x * sc, x1.y * sc);
+        v.w = TypeOps<T>::pack(x1.z * sc, x1.w * sc);
+        *reinterpret_cast<uint4 *>(static_cast<T *>(p.dq) + b * p.dq_batch_stride + (int64_t)i * p.dq_row_stride +
+                                   h * p.dq_head_stride + c * 8) = v;
+    }
+}
+
 template <typename T, int kHeadDim>
 pf_status launch_bwd_sm90(const FlashParams &p, cudaStream_t stream, int device) {
     using Cfg = typename Bwd90Tile<kHeadDim>::type;
@@ -339,6 +415,20 @@ pf_status launch_bwd_sm90(const FlashParams &p, cudaStream_t stream, int device)
     dim3 grid(blocks > 0 ? blocks : 1, p.num_kv_heads, p.batch);
     return launch_smem_kernel(flash_bwd_sm90_kernel<T, Cfg>, grid, Cfg::kNThreads, Cfg::kSmemBytes, stream, device,
                               done, p, "flash_bwd_sm90_kernel");
+}
+
+/* Passes 1-3 on the sm_90a path (workspace set up by flash_bwd_run). */
+template <typename T, int kHeadDim>
+pf_status flash_bwd_sm90_passes(const FlashParams &p, int64_t rows, int sms, cudaStream_t stream, int device) {
+    constexpr int C = kHeadDim / 8;
+    const int64_t chunks = rows * p.num_heads * C;
+    const int blocks = (int)((chunks + 255) / 256 < (int64_t)sms * 16 ? (chunks + 255) / 256 : (int64_t)sms * 16);
+    bwd_prep_sm90_kernel<T, kHeadDim><<<blocks > 0 ? blocks : 1, 256, 0, stream>>>(p, (int)rows);
+    PF_CUDA_CHECK_LAUNCH("bwd_prep_sm90_kernel");
+    PF_TRY((launch_bwd_sm90<T, kHeadDim>(p, stream, device)));
+    bwd_convert_dq_sm90_kernel<T, kHeadDim><<<blocks > 0 ? blocks : 1, 256, 0, stream>>>(p, (int)rows);
+    PF_CUDA_CHECK_LAUNCH("bwd_convert_dq_sm90_kernel");
+    return PF_STATUS_OK;
 }
 
 /* Does the sm_90a main kernel take this call? (the caller checked sm90_available) */
