@@ -45,17 +45,23 @@ def point(d, h, s, causal, args):
     bwd = pagedflash.flash_attn_backward
     row = {"d": d, "h": h, "s": s, "b": b, "causal": causal}
     grads = {}
-    for name, env in (("sm90", None), ("sm80", "0")):
-        if env is None:
-            os.environ.pop("PAGEDFLASH_SM90", None)
-        else:
+    variants = [("sm90", None), ("sm80", "0")] + [(f"sm90@{x}", x) for x in args.env]
+    for name, env in variants:
+        for x in args.env:
+            os.environ.pop(x.split("=")[0], None)
+        os.environ.pop("PAGEDFLASH_SM90", None)
+        if env == "0":
             os.environ["PAGEDFLASH_SM90"] = env
+        elif env:
+            os.environ[env.split("=")[0]] = env.split("=", 1)[1]
         grads[name] = bwd(dout, q, k, v, out, lse, causal=causal)
         dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
         ms = cuda_time(lambda: bwd(dout, q, k, v, out, lse, causal=causal, dq=dq, dk=dk, dv=dv), args.warmup,
                        args.iters)
         row[name] = fb / ms / 1e9
     os.environ.pop("PAGEDFLASH_SM90", None)
+    for x in args.env:
+        os.environ.pop(x.split("=")[0], None)
     row["diff"] = max(float((a.float() - c.float()).abs().max()) for a, c in zip(grads["sm90"], grads["sm80"]))
     for be, short in (("FLASH_ATTENTION", "fa2"), ("CUDNN_ATTENTION", "cudnn")):
         try:
@@ -87,8 +93,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--out")
+    ap.add_argument("--env", action="append", default=[],
+                    help="NAME=VALUE: also time the sm90 path with this variable set (tuning A/B)")
     args = ap.parse_args()
-    cols = ["d", "h", "s", "b", "causal", "sm90", "sm80", "fa2", "cudnn", "sm90/fa2", "sm90/sm80", "diff", "err_fa2"]
+    cols = ["d", "h", "s", "b", "causal", "sm90"] + [f"sm90@{x}" for x in args.env] + ["sm80", "fa2", "cudnn", "sm90/fa2", "sm90/sm80", "diff", "err_fa2"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for d in [int(x) for x in args.dims.split(",")]:
         h = 2048 // d
