@@ -966,20 +966,21 @@ pf_status flash_bwd_run(const FlashParams &params, cudaStream_t stream, int devi
     /* D and lse2, each [num_heads][rows] rounded up to 256 bytes */
     const size_t dsum_bytes = 2 * (size_t)bwd_lse2_offset(rows, p.num_heads) * 4;
     const size_t dq_bytes = p.deterministic ? 0 : (size_t)rows * p.num_heads * kHeadDim * 4;
-    pf_cuda_scratch scratch; /* cached per (device, stream): cuda_util.cuh */
-    PF_TRY(pf_cuda_scratch_acquire(stream, dsum_bytes + dq_bytes, &scratch));
-    p.dsum = static_cast<float *>(scratch.ptr);
-    p.dq_accum = p.deterministic ? nullptr : reinterpret_cast<float *>(static_cast<char *>(scratch.ptr) + dsum_bytes);
-
-    int sms = 0;
-    PF_TRY(sm_count(device, &sms));
     const bool extras = p.softcap > 0.0f || p.alibi != nullptr || p.drop_threshold != 0 || !(p.scale_log2 > 0.0f);
     bool use_sm90 = false; /* the sm_90a kernels: flash_bwd_sm90.cuh says which calls they take */
     if constexpr (bwd_sm90_has_tile<T, kHeadDim>())
         use_sm90 = p.aligned && !extras && !p.deterministic && rows * p.num_heads * (kHeadDim / 8) < INT32_MAX / 2 &&
                    sm90_available(device);
-    if (use_sm90) {
-        PF_TRY((flash_bwd_sm90_passes<T, kHeadDim>(p, rows, sms, stream, device)));
+    pf_cuda_scratch scratch; /* cached per (device, stream): cuda_util.cuh */
+    PF_TRY(pf_cuda_scratch_acquire(stream, dsum_bytes + dq_bytes + (use_sm90 ? 256 : 0), &scratch));
+    p.dsum = static_cast<float *>(scratch.ptr);
+    p.dq_accum = p.deterministic ? nullptr : reinterpret_cast<float *>(static_cast<char *>(scratch.ptr) + dsum_bytes);
+
+    int sms = 0;
+    PF_TRY(sm_count(device, &sms));
+    if (use_sm90) { /* the sm90 kernel's tile counter follows dq_accum */
+        int *tile_counter = reinterpret_cast<int *>(static_cast<char *>(scratch.ptr) + dsum_bytes + dq_bytes);
+        PF_TRY((flash_bwd_sm90_passes<T, kHeadDim>(p, rows, sms, tile_counter, stream, device)));
         return pf_cuda_scratch_release(stream, &scratch);
     }
     const int64_t warps = rows * p.num_heads;

@@ -341,14 +341,14 @@ __global__ void __launch_bounds__(256, 1) flash_bwd_sm90_kernel(const __grid_con
 #endif
 }
 
-/* Persistent variant: gridDim.x blocks (one per SM) walk the work tiles (key block n0, KV
- * head, batch), n0-major so that causal's longest tiles come first, tile = blockIdx.x +
- * k gridDim.x. A tile covers key blocks n0, n0 + NB, ... (NB = blocks of max_seqlen_k: only
- * n0 unless a varlen max_seqlen_k hint was too small). During a tile's last step the next
+/* Persistent variant: gridDim.x blocks (one per SM) take the work tiles (key block n0, KV
+ * head, batch) in order from a counter (pass 1 zeroes it). A tile covers key blocks n0,
+ * n0 + NB, ... (NB = blocks of max_seqlen_k: only n0 unless a varlen max_seqlen_k hint was
+ * too small). During a tile's last step the next
  * tile's K / V (other buffer) and first Q / dO / lse2 / D are loaded, so a tile starts without
  * waiting for memory; dK / dV go straight from the registers to global memory. */
 template <typename T, typename Cfg>
-__global__ void __launch_bounds__(256, 1) flash_bwd_sm90_persistent_kernel(const __grid_constant__ FlashParams p) {
+__global__ void __launch_bounds__(256, 1) flash_bwd_sm90_persistent_kernel(const __grid_constant__ FlashParams p, int *tile_counter) {
 #ifdef PF_SM90_DEVICE
     using Ops = TypeOps<T>;
     using namespace sm90;
@@ -377,20 +377,34 @@ __global__ void __launch_bounds__(256, 1) flash_bwd_sm90_persistent_kernel(const
     const int n_tiles = NB * HB;
 
     struct Work {
-        int tile, n_block, hk, b, sq, sk, q_start, k_start, keys_valid, m_lo, m_hi, n_steps;
+        int tile, k, n_block, hk, b, sq, sk, q_start, k_start, keys_valid, m_lo, m_hi, n_steps;
     };
-    /* the work of tile `tile`, key block n_block (tile.n_block = -1: none) */
-    auto make_work = [&](int tile, int n_block, int hk, int b, const SeqInfo &si) {
+    /* tile = (b Hk + hk) NB + n0 (a head's key blocks next to each other: they share Q / dO in
+     * L2; causal's longest first), key block n_block = n0 + k NB (k > 0 only when a varlen
+     * max_seqlen_k hint was too small). n_block = -1: no more work; a key block past the
+     * sequence has no steps and stores nothing. */
+    auto make_work = [&](int tile, int k) {
         Work w;
         w.tile = tile;
-        w.n_block = n_block;
-        w.hk = hk;
-        w.b = b;
+        w.k = k;
+        w.n_steps = 0;
+        w.keys_valid = 0;
+        w.m_lo = w.m_hi = 0;
+        if (tile >= n_tiles) {
+            w.n_block = -1;
+            return w;
+        }
+        const int bh = tile / NB, n0 = tile - bh * NB;
+        w.hk = bh % p.num_kv_heads;
+        w.b = bh / p.num_kv_heads;
+        const SeqInfo si = seq_info(p, w.b);
         w.sq = si.sq;
         w.sk = si.sk;
         w.q_start = si.q_start;
         w.k_start = si.k_start;
-        const int j0 = n_block * kBlockN;
+        w.n_block = n0 + k * NB;
+        const int j0 = w.n_block * kBlockN;
+        if (j0 >= si.sk) return w;
         w.keys_valid = imin(kBlockN, si.sk - j0);
         int i_begin, i_end;
         bwd_query_range(p, si.sq, si.sk, j0, j0 + w.keys_valid - 1, &i_begin, &i_end);
@@ -398,30 +412,6 @@ __global__ void __launch_bounds__(256, 1) flash_bwd_sm90_persistent_kernel(const
         w.m_hi = i_end > i_begin ? (i_end + kBlockM - 1) / kBlockM : w.m_lo;
         w.n_steps = G * (w.m_hi - w.m_lo);
         return w;
-    };
-    auto first_work = [&](int tile) {
-        for (; tile < n_tiles; tile += gridDim.x) {
-            const int n0 = tile / HB, r = tile % HB;
-            const int hk = r % p.num_kv_heads, b = r / p.num_kv_heads;
-            const SeqInfo si = seq_info(p, b);
-            if (n0 * kBlockN < si.sk) return make_work(tile, n0, hk, b, si);
-        }
-        Work w;
-        w.n_block = -1;
-        w.n_steps = 0;
-        return w;
-    };
-    auto next_work = [&](const Work &w) {
-        const int nb = w.n_block + NB;
-        if (nb * kBlockN < w.sk) {
-            SeqInfo si;
-            si.sq = w.sq;
-            si.sk = w.sk;
-            si.q_start = w.q_start;
-            si.k_start = w.k_start;
-            return make_work(w.tile, nb, w.hk, w.b, si);
-        }
-        return first_work(w.tile + gridDim.x);
     };
 
     /* loads: K / V of work w into buffer kv; Q / dO / lse2 / D of (head h, first query m0) into stage st */
@@ -459,19 +449,28 @@ __global__ void __launch_bounds__(256, 1) flash_bwd_sm90_persistent_kernel(const
         }
     };
 
-    Work w = first_work(blockIdx.x);
-    int gs = 0, kv = 0;     /* steps done by this block; K / V buffer of w */
-    bool preloaded = false; /* w's K / V and first Q / dO already issued */
+    /* dynamic tile order: block x starts with tile x; thread 0 claims the tile after the next
+     * one (atomicAdd on the zeroed counter) a tile ahead, so no one waits for the atomic */
+    __shared__ int s_tile[2];
+    int claimed = tid == 0 ? atomicAdd(tile_counter, 1) + (int)gridDim.x : 0;
+    Work w = make_work(blockIdx.x, 0);
+    int gs = 0, kv = 0, it = 0; /* steps done by this block; K / V buffer of w; tiles done */
+    bool preloaded = false;     /* w's K / V and first Q / dO already issued */
     while (w.n_block >= 0) {
-        const Work nx = next_work(w);
+        const bool more = w.keys_valid > 0 && (w.n_block + NB) * kBlockN < w.sk;
+        if (tid == 0 && !more) {
+            s_tile[it & 1] = claimed;
+            claimed = atomicAdd(tile_counter, 1) + (int)gridDim.x;
+        }
+        /* s_tile visible; after a tile without steps the other warpgroup may still read buffer kv */
+        __syncthreads();
+        const Work nx = more ? make_work(w.tile, w.k + 1) : make_work(s_tile[it & 1], 0);
         const int sq = w.sq, sk = w.sk, off = sk - sq, hk = w.hk, b = w.b;
         const int j0 = w.n_block * kBlockN, keys_valid = w.keys_valid;
         const int m_lo = w.m_lo, m_hi = w.m_hi, n_steps = w.n_steps;
         const int64_t row_base = p.varlen ? w.q_start : (int64_t)b * p.seqlen_q;
         const uint32_t sK = sb + Cfg::kPOffKV + kv * 2 * Cfg::kKBytes, sV = sK + Cfg::kKBytes;
         if (!preloaded && n_steps > 0) {
-            /* after a tile without steps (no barrier), the other warpgroup may still read buffer kv */
-            __syncthreads();
             issue_kv(w, kv);
             issue_q(w, gs & 1, hk * G, m_lo * kBlockM);
         }
@@ -641,6 +640,7 @@ __global__ void __launch_bounds__(256, 1) flash_bwd_sm90_persistent_kernel(const
             }
         }
         kv ^= 1;
+        ++it;
         w = nx;
     }
     cp_async_wait<0>();
@@ -652,7 +652,9 @@ __global__ void __launch_bounds__(256, 1) flash_bwd_sm90_persistent_kernel(const
  * is a 16-byte vector and consecutive threads touch consecutive dq_accum chunks. Same results
  * as bwd_prep_kernel / bwd_convert_dq_kernel (D summed in another order). */
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(256) bwd_prep_sm90_kernel(const __grid_constant__ FlashParams p, int rows) {
+__global__ void __launch_bounds__(256) bwd_prep_sm90_kernel(const __grid_constant__ FlashParams p, int rows,
+                                                            int *tile_counter, int zero_dq) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) *tile_counter = 0;
     constexpr int C = kHeadDim / 8; /* chunks per (row, head): 8 or 16, a power of two */
     const int H = p.num_heads, d = p.head_dim;
     const int total = rows * H * C;
@@ -689,9 +691,11 @@ __global__ void __launch_bounds__(256) bwd_prep_sm90_kernel(const __grid_constan
             const float l = p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + i * p.lse_row_stride];
             p.dsum[lse2_off + (int64_t)h * rows + r] = l == -INFINITY ? INFINITY : l * kLog2e;
         }
-        float4 *dq = reinterpret_cast<float4 *>(p.dq_accum + (int64_t)w * 8);
-        dq[0] = make_float4(0.f, 0.f, 0.f, 0.f);
-        dq[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (zero_dq) {
+            float4 *dq = reinterpret_cast<float4 *>(p.dq_accum + (int64_t)w * 8);
+            dq[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+            dq[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
     }
 }
 
@@ -724,7 +728,7 @@ __global__ void __launch_bounds__(256) bwd_convert_dq_sm90_kernel(const __grid_c
 }
 
 template <typename T, int kHeadDim>
-pf_status launch_bwd_sm90(const FlashParams &p, cudaStream_t stream, int device) {
+pf_status launch_bwd_sm90(const FlashParams &p, int *tile_counter, cudaStream_t stream, int device) {
     using Cfg = typename Bwd90Tile<kHeadDim>::type;
     const char *env = getenv("PAGEDFLASH_BWD90_PERSIST"); /* A/B while tuning */
     if (!(env && env[0] == '0')) {
@@ -733,8 +737,11 @@ pf_status launch_bwd_sm90(const FlashParams &p, cudaStream_t stream, int device)
         PF_TRY(sm_count(device, &sms));
         const int64_t tiles = (int64_t)((p.max_seqlen_k + Cfg::kBlockN - 1) / Cfg::kBlockN) * p.num_kv_heads * p.batch;
         const int blocks = (int)(tiles < sms ? (tiles > 0 ? tiles : 1) : sms);
-        return launch_smem_kernel(flash_bwd_sm90_persistent_kernel<T, Cfg>, dim3(blocks), Cfg::kNThreads,
-                                  Cfg::kPSmemBytes, stream, device, done_p, p, "flash_bwd_sm90_persistent_kernel");
+        auto kernel = flash_bwd_sm90_persistent_kernel<T, Cfg>;
+        PF_TRY(set_max_smem(kernel, Cfg::kPSmemBytes, device, done_p));
+        kernel<<<blocks, Cfg::kNThreads, Cfg::kPSmemBytes, stream>>>(p, tile_counter);
+        PF_CUDA_CHECK_LAUNCH("flash_bwd_sm90_persistent_kernel");
+        return PF_STATUS_OK;
     }
     static std::atomic<uint64_t> done{0};
     const int blocks = (p.max_seqlen_k + Cfg::kBlockN - 1) / Cfg::kBlockN;
@@ -745,13 +752,18 @@ pf_status launch_bwd_sm90(const FlashParams &p, cudaStream_t stream, int device)
 
 /* Passes 1-3 on the sm_90a path (workspace set up by flash_bwd_run). */
 template <typename T, int kHeadDim>
-pf_status flash_bwd_sm90_passes(const FlashParams &p, int64_t rows, int sms, cudaStream_t stream, int device) {
+pf_status flash_bwd_sm90_passes(const FlashParams &p, int64_t rows, int sms, int *tile_counter, cudaStream_t stream,
+                                int device) {
     constexpr int C = kHeadDim / 8;
     const int64_t chunks = rows * p.num_heads * C;
     const int blocks = (int)((chunks + 255) / 256 < (int64_t)sms * 16 ? (chunks + 255) / 256 : (int64_t)sms * 16);
-    bwd_prep_sm90_kernel<T, kHeadDim><<<blocks > 0 ? blocks : 1, 256, 0, stream>>>(p, (int)rows);
+    const char *env = getenv("PAGEDFLASH_BWD90_MEMSET"); /* A/B while tuning */
+    const bool memset_dq = env && env[0] == '1';
+    if (memset_dq) PF_CUDA_CHECK(cudaMemsetAsync(p.dq_accum, 0, (size_t)rows * p.num_heads * kHeadDim * 4, stream));
+    bwd_prep_sm90_kernel<T, kHeadDim><<<blocks > 0 ? blocks : 1, 256, 0, stream>>>(p, (int)rows, tile_counter,
+                                                                                 memset_dq ? 0 : 1);
     PF_CUDA_CHECK_LAUNCH("bwd_prep_sm90_kernel");
-    PF_TRY((launch_bwd_sm90<T, kHeadDim>(p, stream, device)));
+    PF_TRY((launch_bwd_sm90<T, kHeadDim>(p, tile_counter, stream, device)));
     bwd_convert_dq_sm90_kernel<T, kHeadDim><<<blocks > 0 ? blocks : 1, 256, 0, stream>>>(p, (int)rows);
     PF_CUDA_CHECK_LAUNCH("bwd_convert_dq_sm90_kernel");
     return PF_STATUS_OK;
