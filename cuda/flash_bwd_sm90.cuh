@@ -348,7 +348,7 @@ __global__ void __launch_bounds__(256, 1) flash_bwd_sm90_kernel(const __grid_con
  * tile's K / V (other buffer) and first Q / dO / lse2 / D are loaded, so a tile starts without
  * waiting for memory; dK / dV go straight from the registers to global memory. */
 template <typename T, typename Cfg>
-__global__ void __launch_bounds__(256, 1) flash_bwd_sm90_persistent_kernel(const __grid_constant__ FlashParams p, int *tile_counter) {
+__global__ void __launch_bounds__(256, 1) flash_bwd_sm90_persistent_kernel(const __grid_constant__ FlashParams p, int *tile_counter, int prefetch) {
 #ifdef PF_SM90_DEVICE
     using Ops = TypeOps<T>;
     using namespace sm90;
@@ -464,13 +464,16 @@ __global__ void __launch_bounds__(256, 1) flash_bwd_sm90_persistent_kernel(const
         }
         /* s_tile visible; after a tile without steps the other warpgroup may still read buffer kv */
         __syncthreads();
-        const Work nx = more ? make_work(w.tile, w.k + 1) : make_work(s_tile[it & 1], 0);
+        /* the next work, built where needed (not kept in registers through the steps) */
+        auto next_work = [&]() { return more ? make_work(w.tile, w.k + 1) : make_work(s_tile[it & 1], 0); };
         const int sq = w.sq, sk = w.sk, off = sk - sq, hk = w.hk, b = w.b;
         const int j0 = w.n_block * kBlockN, keys_valid = w.keys_valid;
         const int m_lo = w.m_lo, m_hi = w.m_hi, n_steps = w.n_steps;
         const int64_t row_base = p.varlen ? w.q_start : (int64_t)b * p.seqlen_q;
         const uint32_t sK = sb + Cfg::kPOffKV + kv * 2 * Cfg::kKBytes, sV = sK + Cfg::kKBytes;
-        if (!preloaded && n_steps > 0) {
+        const bool was_preloaded = preloaded;
+        preloaded = false; /* set when the last step issues the next work's loads */
+        if (!was_preloaded && n_steps > 0) {
             issue_kv(w, kv);
             issue_q(w, gs & 1, hk * G, m_lo * kBlockM);
         }
@@ -522,9 +525,13 @@ __global__ void __launch_bounds__(256, 1) flash_bwd_sm90_persistent_kernel(const
             __syncthreads(); /* step landed; both warpgroups are done with the previous step and wrote its dS^T */
             if (s + 1 < n_steps) {
                 issue_q(w, st ^ 1, cur_h, cur_m * kBlockM);
-            } else if (nx.n_block >= 0 && nx.n_steps > 0) { /* the next tile's first loads */
-                issue_kv(nx, kv ^ 1);
-                issue_q(nx, st ^ 1, nx.hk * G, nx.m_lo * kBlockM);
+            } else if (prefetch) { /* the next tile's first loads */
+                const Work nx = next_work();
+                if (nx.n_block >= 0 && nx.n_steps > 0) {
+                    issue_kv(nx, kv ^ 1);
+                    issue_q(nx, st ^ 1, nx.hk * G, nx.m_lo * kBlockM);
+                    preloaded = true;
+                }
             }
             cp_async_commit();
             if (s > 0) dq_product(st ^ 1, prev_h, prev_m0);
@@ -614,7 +621,6 @@ __global__ void __launch_bounds__(256, 1) flash_bwd_sm90_persistent_kernel(const
             __syncthreads(); /* the last step's dS^T complete */
             dq_product((gs - 1) & 1, prev_h, prev_m0);
         }
-        preloaded = n_steps > 0 && nx.n_block >= 0 && nx.n_steps > 0;
 
         /* dK * scale, dV: 4-byte stores straight from the accumulators (rows kj, kj + 8) */
         {
@@ -639,9 +645,9 @@ __global__ void __launch_bounds__(256, 1) flash_bwd_sm90_persistent_kernel(const
                 }
             }
         }
+        w = next_work(); /* reads s_tile[it & 1] */
         kv ^= 1;
         ++it;
-        w = nx;
     }
     cp_async_wait<0>();
 #endif
@@ -739,7 +745,8 @@ pf_status launch_bwd_sm90(const FlashParams &p, int *tile_counter, cudaStream_t 
         const int blocks = (int)(tiles < sms ? (tiles > 0 ? tiles : 1) : sms);
         auto kernel = flash_bwd_sm90_persistent_kernel<T, Cfg>;
         PF_TRY(set_max_smem(kernel, Cfg::kPSmemBytes, device, done_p));
-        kernel<<<blocks, Cfg::kNThreads, Cfg::kPSmemBytes, stream>>>(p, tile_counter);
+        const char *pf = getenv("PAGEDFLASH_BWD90_PREFETCH"); /* A/B while tuning */
+        kernel<<<blocks, Cfg::kNThreads, Cfg::kPSmemBytes, stream>>>(p, tile_counter, !(pf && pf[0] == '0'));
         PF_CUDA_CHECK_LAUNCH("flash_bwd_sm90_persistent_kernel");
         return PF_STATUS_OK;
     }
