@@ -33,6 +33,10 @@
  * (recomputing S and dP), writes dQ directly. Both are then bitwise
  * reproducible.
  *
+ * On Hopper (sm90_available) flash_bwd_run hands aligned, non-deterministic float16 /
+ * bfloat16 calls at head dims 64 / 128 without softcap, ALiBi or dropout to
+ * flash_bwd_sm90.cuh (wgmma main kernel, vectorized passes 1 and 3).
+ *
  * Dropout regenerates the forward's Philox mask (pf_philox.h); softcap
  * multiplies dS by 1 - tanh^2; ALiBi has no gradient. Rows the forward masked
  * completely (lse = -inf) get P = 0. dK and dQ are scaled by softmax_scale at
@@ -966,21 +970,20 @@ pf_status flash_bwd_run(const FlashParams &params, cudaStream_t stream, int devi
     /* D and lse2, each [num_heads][rows] rounded up to 256 bytes */
     const size_t dsum_bytes = 2 * (size_t)bwd_lse2_offset(rows, p.num_heads) * 4;
     const size_t dq_bytes = p.deterministic ? 0 : (size_t)rows * p.num_heads * kHeadDim * 4;
-    const bool extras = p.softcap > 0.0f || p.alibi != nullptr || p.drop_threshold != 0 || !(p.scale_log2 > 0.0f);
-    bool use_sm90 = false; /* the sm_90a kernels: flash_bwd_sm90.cuh says which calls they take */
-    if constexpr (bwd_sm90_has_tile<T, kHeadDim>())
-        use_sm90 = p.aligned && !extras && !p.deterministic && rows * p.num_heads * (kHeadDim / 8) < INT32_MAX / 2 &&
-                   sm90_available(device);
     pf_cuda_scratch scratch; /* cached per (device, stream): cuda_util.cuh */
-    PF_TRY(pf_cuda_scratch_acquire(stream, dsum_bytes + dq_bytes + (use_sm90 ? 256 : 0), &scratch));
+    PF_TRY(pf_cuda_scratch_acquire(stream, dsum_bytes + dq_bytes, &scratch));
     p.dsum = static_cast<float *>(scratch.ptr);
     p.dq_accum = p.deterministic ? nullptr : reinterpret_cast<float *>(static_cast<char *>(scratch.ptr) + dsum_bytes);
 
     int sms = 0;
     PF_TRY(sm_count(device, &sms));
-    if (use_sm90) { /* the sm90 kernel's tile counter follows dq_accum */
-        int *tile_counter = reinterpret_cast<int *>(static_cast<char *>(scratch.ptr) + dsum_bytes + dq_bytes);
-        PF_TRY((flash_bwd_sm90_passes<T, kHeadDim>(p, rows, sms, tile_counter, stream, device)));
+    const bool extras = p.softcap > 0.0f || p.alibi != nullptr || p.drop_threshold != 0 || !(p.scale_log2 > 0.0f);
+    bool use_sm90 = false; /* the sm_90a kernels: flash_bwd_sm90.cuh says which calls they take */
+    if constexpr (bwd_sm90_has_tile<T, kHeadDim>())
+        use_sm90 = p.aligned && !extras && !p.deterministic && rows * p.num_heads * (kHeadDim / 8) < INT32_MAX / 2 &&
+                   sm90_available(device);
+    if (use_sm90) {
+        PF_TRY((flash_bwd_sm90_passes<T, kHeadDim>(p, rows, sms, stream, device)));
         return pf_cuda_scratch_release(stream, &scratch);
     }
     const int64_t warps = rows * p.num_heads;
