@@ -26,11 +26,13 @@
  * vectorized versions of flash_bwd.cuh's (same workspace layout).
  *
  * Tiles: d = 128: 64 queries per step (S^T 32 + dP^T 32 + dK 64 + dV 64 accumulators per
- * thread; 255 registers, ~60 bytes of spills outside the products); d = 64: 128 queries
- * per step (the dQ product then splits rows, each warpgroup N = 64). 162 KB of shared
- * memory, 1 block per SM. No "wgmma serialized" warnings; 40 HGMMA in the SASS.
- * Measured on H200 (benchmarks/results/bwd_sm90_h200.md): 1.04-1.27x FlashAttention-2
- * (SDPA FLASH_ATTENTION), 1.3-1.5x the sm_80 kernel, 0.6-0.8x cuDNN.
+ * thread); d = 64: 128 queries per step (S^T 64 + dP^T 64 + dK 32 + dV 32; the dQ product
+ * then splits rows, each warpgroup N = 64). Both: 255 registers, 60-72 bytes of spills
+ * (2-8 local loads per step), 162 KB of shared memory, 1 block per SM, no "wgmma
+ * serialized" warnings, 40 HGMMA in the SASS.
+ * Measured on H200 (benchmarks/results/bwd_sm90_h200.md, bf16, 16k tokens, s = 512..16k):
+ * 1.01-1.26x FlashAttention-2 (SDPA FLASH_ATTENTION; thinnest at s = 512 causal),
+ * 1.30-1.57x the sm_80 kernel, 0.6-0.8x cuDNN.
  * Tried and not kept (same-run A/B, H200, bf16 16k tokens): a persistent variant (one
  * block per SM taking tiles from an atomic counter, K / V double-buffered and the next
  * tile's K / V / Q / dO loaded during the last step, dK / dV stored from the registers):
