@@ -33,6 +33,10 @@
  * (recomputing S and dP), writes dQ directly. Both are then bitwise
  * reproducible.
  *
+ * On Hopper (sm90_available) flash_bwd_run hands aligned, non-deterministic float16 /
+ * bfloat16 calls at head dims 64 / 128 without softcap, ALiBi or dropout to
+ * flash_bwd_sm90.cuh (wgmma main kernel, vectorized passes 1 and 3).
+ *
  * Dropout regenerates the forward's Philox mask (pf_philox.h); softcap
  * multiplies dS by 1 - tanh^2; ALiBi has no gradient. Rows the forward masked
  * completely (lse = -inf) get P = 0. dK and dQ are scaled by softmax_scale at
@@ -825,6 +829,14 @@ pf_status launch_bwd_dq(const FlashParams &p, cudaStream_t stream, int device) {
                               stream, device, done, p, "flash_bwd_dq_kernel");
 }
 
+}  // namespace cuda
+}  // namespace pf
+
+#include "flash_bwd_sm90.cuh" /* the Hopper main kernel (uses the helpers above) */
+
+namespace pf {
+namespace cuda {
+
 /* Tiles per head dim: BwdConfig<d, queries per step, warps (16 keys each), stages,
  * min blocks, dQ rows per warp, deferred dQ, lse2>, and the deterministic dQ kernel's
  * FwdConfig<d, query rows, keys per tile, warps>.
@@ -965,12 +977,20 @@ pf_status flash_bwd_run(const FlashParams &params, cudaStream_t stream, int devi
 
     int sms = 0;
     PF_TRY(sm_count(device, &sms));
+    const bool extras = p.softcap > 0.0f || p.alibi != nullptr || p.drop_threshold != 0 || !(p.scale_log2 > 0.0f);
+    bool use_sm90 = false; /* the sm_90a kernels: flash_bwd_sm90.cuh says which calls they take */
+    if constexpr (bwd_sm90_has_tile<T, kHeadDim>())
+        use_sm90 = p.aligned && !extras && !p.deterministic && rows * p.num_heads * (kHeadDim / 8) < INT32_MAX / 2 &&
+                   sm90_available(device);
+    if (use_sm90) {
+        PF_TRY((flash_bwd_sm90_passes<T, kHeadDim>(p, rows, sms, stream, device)));
+        return pf_cuda_scratch_release(stream, &scratch);
+    }
     const int64_t warps = rows * p.num_heads;
     const int prep_blocks = (int)((warps + 7) / 8 < (int64_t)sms * 8 ? (warps + 7) / 8 : (int64_t)sms * 8);
     bwd_prep_kernel<T><<<prep_blocks > 0 ? prep_blocks : 1, 256, 0, stream>>>(p, rows, !p.deterministic);
     PF_CUDA_CHECK_LAUNCH("bwd_prep_kernel");
 
-    const bool extras = p.softcap > 0.0f || p.alibi != nullptr || p.drop_threshold != 0 || !(p.scale_log2 > 0.0f);
 #ifdef PF_TUNE
     bool handled = false;
     PF_TRY((bwd_tune<T, kHeadDim>(p, stream, device, &handled)));

@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Backward only: pagedflash's sm_90a kernel vs its sm_80 kernel (PAGEDFLASH_SM90=0, read per
+call) vs torch SDPA's FLASH_ATTENTION (FlashAttention-2) and CUDNN_ATTENTION backends, in one
+process, on bench_attention.py's grid (bf16, 16k tokens per batch, hidden 2048). TFLOP/s with
+FlashAttention's convention (backward = 2.5x forward, halved when causal). Also prints the
+max |sm90 - sm80| of dq/dk/dv. Never asserts on speed.
+
+    python3 benchmarks/bench_bwd_sm90.py [--seqlens 1024,8192] [--dims 128] [--out file.md]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import pagedflash
+
+TOKENS = 16384
+
+
+def cuda_time(fn, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    st = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    en = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for a, b in zip(st, en):
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in zip(st, en))
+
+
+def point(d, h, s, causal, args):
+    b = TOKENS // s
+    g = torch.Generator(device="cuda").manual_seed(s * 7 + d)
+    q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+    fb = 2.5 * 4.0 * b * s * s * h * d / (2 if causal else 1)
+    out, lse = pagedflash.flash_attn(q, k, v, causal=causal, return_lse=True)
+    bwd = pagedflash.flash_attn_backward
+    row = {"d": d, "h": h, "s": s, "b": b, "causal": causal}
+    grads = {}
+    variants = [("sm90", None), ("sm80", "0")] + [(f"sm90@{x}", x) for x in args.env]
+    for name, env in variants:
+        for x in args.env:
+            os.environ.pop(x.split("=")[0], None)
+        os.environ.pop("PAGEDFLASH_SM90", None)
+        if env == "0":
+            os.environ["PAGEDFLASH_SM90"] = env
+        elif env:
+            os.environ[env.split("=")[0]] = env.split("=", 1)[1]
+        grads[name] = bwd(dout, q, k, v, out, lse, causal=causal)
+        dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
+        ms = cuda_time(lambda: bwd(dout, q, k, v, out, lse, causal=causal, dq=dq, dk=dk, dv=dv), args.warmup,
+                       args.iters)
+        row[name] = fb / ms / 1e9
+    os.environ.pop("PAGEDFLASH_SM90", None)
+    for x in args.env:
+        os.environ.pop(x.split("=")[0], None)
+    row["diff"] = max(float((a.float() - c.float()).abs().max()) for a, c in zip(grads["sm90"], grads["sm80"]))
+    for be, short in (("FLASH_ATTENTION", "fa2"), ("CUDNN_ATTENTION", "cudnn")):
+        try:
+            qg, kg, vg = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+            with sdpa_kernel([getattr(SDPBackend, be)]):
+                o = F.scaled_dot_product_attention(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2),
+                                                   is_causal=causal)
+            gt = dout.transpose(1, 2)
+
+            def back():
+                qg.grad = kg.grad = vg.grad = None
+                o.backward(gt, retain_graph=True)
+
+            row[short] = fb / cuda_time(back, args.warmup, args.iters) / 1e9
+            if short == "fa2":
+                row["err_fa2"] = max(float((a.float() - r.grad.float()).abs().max())
+                                     for a, r in zip(grads["sm90"], (qg, kg, vg)))
+            del qg, kg, vg, o
+        except RuntimeError as e:
+            print(f"  {be}: {str(e).splitlines()[0]}")
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--out")
+    ap.add_argument("--env", action="append", default=[],
+                    help="NAME=VALUE: also time the sm90 path with this variable set (tuning A/B)")
+    args = ap.parse_args()
+    cols = ["d", "h", "s", "b", "causal", "sm90"] + [f"sm90@{x}" for x in args.env] + ["sm80", "fa2", "cudnn", "sm90/fa2", "sm90/sm80", "diff", "err_fa2"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for d in [int(x) for x in args.dims.split(",")]:
+        h = 2048 // d
+        for causal in {"both": [False, True], "yes": [True], "no": [False]}[args.causal]:
+            for s in [int(x) for x in args.seqlens.split(",")]:
+                r = point(d, h, s, causal, args)
+                r["sm90/fa2"] = f"{r['sm90'] / r['fa2']:.2f}x" if r.get("fa2") else "-"
+                r["sm90/sm80"] = f"{r['sm90'] / r['sm80']:.2f}x"
+                vals = [f"{r[c]:.1f}" if isinstance(r.get(c), float) and c not in ("diff", "err_fa2") else
+                        (f"{r[c]:.1e}" if c in ("diff", "err_fa2") and c in r else str(r.get(c, "-"))) for c in cols]
+                lines.append("| " + " | ".join(vals) + " |")
+                print(lines[-1], flush=True)
+    head = (f"Backward, bfloat16, {TOKENS} tokens per batch, TFLOP/s; device: {torch.cuda.get_device_name()}; "
+            f"date: {datetime.date.today().isoformat()}; torch {torch.__version__}; median of {args.iters} "
+            f"CUDA-event timings after {args.warmup} warm-ups\n\nsm90 / sm80 = pagedflash's sm_90a / sm_80 backward "
+            f"(PAGEDFLASH_SM90=0); fa2 / cudnn = SDPA FLASH_ATTENTION / CUDNN_ATTENTION backward; diff = max |sm90 - "
+            f"sm80| over dq, dk, dv; err_fa2 = max |sm90 - fa2|\n")
+    text = head + "\n" + "\n".join(lines) + "\n"
+    print("\n" + text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
