@@ -978,13 +978,13 @@ pf_status flash_bwd_run(const FlashParams &params, cudaStream_t stream, int devi
     int sms = 0;
     PF_TRY(sm_count(device, &sms));
     const bool extras = p.softcap > 0.0f || p.alibi != nullptr || p.drop_threshold != 0 || !(p.scale_log2 > 0.0f);
-    bool use_sm90 = false; /* the sm_90a kernels: flash_bwd_sm90.cuh says which calls they take */
-    if constexpr (bwd_sm90_has_tile<T, kHeadDim>())
-        use_sm90 = p.aligned && !extras && !p.deterministic && rows * p.num_heads * (kHeadDim / 8) < INT32_MAX / 2 &&
-                   sm90_available(device);
-    if (use_sm90) {
-        PF_TRY((flash_bwd_sm90_passes<T, kHeadDim>(p, rows, sms, stream, device)));
-        return pf_cuda_scratch_release(stream, &scratch);
+    if constexpr (bwd_sm90_has_tile<T, kHeadDim>()) { /* the sm_90a kernels: flash_bwd_sm90.cuh */
+        const bool use_sm90 = p.aligned && !extras && !p.deterministic &&
+                              rows * p.num_heads * (kHeadDim / 8) < INT32_MAX / 2 && sm90_available(device);
+        if (use_sm90) {
+            PF_TRY((flash_bwd_sm90_passes<T, kHeadDim>(p, rows, sms, stream, device)));
+            return pf_cuda_scratch_release(stream, &scratch);
+        }
     }
     const int64_t warps = rows * p.num_heads;
     const int prep_blocks = (int)((warps + 7) / 8 < (int64_t)sms * 8 ? (warps + 7) / 8 : (int64_t)sms * 8);
