@@ -107,24 +107,11 @@ struct pf_paged_args {
 /* ---- small device helpers ---- */
 
 /* 16 bytes through the read-only path, without L1 allocation (streamed once). */
-#ifndef PF_PAGED_L2_PREFETCH
-#define PF_PAGED_L2_PREFETCH 0
-#endif
 __device__ __forceinline__ uint4 pf_ldg16(const void *p) {
     uint4 r;
-#if PF_PAGED_L2_PREFETCH == 256
-    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-        : "l"(p));
-#elif PF_PAGED_L2_PREFETCH == 128
-    asm("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-        : "l"(p));
-#else
     asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
         : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
         : "l"(p));
-#endif
     return r;
 }
 
