@@ -259,6 +259,28 @@ def test_fwd_varlen(rng, dtype, causal):
         check_lse(lse, ref_lse)
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_fwd_varlen_understated_max_q_plain(rng, d):
+    """The kernels without score extras (the Hopper kernels' fast path: 64-key tiles at d=64,
+    128-key tiles at d=128) also loop over the query tiles beyond an understated max_seqlen_q,
+    reusing their shared-memory buffers across tiles."""
+    lq, lk, h = [300, 5, 129], [290, 700, 129], 2
+    q = randn(rng, (sum(lq), h, d), "bfloat16", device="cuda")
+    k = randn(rng, (sum(lk), h, d), "bfloat16", device="cuda")
+    v = randn(rng, (sum(lk), h, d), "bfloat16", device="cuda")
+    cq, ck = _cu(lq), _cu(lk)
+    for causal in (False, True):
+        out, lse = fwd(q, k, v, cu_q=cq, cu_k=ck, max_q=1, max_k=max(lk), causal=causal)
+        ref, ref_lse = reference.attention_varlen(q, k, v, cq.cpu(), ck.cpu(), causal=causal, return_lse=True)
+        naive = np.zeros(ref.shape)
+        for i in range(len(lq)):
+            a, e, ka, ke = int(cq[i]), int(cq[i + 1]), int(ck[i]), int(ck[i + 1])
+            naive[a:e] = naive_attention_lowp(q[None, a:e].cpu(), k[None, ka:ke].cpu(), v[None, ka:ke].cpu(),
+                                              causal=causal)[0]
+        assert_close(out, ref, naive, dtype="bfloat16")
+        check_lse(lse, ref_lse)
+
+
 def test_fwd_varlen_dropout_matches_dense(rng):
     """Varlen dropout keys the mask by (sequence, head, row within the sequence)."""
     lq, lk, h, d, p, seed = [33, 50], [40, 50], 2, 64, 0.3, 99
