@@ -56,6 +56,32 @@ def cuda_time(fn, warmup: int, iters: int) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def sdpa_backward_fn(backend, q, k, v, dout, causal):
+    """(run, leaves): `run()` is SDPA's backward, restricted to `backend`, of one forward on copies
+    of q, k, v (layout [b, s, h, d]); leaves are those copies, whose .grad run() sets."""
+    qg, kg, vg = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    with sdpa_kernel([getattr(SDPBackend, backend)]):
+        o = F.scaled_dot_product_attention(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2),
+                                           is_causal=causal)
+    gt = dout.transpose(1, 2)
+
+    def run():
+        qg.grad = kg.grad = vg.grad = None
+        o.backward(gt, retain_graph=True)
+
+    return run, (qg, kg, vg)
+
+
+def emit(text, out):
+    """Print the report and, with `out`, write it there (creating the folder)."""
+    print()
+    print(text)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text)
+
+
 def backward_fn():
     return pagedflash.flash_attn_backward
 
@@ -139,19 +165,10 @@ def bench_point(d, h, s, causal, args, out_rows):
             ms = cuda_time(fn, args.warmup, args.iters)
             row[f"{short}_fwd"] = ff / ms / 1e9
             if not args.no_bwd:
-                qg, kg, vg = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
-                with sdpa_kernel([getattr(SDPBackend, be)]):
-                    o = F.scaled_dot_product_attention(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2),
-                                                       is_causal=causal)
-                gt = dout.transpose(1, 2)
-
-                def back():
-                    qg.grad = kg.grad = vg.grad = None
-                    o.backward(gt, retain_graph=True)
-
+                back, _ = sdpa_backward_fn(be, q, k, v, dout, causal)
                 ms = cuda_time(back, args.warmup, args.iters)
                 row[f"{short}_bwd"] = fb / ms / 1e9
-                del qg, kg, vg, o
+                del back
         except RuntimeError as e:
             print(f"  {be} unavailable at d={d} s={s}: {str(e).splitlines()[0]}", file=sys.stderr)
     out_rows.append(row)
@@ -243,13 +260,7 @@ def main():
             f"eff = SDPA EFFICIENT_ATTENTION; pf80 = pagedflash on its sm_80 kernels (PAGEDFLASH_SM90=0); "
             f"err_* = max |pagedflash - SDPA flash|\n")
     bwd_tiles = args.bwd_tiles.split(",") if args.bwd_tiles else []
-    text = head + "\n" + table(rows, tiles, bwd_tiles) + "\n"
-    print()
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(head + "\n" + table(rows, tiles, bwd_tiles) + "\n", args.out)
 
 
 if __name__ == "__main__":

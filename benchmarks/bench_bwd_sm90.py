@@ -12,29 +12,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import pagedflash
-
-TOKENS = 16384
-
-
-def cuda_time(fn, warmup, iters):
-    for _ in range(warmup):
-        fn()
-    st = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    en = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for a, b in zip(st, en):
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in zip(st, en))
-
+from bench_attention import TOKENS, cuda_time, emit, sdpa_backward_fn
 
 def point(d, h, s, causal, args):
     b = TOKENS // s
@@ -65,21 +47,12 @@ def point(d, h, s, causal, args):
     row["diff"] = max(float((a.float() - c.float()).abs().max()) for a, c in zip(grads["sm90"], grads["sm80"]))
     for be, short in (("FLASH_ATTENTION", "fa2"), ("CUDNN_ATTENTION", "cudnn")):
         try:
-            qg, kg, vg = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
-            with sdpa_kernel([getattr(SDPBackend, be)]):
-                o = F.scaled_dot_product_attention(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2),
-                                                   is_causal=causal)
-            gt = dout.transpose(1, 2)
-
-            def back():
-                qg.grad = kg.grad = vg.grad = None
-                o.backward(gt, retain_graph=True)
-
+            back, (qg, kg, vg) = sdpa_backward_fn(be, q, k, v, dout, causal)
             row[short] = fb / cuda_time(back, args.warmup, args.iters) / 1e9
             if short == "fa2":
                 row["err_fa2"] = max(float((a.float() - r.grad.float()).abs().max())
                                      for a, r in zip(grads["sm90"], (qg, kg, vg)))
-            del qg, kg, vg, o
+            del qg, kg, vg, back
         except RuntimeError as e:
             print(f"  {be}: {str(e).splitlines()[0]}")
     return row
@@ -114,12 +87,7 @@ def main():
             f"CUDA-event timings after {args.warmup} warm-ups\n\nsm90 / sm80 = pagedflash's sm_90a / sm_80 backward "
             f"(PAGEDFLASH_SM90=0); fa2 / cudnn = SDPA FLASH_ATTENTION / CUDNN_ATTENTION backward; diff = max |sm90 - "
             f"sm80| over dq, dk, dv; err_fa2 = max |sm90 - fa2|\n")
-    text = head + "\n" + "\n".join(lines) + "\n"
-    print("\n" + text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-
+    emit(head + "\n" + "\n".join(lines) + "\n", args.out)
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import pagedflash
-from bench_attention import TOKENS, cuda_time, flops_fwd
+from bench_attention import TOKENS, cuda_time, emit, flops_fwd
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -92,12 +92,7 @@ def main():
                     print(lines[-1], flush=True)
     head = (f"Forward variants, bfloat16, {TOKENS} tokens per batch, TFLOP/s; device: {torch.cuda.get_device_name()}; "
             f"date: {datetime.date.today().isoformat()}; commit: {args.commit or 'unknown'}; torch {torch.__version__}\n")
-    text = head + "\n" + "\n".join(lines) + "\n"
-    print("\n" + text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-
+    emit(head + "\n" + "\n".join(lines) + "\n", args.out)
 
 if __name__ == "__main__":
     main()

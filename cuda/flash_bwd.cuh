@@ -121,6 +121,15 @@ PF_DEV void bwd_query_range(const FlashParams &p, int sq, int sk, int j0, int j_
     *i_end = has_lo ? imin(sq, j_last + p.window_left - off + 1) : sq;
 }
 
+/* The query tiles [*m_lo, *m_hi) of kBlockM rows that see keys [j0, j0 + keys_valid). */
+PF_DEV void bwd_query_tiles(const FlashParams &p, int sq, int sk, int j0, int keys_valid, int kBlockM, int *m_lo,
+                            int *m_hi) {
+    int i_begin, i_end;
+    bwd_query_range(p, sq, sk, j0, j0 + keys_valid - 1, &i_begin, &i_end);
+    *m_lo = i_begin / kBlockM;
+    *m_hi = i_end > i_begin ? (i_end + kBlockM - 1) / kBlockM : *m_lo;
+}
+
 /* ------------------------------------------------------------------------ */
 /* pass 1: D = rowsum(dO * O), lse2 = lse log2(e), dq_accum = 0               */
 /* ------------------------------------------------------------------------ */
@@ -272,10 +281,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
     for (int n_block = blockIdx.x; n_block * kBlockN < sk; n_block += gridDim.x) {
         const int j0 = n_block * kBlockN;
         const int keys_valid = imin(kBlockN, sk - j0);
-        int i_begin, i_end;
-        bwd_query_range(p, sq, sk, j0, j0 + keys_valid - 1, &i_begin, &i_end);
-        const int m_lo = i_begin / kBlockM;
-        const int m_hi = i_end > i_begin ? (i_end + kBlockM - 1) / kBlockM : m_lo;
+        int m_lo, m_hi;
+        bwd_query_tiles(p, sq, sk, j0, keys_valid, kBlockM, &m_lo, &m_hi);
         const int nm = m_hi - m_lo;
         const int n_steps = G * nm;
 

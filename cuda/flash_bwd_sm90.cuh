@@ -123,10 +123,8 @@ __global__ void __launch_bounds__(256, 1) flash_bwd_sm90_kernel(const __grid_con
     for (int n_block = blockIdx.x; n_block * kBlockN < sk; n_block += gridDim.x) {
         const int j0 = n_block * kBlockN;
         const int keys_valid = imin(kBlockN, sk - j0);
-        int i_begin, i_end;
-        bwd_query_range(p, sq, sk, j0, j0 + keys_valid - 1, &i_begin, &i_end);
-        const int m_lo = i_begin / kBlockM;
-        const int m_hi = i_end > i_begin ? (i_end + kBlockM - 1) / kBlockM : m_lo;
+        int m_lo, m_hi;
+        bwd_query_tiles(p, sq, sk, j0, keys_valid, kBlockM, &m_lo, &m_hi);
         const int nm = m_hi - m_lo;
         const int n_steps = G * nm;
 

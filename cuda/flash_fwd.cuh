@@ -172,6 +172,37 @@ PF_DEV SeqInfo seq_info(const FlashParams &p, int b) {
     return s;
 }
 
+/* Base pointers of one (batch b, query head h) of a forward call: q / out / lse
+ * at the sequence's first query row, k / v at its first key row of KV head
+ * h / head_group; lse NULL when not wanted. */
+template <typename T>
+struct FwdBases {
+    const T *q, *k, *v;
+    T *o;
+    float *lse;
+};
+
+template <typename T>
+PF_DEV FwdBases<T> fwd_bases(const FlashParams &p, int b, int h, const SeqInfo &si) {
+    const int hk = h / p.head_group;
+    FwdBases<T> r;
+    r.q = static_cast<const T *>(p.q) + b * p.q_batch_stride + (int64_t)si.q_start * p.q_row_stride +
+          h * p.q_head_stride;
+    r.k = static_cast<const T *>(p.k) + b * p.k_batch_stride + (int64_t)si.k_start * p.k_row_stride +
+          hk * p.k_head_stride;
+    r.v = static_cast<const T *>(p.v) + b * p.v_batch_stride + (int64_t)si.k_start * p.v_row_stride +
+          hk * p.v_head_stride;
+    r.o = static_cast<T *>(p.o) + b * p.o_batch_stride + (int64_t)si.q_start * p.o_row_stride + h * p.o_head_stride;
+    r.lse = p.lse ? p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + (int64_t)si.q_start * p.lse_row_stride
+                  : nullptr;
+    return r;
+}
+
+/* ALiBi slope of (b, h) times log2(e), 0 without ALiBi. */
+PF_DEV float fwd_alibi_log2(const FlashParams &p, int b, int h) {
+    return p.alibi ? p.alibi[b * p.alibi_batch_stride + h * p.alibi_head_stride] * kLog2e : 0.0f;
+}
+
 /* ---- per-slice score processing (shared with the sm_90 kernel) ----------
  * Each works on one m16 slice of S held as mma C fragments, s[nt][e] =
  * (row i0 + 8 * (e / 2), key j0 + 8 * nt + 2 * t + e % 2), lane = 4 g + t. */
@@ -208,6 +239,13 @@ struct FwdMask {
     /* does key tile [j0, j0 + n) need masking for rows [m0, i_last]? */
     PF_DEV bool needed(int j0, int n, int m0, int i_last) const {
         return j0 + n > sk || (has_hi && j0 + n - 1 > m0 + off + right) || (has_lo && j0 < i_last + off - left);
+    }
+    /* the key tiles [*n_lo, *n_hi) of n keys that rows [m0, i_last] see (empty: n_hi == n_lo) */
+    PF_DEV void key_tiles(int m0, int i_last, int n, int *n_lo, int *n_hi) const {
+        const int j_begin = has_lo ? imax(0, m0 + off - left) : 0;
+        const int j_end = has_hi ? imin(sk, i_last + off + right + 1) : sk;
+        *n_lo = j_begin / n;
+        *n_hi = j_end > j_begin ? (j_end + n - 1) / n : *n_lo;
     }
     template <int kNT>
     PF_DEV void apply(float (&s)[kNT][4], int i0, int j0, int t) const {
@@ -329,29 +367,20 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4;
-    const int b = blockIdx.z, h = blockIdx.y, hk = h / p.head_group;
+    const int b = blockIdx.z, h = blockIdx.y;
     const SeqInfo si = seq_info(p, b);
     const int sq = si.sq, sk = si.sk, d = p.head_dim;
     const bool aligned = Is_aligned; /* the host picks the kernel by p.aligned */
 
-    const T *qb = static_cast<const T *>(p.q) + b * p.q_batch_stride + (int64_t)si.q_start * p.q_row_stride +
-                  h * p.q_head_stride;
-    const T *kb = static_cast<const T *>(p.k) + b * p.k_batch_stride + (int64_t)si.k_start * p.k_row_stride +
-                  hk * p.k_head_stride;
-    const T *vb = static_cast<const T *>(p.v) + b * p.v_batch_stride + (int64_t)si.k_start * p.v_row_stride +
-                  hk * p.v_head_stride;
-    T *ob = static_cast<T *>(p.o) + b * p.o_batch_stride + (int64_t)si.q_start * p.o_row_stride +
-            h * p.o_head_stride;
-    float *lseb = p.lse ? p.lse + b * p.lse_batch_stride + h * p.lse_head_stride +
-                              (int64_t)si.q_start * p.lse_row_stride
-                        : nullptr;
+    const FwdBases<T> base = fwd_bases<T>(p, b, h, si);
+    const T *qb = base.q, *kb = base.k, *vb = base.v;
+    T *ob = base.o;
+    float *lseb = base.lse;
 
     const FwdMask mask = fwd_mask(p, sq, sk);
     const int off = mask.off;
 
-    float alibi_log2 = 0.0f;
-    if (Has_extras && p.alibi)
-        alibi_log2 = p.alibi[b * p.alibi_batch_stride + h * p.alibi_head_stride] * kLog2e;
+    const float alibi_log2 = Has_extras ? fwd_alibi_log2(p, b, h) : 0.0f;
     const float sc = Has_extras ? 1.0f : p.scale_log2; /* scale applied inside exp2 */
     const uint64_t bh = (uint64_t)b * p.num_heads + h;
 
@@ -369,10 +398,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
         const int m0 = tile * kBlockM;
         const int rows_valid = imin(kBlockM, sq - m0);
         const int i_last = m0 + rows_valid - 1;
-        const int j_begin = mask.has_lo ? imax(0, m0 + off - mask.left) : 0;
-        const int j_end = mask.has_hi ? imin(sk, i_last + off + mask.right + 1) : sk;
-        const int n_lo = j_begin / kBlockN;
-        const int n_hi = j_end > j_begin ? (j_end + kBlockN - 1) / kBlockN : n_lo;
+        int n_lo, n_hi;
+        mask.key_tiles(m0, i_last, kBlockN, &n_lo, &n_hi);
 
         if (n_hi <= n_lo) { /* nothing visible: out = 0, lse = -inf */
             fwd_write_empty<kHeadDim, kNThreads>(p, ob, lseb, m0, rows_valid, d, tid);

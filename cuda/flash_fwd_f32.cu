@@ -47,25 +47,18 @@ __global__ void __launch_bounds__(kF32Warps * 32) flash_fwd_f32_kernel(const __g
     float *sQ = sV + kF32Keys * kKS;
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int b = blockIdx.z, h = blockIdx.y, hk = h / p.head_group;
+    const int b = blockIdx.z, h = blockIdx.y;
     const SeqInfo si = seq_info(p, b);
     const int sq = si.sq, sk = si.sk, d = p.head_dim;
-    const float *qb = static_cast<const float *>(p.q) + b * p.q_batch_stride + (int64_t)si.q_start * p.q_row_stride +
-                      h * p.q_head_stride;
-    const float *kb = static_cast<const float *>(p.k) + b * p.k_batch_stride + (int64_t)si.k_start * p.k_row_stride +
-                      hk * p.k_head_stride;
-    const float *vb = static_cast<const float *>(p.v) + b * p.v_batch_stride + (int64_t)si.k_start * p.v_row_stride +
-                      hk * p.v_head_stride;
-    float *ob = static_cast<float *>(p.o) + b * p.o_batch_stride + (int64_t)si.q_start * p.o_row_stride +
-                h * p.o_head_stride;
-    float *lseb = p.lse ? p.lse + b * p.lse_batch_stride + h * p.lse_head_stride +
-                              (int64_t)si.q_start * p.lse_row_stride
-                        : nullptr;
+    const FwdBases<float> base = fwd_bases<float>(p, b, h, si);
+    const float *qb = base.q, *kb = base.k, *vb = base.v;
+    float *ob = base.o;
+    float *lseb = base.lse;
     const int off = sk - sq;
     const bool has_lo = p.window_left >= 0;
     const bool has_hi = p.causal || p.window_right >= 0;
     const int left = p.window_left, right = p.causal ? 0 : p.window_right;
-    const float alibi_log2 = p.alibi ? p.alibi[b * p.alibi_batch_stride + h * p.alibi_head_stride] * kLog2e : 0.0f;
+    const float alibi_log2 = fwd_alibi_log2(p, b, h);
     const uint64_t bh = (uint64_t)b * p.num_heads + h;
 
     for (int tile = blockIdx.x; tile * kF32Warps < sq; tile += gridDim.x) {

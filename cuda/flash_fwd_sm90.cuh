@@ -85,26 +85,18 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks) flash_fwd_sm9
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
     const int g = lane / 4, t = lane % 4;
-    const int b = blockIdx.z, h = blockIdx.y, hk = h / p.head_group;
+    const int b = blockIdx.z, h = blockIdx.y;
     const SeqInfo si = seq_info(p, b);
     const int sq = si.sq, sk = si.sk, d = p.head_dim;
 
-    const T *qb = static_cast<const T *>(p.q) + b * p.q_batch_stride + (int64_t)si.q_start * p.q_row_stride +
-                  h * p.q_head_stride;
-    const T *kb = static_cast<const T *>(p.k) + b * p.k_batch_stride + (int64_t)si.k_start * p.k_row_stride +
-                  hk * p.k_head_stride;
-    const T *vb = static_cast<const T *>(p.v) + b * p.v_batch_stride + (int64_t)si.k_start * p.v_row_stride +
-                  hk * p.v_head_stride;
-    T *ob = static_cast<T *>(p.o) + b * p.o_batch_stride + (int64_t)si.q_start * p.o_row_stride +
-            h * p.o_head_stride;
-    float *lseb = p.lse ? p.lse + b * p.lse_batch_stride + h * p.lse_head_stride +
-                              (int64_t)si.q_start * p.lse_row_stride
-                        : nullptr;
+    const FwdBases<T> base = fwd_bases<T>(p, b, h, si);
+    const T *qb = base.q, *kb = base.k, *vb = base.v;
+    T *ob = base.o;
+    float *lseb = base.lse;
 
     const FwdMask mask = fwd_mask(p, sq, sk);
     const int off = mask.off;
-    float alibi_log2 = 0.0f;
-    if (Has_extras && p.alibi) alibi_log2 = p.alibi[b * p.alibi_batch_stride + h * p.alibi_head_stride] * kLog2e;
+    const float alibi_log2 = Has_extras ? fwd_alibi_log2(p, b, h) : 0.0f;
     const float sc = Has_extras ? 1.0f : p.scale_log2;
     const uint64_t bh = (uint64_t)b * p.num_heads + h;
     const int wrow = 16 * warp; /* this warp's first row in the tile */
@@ -115,10 +107,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks) flash_fwd_sm9
         const int m0 = tile * kBlockM;
         const int rows_valid = imin(kBlockM, sq - m0);
         const int i_last = m0 + rows_valid - 1;
-        const int j_begin = mask.has_lo ? imax(0, m0 + off - mask.left) : 0;
-        const int j_end = mask.has_hi ? imin(sk, i_last + off + mask.right + 1) : sk;
-        const int n_lo = j_begin / kBlockN;
-        const int n_hi = j_end > j_begin ? (j_end + kBlockN - 1) / kBlockN : n_lo;
+        int n_lo, n_hi;
+        mask.key_tiles(m0, i_last, kBlockN, &n_lo, &n_hi);
         if (n_hi <= n_lo) {
             fwd_write_empty<kHeadDim, kNThreads>(p, ob, lseb, m0, rows_valid, d, tid);
             continue;
