@@ -207,28 +207,34 @@ PF_DEV float fwd_alibi_log2(const FlashParams &p, int b, int h) {
  * Each works on one m16 slice of S held as mma C fragments, s[nt][e] =
  * (row i0 + 8 * (e / 2), key j0 + 8 * nt + 2 * t + e % 2), lane = 4 g + t. */
 
-/* softcap or plain scaling into the log2 domain, then ALiBi */
+/* softcap or plain scaling into the log2 domain, then ALiBi. The conditions are
+ * uniform, so each is tested once per slice, and the ALiBi distance |i + off - j|
+ * is one float subtraction from the slice's first column (no int -> float
+ * conversion per score: those run at a quarter of the FMA rate; exact for
+ * distances below 2^24). */
 template <int kNT>
 PF_DEV void fwd_score_extras(float (&s)[kNT][4], const FlashParams &p, int i0, int j0, int t, int off,
                              float alibi_log2) {
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-        const int i = i0 + 8 * hf;
+    if (p.softcap > 0.0f) {
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                float x = s[nt][2 * hf + e];
-                if (p.softcap > 0.0f)
-                    x = p.softcap_log2 * tanh_abs_accurate(x * p.softcap_inv_scale);
-                else
-                    x *= p.scale_log2;
-                if (p.alibi) {
-                    const int j = j0 + nt * 8 + 2 * t + e;
-                    x -= alibi_log2 * (float)abs(i + off - j);
-                }
-                s[nt][2 * hf + e] = x;
-            }
+            for (int e = 0; e < 4; ++e) s[nt][e] = p.softcap_log2 * tanh_abs_accurate(s[nt][e] * p.softcap_inv_scale);
+    } else {
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[nt][e] *= p.scale_log2;
+    }
+    if (p.alibi) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const float d0 = (float)(i0 + 8 * hf + off - j0 - 2 * t); /* distance to column 0 of the slice */
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) s[nt][2 * hf + e] -= alibi_log2 * fabsf(d0 - (float)(nt * 8 + e));
+        }
     }
 }
 
