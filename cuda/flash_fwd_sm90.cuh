@@ -261,17 +261,30 @@ pf_status launch_fwd_sm90(const FlashParams &p, cudaStream_t stream, int device)
  *   d=128: 128 keys, 2 warpgroups, 1 block per SM (236 registers): 394 / 435,
  *          287 / 419 -- against 64 keys 364 / 408, 276 / 385.
  *   The softcap / ALiBi / dropout kernels use 128 keys, 1 block per SM (they
- *   spill 100-300 bytes at 2 blocks per SM). */
+ *   spill 100-300 bytes at 2 blocks per SM). At d=64 softcap / ALiBi without
+ *   dropout stay on the sm_80 kernel, which was as fast or faster there (softcap
+ *   196 vs 174 TFLOP/s, ALiBi 269 vs 263 at s=2k; benchmarks/results/
+ *   fwd_extras_h200.md); d=128 and dropout gain 1.06-1.39x on sm_90. */
 template <typename T, int kHeadDim>
 pf_status flash_fwd_sm90_run(const FlashParams &p, cudaStream_t stream, int device, bool *launched) {
     *launched = false;
     if constexpr (kHeadDim == 64 || kHeadDim == 128) {
         if (!p.aligned || !sm90_available(device)) return PF_STATUS_OK;
         using Cfg = FwdSm90Config<kHeadDim, 128>;
-        *launched = true;
-        if (p.drop_threshold) return launch_fwd_sm90<T, Cfg, true, true>(p, stream, device);
+        if (p.drop_threshold) {
+            *launched = true;
+            return launch_fwd_sm90<T, Cfg, true, true>(p, stream, device);
+        }
         const bool extras = p.softcap > 0.0f || p.alibi != nullptr || !(p.scale_log2 > 0.0f);
-        if (extras) return launch_fwd_sm90<T, Cfg, true, false>(p, stream, device);
+        if (extras) {
+            if constexpr (kHeadDim == 64) {
+                return PF_STATUS_OK; /* the sm_80 kernel is as fast or faster there */
+            } else {
+                *launched = true;
+                return launch_fwd_sm90<T, Cfg, true, false>(p, stream, device);
+            }
+        }
+        *launched = true;
         using Fast = std::conditional_t<kHeadDim == 64, FwdSm90Config<64, 64, 2, 2>, FwdSm90Config<kHeadDim, 128>>;
         return launch_fwd_sm90<T, Fast, false, false>(p, stream, device);
     }
