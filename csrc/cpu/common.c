@@ -97,3 +97,50 @@ float pf_cpu_alibi_log2(const pf_tensor *slopes, int64_t b, int64_t h) {
                                     : h * slopes->strides[0];
     return ((const float *)slopes->data)[off] * PF_LOG2E;
 }
+
+pf_cpu_mask pf_cpu_mask_make(int64_t sq, int64_t sk, int causal, int64_t left, int64_t right, float cap_log2,
+                             float alibi_log2) {
+    pf_cpu_mask mk;
+    memset(&mk, 0, sizeof mk);
+    mk.sq = sq;
+    mk.sk = sk;
+    mk.causal = causal;
+    mk.left = left;
+    mk.right = right;
+    mk.cap_log2 = cap_log2;
+    mk.alibi_log2 = alibi_log2;
+    return mk;
+}
+
+size_t pf_cpu_fwd_tiles_bytes(int64_t rows, int64_t dpad) {
+    return sizeof(float) * (size_t)(2 * rows * dpad + 2 * dpad * PF_CPU_BLOCK_N + rows * PF_CPU_BLOCK_N +
+                                    2 * rows + dpad + 64);
+}
+
+pf_cpu_fwd_tiles pf_cpu_fwd_tiles_of(void *scratch, int64_t rows, int64_t dpad) {
+    pf_cpu_fwd_tiles t;
+    t.qf = (float *)scratch;
+    t.of = t.qf + rows * dpad;
+    t.kt = t.of + rows * dpad;
+    t.vt = t.kt + dpad * PF_CPU_BLOCK_N;
+    t.s = t.vt + PF_CPU_BLOCK_N * dpad;
+    t.m = t.s + rows * PF_CPU_BLOCK_N;
+    t.l = t.m + rows;
+    t.rowbuf = t.l + rows;
+    return t;
+}
+
+void pf_cpu_fwd_start_row(const pf_cpu_fwd_tiles *t, int64_t r, const void *src, pf_dtype dt, int64_t d,
+                          int64_t dpad, float q_scale) {
+    float *qr = t->qf + r * dpad;
+    if (src) {
+        pf_load_row_f32(qr, src, dt, d);
+        for (int64_t c = 0; c < d; c++) qr[c] *= q_scale;
+    } else {
+        for (int64_t c = 0; c < d; c++) qr[c] = 0.0f;
+    }
+    for (int64_t c = d; c < dpad; c++) qr[c] = 0.0f;
+    for (int64_t c = 0; c < dpad; c++) t->of[r * dpad + c] = 0.0f;
+    t->m[r] = -__builtin_inff();
+    t->l[r] = 0.0f;
+}

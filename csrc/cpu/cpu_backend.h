@@ -50,6 +50,26 @@ float pf_cpu_score_scales(float softmax_scale, float softcap, int64_t head_dim, 
 /* ALiBi slope of (batch b, head h) times log2(e) from f32 [h] or [batch, h]; 0 without ALiBi. */
 float pf_cpu_alibi_log2(const pf_tensor *slopes, int64_t b, int64_t h);
 
+/* A mask for queries [0, sq) against keys [0, sk) of one (sequence, head). */
+pf_cpu_mask pf_cpu_mask_make(int64_t sq, int64_t sk, int causal, int64_t left, int64_t right, float cap_log2,
+                             float alibi_log2);
+
+/* Head dim rounded up to the micro-kernels' vector width (PF_VW floats). */
+static inline int64_t pf_cpu_dpad(int64_t head_dim) { return (head_dim + PF_VW - 1) / PF_VW * PF_VW; }
+
+/* Per-thread scratch of the forward-style tile loop (flash forward, paged attention) for
+ * `rows` query rows: Q and the partial O [rows][dpad], K^T [dpad][64], V [64][dpad],
+ * scores S [rows][64], running row max m and sum l [rows], a staging row [dpad]. */
+typedef struct pf_cpu_fwd_tiles {
+    float *qf, *of, *kt, *vt, *s, *m, *l, *rowbuf;
+} pf_cpu_fwd_tiles;
+size_t pf_cpu_fwd_tiles_bytes(int64_t rows, int64_t dpad);
+pf_cpu_fwd_tiles pf_cpu_fwd_tiles_of(void *scratch, int64_t rows, int64_t dpad);
+/* Start row r of a tile: qf[r] = src * q_scale (zeros when src is NULL: a padding row),
+ * columns [d, dpad) zero; of[r] = 0, m[r] = -inf, l[r] = 0. */
+void pf_cpu_fwd_start_row(const pf_cpu_fwd_tiles *t, int64_t r, const void *src, pf_dtype dt, int64_t d,
+                          int64_t dpad, float q_scale);
+
 /* One 64-byte-aligned scratch buffer per thread. */
 pf_status pf_cpu_alloc_scratch(void ***bufs, int n, size_t bytes);
 void pf_cpu_free_scratch(void **bufs, int n);

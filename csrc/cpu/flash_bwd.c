@@ -88,14 +88,9 @@ static void tile_key_range(const pf_attn_params *p, int64_t i0, int64_t rows, in
 static void fill_mask(const bwd_ctx *ctx, int64_t b, int64_t h, int64_t sq, int64_t sk,
                       pf_cpu_mask *mk) {
     const pf_attn_params *p = ctx->p;
-    memset(mk, 0, sizeof *mk);
-    mk->sq = sq;
-    mk->sk = sk;
-    mk->causal = p->causal;
-    mk->left = p->window_left;
-    mk->right = p->window_right;
-    mk->cap_log2 = 0.0f; /* the backward applies tanh itself (it needs 1 - tanh^2) */
-    mk->alibi_log2 = pf_cpu_alibi_log2(&p->alibi_slopes, b, h);
+    /* cap_log2 0: the backward applies tanh itself (it needs 1 - tanh^2) */
+    *mk = pf_cpu_mask_make(sq, sk, p->causal, p->window_left, p->window_right, 0.0f,
+                           pf_cpu_alibi_log2(&p->alibi_slopes, b, h));
 }
 
 /* Load the query tile: qf = q * q_scale and dof = dout, rows [rows, rows4) zero,
@@ -403,7 +398,7 @@ pf_status pf_cpu_flash_bwd(const pf_attn_params *p) {
     ctx.dq = pf_rows_of(&p->dq, sh->varlen);
     ctx.dk = pf_rows_of(&p->dk, sh->varlen);
     ctx.dv = pf_rows_of(&p->dv, sh->varlen);
-    ctx.dpad = (sh->head_dim + PF_VW - 1) / PF_VW * PF_VW;
+    ctx.dpad = pf_cpu_dpad(sh->head_dim);
     ctx.n_mtiles = (sh->seqlen_q + kBlockM - 1) / kBlockM;
     ctx.n_ntiles = (sh->seqlen_k + kBlockN - 1) / kBlockN;
     ctx.group = sh->num_heads / sh->num_kv_heads;

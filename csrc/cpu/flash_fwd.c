@@ -242,37 +242,15 @@ static void fwd_item(void *vctx, int64_t item, int tid) {
     int64_t rows = sq - i0 < kBlockM ? sq - i0 : kBlockM;
     int64_t rows4 = (rows + 3) & ~(int64_t)3;
 
-    float *qf = (float *)ctx->scratch[tid];      /* [kBlockM][dpad] */
-    float *of = qf + kBlockM * dpad;             /* [kBlockM][dpad] */
-    float *kt = of + kBlockM * dpad;             /* [dpad][kBlockN] */
-    float *vt = kt + dpad * kBlockN;             /* [kBlockN][dpad] */
-    float *s = vt + kBlockN * dpad;              /* [kBlockM][kBlockN] */
-    float *m = s + kBlockM * kBlockN;            /* [kBlockM] */
-    float *l = m + kBlockM;                      /* [kBlockM] */
-    float *rowbuf = l + kBlockM;                 /* [dpad] */
+    const pf_cpu_fwd_tiles tiles = pf_cpu_fwd_tiles_of(ctx->scratch[tid], kBlockM, dpad);
+    float *qf = tiles.qf, *of = tiles.of, *kt = tiles.kt, *vt = tiles.vt, *s = tiles.s, *m = tiles.m, *l = tiles.l,
+          *rowbuf = tiles.rowbuf;
+    for (int64_t r = 0; r < rows4; r++)
+        pf_cpu_fwd_start_row(&tiles, r, r < rows ? pf_row_ptr(&ctx->q, b, q0 + i0 + r, h) : NULL, dt, d, dpad,
+                             ctx->q_scale);
 
-    for (int64_t r = 0; r < rows4; r++) {
-        float *qr = qf + r * dpad;
-        if (r < rows) {
-            pf_load_row_f32(qr, pf_row_ptr(&ctx->q, b, q0 + i0 + r, h), dt, d);
-            for (int64_t c = 0; c < d; c++) qr[c] *= ctx->q_scale;
-        } else {
-            for (int64_t c = 0; c < d; c++) qr[c] = 0.0f;
-        }
-        for (int64_t c = d; c < dpad; c++) qr[c] = 0.0f;
-        for (int64_t c = 0; c < dpad; c++) of[r * dpad + c] = 0.0f;
-        m[r] = -__builtin_inff();
-        l[r] = 0.0f;
-    }
-
-    pf_cpu_mask mk = {0};
-    mk.sq = sq;
-    mk.sk = sk;
-    mk.causal = p->causal;
-    mk.left = p->window_left;
-    mk.right = p->window_right;
-    mk.cap_log2 = ctx->cap_log2;
-    mk.alibi_log2 = pf_cpu_alibi_log2(&p->alibi_slopes, b, h);
+    const pf_cpu_mask mk = pf_cpu_mask_make(sq, sk, p->causal, p->window_left, p->window_right, ctx->cap_log2,
+                                            pf_cpu_alibi_log2(&p->alibi_slopes, b, h));
 
     /* The key range this tile can see at all. */
     int64_t lo_first, hi_first, lo_last, hi_last;
@@ -337,11 +315,6 @@ static void fwd_item(void *vctx, int64_t item, int tid) {
     }
 }
 
-size_t pf_cpu_fwd_scratch_bytes(int64_t dpad) {
-    return sizeof(float) * (size_t)(2 * kBlockM * dpad + 2 * dpad * kBlockN + kBlockM * kBlockN +
-                                    2 * kBlockM + dpad + 64);
-}
-
 pf_status pf_cpu_flash_fwd(const pf_attn_params *p) {
     fwd_ctx ctx;
     memset(&ctx, 0, sizeof ctx);
@@ -352,7 +325,7 @@ pf_status pf_cpu_flash_fwd(const pf_attn_params *p) {
     ctx.k = pf_rows_of(&p->k, sh->varlen);
     ctx.v = pf_rows_of(&p->v, sh->varlen);
     ctx.out = pf_rows_of(&p->out, sh->varlen);
-    ctx.dpad = (sh->head_dim + PF_VW - 1) / PF_VW * PF_VW;
+    ctx.dpad = pf_cpu_dpad(sh->head_dim);
     ctx.n_mtiles = (sh->seqlen_q + kBlockM - 1) / kBlockM;
 
     pf_cpu_score_scales(p->softmax_scale, p->softcap, sh->head_dim, &ctx.q_scale,
@@ -361,7 +334,7 @@ pf_status pf_cpu_flash_fwd(const pf_attn_params *p) {
     int64_t items = sh->batch * sh->num_heads * ctx.n_mtiles;
     if (items == 0) return PF_STATUS_OK;
     int nt = pf_resolve_threads(p->num_threads, items);
-    ctx.scratch_bytes = pf_cpu_fwd_scratch_bytes(ctx.dpad);
+    ctx.scratch_bytes = pf_cpu_fwd_tiles_bytes(kBlockM, ctx.dpad);
     pf_status st = pf_cpu_alloc_scratch(&ctx.scratch, nt, ctx.scratch_bytes);
     if (st != PF_STATUS_OK) return st;
     st = pf_parallel_for(items, nt, fwd_item, &ctx);

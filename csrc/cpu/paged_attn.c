@@ -154,29 +154,14 @@ static void paged_item(void *vctx, int64_t item, int tid) {
     const int64_t nhr = c->rep - hc * c->nh < c->nh ? c->rep - hc * c->nh : c->nh;
     const int64_t rows = nhr * nqr, rows4 = (rows + 3) & ~(int64_t)3;
 
-    float *qf = (float *)c->scratch[tid]; /* [kBlockM][dpad], row = head * nqr + query */
-    float *of = qf + kBlockM * dpad;      /* [kBlockM][dpad] */
-    float *kt = of + kBlockM * dpad;      /* [dpad][kBlockN] */
-    float *vt = kt + dpad * kBlockN;      /* [kBlockN][dpad]; K rows before the transpose */
-    float *s = vt + kBlockN * dpad;       /* [kBlockM][kBlockN] */
-    float *m = s + kBlockM * kBlockN;     /* [kBlockM] */
-    float *l = m + kBlockM;               /* [kBlockM] */
-    float *rowbuf = l + kBlockM;          /* [dpad] */
-
-    for (int64_t r = 0; r < rows4; r++) {
-        float *qr = qf + r * dpad;
-        if (r < rows) {
-            int64_t hh = r / nqr, ii = r % nqr;
-            pf_load_row_f32(qr, pf_row_ptr(&c->q, b, qoff + i0 + ii, h0 + hh), dt, d);
-            for (int64_t col = 0; col < d; col++) qr[col] *= c->q_scale;
-        } else {
-            for (int64_t col = 0; col < d; col++) qr[col] = 0.0f;
-        }
-        for (int64_t col = d; col < dpad; col++) qr[col] = 0.0f;
-        for (int64_t col = 0; col < dpad; col++) of[r * dpad + col] = 0.0f;
-        m[r] = -__builtin_inff();
-        l[r] = 0.0f;
-    }
+    /* tile rows: row = head * nqr + query */
+    const pf_cpu_fwd_tiles tb = pf_cpu_fwd_tiles_of(c->scratch[tid], kBlockM, dpad);
+    float *qf = tb.qf, *of = tb.of, *kt = tb.kt, *vt = tb.vt, *s = tb.s, *m = tb.m, *l = tb.l,
+          *rowbuf = tb.rowbuf; /* vt holds K rows before the transpose */
+    for (int64_t r = 0; r < rows4; r++)
+        pf_cpu_fwd_start_row(&tb, r,
+                             r < rows ? pf_row_ptr(&c->q, b, qoff + i0 + r % nqr, h0 + r / nqr) : NULL, dt, d,
+                             dpad, c->q_scale);
 
     /* this split's tokens: whole 64-token tiles, the sequence's tiles spread over S chunks */
     const int64_t tiles = (len + kBlockN - 1) / kBlockN;
@@ -192,13 +177,7 @@ static void paged_item(void *vctx, int64_t item, int tid) {
     const int64_t jb = lo_first > ts ? lo_first : ts;
     const int64_t je = hi_last + 1 < te ? hi_last + 1 : te;
 
-    pf_cpu_mask mk = {0};
-    mk.sq = qlen;
-    mk.sk = len;
-    mk.causal = p->causal;
-    mk.left = p->window_left;
-    mk.right = p->window_right;
-    mk.cap_log2 = c->cap_log2;
+    pf_cpu_mask mk = pf_cpu_mask_make(qlen, len, p->causal, p->window_left, p->window_right, c->cap_log2, 0.0f);
     float slope_log2[kBlockM];
     for (int64_t hh = 0; hh < nhr; hh++) slope_log2[hh] = pf_cpu_alibi_log2(&p->alibi_slopes, b, h0 + hh);
 
@@ -267,11 +246,6 @@ static void merge_item(void *vctx, int64_t t, int tid) {
     }
 }
 
-static size_t paged_scratch_bytes(int64_t dpad) {
-    return sizeof(float) * (size_t)(2 * kBlockM * dpad + 2 * dpad * kBlockN + kBlockM * kBlockN +
-                                    2 * kBlockM + dpad + 64);
-}
-
 /* Splits per sequence: explicit n capped by the tiles of the longest sequence;
  * 0 = enough items to keep every thread busy twice over, each split at least 4
  * tiles (256 tokens) so the merge stays cheap against the work it parallelizes. */
@@ -312,7 +286,7 @@ pf_status pf_cpu_paged_attn(const pf_paged_params *p) {
     c.block_size = p->k_cache.shape[1];
     c.rep = c.num_heads / c.num_kv_heads;
     c.q_len_dense = c.q4 ? p->q.shape[1] : 1;
-    c.dpad = (c.head_dim + PF_VW - 1) / PF_VW * PF_VW;
+    c.dpad = pf_cpu_dpad(c.head_dim);
     c.q = pf_rows_of(&p->q, !c.q4);
     c.out = pf_rows_of(&p->out, !c.q4);
     c.kc = pf_rows_of(&p->k_cache, 0);
@@ -356,7 +330,7 @@ pf_status pf_cpu_paged_attn(const pf_paged_params *p) {
 
     const int64_t items = c.batch * c.num_kv_heads * c.n_hchunks * c.n_qtiles * c.splits;
     const int nt = pf_resolve_threads(p->num_threads, items);
-    pf_status st = pf_cpu_alloc_scratch(&c.scratch, nt, paged_scratch_bytes(c.dpad));
+    pf_status st = pf_cpu_alloc_scratch(&c.scratch, nt, pf_cpu_fwd_tiles_bytes(kBlockM, c.dpad));
     if (st == PF_STATUS_OK) {
         st = pf_parallel_for(items, nt, paged_item, &c);
         pf_cpu_free_scratch(c.scratch, nt);
