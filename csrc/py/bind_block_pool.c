@@ -103,6 +103,18 @@ static int as_i64(PfBlockPool *self, PyObject *obj, const char *name, const int6
     return 0;
 }
 
+/* Sequence ids for the batched calls: as_i64, and at most INT32_MAX of them (the core takes an
+ * int32 count). *hold is released again on failure. */
+static int as_seq_ids(PfBlockPool *self, PyObject *obj, const int64_t **data, Py_ssize_t *n, PyObject **hold) {
+    if (as_i64(self, obj, "seq_ids", data, n, hold) < 0) return -1;
+    if (*n > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "seq_ids: too many sequences");
+        Py_CLEAR(*hold);
+        return -1;
+    }
+    return 0;
+}
+
 /* An integer list as int32 [*n] (values range-checked), into staging `st` unless in place. */
 static int as_i32(stage *st, PyObject *obj, const char *name, const int32_t **data, Py_ssize_t *n,
                   PyObject **hold) {
@@ -341,11 +353,7 @@ static PyObject *bp_append_batch(PfBlockPool *self, PyObject *const *args, Py_ss
     PyObject *hold_ids = NULL, *hold_k = NULL, *hold_t = NULL, *cow = NULL, *result = NULL;
     const int32_t *per = NULL, *tok = NULL;
     int32_t uniform = 0;
-    if (as_i64(self, args[0], "seq_ids", &ids, &n, &hold_ids) < 0) goto done;
-    if (n > INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "seq_ids: too many sequences");
-        goto done;
-    }
+    if (as_seq_ids(self, args[0], &ids, &n, &hold_ids) < 0) goto done;
     if (as_counts(self, args[1], "num_new_tokens", n, &per, &uniform, &hold_k) < 0) goto done;
     if (args[2] != Py_None) {
         Py_ssize_t ntok;
@@ -522,12 +530,8 @@ static PyObject *bp_block_tables(PfBlockPool *self, PyObject *const *args, Py_ss
     PyObject *hold = NULL, *out = NULL;
     if (as_i32_scalar(args[1], "max_blocks", &width) < 0 || as_i32_scalar(args[2], "pad", &pad) < 0)
         return NULL;
-    if (as_i64(self, args[0], "seq_ids", &ids, &n, &hold) < 0) return NULL;
+    if (as_seq_ids(self, args[0], &ids, &n, &hold) < 0) return NULL;
     pf_status st = PF_STATUS_OK;
-    if (n > INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "seq_ids: too many sequences");
-        goto fail;
-    }
     if (args[3] != Py_None) {
         if (check_out(args[3], "out", 2, NPY_INT32, n) < 0) goto fail;
         npy_intp w = PyArray_DIM((PyArrayObject *)args[3], 1);
@@ -569,12 +573,8 @@ static PyObject *bp_seq_lens(PfBlockPool *self, PyObject *const *args, Py_ssize_
     const int64_t *ids;
     Py_ssize_t n;
     PyObject *hold = NULL, *out = NULL;
-    if (as_i64(self, args[0], "seq_ids", &ids, &n, &hold) < 0) return NULL;
+    if (as_seq_ids(self, args[0], &ids, &n, &hold) < 0) return NULL;
     pf_status st = PF_STATUS_OK;
-    if (n > INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "seq_ids: too many sequences");
-        goto fail;
-    }
     if (args[1] != Py_None) {
         if (check_out(args[1], "out", 1, NPY_INT32, n) < 0) goto fail;
         out = Py_NewRef(args[1]);
@@ -603,11 +603,7 @@ static PyObject *bp_slot_mapping(PfBlockPool *self, PyObject *const *args, Py_ss
     const int32_t *per = NULL;
     int32_t uniform = 0;
     pf_status st = PF_STATUS_OK;
-    if (as_i64(self, args[0], "seq_ids", &ids, &n, &hold) < 0) return NULL;
-    if (n > INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "seq_ids: too many sequences");
-        goto fail;
-    }
+    if (as_seq_ids(self, args[0], &ids, &n, &hold) < 0) return NULL;
     if (as_counts(self, args[1], "num_new_tokens", n, &per, &uniform, &hold_k) < 0) goto fail;
     int64_t total = 0;
     for (Py_ssize_t i = 0; i < n; i++) total += per ? per[i] : uniform;
