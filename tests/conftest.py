@@ -85,23 +85,8 @@ def naive_attention_lowp(q, k, v, *, causal=False, softmax_scale=None, window=(-
         tq, tk, tv = (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x)) for x in (q, k, v))
         tq, tk, tv = (t.detach().cpu() for t in (tq, tk, tv))
         dt = tq.dtype
-        b, sq, h, d = tq.shape
-        sk, hk = tk.shape[1], tk.shape[2]
-        scale = 1.0 / d**0.5 if softmax_scale is None else softmax_scale
-        kk = tk.repeat_interleave(h // hk, dim=2)
-        vv = tv.repeat_interleave(h // hk, dim=2)
-        s = torch.einsum("bihd,bjhd->bhij", tq, kk) * scale
-        if softcap > 0:
-            s = softcap * torch.tanh(s / softcap)
-        if alibi_slopes is not None:
-            sl = torch.as_tensor(np.asarray(reference.to_f64(alibi_slopes)), dtype=dt)
-            sl = sl.view(1, h, 1, 1) if sl.dim() == 1 else sl.view(b, h, 1, 1)
-            dist = (torch.arange(sq)[:, None] + sk - sq - torch.arange(sk)[None, :]).abs().to(dt)
-            s = s - sl * dist
-        lo, hi = reference.mask_bounds(sq, sk, causal, window)
-        j = np.arange(sk)
-        allowed = torch.from_numpy((j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None]))
-        s = s.masked_fill(~allowed, float("-inf"))
+        s, _, vv = reference.naive_scores_torch(tq, tk, tv, causal=causal, softmax_scale=softmax_scale, window=window,
+                                                softcap=softcap, alibi_slopes=alibi_slopes)
         p = torch.softmax(s.float(), dim=-1).to(dt)  # softmax itself as torch does it in low precision
         p = torch.nan_to_num(p, nan=0.0)
         o = torch.einsum("bhij,bjhd->bihd", p, vv)

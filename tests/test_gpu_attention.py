@@ -412,23 +412,8 @@ def torch_ref_grads(q, k, v, dout, *, causal=False, window=(-1, -1), softcap=0.0
                     dropout_p=0.0, keep=None, softmax_scale=None, dtype=torch.float64):
     """Gradients of the naive attention in `dtype` on the CPU (float64 = the reference)."""
     qd, kd, vd = (x.detach().cpu().to(dtype).requires_grad_(True) for x in (q, k, v))
-    b, sq, h, d = qd.shape
-    sk, hk = kd.shape[1], kd.shape[2]
-    scale = 1.0 / d**0.5 if softmax_scale is None else softmax_scale
-    kk = kd.repeat_interleave(h // hk, dim=2)
-    vv = vd.repeat_interleave(h // hk, dim=2)
-    s = torch.einsum("bihd,bjhd->bhij", qd, kk) * scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    if alibi_slopes is not None:
-        sl = torch.as_tensor(reference.to_f64(alibi_slopes)).to(dtype)
-        sl = sl.view(1, h, 1, 1) if sl.dim() == 1 else sl.view(b, h, 1, 1)
-        dist = (torch.arange(sq)[:, None] + sk - sq - torch.arange(sk)[None, :]).abs().to(dtype)
-        s = s - sl * dist
-    lo, hi = reference.mask_bounds(sq, sk, causal, window)
-    j = np.arange(sk)
-    allowed = torch.from_numpy((j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None]))
-    s = s.masked_fill(~allowed, float("-inf"))
+    s, _, vv = reference.naive_scores_torch(qd, kd, vd, causal=causal, softmax_scale=softmax_scale, window=window,
+                                            softcap=softcap, alibi_slopes=alibi_slopes)
     p = torch.nan_to_num(torch.softmax(s.float() if dtype != torch.float64 else s, dim=-1), nan=0.0).to(dtype)
     if keep is not None:
         p = p * torch.from_numpy(keep).to(dtype) / (1 - dropout_p)

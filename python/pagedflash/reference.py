@@ -288,6 +288,35 @@ def attention_varlen_backward(dout: Any, q: Any, k: Any, v: Any, cu_seqlens_q: A
     return dq, dk, dv
 
 
+def naive_scores_torch(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: Optional[float] = None,
+                       window: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Any = None):
+    """The front of the naive algorithm in torch, in q's dtype and on q's device: (s, allowed, vv)
+    with s [batch, h, sq, sk] the scaled scores after softcap and ALiBi, masked entries -inf;
+    allowed the [sq, sk] bool mask; vv = v repeated over the GQA groups [batch, sk, h, d].
+    Shared by attention_torch and the tests' low-precision baselines. Imports torch."""
+    import torch
+
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    dt = q.dtype
+    scale = 1.0 / d**0.5 if softmax_scale is None else float(softmax_scale)
+    kk = k.repeat_interleave(h // hk, dim=2)
+    vv = v.repeat_interleave(h // hk, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", q, kk) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        sl = torch.as_tensor(to_f64(alibi_slopes)).to(device=q.device, dtype=dt)
+        sl = sl.view(1, h, 1, 1) if sl.dim() == 1 else sl.view(b, h, 1, 1)
+        dist = (torch.arange(sq, device=q.device)[:, None] + sk - sq
+                - torch.arange(sk, device=q.device)[None, :]).abs().to(dt)
+        s = s - sl * dist
+    lo, hi = mask_bounds(sq, sk, causal, window)
+    j = np.arange(sk)
+    allowed = torch.from_numpy((j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])).to(q.device)
+    return s.masked_fill(~allowed, float("-inf")), allowed, vv
+
+
 def attention_torch(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: Optional[float] = None,
                     window: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Any = None,
                     dropout_p: float = 0.0, dropout_mask: Any = None):
@@ -301,25 +330,10 @@ def attention_torch(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_sca
     """
     import torch
 
-    b, sq, h, d = q.shape
-    sk, hk = k.shape[1], k.shape[2]
+    b, sq, h, sk = q.shape[0], q.shape[1], q.shape[2], k.shape[1]
     dt = q.dtype
-    scale = 1.0 / d**0.5 if softmax_scale is None else float(softmax_scale)
-    kk = k.repeat_interleave(h // hk, dim=2)
-    vv = v.repeat_interleave(h // hk, dim=2)
-    s = torch.einsum("bihd,bjhd->bhij", q, kk) * scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    if alibi_slopes is not None:
-        sl = torch.as_tensor(alibi_slopes).to(device=q.device, dtype=dt)
-        sl = sl.view(1, h, 1, 1) if sl.dim() == 1 else sl.view(b, h, 1, 1)
-        dist = (torch.arange(sq, device=q.device)[:, None] + sk - sq
-                - torch.arange(sk, device=q.device)[None, :]).abs().to(dt)
-        s = s - sl * dist
-    lo, hi = mask_bounds(sq, sk, causal, window)
-    j = np.arange(sk)
-    allowed = torch.from_numpy((j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])).to(q.device)
-    s = s.masked_fill(~allowed, float("-inf"))
+    s, allowed, vv = naive_scores_torch(q, k, v, causal=causal, softmax_scale=softmax_scale, window=window,
+                                        softcap=softcap, alibi_slopes=alibi_slopes)
     m = s.detach().amax(dim=-1, keepdim=True) if sk else s.new_zeros((b, h, sq, 1))
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m).masked_fill(~allowed, 0.0)
