@@ -114,41 +114,41 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks) flash_fwd_sm9
             continue;
         }
 
+        auto buf_of = [&](int n) { return (n_hi - 1 - n) % Cfg::kStages; }; /* K/V ring slot of key tile n */
         auto load_kv = [&](int n) {
-            const int j0 = n * kBlockN, buf = (n_hi - 1 - n) % Cfg::kStages;
-            sm90::load_swizzled<kBlockN, kHeadDim, kNThreads>(sK(buf), kb + (int64_t)j0 * p.k_row_stride,
+            const int j0 = n * kBlockN;
+            sm90::load_swizzled<kBlockN, kHeadDim, kNThreads>(sK(buf_of(n)), kb + (int64_t)j0 * p.k_row_stride,
                                                               p.k_row_stride, sk - j0, d, tid);
-            sm90::load_swizzled<kBlockN, kHeadDim, kNThreads>(sV(buf), vb + (int64_t)j0 * p.v_row_stride,
+            sm90::load_swizzled<kBlockN, kHeadDim, kNThreads>(sV(buf_of(n)), vb + (int64_t)j0 * p.v_row_stride,
                                                               p.v_row_stride, sk - j0, d, tid);
         };
-        /* S of key tile n: scale / mask / online softmax; returns whether O needs the rescale */
-        float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f}, alpha[2];
-        auto softmax_tile = [&](float(&sx)[kNT][4], int n) {
-            const int j0 = n * kBlockN;
-            if (Has_extras) fwd_score_extras(sx, p, m0 + wrow + g, j0, t, off, alibi_log2);
-            if (mask.needed(j0, kBlockN, m0, i_last)) mask.apply(sx, m0 + wrow + g, j0, t);
-            const bool rescale = fwd_softmax(sx, row_max, row_sum, alpha, sc);
-            if (Has_dropout && p.drop_threshold) fwd_dropout(sx, p, bh, m0 + wrow + g, j0, t);
-            return rescale;
-        };
-        uint32_t pa[kKSteps][4];
-        auto pack_p = [&](const float(&sx)[kNT][4]) {
-#pragma unroll
-            for (int kk = 0; kk < kKSteps; ++kk) {
-                pa[kk][0] = Ops::pack(sx[2 * kk][0], sx[2 * kk][1]);
-                pa[kk][1] = Ops::pack(sx[2 * kk][2], sx[2 * kk][3]);
-                pa[kk][2] = Ops::pack(sx[2 * kk + 1][0], sx[2 * kk + 1][1]);
-                pa[kk][3] = Ops::pack(sx[2 * kk + 1][2], sx[2 * kk + 1][3]);
-            }
-        };
-        auto flat = [](float(&sx)[kNT][4]) -> float(&)[kBlockN / 2] {
-            return reinterpret_cast<float(&)[kBlockN / 2]>(sx);
-        };
-        auto buf_of = [&](int n) { return (n_hi - 1 - n) % Cfg::kStages; };
+        float s[kNT][4]; /* S of one key tile, then its P (as floats) */
+        float(&s_flat)[kBlockN / 2] = reinterpret_cast<float(&)[kBlockN / 2]>(s);
         float o[kDT][4]; /* written first by the first P V (scale-d 0): never defined outside wgmma */
         float(&o_flat)[kHeadDim / 2] = reinterpret_cast<float(&)[kHeadDim / 2]>(o);
-        auto issue_s = [&](float(&sx)[kNT][4], int n) {
-            sm90::gemm_ss_kmajor<kBlockN, kHeadDim / 16, kBlockM, kBlockN, T>(flat(sx), sQ, 64 * wg, sK(buf_of(n)), 0,
+        uint32_t pa[kKSteps][4]; /* P of the tile whose P V is next, as the wgmma A operand */
+
+        /* S of key tile n: scale / mask / online softmax; returns whether O needs the rescale */
+        float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f}, alpha[2];
+        auto softmax_tile = [&](int n) {
+            const int j0 = n * kBlockN;
+            if (Has_extras) fwd_score_extras(s, p, m0 + wrow + g, j0, t, off, alibi_log2);
+            if (mask.needed(j0, kBlockN, m0, i_last)) mask.apply(s, m0 + wrow + g, j0, t);
+            const bool rescale = fwd_softmax(s, row_max, row_sum, alpha, sc);
+            if (Has_dropout && p.drop_threshold) fwd_dropout(s, p, bh, m0 + wrow + g, j0, t);
+            return rescale;
+        };
+        auto pack_p = [&]() {
+#pragma unroll
+            for (int kk = 0; kk < kKSteps; ++kk) {
+                pa[kk][0] = Ops::pack(s[2 * kk][0], s[2 * kk][1]);
+                pa[kk][1] = Ops::pack(s[2 * kk][2], s[2 * kk][3]);
+                pa[kk][2] = Ops::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                pa[kk][3] = Ops::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            }
+        };
+        auto issue_s = [&](int n) {
+            sm90::gemm_ss_kmajor<kBlockN, kHeadDim / 16, kBlockM, kBlockN, T>(s_flat, sQ, 64 * wg, sK(buf_of(n)), 0,
                                                                              false);
             sm90::wgmma_commit();
         };
@@ -178,16 +178,15 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks) flash_fwd_sm9
         if (n_hi - 2 >= n_lo) load_kv(n_hi - 2);
         cp_async_commit();
 
-        float s[kNT][4];
         cp_async_wait<1>();
         sm90::fence_proxy_async();
         __syncthreads();
         sm90::wgmma_fence();
-        issue_s(s, n_hi - 1);
+        issue_s(n_hi - 1);
         sm90::wgmma_wait<0>();
-        sm90::fence_regs(flat(s));
-        softmax_tile(s, n_hi - 1);
-        pack_p(s);
+        sm90::fence_regs(s_flat);
+        softmax_tile(n_hi - 1);
+        pack_p();
 #pragma unroll 1
         for (int n = n_hi - 1; n > n_lo; --n) {
             cp_async_wait<0>();
@@ -198,15 +197,15 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks) flash_fwd_sm9
                 cp_async_commit();
             }
             before_wgmma();
-            issue_s(s, n - 1);
+            issue_s(n - 1);
             issue_pv(n);
             sm90::wgmma_wait<1>();
-            sm90::fence_regs(flat(s));
-            const bool rescale = softmax_tile(s, n - 1);
+            sm90::fence_regs(s_flat);
+            const bool rescale = softmax_tile(n - 1);
             sm90::wgmma_wait<0>();
             sm90::fence_regs(o_flat);
             rescale_o(rescale);
-            pack_p(s);
+            pack_p();
         }
         /* the last tile's P V (its V landed with its K, before its S) */
         before_wgmma();

@@ -96,11 +96,6 @@ PF_DEV void fence_regs(float (&d)[N]) {
 #pragma unroll
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
-template <int N>
-PF_DEV void fence_regs(uint32_t (&d)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
-}
 template <int N, int M>
 PF_DEV void fence_regs(uint32_t (&d)[N][M]) {
 #pragma unroll
