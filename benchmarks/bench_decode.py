@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 import statistics
 import time
 import subprocess
@@ -43,9 +44,9 @@ def sdpa_backend(name):
     return getattr(SDPBackend, name)
 
 
-def time_graph(fns, reps=7, inner=None):
-    """Median seconds per call of fns (a list of zero-arg callables, one per input set),
-    captured together in a CUDA graph; falls back to eager launches if capture fails."""
+def make_runner(fns):
+    """A zero-arg callable replaying fns (one per input set) captured in one CUDA graph
+    (eager launches if capture fails), and len(fns)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -64,31 +65,45 @@ def time_graph(fns, reps=7, inner=None):
         print(f"  (graph capture failed: {type(e).__name__}: {str(e)[:80]}; timing eagerly)", file=sys.stderr)
         g = None
         torch.cuda.synchronize()
-    run = g.replay if g is not None else (lambda: [f() for f in fns])
+    return (g.replay if g is not None else (lambda: [f() for f in fns])), len(fns)
+
+
+def time_runners(runners, rounds=7):
+    """Median seconds per call of each (run, n) runner. The runners take turns: every round
+    times each of them once (~2 ms of replays), so a clock or thermal drift during the
+    measurement affects all candidates alike instead of whichever happened to run first."""
     # warm up for ~50 ms of GPU time, not one call: after the host-side setup of a point the GPU
     # has idled and its clocks ramp up over milliseconds (one warm call left the first candidate
     # timed up to 13% slow, e.g. batch 128 / 4k: 561 vs 497 us for the same kernel)
     warm_until = time.perf_counter() + 0.05
     while time.perf_counter() < warm_until:
-        run()
-        torch.cuda.synchronize()
-    # enough replays per sample for ~2 ms
-    st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    st.record()
-    run()
-    en.record()
-    en.synchronize()
-    one = max(st.elapsed_time(en) * 1e-3, 1e-6)
-    inner = inner or max(1, min(50, int(2e-3 / one)))
-    times = []
-    for _ in range(reps):
-        st.record()
-        for _ in range(inner):
+        for run, _ in runners:
             run()
+        torch.cuda.synchronize()
+    st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    inners = []
+    for run, _ in runners:
+        st.record()
+        run()
         en.record()
         en.synchronize()
-        times.append(st.elapsed_time(en) * 1e-3 / (inner * len(fns)))
-    return statistics.median(times)
+        one = max(st.elapsed_time(en) * 1e-3, 1e-6)
+        inners.append(max(1, min(50, int(2e-3 / one))))
+    times = [[] for _ in runners]
+    for _ in range(rounds):
+        for k, (run, n) in enumerate(runners):
+            st.record()
+            for _ in range(inners[k]):
+                run()
+            en.record()
+            en.synchronize()
+            times[k].append(st.elapsed_time(en) * 1e-3 / (inners[k] * n))
+    return [statistics.median(t) for t in times]
+
+
+def time_graph(fns, reps=7):
+    """Median seconds per call of fns (one per input set), replayed from a CUDA graph."""
+    return time_runners([make_runner(fns)], rounds=reps)[0]
 
 
 def bandwidth_ceilings():
@@ -148,13 +163,47 @@ def bench_point(batch, ctx, args, gen, mem_budget):
         ref = F.scaled_dot_product_attention(x["q"][:, :, None], x["k"], x["v"], enable_gqa=True)[:, :, 0]
     row["maxdiff"] = float((outs[0].float() - ref.float()).abs().max())
 
-    row["pf"] = time_graph([pf_fn(r) for r in range(sets)])
-    if args.explore:
-        row["explore"] = {}
-        for ns in args.explore:
-            row["explore"][ns] = time_graph([pf_fn(r, ns) for r in range(sets)])
+    # pagedflash (and its variants) and the backends that take the K/V as they are (GQA through
+    # enable_gqa) are timed together, in turns; backends that need expanded K/V afterwards
+    cands = [("pf", None, 0)]
+    cands += [(f"splits={ns}", None, ns) for ns in args.explore]
+    cands += [("+".join(f"{k}={v}" for k, v in env), env, 0) for env in args.pf_env]
+    runners = []
+    for _, env, ns in cands:
+        saved = {k: os.environ.get(k) for k, _ in env or []}
+        os.environ.update(dict(env or []))
+        try:
+            runners.append(make_runner([pf_fn(r, ns) for r in range(sets)]))
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
+    direct = []
+    for name in args.backends:
+        if name == "MATH" or (name == "EFFICIENT_ATTENTION"):
+            continue
+        try:
+            with torch.nn.attention.sdpa_kernel([sdpa_backend(name)]):
+                F.scaled_dot_product_attention(data[0]["q"][:, :, None], data[0]["k"], data[0]["v"], enable_gqa=True)
+                torch.cuda.synchronize()
+                fns = [(lambda xx=data[r]: F.scaled_dot_product_attention(xx["q"][:, :, None], xx["k"], xx["v"],
+                                                                          enable_gqa=True)) for r in range(sets)]
+                runners.append(make_runner(fns))
+            direct.append(name)
+        except RuntimeError:
+            torch.cuda.synchronize()
+    # the backend's kernel choice happens at capture time, so replays need no sdpa_kernel context
+    times = time_runners(runners)
+    row["pf"] = times[0]
+    row["explore"] = {c[0]: t for c, t in zip(cands[1:], times[1:len(cands)])}
+    for name, t in zip(direct, times[len(cands):]):
+        row[name] = (t, "")
 
     for name in args.backends:
+        if name in direct:
+            continue
         res = None
         note = ""
         for expand in (False, True):
@@ -208,12 +257,24 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--explore", default="", help="also time these num_splits values, e.g. 1,2,4,8")
+    ap.add_argument("--pf-env", action="append", default=[],
+                    help="also time pagedflash with VAR set to each value, e.g. PAGEDFLASH_PAGED_PREFETCH=0,2,4, "
+                         "or with several variables set at once, A=1+B=0 (repeatable; the launcher reads these "
+                         "on every call, the graph is captured with them set)")
     ap.add_argument("--math-limit", type=float, default=2 << 30, help="skip MATH above this many K/V bytes")
     ap.add_argument("--out", default=None, help="write the markdown table here")
     ap.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     args = ap.parse_args()
     args.backends = [b for b in args.backends.split(",") if b]
     args.explore = [int(x) for x in args.explore.split(",") if x]
+    variants = []
+    for e in args.pf_env:
+        if "+" in e:
+            variants.append([tuple(x.split("=", 1)) for x in e.split("+")])
+        else:
+            var, vals = e.split("=", 1)
+            variants += [[(var, v)] for v in vals.split(",")]
+    args.pf_env = variants
     gen = torch.Generator(device="cuda")
     gen.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
@@ -231,8 +292,8 @@ def main():
             line = (f"b={batch:4d} ctx={ctx:6d} pf {fmt_us(r['pf']):>8} us {kv / r['pf'] / 1e12:5.2f} TB/s  "
                     + "  ".join(f"{n.split('_')[0][:5]} {fmt_us(r[n][0])}" for n in args.backends)
                     + (f"  ratio {best / r['pf']:.2f}x" if best else "") + f"  maxdiff {r['maxdiff']:.2e}")
-            if args.explore:
-                line += "  splits " + " ".join(f"{k}:{v * 1e6:.1f}" for k, v in r["explore"].items())
+            if r["explore"]:
+                line += "  variants " + " ".join(f"{k}:{v * 1e6:.1f}" for k, v in r["explore"].items())
             print(line, flush=True)
 
     head = ["batch", "context", "K/V MB", "pagedflash us", "TB/s"] + [f"{n} us (TB/s)" for n in args.backends] + \

@@ -238,6 +238,61 @@ def test_long_context_auto_split(rng):
     paged_case(rng, lens=(8191,), h=32, hk=8, bs=16)
 
 
+# The head-mode kernel's configurations: warps per CTA (PAGEDFLASH_PAGED_MODE: 2 = eight,
+# one per KV head, 1 = four), balanced or split decomposition (PAGEDFLASH_PAGED_BALANCE) and
+# the L2 prefetch distance in tiles (PAGEDFLASH_PAGED_PREFETCH; the launcher reads all three
+# on every call, and prefetches only on Hopper).
+HEAD_CONFIGS = [("2", "1", "4"), ("2", "0", "4"), ("2", "1", "0"), ("1", "1", "3"), ("1", "0", "0")]
+
+
+@pytest.mark.parametrize("mode,balance,prefetch", HEAD_CONFIGS)
+def test_head_mode_configs(rng, monkeypatch, mode, balance, prefetch):
+    monkeypatch.setenv("PAGEDFLASH_PAGED_MODE", mode)
+    monkeypatch.setenv("PAGEDFLASH_PAGED_BALANCE", balance)
+    monkeypatch.setenv("PAGEDFLASH_PAGED_PREFETCH", prefetch)
+    hk = 8 if mode == "2" else 4
+    # one long sequence cut across every CTA, short ones, a single token
+    paged_case(rng, lens=(5000, 1, 37, 300), h=4 * hk, hk=hk, bs=16)
+    # blocks smaller than a tile / not a multiple of it (prefetch runs end at block edges)
+    paged_case(rng, lens=(999, 64, 2), h=2 * hk, hk=hk, bs=8, window=(100, -1))
+    paged_case(rng, lens=(700, 33), h=hk, hk=hk, bs=3, softcap=20.0, alibi="heads")
+    # several queries per sequence (16-row tiles); packed with an empty query range
+    paged_case(rng, lens=(400, 129), qlens=[5, 5], layout="dense", h=4 * hk, hk=hk, bs=32)
+    paged_case(rng, lens=(250, 40, 900), qlens=[3, 0, 17], layout="packed", h=2 * hk, hk=hk, bs=64,
+               causal=False, window=(30, 8))
+    # two KV-head groups per sequence (the CTA's heads are not a whole token row), d = 64
+    paged_case(rng, lens=(600, 90), h=4 * hk, hk=2 * hk, d=64, bs=16)
+    # more sequences than CTAs: a balanced CTA holds several whole items and pieces of two
+    lens = tuple(int(x) for x in rng.integers(1, 120, size=300))
+    paged_case(rng, lens=lens, h=hk, hk=hk, bs=16)
+
+
+def test_balanced_in_cuda_graph(rng):
+    """The balanced kernel and its programmatically launched combine, captured in a CUDA
+    graph: replays after the query changes equal the eager call bit for bit."""
+    kc, vc, bt, sl = build_cache(rng, (3000, 17, 900), 8, 128, 16, "bfloat16")
+    q = cuda(trandn(rng, (3, 32, 128), "bfloat16"))
+    args = [cuda(x) for x in (kc, vc, bt, sl)]
+    out = torch.empty_like(q)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        pagedflash.paged_attn(q, *args, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        pagedflash.paged_attn(q, *args, out=out)
+    for _ in range(3):
+        q.copy_(cuda(trandn(rng, (3, 32, 128), "bfloat16")))
+        out.fill_(float("nan"))
+        g.replay()
+        eager = pagedflash.paged_attn(q, *args)
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+    ref = reference.paged_attention(q.cpu(), kc, vc, bt, sl)
+    assert_close(out.cpu(), ref, naive_paged(q.cpu(), kc, vc, bt, sl, np.arange(4), 16), dtype="bfloat16")
+
+
 def test_no_visible_token_rows(rng):
     """Device seq_lens shorter than q_len (not checkable on the host): a query positioned
     before token 0 sees nothing -> out 0, lse -inf; never NaN."""
@@ -253,10 +308,12 @@ def test_no_visible_token_rows(rng):
         assert np.allclose(out[0, 2:].double().numpy(), ref, atol=1e-2)
 
 
-def test_bad_block_ids_in_device_tables(rng):
+@pytest.mark.parametrize("hk", [2, 8])
+def test_bad_block_ids_in_device_tables(rng, hk):
     """Ids outside [0, num_blocks) in a device-resident table are never dereferenced: the
-    tokens of such a block contribute nothing (compute-sanitizer runs this test too)."""
-    bs, hk, d, h = 16, 2, 128, 8
+    tokens of such a block contribute nothing (compute-sanitizer runs this test too).
+    hk = 2: token mode; hk = 8: head mode, balanced with the automatic split count."""
+    bs, d, h = 16, 128, 4 * hk
     lens = (100, 64, 37)
     kc, vc, bt, sl = build_cache(rng, lens, hk, d, bs, "bfloat16")
     nb = kc.shape[0]
@@ -267,7 +324,7 @@ def test_bad_block_ids_in_device_tables(rng):
     q = trandn(rng, (3, h, d), "bfloat16")
     sl_dev = sl.copy()
     sl_dev[2] = 10**6       # larger than the table row covers: clamped to its capacity
-    for ns in (1, 3):
+    for ns in (0, 1, 3):
         out = pagedflash.paged_attn(cuda(q), cuda(kc), cuda(vc), cuda(bad), cuda(sl_dev), num_splits=ns)
         torch.cuda.synchronize()
         out = out.float().cpu()
