@@ -102,8 +102,6 @@ struct pf_paged_args {
     int balanced;             /* head mode: grid = num_ctas over all items' tiles (see the kernel) */
     int num_items;            /* balanced: work items (row tiles x KV-head groups x sequences) */
     int num_ctas;             /* balanced: CTAs (partial slots: num_ctas + num_items) */
-    int prefetch;             /* head mode on sm_90: L2 prefetch distance in tiles (0 = off) */
-    int prefetch_rows;        /* 1: prefetch per token (heads contiguous), 2: per block run (whole rows) */
 };
 
 #define PF_PAGED_WARPS 4
@@ -267,17 +265,6 @@ __device__ __forceinline__ void pf_split_range(int kv_lo, int kv_hi, int split, 
     s_lo = kv_lo + min(split * per, len);
     s_hi = min(kv_hi, s_lo + per);
     if (s_hi < s_lo) s_hi = s_lo;
-}
-
-/* Prefetch `bytes` (a multiple of 16, 16-byte aligned) at p into L2 with one bulk
- * request (sm_90's copy engine: no registers, no shared memory); a no-op elsewhere. */
-__device__ __forceinline__ void pf_prefetch_l2(const void *p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#else
-    (void)p;
-    (void)bytes;
-#endif
 }
 
 /* Lets a kernel launched after this one with programmatic stream serialization
@@ -500,35 +487,8 @@ __device__ __forceinline__ void pf_paged_rows(const pf_paged_args &a, const pf_s
                 }
             }
     };
-    /* Head mode, a.prefetch > 0: the tiles a.prefetch ahead of the one being computed
-     * are requested into L2 by bulk prefetches, so the register loads (only kDepth tiles
-     * deep) find them there. Tile j of the range is prefetched by warp j % kWarps: lanes
-     * 0-15 its K rows, 16-31 its V rows, one request per token (a.prefetch_rows == 1:
-     * the CTA's kWarps heads of a token are contiguous) or per run of tokens within a
-     * block (== 2: the CTA covers whole token rows, so a run is contiguous). */
-    auto prefetch_tile = [&](int t0) {
-        if (!kHeadWarps) return;
-        const int j = lane & 15;
-        const int t = t0 + j;
-        if (j >= kTile || t >= s_hi) return;
-        const int id = pf_block_of(a, b, t);
-        if (id < 0) return;
-        const int off = pf_offset_in_block(a, t);
-        const bool runs = a.prefetch_rows == 2;
-        if (runs && j != 0 && off != 0) return; /* inside a run another lane requests */
-        const bool is_k = lane < 16;
-        const int64_t head_off = (int64_t)(kvh - warp) * (is_k ? a.k_sh : a.v_sh) * (int64_t)sizeof(T);
-        const char *p = reinterpret_cast<const char *>(is_k ? a.k_cache : a.v_cache) + head_off +
-                        (int64_t)id * (is_k ? k_sblk_b : v_sblk_b) + (int64_t)off * (is_k ? k_stok_b : v_stok_b);
-        uint32_t bytes = (uint32_t)(kWarps * kD * sizeof(T));
-        if (runs) bytes = (uint32_t)(min(min(kTile - j, a.block_size - off), s_hi - t) * (is_k ? k_stok_b : v_stok_b));
-        pf_prefetch_l2(p, bytes);
-    };
-
     int t_cur = s_lo + (kHeadWarps ? 0 : warp * kTile);
     if (t_cur < s_hi) {
-        if (kHeadWarps && a.prefetch > 0)
-            for (int j = kDepth + warp; j < a.prefetch; j += kWarps) prefetch_tile(s_lo + j * kTile);
         /* prologue: tiles 0 .. kDepth-1 in flight; pointers of tile kDepth, id of kDepth+1 */
         const char *kp_n, *vp_n;
         int id_n = fetch_id(t_cur);
@@ -541,7 +501,6 @@ __device__ __forceinline__ void pf_paged_rows(const pf_paged_args &a, const pf_s
         }
         make_ptrs(t_cur + kDepth * kStep, id_n, kp_n, vp_n);
         id_n = fetch_id(t_cur + (kDepth + 1) * kStep);
-        int pf_tile = a.prefetch; /* next tile (index in the range) to prefetch */
         bool more = true;
         while (more) {
 #pragma unroll
@@ -551,10 +510,6 @@ __device__ __forceinline__ void pf_paged_rows(const pf_paged_args &a, const pf_s
                 break;
             }
             const int t_next = t_cur + kDepth * kStep; /* the tile that refills this buffer */
-            if (kHeadWarps && a.prefetch > 0) {
-                if (pf_tile % kWarps == warp) prefetch_tile(s_lo + pf_tile * kTile);
-                pf_tile++;
-            }
 
             /* S = Q K^T */
             float s[kNT][4];
@@ -737,9 +692,10 @@ __device__ __forceinline__ void pf_paged_store_rows(const pf_paged_args &a, cons
  * piece of one goes to partial slot (CTA + item) for the combine; CTA 0 also stores
  * the prefix sums (a.item_prefix) for the combine.
  */
-template <int kD, typename T, int kRows, int kNT, bool kHeadWarps, int kWarps>
+template <int kD, typename T, int kRows, int kNT, bool kHeadWarps, int kWarps, bool kBalanced>
 __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     pf_paged_attn_kernel(const pf_paged_args a) {
+    static_assert(kHeadWarps || !kBalanced, "balanced mode is a head-mode decomposition");
     static_assert(kWarps == PF_PAGED_WARPS || (kHeadWarps && kWarps == 8), "warps per CTA");
     static_assert(kD % 32 == 0 && kD <= 256, "head dim");
     static_assert(kRows == 8 || kRows == 16, "rows per tile");
@@ -755,8 +711,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     float m_run[2], l_run[2];
     float oacc[kRT][kMT][4];
 
-    if constexpr (kHeadWarps) {
-        if (a.balanced) {
+    if constexpr (kBalanced) {
+        {
             __shared__ int s_pre[PF_PAGED_BAL_MAX_ITEMS + 1];
             __shared__ int s_wsum[kWarps];
             int carry = 0;
@@ -801,8 +757,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                 const int64_t slot_row = c0 == c1 ? -1 : ((int64_t)(c + item) * kWarps + warp) * kRows;
                 pf_paged_store_rows<kD, T, kRows>(a, si, b, kvh, r0, rows_here, m_run, l_run, oacc, 0, slot_row);
             }
-            return;
         }
+        return; /* the split-mode code below is unreachable here (and dropped) */
     }
 
     /* ---- split mode: which (sequence, kv head, row tile, split) ---- */
@@ -924,7 +880,9 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
 template <int kD, typename T, int kRows, bool kHeads, int kWarps>
 pf_status pf_paged_attn_go(pf_paged_args *a, cudaStream_t stream, int mode, int *occupancy) {
     constexpr int kNT = kD <= 128 ? 2 : 1;
-    void (*kernel)(const pf_paged_args) = pf_paged_attn_kernel<kD, T, kRows, kNT, kHeads, kWarps>;
+    void (*kernel)(const pf_paged_args) = pf_paged_attn_kernel<kD, T, kRows, kNT, kHeads, kWarps, false>;
+    if constexpr (kHeads)
+        if (a->balanced) kernel = pf_paged_attn_kernel<kD, T, kRows, kNT, kHeads, kWarps, true>;
     if (mode == 0) {
         /* resident CTAs per multiprocessor, cached per device */
         static int cached[64];

@@ -38,9 +38,6 @@
 #define PF_PAGED_MAX_SPLITS 256
 #define PF_PAGED_MIN_SPLIT_TOKENS 64
 #define PF_PAGED_TARGET_WAVES 1
-/* L2 prefetch distance of the head-mode kernel on Hopper, in tiles of 16 tokens
- * (PAGEDFLASH_PAGED_PREFETCH overrides it, 0 = off) */
-#define PF_PAGED_PREFETCH_TILES 4
 
 /* The instantiations (cuda/inst/paged_attn_hdimNN_<dtype>.cu). Weak: a head dim
  * left out of the build (PAGEDFLASH_HEADDIMS) resolves to NULL and that call
@@ -633,24 +630,18 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
         const char *e = getenv("PAGEDFLASH_PAGED_BALANCE");
         if (e && e[0] == '0') balanced = false;
     }
-    const bool hopper = pf::cuda::sm90_available(q.device_id);
+    /* the combine as a programmatic dependent launch on Hopper (PAGEDFLASH_PAGED_PDL=0: plain) */
+    bool pdl = pf::cuda::sm90_available(q.device_id);
+    {
+        const char *e = getenv("PAGEDFLASH_PAGED_PDL");
+        if (e && e[0] == '0') pdl = false;
+    }
     if (balanced) {
         a.balanced = 1;
         a.num_items = (int)items;
         a.num_ctas = (int)slots_cta;
         a.num_splits = 1;
     }
-    /* L2 prefetch (Hopper, head mode, heads of a token contiguous in the cache) */
-    if (fast && a.kv_per_cta > 1 && hopper && a.k_sh == a.head_dim && a.v_sh == a.head_dim) {
-        a.prefetch = PF_PAGED_PREFETCH_TILES;
-        const char *e = getenv("PAGEDFLASH_PAGED_PREFETCH");
-        if (e) a.prefetch = atoi(e) > 0 ? atoi(e) : 0;
-        a.prefetch_rows = a.k_stok == (int64_t)a.kv_per_cta * a.head_dim &&
-                                  a.v_stok == (int64_t)a.kv_per_cta * a.head_dim
-                              ? 2
-                              : 1;
-    }
-
     /* workspace: split partials, plan / query map */
     size_t o_bytes = 0, l_bytes = 0, plan_bytes = 0;
     if (balanced) {
@@ -668,7 +659,7 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
     pf_cuda_scratch scratch;
     PF_TRY(pf_cuda_scratch_acquire(stream, o_bytes + l_bytes + plan_bytes, &scratch));
     pf_status st = pf_paged_enqueue(a, fast, rows, splits, has_cu, o_bytes, l_bytes, (char *)scratch.ptr, q.dtype,
-                                    hopper, stream);
+                                    pdl, stream);
     pf_status st2 = pf_cuda_scratch_release(stream, &scratch);
     return st != PF_STATUS_OK ? st : st2;
 }

@@ -240,20 +240,20 @@ def test_long_context_auto_split(rng):
 
 # The head-mode kernel's configurations: warps per CTA (PAGEDFLASH_PAGED_MODE: 2 = eight,
 # one per KV head, 1 = four), balanced or split decomposition (PAGEDFLASH_PAGED_BALANCE) and
-# the L2 prefetch distance in tiles (PAGEDFLASH_PAGED_PREFETCH; the launcher reads all three
-# on every call, and prefetches only on Hopper).
-HEAD_CONFIGS = [("2", "1", "4"), ("2", "0", "4"), ("2", "1", "0"), ("1", "1", "3"), ("1", "0", "0")]
+# the combine as a programmatic dependent launch or not (PAGEDFLASH_PAGED_PDL; Hopper only).
+# The launcher reads all three on every call.
+HEAD_CONFIGS = [("2", "1", "1"), ("2", "0", "1"), ("2", "1", "0"), ("1", "1", "1"), ("1", "0", "0")]
 
 
-@pytest.mark.parametrize("mode,balance,prefetch", HEAD_CONFIGS)
-def test_head_mode_configs(rng, monkeypatch, mode, balance, prefetch):
+@pytest.mark.parametrize("mode,balance,pdl", HEAD_CONFIGS)
+def test_head_mode_configs(rng, monkeypatch, mode, balance, pdl):
     monkeypatch.setenv("PAGEDFLASH_PAGED_MODE", mode)
     monkeypatch.setenv("PAGEDFLASH_PAGED_BALANCE", balance)
-    monkeypatch.setenv("PAGEDFLASH_PAGED_PREFETCH", prefetch)
+    monkeypatch.setenv("PAGEDFLASH_PAGED_PDL", pdl)
     hk = 8 if mode == "2" else 4
     # one long sequence cut across every CTA, short ones, a single token
     paged_case(rng, lens=(5000, 1, 37, 300), h=4 * hk, hk=hk, bs=16)
-    # blocks smaller than a tile / not a multiple of it (prefetch runs end at block edges)
+    # blocks smaller than a tile / not a multiple of it
     paged_case(rng, lens=(999, 64, 2), h=2 * hk, hk=hk, bs=8, window=(100, -1))
     paged_case(rng, lens=(700, 33), h=hk, hk=hk, bs=3, softcap=20.0, alibi="heads")
     # several queries per sequence (16-row tiles); packed with an empty query range
