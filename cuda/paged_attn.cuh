@@ -78,7 +78,8 @@ struct pf_paged_args {
     float *o_part;            /* [num_splits, total_q, num_heads, head_dim] when num_splits > 1 */
     float *lse_part;          /* [num_splits, total_q, num_heads] when num_splits > 1 */
     const int32_t *plan;      /* packed layout: [num_row_tiles, 2] (sequence, row tile); -1 = none */
-    int32_t *item_prefix;     /* balanced mode: [num_items + 1] tile prefix sums (CTA 0 writes, combine reads) */
+    int32_t *item_prefix;     /* balanced mode: [num_items + 2]: tile prefix sums, then the CTAs used
+                                 (CTA 0 writes them, the combine reads them) */
 
     int64_t q_sb, q_st, q_sh; /* element strides of q: sequence, token, head */
     int64_t o_sb, o_st, o_sh; /* of out */
@@ -678,6 +679,8 @@ __device__ __forceinline__ void pf_paged_store_rows(const pf_paged_args &a, cons
 /* Balanced mode (head mode only): at most this many work items (the tile prefix sums
  * live in shared memory). */
 #define PF_PAGED_BAL_MAX_ITEMS 1024
+/* ... and pieces of at least this many tokens (fewer CTAs than slots for small work) */
+#define PF_PAGED_MIN_PIECE 64
 
 /*
  * The tensor-core kernel. kD: head dim (multiple of 32, <= 256); T: __half or
@@ -713,8 +716,13 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
 
     if constexpr (kBalanced) {
         {
+            /* tile prefix sums of the items, then this CTA's range; the loop below reads
+             * its state back from shared memory (volatile) after every piece rather than
+             * keeping it in registers through the streaming loop */
             __shared__ int s_pre[PF_PAGED_BAL_MAX_ITEMS + 1];
             __shared__ int s_wsum[kWarps];
+            __shared__ int s_state[5]; /* n, ctas, start, end, first item */
+            constexpr int kMinTiles = (PF_PAGED_MIN_PIECE + kTile - 1) / kTile;
             int carry = 0;
             for (int base = 0; base < a.num_items; base += kWarps * 32) {
                 const int item = base + (int)threadIdx.x;
@@ -724,37 +732,57 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                 if (item < a.num_items) s_pre[item + 1] = carry + incl;
                 carry += total;
             }
-            if (threadIdx.x == 0) s_pre[0] = 0;
+            if (threadIdx.x == 0) {
+                s_pre[0] = 0;
+                /* pieces of at least PF_PAGED_MIN_PIECE tokens: fewer CTAs for small work */
+                const pf_balance bal{carry, max(1, min((int)gridDim.x, carry / kMinTiles))};
+                const int c = blockIdx.x;
+                s_state[0] = bal.n;
+                s_state[1] = bal.ctas;
+                s_state[2] = bal.start(c);
+                s_state[3] = bal.start(c + 1);
+                if (blockIdx.x == 0) a.item_prefix[a.num_items + 1] = bal.ctas;
+            }
             __syncthreads();
             if (blockIdx.x == 0)
                 for (int i = threadIdx.x; i <= a.num_items; i += kWarps * 32) a.item_prefix[i] = s_pre[i];
-            const pf_balance bal{s_pre[a.num_items], (int)gridDim.x};
-            const int c = blockIdx.x, start = bal.start(c), end = bal.start(c + 1);
-            /* the first item whose last CTA is >= c (last_cta is monotone in the item) */
-            int lo = 0, hi = a.num_items;
-            while (lo < hi) {
-                const int mid = (lo + hi) >> 1;
-                if (bal.last_cta(s_pre[mid], s_pre[mid + 1]) >= c)
-                    hi = mid;
-                else
-                    lo = mid + 1;
+            if (threadIdx.x == 0) {
+                /* the first item whose last CTA is >= c (last_cta is monotone in the item) */
+                const pf_balance bal{s_state[0], s_state[1]};
+                const int c = blockIdx.x;
+                int lo = 0, hi = a.num_items;
+                while (lo < hi) {
+                    const int mid = (lo + hi) >> 1;
+                    if (bal.last_cta(s_pre[mid], s_pre[mid + 1]) >= c)
+                        hi = mid;
+                    else
+                        lo = mid + 1;
+                }
+                s_state[4] = lo;
             }
-            for (int item = lo; item < a.num_items; item++) {
-                const int p0 = s_pre[item], p1 = s_pre[item + 1];
-                const int c0 = bal.first_cta(p0);
-                if (c0 > c) break;
-                const int c1 = bal.last_cta(p0, p1);
+            __syncthreads();
+            const volatile int *vs = s_state, *vp = s_pre;
+            if ((int)blockIdx.x >= vs[1]) return; /* more CTAs than pieces */
+            for (int item = vs[4]; item < a.num_items; item++) {
+                const pf_balance bal{vs[0], vs[1]};
+                const int p0 = vp[item], p1 = vp[item + 1];
+                if (bal.first_cta(p0) > (int)blockIdx.x) break;
                 int b, rt, kvg, r0, rows_here, kv_lo, kv_hi;
                 if (!pf_item_decode(a, item, b, rt, kvg)) continue;
                 const int kvh = kvg * kWarps + warp;
                 if (kvh >= a.num_kv_heads) continue; /* no barrier follows */
                 const pf_seq_info si = pf_seq_info_of(a, b);
                 if (!pf_tile_range(a, si, rt, kRows, r0, rows_here, kv_lo, kv_hi)) continue;
-                const int s_lo = kv_lo + (max(start, p0) - p0) * kTile;
-                const int s_hi = min(kv_hi, kv_lo + (min(end, p1) - p0) * kTile);
+                const int s_lo = kv_lo + (max(vs[2], p0) - p0) * kTile;
+                const int s_hi = min(kv_hi, kv_lo + (min(vs[3], p1) - p0) * kTile);
                 pf_paged_rows<kD, T, kRows, kNT, true, kWarps>(a, si, b, kvh, r0, rows_here, s_lo, max(s_hi, s_lo),
                                                                m_run, l_run, oacc);
-                const int64_t slot_row = c0 == c1 ? -1 : ((int64_t)(c + item) * kWarps + warp) * kRows;
+                /* an item held whole goes to out, a piece to slot (CTA + item) */
+                const pf_balance bal2{vs[0], vs[1]};
+                const int q0 = vp[item], q1 = vp[item + 1];
+                const int64_t slot_row = bal2.first_cta(q0) == bal2.last_cta(q0, q1)
+                                             ? -1
+                                             : ((int64_t)(blockIdx.x + item) * kWarps + warp) * kRows;
                 pf_paged_store_rows<kD, T, kRows>(a, si, b, kvh, r0, rows_here, m_run, l_run, oacc, 0, slot_row);
             }
         }

@@ -381,7 +381,7 @@ __global__ void __launch_bounds__(PF_COMBINE_THREADS) pf_paged_bal_combine_kerne
     if (kvh >= a.num_kv_heads) return;
     const pf_seq_info si = pf_seq_info_of(a, b);
     if (!pf_tile_range(a, si, rt, rows, r0, rows_here, kv_lo, kv_hi) || rr >= rows_here) return;
-    const pf_balance bal{__ldcg(a.item_prefix + a.num_items), a.num_ctas};
+    const pf_balance bal{__ldcg(a.item_prefix + a.num_items), __ldcg(a.item_prefix + a.num_items + 1)};
     const int p0 = __ldcg(a.item_prefix + item), p1 = __ldcg(a.item_prefix + item + 1);
     const int c0 = bal.first_cta(p0), c1 = bal.last_cta(p0, p1);
     if (c0 == c1) return; /* held whole: already in out */
@@ -647,7 +647,7 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
     if (balanced) {
         const size_t prow = (size_t)(a.num_ctas + a.num_items) * a.kv_per_cta * rows;
         o_bytes = pf_round_up(prow * a.head_dim * sizeof(float), 256);
-        l_bytes = pf_round_up(prow * sizeof(float) + (size_t)(a.num_items + 1) * sizeof(int32_t), 256);
+        l_bytes = pf_round_up(prow * sizeof(float) + (size_t)(a.num_items + 2) * sizeof(int32_t), 256);
     } else if (splits > 1) {
         o_bytes = pf_round_up((size_t)splits * a.total_q * a.num_heads * a.head_dim * sizeof(float), 256);
         l_bytes = pf_round_up((size_t)splits * a.total_q * a.num_heads * sizeof(float), 256);

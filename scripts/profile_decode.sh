@@ -1,22 +1,21 @@
-set -x
-export PAGEDFLASH_CUDA=1 PAGEDFLASH_CUDA_ARCHS=90 PAGEDFLASH_HEADDIMS=128 MAX_JOBS=16 PYTHONPATH=$PWD/python
-python3 setup.py -q build_ext --inplace > $OUT/build.log 2>&1 || { tail -30 $OUT/build.log; exit 1; }
-M=gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__cycles_active.min,sm__cycles_active.max,sm__cycles_active.avg,launch__grid_size,launch__block_size,launch__registers_per_thread,launch__occupancy_limit_registers,launch__shared_mem_per_block_dynamic,launch__shared_mem_per_block_static,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,lts__t_sectors_srcunit_tex_op_read.sum,sm__cycles_elapsed.max
-INC=""; for p in 1x65536 8x16384 32x4096 32x65536 128x1024; do b=${p%x*}; c=${p#*x}; INC="$INC --nvtx-include pf_b${b}_c${c}/ --nvtx-include sdpa_b${b}_c${c}/"; done
-ncu --nvtx $INC --clock-control none --metrics $M --csv python3 benchmarks/profile_decode.py > $OUT/ncu.csv 2> $OUT/ncu.err
-tail -5 $OUT/ncu.err
-python3 - <<'PY'
-import csv, os, collections
-rows = list(csv.reader(open(os.environ["OUT"] + "/ncu.csv")))
-hdr = None
-d = collections.OrderedDict()
-for r in rows:
-    if r and r[0] == "ID": hdr = r; continue
-    if hdr is None or len(r) != len(hdr): continue
-    x = dict(zip(hdr, r))
-    key = (x["ID"], x["Kernel Name"][:60])
-    d.setdefault(key, {})[x["Metric Name"]] = x["Metric Value"] + " " + x["Metric Unit"]
-for k, v in d.items():
-    print(k)
-    for m, val in sorted(v.items()): print("   ", m, val)
-PY
+#!/usr/bin/env bash
+# profile_decode.sh <logdir> - Nsight Compute on the paged decode kernels: build (PAGEDFLASH_HEADDIMS,
+# default 128), then for each PAGEDFLASH_PAGED_BALANCE value in $MODES profile one pagedflash call per
+# point in $POINTS (and cuDNN's, with SDPA=1) with the sections in $SECTIONS; a text report per mode.
+set -uo pipefail
+LOG=${1:?usage: scripts/profile_decode.sh <logdir>}
+mkdir -p "$LOG"
+cd "$(dirname "$0")/.."
+export PAGEDFLASH_CUDA=1 PAGEDFLASH_CUDA_ARCHS=${PAGEDFLASH_CUDA_ARCHS:-90} PAGEDFLASH_HEADDIMS=${PAGEDFLASH_HEADDIMS:-128}
+export MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$PWD/python
+[[ ${SKIP_BUILD:-0} == 1 ]] || python3 setup.py -q build_ext --inplace > "$LOG/build.log" 2>&1 || { tail -30 "$LOG/build.log"; exit 1; }
+POINTS=${POINTS:-"32x65536 128x1024"}
+SECTIONS=${SECTIONS:-"--section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis --section SpeedOfLight"}
+INC=""
+for p in $POINTS; do INC="$INC --nvtx-include pf_b${p%x*}_c${p#*x}/"; [[ ${SDPA:-0} == 1 ]] && INC="$INC --nvtx-include sdpa_b${p%x*}_c${p#*x}/"; done
+for m in ${MODES:-0 1}; do
+  PAGEDFLASH_PAGED_BALANCE=$m ncu --nvtx $INC --clock-control none $SECTIONS \
+    python3 benchmarks/profile_decode.py --points $POINTS > "$LOG/ncu_balance$m.txt" 2> "$LOG/ncu_balance$m.err"
+  echo "== PAGEDFLASH_PAGED_BALANCE=$m"
+  grep -E "pf_paged|cudnn|Duration|DRAM Throughput|Executed Ipc A|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Stall|Registers Per|Grid Size|Block Size|Memory Throughput|Eligible Warps" "$LOG/ncu_balance$m.txt" | head -80
+done
