@@ -761,9 +761,17 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                 s_state[4] = lo;
             }
             __syncthreads();
+            __shared__ int s_item[kWarps]; /* each warp's next item */
             const volatile int *vs = s_state, *vp = s_pre;
+            volatile int *vi = s_item;
             if ((int)blockIdx.x >= vs[1]) return; /* more CTAs than pieces */
-            for (int item = vs[4]; item < a.num_items; item++) {
+            if (lane == 0) vi[warp] = vs[4];
+            __syncwarp();
+            for (;;) {
+                const int item = vi[warp];
+                __syncwarp();
+                if (lane == 0) vi[warp] = item + 1;
+                if (item >= a.num_items) break;
                 const pf_balance bal{vs[0], vs[1]};
                 const int p0 = vp[item], p1 = vp[item + 1];
                 if (bal.first_cta(p0) > (int)blockIdx.x) break;
@@ -773,10 +781,12 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                 if (kvh >= a.num_kv_heads) continue; /* no barrier follows */
                 const pf_seq_info si = pf_seq_info_of(a, b);
                 if (!pf_tile_range(a, si, rt, kRows, r0, rows_here, kv_lo, kv_hi)) continue;
-                const int s_lo = kv_lo + (max(vs[2], p0) - p0) * kTile;
-                const int s_hi = min(kv_hi, kv_lo + (min(vs[3], p1) - p0) * kTile);
-                pf_paged_rows<kD, T, kRows, kNT, true, kWarps>(a, si, b, kvh, r0, rows_here, s_lo, max(s_hi, s_lo),
-                                                               m_run, l_run, oacc);
+                /* the piece is the same for the whole warp: say so (a shuffle from lane 0 is
+                 * known uniform), so it lives in uniform registers as in the split kernel */
+                const int s_lo = __shfl_sync(0xffffffffu, kv_lo + (max(vs[2], p0) - p0) * kTile, 0);
+                const int s_hi = __shfl_sync(0xffffffffu, min(kv_hi, kv_lo + (min(vs[3], p1) - p0) * kTile), 0);
+                pf_paged_rows<kD, T, kRows, kNT, true, kWarps>(a, si, __shfl_sync(0xffffffffu, b, 0), kvh, r0,
+                                                               rows_here, s_lo, max(s_hi, s_lo), m_run, l_run, oacc);
                 /* an item held whole goes to out, a piece to slot (CTA + item) */
                 const pf_balance bal2{vs[0], vs[1]};
                 const int q0 = vp[item], q1 = vp[item + 1];
