@@ -951,7 +951,8 @@ pf_status pf_paged_attn_go(pf_paged_args *a, cudaStream_t stream, int mode, int 
     const int64_t grid = a->balanced ? a->num_ctas
                                      : (int64_t)a->num_row_tiles * kv_groups * a->num_splits * (a->plan ? 1 : a->batch);
     if (grid == 0) return PF_STATUS_OK;
-    kernel<<<(unsigned)grid, kWarps * 32, 0, stream>>>(*a);
+    const char *dyn = getenv("PAGEDFLASH_PAGED_DYNSMEM"); /* diagnostic: unused dynamic shared memory */
+    kernel<<<(unsigned)grid, kWarps * 32, dyn ? atoi(dyn) : 0, stream>>>(*a);
     PF_CUDA_CHECK_LAUNCH();
     return PF_STATUS_OK;
 }
