@@ -258,7 +258,7 @@ def main():
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--explore", default="", help="also time these num_splits values, e.g. 1,2,4,8")
     ap.add_argument("--pf-env", action="append", default=[],
-                    help="also time pagedflash with VAR set to each value, e.g. PAGEDFLASH_PAGED_PREFETCH=0,2,4, "
+                    help="also time pagedflash with VAR set to each value, e.g. PAGEDFLASH_PAGED_MODE=1,2, "
                          "or with several variables set at once, A=1+B=0 (repeatable; the launcher reads these "
                          "on every call, the graph is captured with them set)")
     ap.add_argument("--math-limit", type=float, default=2 << 30, help="skip MATH above this many K/V bytes")

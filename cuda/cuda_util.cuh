@@ -83,14 +83,6 @@ pf_status pf_cuda_scratch_release(cudaStream_t stream, pf_cuda_scratch *scratch)
 /* Multiprocessor count of the current device (cached per device). */
 pf_status pf_cuda_sm_count(int *count);
 
-namespace pf {
-namespace cuda {
-/* Host: does `device` run the sm_90a kernels of this build? (compute capability
- * 9.0, sm_90 in PAGEDFLASH_CUDA_ARCHS, and PAGEDFLASH_SM90 not 0; build_info.cu). */
-bool sm90_available(int device);
-}  // namespace cuda
-}  // namespace pf
-
 /* ---- element conversion ---- */
 
 __device__ __forceinline__ float pf_cu_to_float(float x) { return x; }

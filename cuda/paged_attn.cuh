@@ -78,8 +78,6 @@ struct pf_paged_args {
     float *o_part;            /* [num_splits, total_q, num_heads, head_dim] when num_splits > 1 */
     float *lse_part;          /* [num_splits, total_q, num_heads] when num_splits > 1 */
     const int32_t *plan;      /* packed layout: [num_row_tiles, 2] (sequence, row tile); -1 = none */
-    int32_t *item_prefix;     /* balanced mode: [num_items + 2]: tile prefix sums, then the CTAs used
-                                 (CTA 0 writes them, the combine reads them) */
 
     int64_t q_sb, q_st, q_sh; /* element strides of q: sequence, token, head */
     int64_t o_sb, o_st, o_sh; /* of out */
@@ -100,9 +98,6 @@ struct pf_paged_args {
     int causal, window_left, window_right;
     float qk_scale;           /* softmax_scale * log2(e), or softmax_scale / softcap with softcap */
     float cap_log2;           /* softcap * log2(e); 0 = no softcap */
-    int balanced;             /* head mode: grid = num_ctas over all items' tiles (see the kernel) */
-    int num_items;            /* balanced: work items (row tiles x KV-head groups x sequences) */
-    int num_ctas;             /* balanced: CTAs (partial slots: num_ctas + num_items) */
 };
 
 #define PF_PAGED_WARPS 4
@@ -268,111 +263,17 @@ __device__ __forceinline__ void pf_split_range(int kv_lo, int kv_hi, int split, 
     if (s_hi < s_lo) s_hi = s_lo;
 }
 
-/* Lets a kernel launched after this one with programmatic stream serialization
- * (the combine) start its CTAs as this grid's CTAs retire; its griddepcontrol.wait
- * still waits for this whole grid and its memory. A no-op before sm_90. */
-__device__ __forceinline__ void pf_allow_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-/* Inclusive prefix sum of v over a CTA of kThreads threads; `total` gets the CTA's
- * sum. warp_sum holds kThreads / 32 ints. Every thread must call it (barriers). */
-template <int kThreads>
-__device__ __forceinline__ int pf_block_incl_scan(int v, int *warp_sum, int &total) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int incl = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int x = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += x;
-    }
-    if (lane == 31) warp_sum[warp] = incl;
-    __syncthreads();
-    if (warp == 0) {
-        int w = lane < kThreads / 32 ? warp_sum[lane] : 0;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int x = __shfl_up_sync(0xffffffffu, w, o);
-            if (lane >= o) w += x;
-        }
-        if (lane < kThreads / 32) warp_sum[lane] = w;
-    }
-    __syncthreads();
-    total = warp_sum[kThreads / 32 - 1];
-    const int r = incl + (warp > 0 ? warp_sum[warp - 1] : 0);
-    __syncthreads(); /* warp_sum may be reused at once */
-    return r;
-}
-
-/* Work item -> (sequence b, row tile rt, KV-head group kvg), the KV-head group
- * fastest (the order of the split kernel's CTAs); false for an empty plan entry. */
-__device__ __forceinline__ bool pf_item_decode(const pf_paged_args &a, int item, int &b, int &rt, int &kvg) {
-    const int kv_groups = (a.num_kv_heads + a.kv_per_cta - 1) / a.kv_per_cta;
-    kvg = item % kv_groups;
-    item /= kv_groups;
-    if (a.plan) {
-        b = a.plan[2 * item];
-        rt = a.plan[2 * item + 1];
-        return b >= 0;
-    }
-    rt = item % a.num_row_tiles;
-    b = item / a.num_row_tiles;
-    return true;
-}
-
-/* Rows [r0, r0 + rows_here) of row tile rt and the token range [kv_lo, kv_hi) they
- * see (the bounds are monotone in the query index); false when the tile holds no row. */
-__device__ __forceinline__ bool pf_tile_range(const pf_paged_args &a, const pf_seq_info &si, int rt, int rows,
-                                              int &r0, int &rows_here, int &kv_lo, int &kv_hi) {
-    const int rows_total = si.q_len * a.group;
-    r0 = rt * rows;
-    if (r0 >= rows_total) return false;
-    rows_here = min(rows, rows_total - r0);
-    int lo0, hi0, lo1, hi1;
-    const int i_first = r0 / a.group, i_last = (r0 + rows_here - 1) / a.group;
-    pf_row_bounds(a, si.seq_len - si.q_len + i_first, si.seq_len, lo0, hi0);
-    pf_row_bounds(a, si.seq_len - si.q_len + i_last, si.seq_len, lo1, hi1);
-    kv_lo = max(lo0, 0);
-    kv_hi = max(hi1 + 1, kv_lo);
-    return true;
-}
-
-/* Tiles of `tile` tokens of a work item (0 when it holds no row). */
-__device__ __forceinline__ int pf_item_tiles(const pf_paged_args &a, int item, int rows, int tile) {
-    int b, rt, kvg, r0, rows_here, kv_lo, kv_hi;
-    if (!pf_item_decode(a, item, b, rt, kvg)) return 0;
-    const pf_seq_info si = pf_seq_info_of(a, b);
-    if (!pf_tile_range(a, si, rt, rows, r0, rows_here, kv_lo, kv_hi)) return 0;
-    return (kv_hi - kv_lo + tile - 1) / tile;
-}
-
-/* Balanced decomposition: the tiles of all work items, laid end to end (item i owns
- * [pre[i], pre[i + 1]) of n tiles), are cut into one even range per CTA; owner(x) is
- * the CTA whose range holds tile x (the last CTA for x == n). CTA c's range is
- * [c n / C, (c + 1) n / C). */
-struct pf_balance {
-    int n, ctas;
-    __device__ __forceinline__ int start(int c) const { return (int)((int64_t)c * n / ctas); }
-    __device__ __forceinline__ int owner(int x) const {
-        return n == 0 ? 0 : min(ctas - 1, (int)(((int64_t)(x + 1) * ctas - 1) / n));
-    }
-    /* first and last CTA touching the item [p0, p1) (an empty item: its owner only) */
-    __device__ __forceinline__ int first_cta(int p0) const { return owner(p0); }
-    __device__ __forceinline__ int last_cta(int p0, int p1) const { return p1 > p0 ? owner(p1 - 1) : owner(p0); }
-};
-
 /*
- * One warp's rows against tokens [s_lo, s_hi): the online-softmax state (m_run,
- * l_run: this lane's S rows g, g + 8; oacc: O^T) of the rows [r0, r0 + rows_here)
- * of sequence b on KV head kvh. Head mode walks every tile from s_lo; token mode
- * (kHeadWarps false) every PF_PAGED_WARPS-th from s_lo + warp * tile.
+ * The tensor-core kernel. kD: head dim (multiple of 32, <= 256); T: __half or
+ * __nv_bfloat16; kRows: rows per tile (8 or 16); kNT: 8-token groups per warp
+ * iteration (1 or 2).
  */
 template <int kD, typename T, int kRows, int kNT, bool kHeadWarps, int kWarps>
-__device__ __forceinline__ void pf_paged_rows(const pf_paged_args &a, const pf_seq_info &si, int b, int kvh, int r0,
-                                              int rows_here, int s_lo, int s_hi, float (&m_run)[2],
-                                              float (&l_run)[2], float (&oacc)[kRows / 8][4 * ((kD + 63) / 64)][4]) {
+__global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
+    pf_paged_attn_kernel(const pf_paged_args a) {
+    static_assert(kWarps == PF_PAGED_WARPS || (kHeadWarps && kWarps == 8), "warps per CTA");
+    static_assert(kD % 32 == 0 && kD <= 256, "head dim");
+    static_assert(kRows == 8 || kRows == 16, "rows per tile");
     constexpr int kKS = kD / 16;             /* k-steps of S = Q K^T */
     constexpr int kKJ = kD / 32;             /* 16-byte K chunks per lane per token */
     constexpr int kVC = (kD + 63) / 64;      /* 16-byte V chunks per lane per token */
@@ -381,6 +282,10 @@ __device__ __forceinline__ void pf_paged_rows(const pf_paged_args &a, const pf_s
     constexpr int kRT = kRows / 8;           /* 8-row n-tiles of O^T */
     constexpr int kTile = 8 * kNT;           /* tokens per warp iteration */
     constexpr int kRound = kTile * PF_PAGED_WARPS; /* split alignment; token mode's stride */
+    /* head mode: warp w owns KV head kWarps * c + w and walks every tile of the split
+     * (so the CTA reads kWarps heads' rows of each token together: with 8 KV heads
+     * and 8 warps, whole contiguous token rows of every block);
+     * token mode: the 4 warps share one KV head and take every 4th tile. */
     constexpr int kStep = kHeadWarps ? kTile : kRound;
     /* tiles in flight per warp: 2 where the registers allow (one KV head per warp, 8 rows,
      * head dim <= 128), else 1 */
@@ -388,6 +293,44 @@ __device__ __forceinline__ void pf_paged_rows(const pf_paged_args &a, const pf_s
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, qd = lane & 3;
+
+    /* ---- which (sequence, kv head, row tile, split) ---- */
+    int bid = blockIdx.x;
+    const int split = bid % a.num_splits;
+    bid /= a.num_splits;
+    const int kv_groups = kHeadWarps ? (a.num_kv_heads + kWarps - 1) / kWarps : a.num_kv_heads;
+    const int kvh = kHeadWarps ? (bid % kv_groups) * kWarps + warp : bid % kv_groups;
+    bid /= kv_groups;
+    if (kHeadWarps && kvh >= a.num_kv_heads) return; /* no barrier follows in head mode */
+    int b, rt;
+    if (a.plan) {
+        b = a.plan[2 * bid];
+        rt = a.plan[2 * bid + 1];
+        if (b < 0) return;
+    } else {
+        rt = bid % a.num_row_tiles;
+        b = bid / a.num_row_tiles;
+    }
+    const pf_seq_info si = pf_seq_info_of(a, b);
+    const int rows_total = si.q_len * a.group;
+    const int r0 = rt * kRows;
+    if (r0 >= rows_total) return; /* uniform over the CTA */
+    const int rows_here = min(kRows, rows_total - r0);
+
+    /* token range of the tile's rows: bounds are monotone in the query index */
+    int kv_lo, kv_hi;
+    {
+        int lo0, hi0, lo1, hi1;
+        const int i_first = r0 / a.group, i_last = (r0 + rows_here - 1) / a.group;
+        pf_row_bounds(a, si.seq_len - si.q_len + i_first, si.seq_len, lo0, hi0);
+        pf_row_bounds(a, si.seq_len - si.q_len + i_last, si.seq_len, lo1, hi1);
+        kv_lo = max(lo0, 0);
+        kv_hi = max(hi1 + 1, kv_lo);
+        (void)hi0;
+        (void)lo1;
+    }
+    int s_lo, s_hi;
+    pf_split_range(kv_lo, kv_hi, split, a.num_splits, kRound, s_lo, s_hi);
 
     /* ---- this lane's S rows (g, g + 8): bounds, ALiBi slope, Q fragments ---- */
     int row_lo[2], row_hi[2], row_pos[2];
@@ -426,8 +369,8 @@ __device__ __forceinline__ void pf_paged_rows(const pf_paged_args &a, const pf_s
     }
 
     /* ---- per-warp online softmax state ---- */
-    m_run[0] = m_run[1] = -INFINITY;
-    l_run[0] = l_run[1] = 0.f;
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+    float oacc[kRT][kMT][4];
 #pragma unroll
     for (int n = 0; n < kRT; n++)
 #pragma unroll
@@ -488,6 +431,7 @@ __device__ __forceinline__ void pf_paged_rows(const pf_paged_args &a, const pf_s
                 }
             }
     };
+
     int t_cur = s_lo + (kHeadWarps ? 0 : warp * kTile);
     if (t_cur < s_hi) {
         /* prologue: tiles 0 .. kDepth-1 in flight; pointers of tile kDepth, id of kDepth+1 */
@@ -608,213 +552,58 @@ __device__ __forceinline__ void pf_paged_rows(const pf_paged_args &a, const pf_s
         l_run[h2] += __shfl_xor_sync(0xffffffffu, l_run[h2], 1);
         l_run[h2] += __shfl_xor_sync(0xffffffffu, l_run[h2], 2);
     }
-}
+    const bool partial = a.num_splits > 1;
 
-/*
- * Head mode: this warp holds whole rows; normalize and write them straight from
- * registers -- to out (and lse) when part_base < 0, else as split partials: row rr
- * of the warp goes to partial row part_base + rr * part_stride (a.o_part / a.lse_part).
- */
-template <int kD, typename T, int kRows>
-__device__ __forceinline__ void pf_paged_store_rows(const pf_paged_args &a, const pf_seq_info &si, int b, int kvh,
-                                                    int r0, int rows_here, const float (&m_run)[2],
-                                                    const float (&l_run)[2],
-                                                    const float (&oacc)[kRows / 8][4 * ((kD + 63) / 64)][4],
-                                                    int split, int64_t slot_row) {
-    constexpr int kVC = (kD + 63) / 64;
-    constexpr int kChunks = kD / 8;
-    constexpr int kRT = kRows / 8;
-    const int lane = threadIdx.x & 31;
-    const int g = lane >> 2, qd = lane & 3;
-    const bool partial = slot_row >= 0 || (!a.balanced && a.num_splits > 1);
-#pragma unroll
-    for (int n = 0; n < kRT; n++)
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-            const int rr = n * 8 + 2 * qd + e;
-            const float L = __shfl_sync(0xffffffffu, l_run[n], (2 * qd + e) * 4);
-            const float M = __shfl_sync(0xffffffffu, m_run[n], (2 * qd + e) * 4);
-            if (rr >= rows_here) continue;
-            const int r = r0 + rr;
-            const int i = r / a.group, head = kvh * a.group + r % a.group;
-            const int qidx = si.qidx0 + i;
-            const float inv = L > 0.f ? 1.f / L : 0.f;
-            const float lse = L > 0.f ? (M + __log2f(L)) * PF_LN2_F : -INFINITY;
-            const int64_t prow = slot_row >= 0 ? slot_row + rr
-                                               : ((int64_t)split * a.total_q + qidx) * a.num_heads + head;
-#pragma unroll
-            for (int c = 0; c < kVC; c++) {
-                const int ch = g + 8 * c;
-                if (kD % 64 != 0 && ch >= kChunks) continue;
-                float v[8];
-#pragma unroll
-                for (int w = 0; w < 4; w++) {
-                    v[2 * w] = oacc[n][4 * c + w][e] * inv;
-                    v[2 * w + 1] = oacc[n][4 * c + w][2 + e] * inv;
-                }
-                if (partial) {
-                    float *dst = a.o_part + prow * a.head_dim + ch * 8;
-                    reinterpret_cast<float4 *>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
-                    reinterpret_cast<float4 *>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
-                } else {
-                    T *dst = reinterpret_cast<T *>(a.out) + (int64_t)b * a.o_sb + (int64_t)(si.tok0 + i) * a.o_st +
-                             (int64_t)head * a.o_sh + ch * 8;
-                    uint4 pk;
-                    pk.x = pf_pack2<T>(v[0], v[1]);
-                    pk.y = pf_pack2<T>(v[2], v[3]);
-                    pk.z = pf_pack2<T>(v[4], v[5]);
-                    pk.w = pf_pack2<T>(v[6], v[7]);
-                    *reinterpret_cast<uint4 *>(dst) = pk;
-                }
-            }
-            if (g == 0) {
-                if (partial)
-                    a.lse_part[prow] = lse;
-                else if (a.lse)
-                    a.lse[(int64_t)head * a.lse_sh + (int64_t)qidx * a.lse_st] = lse;
-            }
-        }
-}
-
-/* Balanced mode (head mode only): at most this many work items (the tile prefix sums
- * live in shared memory). */
-#define PF_PAGED_BAL_MAX_ITEMS 1024
-/* ... and pieces of at least this many tokens (fewer CTAs than slots for small work) */
-#define PF_PAGED_MIN_PIECE 64
-
-/*
- * The tensor-core kernel. kD: head dim (multiple of 32, <= 256); T: __half or
- * __nv_bfloat16; kRows: rows per tile (8 or 16); kNT: 8-token groups per warp
- * iteration (1 or 2).
- *
- * Split mode (a.balanced == 0): CTA = (split, KV-head group, work item), the split
- * being an even share of the item's tokens. Balanced mode (head mode, a.balanced):
- * a grid of one CTA per resident slot; every CTA sums the items' tile counts (a
- * prefix scan in shared memory) and takes an even share of all tiles laid end to
- * end (pf_balance), item by item: an item it holds whole goes straight to out, a
- * piece of one goes to partial slot (CTA + item) for the combine; CTA 0 also stores
- * the prefix sums (a.item_prefix) for the combine.
- */
-template <int kD, typename T, int kRows, int kNT, bool kHeadWarps, int kWarps, bool kBalanced>
-__global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
-    pf_paged_attn_kernel(const pf_paged_args a) {
-    static_assert(kHeadWarps || !kBalanced, "balanced mode is a head-mode decomposition");
-    static_assert(kWarps == PF_PAGED_WARPS || (kHeadWarps && kWarps == 8), "warps per CTA");
-    static_assert(kD % 32 == 0 && kD <= 256, "head dim");
-    static_assert(kRows == 8 || kRows == 16, "rows per tile");
-    constexpr int kMT = 4 * ((kD + 63) / 64);
-    constexpr int kChunks = kD / 8;
-    constexpr int kRT = kRows / 8;
-    constexpr int kTile = 8 * kNT;
-    constexpr int kRound = kTile * PF_PAGED_WARPS;
-
-    pf_allow_dependents();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, qd = lane & 3;
-    float m_run[2], l_run[2];
-    float oacc[kRT][kMT][4];
-
-    if constexpr (kBalanced) {
-        {
-            /* tile prefix sums of the items, then this CTA's range; the loop below reads
-             * its state back from shared memory (volatile) after every piece rather than
-             * keeping it in registers through the streaming loop */
-            __shared__ int s_pre[PF_PAGED_BAL_MAX_ITEMS + 1];
-            __shared__ int s_wsum[kWarps];
-            __shared__ int s_state[5]; /* n, ctas, start, end, first item */
-            constexpr int kMinTiles = (PF_PAGED_MIN_PIECE + kTile - 1) / kTile;
-            int carry = 0;
-            for (int base = 0; base < a.num_items; base += kWarps * 32) {
-                const int item = base + (int)threadIdx.x;
-                const int tiles = item < a.num_items ? pf_item_tiles(a, item, kRows, kTile) : 0;
-                int total;
-                const int incl = pf_block_incl_scan<kWarps * 32>(tiles, s_wsum, total);
-                if (item < a.num_items) s_pre[item + 1] = carry + incl;
-                carry += total;
-            }
-            if (threadIdx.x == 0) {
-                s_pre[0] = 0;
-                /* pieces of at least PF_PAGED_MIN_PIECE tokens: fewer CTAs for small work */
-                const pf_balance bal{carry, max(1, min((int)gridDim.x, carry / kMinTiles))};
-                const int c = blockIdx.x;
-                s_state[0] = bal.n;
-                s_state[1] = bal.ctas;
-                s_state[2] = bal.start(c);
-                s_state[3] = bal.start(c + 1);
-                if (blockIdx.x == 0) a.item_prefix[a.num_items + 1] = bal.ctas;
-            }
-            __syncthreads();
-            if (blockIdx.x == 0)
-                for (int i = threadIdx.x; i <= a.num_items; i += kWarps * 32) a.item_prefix[i] = s_pre[i];
-            if (threadIdx.x == 0) {
-                /* the first item whose last CTA is >= c (last_cta is monotone in the item) */
-                const pf_balance bal{s_state[0], s_state[1]};
-                const int c = blockIdx.x;
-                int lo = 0, hi = a.num_items;
-                while (lo < hi) {
-                    const int mid = (lo + hi) >> 1;
-                    if (bal.last_cta(s_pre[mid], s_pre[mid + 1]) >= c)
-                        hi = mid;
-                    else
-                        lo = mid + 1;
-                }
-                s_state[4] = lo;
-            }
-            __syncthreads();
-            /* Every value read back from shared memory is broadcast from lane 0 by a shuffle:
-             * the compiler then knows it is warp-uniform, as blockIdx-derived values are in the
-             * split kernel; without that it guards the loop's pointer shuffles with divergence
-             * checks and schedules the loads later (measured: the same bytes at 68% of DRAM
-             * peak instead of 92%, long-scoreboard stalls per instruction 6.5 instead of 4.1). */
-            auto uni = [&](int v) { return __shfl_sync(0xffffffffu, v, 0); };
-            const volatile int *vs = s_state, *vp = s_pre;
-            if ((int)blockIdx.x >= uni(vs[1])) return; /* more CTAs than pieces */
-            for (int item = uni(vs[4]); item < a.num_items; item++) {
-                const pf_balance bal{uni(vs[0]), uni(vs[1])};
-                const int p0 = uni(vp[item]), p1 = uni(vp[item + 1]);
-                if (bal.first_cta(p0) > (int)blockIdx.x) break;
-                int b, rt, kvg, r0, rows_here, kv_lo, kv_hi;
-                if (!pf_item_decode(a, item, b, rt, kvg)) continue;
-                const int kvh = kvg * kWarps + warp;
-                if (kvh >= a.num_kv_heads) continue; /* no barrier follows */
-                const pf_seq_info si = pf_seq_info_of(a, b);
-                if (!pf_tile_range(a, si, rt, kRows, r0, rows_here, kv_lo, kv_hi)) continue;
-                const int s_lo = kv_lo + (max(uni(vs[2]), p0) - p0) * kTile;
-                const int s_hi = min(kv_hi, kv_lo + (min(uni(vs[3]), p1) - p0) * kTile);
-                pf_paged_rows<kD, T, kRows, kNT, true, kWarps>(a, si, b, kvh, r0, rows_here, s_lo, max(s_hi, s_lo),
-                                                               m_run, l_run, oacc);
-                /* an item held whole goes to out, a piece to slot (CTA + item); recomputed from
-                 * shared memory so that nothing extra stays live through the streaming loop */
-                const pf_balance bal2{uni(vs[0]), uni(vs[1])};
-                const int q0 = uni(vp[item]), q1 = uni(vp[item + 1]);
-                const int64_t slot_row = bal2.first_cta(q0) == bal2.last_cta(q0, q1)
-                                             ? -1
-                                             : ((int64_t)(blockIdx.x + item) * kWarps + warp) * kRows;
-                pf_paged_store_rows<kD, T, kRows>(a, si, b, kvh, r0, rows_here, m_run, l_run, oacc, 0, slot_row);
-            }
-        }
-        return; /* the split-mode code below is unreachable here (and dropped) */
-    }
-
-    /* ---- split mode: which (sequence, kv head, row tile, split) ---- */
-    int bid = blockIdx.x;
-    const int split = bid % a.num_splits;
-    bid /= a.num_splits;
-    int b, rt, kvg, r0, rows_here, kv_lo, kv_hi;
-    if (!pf_item_decode(a, bid, b, rt, kvg)) return; /* uniform over the CTA */
-    const int kvh = kHeadWarps ? kvg * kWarps + warp : kvg;
-    if (kHeadWarps && kvh >= a.num_kv_heads) return; /* no barrier follows in head mode */
-    const pf_seq_info si = pf_seq_info_of(a, b);
-    if (!pf_tile_range(a, si, rt, kRows, r0, rows_here, kv_lo, kv_hi)) return; /* uniform over the CTA */
-    int s_lo, s_hi;
-    pf_split_range(kv_lo, kv_hi, split, a.num_splits, kRound, s_lo, s_hi);
-    pf_paged_rows<kD, T, kRows, kNT, kHeadWarps, kWarps>(a, si, b, kvh, r0, rows_here, s_lo, s_hi, m_run, l_run,
-                                                         oacc);
     if constexpr (kHeadWarps) {
-        pf_paged_store_rows<kD, T, kRows>(a, si, b, kvh, r0, rows_here, m_run, l_run, oacc, split, -1);
+        /* this warp holds whole rows: normalize and write straight from registers */
+#pragma unroll
+        for (int n = 0; n < kRT; n++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int rr = n * 8 + 2 * qd + e;
+                const float L = __shfl_sync(0xffffffffu, l_run[n], (2 * qd + e) * 4);
+                const float M = __shfl_sync(0xffffffffu, m_run[n], (2 * qd + e) * 4);
+                if (rr >= rows_here) continue;
+                const int r = r0 + rr;
+                const int i = r / a.group, head = kvh * a.group + r % a.group;
+                const int qidx = si.qidx0 + i;
+                const float inv = L > 0.f ? 1.f / L : 0.f;
+                const float lse = L > 0.f ? (M + __log2f(L)) * PF_LN2_F : -INFINITY;
+#pragma unroll
+                for (int c = 0; c < kVC; c++) {
+                    const int ch = g + 8 * c;
+                    if (kD % 64 != 0 && ch >= kChunks) continue;
+                    float v[8];
+#pragma unroll
+                    for (int w = 0; w < 4; w++) {
+                        v[2 * w] = oacc[n][4 * c + w][e] * inv;
+                        v[2 * w + 1] = oacc[n][4 * c + w][2 + e] * inv;
+                    }
+                    if (partial) {
+                        float *dst = a.o_part +
+                                     (((int64_t)split * a.total_q + qidx) * a.num_heads + head) * a.head_dim + ch * 8;
+                        reinterpret_cast<float4 *>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+                        reinterpret_cast<float4 *>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+                    } else {
+                        T *dst = reinterpret_cast<T *>(a.out) + (int64_t)b * a.o_sb + (int64_t)(si.tok0 + i) * a.o_st +
+                                 (int64_t)head * a.o_sh + ch * 8;
+                        uint4 pk;
+                        pk.x = pf_pack2<T>(v[0], v[1]);
+                        pk.y = pf_pack2<T>(v[2], v[3]);
+                        pk.z = pf_pack2<T>(v[4], v[5]);
+                        pk.w = pf_pack2<T>(v[6], v[7]);
+                        *reinterpret_cast<uint4 *>(dst) = pk;
+                    }
+                }
+                if (g == 0) {
+                    if (partial)
+                        a.lse_part[((int64_t)split * a.total_q + qidx) * a.num_heads + head] = lse;
+                    else if (a.lse)
+                        a.lse[(int64_t)head * a.lse_sh + (int64_t)qidx * a.lse_st] = lse;
+                }
+            }
         return;
     }
-    const bool partial = a.num_splits > 1;
 
     /* ---- token mode: merge the 4 warps through shared memory, then write ---- */
     constexpr int kAccStride = kD + 4;
@@ -915,9 +704,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
 template <int kD, typename T, int kRows, bool kHeads, int kWarps>
 pf_status pf_paged_attn_go(pf_paged_args *a, cudaStream_t stream, int mode, int *occupancy) {
     constexpr int kNT = kD <= 128 ? 2 : 1;
-    void (*kernel)(const pf_paged_args) = pf_paged_attn_kernel<kD, T, kRows, kNT, kHeads, kWarps, false>;
-    if constexpr (kHeads)
-        if (a->balanced) kernel = pf_paged_attn_kernel<kD, T, kRows, kNT, kHeads, kWarps, true>;
+    void (*kernel)(const pf_paged_args) = pf_paged_attn_kernel<kD, T, kRows, kNT, kHeads, kWarps>;
     if (mode == 0) {
         /* resident CTAs per multiprocessor, cached per device */
         static int cached[64];
@@ -931,28 +718,10 @@ pf_status pf_paged_attn_go(pf_paged_args *a, cudaStream_t stream, int mode, int 
         if (dev < 64) cached[dev] = *occupancy;
         return PF_STATUS_OK;
     }
-    {
-        /* as much L1 as possible: the K/V loads go around it (no_allocate), but the L1 holds
-         * the data of every load in flight, and the CTA keeps ~128 KB in flight; a kernel
-         * with a little static shared memory (the balanced one) otherwise gets a carveout
-         * that leaves less (PAGEDFLASH_PAGED_CARVEOUT, percent, overrides it for tuning) */
-        static int done[2][64]; /* per kernel (split, balanced) and device: the carveout set + 1 */
-        const int which = a->balanced ? 1 : 0;
-        int dev = 0;
-        PF_CUDA_CHECK(cudaGetDevice(&dev));
-        const char *e = getenv("PAGEDFLASH_PAGED_CARVEOUT");
-        const int carve = e ? atoi(e) : (int)cudaSharedmemCarveoutMaxL1;
-        if (dev >= 64 || done[which][dev] != carve + 1) {
-            PF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, carve));
-            if (dev < 64) done[which][dev] = carve + 1;
-        }
-    }
     const int64_t kv_groups = (a->num_kv_heads + a->kv_per_cta - 1) / a->kv_per_cta;
-    const int64_t grid = a->balanced ? a->num_ctas
-                                     : (int64_t)a->num_row_tiles * kv_groups * a->num_splits * (a->plan ? 1 : a->batch);
+    const int64_t grid = (int64_t)a->num_row_tiles * kv_groups * a->num_splits * (a->plan ? 1 : a->batch);
     if (grid == 0) return PF_STATUS_OK;
-    const char *dyn = getenv("PAGEDFLASH_PAGED_DYNSMEM"); /* diagnostic: unused dynamic shared memory */
-    kernel<<<(unsigned)grid, kWarps * 32, dyn ? atoi(dyn) : 0, stream>>>(*a);
+    kernel<<<(unsigned)grid, kWarps * 32, 0, stream>>>(*a);
     PF_CUDA_CHECK_LAUNCH();
     return PF_STATUS_OK;
 }

@@ -250,34 +250,27 @@ struct pf_combine_args {
     int64_t lse_sh, lse_st;
 };
 
-/* Waits (in a kernel launched with programmatic stream serialization) until the
- * grid before it has finished and its memory is visible; a no-op otherwise. */
-__device__ __forceinline__ void pf_wait_primary() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-/* Merging one output row from n partial rows: lse_s at lp[s * lstride], o_s at
- * op + s * ostride. The weights exp(lse_s - lse) go to shared memory; then the
- * threads split the row's columns (float4 when head_dim % 4 == 0) and the partials
- * (groups of threads take every G-th one, several loads in flight each), and the
- * groups' sums meet in shared memory. Partials are read through L2 (ld.global.cg):
- * with programmatic launch nothing may come from a stale L1 line. n <= PF_COMBINE_MAX_PARTS. */
-#define PF_COMBINE_THREADS 256
-#define PF_COMBINE_MAX_PARTS 512
+/* One CTA of 128 threads per (query, head) row. The weights exp(lse_s - lse) go to
+ * shared memory; then the threads split the row's columns (float4 when head_dim
+ * % 4 == 0) and the splits (groups of threads take every G-th split, several
+ * loads in flight each), and the groups' sums meet in shared memory. */
+#define PF_COMBINE_THREADS 128
 
 template <typename T>
-__device__ __forceinline__ void pf_combine_row(const float *lp, int64_t lstride, const float *op, int64_t ostride,
-                                               int n, int head_dim, T *dst, float *lse_dst) {
-    __shared__ float wsm[PF_COMBINE_MAX_PARTS];
+__global__ void __launch_bounds__(PF_COMBINE_THREADS) pf_paged_combine_kernel(const pf_combine_args c) {
+    __shared__ float wsm[PF_PAGED_MAX_SPLITS];
     __shared__ float red[PF_COMBINE_THREADS / 32];
     __shared__ __align__(16) float part[PF_COMBINE_THREADS * 4];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int64_t item = blockIdx.x;
+    const int qidx = (int)(item / c.num_heads), head = (int)(item % c.num_heads);
+    if (c.qmap && c.qmap[qidx] < 0) return; /* uniform over the CTA */
+    const int64_t row_stride = (int64_t)c.total_q * c.num_heads;
+    const float *lp = c.lse_part + (int64_t)qidx * c.num_heads + head;
 
-    /* max and sum over the partials' lse */
+    /* max and sum over the splits' lse */
     float mx = -INFINITY;
-    for (int s = tid; s < n; s += PF_COMBINE_THREADS) mx = fmaxf(mx, __ldcg(lp + s * lstride));
+    for (int s = tid; s < c.num_splits; s += PF_COMBINE_THREADS) mx = fmaxf(mx, lp[s * row_stride]);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     if (lane == 0) red[warp] = mx;
@@ -287,8 +280,8 @@ __device__ __forceinline__ void pf_combine_row(const float *lp, int64_t lstride,
     for (int w = 1; w < PF_COMBINE_THREADS / 32; w++) mx = fmaxf(mx, red[w]);
     __syncthreads();
     float sum = 0.f;
-    for (int s = tid; s < n; s += PF_COMBINE_THREADS) {
-        const float l = __ldcg(lp + s * lstride);
+    for (int s = tid; s < c.num_splits; s += PF_COMBINE_THREADS) {
+        const float l = lp[s * row_stride];
         sum += l == -INFINITY ? 0.f : __expf(l - mx);
     }
 #pragma unroll
@@ -299,24 +292,28 @@ __device__ __forceinline__ void pf_combine_row(const float *lp, int64_t lstride,
 #pragma unroll
     for (int w = 0; w < PF_COMBINE_THREADS / 32; w++) sum += red[w];
     const float lse = mx == -INFINITY ? -INFINITY : mx + __logf(sum);
-    for (int s = tid; s < n; s += PF_COMBINE_THREADS) {
-        const float l = __ldcg(lp + s * lstride);
+    for (int s = tid; s < c.num_splits; s += PF_COMBINE_THREADS) {
+        const float l = lp[s * row_stride];
         wsm[s] = l == -INFINITY ? 0.f : __expf(l - lse);
     }
     __syncthreads();
 
+    const float *op = c.o_part + ((int64_t)qidx * c.num_heads + head) * c.head_dim;
+    const int64_t split_stride = row_stride * c.head_dim;
+    T *dst = reinterpret_cast<T *>(c.out) + (int64_t)(qidx / c.qdiv) * c.s0 + (int64_t)(qidx % c.qdiv) * c.s1 +
+             (int64_t)head * c.sh;
     const bool empty = mx == -INFINITY;
-    if (head_dim % 4 == 0 && head_dim <= 4 * PF_COMBINE_THREADS) {
-        const int cols = head_dim / 4;
+    if (c.head_dim % 4 == 0 && c.head_dim <= 4 * PF_COMBINE_THREADS) {
+        const int cols = c.head_dim / 4;
         const int groups = PF_COMBINE_THREADS / cols;
         const int grp = tid / cols, col = tid % cols;
         float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
         if (grp < groups) {
             int s = grp;
 #pragma unroll 4
-            for (; s < n; s += groups) {
+            for (; s < c.num_splits; s += groups) {
                 const float w = wsm[s];
-                const float4 v = __ldcg(reinterpret_cast<const float4 *>(op + s * ostride) + col);
+                const float4 v = reinterpret_cast<const float4 *>(op + s * split_stride)[col];
                 acc.x += w * v.x;
                 acc.y += w * v.y;
                 acc.z += w * v.z;
@@ -341,58 +338,14 @@ __device__ __forceinline__ void pf_combine_row(const float *lp, int64_t lstride,
             dst[4 * tid + 3] = pf_cu_from_float<T>(r.w);
         }
     } else {
-        for (int d = tid; d < head_dim; d += PF_COMBINE_THREADS) {
+        for (int d = tid; d < c.head_dim; d += PF_COMBINE_THREADS) {
             float acc = 0.f;
 #pragma unroll 4
-            for (int s = 0; s < n; s++) acc += wsm[s] * __ldcg(op + s * ostride + d);
+            for (int s = 0; s < c.num_splits; s++) acc += wsm[s] * op[s * split_stride + d];
             dst[d] = pf_cu_from_float<T>(empty ? 0.f : acc);
         }
     }
-    if (tid == 0 && lse_dst) *lse_dst = lse;
-}
-
-/* Split mode: one CTA per (query, head) row, partials [split][total_q][num_heads]. */
-template <typename T>
-__global__ void __launch_bounds__(PF_COMBINE_THREADS) pf_paged_combine_kernel(const pf_combine_args c) {
-    pf_wait_primary();
-    const int64_t item = blockIdx.x;
-    const int qidx = (int)(item / c.num_heads), head = (int)(item % c.num_heads);
-    if (c.qmap && c.qmap[qidx] < 0) return; /* uniform over the CTA */
-    const int64_t row_stride = (int64_t)c.total_q * c.num_heads;
-    T *dst = reinterpret_cast<T *>(c.out) + (int64_t)(qidx / c.qdiv) * c.s0 + (int64_t)(qidx % c.qdiv) * c.s1 +
-             (int64_t)head * c.sh;
-    pf_combine_row<T>(c.lse_part + (int64_t)qidx * c.num_heads + head, row_stride,
-                      c.o_part + ((int64_t)qidx * c.num_heads + head) * c.head_dim, row_stride * c.head_dim,
-                      c.num_splits, c.head_dim, dst,
-                      c.lse ? c.lse + (int64_t)head * c.lse_sh + (int64_t)qidx * c.lse_st : NULL);
-}
-
-/* Balanced mode: one CTA per (work item, warp w of the item's KV-head group, row rr);
- * the pieces of an item cut between CTAs c0 .. c1 sit in slots c0 + item .. c1 + item
- * (slot row ((slot * kv_per_cta + w) * rows + rr)); items held whole by one CTA went
- * straight to out. */
-template <typename T>
-__global__ void __launch_bounds__(PF_COMBINE_THREADS) pf_paged_bal_combine_kernel(const pf_paged_args a, int rows) {
-    pf_wait_primary();
-    const int item = blockIdx.x, w = blockIdx.y / rows, rr = blockIdx.y % rows;
-    int b, rt, kvg, r0, rows_here, kv_lo, kv_hi;
-    if (!pf_item_decode(a, item, b, rt, kvg)) return;
-    const int kvh = kvg * a.kv_per_cta + w;
-    if (kvh >= a.num_kv_heads) return;
-    const pf_seq_info si = pf_seq_info_of(a, b);
-    if (!pf_tile_range(a, si, rt, rows, r0, rows_here, kv_lo, kv_hi) || rr >= rows_here) return;
-    const pf_balance bal{__ldcg(a.item_prefix + a.num_items), __ldcg(a.item_prefix + a.num_items + 1)};
-    const int p0 = __ldcg(a.item_prefix + item), p1 = __ldcg(a.item_prefix + item + 1);
-    const int c0 = bal.first_cta(p0), c1 = bal.last_cta(p0, p1);
-    if (c0 == c1) return; /* held whole: already in out */
-    const int r = r0 + rr, i = r / a.group, head = kvh * a.group + r % a.group;
-    const int64_t lstride = (int64_t)a.kv_per_cta * rows;
-    const int64_t row0 = ((int64_t)(c0 + item) * a.kv_per_cta + w) * rows + rr;
-    T *dst = reinterpret_cast<T *>(a.out) + (int64_t)b * a.o_sb + (int64_t)(si.tok0 + i) * a.o_st +
-             (int64_t)head * a.o_sh;
-    pf_combine_row<T>(a.lse_part + row0, lstride, a.o_part + row0 * a.head_dim, lstride * a.head_dim, c1 - c0 + 1,
-                      a.head_dim, dst,
-                      a.lse ? a.lse + (int64_t)head * a.lse_sh + (int64_t)(si.qidx0 + i) * a.lse_st : NULL);
+    if (tid == 0 && c.lse) c.lse[(int64_t)head * c.lse_sh + (int64_t)qidx * c.lse_st] = lse;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -408,36 +361,12 @@ static pf_status pf_launch_simple(const pf_paged_args &a, const int32_t *qmap, c
     return PF_STATUS_OK;
 }
 
-/* A combine launch; with pdl (sm_90) as a programmatic dependent of the kernel
- * before it, so its CTAs are scheduled while that grid drains (they wait in
- * pf_wait_primary for its results). */
-template <typename... Params, typename... Args>
-static pf_status pf_launch_dependent(void (*kernel)(Params...), dim3 grid, bool pdl, cudaStream_t stream,
-                                     Args... args) {
-    cudaLaunchConfig_t cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(PF_COMBINE_THREADS);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl ? 1 : 0;
-    PF_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
-    return PF_STATUS_OK;
-}
-
 template <typename T>
-static pf_status pf_launch_combine(const pf_combine_args &c, bool pdl, cudaStream_t stream) {
+static pf_status pf_launch_combine(const pf_combine_args &c, cudaStream_t stream) {
     const int64_t rows = (int64_t)c.total_q * c.num_heads;
-    return pf_launch_dependent(pf_paged_combine_kernel<T>, dim3((unsigned)rows), pdl, stream, c);
-}
-
-template <typename T>
-static pf_status pf_launch_bal_combine(const pf_paged_args &a, int rows, bool pdl, cudaStream_t stream) {
-    return pf_launch_dependent(pf_paged_bal_combine_kernel<T>, dim3((unsigned)a.num_items, (unsigned)(a.kv_per_cta * rows)),
-                               pdl, stream, a, rows);
+    pf_paged_combine_kernel<T><<<(unsigned)rows, PF_COMBINE_THREADS, 0, stream>>>(c);
+    PF_CUDA_CHECK_LAUNCH();
+    return PF_STATUS_OK;
 }
 
 static bool pf_aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
@@ -445,8 +374,7 @@ static bool pf_aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 static size_t pf_round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
 
 static pf_status pf_paged_enqueue(pf_paged_args &a, pf_paged_fn fast, int rows, int64_t splits, bool has_cu,
-                                  size_t o_bytes, size_t l_bytes, char *wp, pf_dtype dtype, bool pdl,
-                                  cudaStream_t stream);
+                                  size_t o_bytes, size_t l_bytes, char *wp, pf_dtype dtype, cudaStream_t stream);
 
 extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
     pf_cuda_device_guard guard;
@@ -616,39 +544,9 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
     }
     a.num_splits = (int)splits;
 
-    /* Balanced mode (head mode, automatic split count, at most PF_PAGED_BAL_MAX_ITEMS
-     * items): one CTA per resident slot, each an even share of all tiles, so every
-     * multiprocessor streams the same number of bytes (split mode leaves slots idle
-     * whenever the item count does not divide the slot count: 128 CTAs on 132 SMs for
-     * 1, 8, 32 or 128 sequences of 8 KV heads). PAGEDFLASH_PAGED_BALANCE=0/1 (read on
-     * every call) turns it off / on where allowed, for comparisons. */
-    const int64_t items = work;
-    const int64_t slots_cta = (int64_t)sms * (occupancy > 0 ? occupancy : 1);
-    bool balanced = fast && a.kv_per_cta > 1 && p->num_splits <= 0 && items <= PF_PAGED_BAL_MAX_ITEMS &&
-                    slots_cta <= PF_COMBINE_MAX_PARTS;
-    {
-        const char *e = getenv("PAGEDFLASH_PAGED_BALANCE");
-        if (e && e[0] == '0') balanced = false;
-    }
-    /* the combine as a programmatic dependent launch on Hopper (PAGEDFLASH_PAGED_PDL=0: plain) */
-    bool pdl = pf::cuda::sm90_available(q.device_id);
-    {
-        const char *e = getenv("PAGEDFLASH_PAGED_PDL");
-        if (e && e[0] == '0') pdl = false;
-    }
-    if (balanced) {
-        a.balanced = 1;
-        a.num_items = (int)items;
-        a.num_ctas = (int)slots_cta;
-        a.num_splits = 1;
-    }
     /* workspace: split partials, plan / query map */
     size_t o_bytes = 0, l_bytes = 0, plan_bytes = 0;
-    if (balanced) {
-        const size_t prow = (size_t)(a.num_ctas + a.num_items) * a.kv_per_cta * rows;
-        o_bytes = pf_round_up(prow * a.head_dim * sizeof(float), 256);
-        l_bytes = pf_round_up(prow * sizeof(float) + (size_t)(a.num_items + 2) * sizeof(int32_t), 256);
-    } else if (splits > 1) {
+    if (splits > 1) {
         o_bytes = pf_round_up((size_t)splits * a.total_q * a.num_heads * a.head_dim * sizeof(float), 256);
         l_bytes = pf_round_up((size_t)splits * a.total_q * a.num_heads * sizeof(float), 256);
     }
@@ -659,20 +557,15 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
     pf_cuda_scratch scratch;
     PF_TRY(pf_cuda_scratch_acquire(stream, o_bytes + l_bytes + plan_bytes, &scratch));
     pf_status st = pf_paged_enqueue(a, fast, rows, splits, has_cu, o_bytes, l_bytes, (char *)scratch.ptr, q.dtype,
-                                    pdl, stream);
+                                    stream);
     pf_status st2 = pf_cuda_scratch_release(stream, &scratch);
     return st != PF_STATUS_OK ? st : st2;
 }
 
 /* Everything after the workspace is in hand: plan, main kernel, combine. */
 static pf_status pf_paged_enqueue(pf_paged_args &a, pf_paged_fn fast, int rows, int64_t splits, bool has_cu,
-                                  size_t o_bytes, size_t l_bytes, char *wp, pf_dtype dtype, bool pdl,
-                                  cudaStream_t stream) {
-    if (a.balanced) {
-        a.o_part = (float *)wp;
-        a.lse_part = (float *)(wp + o_bytes);
-        a.item_prefix = (int32_t *)(a.lse_part + (size_t)(a.num_ctas + a.num_items) * a.kv_per_cta * rows);
-    } else if (splits > 1) {
+                                  size_t o_bytes, size_t l_bytes, char *wp, pf_dtype dtype, cudaStream_t stream) {
+    if (splits > 1) {
         a.o_part = (float *)wp;
         a.lse_part = (float *)(wp + o_bytes);
     }
@@ -704,12 +597,7 @@ static pf_status pf_paged_enqueue(pf_paged_args &a, pf_paged_fn fast, int rows, 
         PF_TRY(pf_launch_simple<__nv_bfloat16>(a, qmap, stream));
     }
 
-    if (a.balanced) {
-        if (dtype == PF_DTYPE_F16)
-            PF_TRY(pf_launch_bal_combine<__half>(a, rows, pdl, stream));
-        else
-            PF_TRY(pf_launch_bal_combine<__nv_bfloat16>(a, rows, pdl, stream));
-    } else if (splits > 1) {
+    if (splits > 1) {
         pf_combine_args c;
         memset(&c, 0, sizeof c);
         c.o_part = a.o_part;
@@ -734,11 +622,11 @@ static pf_status pf_paged_enqueue(pf_paged_args &a, pf_paged_fn fast, int rows, 
             c.s1 = a.o_st;
         }
         if (dtype == PF_DTYPE_F32)
-            PF_TRY(pf_launch_combine<float>(c, pdl, stream));
+            PF_TRY(pf_launch_combine<float>(c, stream));
         else if (dtype == PF_DTYPE_F16)
-            PF_TRY(pf_launch_combine<__half>(c, pdl, stream));
+            PF_TRY(pf_launch_combine<__half>(c, stream));
         else
-            PF_TRY(pf_launch_combine<__nv_bfloat16>(c, pdl, stream));
+            PF_TRY(pf_launch_combine<__nv_bfloat16>(c, stream));
     }
     return PF_STATUS_OK;
 }

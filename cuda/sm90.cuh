@@ -152,7 +152,9 @@ PF_DEV void load_swizzled(uint32_t tile, const T *g, int64_t row_stride, int row
 
 }  // namespace sm90
 
-/* sm90_available(device): cuda_util.cuh */
+/* Host: does `device` run the sm_90a kernels of this build? (compute
+ * capability 9.0, sm_90 in PAGEDFLASH_CUDA_ARCHS, and PAGEDFLASH_SM90 not 0). */
+bool sm90_available(int device);
 
 }  // namespace cuda
 }  // namespace pf

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # decode_dev.sh <logdir> - quick paged-decode iteration on a GPU machine: build the head
 # dims in PAGEDFLASH_HEADDIMS (default 64,128), run the paged GPU tests, then the decode
-# benchmark with the variants in DECODE_ARGS (e.g. --pf-env PAGEDFLASH_PAGED_PREFETCH=0,2).
+# benchmark with the variants in DECODE_ARGS (e.g. --pf-env PAGEDFLASH_PAGED_MODE=1,2).
 set -uo pipefail
 LOG=${1:?usage: scripts/decode_dev.sh <logdir>}
 mkdir -p "$LOG"

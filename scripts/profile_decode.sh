@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # profile_decode.sh <logdir> - Nsight Compute on the paged decode kernels: build (PAGEDFLASH_HEADDIMS,
-# default 128), then for each PAGEDFLASH_PAGED_BALANCE value in $MODES profile one pagedflash call per
-# point in $POINTS (and cuDNN's, with SDPA=1) with the sections in $SECTIONS; a text report per mode.
+# default 128), then, once per setting in $VARIANTS (e.g. "PAGEDFLASH_PAGED_MODE=1 PAGEDFLASH_PAGED_MODE=2";
+# default: one run as is), profile one pagedflash call per point in $POINTS (and cuDNN's, with SDPA=1)
+# with $SECTIONS or $METRICS; a text report per setting.
 set -uo pipefail
 LOG=${1:?usage: scripts/profile_decode.sh <logdir>}
 mkdir -p "$LOG"
@@ -10,12 +11,18 @@ export PAGEDFLASH_CUDA=1 PAGEDFLASH_CUDA_ARCHS=${PAGEDFLASH_CUDA_ARCHS:-90} PAGE
 export MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$PWD/python
 [[ ${SKIP_BUILD:-0} == 1 ]] || python3 setup.py -q build_ext --inplace > "$LOG/build.log" 2>&1 || { tail -30 "$LOG/build.log"; exit 1; }
 POINTS=${POINTS:-"32x65536 128x1024"}
-SECTIONS=${SECTIONS:-"--section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis --section SpeedOfLight"}
+S=smsp__average_warps_issue_stalled
+STALLS=$(for r in long_scoreboard short_scoreboard wait math_pipe_throttle mio_throttle lg_throttle barrier selected; do
+  printf "%s_%s_per_issue_active.ratio," $S $r; done)
+WHAT=${METRICS:+--metrics $METRICS}
+WHAT=${WHAT:-${SECTIONS:-"--section SpeedOfLight --section MemoryWorkloadAnalysis --section SchedulerStats --metrics ${STALLS}smsp__inst_executed.sum,lts__t_requests_srcunit_tex_op_read.sum,lts__t_sectors_srcunit_tex_op_read.sum"}}
 INC=""
 for p in $POINTS; do INC="$INC --nvtx-include pf_b${p%x*}_c${p#*x}/"; [[ ${SDPA:-0} == 1 ]] && INC="$INC --nvtx-include sdpa_b${p%x*}_c${p#*x}/"; done
-for m in ${MODES:-0 1}; do
-  PAGEDFLASH_PAGED_BALANCE=$m ncu --nvtx $INC --clock-control none $SECTIONS \
-    python3 benchmarks/profile_decode.py --points $POINTS > "$LOG/ncu_balance$m.txt" 2> "$LOG/ncu_balance$m.err"
-  echo "== PAGEDFLASH_PAGED_BALANCE=$m"
-  grep -E "pf_paged|cudnn|Duration|DRAM Throughput|Executed Ipc A|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Stall|Registers Per|Grid Size|Block Size|Memory Throughput|Eligible Warps" "$LOG/ncu_balance$m.txt" | head -80
+for v in ${VARIANTS:-none}; do
+  name=${v//[^A-Za-z0-9_.-]/_}
+  ( [[ $v != none ]] && export "$v"
+    ncu --nvtx $INC --clock-control none $WHAT python3 benchmarks/profile_decode.py --points $POINTS \
+      > "$LOG/ncu_$name.txt" 2> "$LOG/ncu_$name.err" )
+  echo "== $v"
+  grep -E "pf_paged|cudnn_gen|Duration|DRAM Throughput|L2 Cache Throughput|No Eligible|Warp Cycles Per Issued|stalled|inst_executed|lts__t_" "$LOG/ncu_$name.txt" | head -60
 done
