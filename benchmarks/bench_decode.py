@@ -28,6 +28,7 @@ import statistics
 import time
 import subprocess
 import sys
+from unittest import mock
 
 import torch
 import torch.nn.attention
@@ -170,19 +171,11 @@ def bench_point(batch, ctx, args, gen, mem_budget):
     cands += [("+".join(f"{k}={v}" for k, v in env), env, 0) for env in args.pf_env]
     runners = []
     for _, env, ns in cands:
-        saved = {k: os.environ.get(k) for k, _ in env or []}
-        os.environ.update(dict(env or []))
-        try:
+        with mock.patch.dict(os.environ, dict(env or [])):
             runners.append(make_runner([pf_fn(r, ns) for r in range(sets)]))
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    del os.environ[k]
-                else:
-                    os.environ[k] = v
     direct = []
     for name in args.backends:
-        if name == "MATH" or (name == "EFFICIENT_ATTENTION"):
+        if name in ("MATH", "EFFICIENT_ATTENTION"):
             continue
         try:
             with torch.nn.attention.sdpa_kernel([sdpa_backend(name)]):

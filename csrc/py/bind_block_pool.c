@@ -521,6 +521,17 @@ static int check_out(PyObject *out, const char *name, int nd, int type, npy_intp
     return 0;
 }
 
+/* The exit of the methods that fill an output array (reached by success and by every
+ * failure): releases the holds; returns out when the core call succeeded and no Python error
+ * is pending, else drops out and raises st (or keeps the error already set). */
+static PyObject *fill_exit(PfBlockPool *self, pf_status st, PyObject *hold, PyObject *hold2, PyObject *out) {
+    Py_XDECREF(hold);
+    Py_XDECREF(hold2);
+    if (st == PF_STATUS_OK && !PyErr_Occurred()) return out;
+    Py_XDECREF(out);
+    return st != PF_STATUS_OK ? raise_status((PyObject *)self, st) : NULL;
+}
+
 /* block_tables(seq_ids, max_blocks (-1 = longest), pad, out | None) -> int32 [n, max_blocks] */
 static PyObject *bp_block_tables(PfBlockPool *self, PyObject *const *args, Py_ssize_t nargs) {
     if (check_nargs("block_tables", nargs, 4, 4) < 0) return NULL;
@@ -533,38 +544,32 @@ static PyObject *bp_block_tables(PfBlockPool *self, PyObject *const *args, Py_ss
     if (as_seq_ids(self, args[0], &ids, &n, &hold) < 0) return NULL;
     pf_status st = PF_STATUS_OK;
     if (args[3] != Py_None) {
-        if (check_out(args[3], "out", 2, NPY_INT32, n) < 0) goto fail;
+        if (check_out(args[3], "out", 2, NPY_INT32, n) < 0) goto done;
         npy_intp w = PyArray_DIM((PyArrayObject *)args[3], 1);
         if (width >= 0 && w != width) {
             PyErr_Format(PyExc_ValueError, "out: expected %d columns (max_blocks), got %zd", (int)width,
                          (Py_ssize_t)w);
-            goto fail;
+            goto done;
         }
         if (w > INT32_MAX) {
             PyErr_SetString(PyExc_ValueError, "out: too many columns");
-            goto fail;
+            goto done;
         }
         width = (int32_t)w;
         out = Py_NewRef(args[3]);
     } else {
         if (width < 0) {
             st = pf_block_pool_max_blocks(self->pool, ids, (int32_t)n, &width);
-            if (st != PF_STATUS_OK) goto fail;
+            if (st != PF_STATUS_OK) goto done;
         }
         npy_intp dims[2] = {n, width};
         out = new_array(2, dims, NPY_INT32);
-        if (!out) goto fail;
+        if (!out) goto done;
     }
     st = pf_block_pool_block_tables(self->pool, ids, (int32_t)n,
                                     (int32_t *)PyArray_DATA((PyArrayObject *)out), width, pad);
-    if (st != PF_STATUS_OK) goto fail;
-    Py_XDECREF(hold);
-    return out;
-fail:
-    Py_XDECREF(hold);
-    Py_XDECREF(out);
-    if (st != PF_STATUS_OK) return raise_status((PyObject *)self, st);
-    return NULL;
+done:
+    return fill_exit(self, st, hold, NULL, out);
 }
 
 /* seq_lens(seq_ids, out | None) -> int32 [n] */
@@ -576,22 +581,16 @@ static PyObject *bp_seq_lens(PfBlockPool *self, PyObject *const *args, Py_ssize_
     if (as_seq_ids(self, args[0], &ids, &n, &hold) < 0) return NULL;
     pf_status st = PF_STATUS_OK;
     if (args[1] != Py_None) {
-        if (check_out(args[1], "out", 1, NPY_INT32, n) < 0) goto fail;
+        if (check_out(args[1], "out", 1, NPY_INT32, n) < 0) goto done;
         out = Py_NewRef(args[1]);
     } else {
         npy_intp dims[1] = {n};
         out = new_array(1, dims, NPY_INT32);
-        if (!out) goto fail;
+        if (!out) goto done;
     }
     st = pf_block_pool_seq_lens(self->pool, ids, (int32_t)n, (int32_t *)PyArray_DATA((PyArrayObject *)out));
-    if (st != PF_STATUS_OK) goto fail;
-    Py_XDECREF(hold);
-    return out;
-fail:
-    Py_XDECREF(hold);
-    Py_XDECREF(out);
-    if (st != PF_STATUS_OK) return raise_status((PyObject *)self, st);
-    return NULL;
+done:
+    return fill_exit(self, st, hold, NULL, out);
 }
 
 /* slot_mapping(seq_ids, num_new_tokens (int | list), out | None) -> int64 [sum] */
@@ -604,32 +603,24 @@ static PyObject *bp_slot_mapping(PfBlockPool *self, PyObject *const *args, Py_ss
     int32_t uniform = 0;
     pf_status st = PF_STATUS_OK;
     if (as_seq_ids(self, args[0], &ids, &n, &hold) < 0) return NULL;
-    if (as_counts(self, args[1], "num_new_tokens", n, &per, &uniform, &hold_k) < 0) goto fail;
+    if (as_counts(self, args[1], "num_new_tokens", n, &per, &uniform, &hold_k) < 0) goto done;
     int64_t total = 0;
     for (Py_ssize_t i = 0; i < n; i++) total += per ? per[i] : uniform;
     if (total < 0) total = 0; /* the core rejects negative counts with a message */
     if (args[2] != Py_None) {
-        if (check_out(args[2], "out", 1, NPY_INT64, -1) < 0) goto fail;
+        if (check_out(args[2], "out", 1, NPY_INT64, -1) < 0) goto done;
         out = Py_NewRef(args[2]);
     } else {
         npy_intp dims[1] = {(npy_intp)total};
         out = new_array(1, dims, NPY_INT64);
-        if (!out) goto fail;
+        if (!out) goto done;
     }
     int64_t written = 0;
     st = pf_block_pool_slot_mapping(self->pool, ids, (int32_t)n, per, uniform,
                                     (int64_t *)PyArray_DATA((PyArrayObject *)out),
                                     PyArray_DIM((PyArrayObject *)out, 0), &written);
-    if (st != PF_STATUS_OK) goto fail;
-    Py_XDECREF(hold);
-    Py_XDECREF(hold_k);
-    return out;
-fail:
-    Py_XDECREF(hold);
-    Py_XDECREF(hold_k);
-    Py_XDECREF(out);
-    if (st != PF_STATUS_OK) return raise_status((PyObject *)self, st);
-    return NULL;
+done:
+    return fill_exit(self, st, hold, hold_k, out);
 }
 
 /* seq_tokens(seq_id) -> int32 [num_tokens] */
