@@ -63,6 +63,7 @@
 #define PF_PAGED_ATTN_CUH
 
 #include "cuda_util.cuh"
+#include "flash_common.cuh"
 
 /* Everything a paged-attention kernel needs, filled by paged_attn_launch.cu. */
 struct pf_paged_args {
@@ -95,6 +96,8 @@ struct pf_paged_args {
     int num_blocks, max_blocks;
     int num_splits, num_row_tiles; /* row tiles per sequence (dense) or plan entries (packed) */
     int kv_per_cta;           /* 1: token mode; 4 or 8: head mode (warps per CTA, one KV head each) */
+    int ring;                 /* head mode, head dim 64/128: 0 = K/V in registers, 1 = shared-memory
+                                 ring of 3 x 16-token tiles per warp, 2 = 6 x 8-token tiles */
     int causal, window_left, window_right;
     float qk_scale;           /* softmax_scale * log2(e), or softmax_scale / softcap with softcap */
     float cap_log2;           /* softcap * log2(e); 0 = no softcap */
@@ -118,6 +121,20 @@ __device__ __forceinline__ uint4 pf_ldg16(const void *p) {
 /* The row a missing token (past the split, or in a block with a bad id) reads:
  * zeros, so its V contributes exactly nothing and its K is masked anyway. */
 static __device__ __align__(16) uint4 pf_paged_zeros[32];
+
+/* 16 bytes from shared memory (volatile: stays after the cp.async wait that guards it). */
+__device__ __forceinline__ uint4 pf_lds16(uint32_t addr) {
+    uint4 r;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(addr));
+    return r;
+}
+
+/* Swizzle of the shared-memory ring (XOR on the 16-byte chunk index of token u's row):
+ * conflict-free for the whole-line copies in (8 lanes per 128-byte line), for the K
+ * fragment reads (lanes 4g + q: token g, chunk q + 4j) and for the V fragment reads
+ * (token 2q + e, chunk g + 8c), each 8-lane phase of a 16-byte access hitting 8
+ * distinct bank groups. */
+__device__ __forceinline__ int pf_ring_swz(int u) { return ((u & 1) << 2) ^ (((u >> 1) & 3) << 1); }
 
 /* An opaque zero: keeps the compiler from folding unused MMA operand registers
  * (which would force it to rebuild operand quads with moves in the loop). */
@@ -268,10 +285,11 @@ __device__ __forceinline__ void pf_split_range(int kv_lo, int kv_hi, int split, 
  * __nv_bfloat16; kRows: rows per tile (8 or 16); kNT: 8-token groups per warp
  * iteration (1 or 2).
  */
-template <int kD, typename T, int kRows, int kNT, bool kHeadWarps, int kWarps>
+template <int kD, typename T, int kRows, int kNT, bool kHeadWarps, int kWarps, int kRing>
 __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     pf_paged_attn_kernel(const pf_paged_args a) {
     static_assert(kWarps == PF_PAGED_WARPS || (kHeadWarps && kWarps == 8), "warps per CTA");
+    static_assert(kRing == 0 || (kHeadWarps && kD % 64 == 0 && kD <= 128), "ring: head mode, head dim 64/128");
     static_assert(kD % 32 == 0 && kD <= 256, "head dim");
     static_assert(kRows == 8 || kRows == 16, "rows per tile");
     constexpr int kKS = kD / 16;             /* k-steps of S = Q K^T */
@@ -289,7 +307,11 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     constexpr int kStep = kHeadWarps ? kTile : kRound;
     /* tiles in flight per warp: 2 where the registers allow (one KV head per warp, 8 rows,
      * head dim <= 128), else 1 */
-    constexpr int kDepth = (kHeadWarps && kRows == 8 && kD <= 128) ? 2 : 1;
+    constexpr int kDepth = kRing ? kRing - 1 : (kHeadWarps && kRows == 8 && kD <= 128) ? 2 : 1;
+    /* K/V buffers: kDepth register sets, or kRing shared-memory slots per warp
+     * (each slot a K tile then a V tile of kTile token rows, swizzled) */
+    constexpr int kSlots = kRing ? kRing : kDepth;
+    constexpr int kRowB = kD * (int)sizeof(T), kTileB = kTile * kRowB, kSlotB = 2 * kTileB;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, qd = lane & 3;
@@ -381,9 +403,14 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     const int64_t k_sblk_b = a.k_sblk * (int64_t)sizeof(T), k_stok_b = a.k_stok * (int64_t)sizeof(T);
     const int64_t v_sblk_b = a.v_sblk * (int64_t)sizeof(T), v_stok_b = a.v_stok * (int64_t)sizeof(T);
 
-    uint4 kbuf[kDepth][kNT][kKJ];
-    uint4 vbuf[kDepth][kNT][2][kVC];
-    bool vok[kDepth][kNT][2]; /* token 2q + e of group nt exists (in range, good block) */
+    uint4 kbuf[kRing ? 1 : kDepth][kNT][kKJ];
+    uint4 vbuf[kRing ? 1 : kDepth][kNT][2][kVC];
+    bool vok[kRing ? 1 : kDepth][kNT][2]; /* token 2q + e of group nt exists (in range, good block) */
+    uint32_t present[kSlots];             /* ring: bit u = token u of the slot's tile exists */
+#pragma unroll
+    for (int i = 0; i < kSlots; i++) present[i] = 0u;
+    extern __shared__ __align__(128) unsigned char pf_paged_ring[];
+    const uint32_t ring0 = kRing ? pf::cuda::smem_addr(pf_paged_ring) + warp * (kSlots * kSlotB) : 0u;
     const char *const zero = reinterpret_cast<const char *>(pf_paged_zeros);
 
     /* block id of token (t0 + lane % kTile) (the table load), -1 when none */
@@ -432,6 +459,26 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
             }
     };
 
+    /* ring: the tile's K and V rows into `slot`, whole 128-byte lines per 8 lanes
+     * (lane copies chunk lane % 8 + 8h of token lane / 8 + 4i); returns the present mask */
+    auto issue_ring = [&](int slot, const char *kp_l, const char *vp_l) -> uint32_t {
+        const uint32_t dst = ring0 + slot * kSlotB;
+#pragma unroll
+        for (int i = 0; i < kTile / 4; i++) {
+            const int u = (lane >> 3) + 4 * i;
+            const char *kp = shfl_ptr(kp_l, u);
+            const char *vp = shfl_ptr(vp_l, u);
+#pragma unroll
+            for (int h = 0; h < kD / 64; h++) {
+                const int c = (lane & 7) + 8 * h;
+                const uint32_t off = u * kRowB + ((c ^ pf_ring_swz(u)) << 4);
+                pf::cuda::cp_async_16(dst + off, kp + c * 16, true);
+                pf::cuda::cp_async_16(dst + kTileB + off, vp + c * 16, true);
+            }
+        }
+        return __ballot_sync(0xffffffffu, kp_l != zero);
+    };
+
     int t_cur = s_lo + (kHeadWarps ? 0 : warp * kTile);
     if (t_cur < s_hi) {
         /* prologue: tiles 0 .. kDepth-1 in flight; pointers of tile kDepth, id of kDepth+1 */
@@ -441,20 +488,54 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
         for (int d = 0; d < kDepth; d++) {
             make_ptrs(t_cur + d * kStep, id_n, kp_n, vp_n);
             id_n = fetch_id(t_cur + (d + 1) * kStep);
-            issue_k(kbuf[d], kp_n);
-            issue_v(vbuf[d], vok[d], vp_n);
+            if constexpr (kRing != 0) {
+                if (t_cur + d * kStep < s_hi) present[d] = issue_ring(d, kp_n, vp_n);
+                pf::cuda::cp_async_commit();
+            } else {
+                issue_k(kbuf[d], kp_n);
+                issue_v(vbuf[d], vok[d], vp_n);
+            }
         }
         make_ptrs(t_cur + kDepth * kStep, id_n, kp_n, vp_n);
         id_n = fetch_id(t_cur + (kDepth + 1) * kStep);
         bool more = true;
         while (more) {
 #pragma unroll
-        for (int par = 0; par < kDepth; par++) {
+        for (int par = 0; par < kSlots; par++) {
             if (t_cur >= s_hi) {
                 more = false;
                 break;
             }
             const int t_next = t_cur + kDepth * kStep; /* the tile that refills this buffer */
+            const int kb = kRing ? 0 : par;           /* register set (register pipeline) */
+
+            if constexpr (kRing != 0) {
+                /* this tile's copies have landed (kDepth - 1 younger groups may be pending);
+                 * refill the slot the previous tile used, then fetch the fragments */
+                pf::cuda::cp_async_wait<kDepth - 1>();
+                __syncwarp();
+                const int refill = (par + kDepth) % kSlots;
+                if (t_next < s_hi) present[refill] = issue_ring(refill, kp_n, vp_n);
+                pf::cuda::cp_async_commit();
+                make_ptrs(t_next + kStep, id_n, kp_n, vp_n);
+                id_n = fetch_id(t_next + 2 * kStep);
+                const uint32_t src = ring0 + par * kSlotB;
+#pragma unroll
+                for (int nt = 0; nt < kNT; nt++) {
+#pragma unroll
+                    for (int j = 0; j < kKJ; j++)
+                        kbuf[0][nt][j] = pf_lds16(src + (nt * 8 + g) * kRowB + (((qd + 4 * j) ^ pf_ring_swz(g)) << 4));
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int u = 2 * qd + e;
+                        vok[0][nt][e] = (present[par] >> (nt * 8 + u)) & 1u;
+#pragma unroll
+                        for (int c = 0; c < kVC; c++)
+                            vbuf[0][nt][e][c] =
+                                pf_lds16(src + kTileB + (nt * 8 + u) * kRowB + (((g + 8 * c) ^ pf_ring_swz(u)) << 4));
+                    }
+                }
+            }
 
             /* S = Q K^T */
             float s[kNT][4];
@@ -463,11 +544,11 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                 s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
                 for (int j = 0; j < kKJ; j++) {
-                    pf_mma_16816<T>(s[nt], qa[2 * j], kbuf[par][nt][j].x, kbuf[par][nt][j].y);
-                    pf_mma_16816<T>(s[nt], qa[2 * j + 1], kbuf[par][nt][j].z, kbuf[par][nt][j].w);
+                    pf_mma_16816<T>(s[nt], qa[2 * j], kbuf[kb][nt][j].x, kbuf[kb][nt][j].y);
+                    pf_mma_16816<T>(s[nt], qa[2 * j + 1], kbuf[kb][nt][j].z, kbuf[kb][nt][j].w);
                 }
             }
-            if (t_next < s_hi) issue_k(kbuf[par], kp_n);
+            if (!kRing && t_next < s_hi) issue_k(kbuf[kb], kp_n);
 
             /* scale, softcap, ALiBi, mask; row maxima */
             float mx[2] = {-INFINITY, -INFINITY};
@@ -480,7 +561,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                     float x = s[nt][c];
                     x = a.cap_log2 != 0.f ? a.cap_log2 * pf_tanh(x * a.qk_scale) : x * a.qk_scale;
                     if (a.alibi) x -= row_slope[h2] * (float)abs(row_pos[h2] - t);
-                    const bool ok = vok[par][nt][e] && t >= row_lo[h2] && t <= row_hi[h2];
+                    const bool ok = vok[kb][nt][e] && t >= row_lo[h2] && t <= row_hi[h2];
                     x = ok ? x : -INFINITY;
                     s[nt][c] = x;
                     mx[h2] = fmaxf(mx[h2], x);
@@ -530,7 +611,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
 #pragma unroll
                 for (int i = 0; i < kMT; i++) {
                     const int c = i >> 2, w = i & 3;
-                    const uint32_t w0 = (&vbuf[par][nt][0][c].x)[w], w1 = (&vbuf[par][nt][1][c].x)[w];
+                    const uint32_t w0 = (&vbuf[kb][nt][0][c].x)[w], w1 = (&vbuf[kb][nt][1][c].x)[w];
                     float x00, x01, x10, x11;
                     pf_unpack2<T>(w0, x00, x01); /* token 2q:   elements 2i, 2i+1 */
                     pf_unpack2<T>(w1, x10, x11); /* token 2q+1 */
@@ -539,13 +620,16 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                         pf_mma_1688_tf32(oacc[n][i], __float_as_uint(x00), __float_as_uint(x01), __float_as_uint(x10),
                                          __float_as_uint(x11), pb[nt][2 * n], pb[nt][2 * n + 1]);
                 }
-            if (t_next < s_hi) issue_v(vbuf[par], vok[par], vp_n);
-            make_ptrs(t_next + kStep, id_n, kp_n, vp_n);
-            id_n = fetch_id(t_next + 2 * kStep);
+            if constexpr (kRing == 0) {
+                if (t_next < s_hi) issue_v(vbuf[kb], vok[kb], vp_n);
+                make_ptrs(t_next + kStep, id_n, kp_n, vp_n);
+                id_n = fetch_id(t_next + 2 * kStep);
+            }
             t_cur += kStep;
         }
         }
     }
+    if constexpr (kRing != 0) pf::cuda::cp_async_wait<0>(); /* only empty groups can be left */
 
 #pragma unroll
     for (int h2 = 0; h2 < 2; h2++) {
@@ -701,36 +785,50 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
 /* Occupancy query (mode 0) or launch (mode 1) of one (head dim, dtype) instantiation.
  * a->kv_per_cta selects the mode: 1 = token mode (4 warps on one KV head), 4 or 8 =
  * head mode with that many warps, one KV head each. */
-template <int kD, typename T, int kRows, bool kHeads, int kWarps>
+template <int kD, typename T, int kRows, bool kHeads, int kWarps, int kRingMode>
 pf_status pf_paged_attn_go(pf_paged_args *a, cudaStream_t stream, int mode, int *occupancy) {
-    constexpr int kNT = kD <= 128 ? 2 : 1;
-    void (*kernel)(const pf_paged_args) = pf_paged_attn_kernel<kD, T, kRows, kNT, kHeads, kWarps>;
+    /* ring mode 1: 3 slots of 16-token tiles, 2: 6 slots of 8-token tiles (per warp) */
+    constexpr int kNT = kRingMode == 2 ? 1 : kD <= 128 ? 2 : 1;
+    constexpr int kRing = kRingMode == 1 ? 3 : kRingMode == 2 ? 6 : 0;
+    constexpr int kSmem = kWarps * kRing * 2 * 8 * kNT * kD * (int)sizeof(T);
+    void (*kernel)(const pf_paged_args) = pf_paged_attn_kernel<kD, T, kRows, kNT, kHeads, kWarps, kRing>;
+    int dev = 0;
+    PF_CUDA_CHECK(cudaGetDevice(&dev));
+    static std::atomic<uint64_t> attr_done{0};
+    PF_TRY(pf::cuda::set_max_smem(kernel, kSmem, dev, attr_done));
     if (mode == 0) {
         /* resident CTAs per multiprocessor, cached per device */
         static int cached[64];
-        int dev = 0;
-        PF_CUDA_CHECK(cudaGetDevice(&dev));
         if (dev < 64 && cached[dev] > 0) {
             *occupancy = cached[dev];
             return PF_STATUS_OK;
         }
-        PF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(occupancy, kernel, kWarps * 32, 0));
+        PF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(occupancy, kernel, kWarps * 32, kSmem));
         if (dev < 64) cached[dev] = *occupancy;
         return PF_STATUS_OK;
     }
     const int64_t kv_groups = (a->num_kv_heads + a->kv_per_cta - 1) / a->kv_per_cta;
     const int64_t grid = (int64_t)a->num_row_tiles * kv_groups * a->num_splits * (a->plan ? 1 : a->batch);
     if (grid == 0) return PF_STATUS_OK;
-    kernel<<<(unsigned)grid, kWarps * 32, 0, stream>>>(*a);
+    kernel<<<(unsigned)grid, kWarps * 32, kSmem, stream>>>(*a);
     PF_CUDA_CHECK_LAUNCH();
     return PF_STATUS_OK;
 }
 
+template <int kD, typename T, int kRows, int kWarps>
+pf_status pf_paged_attn_head(pf_paged_args *a, cudaStream_t stream, int mode, int *occupancy) {
+    if constexpr (kD % 64 == 0 && kD <= 128) {
+        if (a->ring == 1) return pf_paged_attn_go<kD, T, kRows, true, kWarps, 1>(a, stream, mode, occupancy);
+        if (a->ring == 2) return pf_paged_attn_go<kD, T, kRows, true, kWarps, 2>(a, stream, mode, occupancy);
+    }
+    return pf_paged_attn_go<kD, T, kRows, true, kWarps, 0>(a, stream, mode, occupancy);
+}
+
 template <int kD, typename T, int kRows>
 pf_status pf_paged_attn_mode(pf_paged_args *a, cudaStream_t stream, int mode, int *occupancy) {
-    if (a->kv_per_cta == 8) return pf_paged_attn_go<kD, T, kRows, true, 8>(a, stream, mode, occupancy);
-    if (a->kv_per_cta == 4) return pf_paged_attn_go<kD, T, kRows, true, 4>(a, stream, mode, occupancy);
-    return pf_paged_attn_go<kD, T, kRows, false, 4>(a, stream, mode, occupancy);
+    if (a->kv_per_cta == 8) return pf_paged_attn_head<kD, T, kRows, 8>(a, stream, mode, occupancy);
+    if (a->kv_per_cta == 4) return pf_paged_attn_head<kD, T, kRows, 4>(a, stream, mode, occupancy);
+    return pf_paged_attn_go<kD, T, kRows, false, 4, 0>(a, stream, mode, occupancy);
 }
 
 template <int kD, typename T>
