@@ -79,8 +79,6 @@ struct pf_paged_args {
     float *o_part;            /* [num_splits, total_q, num_heads, head_dim] when num_splits > 1 */
     float *lse_part;          /* [num_splits, total_q, num_heads] when num_splits > 1 */
     const int32_t *plan;      /* packed layout: [num_row_tiles, 2] (sequence, row tile); -1 = none */
-    int2 *rowmap;             /* stream mode: [total_q, num_heads] (first partial row, pieces); pieces 0 =
-                                 written directly, nothing to combine */
 
     int64_t q_sb, q_st, q_sh; /* element strides of q: sequence, token, head */
     int64_t o_sb, o_st, o_sh; /* of out */
@@ -98,7 +96,6 @@ struct pf_paged_args {
     int num_blocks, max_blocks;
     int num_splits, num_row_tiles; /* row tiles per sequence (dense) or plan entries (packed) */
     int kv_per_cta;           /* 1: token mode; 4 or 8: head mode (warps per CTA, one KV head each) */
-    int stream_items;         /* > 0: stream mode over this many work items (see pf_paged_stream_kernel) */
     int ring;                 /* head mode, head dim 64/128: 0 = K/V in registers, 1 = shared-memory
                                  ring of 3 x 16-token tiles per warp, 2 = 6 x 8-token tiles */
     int causal, window_left, window_right;
@@ -283,56 +280,14 @@ __device__ __forceinline__ void pf_split_range(int kv_lo, int kv_hi, int split, 
     if (s_hi < s_lo) s_hi = s_lo;
 }
 
-/* A work item: the rows [r0, r0 + rows_here) of sequence b's row tile rt and the
- * token range [kv_lo, kv_hi) they see (bounds are monotone in the query index).
- * Returns false when the tile has no rows (or the plan entry is unused). */
-struct pf_item {
-    pf_seq_info si;
-    int b, rt, r0, rows_here, kv_lo, kv_hi;
-};
-
-template <int kRows>
-__device__ __forceinline__ bool pf_item_of(const pf_paged_args &a, int tile_index, pf_item &it) {
-    if (a.plan) {
-        it.b = a.plan[2 * tile_index];
-        it.rt = a.plan[2 * tile_index + 1];
-        if (it.b < 0) return false;
-    } else {
-        it.rt = tile_index % a.num_row_tiles;
-        it.b = tile_index / a.num_row_tiles;
-    }
-    it.si = pf_seq_info_of(a, it.b);
-    const int rows_total = it.si.q_len * a.group;
-    it.r0 = it.rt * kRows;
-    if (it.r0 >= rows_total) return false;
-    it.rows_here = min(kRows, rows_total - it.r0);
-    int lo0, hi0, lo1, hi1;
-    const int i_first = it.r0 / a.group, i_last = (it.r0 + it.rows_here - 1) / a.group;
-    pf_row_bounds(a, it.si.seq_len - it.si.q_len + i_first, it.si.seq_len, lo0, hi0);
-    pf_row_bounds(a, it.si.seq_len - it.si.q_len + i_last, it.si.seq_len, lo1, hi1);
-    it.kv_lo = max(lo0, 0);
-    it.kv_hi = max(hi1 + 1, it.kv_lo);
-    (void)hi0;
-    (void)lo1;
-    return true;
-}
-
-/* Where a piece of work writes its rows. */
-struct pf_piece_out {
-    int mode;       /* 0: out (and lse); 1: split partial `index`; 2: stream partial slot `index` */
-    int index;
-    int first_slot; /* mode 2, k == 0: the item's first slot and piece count go to the row map */
-    int npieces;    /* mode 0 with a row map: writes count 0 there (rows not to combine) */
-};
-
 /*
  * The tensor-core kernel. kD: head dim (multiple of 32, <= 256); T: __half or
  * __nv_bfloat16; kRows: rows per tile (8 or 16); kNT: 8-token groups per warp
  * iteration (1 or 2).
  */
 template <int kD, typename T, int kRows, int kNT, bool kHeadWarps, int kWarps, int kRing>
-__device__ __forceinline__ void pf_paged_piece(const pf_paged_args &a, const pf_item &it, const int kvh, int s_lo,
-                                               int s_hi, const pf_piece_out po) {
+__global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
+    pf_paged_attn_kernel(const pf_paged_args a) {
     static_assert(kWarps == PF_PAGED_WARPS || (kHeadWarps && kWarps == 8), "warps per CTA");
     static_assert(kRing == 0 || (kHeadWarps && kD % 64 == 0 && kD <= 128), "ring: head mode, head dim 64/128");
     static_assert(kD % 32 == 0 && kD <= 256, "head dim");
@@ -361,8 +316,43 @@ __device__ __forceinline__ void pf_paged_piece(const pf_paged_args &a, const pf_
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, qd = lane & 3;
 
-    const pf_seq_info &si = it.si;
-    const int b = it.b, r0 = it.r0, rows_here = it.rows_here;
+    /* ---- which (sequence, kv head, row tile, split) ---- */
+    int bid = blockIdx.x;
+    const int split = bid % a.num_splits;
+    bid /= a.num_splits;
+    const int kv_groups = kHeadWarps ? (a.num_kv_heads + kWarps - 1) / kWarps : a.num_kv_heads;
+    const int kvh = kHeadWarps ? (bid % kv_groups) * kWarps + warp : bid % kv_groups;
+    bid /= kv_groups;
+    if (kHeadWarps && kvh >= a.num_kv_heads) return; /* no barrier follows in head mode */
+    int b, rt;
+    if (a.plan) {
+        b = a.plan[2 * bid];
+        rt = a.plan[2 * bid + 1];
+        if (b < 0) return;
+    } else {
+        rt = bid % a.num_row_tiles;
+        b = bid / a.num_row_tiles;
+    }
+    const pf_seq_info si = pf_seq_info_of(a, b);
+    const int rows_total = si.q_len * a.group;
+    const int r0 = rt * kRows;
+    if (r0 >= rows_total) return; /* uniform over the CTA */
+    const int rows_here = min(kRows, rows_total - r0);
+
+    /* token range of the tile's rows: bounds are monotone in the query index */
+    int kv_lo, kv_hi;
+    {
+        int lo0, hi0, lo1, hi1;
+        const int i_first = r0 / a.group, i_last = (r0 + rows_here - 1) / a.group;
+        pf_row_bounds(a, si.seq_len - si.q_len + i_first, si.seq_len, lo0, hi0);
+        pf_row_bounds(a, si.seq_len - si.q_len + i_last, si.seq_len, lo1, hi1);
+        kv_lo = max(lo0, 0);
+        kv_hi = max(hi1 + 1, kv_lo);
+        (void)hi0;
+        (void)lo1;
+    }
+    int s_lo, s_hi;
+    pf_split_range(kv_lo, kv_hi, split, a.num_splits, kRound, s_lo, s_hi);
 
     /* ---- this lane's S rows (g, g + 8): bounds, ALiBi slope, Q fragments ---- */
     int row_lo[2], row_hi[2], row_pos[2];
@@ -639,17 +629,14 @@ __device__ __forceinline__ void pf_paged_piece(const pf_paged_args &a, const pf_
         }
         }
     }
-    if constexpr (kRing != 0) {
-        pf::cuda::cp_async_wait<0>(); /* only empty groups can be left */
-        __syncwarp();                 /* the ring's last reads before the next piece's copies */
-    }
+    if constexpr (kRing != 0) pf::cuda::cp_async_wait<0>(); /* only empty groups can be left */
 
 #pragma unroll
     for (int h2 = 0; h2 < 2; h2++) {
         l_run[h2] += __shfl_xor_sync(0xffffffffu, l_run[h2], 1);
         l_run[h2] += __shfl_xor_sync(0xffffffffu, l_run[h2], 2);
     }
-    const bool partial = po.mode != 0;
+    const bool partial = a.num_splits > 1;
 
     if constexpr (kHeadWarps) {
         /* this warp holds whole rows: normalize and write straight from registers */
@@ -677,10 +664,8 @@ __device__ __forceinline__ void pf_paged_piece(const pf_paged_args &a, const pf_
                         v[2 * w + 1] = oacc[n][4 * c + w][2 + e] * inv;
                     }
                     if (partial) {
-                        float *dst = a.o_part + ch * 8 +
-                                     (po.mode == 2 ? ((int64_t)po.index * kWarps * kRows + warp * kRows + rr) * kD
-                                                   : (((int64_t)po.index * a.total_q + qidx) * a.num_heads + head) *
-                                                         a.head_dim);
+                        float *dst = a.o_part +
+                                     (((int64_t)split * a.total_q + qidx) * a.num_heads + head) * a.head_dim + ch * 8;
                         reinterpret_cast<float4 *>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
                         reinterpret_cast<float4 *>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
                     } else {
@@ -695,16 +680,10 @@ __device__ __forceinline__ void pf_paged_piece(const pf_paged_args &a, const pf_
                     }
                 }
                 if (g == 0) {
-                    if (po.mode == 2)
-                        a.lse_part[(int64_t)po.index * kWarps * kRows + warp * kRows + rr] = lse;
-                    else if (partial)
-                        a.lse_part[((int64_t)po.index * a.total_q + qidx) * a.num_heads + head] = lse;
+                    if (partial)
+                        a.lse_part[((int64_t)split * a.total_q + qidx) * a.num_heads + head] = lse;
                     else if (a.lse)
                         a.lse[(int64_t)head * a.lse_sh + (int64_t)qidx * a.lse_st] = lse;
-                    if (po.npieces >= 0 && a.rowmap)
-                        a.rowmap[(int64_t)qidx * a.num_heads + head] =
-                            make_int2(po.npieces > 0 ? po.first_slot * kWarps * kRows + warp * kRows + rr : 0,
-                                      po.npieces);
                 }
             }
         return;
@@ -781,11 +760,11 @@ __device__ __forceinline__ void pf_paged_piece(const pf_paged_args &a, const pf_
         for (int k = 0; k < 8; k++) v[k] = src[k] * inv;
         const int qidx = si.qidx0 + i;
         if (partial) {
-            float *dst = a.o_part + (((int64_t)po.index * a.total_q + qidx) * a.num_heads + head) * a.head_dim + ch * 8;
+            float *dst = a.o_part + (((int64_t)split * a.total_q + qidx) * a.num_heads + head) * a.head_dim + ch * 8;
             reinterpret_cast<float4 *>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
             reinterpret_cast<float4 *>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
             if (ch == 0)
-                a.lse_part[((int64_t)po.index * a.total_q + qidx) * a.num_heads + head] =
+                a.lse_part[((int64_t)split * a.total_q + qidx) * a.num_heads + head] =
                     L > 0.f ? (sm_M[rr] + __log2f(L)) * PF_LN2_F : -INFINITY;
         } else {
             T *dst = reinterpret_cast<T *>(a.out) + (int64_t)b * a.o_sb + (int64_t)(si.tok0 + i) * a.o_st +
@@ -803,127 +782,6 @@ __device__ __forceinline__ void pf_paged_piece(const pf_paged_args &a, const pf_
     }
 }
 
-/* The split kernel: CTA = (work item, KV-head group, split); the split's tokens are
- * an even share of the item's, in whole kRound-token pieces. */
-template <int kD, typename T, int kRows, int kNT, bool kHeadWarps, int kWarps, int kRing>
-__global__ void __launch_bounds__(kWarps * 32, 8 / kWarps) pf_paged_attn_kernel(const pf_paged_args a) {
-    constexpr int kRound = 8 * kNT * PF_PAGED_WARPS;
-    const int warp = threadIdx.x >> 5;
-    int bid = blockIdx.x;
-    const int split = bid % a.num_splits;
-    bid /= a.num_splits;
-    const int kv_groups = kHeadWarps ? (a.num_kv_heads + kWarps - 1) / kWarps : a.num_kv_heads;
-    const int kvh = kHeadWarps ? (bid % kv_groups) * kWarps + warp : bid % kv_groups;
-    bid /= kv_groups;
-    if (kHeadWarps && kvh >= a.num_kv_heads) return; /* no barrier follows in head mode */
-    pf_item it;
-    if (!pf_item_of<kRows>(a, bid, it)) return; /* uniform over the CTA */
-    int s_lo, s_hi;
-    pf_split_range(it.kv_lo, it.kv_hi, split, a.num_splits, kRound, s_lo, s_hi);
-    pf_piece_out po;
-    po.mode = a.num_splits > 1 ? 1 : 0;
-    po.index = split;
-    po.first_slot = 0;
-    po.npieces = -1;
-    pf_paged_piece<kD, T, kRows, kNT, kHeadWarps, kWarps, kRing>(a, it, kvh, s_lo, s_hi, po);
-}
-
-/*
- * The stream kernel (head mode with the ring): one CTA per resident slot on the
- * GPU, each taking an even share of all work items' tiles, so every
- * multiprocessor gets the same number of tiles whatever the batch size and the
- * sequence lengths. Work item w = (row-tile entry w / kv_groups, KV-head group
- * w % kv_groups); its tiles are the kTile-token pieces of its token range. Every
- * CTA counts the tiles of all items (stream_items <= PF_STREAM_MAX_ITEMS) and
- * scans them in shared memory (P[w] = tiles before item w, T = all tiles); CTA c
- * of C takes tiles [c T / C, (c+1) T / C). The owner of tile x is
- * floor(((x + 1) C - 1) / T), so item w's pieces are the CTAs owner(P[w]) ..
- * owner(P[w+1] - 1). An item in one piece is written straight to out; otherwise
- * each piece writes partial slot w + c (unique: later items only have later
- * CTAs) and the piece with k = 0 records the item's first slot and piece count in
- * the row map, from which the combine merges them. An item without tokens goes to
- * the owner of its position (out = 0, lse = -inf).
- */
-#define PF_STREAM_MAX_ITEMS 2048
-
-template <int kD, typename T, int kRows, int kNT, int kWarps, int kRing>
-__global__ void __launch_bounds__(kWarps * 32, 1) pf_paged_stream_kernel(const pf_paged_args a) {
-    constexpr int kTile = 8 * kNT;
-    constexpr int kSmemRing = kWarps * kRing * 2 * kTile * kD * (int)sizeof(T);
-    extern __shared__ __align__(128) unsigned char pf_paged_ring[];
-    int *P = reinterpret_cast<int *>(pf_paged_ring + kSmemRing); /* [n + 1] */
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int n = a.stream_items;
-    const int kv_groups = (a.num_kv_heads + kWarps - 1) / kWarps;
-
-    /* tiles per item, then an exclusive scan (warp 0: each lane a run of items) */
-    for (int w = threadIdx.x; w < n; w += blockDim.x) {
-        pf_item it;
-        int tiles = 0;
-        if (pf_item_of<kRows>(a, w / kv_groups, it)) tiles = (it.kv_hi - it.kv_lo + kTile - 1) / kTile;
-        P[w + 1] = tiles;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        const int per = (n + 31) / 32, lo = min(lane * per, n), hi = min(lo + per, n);
-        int run = 0;
-        for (int w = lo; w < hi; w++) run += P[w + 1];
-        int incl = run;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int v = __shfl_up_sync(0xffffffffu, incl, o);
-            if (lane >= o) incl += v;
-        }
-        int acc = incl - run;
-        for (int w = lo; w < hi; w++) {
-            acc += P[w + 1];
-            P[w + 1] = acc;
-        }
-        if (lane == 0) P[0] = 0;
-    }
-    __syncthreads();
-
-    const int C = gridDim.x, c = blockIdx.x;
-    const int total = P[n];
-    const int start = (int)((int64_t)c * total / C), end = (int)((int64_t)(c + 1) * total / C);
-    auto owner = [&](int x) -> int { return (int)(((int64_t)(x + 1) * C - 1) / total); };
-    /* first item that can be ours: the smallest w with P[w + 1] >= start */
-    int lo = 0, hi = n;
-    while (lo < hi) {
-        const int mid = (lo + hi) >> 1;
-        if (P[mid + 1] >= start) hi = mid;
-        else lo = mid + 1;
-    }
-    for (int w = lo; w < n && P[w] <= end; w++) {
-        const int p0 = P[w], p1 = P[w + 1];
-        pf_piece_out po;
-        int t_lo, t_hi;
-        if (p0 == p1) {
-            if ((p0 < total ? owner(p0) : C - 1) != c) continue;
-            po.mode = 0;
-            po.index = 0;
-            po.first_slot = 0;
-            po.npieces = 0;
-            t_lo = t_hi = 0;
-        } else {
-            if (p1 <= start || p0 >= end) continue;
-            const int first = owner(p0), count = owner(p1 - 1) - first + 1;
-            po.mode = count > 1 ? 2 : 0;
-            po.index = w + c;
-            po.first_slot = w + first;
-            po.npieces = c == first ? (count > 1 ? count : 0) : -1;
-            t_lo = max(p0, start) - p0;
-            t_hi = min(p1, end) - p0;
-        }
-        const int kvh = (w % kv_groups) * kWarps + warp;
-        if (kvh >= a.num_kv_heads) continue;
-        pf_item it;
-        if (!pf_item_of<kRows>(a, w / kv_groups, it)) continue;
-        const int s_lo = it.kv_lo + t_lo * kTile, s_hi = min(it.kv_hi, it.kv_lo + t_hi * kTile);
-        pf_paged_piece<kD, T, kRows, kNT, true, kWarps, kRing>(a, it, kvh, s_lo, s_hi, po);
-    }
-}
-
 /* Occupancy query (mode 0) or launch (mode 1) of one (head dim, dtype) instantiation.
  * a->kv_per_cta selects the mode: 1 = token mode (4 warps on one KV head), 4 or 8 =
  * head mode with that many warps, one KV head each. */
@@ -938,30 +796,6 @@ pf_status pf_paged_attn_go(pf_paged_args *a, cudaStream_t stream, int mode, int 
     PF_CUDA_CHECK(cudaGetDevice(&dev));
     static std::atomic<uint64_t> attr_done{0};
     PF_TRY(pf::cuda::set_max_smem(kernel, kSmem, dev, attr_done));
-    if constexpr (kHeads && kRing != 0) {
-        if (a->stream_items > 0) {
-            /* stream mode: a->num_splits CTAs; the item scan follows the ring */
-            constexpr int kStreamMax = kSmem + (PF_STREAM_MAX_ITEMS + 1) * (int)sizeof(int);
-            void (*sk)(const pf_paged_args) = pf_paged_stream_kernel<kD, T, kRows, kNT, kWarps, kRing>;
-            static std::atomic<uint64_t> sattr_done{0};
-            PF_TRY(pf::cuda::set_max_smem(sk, kStreamMax, dev, sattr_done));
-            if (mode == 0) {
-                static int scached[64];
-                if (dev < 64 && scached[dev] > 0) {
-                    *occupancy = scached[dev];
-                    return PF_STATUS_OK;
-                }
-                PF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(occupancy, sk, kWarps * 32, kStreamMax));
-                if (dev < 64) scached[dev] = *occupancy;
-                return PF_STATUS_OK;
-            }
-            if (a->stream_items > PF_STREAM_MAX_ITEMS) return PF_STATUS_INTERNAL;
-            const int smem = kSmem + (a->stream_items + 1) * (int)sizeof(int);
-            sk<<<(unsigned)a->num_splits, kWarps * 32, smem, stream>>>(*a);
-            PF_CUDA_CHECK_LAUNCH();
-            return PF_STATUS_OK;
-        }
-    }
     if (mode == 0) {
         /* resident CTAs per multiprocessor, cached per device */
         static int cached[64];

@@ -256,9 +256,6 @@ struct pf_combine_args {
     int qdiv;              /* qidx -> (qidx / qdiv, qidx % qdiv) */
     int64_t s0, s1, sh;    /* out strides for those two indices and the head */
     int64_t lse_sh, lse_st;
-    const int2 *rowmap;    /* stream mode: per row (first partial row, pieces); else NULL */
-    int64_t piece_rows;    /* stream mode: rows between an item's consecutive partials */
-    int64_t part_rows;     /* stream mode: partial rows in the workspace */
 };
 
 /* One CTA of 128 threads per (query, head) row. The weights exp(lse_s - lse) go to
@@ -276,24 +273,12 @@ __global__ void __launch_bounds__(PF_COMBINE_THREADS) pf_paged_combine_kernel(co
     const int64_t item = blockIdx.x;
     const int qidx = (int)(item / c.num_heads), head = (int)(item % c.num_heads);
     if (c.qmap && c.qmap[qidx] < 0) return; /* uniform over the CTA */
-    int count = c.num_splits;
-    int64_t row_stride = (int64_t)c.total_q * c.num_heads; /* between a row's partials */
-    int64_t row0 = (int64_t)qidx * c.num_heads + head;      /* the row's first partial */
-    if (c.rowmap) {
-        /* stream mode: rows of single-piece items were written directly; a map entry
-         * left over from another call (rows no sequence owns) is ignored if implausible */
-        const int2 m = c.rowmap[(int64_t)qidx * c.num_heads + head];
-        if (m.y <= 1 || m.y > c.num_splits || m.x < 0 || m.x + (int64_t)(m.y - 1) * c.piece_rows >= c.part_rows)
-            return;
-        count = m.y;
-        row_stride = c.piece_rows;
-        row0 = m.x;
-    }
-    const float *lp = c.lse_part + row0;
+    const int64_t row_stride = (int64_t)c.total_q * c.num_heads;
+    const float *lp = c.lse_part + (int64_t)qidx * c.num_heads + head;
 
     /* max and sum over the splits' lse */
     float mx = -INFINITY;
-    for (int s = tid; s < count; s += PF_COMBINE_THREADS) mx = fmaxf(mx, lp[s * row_stride]);
+    for (int s = tid; s < c.num_splits; s += PF_COMBINE_THREADS) mx = fmaxf(mx, lp[s * row_stride]);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     if (lane == 0) red[warp] = mx;
@@ -303,7 +288,7 @@ __global__ void __launch_bounds__(PF_COMBINE_THREADS) pf_paged_combine_kernel(co
     for (int w = 1; w < PF_COMBINE_THREADS / 32; w++) mx = fmaxf(mx, red[w]);
     __syncthreads();
     float sum = 0.f;
-    for (int s = tid; s < count; s += PF_COMBINE_THREADS) {
+    for (int s = tid; s < c.num_splits; s += PF_COMBINE_THREADS) {
         const float l = lp[s * row_stride];
         sum += l == -INFINITY ? 0.f : __expf(l - mx);
     }
@@ -315,13 +300,13 @@ __global__ void __launch_bounds__(PF_COMBINE_THREADS) pf_paged_combine_kernel(co
 #pragma unroll
     for (int w = 0; w < PF_COMBINE_THREADS / 32; w++) sum += red[w];
     const float lse = mx == -INFINITY ? -INFINITY : mx + __logf(sum);
-    for (int s = tid; s < count; s += PF_COMBINE_THREADS) {
+    for (int s = tid; s < c.num_splits; s += PF_COMBINE_THREADS) {
         const float l = lp[s * row_stride];
         wsm[s] = l == -INFINITY ? 0.f : __expf(l - lse);
     }
     __syncthreads();
 
-    const float *op = c.o_part + row0 * c.head_dim;
+    const float *op = c.o_part + ((int64_t)qidx * c.num_heads + head) * c.head_dim;
     const int64_t split_stride = row_stride * c.head_dim;
     T *dst = reinterpret_cast<T *>(c.out) + (int64_t)(qidx / c.qdiv) * c.s0 + (int64_t)(qidx % c.qdiv) * c.s1 +
              (int64_t)head * c.sh;
@@ -334,7 +319,7 @@ __global__ void __launch_bounds__(PF_COMBINE_THREADS) pf_paged_combine_kernel(co
         if (grp < groups) {
             int s = grp;
 #pragma unroll 4
-            for (; s < count; s += groups) {
+            for (; s < c.num_splits; s += groups) {
                 const float w = wsm[s];
                 const float4 v = reinterpret_cast<const float4 *>(op + s * split_stride)[col];
                 acc.x += w * v.x;
@@ -364,7 +349,7 @@ __global__ void __launch_bounds__(PF_COMBINE_THREADS) pf_paged_combine_kernel(co
         for (int d = tid; d < c.head_dim; d += PF_COMBINE_THREADS) {
             float acc = 0.f;
 #pragma unroll 4
-            for (int s = 0; s < count; s++) acc += wsm[s] * op[s * split_stride + d];
+            for (int s = 0; s < c.num_splits; s++) acc += wsm[s] * op[s * split_stride + d];
             dst[d] = pf_cu_from_float<T>(empty ? 0.f : acc);
         }
     }
@@ -557,23 +542,8 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
     const int64_t max_ctx = (int64_t)a.max_blocks * a.block_size;
     const int64_t useful = max_ctx / 64 > 1 ? max_ctx / 64 : 1;
     int64_t cap = useful < PF_PAGED_MAX_SPLITS ? useful : PF_PAGED_MAX_SPLITS;
-    /* stream mode (pf_paged_stream_kernel): head mode with the ring, automatic split
-     * count, at most PF_STREAM_MAX_ITEMS items; by default when the items alone do not
-     * fill the GPU (PAGEDFLASH_PAGED_STREAM=0 / 1: never / whenever possible) */
-    bool stream_mode = false;
-    if (fast && a.kv_per_cta > 1 && a.ring != 0 && (a.head_dim == 64 || a.head_dim == 128) && p->num_splits <= 0 &&
-        work > 0 && work <= PF_STREAM_MAX_ITEMS) {
-        const char *e = getenv("PAGEDFLASH_PAGED_STREAM");
-        const int want = e ? atoi(e) : -1;
-        stream_mode = want == 1 || (want != 0 && work < (int64_t)sms * (occupancy > 0 ? occupancy : 1));
-    }
     int64_t splits;
-    if (stream_mode) {
-        a.stream_items = (int)work;
-        PF_TRY(fast(&a, rows, stream, 0, &occupancy));
-        splits = (int64_t)sms * (occupancy > 0 ? occupancy : 1);
-        if (splits > PF_PAGED_MAX_SPLITS) splits = PF_PAGED_MAX_SPLITS;
-    } else if (p->num_splits > 0) {
+    if (p->num_splits > 0) {
         splits = p->num_splits < cap ? p->num_splits : cap;
     } else {
         const int64_t capacity = (int64_t)sms * (occupancy > 0 ? occupancy : 1) * PF_PAGED_TARGET_WAVES;
@@ -586,14 +556,8 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
     a.num_splits = (int)splits;
 
     /* workspace: split partials, plan / query map */
-    size_t o_bytes = 0, l_bytes = 0, plan_bytes = 0, map_bytes = 0;
-    if (stream_mode) {
-        /* partial slots item + CTA (< work + splits), kv_per_cta x rows rows each; the row map */
-        const size_t part_rows = (size_t)(work + splits) * a.kv_per_cta * rows;
-        o_bytes = pf_round_up(part_rows * a.head_dim * sizeof(float), 256);
-        l_bytes = pf_round_up(part_rows * sizeof(float), 256);
-        map_bytes = pf_round_up((size_t)a.total_q * a.num_heads * sizeof(int2), 256);
-    } else if (splits > 1) {
+    size_t o_bytes = 0, l_bytes = 0, plan_bytes = 0;
+    if (splits > 1) {
         o_bytes = pf_round_up((size_t)splits * a.total_q * a.num_heads * a.head_dim * sizeof(float), 256);
         l_bytes = pf_round_up((size_t)splits * a.total_q * a.num_heads * sizeof(float), 256);
     }
@@ -602,8 +566,7 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
                                       : (size_t)a.total_q * sizeof(int32_t),
                                  256);
     pf_cuda_scratch scratch;
-    PF_TRY(pf_cuda_scratch_acquire(stream, o_bytes + l_bytes + plan_bytes + map_bytes, &scratch));
-    if (stream_mode) a.rowmap = (int2 *)((char *)scratch.ptr + o_bytes + l_bytes + plan_bytes);
+    PF_TRY(pf_cuda_scratch_acquire(stream, o_bytes + l_bytes + plan_bytes, &scratch));
     pf_status st = pf_paged_enqueue(a, fast, rows, splits, has_cu, o_bytes, l_bytes, (char *)scratch.ptr, q.dtype,
                                     stream);
     pf_status st2 = pf_cuda_scratch_release(stream, &scratch);
@@ -660,11 +623,6 @@ static pf_status pf_paged_enqueue(pf_paged_args &a, pf_paged_fn fast, int rows, 
         c.num_heads = a.num_heads;
         c.head_dim = a.head_dim;
         c.sh = a.o_sh;
-        if (a.stream_items > 0) {
-            c.rowmap = a.rowmap;
-            c.piece_rows = (int64_t)a.kv_per_cta * rows;
-            c.part_rows = (a.stream_items + splits) * c.piece_rows;
-        }
         if (has_cu) {
             c.qdiv = 1;
             c.s0 = a.o_st;

@@ -242,17 +242,11 @@ def test_long_context_auto_split(rng):
 # head), 1 = four (read on every call). Token mode (mode 0) is what hk = 2 takes elsewhere.
 # PAGEDFLASH_PAGED_RING 1 / 2 streams K/V through a shared-memory ring (3 x 16-token or
 # 6 x 8-token slots per warp) instead of registers (head dims 64 and 128).
-# PAGEDFLASH_PAGED_STREAM 0 / 1 turns the stream kernel (ring only: every CTA an even share
-# of all items' tiles, pieces merged through the row map) off / on wherever it applies,
-# also when there are more items than CTAs (one CTA then takes pieces of several items).
-@pytest.mark.parametrize("mode,ring,stream", [("2", "0", "0"), ("1", "0", "0"), ("2", "1", "0"), ("2", "2", "0"),
-                                              ("1", "1", "0"), ("2", "1", "1"), ("1", "1", "1"), ("2", "2", "1")],
-                         ids=["w8-regs", "w4-regs", "w8-ring3", "w8-ring6", "w4-ring3", "w8-ring3-stream",
-                              "w4-ring3-stream", "w8-ring6-stream"])
-def test_head_mode_configs(rng, monkeypatch, mode, ring, stream):
+@pytest.mark.parametrize("mode,ring", [("2", "0"), ("1", "0"), ("2", "1"), ("2", "2"), ("1", "1")],
+                         ids=["w8-regs", "w4-regs", "w8-ring3", "w8-ring6", "w4-ring3"])
+def test_head_mode_configs(rng, monkeypatch, mode, ring):
     monkeypatch.setenv("PAGEDFLASH_PAGED_MODE", mode)
     monkeypatch.setenv("PAGEDFLASH_PAGED_RING", ring)
-    monkeypatch.setenv("PAGEDFLASH_PAGED_STREAM", stream)
     hk = 8 if mode == "2" else 4
     # one long sequence split across many CTAs, short ones, a single token
     paged_case(rng, lens=(5000, 1, 37, 300), h=4 * hk, hk=hk, bs=16)
