@@ -16,7 +16,8 @@ import pytest
 import pagedflash
 from pagedflash import reference
 
-from conftest import assert_close, naive_attention_lowp, torch
+from conftest import assert_close, randn, torch
+from paged_common import gather, make_cache, make_q, naive_lowp_paged
 
 pytestmark = pytest.mark.gpu
 
@@ -27,74 +28,18 @@ DEV = "cuda"
 # helpers (inputs are built on the CPU with torch, then moved to the GPU)
 # ---------------------------------------------------------------------------
 
-def _tdt(dtype):
-    return getattr(torch, dtype)
-
-
 def trandn(rng, shape, dtype):
     """Random normals as a torch CPU tensor of `dtype`."""
-    return torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(_tdt(dtype))
+    return randn(rng, shape, dtype, lib="torch")
 
 
-def build_cache(rng, lens, hk, d, bs, dtype, *, spare=2):
-    """CPU caches [num_blocks, bs, hk, d] holding sequences of the given lengths.
-
-    Returns kc, vc (torch CPU), block_tables int32 [batch, max_blocks] (NumPy), seq_lens int32.
-    Unused slots / blocks are NaN, unused table entries garbage (-7 and 10**6)."""
-    need = [(int(n) + bs - 1) // bs for n in lens]
-    nb = sum(need) + spare
-    perm = rng.permutation(nb)
-    max_blocks = max(need + [1]) + 2
-    bt = np.full((len(lens), max_blocks), -7, dtype=np.int32)
-    bt[:, -1] = 10**6
-    k = 0
-    for b, n in enumerate(need):
-        bt[b, :n] = perm[k:k + n]
-        k += n
-    kc = trandn(rng, (nb, bs, hk, d), dtype)
-    vc = trandn(rng, (nb, bs, hk, d), dtype)
-    used = np.zeros((nb, bs), dtype=bool)
-    for b, n in enumerate(lens):
-        t = np.arange(int(n))
-        used[bt[b, t // bs], t % bs] = True
-    blk, slot = np.nonzero(~used)
-    kc[torch.from_numpy(blk), torch.from_numpy(slot)] = float("nan")
-    vc[torch.from_numpy(blk), torch.from_numpy(slot)] = float("nan")
-    return kc, vc, bt, np.asarray(lens, dtype=np.int32)
-
-
-def gather_seq(cache, row, n, bs):
-    t = np.arange(int(n))
-    return cache[torch.from_numpy(row[t // bs].astype(np.int64)), torch.from_numpy(t % bs)]
+def build_cache(rng, lens, hk, d, bs, dtype):
+    """make_cache with torch CPU tensors for every dtype (moved to the GPU by cuda())."""
+    return make_cache(rng, lens, hk, d, bs, dtype, lib="torch")
 
 
 def make_queries(rng, layout, qlens, h, d, dtype):
-    """(q CPU tensor, cu_seqlens_q int32 NumPy or None, offsets int64) for a layout."""
-    batch = len(qlens)
-    if layout == "decode":
-        return trandn(rng, (batch, h, d), dtype), None, np.arange(batch + 1)
-    if layout == "dense":
-        return trandn(rng, (batch, qlens[0], h, d), dtype), None, np.arange(batch + 1) * qlens[0]
-    cu = np.concatenate([[0], np.cumsum(qlens)]).astype(np.int32)
-    return trandn(rng, (int(cu[-1]), h, d), dtype), cu, cu.astype(np.int64)
-
-
-def naive_paged(q, kc, vc, bt, lens, offs, bs, *, alibi_slopes=None, **opts):
-    """The naive algorithm in q's precision, per sequence on its gathered K/V (q's layout)."""
-    d, h = q.shape[-1], q.shape[-2]
-    flat = q.reshape(-1, h, d)
-    out = np.zeros((flat.shape[0], h, d))
-    for b, n in enumerate(lens):
-        lo, hi = int(offs[b]), int(offs[b + 1])
-        if hi == lo:
-            continue
-        k = gather_seq(kc, bt[b], n, bs)[None]
-        v = gather_seq(vc, bt[b], n, bs)[None]
-        sl = None
-        if alibi_slopes is not None:
-            sl = alibi_slopes if alibi_slopes.ndim == 1 else alibi_slopes[b:b + 1]
-        out[lo:hi] = naive_attention_lowp(flat[lo:hi][None], k, v, alibi_slopes=sl, **opts)[0]
-    return out.reshape(tuple(q.shape))
+    return make_q(rng, layout, qlens, h, d, dtype, lib="torch")
 
 
 def cuda(x, dtype=None):
@@ -126,7 +71,7 @@ def paged_case(rng, *, dtype="bfloat16", lens=(113, 1, 203), qlens=None, h=8, hk
     torch.cuda.synchronize()
     ref, ref_lse = reference.paged_attention(q, kc, vc, bt, sl, cu_seqlens_q=cu_q, alibi_slopes=slopes,
                                              return_lse=True, **opts)
-    naive = naive_paged(q, kc, vc, bt, sl, offs, bs, alibi_slopes=slopes, **opts) if dtype != "float32" else None
+    naive = naive_lowp_paged(q, kc, vc, bt, sl, offs, bs, alibi_slopes=slopes, **opts) if dtype != "float32" else None
     assert_close(res.cpu(), ref, naive, dtype=dtype)
     lse_np = lse.cpu().numpy().astype(np.float64)
     assert lse_np.shape == ref_lse.shape
@@ -198,7 +143,7 @@ def test_float32(rng, d):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_splits_agree(rng, dtype):
     """num_splits 1, many and automatic give the reference result and agree closely."""
-    lens, qlens = (1500, 700, 9), [1, 1, 1]
+    lens = (1500, 700, 9)
     kc, vc, bt, sl = build_cache(rng, lens, 2, 128, 16, dtype)
     q = trandn(rng, (3, 8, 128), dtype)
     args = (cuda(q), cuda(kc), cuda(vc), cuda(bt), cuda(sl))
@@ -207,7 +152,7 @@ def test_splits_agree(rng, dtype):
         o, l = pagedflash.paged_attn(*args, num_splits=ns, return_lse=True)
         outs.append((o.float().cpu(), l.cpu()))
     ref = reference.paged_attention(q, kc, vc, bt, sl)
-    naive = None if dtype == "float32" else naive_paged(q, kc, vc, bt, sl, np.arange(4), 16)
+    naive = None if dtype == "float32" else naive_lowp_paged(q, kc, vc, bt, sl, np.arange(4), 16)
     for o, l in outs:
         assert_close(o, ref, naive, dtype=dtype)
         assert torch.allclose(l, outs[0][1], rtol=0, atol=1e-4)
@@ -290,7 +235,7 @@ def test_split_kv_in_cuda_graph(rng):
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
     ref = reference.paged_attention(q.cpu(), kc, vc, bt, sl)
-    assert_close(out.cpu(), ref, naive_paged(q.cpu(), kc, vc, bt, sl, np.arange(4), 16), dtype="bfloat16")
+    assert_close(out.cpu(), ref, naive_lowp_paged(q.cpu(), kc, vc, bt, sl, np.arange(4), 16), dtype="bfloat16")
 
 
 def test_no_visible_token_rows(rng):
@@ -332,8 +277,8 @@ def test_bad_block_ids_in_device_tables(rng, hk):
         # reference: the same attention without the bad blocks' tokens
         for b, drop in ((0, range(16, 32)), (1, range(48, 64))):
             keep = np.array([t for t in range(lens[b]) if t not in drop])
-            k = gather_seq(kc, bt[b], lens[b], bs)[torch.from_numpy(keep)]
-            v = gather_seq(vc, bt[b], lens[b], bs)[torch.from_numpy(keep)]
+            k = gather(kc, bt[b], lens[b], bs)[torch.from_numpy(keep)]
+            v = gather(vc, bt[b], lens[b], bs)[torch.from_numpy(keep)]
             ref = reference.attention(q[b][None, None], k[None], v[None])[0, 0]
             assert np.max(np.abs(out[b].double().numpy() - ref)) < 2e-2
 
@@ -353,7 +298,7 @@ def test_non_default_stream_and_determinism(rng):
     for o in outs + [explicit]:
         assert torch.equal(o, first), "results differ between runs / streams"
     ref = reference.paged_attention(q, kc, vc, bt, sl)
-    naive = naive_paged(q, kc, vc, bt, sl, np.arange(3), 16)
+    naive = naive_lowp_paged(q, kc, vc, bt, sl, np.arange(3), 16)
     assert_close(first.cpu(), ref, naive, dtype="bfloat16")
 
 
