@@ -45,11 +45,13 @@ namespace cuda {
 
 constexpr int kMaxDevices = 64;
 
-/* Raise a kernel's dynamic shared-memory limit above 48 KB, once per device.
- * `done` is a per-kernel-instance bitmask (a function-local static). */
+/* Set a kernel's dynamic shared-memory limit to smem_bytes, once per device (needed
+ * above 48 KB, and at 48 KB or less too when the kernel also has static shared memory
+ * and the two together pass 48 KB). `done` is a per-kernel-instance bitmask (a
+ * function-local static). */
 template <typename Kernel>
 inline pf_status set_max_smem(Kernel kernel, int smem_bytes, int device, std::atomic<uint64_t> &done) {
-    if (smem_bytes <= 48 * 1024) return PF_STATUS_OK;
+    if (smem_bytes <= 0) return PF_STATUS_OK;
     uint64_t bit = device < kMaxDevices ? (1ull << device) : 0;
     if (bit && (done.load(std::memory_order_acquire) & bit)) return PF_STATUS_OK;
     PF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));

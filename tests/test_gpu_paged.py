@@ -184,11 +184,12 @@ def test_long_context_auto_split(rng):
 
 
 # The head-mode kernel in both widths: PAGEDFLASH_PAGED_MODE 2 = eight warps (one per KV
-# head), 1 = four (read on every call). Token mode (mode 0) is what hk = 2 takes elsewhere.
+# head), 1 = four (read on every call); 0 = token mode (what hk = 2 takes elsewhere).
 # PAGEDFLASH_PAGED_RING 1 / 2 streams K/V through a shared-memory ring (3 x 16-token or
 # 6 x 8-token slots per warp) instead of registers (head dims 64 and 128).
-@pytest.mark.parametrize("mode,ring", [("2", "0"), ("1", "0"), ("2", "1"), ("2", "2"), ("1", "1")],
-                         ids=["w8-regs", "w4-regs", "w8-ring3", "w8-ring6", "w4-ring3"])
+@pytest.mark.parametrize("mode,ring", [("2", "0"), ("1", "0"), ("2", "1"), ("2", "2"), ("1", "1"), ("0", "0"),
+                                       ("0", "1")],
+                         ids=["w8-regs", "w4-regs", "w8-ring3", "w8-ring6", "w4-ring3", "tok-regs", "tok-ring3"])
 def test_head_mode_configs(rng, monkeypatch, mode, ring):
     monkeypatch.setenv("PAGEDFLASH_PAGED_MODE", mode)
     monkeypatch.setenv("PAGEDFLASH_PAGED_RING", ring)
