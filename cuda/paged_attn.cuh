@@ -109,8 +109,6 @@ struct pf_paged_args {
     int num_blocks, max_blocks;
     int num_splits, num_row_tiles; /* row tiles per sequence (dense) or plan entries (packed) */
     int kv_per_cta;           /* 1: token mode; 4 or 8: head mode (warps per CTA, one KV head each) */
-    int cluster;              /* > 1: the splits of a work item form a cluster of this size and
-                                 merge through distributed shared memory (pf_cluster_merge) */
     int ring;                 /* head dim 64/128: 0 = K/V in registers, 1 = shared-memory ring of
                                  3 x 16-token tiles per warp, 2 = 6 x 8-token tiles */
     int causal, window_left, window_right;
@@ -150,45 +148,6 @@ __device__ __forceinline__ uint4 pf_lds16(uint32_t addr) {
  * (token 2q + e, chunk g + 8c), each 8-lane phase of a 16-byte access hitting 8
  * distinct bank groups. */
 __device__ __forceinline__ int pf_ring_swz(int u) { return ((u & 1) << 2) ^ (((u >> 1) & 3) << 1); }
-
-/* Thread-block clusters (sm_90+): the cluster-wide barrier (release / acquire), a
- * shared-memory address in CTA `rank` of the cluster, and loads from there. Only
- * reached where the launcher put the CTAs in clusters (it checks the kernel's
- * binary is sm_90+). */
-__device__ __forceinline__ void pf_cluster_sync() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-#else
-    __trap();
-#endif
-}
-
-__device__ __forceinline__ uint32_t pf_cluster_map(uint32_t addr, uint32_t rank) {
-    uint32_t r = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(addr), "r"(rank));
-#endif
-    return r;
-}
-
-__device__ __forceinline__ float pf_cluster_ld(uint32_t addr) {
-    float v = 0.f;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(addr) : "memory");
-#endif
-    return v;
-}
-
-__device__ __forceinline__ float4 pf_cluster_ld4(uint32_t addr) {
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
-                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                 : "r"(addr)
-                 : "memory");
-#endif
-    return v;
-}
 
 /* An opaque zero: keeps the compiler from folding unused MMA operand registers
  * (which would force it to rebuild operand quads with moves in the loop). */
@@ -335,82 +294,13 @@ __device__ __forceinline__ void pf_split_range(int kv_lo, int kv_hi, int split, 
 }
 
 /*
- * Cluster merge (head mode with the ring, num_splits > 1 on sm_90+): the launcher
- * puts the num_splits CTAs of a work item into one thread-block cluster (cluster
- * rank = split). Each warp has written its rows -- normalized o (float32, kD per
- * row) then lse -- into its own ring, which the loop no longer needs. After a
- * cluster barrier, warp w of the CTA with rank w % num_splits merges KV head w's
- * rows: lane s reads split s's lse from CTA s's shared memory (ld.shared::cluster),
- * shuffles give the maximum and the sum, and each lane sums its 4 columns over the
- * splits; the row goes to out (and lse). A second barrier keeps every CTA's shared
- * memory alive until the others have read it. No partials in global memory, no
- * combine launch.
- */
-struct pf_merge_dst {
-    void *out;      /* row (i, head) at out + i * o_st + head * o_sh (the sequence's base) */
-    float *lse;     /* [head * lse_sh + qidx * lse_st] or NULL */
-    int64_t o_st, o_sh, lse_sh, lse_st;
-    int group, qidx0, r0, rows_here, kvh, n;
-};
-
-/* Not inlined: its registers stay out of the kernel's main loop. */
-template <int kD, typename T, int kRows, int kWarpBytes>
-__device__ __noinline__ void pf_cluster_merge(const pf_merge_dst m, int rank) {
-    extern __shared__ __align__(128) unsigned char pf_paged_ring[];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int n = m.n, rows_here = m.rows_here;
-    pf_cluster_sync();
-    if (warp % n == rank) {
-        const uint32_t base = pf::cuda::smem_addr(pf_paged_ring) + warp * kWarpBytes;
-        for (int rr = 0; rr < rows_here; rr++) {
-            const float l = lane < n ? pf_cluster_ld(pf_cluster_map(base + (kRows * kD + rr) * 4, lane)) : -INFINITY;
-            float mx = l;
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-            const float e = l == -INFINITY ? 0.f : __expf(l - mx);
-            float sum = e;
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-            const bool empty = mx == -INFINITY;
-            const float wgt = empty ? 0.f : e / sum;
-            float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-            const uint32_t row = base + (rr * kD + 4 * lane) * 4;
-            for (int sp = 0; sp < n; sp++) {
-                const float ws = __shfl_sync(0xffffffffu, wgt, sp);
-                if (4 * lane < kD) {
-                    const float4 v = pf_cluster_ld4(pf_cluster_map(row, sp));
-                    acc.x += ws * v.x;
-                    acc.y += ws * v.y;
-                    acc.z += ws * v.z;
-                    acc.w += ws * v.w;
-                }
-            }
-            const int r = m.r0 + rr;
-            const int i = r / m.group, head = m.kvh * m.group + r % m.group;
-            if (4 * lane < kD) {
-                T *dst = reinterpret_cast<T *>(m.out) + (int64_t)i * m.o_st + (int64_t)head * m.o_sh + 4 * lane;
-                uint2 pk;
-                pk.x = pf_pack2<T>(acc.x, acc.y);
-                pk.y = pf_pack2<T>(acc.z, acc.w);
-                *reinterpret_cast<uint2 *>(dst) = pk;
-            }
-            if (lane == 0 && m.lse)
-                m.lse[(int64_t)head * m.lse_sh + (int64_t)(m.qidx0 + i) * m.lse_st] =
-                    empty ? -INFINITY : mx + __logf(sum);
-        }
-    }
-    pf_cluster_sync();
-}
-
-/*
  * The tensor-core kernel. kD: head dim (multiple of 32, <= 256); T: __half or
  * __nv_bfloat16; kRows: rows per tile (8 or 16); kNT: 8-token groups per warp
  * iteration (1 or 2).
  */
-template <int kD, typename T, int kRows, int kNT, bool kHeadWarps, int kWarps, int kRing, bool kCluster>
+template <int kD, typename T, int kRows, int kNT, bool kHeadWarps, int kWarps, int kRing>
 __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     pf_paged_attn_kernel(const pf_paged_args a) {
-    static_assert(!kCluster || (kHeadWarps && kRing != 0), "cluster merge: head mode with the ring");
     static_assert(kWarps == PF_PAGED_WARPS || (kHeadWarps && kWarps == 8), "warps per CTA");
     static_assert(kRing == 0 || (kD % 64 == 0 && kD <= 128), "ring: head dim 64/128");
     static_assert(kD % 32 == 0 && kD <= 256, "head dim");
@@ -446,9 +336,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     const int kv_groups = kHeadWarps ? (a.num_kv_heads + kWarps - 1) / kWarps : a.num_kv_heads;
     const int kvh = kHeadWarps ? (bid % kv_groups) * kWarps + warp : bid % kv_groups;
     bid /= kv_groups;
-    /* no barrier follows in head mode (the cluster kernel is only launched when every
-     * warp has a KV head: num_kv_heads % kWarps == 0) */
-    if (kHeadWarps && kvh >= a.num_kv_heads) return;
+    if (kHeadWarps && kvh >= a.num_kv_heads) return; /* no barrier follows in head mode */
     int b, rt;
     if (a.plan) {
         b = a.plan[2 * bid];
@@ -754,10 +642,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
         }
         }
     }
-    if constexpr (kRing != 0) {
-        pf::cuda::cp_async_wait<0>(); /* only empty groups can be left */
-        __syncwarp();                 /* the ring's last reads before the epilogue reuses it */
-    }
+    if constexpr (kRing != 0) pf::cuda::cp_async_wait<0>(); /* only empty groups can be left */
 
 #pragma unroll
     for (int h2 = 0; h2 < 2; h2++) {
@@ -791,13 +676,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                         v[2 * w] = oacc[n][4 * c + w][e] * inv;
                         v[2 * w + 1] = oacc[n][4 * c + w][2 + e] * inv;
                     }
-                    if (kCluster) {
-                        /* cluster merge: the row into this warp's (now idle) ring */
-                        float *dst = reinterpret_cast<float *>(pf_paged_ring + warp * (kSlots * kSlotB)) +
-                                     rr * kD + ch * 8;
-                        reinterpret_cast<float4 *>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
-                        reinterpret_cast<float4 *>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
-                    } else if (partial) {
+                    if (partial) {
                         float *dst = a.o_part +
                                      (((int64_t)split * a.total_q + qidx) * a.num_heads + head) * a.head_dim + ch * 8;
                         reinterpret_cast<float4 *>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
@@ -814,32 +693,12 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                     }
                 }
                 if (g == 0) {
-                    if (kCluster)
-                        reinterpret_cast<float *>(pf_paged_ring + warp * (kSlots * kSlotB))[kRows * kD + rr] = lse;
-                    else if (partial)
+                    if (partial)
                         a.lse_part[((int64_t)split * a.total_q + qidx) * a.num_heads + head] = lse;
                     else if (a.lse)
                         a.lse[(int64_t)head * a.lse_sh + (int64_t)qidx * a.lse_st] = lse;
                 }
             }
-        if constexpr (kCluster) {
-            {
-                pf_merge_dst m;
-                m.out = reinterpret_cast<T *>(a.out) + (int64_t)b * a.o_sb + (int64_t)si.tok0 * a.o_st;
-                m.lse = a.lse;
-                m.o_st = a.o_st;
-                m.o_sh = a.o_sh;
-                m.lse_sh = a.lse_sh;
-                m.lse_st = a.lse_st;
-                m.group = a.group;
-                m.qidx0 = si.qidx0;
-                m.r0 = r0;
-                m.rows_here = rows_here;
-                m.kvh = kvh;
-                m.n = a.cluster;
-                pf_cluster_merge<kD, T, kRows, kSlots * kSlotB>(m, split);
-            }
-        }
         return;
     }
 
@@ -945,7 +804,7 @@ pf_status pf_paged_attn_go(pf_paged_args *a, cudaStream_t stream, int mode, int 
     constexpr int kNT = kRingMode == 2 ? 1 : kD <= 128 ? 2 : 1;
     constexpr int kRing = kRingMode == 1 ? 3 : kRingMode == 2 ? 6 : 0;
     constexpr int kSmem = kWarps * kRing * 2 * 8 * kNT * kD * (int)sizeof(T);
-    void (*kernel)(const pf_paged_args) = pf_paged_attn_kernel<kD, T, kRows, kNT, kHeads, kWarps, kRing, false>;
+    void (*kernel)(const pf_paged_args) = pf_paged_attn_kernel<kD, T, kRows, kNT, kHeads, kWarps, kRing>;
     int dev = 0;
     PF_CUDA_CHECK(cudaGetDevice(&dev));
     static std::atomic<uint64_t> attr_done{0};
@@ -963,65 +822,7 @@ pf_status pf_paged_attn_go(pf_paged_args *a, cudaStream_t stream, int mode, int 
     }
     const int64_t kv_groups = (a->num_kv_heads + a->kv_per_cta - 1) / a->kv_per_cta;
     const int64_t grid = (int64_t)a->num_row_tiles * kv_groups * a->num_splits * (a->plan ? 1 : a->batch);
-    if (mode == 2) {
-        /* cluster merge possible with clusters of a->num_splits CTAs? *occupancy = 1 when
-         * the kernel has sm_90+ code and all of the grid's clusters fit on the GPU at once */
-        *occupancy = 0;
-        if constexpr (kHeads && kRingMode == 1) {
-            void (*ck)(const pf_paged_args) = pf_paged_attn_kernel<kD, T, kRows, kNT, true, kWarps, kRing, true>;
-            static std::atomic<uint64_t> cattr_done{0};
-            PF_TRY(pf::cuda::set_max_smem(ck, kSmem, dev, cattr_done));
-            cudaFuncAttributes fa;
-            PF_CUDA_CHECK(cudaFuncGetAttributes(&fa, ck));
-            if (fa.binaryVersion < 90 || a->num_splits < 2 || a->num_splits > 16) return PF_STATUS_OK;
-            static std::atomic<uint64_t> np_done{0};
-            const uint64_t bit = dev < 64 ? (1ull << dev) : 0;
-            if (!(np_done.load() & bit)) {
-                PF_CUDA_CHECK(cudaFuncSetAttribute(ck, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-                np_done.fetch_or(bit);
-            }
-            cudaLaunchConfig_t cfg = {};
-            cudaLaunchAttribute attr[1];
-            attr[0].id = cudaLaunchAttributeClusterDimension;
-            attr[0].val.clusterDim.x = (unsigned)a->num_splits;
-            attr[0].val.clusterDim.y = 1;
-            attr[0].val.clusterDim.z = 1;
-            cfg.gridDim = dim3((unsigned)(grid > 0 ? grid : a->num_splits));
-            cfg.blockDim = dim3(kWarps * 32);
-            cfg.dynamicSmemBytes = kSmem;
-            cfg.stream = stream;
-            cfg.attrs = attr;
-            cfg.numAttrs = 1;
-            int clusters = 0;
-            if (cudaOccupancyMaxActiveClusters(&clusters, ck, &cfg) != cudaSuccess) {
-                (void)cudaGetLastError(); /* a size this GPU cannot place: no cluster merge */
-                return PF_STATUS_OK;
-            }
-            *occupancy = (int64_t)clusters * a->num_splits >= grid ? 1 : 0;
-        }
-        return PF_STATUS_OK;
-    }
     if (grid == 0) return PF_STATUS_OK;
-    if (a->cluster > 1) {
-        if constexpr (kHeads && kRingMode == 1) {
-            void (*ck)(const pf_paged_args) = pf_paged_attn_kernel<kD, T, kRows, kNT, true, kWarps, kRing, true>;
-            cudaLaunchConfig_t cfg = {};
-            cudaLaunchAttribute attr[1];
-            attr[0].id = cudaLaunchAttributeClusterDimension;
-            attr[0].val.clusterDim.x = (unsigned)a->cluster;
-            attr[0].val.clusterDim.y = 1;
-            attr[0].val.clusterDim.z = 1;
-            cfg.gridDim = dim3((unsigned)grid);
-            cfg.blockDim = dim3(kWarps * 32);
-            cfg.dynamicSmemBytes = kSmem;
-            cfg.stream = stream;
-            cfg.attrs = attr;
-            cfg.numAttrs = 1;
-            PF_CUDA_CHECK(cudaLaunchKernelEx(&cfg, ck, *a));
-            return PF_STATUS_OK;
-        }
-        return PF_STATUS_INTERNAL;
-    }
     kernel<<<(unsigned)grid, kWarps * 32, kSmem, stream>>>(*a);
     PF_CUDA_CHECK_LAUNCH();
     return PF_STATUS_OK;

@@ -556,25 +556,10 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
         if (splits < 1) splits = 1;
     }
     a.num_splits = (int)splits;
-    /* the splits of an item merge inside a thread-block cluster where the GPU can hold
-     * the whole grid in clusters of that size (sm_90+, head mode with the default ring and
-     * a KV head for every warp, <= 16 splits); PAGEDFLASH_PAGED_CLUSTER=0 keeps the
-     * partials + combine kernel */
-    a.cluster = 0;
-    if (fast && splits > 1 && splits <= 8 && a.kv_per_cta > 1 && a.num_kv_heads % a.kv_per_cta == 0 &&
-        a.ring == 1 && (a.head_dim == 64 || a.head_dim == 128)) {
-        const char *e = getenv("PAGEDFLASH_PAGED_CLUSTER");
-        if (!e || atoi(e) != 0) {
-            int ok = 0;
-            PF_TRY(fast(&a, rows, stream, 2, &ok));
-            if (ok) a.cluster = (int)splits;
-        }
-    }
-    const bool combine = splits > 1 && a.cluster <= 1;
 
     /* workspace: split partials, plan / query map */
     size_t o_bytes = 0, l_bytes = 0, plan_bytes = 0;
-    if (combine) {
+    if (splits > 1) {
         o_bytes = pf_round_up((size_t)splits * a.total_q * a.num_heads * a.head_dim * sizeof(float), 256);
         l_bytes = pf_round_up((size_t)splits * a.total_q * a.num_heads * sizeof(float), 256);
     }
@@ -593,8 +578,7 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
 /* Everything after the workspace is in hand: plan, main kernel, combine. */
 static pf_status pf_paged_enqueue(pf_paged_args &a, pf_paged_fn fast, int rows, int64_t splits, bool has_cu,
                                   size_t o_bytes, size_t l_bytes, char *wp, pf_dtype dtype, cudaStream_t stream) {
-    const bool combine = splits > 1 && a.cluster <= 1; /* else merged in the main kernel's clusters */
-    if (combine) {
+    if (splits > 1) {
         a.o_part = (float *)wp;
         a.lse_part = (float *)(wp + o_bytes);
     }
@@ -626,7 +610,7 @@ static pf_status pf_paged_enqueue(pf_paged_args &a, pf_paged_fn fast, int rows, 
         PF_TRY(pf_launch_simple<__nv_bfloat16>(a, qmap, stream));
     }
 
-    if (combine) {
+    if (splits > 1) {
         pf_combine_args c;
         memset(&c, 0, sizeof c);
         c.o_part = a.o_part;

@@ -213,23 +213,6 @@ def test_head_mode_configs(rng, monkeypatch, mode, ring):
     paged_case(rng, lens=(0, 0), h=2 * hk, hk=hk, bs=16)
 
 
-@pytest.mark.parametrize("cluster", ["1", "0"])
-def test_split_merge_in_clusters(rng, monkeypatch, cluster):
-    """The splits of a work item merged inside a thread-block cluster through distributed
-    shared memory (head mode with the ring on sm_90+, <= 16 splits: the default there), or
-    through global partials and the combine kernel (PAGEDFLASH_PAGED_CLUSTER=0, and above 16
-    splits): both against the reference, out and lse."""
-    monkeypatch.setenv("PAGEDFLASH_PAGED_CLUSTER", cluster)
-    for ns in (2, 3, 8, 16, 17):
-        paged_case(rng, lens=(3000, 1, 333), h=32, hk=8, bs=16, num_splits=ns)
-    paged_case(rng, lens=(900, 64), h=16, hk=4, d=64, bs=16, num_splits=5)
-    paged_case(rng, lens=(400, 129), qlens=[5, 5], layout="dense", h=32, hk=8, bs=32, num_splits=4,
-               window=(100, -1))
-    paged_case(rng, lens=(250, 40, 900), qlens=[3, 0, 17], layout="packed", h=16, hk=8, bs=64, num_splits=6,
-               softcap=20.0, alibi="heads")
-    paged_case(rng, lens=(0, 3000, 0, 5), h=32, hk=8, bs=16)
-
-
 def test_split_kv_in_cuda_graph(rng):
     """Split-KV decoding (main kernel, workspace partials, combine) captured in a CUDA graph:
     replays after the query changes equal the eager call bit for bit."""
