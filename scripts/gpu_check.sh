@@ -9,6 +9,7 @@
 #             reduced test selection                                     -> sanitizer_<tool>.log
 #   bench     benchmarks/bench_attention.py (prefill grid) and
 #             benchmarks/bench_decode.py (paged decode grid)            -> bench.md, decode.md, *.log
+#             and, with matplotlib, benchmarks/plot_results.py          -> bench.png, decode.png
 # Stages to run: STAGES="build test sanitize bench" (the default: all); SANITIZE_SELECTION
 # (a pytest -k expression) and SANITIZE_TIMEOUT (seconds per tool), BENCH_ARGS. Exit status:
 # non-zero if any stage failed (every stage still runs).
@@ -78,5 +79,7 @@ if has bench; then
   tail -40 "$LOG/bench.log"
   $PY benchmarks/bench_decode.py --out "$LOG/decode.md" ${DECODE_ARGS:-} > "$LOG/decode.log" 2>&1 || status=1
   tail -25 "$LOG/decode.log"
+  # PNG plots beside the tables, where matplotlib is installed (also runnable later, anywhere)
+  $PY -c "import matplotlib" 2>/dev/null && $PY benchmarks/plot_results.py "$LOG/bench.md" "$LOG/decode.md"
 fi
 exit $status

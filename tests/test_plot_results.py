@@ -1,0 +1,43 @@
+"""benchmarks/plot_results.py reads the recorded results pages: the first table of each
+page (the current grid) and its provenance line parse into the numbers the plots show."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("plot_results", ROOT / "benchmarks" / "plot_results.py")
+plot_results = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(plot_results)
+
+
+@pytest.mark.parametrize("page", ["decode_h200.md", "decode_h100.md"])
+def test_decode_pages(page):
+    head, rows, prov = plot_results.first_table((ROOT / "benchmarks" / "results" / page).read_text())
+    assert {"batch", "context", "TB/s", "CUDNN_ATTENTION us (TB/s)"} <= set(head)
+    assert "commit" in prov and "Device" in prov
+    col = {h: i for i, h in enumerate(head)}
+    assert len(rows) == 16
+    for r in rows:
+        assert 0.0 < plot_results.number(r[col["TB/s"]]) < 5.0  # below any HBM3e datasheet rate
+        assert plot_results.rate_in_parens(r[col["CUDNN_ATTENTION us (TB/s)"]]) > 0.0
+
+
+@pytest.mark.parametrize("page", ["prefill_h200.md", "prefill_h100.md"])
+def test_prefill_pages(page):
+    head, rows, prov = plot_results.first_table((ROOT / "benchmarks" / "results" / page).read_text())
+    assert {"d", "s", "causal", "pf_fwd", "fa2_fwd", "pf_bwd", "fa2_bwd"} <= set(head)
+    assert "commit" in prov
+    col = {h: i for i, h in enumerate(head)}
+    assert len(rows) == 24
+    for r in rows:
+        assert plot_results.number(r[col["pf_fwd"]]) > plot_results.number(r[col["fa2_fwd"]]) * 0.5
+
+
+def test_cells():
+    assert plot_results.number("12.5 (3.41) expanded K/V") == 12.5
+    assert plot_results.rate_in_parens("12.5 (3.41) expanded K/V") == 3.41
+    assert plot_results.number("skipped (size)") is None
+    assert plot_results.rate_in_parens("GQA unsupported") is None
