@@ -30,6 +30,10 @@
  * 3.30 at batch 128 / 64k on the same data. PAGEDFLASH_PAGED_MODE=0/1/2 forces
  * token / 4-warp head / 8-warp head mode (read on every call; for tests and tuning).
  *
+ * Combine: one warp per (query, head) row with all of the row's partials loaded at
+ * once when there are <= 16 splits and head_dim % 4 == 0 (<= 128), else a CTA per row;
+ * PAGEDFLASH_PAGED_COMBINE=1 forces the CTA kernel (tests and tuning).
+ *
  * K/V path (head dims 64 and 128, both modes): whole-line cp.async copies into a
  * per-warp shared-memory ring of 3 slots of 16-token tiles (PAGEDFLASH_PAGED_RING=1,
  * the default), fragments read from there; 0 = straight into registers (the older
@@ -358,6 +362,64 @@ __global__ void __launch_bounds__(PF_COMBINE_THREADS) pf_paged_combine_kernel(co
     if (tid == 0 && c.lse) c.lse[(int64_t)head * c.lse_sh + (int64_t)qidx * c.lse_st] = lse;
 }
 
+/* One warp per (query, head) row for up to kMaxSplits splits and head_dim % 4 == 0,
+ * <= 128: lane s reads split s's lse while every lane already has its float4 column
+ * of all the splits' partial rows in flight (the loads do not depend on the weights),
+ * so the row costs one round trip to memory; shuffles give the maximum and the sum
+ * and the weights come from lane s. The CTA kernel above takes the rest. */
+#define PF_COMBINE_WARP_ROWS 4
+
+template <typename T, int kMaxSplits>
+__global__ void __launch_bounds__(PF_COMBINE_WARP_ROWS * 32, 1) pf_paged_combine_warp_kernel(const pf_combine_args c) {
+    const int lane = threadIdx.x & 31;
+    const int64_t rows = (int64_t)c.total_q * c.num_heads;
+    const int64_t row = (int64_t)blockIdx.x * PF_COMBINE_WARP_ROWS + (threadIdx.x >> 5);
+    if (row >= rows) return; /* uniform over the warp */
+    const int qidx = (int)(row / c.num_heads), head = (int)(row % c.num_heads);
+    if (c.qmap && c.qmap[qidx] < 0) return;
+    const int n = c.num_splits, cols = c.head_dim / 4;
+    const bool has_col = lane < cols;
+    /* unconditional loads (split and column clamped into range; a clamped split gets
+     * weight 0 and every partial is finite), all issued before the lse reduction */
+    const float4 *op = reinterpret_cast<const float4 *>(c.o_part + row * c.head_dim) + min(lane, cols - 1);
+    float4 v[kMaxSplits];
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; s++) v[s] = op[(int64_t)min(s, n - 1) * rows * cols];
+    const float l = lane < n ? c.lse_part[lane * rows + row] : -INFINITY;
+    /* pin every loaded value here, so the compiler cannot sink the loads to their uses */
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; s++)
+        asm volatile("" : "+f"(v[s].x), "+f"(v[s].y), "+f"(v[s].z), "+f"(v[s].w));
+    float mx = l;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    const float e = l == -INFINITY ? 0.f : __expf(l - mx);
+    float sum = e;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    const bool empty = mx == -INFINITY;
+    const float w = empty ? 0.f : e / sum;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; s++) {
+        const float ws = __shfl_sync(0xffffffffu, w, s); /* 0 for s >= n (lse -inf) */
+        acc.x += ws * v[s].x;
+        acc.y += ws * v[s].y;
+        acc.z += ws * v[s].z;
+        acc.w += ws * v[s].w;
+    }
+    if (has_col) {
+        T *dst = reinterpret_cast<T *>(c.out) + (int64_t)(qidx / c.qdiv) * c.s0 + (int64_t)(qidx % c.qdiv) * c.s1 +
+                 (int64_t)head * c.sh + 4 * lane;
+        dst[0] = pf_cu_from_float<T>(acc.x);
+        dst[1] = pf_cu_from_float<T>(acc.y);
+        dst[2] = pf_cu_from_float<T>(acc.z);
+        dst[3] = pf_cu_from_float<T>(acc.w);
+    }
+    if (lane == 0 && c.lse)
+        c.lse[(int64_t)head * c.lse_sh + (int64_t)qidx * c.lse_st] = empty ? -INFINITY : mx + __logf(sum);
+}
+
 /* ------------------------------------------------------------------------ */
 /* The launcher                                                               */
 /* ------------------------------------------------------------------------ */
@@ -374,6 +436,16 @@ static pf_status pf_launch_simple(const pf_paged_args &a, const int32_t *qmap, c
 template <typename T>
 static pf_status pf_launch_combine(const pf_combine_args &c, cudaStream_t stream) {
     const int64_t rows = (int64_t)c.total_q * c.num_heads;
+    const char *e = getenv("PAGEDFLASH_PAGED_COMBINE");
+    if (c.num_splits <= 16 && c.head_dim % 4 == 0 && c.head_dim <= 128 && !(e && atoi(e) == 1)) {
+        const int64_t blocks = (rows + PF_COMBINE_WARP_ROWS - 1) / PF_COMBINE_WARP_ROWS;
+        if (c.num_splits <= 4)
+            pf_paged_combine_warp_kernel<T, 4><<<(unsigned)blocks, PF_COMBINE_WARP_ROWS * 32, 0, stream>>>(c);
+        else
+            pf_paged_combine_warp_kernel<T, 16><<<(unsigned)blocks, PF_COMBINE_WARP_ROWS * 32, 0, stream>>>(c);
+        PF_CUDA_CHECK_LAUNCH();
+        return PF_STATUS_OK;
+    }
     pf_paged_combine_kernel<T><<<(unsigned)rows, PF_COMBINE_THREADS, 0, stream>>>(c);
     PF_CUDA_CHECK_LAUNCH();
     return PF_STATUS_OK;

@@ -140,15 +140,19 @@ def test_float32(rng, d):
                num_splits=3)
 
 
+@pytest.mark.parametrize("combine", ["warp", "cta"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-def test_splits_agree(rng, dtype):
-    """num_splits 1, many and automatic give the reference result and agree closely."""
+def test_splits_agree(rng, monkeypatch, dtype, combine):
+    """num_splits 1, many and automatic give the reference result and agree closely; with
+    the combine's warp-per-row kernel (<= 16 splits, head_dim <= 128) and its CTA-per-row
+    kernel (forced by PAGEDFLASH_PAGED_COMBINE=1, and taken anyway above 16 splits)."""
+    monkeypatch.setenv("PAGEDFLASH_PAGED_COMBINE", "1" if combine == "cta" else "0")
     lens = (1500, 700, 9)
     kc, vc, bt, sl = build_cache(rng, lens, 2, 128, 16, dtype)
     q = trandn(rng, (3, 8, 128), dtype)
     args = (cuda(q), cuda(kc), cuda(vc), cuda(bt), cuda(sl))
     outs = []
-    for ns in (1, 2, 7, 64, 0):
+    for ns in (1, 2, 4, 5, 7, 16, 17, 64, 0):
         o, l = pagedflash.paged_attn(*args, num_splits=ns, return_lse=True)
         outs.append((o.float().cpu(), l.cpu()))
     ref = reference.paged_attention(q, kc, vc, bt, sl)
