@@ -101,6 +101,23 @@ PF_DEV void cp_async_4(uint32_t dst, const void *src, bool pred) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_size) : "memory");
 }
 
+/* Stage a query tile's per-row lse (row r at lse0 + r * lse_stride) and, with with_d, its
+ * D (row r at d0 + r) into shared memory with cp.async: threads [0, kBlockM) copy the lse,
+ * threads [kBlockM, 2 kBlockM) the D. Rows past rows_valid land as zeros (row 0's address
+ * is passed but not read). */
+template <int kBlockM>
+PF_DEV void bwd_stage_rows(float *sLse, float *sD, const float *lse0, int64_t lse_stride, const float *d0,
+                           int rows_valid, int tid, bool with_d) {
+    if (tid < kBlockM) {
+        const bool ok = tid < rows_valid;
+        cp_async_4(smem_addr(sLse + tid), lse0 + (ok ? tid : 0) * lse_stride, ok);
+    } else if (with_d && tid < 2 * kBlockM) {
+        const int r = tid - kBlockM;
+        const bool ok = r < rows_valid;
+        cp_async_4(smem_addr(sD + r), d0 + (ok ? r : 0), ok);
+    }
+}
+
 /* dst[0..1] += v0, v1 (float32, global) */
 PF_DEV void atomic_add2(float *dst, float v0, float v1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -139,6 +156,18 @@ __host__ __device__ inline int64_t bwd_lse2_offset(int64_t rows, int num_heads) 
     return (rows * num_heads + 63) & ~(int64_t)63;
 }
 
+/* Flat query row r (the rows of every sequence one after another) -> sequence b and row i
+ * in it; varlen layouts address their packed rows directly (b = 0, i = r). */
+template <typename I>
+PF_DEV void bwd_row_position(const FlashParams &p, I r, I &b, I &i) {
+    b = 0;
+    i = r;
+    if (!p.varlen) {
+        b = r / p.seqlen_q;
+        i = r - b * p.seqlen_q;
+    }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(256) bwd_prep_kernel(const __grid_constant__ FlashParams p, int64_t rows,
                                                        int zero_dq) {
@@ -148,11 +177,8 @@ __global__ void __launch_bounds__(256) bwd_prep_kernel(const __grid_constant__ F
     for (int64_t w = blockIdx.x * (int64_t)(blockDim.x / 32) + threadIdx.x / 32; w < rows * H; w += warps) {
         const int64_t r = w / H;
         const int h = (int)(w % H);
-        int64_t b = 0, i = r;
-        if (!p.varlen) {
-            b = r / p.seqlen_q;
-            i = r % p.seqlen_q;
-        }
+        int64_t b, i;
+        bwd_row_position(p, r, b, i);
         const T *o = static_cast<const T *>(p.o) + b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
         const T *dout = static_cast<const T *>(p.dout) + b * p.do_batch_stride + i * p.do_row_stride +
                         h * p.do_head_stride;
@@ -182,11 +208,8 @@ __global__ void __launch_bounds__(256) bwd_convert_dq_kernel(const __grid_consta
         const int64_t rh = idx / d;
         const int h = (int)(rh % H);
         const int64_t r = rh / H;
-        int64_t b = 0, i = r;
-        if (!p.varlen) {
-            b = r / p.seqlen_q;
-            i = r % p.seqlen_q;
-        }
+        int64_t b, i;
+        bwd_row_position(p, r, b, i);
         T *dq = static_cast<T *>(p.dq) + b * p.dq_batch_stride + i * p.dq_row_stride + h * p.dq_head_stride;
         dq[c] = TypeOps<T>::from_float(p.dq_accum[(r * H + h) * hd + c] * p.softmax_scale);
     }
@@ -303,22 +326,15 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
                                                              d, aligned, tid);
             load_tile<kBlockM, kHeadDim, kStride, kNThreads>(sdO0 + st * Cfg::kQElems, doh, p.do_row_stride,
                                                              rows_valid, d, aligned, tid);
-            if (tid < kBlockM) {
-                const bool ok = tid < rows_valid;
-                /* kLse2: lse2 from pass 1; rows past the end read 0: their Q, dO and D are zero
-                 * too, so P = 1 there but P dO = 0 and dS = 0 */
-                const float *lse =
-                    Cfg::kLse2 ? p.dsum + bwd_lse2_offset(rows_total, p.num_heads) + h * rows_total + row_base + m0 +
-                                     (ok ? tid : 0)
-                               : p.lse + b * p.lse_batch_stride + h * p.lse_head_stride +
-                                     (int64_t)(si.q_start + m0 + (ok ? tid : 0)) * p.lse_row_stride;
-                cp_async_4(smem_addr(sLse0 + st * kBlockM + tid), lse, ok);
-            } else if (kDoDK && tid < 2 * kBlockM) {
-                const int r = tid - kBlockM;
-                const bool ok = r < rows_valid;
-                const float *dsum = p.dsum + h * rows_total + row_base + m0 + (ok ? r : 0);
-                cp_async_4(smem_addr(sD0 + st * kBlockM + r), dsum, ok);
-            }
+            /* kLse2: lse2 from pass 1; rows past the end read 0: their Q, dO and D are zero
+             * too, so P = 1 there but P dO = 0 and dS = 0 */
+            const float *lse0 = Cfg::kLse2 ? p.dsum + bwd_lse2_offset(rows_total, p.num_heads) + h * rows_total +
+                                                 row_base + m0
+                                           : p.lse + b * p.lse_batch_stride + h * p.lse_head_stride +
+                                                 (int64_t)(si.q_start + m0) * p.lse_row_stride;
+            bwd_stage_rows<kBlockM>(sLse0 + st * kBlockM, sD0 + st * kBlockM, lse0,
+                                    Cfg::kLse2 ? 1 : p.lse_row_stride, p.dsum + h * rows_total + row_base + m0,
+                                    rows_valid, tid, kDoDK);
         };
 
         if (n_steps > 0) issue(0, hk * G, m_lo * kBlockM);

@@ -147,17 +147,9 @@ __global__ void __launch_bounds__(256, 1) flash_bwd_sm90_kernel(const __grid_con
                                                      rows_valid, d, tid);
             /* lse2 (rows past the end read 0: their Q, dO and D are zero too, so P = 1 there but
              * P dO = 0 and dS = 0) and D */
-            if (tid < kBlockM) {
-                const bool ok = tid < rows_valid;
-                const float *lse =
-                    p.dsum + bwd_lse2_offset(rows_total, p.num_heads) + h * rows_total + row_base + m0 + (ok ? tid : 0);
-                cp_async_4(smem_addr(sLse0 + st * kBlockM + tid), lse, ok);
-            } else if (tid < 2 * kBlockM) {
-                const int r = tid - kBlockM;
-                const bool ok = r < rows_valid;
-                const float *dsum = p.dsum + h * rows_total + row_base + m0 + (ok ? r : 0);
-                cp_async_4(smem_addr(sD0 + st * kBlockM + r), dsum, ok);
-            }
+            bwd_stage_rows<kBlockM>(sLse0 + st * kBlockM, sD0 + st * kBlockM,
+                                    p.dsum + bwd_lse2_offset(rows_total, p.num_heads) + h * rows_total + row_base + m0,
+                                    1, p.dsum + h * rows_total + row_base + m0, rows_valid, tid, true);
         };
 
         if (n_steps > 0) issue(0, hk * G, m_lo * kBlockM);
@@ -364,11 +356,8 @@ __global__ void __launch_bounds__(256) bwd_prep_sm90_kernel(const __grid_constan
         const int c = w % C;
         const int hr = w / C;
         const int r = hr % rows, h = hr / rows;
-        int b = 0, i = r;
-        if (!p.varlen) {
-            b = r / p.seqlen_q;
-            i = r - b * p.seqlen_q;
-        }
+        int b, i;
+        bwd_row_position(p, r, b, i);
         float acc = 0.0f;
         if (valid && c * 8 < d) {
             const uint4 o = *reinterpret_cast<const uint4 *>(static_cast<const T *>(p.o) + b * p.o_batch_stride +
@@ -405,11 +394,8 @@ __global__ void __launch_bounds__(256) bwd_convert_dq_sm90_kernel(const __grid_c
         if (c * 8 >= d) continue;
         const int rh = w / C;
         const int h = rh % H, r = rh / H;
-        int b = 0, i = r;
-        if (!p.varlen) {
-            b = r / p.seqlen_q;
-            i = r - b * p.seqlen_q;
-        }
+        int b, i;
+        bwd_row_position(p, r, b, i);
         const float4 *src = reinterpret_cast<const float4 *>(p.dq_accum + (int64_t)w * 8);
         const float4 x0 = src[0], x1 = src[1];
         const float sc = p.softmax_scale;

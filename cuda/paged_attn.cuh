@@ -142,6 +142,13 @@ __device__ __forceinline__ uint4 pf_lds16(uint32_t addr) {
     return r;
 }
 
+/* Shared memory of one warp's ring: kRing slots, each a K tile then a V tile of 8 kNT
+ * token rows (the kernel's layout; the launcher sizes the CTA's dynamic memory with it). */
+template <int kD, typename T, int kNT, int kRing>
+constexpr int pf_ring_warp_bytes() {
+    return kRing * 2 * 8 * kNT * kD * (int)sizeof(T);
+}
+
 /* Swizzle of the shared-memory ring (XOR on the 16-byte chunk index of token u's row):
  * conflict-free for the whole-line copies in (8 lanes per 128-byte line), for the K
  * fragment reads (lanes 4g + q: token g, chunk q + 4j) and for the V fragment reads
@@ -423,7 +430,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
 #pragma unroll
     for (int i = 0; i < kSlots; i++) present[i] = 0u;
     extern __shared__ __align__(128) unsigned char pf_paged_ring[];
-    const uint32_t ring0 = kRing ? pf::cuda::smem_addr(pf_paged_ring) + warp * (kSlots * kSlotB) : 0u;
+    const uint32_t ring0 = kRing ? pf::cuda::smem_addr(pf_paged_ring) + warp * pf_ring_warp_bytes<kD, T, kNT, kRing>() : 0u;
     const char *const zero = reinterpret_cast<const char *>(pf_paged_zeros);
 
     /* block id of token (t0 + lane % kTile) (the table load), -1 when none */
@@ -803,7 +810,7 @@ pf_status pf_paged_attn_go(pf_paged_args *a, cudaStream_t stream, int mode, int 
     /* ring mode 1: 3 slots of 16-token tiles, 2: 6 slots of 8-token tiles (per warp) */
     constexpr int kNT = kRingMode == 2 ? 1 : kD <= 128 ? 2 : 1;
     constexpr int kRing = kRingMode == 1 ? 3 : kRingMode == 2 ? 6 : 0;
-    constexpr int kSmem = kWarps * kRing * 2 * 8 * kNT * kD * (int)sizeof(T);
+    constexpr int kSmem = kWarps * pf_ring_warp_bytes<kD, T, kNT, kRing>();
     void (*kernel)(const pf_paged_args) = pf_paged_attn_kernel<kD, T, kRows, kNT, kHeads, kWarps, kRing>;
     int dev = 0;
     PF_CUDA_CHECK(cudaGetDevice(&dev));

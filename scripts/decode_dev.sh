@@ -2,7 +2,7 @@
 # decode_dev.sh <logdir> - quick paged-decode iteration on a GPU machine: build the head
 # dims in PAGEDFLASH_HEADDIMS (default 64,128), run the paged GPU tests, then the decode
 # benchmark with the variants in DECODE_ARGS (e.g. --pf-env PAGEDFLASH_PAGED_MODE=1,2), then
-# (with SANITIZE_K set) compute-sanitizer memcheck and racecheck over those paged tests.
+# (with SANITIZE_K set) gpu_check.sh's compute-sanitizer stage over the tests it selects.
 set -uo pipefail
 LOG=${1:?usage: scripts/decode_dev.sh <logdir>}
 mkdir -p "$LOG"
@@ -14,11 +14,7 @@ python3 -m pytest tests/test_gpu_paged.py -m gpu -q -p no:cacheprovider --maxfai
 tail -25 "$LOG/tests.log"
 python3 benchmarks/bench_decode.py --out "$LOG/decode.md" ${DECODE_ARGS:-} > "$LOG/decode.log" 2>&1
 grep -v "^|" "$LOG/decode.log" | tail -25
-# SANITIZE_K: a pytest -k expression over tests/test_gpu_paged.py for memcheck and racecheck
+# SANITIZE_K: a pytest -k expression for gpu_check.sh's sanitizer stage (memcheck, racecheck, initcheck)
 if [ -n "${SANITIZE_K:-}" ]; then
-  for tool in memcheck racecheck; do
-    timeout ${SANITIZE_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 10 \
-      python3 -m pytest tests/test_gpu_paged.py -m gpu -q -p no:cacheprovider -k "$SANITIZE_K" > "$LOG/sanitizer_$tool.log" 2>&1
-    echo "$tool exit $?"; grep -E "ERROR SUMMARY|passed|failed" "$LOG/sanitizer_$tool.log" | tail -3
-  done
+  STAGES=sanitize SANITIZE_SELECTION="$SANITIZE_K" bash scripts/gpu_check.sh "$LOG"
 fi

@@ -465,6 +465,24 @@ def test_bwd_features(rng, dtype):
             assert_close(got, refs[i], naive[i], dtype=dtype, factor=3.0, what=f"{name} {opts}")
 
 
+def check_varlen_grads(q, k, v, dout, grads, cq, ck, *, causal):
+    """Each sequence's dq, dk, dv of a packed (varlen) backward against the float64 and the
+    bfloat16 torch references on that sequence alone; a sequence without queries must get
+    dk = dv = 0."""
+    dq, dk, dv = grads
+    for i in range(len(cq) - 1):
+        a, e, ka, ke = int(cq[i]), int(cq[i + 1]), int(ck[i]), int(ck[i + 1])
+        if e == a:
+            assert torch.all(dk[ka:ke] == 0) and torch.all(dv[ka:ke] == 0), f"seq {i}: no queries, dk = dv = 0"
+            continue
+        sl = lambda x, s0, s1: x[None, s0:s1]  # noqa: E731
+        refs = torch_ref_grads(sl(q, a, e), sl(k, ka, ke), sl(v, ka, ke), sl(dout, a, e), causal=causal)
+        naive = torch_ref_grads(sl(q, a, e), sl(k, ka, ke), sl(v, ka, ke), sl(dout, a, e), causal=causal,
+                                dtype=torch.bfloat16)
+        for name, got, j, s0, s1 in (("dq", dq, 0, a, e), ("dk", dk, 1, ka, ke), ("dv", dv, 2, ka, ke)):
+            assert_close(got[None, s0:s1], refs[j], naive[j], dtype="bfloat16", factor=3.0, what=f"{name} seq {i}")
+
+
 def test_bwd_varlen(rng):
     bwd = _backward_or_skip()
     import inspect
@@ -480,14 +498,7 @@ def test_bwd_varlen(rng):
     out, lse = fwd(q, k, v, cu_q=cq, cu_k=ck, max_q=64, max_k=64, causal=True)
     dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=64, max_seqlen_k=64,
                      causal=True)
-    for i in range(len(lq)):
-        a, e, ka, ke = int(cq[i]), int(cq[i + 1]), int(ck[i]), int(ck[i + 1])
-        sl = lambda x, s0, s1: x[None, s0:s1]  # noqa: E731
-        refs = torch_ref_grads(sl(q, a, e), sl(k, ka, ke), sl(v, ka, ke), sl(dout, a, e), causal=True)
-        naive = torch_ref_grads(sl(q, a, e), sl(k, ka, ke), sl(v, ka, ke), sl(dout, a, e), causal=True,
-                                dtype=torch.bfloat16)
-        for name, got, j, s0, s1 in (("dq", dq, 0, a, e), ("dk", dk, 1, ka, ke), ("dv", dv, 2, ka, ke)):
-            assert_close(got[None, s0:s1], refs[j], naive[j], dtype="bfloat16", factor=3.0, what=f"{name} seq {i}")
+    check_varlen_grads(q, k, v, dout, (dq, dk, dv), cq, ck, causal=True)
 
 
 @pytest.mark.parametrize("hk", [1, 4])
@@ -543,14 +554,4 @@ def test_bwd_varlen_tiles(rng, d, causal):
     out, lse = fwd(q, k, v, cu_q=cq, cu_k=ck, max_q=max(lq), max_k=max(lk), causal=causal)
     dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=max(lq),
                      max_seqlen_k=max(lk), causal=causal)
-    for i in range(len(lq)):
-        a, e, ka, ke = int(cq[i]), int(cq[i + 1]), int(ck[i]), int(ck[i + 1])
-        if e == a:
-            assert torch.all(dk[ka:ke] == 0) and torch.all(dv[ka:ke] == 0), f"seq {i}: no queries, dk = dv = 0"
-            continue
-        sl = lambda x, s0, s1: x[None, s0:s1]  # noqa: E731
-        refs = torch_ref_grads(sl(q, a, e), sl(k, ka, ke), sl(v, ka, ke), sl(dout, a, e), causal=causal)
-        naive = torch_ref_grads(sl(q, a, e), sl(k, ka, ke), sl(v, ka, ke), sl(dout, a, e), causal=causal,
-                                dtype=torch.bfloat16)
-        for name, got, j, s0, s1 in (("dq", dq, 0, a, e), ("dk", dk, 1, ka, ke), ("dv", dv, 2, ka, ke)):
-            assert_close(got[None, s0:s1], refs[j], naive[j], dtype="bfloat16", factor=3.0, what=f"{name} seq {i}")
+    check_varlen_grads(q, k, v, dout, (dq, dk, dv), cq, ck, causal=causal)
