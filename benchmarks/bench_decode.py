@@ -120,13 +120,17 @@ def bandwidth_ceilings():
     return 2 * n / t_copy / 1e12, n / t_sum / 1e12
 
 
-def make_point(batch, ctx, h, hk, d, bs, dtype, sets, gen):
-    """Contiguous q/k/v and the paged cache holding the same K/V, for `sets` input sets."""
+def make_point(batch, ctx, h, hk, d, bs, dtype, sets, gen, placement="random"):
+    """Contiguous q/k/v and the paged cache holding the same K/V, for `sets` input sets;
+    the blocks of the cache scattered at random, or in order (placement="sequential")."""
     blocks_per_seq = (ctx + bs - 1) // bs
     total_blocks = sets * batch * blocks_per_seq
     kc = torch.empty((total_blocks, bs, hk, d), dtype=dtype, device="cuda")
     vc = torch.empty_like(kc)
-    perm = torch.randperm(total_blocks, device="cuda", generator=gen).to(torch.int32)
+    if placement == "sequential":
+        perm = torch.arange(total_blocks, device="cuda", dtype=torch.int32)
+    else:
+        perm = torch.randperm(total_blocks, device="cuda", generator=gen).to(torch.int32)
     data = []
     t = torch.arange(ctx, device="cuda")
     for r in range(sets):
@@ -148,7 +152,7 @@ def bench_point(batch, ctx, args, gen, mem_budget):
     dtype = getattr(torch, args.dtype)
     kv_bytes = batch * ctx * hk * d * 2 * dtype.itemsize
     sets = max(1, math.ceil(L2_ROTATE_BYTES / kv_bytes))
-    kc, vc, data = make_point(batch, ctx, h, hk, d, bs, dtype, sets, gen)
+    kc, vc, data = make_point(batch, ctx, h, hk, d, bs, dtype, sets, gen, args.placement)
     row = dict(batch=batch, ctx=ctx, mb=kv_bytes / 2**20)
 
     outs = [torch.empty_like(x["q"]) for x in data]
@@ -247,6 +251,8 @@ def main():
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--placement", choices=["random", "sequential"], default="random",
+                    help="cache blocks scattered at random (the default) or in order")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--explore", default="", help="also time these num_splits values, e.g. 1,2,4,8")
@@ -314,8 +320,8 @@ def main():
             commit = ""
     meta = (f"Device: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
             f"date {datetime.date.today()}, commit {commit or 'unknown'}; {args.heads} query heads, "
-            f"{args.kv_heads} KV heads, d={args.dim}, {args.dtype}, block size {args.block_size}, blocks scattered "
-            f"at random; device-to-device copy {bw:.2f} TB/s (read + write), read-only (torch.sum) {bw_read:.2f} TB/s. "
+            f"{args.kv_heads} KV heads, d={args.dim}, {args.dtype}, block size {args.block_size}, "
+            f"{'blocks in order' if args.placement == 'sequential' else 'blocks scattered at random'}; device-to-device copy {bw:.2f} TB/s (read + write), read-only (torch.sum) {bw_read:.2f} TB/s. "
             f"Times: CUDA-graph replays, cold L2 (rotating input sets), median.")
     table = "\n".join(lines)
     print(meta)

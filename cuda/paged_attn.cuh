@@ -108,7 +108,8 @@ struct pf_paged_args {
     unsigned bs_magic, bs_shift; /* t / block_size = (umulhi(t, magic) + t) >> shift */
     int num_blocks, max_blocks;
     int num_splits, num_row_tiles; /* row tiles per sequence (dense) or plan entries (packed) */
-    int kv_per_cta;           /* 1: token mode; 4 or 8: head mode (warps per CTA, one KV head each) */
+    int kv_per_cta;           /* KV heads per CTA: 1 = token mode; = warps: head mode (one KV head per warp) */
+    int warps;                /* warps per CTA (4 or 8); warps / kv_per_cta of them share a KV head */
     int ring;                 /* head dim 64/128: 0 = K/V in registers, 1 = shared-memory ring of
                                  3 x 16-token tiles per warp, 2 = 6 x 8-token tiles */
     int causal, window_left, window_right;
@@ -305,10 +306,11 @@ __device__ __forceinline__ void pf_split_range(int kv_lo, int kv_hi, int split, 
  * __nv_bfloat16; kRows: rows per tile (8 or 16); kNT: 8-token groups per warp
  * iteration (1 or 2).
  */
-template <int kD, typename T, int kRows, int kNT, bool kHeadWarps, int kWarps, int kRing>
+template <int kD, typename T, int kRows, int kNT, int kHeads, int kWarps, int kRing>
 __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     pf_paged_attn_kernel(const pf_paged_args a) {
-    static_assert(kWarps == PF_PAGED_WARPS || (kHeadWarps && kWarps == 8), "warps per CTA");
+    static_assert((kWarps == 4 || kWarps == 8) && kWarps % kHeads == 0, "warps per CTA");
+    constexpr int kPerHead = kWarps / kHeads; /* warps sharing one KV head (1: head mode) */
     static_assert(kRing == 0 || (kD % 64 == 0 && kD <= 128), "ring: head dim 64/128");
     static_assert(kD % 32 == 0 && kD <= 256, "head dim");
     static_assert(kRows == 8 || kRows == 16, "rows per tile");
@@ -319,15 +321,16 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     constexpr int kChunks = kD / 8;          /* 16-byte chunks per row */
     constexpr int kRT = kRows / 8;           /* 8-row n-tiles of O^T */
     constexpr int kTile = 8 * kNT;           /* tokens per warp iteration */
-    constexpr int kRound = kTile * PF_PAGED_WARPS; /* split alignment; token mode's stride */
-    /* head mode: warp w owns KV head kWarps * c + w and walks every tile of the split
-     * (so the CTA reads kWarps heads' rows of each token together: with 8 KV heads
-     * and 8 warps, whole contiguous token rows of every block);
-     * token mode: the 4 warps share one KV head and take every 4th tile. */
-    constexpr int kStep = kHeadWarps ? kTile : kRound;
+    constexpr int kRound = kTile * PF_PAGED_WARPS; /* split alignment */
+    /* warp w = slice * kHeads + hl owns KV head kHeads * c + hl and takes every
+     * kPerHead-th tile of the split from tile `slice` on. Head mode (kPerHead = 1): each
+     * warp walks every tile (so the CTA reads kWarps heads' rows of each token together:
+     * with 8 KV heads and 8 warps, whole contiguous token rows of every block); token
+     * mode (kHeads = 1) and the mixed shapes: kPerHead warps share a head. */
+    constexpr int kStep = kTile * kPerHead;
     /* tiles in flight per warp: 2 where the registers allow (one KV head per warp, 8 rows,
      * head dim <= 128), else 1 */
-    constexpr int kDepth = kRing ? kRing - 1 : (kHeadWarps && kRows == 8 && kD <= 128) ? 2 : 1;
+    constexpr int kDepth = kRing ? kRing - 1 : (kPerHead == 1 && kRows == 8 && kD <= 128) ? 2 : 1;
     /* K/V buffers: kDepth register sets, or kRing shared-memory slots per warp
      * (each slot a K tile then a V tile of kTile token rows, swizzled) */
     constexpr int kSlots = kRing ? kRing : kDepth;
@@ -340,10 +343,15 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     int bid = blockIdx.x;
     const int split = bid % a.num_splits;
     bid /= a.num_splits;
-    const int kv_groups = kHeadWarps ? (a.num_kv_heads + kWarps - 1) / kWarps : a.num_kv_heads;
-    const int kvh = kHeadWarps ? (bid % kv_groups) * kWarps + warp : bid % kv_groups;
+    const int kv_groups = (a.num_kv_heads + kHeads - 1) / kHeads;
+    const int hl = kPerHead == 1 ? warp : warp % kHeads, slice = kPerHead == 1 ? 0 : warp / kHeads;
+    const int kv0 = (bid % kv_groups) * kHeads; /* the CTA's first KV head */
+    const int kvh = kv0 + hl;
     bid /= kv_groups;
-    if (kHeadWarps && kvh >= a.num_kv_heads) return; /* no barrier follows in head mode */
+    /* a warp past the last KV head: gone in head mode (no barrier follows), idle but
+     * present for the merge's barriers otherwise */
+    const bool idle = kvh >= a.num_kv_heads;
+    if (kPerHead == 1 && idle) return;
     int b, rt;
     if (a.plan) {
         b = a.plan[2 * bid];
@@ -391,7 +399,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
         row_pos[h2] = 0;
         row_slope[h2] = 0.f;
         const int rl = g + 8 * h2;
-        if (rl >= kRows || rl >= rows_here) continue;
+        if (rl >= kRows || rl >= rows_here || idle) continue;
         const int r = r0 + rl;
         const int i = r / a.group, head = kvh * a.group + r % a.group;
         const int p = si.seq_len - si.q_len + i;
@@ -499,8 +507,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
         return __ballot_sync(0xffffffffu, kp_l != zero);
     };
 
-    int t_cur = s_lo + (kHeadWarps ? 0 : warp * kTile);
-    if (t_cur < s_hi) {
+    int t_cur = s_lo + slice * kTile;
+    if (t_cur < s_hi && !idle) {
         /* prologue: tiles 0 .. kDepth-1 in flight; pointers of tile kDepth, id of kDepth+1 */
         const char *kp_n, *vp_n;
         int id_n = fetch_id(t_cur);
@@ -658,7 +666,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     }
     const bool partial = a.num_splits > 1;
 
-    if constexpr (kHeadWarps) {
+    if constexpr (kPerHead == 1) {
         /* this warp holds whole rows: normalize and write straight from registers */
 #pragma unroll
         for (int n = 0; n < kRT; n++)
@@ -709,44 +717,49 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
         return;
     }
 
-    /* ---- token mode: merge the 4 warps through shared memory, then write ---- */
+    /* ---- kPerHead warps per head: merge them through shared memory, then write ---- */
+    /* the ring (drained, every warp past its last fragment read) holds the merge */
     constexpr int kAccStride = kD + 4;
-    __shared__ float sm_m[PF_PAGED_WARPS][kRows], sm_l[PF_PAGED_WARPS][kRows];
-    __shared__ __align__(16) float sm_acc[kRows][kAccStride];
-    __shared__ float sm_M[kRows], sm_L[kRows];
+    float *const sm_m = reinterpret_cast<float *>(pf_paged_ring); /* [kWarps][kRows] */
+    float *const sm_l = sm_m + kWarps * kRows;                    /* [kWarps][kRows] */
+    float *const sm_M = sm_l + kWarps * kRows;                    /* [kHeads][kRows] */
+    float *const sm_L = sm_M + kHeads * kRows;                    /* [kHeads][kRows] */
+    float *const sm_acc = sm_L + kHeads * kRows;                  /* [kHeads][kRows][kAccStride] */
+    if constexpr (kRing != 0) __syncthreads();
 
     if (qd == 0) {
-        sm_m[warp][g] = m_run[0];
-        sm_l[warp][g] = l_run[0];
+        sm_m[warp * kRows + g] = m_run[0];
+        sm_l[warp * kRows + g] = l_run[0];
         if (kRows == 16) {
-            sm_m[warp][g + 8] = m_run[1];
-            sm_l[warp][g + 8] = l_run[1];
+            sm_m[warp * kRows + g + 8] = m_run[1];
+            sm_l[warp * kRows + g + 8] = l_run[1];
         }
     }
     __syncthreads();
-    if (threadIdx.x < kRows) {
-        const int r = threadIdx.x;
+    if (threadIdx.x < kHeads * kRows) {
+        const int h = threadIdx.x / kRows, r = threadIdx.x % kRows;
         float M = -INFINITY;
 #pragma unroll
-        for (int w = 0; w < PF_PAGED_WARPS; w++) M = fmaxf(M, sm_m[w][r]);
+        for (int w = h; w < kWarps; w += kHeads) M = fmaxf(M, sm_m[w * kRows + r]);
         float L = 0.f;
 #pragma unroll
-        for (int w = 0; w < PF_PAGED_WARPS; w++)
-            if (sm_m[w][r] != -INFINITY) L += sm_l[w][r] * exp2f(sm_m[w][r] - M);
-        sm_M[r] = M;
-        sm_L[r] = L;
+        for (int w = h; w < kWarps; w += kHeads)
+            if (sm_m[w * kRows + r] != -INFINITY) L += sm_l[w * kRows + r] * exp2f(sm_m[w * kRows + r] - M);
+        sm_M[threadIdx.x] = M;
+        sm_L[threadIdx.x] = L;
     }
     __syncthreads();
+    float *const acc = sm_acc + hl * kRows * kAccStride;
 #pragma unroll
-    for (int w = 0; w < PF_PAGED_WARPS; w++) {
-        if (warp == w) {
+    for (int sl = 0; sl < kPerHead; sl++) {
+        if (slice == sl) {
 #pragma unroll
             for (int n = 0; n < kRT; n++)
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     const int rr = n * 8 + 2 * qd + e;
-                    const float mw = sm_m[w][rr];
-                    const float sc = mw == -INFINITY ? 0.f : exp2f(mw - sm_M[rr]);
+                    const float mw = sm_m[warp * kRows + rr];
+                    const float sc = mw == -INFINITY ? 0.f : exp2f(mw - sm_M[hl * kRows + rr]);
 #pragma unroll
                     for (int i = 0; i < kMT; i++) {
                         const int c = i >> 2;
@@ -754,12 +767,12 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                         if (kD % 64 != 0 && ch >= kChunks) continue;
                         const int d0 = ch * 8 + 2 * (i & 3);
                         float v0 = oacc[n][i][e] * sc, v1 = oacc[n][i][2 + e] * sc;
-                        if (w == 0) {
-                            sm_acc[rr][d0] = v0;
-                            sm_acc[rr][d0 + 1] = v1;
+                        if (sl == 0) {
+                            acc[rr * kAccStride + d0] = v0;
+                            acc[rr * kAccStride + d0 + 1] = v1;
                         } else {
-                            sm_acc[rr][d0] += v0;
-                            sm_acc[rr][d0 + 1] += v1;
+                            acc[rr * kAccStride + d0] += v0;
+                            acc[rr * kAccStride + d0 + 1] += v1;
                         }
                     }
                 }
@@ -767,25 +780,26 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
         __syncthreads();
     }
 
-    /* rows x 16-byte chunks, spread over the CTA */
-    for (int idx = threadIdx.x; idx < rows_here * kChunks; idx += PF_PAGED_WARPS * 32) {
-        const int rr = idx / kChunks, ch = idx % kChunks;
+    /* (head, row, 16-byte chunk) triples, spread over the CTA */
+    for (int idx = threadIdx.x; idx < kHeads * rows_here * kChunks; idx += kWarps * 32) {
+        const int h = idx / (rows_here * kChunks), rem = idx % (rows_here * kChunks);
+        const int rr = rem / kChunks, ch = rem % kChunks;
+        if (kv0 + h >= a.num_kv_heads) break; /* later heads are past the end too */
         const int r = r0 + rr;
-        const int i = r / a.group, head = kvh * a.group + r % a.group;
-        const float L = sm_L[rr];
+        const int i = r / a.group, head = (kv0 + h) * a.group + r % a.group;
+        const float L = sm_L[h * kRows + rr], M = sm_M[h * kRows + rr];
         const float inv = L > 0.f ? 1.f / L : 0.f;
-        const float *src = &sm_acc[rr][ch * 8];
+        const float *src = &sm_acc[(h * kRows + rr) * kAccStride + ch * 8];
         float v[8];
 #pragma unroll
         for (int k = 0; k < 8; k++) v[k] = src[k] * inv;
         const int qidx = si.qidx0 + i;
+        const float lse = L > 0.f ? (M + __log2f(L)) * PF_LN2_F : -INFINITY;
         if (partial) {
             float *dst = a.o_part + (((int64_t)split * a.total_q + qidx) * a.num_heads + head) * a.head_dim + ch * 8;
             reinterpret_cast<float4 *>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
             reinterpret_cast<float4 *>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
-            if (ch == 0)
-                a.lse_part[((int64_t)split * a.total_q + qidx) * a.num_heads + head] =
-                    L > 0.f ? (sm_M[rr] + __log2f(L)) * PF_LN2_F : -INFINITY;
+            if (ch == 0) a.lse_part[((int64_t)split * a.total_q + qidx) * a.num_heads + head] = lse;
         } else {
             T *dst = reinterpret_cast<T *>(a.out) + (int64_t)b * a.o_sb + (int64_t)(si.tok0 + i) * a.o_st +
                      (int64_t)head * a.o_sh + ch * 8;
@@ -795,22 +809,30 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
             pk.z = pf_pack2<T>(v[4], v[5]);
             pk.w = pf_pack2<T>(v[6], v[7]);
             *reinterpret_cast<uint4 *>(dst) = pk;
-            if (ch == 0 && a.lse)
-                a.lse[(int64_t)head * a.lse_sh + (int64_t)qidx * a.lse_st] =
-                    L > 0.f ? (sm_M[rr] + __log2f(L)) * PF_LN2_F : -INFINITY;
+            if (ch == 0 && a.lse) a.lse[(int64_t)head * a.lse_sh + (int64_t)qidx * a.lse_st] = lse;
         }
     }
 }
 
-/* Occupancy query (mode 0) or launch (mode 1) of one (head dim, dtype) instantiation.
- * a->kv_per_cta selects the mode: 1 = token mode (4 warps on one KV head), 4 or 8 =
- * head mode with that many warps, one KV head each. */
-template <int kD, typename T, int kRows, bool kHeads, int kWarps, int kRingMode>
+/* Dynamic shared memory of a CTA: the warps' rings, or the merge of kPerHead > 1 warps
+ * per head (which reuses the rings), whichever is larger. */
+template <int kD, typename T, int kRows, int kNT, int kHeads, int kWarps, int kRing>
+constexpr int pf_paged_smem_bytes() {
+    constexpr int ring = kWarps * pf_ring_warp_bytes<kD, T, kNT, kRing>();
+    constexpr int merge = kHeads == kWarps ? 0
+                                           : (int)sizeof(float) * (2 * kWarps * kRows + 2 * kHeads * kRows +
+                                                                    kHeads * kRows * (kD + 4));
+    return ring > merge ? ring : merge;
+}
+
+/* Occupancy query (mode 0) or launch (mode 1) of one (head dim, dtype) instantiation:
+ * kHeads KV heads per CTA of kWarps warps (a->kv_per_cta, a->warps). */
+template <int kD, typename T, int kRows, int kHeads, int kWarps, int kRingMode>
 pf_status pf_paged_attn_go(pf_paged_args *a, cudaStream_t stream, int mode, int *occupancy) {
     /* ring mode 1: 3 slots of 16-token tiles, 2: 6 slots of 8-token tiles (per warp) */
     constexpr int kNT = kRingMode == 2 ? 1 : kD <= 128 ? 2 : 1;
     constexpr int kRing = kRingMode == 1 ? 3 : kRingMode == 2 ? 6 : 0;
-    constexpr int kSmem = kWarps * pf_ring_warp_bytes<kD, T, kNT, kRing>();
+    constexpr int kSmem = pf_paged_smem_bytes<kD, T, kRows, kNT, kHeads, kWarps, kRing>();
     void (*kernel)(const pf_paged_args) = pf_paged_attn_kernel<kD, T, kRows, kNT, kHeads, kWarps, kRing>;
     int dev = 0;
     PF_CUDA_CHECK(cudaGetDevice(&dev));
@@ -835,7 +857,7 @@ pf_status pf_paged_attn_go(pf_paged_args *a, cudaStream_t stream, int mode, int 
     return PF_STATUS_OK;
 }
 
-template <int kD, typename T, int kRows, bool kHeads, int kWarps>
+template <int kD, typename T, int kRows, int kHeads, int kWarps>
 pf_status pf_paged_attn_ring(pf_paged_args *a, cudaStream_t stream, int mode, int *occupancy) {
     if constexpr (kD % 64 == 0 && kD <= 128) {
         if (a->ring == 1) return pf_paged_attn_go<kD, T, kRows, kHeads, kWarps, 1>(a, stream, mode, occupancy);
@@ -844,11 +866,34 @@ pf_status pf_paged_attn_ring(pf_paged_args *a, cudaStream_t stream, int mode, in
     return pf_paged_attn_go<kD, T, kRows, kHeads, kWarps, 0>(a, stream, mode, occupancy);
 }
 
+/* CTA shapes (a->kv_per_cta KV heads x a->warps warps): head mode 8x8 and 4x4, token
+ * mode 1x4 with any K/V path; the mixed shapes 1x8, 2x8 and 4x8 (several warps per
+ * head, more than one head per CTA) only with the ring (head dims 64 and 128). The
+ * occupancy query (mode 0) turns any other request into one of these, in place, so
+ * the launcher's grid and split count follow the shape that runs. */
 template <int kD, typename T, int kRows>
 pf_status pf_paged_attn_mode(pf_paged_args *a, cudaStream_t stream, int mode, int *occupancy) {
-    if (a->kv_per_cta == 8) return pf_paged_attn_ring<kD, T, kRows, true, 8>(a, stream, mode, occupancy);
-    if (a->kv_per_cta == 4) return pf_paged_attn_ring<kD, T, kRows, true, 4>(a, stream, mode, occupancy);
-    return pf_paged_attn_ring<kD, T, kRows, false, 4>(a, stream, mode, occupancy);
+    constexpr bool kMixed = kD % 64 == 0 && kD <= 128;
+    if (mode == 0) {
+        const int h = a->kv_per_cta, w = a->warps;
+        const bool mixed_ok = kMixed && w == 8 && (h == 1 || h == 2 || h == 4);
+        if (mixed_ok) {
+            a->ring = 1;
+        } else if (!((h == 8 && w == 8) || (h == 4 && w == 4) || (h == 1 && w == 4))) {
+            a->kv_per_cta = h >= 8 ? 8 : h >= 4 ? 4 : 1;
+            a->warps = a->kv_per_cta == 8 ? 8 : 4;
+        }
+    }
+    if (a->warps == 8) {
+        if (a->kv_per_cta == 8) return pf_paged_attn_ring<kD, T, kRows, 8, 8>(a, stream, mode, occupancy);
+        if constexpr (kMixed) {
+            if (a->kv_per_cta == 4) return pf_paged_attn_go<kD, T, kRows, 4, 8, 1>(a, stream, mode, occupancy);
+            if (a->kv_per_cta == 2) return pf_paged_attn_go<kD, T, kRows, 2, 8, 1>(a, stream, mode, occupancy);
+            return pf_paged_attn_go<kD, T, kRows, 1, 8, 1>(a, stream, mode, occupancy);
+        }
+    }
+    if (a->kv_per_cta == 4) return pf_paged_attn_ring<kD, T, kRows, 4, 4>(a, stream, mode, occupancy);
+    return pf_paged_attn_ring<kD, T, kRows, 1, 4>(a, stream, mode, occupancy);
 }
 
 template <int kD, typename T>

@@ -45,6 +45,7 @@
  * (b128/64k 7517 vs 10340 us, b32/4k 127 vs 172).
  */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "paged_attn.cuh"
@@ -453,6 +454,77 @@ static pf_status pf_launch_combine(const pf_combine_args &c, cudaStream_t stream
 
 static bool pf_aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
+/* Work items of the tensor-core kernel for the CTA shape in a.kv_per_cta. */
+static int64_t pf_paged_work(const pf_paged_args &a, bool has_cu) {
+    const int64_t kv_groups = (a.num_kv_heads + a.kv_per_cta - 1) / a.kv_per_cta;
+    return (int64_t)a.num_row_tiles * kv_groups * (has_cu ? 1 : a.batch);
+}
+
+/* At most one split per 64 tokens of the longest possible sequence, and 256. */
+static int64_t pf_split_cap(const pf_paged_args &a) {
+    const int64_t max_ctx = (int64_t)a.max_blocks * a.block_size;
+    const int64_t useful = max_ctx / 64 > 1 ? max_ctx / 64 : 1;
+    return useful < PF_PAGED_MAX_SPLITS ? useful : PF_PAGED_MAX_SPLITS;
+}
+
+/* The automatic split count: enough CTAs to fill the GPU once, >= 64 tokens a split. */
+static int64_t pf_auto_splits(const pf_paged_args &a, int64_t work, int sms, int occupancy) {
+    const int64_t max_ctx = (int64_t)a.max_blocks * a.block_size;
+    const int64_t capacity = (int64_t)sms * (occupancy > 0 ? occupancy : 1) * PF_PAGED_TARGET_WAVES;
+    int64_t splits = work >= capacity ? 1 : capacity / work;
+    const int64_t by_len = max_ctx / PF_PAGED_MIN_SPLIT_TOKENS;
+    if (splits > by_len) splits = by_len;
+    const int64_t cap = pf_split_cap(a);
+    if (splits > cap) splits = cap;
+    return splits < 1 ? 1 : splits;
+}
+
+/* The CTA shape when head mode would split (automatic split count, decode-sized row
+ * tiles, the ring's head dims 64 / 128): token mode (1 KV head x 4 warps, 2 CTAs per SM)
+ * when it needs no split and head mode's splits would be short (<= 1024 tokens), so no
+ * combine runs; 1 KV head x 8 warps when head mode would take more than 16 splits (it
+ * cuts them 8x and the merge of a head's 8 warps happens in shared memory). Measured on
+ * an H200, 32 / 8 heads, d = 128, bf16 (us, head mode -> chosen shape): b32/1k 40.9 -> 38.4,
+ * b32/4k 132.5 -> 130.1, b1/16k 33.4 -> 26.4, b1/64k 80.9 -> 74.1; head mode stays where
+ * it was fastest: b32/16k 486.8 (token mode 496.1), b8/16k 131.4 (1x8 140.8, token mode
+ * 133.3), b1/4k 13.7 (1x8 13.6). On return a (kv_per_cta, warps, ring), *occupancy and
+ * *work describe the chosen shape. */
+static pf_status pf_pick_shape(pf_paged_args &a, pf_paged_fn fast, int rows, bool has_cu, int sms,
+                               cudaStream_t stream, int *occupancy, int64_t *work) {
+    if (a.kv_per_cta < 4 || a.ring != 1 || rows != 8 || (a.head_dim != 64 && a.head_dim != 128)) return PF_STATUS_OK;
+    const int64_t s_head = pf_auto_splits(a, *work, sms, *occupancy);
+    if (s_head <= 1) return PF_STATUS_OK;
+    const pf_paged_args head = a;
+    const int64_t max_ctx = (int64_t)a.max_blocks * a.block_size;
+    if (max_ctx / s_head <= 1024) {
+        a.kv_per_cta = 1;
+        a.warps = 4;
+        int occ = 1;
+        PF_TRY(fast(&a, rows, stream, 0, &occ));
+        const int64_t w = pf_paged_work(a, has_cu);
+        if (a.kv_per_cta == 1 && pf_auto_splits(a, w, sms, occ) == 1) {
+            *occupancy = occ;
+            *work = w;
+            return PF_STATUS_OK;
+        }
+        a = head;
+    }
+    if (s_head > 16) {
+        a.kv_per_cta = 1;
+        a.warps = 8;
+        int occ = 1;
+        PF_TRY(fast(&a, rows, stream, 0, &occ));
+        const int64_t w = pf_paged_work(a, has_cu);
+        if (a.kv_per_cta == 1 && a.warps == 8 && pf_auto_splits(a, w, sms, occ) < s_head) {
+            *occupancy = occ;
+            *work = w;
+            return PF_STATUS_OK;
+        }
+        a = head;
+    }
+    return PF_STATUS_OK;
+}
+
 static size_t pf_round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
 
 static pf_status pf_paged_enqueue(pf_paged_args &a, pf_paged_fn fast, int rows, int64_t splits, bool has_cu,
@@ -581,19 +653,29 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
         /* head mode (each warp one KV head, the CTA reading 4 heads' rows of every token
          * together) unless there are fewer KV heads than warps */
         a.kv_per_cta = a.num_kv_heads % 8 == 0 ? 8 : a.num_kv_heads >= 4 ? 4 : 1;
+        a.warps = a.kv_per_cta == 8 ? 8 : 4;
+        const char *e = getenv("PAGEDFLASH_PAGED_MODE");
         {
-            const char *e = getenv("PAGEDFLASH_PAGED_MODE");
-            const int override = e ? atoi(e) : -1;
-            if (override == 0) a.kv_per_cta = 1;
-            if (override == 1) a.kv_per_cta = 4;
-            if (override == 2) a.kv_per_cta = 8;
+            /* PAGEDFLASH_PAGED_MODE: 0 / 1 / 2 = token / 4-warp head / 8-warp head mode, or
+             * "HxW": H KV heads per CTA of W warps (1x8, 2x8, 4x8: several warps per head) */
+            int mh = -1, mw = -1;
+            if (e && sscanf(e, "%dx%d", &mh, &mw) == 2) {
+                a.kv_per_cta = mh;
+                a.warps = mw;
+            } else if (e) {
+                const int override = atoi(e);
+                if (override == 0) a.kv_per_cta = 1, a.warps = 4;
+                if (override == 1) a.kv_per_cta = 4, a.warps = 4;
+                if (override == 2) a.kv_per_cta = 8, a.warps = 8;
+            }
             const char *r = getenv("PAGEDFLASH_PAGED_RING");
             a.ring = r ? atoi(r) : 1;
             if (a.ring < 0 || a.ring > 2) a.ring = 0;
         }
         PF_TRY(fast(&a, rows, stream, 0, &occupancy));
-        const int64_t kv_groups = (a.num_kv_heads + a.kv_per_cta - 1) / a.kv_per_cta;
-        work = (int64_t)a.num_row_tiles * kv_groups * (has_cu ? 1 : a.batch);
+        work = pf_paged_work(a, has_cu);
+        if (!e && p->num_splits <= 0)
+            PF_TRY(pf_pick_shape(a, fast, rows, has_cu, sms, stream, &occupancy, &work));
     } else {
         static int simple_occ[3];
         const int di = q.dtype == PF_DTYPE_F32 ? 0 : q.dtype == PF_DTYPE_F16 ? 1 : 2;
@@ -613,19 +695,12 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
         occupancy = simple_occ[di];
         work = ((int64_t)a.total_q * a.num_heads + PF_SIMPLE_WARPS - 1) / PF_SIMPLE_WARPS;
     }
-    const int64_t max_ctx = (int64_t)a.max_blocks * a.block_size;
-    const int64_t useful = max_ctx / 64 > 1 ? max_ctx / 64 : 1;
-    int64_t cap = useful < PF_PAGED_MAX_SPLITS ? useful : PF_PAGED_MAX_SPLITS;
     int64_t splits;
     if (p->num_splits > 0) {
+        const int64_t cap = pf_split_cap(a);
         splits = p->num_splits < cap ? p->num_splits : cap;
     } else {
-        const int64_t capacity = (int64_t)sms * (occupancy > 0 ? occupancy : 1) * PF_PAGED_TARGET_WAVES;
-        splits = work >= capacity ? 1 : capacity / work;
-        const int64_t by_len = max_ctx / PF_PAGED_MIN_SPLIT_TOKENS;
-        if (splits > by_len) splits = by_len;
-        if (splits > cap) splits = cap;
-        if (splits < 1) splits = 1;
+        splits = pf_auto_splits(a, work, sms, occupancy);
     }
     a.num_splits = (int)splits;
 

@@ -183,21 +183,34 @@ def test_against_cpu_backend(rng):
 
 
 def test_long_context_auto_split(rng):
-    """Batch 1, 8k tokens, 32/8 heads: the automatic split count path (flash decoding)."""
+    """Batch 1, 8k tokens, 32/8 heads: the automatic split count path (flash decoding); head
+    mode would take > 16 splits, so the launcher picks CTAs of 1 KV head x 8 warps."""
     paged_case(rng, lens=(8191,), h=32, hk=8, bs=16)
+    paged_case(rng, lens=(8191,), h=32, hk=8, d=64, bs=16)
+
+
+def test_auto_shape_token_mode(rng):
+    """32 sequences of ~1k tokens, 32/8 heads: on a GPU with >= 128 SMs head mode would
+    split each sequence 4 ways, so the launcher takes token mode (256 CTAs of 1 KV head x
+    4 warps, no split) instead; whatever the GPU, the result is the reference's."""
+    lens = tuple(int(x) for x in rng.integers(900, 1025, size=32))
+    paged_case(rng, lens=lens, h=32, hk=8, bs=16)
 
 
 # The head-mode kernel in both widths: PAGEDFLASH_PAGED_MODE 2 = eight warps (one per KV
-# head), 1 = four (read on every call); 0 = token mode (what hk = 2 takes elsewhere).
+# head), 1 = four (read on every call); 0 = token mode (what hk = 2 takes elsewhere);
+# "HxW" = H KV heads per CTA of W warps, W / H warps sharing a head (1x8, 2x8, 4x8; the
+# KV-head counts leave idle warps in the last group of 2x8 and 4x8).
 # PAGEDFLASH_PAGED_RING 1 / 2 streams K/V through a shared-memory ring (3 x 16-token or
 # 6 x 8-token slots per warp) instead of registers (head dims 64 and 128).
-@pytest.mark.parametrize("mode,ring", [("2", "0"), ("1", "0"), ("2", "1"), ("2", "2"), ("1", "1"), ("0", "0"),
-                                       ("0", "1")],
-                         ids=["w8-regs", "w4-regs", "w8-ring3", "w8-ring6", "w4-ring3", "tok-regs", "tok-ring3"])
-def test_head_mode_configs(rng, monkeypatch, mode, ring):
+@pytest.mark.parametrize("mode,ring,hk", [("2", "0", 8), ("1", "0", 4), ("2", "1", 8), ("2", "2", 8), ("1", "1", 4),
+                                          ("0", "0", 4), ("0", "1", 4), ("1x8", "1", 4), ("2x8", "1", 3),
+                                          ("4x8", "1", 6)],
+                         ids=["w8-regs", "w4-regs", "w8-ring3", "w8-ring6", "w4-ring3", "tok-regs", "tok-ring3",
+                              "1x8-ring3", "2x8-ring3", "4x8-ring3"])
+def test_head_mode_configs(rng, monkeypatch, mode, ring, hk):
     monkeypatch.setenv("PAGEDFLASH_PAGED_MODE", mode)
     monkeypatch.setenv("PAGEDFLASH_PAGED_RING", ring)
-    hk = 8 if mode == "2" else 4
     # one long sequence split across many CTAs, short ones, a single token
     paged_case(rng, lens=(5000, 1, 37, 300), h=4 * hk, hk=hk, bs=16)
     # blocks smaller than a tile / not a multiple of it
