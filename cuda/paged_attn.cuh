@@ -29,6 +29,9 @@
  *   token mode: a CTA of 4 warps = (sequence, KV head, row tile, split); the
  *     warps take every 4th tile, keep their own online-softmax state and are
  *     merged through shared memory at the end.
+ *   mixed shapes (ring only): kHeads KV heads per CTA of kWarps = 8 warps (1x8, 2x8,
+ *     4x8), kWarps / kHeads warps per head taking every (kWarps / kHeads)-th tile,
+ *     merged like token mode (in the drained ring).
  * Per warp and tile, on the tensor cores:
  *   S = Q K^T   mma.m16n8k16 (f16/bf16 in, f32 accumulate). A = Q (rows padded
  *               to 16), B = K^T as 16-byte vectors per lane (from global memory

@@ -28,7 +28,10 @@
  * (8 warps when num_kv_heads % 8 == 0); otherwise 4 warps share one KV head and
  * take every 4th tile ("token mode"). Head mode: 4.35 TB/s against token mode's
  * 3.30 at batch 128 / 64k on the same data. PAGEDFLASH_PAGED_MODE=0/1/2 forces
- * token / 4-warp head / 8-warp head mode (read on every call; for tests and tuning).
+ * token / 4-warp head / 8-warp head mode, "HxW" any CTA shape of H KV heads x W warps
+ * that paged_attn.cuh instantiates (read on every call; for tests and tuning). Where head
+ * mode would split, pf_pick_shape may take token mode or 1 KV head x 8 warps instead
+ * (the rule and its measurements are at the function).
  *
  * Combine: one warp per (query, head) row with all of the row's partials loaded at
  * once when there are <= 16 splits and head_dim % 4 == 0 (<= 128), else a CTA per row;
