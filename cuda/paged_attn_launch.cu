@@ -463,23 +463,19 @@ static int64_t pf_paged_work(const pf_paged_args &a, bool has_cu) {
     return (int64_t)a.num_row_tiles * kv_groups * (has_cu ? 1 : a.batch);
 }
 
-/* At most one split per 64 tokens of the longest possible sequence, and 256. */
+/* At most one split per PF_PAGED_MIN_SPLIT_TOKENS tokens of the longest possible
+ * sequence, and PF_PAGED_MAX_SPLITS. */
 static int64_t pf_split_cap(const pf_paged_args &a) {
-    const int64_t max_ctx = (int64_t)a.max_blocks * a.block_size;
-    const int64_t useful = max_ctx / 64 > 1 ? max_ctx / 64 : 1;
-    return useful < PF_PAGED_MAX_SPLITS ? useful : PF_PAGED_MAX_SPLITS;
+    const int64_t by_len = (int64_t)a.max_blocks * a.block_size / PF_PAGED_MIN_SPLIT_TOKENS;
+    return by_len < 1 ? 1 : by_len < PF_PAGED_MAX_SPLITS ? by_len : PF_PAGED_MAX_SPLITS;
 }
 
-/* The automatic split count: enough CTAs to fill the GPU once, >= 64 tokens a split. */
+/* The automatic split count: enough CTAs to fill the GPU once, within pf_split_cap. */
 static int64_t pf_auto_splits(const pf_paged_args &a, int64_t work, int sms, int occupancy) {
-    const int64_t max_ctx = (int64_t)a.max_blocks * a.block_size;
     const int64_t capacity = (int64_t)sms * (occupancy > 0 ? occupancy : 1) * PF_PAGED_TARGET_WAVES;
-    int64_t splits = work >= capacity ? 1 : capacity / work;
-    const int64_t by_len = max_ctx / PF_PAGED_MIN_SPLIT_TOKENS;
-    if (splits > by_len) splits = by_len;
+    const int64_t splits = work >= capacity ? 1 : capacity / work;
     const int64_t cap = pf_split_cap(a);
-    if (splits > cap) splits = cap;
-    return splits < 1 ? 1 : splits;
+    return splits < cap ? splits : cap;
 }
 
 /* The CTA shape when head mode would split (automatic split count, decode-sized row
@@ -498,33 +494,26 @@ static pf_status pf_pick_shape(pf_paged_args &a, pf_paged_fn fast, int rows, boo
     const int64_t s_head = pf_auto_splits(a, *work, sms, *occupancy);
     if (s_head <= 1) return PF_STATUS_OK;
     const pf_paged_args head = a;
-    const int64_t max_ctx = (int64_t)a.max_blocks * a.block_size;
-    if (max_ctx / s_head <= 1024) {
-        a.kv_per_cta = 1;
-        a.warps = 4;
+    /* switches a to heads x warps when that shape exists and takes at most max_splits
+     * splits; a stays head mode otherwise */
+    auto take = [&](int heads, int warps, int64_t max_splits, bool *taken) -> pf_status {
+        a.kv_per_cta = heads;
+        a.warps = warps;
         int occ = 1;
-        PF_TRY(fast(&a, rows, stream, 0, &occ));
+        PF_TRY(fast(&a, rows, stream, 0, &occ)); /* may normalize the shape */
         const int64_t w = pf_paged_work(a, has_cu);
-        if (a.kv_per_cta == 1 && pf_auto_splits(a, w, sms, occ) == 1) {
+        *taken = a.kv_per_cta == heads && a.warps == warps && pf_auto_splits(a, w, sms, occ) <= max_splits;
+        if (*taken) {
             *occupancy = occ;
             *work = w;
-            return PF_STATUS_OK;
+        } else {
+            a = head;
         }
-        a = head;
-    }
-    if (s_head > 16) {
-        a.kv_per_cta = 1;
-        a.warps = 8;
-        int occ = 1;
-        PF_TRY(fast(&a, rows, stream, 0, &occ));
-        const int64_t w = pf_paged_work(a, has_cu);
-        if (a.kv_per_cta == 1 && a.warps == 8 && pf_auto_splits(a, w, sms, occ) < s_head) {
-            *occupancy = occ;
-            *work = w;
-            return PF_STATUS_OK;
-        }
-        a = head;
-    }
+        return PF_STATUS_OK;
+    };
+    bool taken = false;
+    if ((int64_t)a.max_blocks * a.block_size / s_head <= 1024) PF_TRY(take(1, 4, 1, &taken));
+    if (!taken && s_head > 16) PF_TRY(take(1, 8, s_head - 1, &taken));
     return PF_STATUS_OK;
 }
 
