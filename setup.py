@@ -15,6 +15,7 @@ Environment switches
 """
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,16 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
-VERSION = "0.1.0"
+
+
+def read_version():
+    """The version lives in one place: PF_VERSION_* in csrc/include/pagedflash.h."""
+    text = (ROOT / "csrc" / "include" / "pagedflash.h").read_text()
+    return ".".join(re.search(rf"#define PF_VERSION_{part} (\d+)", text).group(1)
+                    for part in ("MAJOR", "MINOR", "PATCH"))
+
+
+VERSION = read_version()
 
 
 def log(msg):
@@ -112,7 +122,7 @@ class BuildExt(build_ext):
 
     def build_cuda(self, ext, nvcc):
         archs = cuda_archs()
-        sources = sorted((ROOT / "cuda").glob("*.cu")) + sorted((ROOT / "cuda" / "inst").glob("*.cu"))
+        sources = sorted((ROOT / "cuda").rglob("*.cu"))
         headdims = os.environ.get("PAGEDFLASH_HEADDIMS")
         kept_dims = []
         if headdims:
@@ -135,9 +145,10 @@ class BuildExt(build_ext):
 
         # Any header change rebuilds every object (simple and safe).
         common = hashlib.sha256()
-        for hdr in sorted((ROOT / "cuda").glob("*.cuh")) + sorted((ROOT / "cuda").glob("*.h")) + \
-                sorted((ROOT / "csrc" / "include").glob("*.h")) + sorted((ROOT / "csrc" / "core").glob("*.h")):
-            common.update(hdr.name.encode() + b"\0" + hdr.read_bytes())
+        headers = [h for pattern in ("*.cuh", "*.h", "*.inc") for h in (ROOT / "cuda").rglob(pattern)]
+        headers += sorted((ROOT / "csrc" / "include").glob("*.h")) + sorted((ROOT / "csrc" / "core").glob("*.h"))
+        for hdr in sorted(headers):
+            common.update(str(hdr.relative_to(ROOT)).encode() + b"\0" + hdr.read_bytes())
         common.update("\0".join(flags).replace(str(ROOT), "<root>").encode())
         try:
             common.update(subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.encode())
@@ -145,8 +156,9 @@ class BuildExt(build_ext):
             pass
 
         def compile_one(src):
-            obj = out_dir / (src.stem + ".o")
-            stamp = out_dir / (src.stem + ".sha256")
+            stem = "_".join(src.relative_to(ROOT / "cuda").with_suffix("").parts)
+            obj = out_dir / (stem + ".o")
+            stamp = out_dir / (stem + ".sha256")
             h = common.copy()
             h.update(src.read_bytes())
             digest = h.hexdigest()
@@ -189,9 +201,8 @@ ext = Extension(
     # headers as dependencies: a header-only change must rebuild the extension
     depends=sorted(str(p.relative_to(ROOT)) for d in ("csrc", "cuda") for p in (ROOT / d).rglob("*.h")),
     include_dirs=["csrc/include", "csrc/core", "csrc/cpu", numpy.get_include()],
-    define_macros=[("PAGEDFLASH_VERSION_STRING", f'"{VERSION}"')],
     extra_compile_args=cflags,
     extra_link_args=["-pthread"],
 )
 
-setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})
+setup(version=VERSION, ext_modules=[ext], cmdclass={"build_ext": BuildExt})

@@ -108,8 +108,7 @@ extern "C" pf_status pf_cuda_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor 
                             w.kc_sh, w.vc_sb, w.vc_so, w.vc_sh, (int64_t)w.row_bytes};
     const int unit = pf_unit_of(vals, (int)(sizeof vals / sizeof vals[0]));
     const int64_t blocks = (rows + 3) / 4;
-    PF_CHECK(blocks < (int64_t)INT32_MAX, PF_STATUS_NOT_SUPPORTED, "k: too many tokens (%lld) for one launch",
-             (long long)w.num_tokens);
+    /* blocks < 2^31: rows <= limits.max_rows, checked by the core */
     cudaStream_t s = (cudaStream_t)stream;
     switch (unit) {
         case 16: pf_write_kv_kernel<uint4><<<(unsigned)blocks, 128, 0, s>>>(w); break;

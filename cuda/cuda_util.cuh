@@ -26,7 +26,8 @@
 #include <stdint.h>
 
 #include "pf_cuda.h"
-#include "pf_internal.h"
+#include "backend.h"
+#include "pf_error.h"
 
 #define PF_CUDA_CHECK(expr)                                                                     \
     do {                                                                                        \

@@ -2,12 +2,12 @@
  * dropout_mask.cu - pf_cuda_dropout_mask: the keep mask the forward applies,
  * materialized for tests: mask u8 [batch, num_heads, seqlen_q, seqlen_k]
  * (dense layout), keep[b, h, i, j] = philox(j / 4, i, b * num_heads + h,
- * offset; seed)[j % 4] >= threshold (pf_philox.h, the CPU's exact contract).
+ * offset; seed)[j % 4] >= threshold (pagedflash_philox.h, the CPU's exact contract).
  * One thread per group of 4 columns; runs on params->stream.
  */
 #include "flash_common.cuh"
 #include "pf_cuda.h"
-#include "pf_philox.h"
+#include "pagedflash_philox.h"
 
 namespace {
 
@@ -38,8 +38,7 @@ __global__ void dropout_mask_kernel(const __grid_constant__ MaskParams p) {
 }  // namespace
 
 extern "C" pf_status pf_cuda_dropout_mask(const pf_attn_params *a, pf_tensor mask) {
-    PF_CHECK(a->cu_seqlens_q.data == nullptr, PF_STATUS_NOT_SUPPORTED,
-             "dropout_mask: only the dense layout is supported (cu_seqlens_q given)");
+    /* packed layouts are refused by the core (limits.dropout_mask_varlen = 0) */
     MaskParams p;
     p.mask = (uint8_t *)mask.data;
     p.sb = mask.strides[0];

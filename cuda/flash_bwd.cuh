@@ -37,7 +37,7 @@
  * bfloat16 calls at head dims 64 / 128 without softcap, ALiBi or dropout to
  * flash_bwd_sm90.cuh (wgmma main kernel, vectorized passes 1 and 3).
  *
- * Dropout regenerates the forward's Philox mask (pf_philox.h); softcap
+ * Dropout regenerates the forward's Philox mask (pagedflash_philox.h); softcap
  * multiplies dS by 1 - tanh^2; ALiBi has no gradient. Rows the forward masked
  * completely (lse = -inf) get P = 0. dK and dQ are scaled by softmax_scale at
  * the end.
@@ -52,7 +52,7 @@
 #include "flash_common.cuh"
 #include "flash_fwd.cuh"
 #include "flash_params.h"
-#include "pf_philox.h"
+#include "pagedflash_philox.h"
 
 namespace pf {
 namespace cuda {

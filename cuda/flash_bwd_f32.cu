@@ -18,7 +18,7 @@
 #include "flash_bwd.cuh"
 #include "flash_common.cuh"
 #include "flash_params.h"
-#include "pf_philox.h"
+#include "pagedflash_philox.h"
 
 namespace pf {
 namespace cuda {

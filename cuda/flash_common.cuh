@@ -34,7 +34,8 @@
 #include <atomic>
 
 #include "cuda_util.cuh"
-#include "pf_internal.h"
+#include "backend.h"
+#include "pf_error.h"
 
 namespace pf {
 namespace cuda {

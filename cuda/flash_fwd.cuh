@@ -19,7 +19,7 @@
  *        wait V(n), barrier, issue cp.async K(n-1)        -- overlaps softmax and P V
  *        online softmax in the log2 domain with exp2: running row max m, row sum
  *        l kept per thread (the quad reduces l only at the end), O *= exp2(m_old - m_new)
- *        dropout (Philox, pf_philox.h: the CPU's exact keep mask)
+ *        dropout (Philox, pagedflash_philox.h: the CPU's exact keep mask)
  *        O += P V    (P stays in registers: the C fragment of S is the A fragment
  *                     of P; V through ldmatrix.trans)
  *   3. O /= l (times 1/(1-p) with dropout), lse = (m + log2 l) ln 2, O staged
@@ -39,7 +39,7 @@
 
 #include "flash_common.cuh"
 #include "flash_params.h"
-#include "pf_philox.h"
+#include "pagedflash_philox.h"
 
 #ifndef PF_QK_UNROLL
 #define PF_QK_UNROLL _Pragma("unroll")

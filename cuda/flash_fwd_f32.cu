@@ -15,7 +15,7 @@
 #include "flash_common.cuh"
 #include "flash_fwd.cuh"
 #include "flash_params.h"
-#include "pf_philox.h"
+#include "pagedflash_philox.h"
 
 namespace pf {
 namespace cuda {

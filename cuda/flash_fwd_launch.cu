@@ -18,7 +18,7 @@
 #include "flash_hdims.h"
 #include "flash_params.h"
 #include "pf_cuda.h"
-#include "pf_philox.h"
+#include "pagedflash_philox.h"
 
 namespace pf {
 namespace cuda {
@@ -54,13 +54,7 @@ pf_status fill_flash_params(const pf_attn_params *a, FlashParams *p, bool backwa
     const int64_t batch = varlen ? a->cu_seqlens_q.shape[0] - 1 : q.shape[0];
     const int64_t sq = varlen ? q.shape[0] : q.shape[1];
     const int64_t sk = varlen ? k.shape[0] : k.shape[1];
-    const int64_t kLimit = (int64_t)1 << 30;
-    PF_CHECK(sq < kLimit && sk < kLimit, PF_STATUS_NOT_SUPPORTED,
-             "q/k: sequence lengths (or packed totals) must be < 2^30 on CUDA, got %lld and %lld",
-             (long long)sq, (long long)sk);
-    PF_CHECK(q.shape[hh] <= 65535 && batch <= 65535, PF_STATUS_NOT_SUPPORTED,
-             "q: num_heads (%lld) and batch (%lld) must each be <= 65535 on CUDA", (long long)q.shape[hh],
-             (long long)batch);
+    /* the core checked sq, sk < 2^30 and heads, batch <= 65535 (pf_cuda_backend.limits) */
     p->batch = (int)batch;
     p->num_heads = (int)q.shape[hh];
     p->num_kv_heads = (int)k.shape[hh];

@@ -1,6 +1,6 @@
 /*
- * pf_cuda.h - the one internal header between the C core and the CUDA
- * backend: extern "C" launchers, each called by the core's dispatch after
+ * pf_cuda.h - the CUDA backend's operations: extern "C" launchers, the entries
+ * of pf_cuda_backend (cuda_backend.cu), each called by the core after
  * validation, each returning a pf_status (PF_STATUS_CUDA_ERROR with the CUDA
  * message and call site on failure). Compiled only when PF_WITH_CUDA is set.
  */
@@ -12,13 +12,6 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-/* build_info.cu */
-int pf_cuda_runtime_device_count(void);
-const char *pf_cuda_compiled_archs(void);
-int pf_cuda_runtime_pointer_device(const void *ptr);
-pf_status pf_cuda_device_alloc(void **ptr, size_t bytes, int32_t device_id);
-void pf_cuda_device_free(void *ptr, int32_t device_id);
 
 /* Launchers (params validated by the core). */
 pf_status pf_cuda_flash_fwd(const pf_attn_params *p);

@@ -164,7 +164,7 @@ def test_fwd_alibi_per_batch_and_scale(rng):
 
 
 # ---------------------------------------------------------------------------
-# dropout: the Philox contract of csrc/core/pf_philox.h, recomputed in NumPy
+# dropout: the Philox contract of csrc/include/pagedflash_philox.h, recomputed in NumPy
 # ---------------------------------------------------------------------------
 
 _M32 = np.uint64(0xFFFFFFFF)
@@ -186,7 +186,7 @@ def philox4x32_10(c, k0, k1):
 
 
 def dropout_keep(seed, offset, p, b, h, sq, sk, bh_base=0):
-    """keep[b, h, i, j] per pf_philox.h: counter (j/4, i, b*h + h, offset), key (seed lo, hi)."""
+    """keep[b, h, i, j] per pagedflash_philox.h: counter (j/4, i, b*h + h, offset), key (seed lo, hi)."""
     t = float(np.float32(p)) * 4294967296.0
     thr = 0xFFFFFFFF if t >= 4294967295.0 else (0 if t <= 0 else int(t))
     bb, hh, ii, jj = np.meshgrid(np.arange(b), np.arange(h), np.arange(sq), np.arange(sk), indexing="ij")

@@ -38,7 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "pf_internal.h"
+#include "pf_error.h"
 
 #define BP_NONE (-1)
 #define BP_HASHED 1u

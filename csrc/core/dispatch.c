@@ -1,78 +1,83 @@
 /*
- * dispatch.c - public entry points: validate, then hand the call to the CPU
- * backend (csrc/cpu/) or the CUDA backend (cuda/, when built) by the device
- * of the first tensor argument.
+ * dispatch.c - the public entry points: validate (validate_*.c), then hand the
+ * call to the backend of the tensors' device through its pf_backend table
+ * (backend.h). A NULL entry is an operation that backend does not implement:
+ * PF_STATUS_NOT_SUPPORTED naming both. Build information and device memory go
+ * through the same tables.
  */
-#include "../cpu/cpu_backend.h"
-#include "pf_internal.h"
+#include "validate.h"
 
+const pf_backend *pf_backend_of(pf_device device) {
+    switch (device) {
+        case PF_DEVICE_CPU:
+        case PF_DEVICE_CUDA_HOST: return &pf_cpu_backend;
+        case PF_DEVICE_CUDA:
 #ifdef PF_WITH_CUDA
-#include "pf_cuda.h"
-#endif
-
-int pf_has_cuda(void) {
-#ifdef PF_WITH_CUDA
-    return 1;
+            return &pf_cuda_backend;
 #else
-    return 0;
+            return NULL;
 #endif
+    }
+    return NULL;
 }
 
+/* The backend of `device` and its entry `slot`, or NOT_SUPPORTED naming the operation. */
+#define PF_BACKEND_CALL(device, what, slot, ...)                                                           \
+    do {                                                                                                 \
+        const pf_backend *be_ = pf_backend_of(device);                                                   \
+        PF_CHECK(be_ != NULL, PF_STATUS_NOT_SUPPORTED,                                                  \
+                 "%s: this pagedflash was built without CUDA; tensors on a CUDA device need a build "  \
+                 "with nvcc present (PAGEDFLASH_CUDA=1)",                                              \
+                 what);                                                                                  \
+        PF_CHECK(be_->slot != NULL, PF_STATUS_NOT_SUPPORTED, "%s: not implemented by the %s backend", \
+                 what, be_->name);                                                                       \
+        return be_->slot(__VA_ARGS__);                                                                   \
+    } while (0)
+
+/* ---- build information and memory ---- */
+
+int pf_has_cuda(void) { return pf_backend_of(PF_DEVICE_CUDA) != NULL; }
+
 int pf_cuda_device_count(void) {
-#ifdef PF_WITH_CUDA
-    return pf_cuda_runtime_device_count();
-#else
-    return 0;
-#endif
+    const pf_backend *be = pf_backend_of(PF_DEVICE_CUDA);
+    return be ? be->device_count() : 0;
 }
 
 int pf_cuda_pointer_device(const void *ptr) {
-#ifdef PF_WITH_CUDA
-    return pf_cuda_runtime_pointer_device(ptr);
-#else
-    (void)ptr;
-    return -1;
-#endif
+    const pf_backend *be = pf_backend_of(PF_DEVICE_CUDA);
+    return be ? be->pointer_device(ptr) : -1;
 }
 
 const char *pf_cuda_archs(void) {
-#ifdef PF_WITH_CUDA
-    return pf_cuda_compiled_archs();
-#else
-    return "";
-#endif
+    const pf_backend *be = pf_backend_of(PF_DEVICE_CUDA);
+    return be ? be->archs() : "";
 }
 
-void *pf_host_alloc(size_t bytes) { return pf_aligned_alloc(bytes); }
+void *pf_host_alloc(size_t bytes) {
+    void *ptr = NULL;
+    return pf_cpu_backend.alloc(&ptr, bytes, 0) == PF_STATUS_OK ? ptr : NULL;
+}
 
 pf_status pf_device_alloc(void **ptr, size_t bytes, int32_t device_id) {
     *ptr = NULL;
-#ifdef PF_WITH_CUDA
-    return pf_cuda_device_alloc(ptr, bytes, device_id);
-#else
-    (void)bytes;
-    (void)device_id;
-    PF_CHECK(0, PF_STATUS_NOT_SUPPORTED, "device: this pagedflash was built without CUDA");
-#endif
+    PF_BACKEND_CALL(PF_DEVICE_CUDA, "device", alloc, ptr, bytes, device_id);
 }
 
 void pf_device_free(void *ptr, int32_t device_id) {
-#ifdef PF_WITH_CUDA
-    pf_cuda_device_free(ptr, device_id);
-#else
-    (void)ptr;
-    (void)device_id;
-#endif
+    const pf_backend *be = pf_backend_of(PF_DEVICE_CUDA);
+    if (be) be->free(ptr, device_id);
 }
+
+/* ---- attention ---- */
 
 pf_status pf_flash_fwd(const pf_attn_params *p) {
     PF_TRY(pf_flash_fwd_validate(p));
-    PF_DISPATCH(p->q.device, pf_cpu_flash_fwd(p), pf_cuda_flash_fwd(p));
+    PF_BACKEND_CALL(p->q.device, "flash_fwd", flash_fwd, p);
 }
 
 pf_status pf_flash_bwd(const pf_attn_params *p) {
     PF_TRY(pf_flash_bwd_validate(p));
-    PF_DISPATCH(p->q.device, pf_cpu_flash_bwd(p), pf_cuda_flash_bwd(p));
+    PF_BACKEND_CALL(p->q.device, "flash_bwd", flash_bwd, p);
 }
 
 /* validate_attn.c; internal (the mask is a testing aid, its check lives with the others) */
@@ -80,5 +85,41 @@ pf_status pf_dropout_mask_validate(const pf_attn_params *p, const pf_tensor *mas
 
 pf_status pf_dropout_mask(const pf_attn_params *p, pf_tensor mask) {
     PF_TRY(pf_dropout_mask_validate(p, &mask));
-    PF_DISPATCH(p->q.device, pf_cpu_dropout_mask(p, mask), pf_cuda_dropout_mask(p, mask));
+    PF_BACKEND_CALL(p->q.device, "dropout_mask", dropout_mask, p, mask);
+}
+
+/* ---- serving ---- */
+
+pf_status pf_paged_attn(const pf_paged_params *p) {
+    PF_TRY(pf_paged_attn_validate(p));
+    PF_BACKEND_CALL(p->q.device, "paged_attn", paged_attn, p);
+}
+
+pf_status pf_merge_attn_states(const pf_merge_params *p) {
+    PF_TRY(pf_merge_attn_states_validate(p));
+    PF_BACKEND_CALL(p->out.device, "merge_attn_states", merge_attn_states, p);
+}
+
+pf_status pf_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache,
+                            pf_tensor slot_mapping, void *stream) {
+    PF_TRY(pf_write_kv_cache_validate(k, v, k_cache, v_cache, slot_mapping));
+    PF_BACKEND_CALL(k_cache.device, "write_kv_cache", write_kv_cache, k, v, k_cache, v_cache, slot_mapping,
+                    stream);
+}
+
+pf_status pf_copy_blocks(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping,
+                         void *stream) {
+    PF_TRY(pf_copy_blocks_validate(caches, num_caches, block_mapping));
+    pf_device device = num_caches > 0 ? caches[0].device : PF_DEVICE_CPU;
+    PF_BACKEND_CALL(device, "copy_blocks", copy_blocks, caches, num_caches, block_mapping, stream);
+}
+
+/* Host <-> host runs on the CPU backend. If either side is on a CUDA device the
+ * CUDA backend copies (cudaMemcpyAsync per block, host <-> device or device <->
+ * device, on `stream`). */
+pf_status pf_swap_blocks(pf_tensor src, pf_tensor dst, pf_tensor block_mapping, void *stream) {
+    PF_TRY(pf_swap_blocks_validate(src, dst, block_mapping));
+    pf_device device =
+        (src.device == PF_DEVICE_CUDA || dst.device == PF_DEVICE_CUDA) ? PF_DEVICE_CUDA : PF_DEVICE_CPU;
+    PF_BACKEND_CALL(device, "swap_blocks", swap_blocks, src, dst, block_mapping, stream);
 }

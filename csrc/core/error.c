@@ -1,11 +1,13 @@
 /*
- * error.c - status strings, the thread-local last-error message, dtype helpers
- * and the common tensor checks whose messages every validator shares.
+ * error.c - status strings, the thread-local last-error message, dtype names
+ * and sizes, and the names of the kernel hints.
  */
 #include <stdarg.h>
 #include <stdio.h>
 
-#include "pf_internal.h"
+#include <string.h>
+
+#include "pf_error.h"
 
 #if defined(_MSC_VER)
 #define PF_THREAD_LOCAL __declspec(thread)
@@ -76,125 +78,55 @@ const char *pf_dtype_name(pf_dtype dtype) {
     return "invalid";
 }
 
-const char *pf_shape_str(const pf_tensor *t, char *buf, size_t len) {
-    size_t pos = 0;
-    pos += (size_t)snprintf(buf + pos, len - pos, "[");
-    for (int i = 0; i < t->ndim && pos < len; i++)
-        pos += (size_t)snprintf(buf + pos, len - pos, i ? ", %lld" : "%lld", (long long)t->shape[i]);
-    if (pos < len) snprintf(buf + pos, len - pos, "]");
-    return buf;
+/* ---- kernel hints (pagedflash.h) ---- */
+
+static const struct {
+    const char *name;
+    int32_t kernel;
+} pf_kernel_names[] = {
+    {"auto", PF_KERNEL_AUTO},
+    {"sm80", PF_KERNEL_FLASH_SM80},
+    {"sm90", PF_KERNEL_FLASH_SM90},
+    {"simple", PF_KERNEL_PAGED_SIMPLE},
+    {"1x4", PF_KERNEL_PAGED_1X4},
+    {"4x4", PF_KERNEL_PAGED_4X4},
+    {"8x8", PF_KERNEL_PAGED_8X8},
+    {"1x8", PF_KERNEL_PAGED_1X8},
+    {"2x8", PF_KERNEL_PAGED_2X8},
+    {"4x8", PF_KERNEL_PAGED_4X8},
+};
+#define PF_NUM_KERNEL_NAMES ((int)(sizeof pf_kernel_names / sizeof pf_kernel_names[0]))
+static const char pf_registers_suffix[] = "+registers";
+
+pf_status pf_kernel_parse(const char *name, int32_t *kernel) {
+    PF_CHECK_VALUE(name != NULL && kernel != NULL, "kernel: NULL name");
+    const size_t n = strlen(name), ns = sizeof pf_registers_suffix - 1;
+    const int registers = n > ns && strcmp(name + n - ns, pf_registers_suffix) == 0;
+    const size_t base = registers ? n - ns : n;
+    for (int i = 0; i < PF_NUM_KERNEL_NAMES; i++) {
+        const int32_t k = pf_kernel_names[i].kernel;
+        if (strlen(pf_kernel_names[i].name) != base || strncmp(name, pf_kernel_names[i].name, base) != 0) continue;
+        if (registers && !(k > PF_KERNEL_PAGED_SIMPLE && k <= PF_KERNEL_PAGED_4X8)) break;
+        *kernel = k | (registers ? PF_KERNEL_PAGED_REGISTERS : 0);
+        return PF_STATUS_OK;
+    }
+    PF_CHECK_VALUE(0,
+                   "kernel: unknown kernel '%s'; expected auto, sm80, sm90 (flash attention), simple, 1x4, "
+                   "4x4, 8x8, 1x8, 2x8 or 4x8 (paged attention; the tensor-core shapes also with "
+                   "+registers)",
+                   name);
 }
 
-pf_status pf_check_rank(const pf_tensor *t, const char *name, int ndim) {
-    char s[128];
-    PF_CHECK_VALUE(t->ndim == ndim, "%s: expected a %d-d tensor, got %d-d with shape %s", name,
-                   ndim, (int)t->ndim, pf_shape_str(t, s, sizeof s));
-    return PF_STATUS_OK;
-}
-
-pf_status pf_check_dim(const pf_tensor *t, const char *name, int dim, int64_t expected,
-                       const char *what) {
-    char s[128];
-    PF_CHECK_VALUE(t->shape[dim] == expected, "%s: expected dimension %d (%s) to be %lld, got %lld (shape %s)",
-                   name, dim, what, (long long)expected, (long long)t->shape[dim],
-                   pf_shape_str(t, s, sizeof s));
-    return PF_STATUS_OK;
-}
-
-pf_status pf_check_dtype(const pf_tensor *t, const char *name, pf_dtype expected) {
-    PF_CHECK_TYPE(t->dtype == expected, "%s: expected dtype %s, got %s", name,
-                  pf_dtype_name(expected), pf_dtype_name(t->dtype));
-    return PF_STATUS_OK;
-}
-
-pf_status pf_check_float_dtype(const pf_tensor *t, const char *name) {
-    PF_CHECK_TYPE(t->dtype == PF_DTYPE_F32 || t->dtype == PF_DTYPE_F16 || t->dtype == PF_DTYPE_BF16,
-                  "%s: expected dtype float16, bfloat16 or float32, got %s", name,
-                  pf_dtype_name(t->dtype));
-    return PF_STATUS_OK;
-}
-
-pf_status pf_check_last_contiguous(const pf_tensor *t, const char *name) {
-    if (t->ndim == 0 || pf_tensor_numel(t) == 0) return PF_STATUS_OK;
-    int last = t->ndim - 1;
-    PF_CHECK_VALUE(t->shape[last] <= 1 || t->strides[last] == 1,
-                   "%s: the last dimension must be contiguous (stride 1), got stride %lld",
-                   name, (long long)t->strides[last]);
-    return PF_STATUS_OK;
-}
-
-pf_status pf_check_nonneg_strides(const pf_tensor *t, const char *name) {
-    for (int i = 0; i < t->ndim; i++)
-        PF_CHECK_VALUE(t->strides[i] >= 0 || t->shape[i] <= 1,
-                       "%s: negative strides are not supported (dimension %d has stride %lld)", name,
-                       i, (long long)t->strides[i]);
-    return PF_STATUS_OK;
-}
-
-int pf_tensor_on_host(const pf_tensor *t) {
-    return t->device == PF_DEVICE_CPU || t->device == PF_DEVICE_CUDA_HOST;
-}
-
-pf_status pf_check_same_device(const pf_tensor *t, const char *name, const pf_tensor *ref,
-                               const char *ref_name) {
-    int a = t->device == PF_DEVICE_CUDA, b = ref->device == PF_DEVICE_CUDA;
-    PF_CHECK_VALUE(a == b && (!a || t->device_id == ref->device_id),
-                   "%s: expected the same device as %s (%s:%d), got %s:%d", name, ref_name,
-                   b ? "cuda" : "cpu", (int)ref->device_id, a ? "cuda" : "cpu", (int)t->device_id);
-    return PF_STATUS_OK;
-}
-
-pf_status pf_check_same_shape(const pf_tensor *t, const char *name, const pf_tensor *ref,
-                              const char *ref_name) {
-    char a[128], b[128];
-    int same = t->ndim == ref->ndim;
-    for (int i = 0; same && i < t->ndim; i++) same = t->shape[i] == ref->shape[i];
-    PF_CHECK_VALUE(same, "%s: expected the shape of %s %s, got %s", name, ref_name,
-                   pf_shape_str(ref, a, sizeof a), pf_shape_str(t, b, sizeof b));
-    return PF_STATUS_OK;
-}
-
-pf_status pf_check_present(const pf_tensor *t, const char *name) {
-    PF_CHECK_VALUE(pf_tensor_present(t) || (t->ndim > 0 && pf_tensor_numel(t) == 0),
-                   "%s: missing (NULL data)", name);
-    return PF_STATUS_OK;
-}
-
-pf_status pf_check_float_like(const pf_tensor *t, const char *name, const pf_tensor *ref,
-                              const char *ref_name) {
-    PF_TRY(pf_check_present(t, name));
-    PF_TRY(pf_check_float_dtype(t, name));
-    PF_CHECK_TYPE(t->dtype == ref->dtype, "%s: expected dtype %s (the dtype of %s), got %s", name,
-                  pf_dtype_name(ref->dtype), ref_name, pf_dtype_name(t->dtype));
-    PF_TRY(pf_check_last_contiguous(t, name));
-    PF_TRY(pf_check_same_device(t, name, ref, ref_name));
-    return PF_STATUS_OK;
-}
-
-pf_status pf_check_mask_options(int32_t window_left, int32_t window_right, float softcap,
-                                float softmax_scale) {
-    PF_CHECK_VALUE(window_left >= -1, "window: left must be >= -1 (-1 = unbounded), got %d",
-                   (int)window_left);
-    PF_CHECK_VALUE(window_right >= -1, "window: right must be >= -1 (-1 = unbounded), got %d",
-                   (int)window_right);
-    PF_CHECK_VALUE(softcap >= 0.0f && softcap < __builtin_inff(),
-                   "softcap: must be a finite number >= 0 (0 = off), got %g", (double)softcap);
-    PF_CHECK_VALUE(softmax_scale == softmax_scale && softmax_scale > -__builtin_inff() &&
-                       softmax_scale < __builtin_inff(),
-                   "softmax_scale: must be finite, got %g", (double)softmax_scale);
-    return PF_STATUS_OK;
-}
-
-pf_status pf_check_alibi(const pf_tensor *a, int64_t num_heads, int64_t batch, const pf_tensor *q) {
-    if (!pf_tensor_present(a) && a->ndim == 0) return PF_STATUS_OK;
-    char s[128];
-    PF_TRY(pf_check_dtype(a, "alibi_slopes", PF_DTYPE_F32));
-    PF_CHECK_VALUE((a->ndim == 1 && a->shape[0] == num_heads) ||
-                       (a->ndim == 2 && a->shape[0] == batch && a->shape[1] == num_heads),
-                   "alibi_slopes: expected shape [%lld] or [%lld, %lld] (num_heads or batch x "
-                   "num_heads), got %s",
-                   (long long)num_heads, (long long)batch, (long long)num_heads,
-                   pf_shape_str(a, s, sizeof s));
-    PF_TRY(pf_check_same_device(a, "alibi_slopes", q, "q"));
-    return PF_STATUS_OK;
+const char *pf_kernel_name(int32_t kernel) {
+    static const char *const registers_names[] = {"1x4+registers", "4x4+registers", "8x8+registers",
+                                                  "1x8+registers", "2x8+registers", "4x8+registers"};
+    const int32_t base = kernel & ~PF_KERNEL_PAGED_REGISTERS;
+    for (int i = 0; i < PF_NUM_KERNEL_NAMES; i++) {
+        if (pf_kernel_names[i].kernel != base) continue;
+        if (!(kernel & PF_KERNEL_PAGED_REGISTERS)) return pf_kernel_names[i].name;
+        if (base > PF_KERNEL_PAGED_SIMPLE && base <= PF_KERNEL_PAGED_4X8)
+            return registers_names[base - PF_KERNEL_PAGED_1X4];
+        return NULL;
+    }
+    return NULL;
 }

@@ -1,9 +1,10 @@
 /*
  * validate_attn.c - the one place attention params are checked before any
- * backend runs (forward and backward). Every failure names the argument, what
- * was expected and what was given.
+ * backend runs (forward, backward, dropout mask): shapes, dtypes, devices,
+ * options, the kernel hint, and the limits of the backend that will run the
+ * call. Every failure names the argument, what was expected and what was given.
  */
-#include "pf_internal.h"
+#include "validate.h"
 
 /* cu_seqlens: int32 [batch + 1], 0 = first, non-decreasing, last = total. */
 static pf_status check_cu_seqlens(const pf_tensor *cu, const char *name, int64_t batch1,
@@ -76,6 +77,20 @@ static pf_status validate_common(const pf_attn_params *p, int backward) {
     PF_CHECK_VALUE(p->dropout_p >= 0.0f && p->dropout_p < 1.0f,
                    "dropout_p: must be in [0, 1), got %g", (double)p->dropout_p);
     PF_TRY(pf_check_alibi(&p->alibi_slopes, h, batch, q));
+
+    /* the backend of q's device: its limits, and the kernel hint */
+    const pf_backend *be;
+    PF_TRY(pf_check_backend(q, "q", &be));
+    const pf_backend_limits *lim = &be->limits;
+    const int64_t sq = q->shape[0 + !varlen], sk = k->shape[0 + !varlen];
+    PF_CHECK(!lim->max_seqlen || (sq < lim->max_seqlen && sk < lim->max_seqlen), PF_STATUS_NOT_SUPPORTED,
+             "q/k: sequence lengths (or packed totals) must be < %lld on %s, got %lld and %lld",
+             (long long)lim->max_seqlen, be->name, (long long)sq, (long long)sk);
+    PF_CHECK(!lim->max_heads || h <= lim->max_heads, PF_STATUS_NOT_SUPPORTED,
+             "q: num_heads must be <= %lld on %s, got %lld", (long long)lim->max_heads, be->name, (long long)h);
+    PF_CHECK(!lim->max_batch || batch <= lim->max_batch, PF_STATUS_NOT_SUPPORTED,
+             "q: batch must be <= %lld on %s, got %lld", (long long)lim->max_batch, be->name, (long long)batch);
+    PF_TRY(pf_check_kernel_hint(p->kernel, PF_HINT_FLASH, backward ? "flash_bwd" : "flash_fwd"));
 
     /* lse */
     const pf_tensor *lse = &p->lse;
@@ -150,6 +165,12 @@ pf_status pf_dropout_mask_validate(const pf_attn_params *p, const pf_tensor *mas
     PF_TRY(pf_check_nonneg_strides(mask, "mask"));
     char sbuf[128];
     int varlen = pf_tensor_present(&p->cu_seqlens_q);
+    const pf_backend *be;
+    PF_TRY(pf_check_backend(&p->q, "q", &be));
+    PF_CHECK(!varlen || be->limits.dropout_mask_varlen, PF_STATUS_NOT_SUPPORTED,
+             "cu_seqlens_q: the dropout mask of packed (varlen) layouts is not implemented on %s; compute "
+             "it on the CPU (it is the same mask)",
+             be->name);
     int64_t batch, h = p->q.shape[varlen ? 1 : 2], sq = 0, sk = 0;
     if (varlen) {
         batch = p->cu_seqlens_q.shape[0] - 1;

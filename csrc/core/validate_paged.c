@@ -12,8 +12,9 @@
  * the cache reads or writes nothing, never memory outside it.
  */
 #include <stdio.h>
+#include <string.h>
 
-#include "pf_internal.h"
+#include "validate.h"
 
 /* The largest block_size paged attention accepts (the CUDA kernels size their
  * shared-memory staging by it). */
@@ -175,6 +176,9 @@ pf_status pf_paged_attn_validate(const pf_paged_params *p) {
     PF_TRY(pf_check_mask_options(p->window_left, p->window_right, p->softcap, p->softmax_scale));
     PF_CHECK_VALUE(p->num_splits >= 0, "num_splits: must be >= 0 (0 = automatic), got %d",
                    (int)p->num_splits);
+    const pf_backend *be;
+    PF_TRY(pf_check_backend(q, "q", &be));
+    PF_TRY(pf_check_kernel_hint(p->kernel, PF_HINT_PAGED, "paged_attn"));
 
     /* values of the index tensors */
     if (pf_tensor_on_host(&p->block_tables) && pf_tensor_on_host(&p->seq_lens) &&
@@ -226,6 +230,14 @@ pf_status pf_merge_attn_states_validate(const pf_merge_params *p) {
         PF_TRY(pf_check_same_device(l, names[i], a, "out_a"));
         if (i == 2) PF_TRY(pf_check_nonneg_strides(l, names[i]));
     }
+    const pf_backend *be;
+    PF_TRY(pf_check_backend(&p->out, "out", &be));
+    PF_CHECK(!be->limits.max_merge_dims || a->ndim - 2 <= be->limits.max_merge_dims, PF_STATUS_NOT_SUPPORTED,
+             "out_a: at most %d leading dimensions are supported on %s, got %d", (int)be->limits.max_merge_dims,
+             be->name, (int)(a->ndim - 2));
+    PF_CHECK(!be->limits.max_rows || want.shape[0] * want.shape[1] <= be->limits.max_rows,
+             PF_STATUS_NOT_SUPPORTED, "out_a: too many rows (tokens x heads = %lld) for %s, at most %lld",
+             (long long)(want.shape[0] * want.shape[1]), be->name, (long long)be->limits.max_rows);
     return PF_STATUS_OK;
 }
 
@@ -254,6 +266,12 @@ pf_status pf_write_kv_cache_validate(pf_tensor k, pf_tensor v, pf_tensor k_cache
     PF_CHECK_VALUE(slot_mapping.shape[0] == k.shape[0],
                    "slot_mapping: expected length %lld (num_tokens, dimension 0 of k), got %lld",
                    (long long)k.shape[0], (long long)slot_mapping.shape[0]);
+
+    const pf_backend *be;
+    PF_TRY(pf_check_backend(kc, "k_cache", &be));
+    PF_CHECK(!be->limits.max_rows || k.shape[0] * kc->shape[2] <= be->limits.max_rows, PF_STATUS_NOT_SUPPORTED,
+             "k: too many rows (tokens x kv heads = %lld) for %s, at most %lld", (long long)(k.shape[0] * kc->shape[2]),
+             be->name, (long long)be->limits.max_rows);
 
     if (pf_tensor_on_host(&slot_mapping)) {
         const int64_t num_slots = kc->shape[0] * kc->shape[1];

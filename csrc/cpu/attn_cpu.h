@@ -9,10 +9,7 @@
 #ifndef PF_ATTN_CPU_H
 #define PF_ATTN_CPU_H
 
-#include "pf_internal.h"
-
-#define PF_LOG2E 1.4426950408889634f
-#define PF_LN2 0.6931471805599453f
+#include "cpu_common.h"
 
 /* GCC/Clang vector of 16 floats: one zmm on AVX-512, split on narrower ISAs. */
 typedef float pf_vf __attribute__((vector_size(64), aligned(64)));
@@ -122,9 +119,5 @@ static inline float pf_exp2_s(float x) {
     pf_vf v = (pf_vf){0} + x;
     return pf_exp2_v(v)[0];
 }
-
-/* 64-byte-aligned scratch for one thread; freed with free(). */
-void *pf_aligned_alloc(size_t bytes);
-void pf_aligned_free(void *p);
 
 #endif /* PF_ATTN_CPU_H */

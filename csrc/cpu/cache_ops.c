@@ -196,14 +196,17 @@ static void copy_one_cache(void *vctx, int64_t c, int tid) {
         copy_block(t, mapping_at(&x->mapping, i, 0), t, mapping_at(&x->mapping, i, 1));
 }
 
-pf_status pf_cpu_copy_blocks(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping) {
+pf_status pf_cpu_copy_blocks(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping,
+                             void *stream) {
+    (void)stream;
     if (num_caches == 0 || block_mapping.shape[0] == 0) return PF_STATUS_OK;
     copy_ctx x = {caches, block_mapping};
     /* one cache per item: the pairs of one cache stay in order */
     return pf_parallel_for(num_caches, 0, copy_one_cache, &x);
 }
 
-pf_status pf_cpu_swap_blocks(pf_tensor src, pf_tensor dst, pf_tensor block_mapping) {
+pf_status pf_cpu_swap_blocks(pf_tensor src, pf_tensor dst, pf_tensor block_mapping, void *stream) {
+    (void)stream;
     for (int64_t i = 0; i < block_mapping.shape[0]; i++)
         copy_block(&src, mapping_at(&block_mapping, i, 0), &dst, mapping_at(&block_mapping, i, 1));
     return PF_STATUS_OK;
@@ -239,7 +242,8 @@ static void write_tokens(void *vctx, int64_t item, int tid) {
 }
 
 pf_status pf_cpu_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache,
-                                pf_tensor slot_mapping) {
+                                pf_tensor slot_mapping, void *stream) {
+    (void)stream;
     write_ctx w = {k, v, k_cache, v_cache, slot_mapping, 0};
     const int64_t tokens = k.shape[0];
     if (tokens == 0) return PF_STATUS_OK;

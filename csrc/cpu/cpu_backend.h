@@ -1,6 +1,7 @@
 /*
- * cpu_backend.h - the CPU backend's entry points (called by csrc/core/dispatch.c
- * after validation) and the tile routines its kernels share.
+ * cpu_backend.h - the CPU backend's operations (the entries of pf_cpu_backend,
+ * cpu_backend.c; called by the core after validation) and the tile routines
+ * its kernels share.
  */
 #ifndef PF_CPU_BACKEND_H
 #define PF_CPU_BACKEND_H
@@ -77,10 +78,12 @@ void pf_cpu_free_scratch(void **bufs, int n);
 /* ---- serving operations (paged_attn.c, cache_ops.c): params already validated ---- */
 pf_status pf_cpu_paged_attn(const pf_paged_params *p);
 pf_status pf_cpu_merge_attn_states(const pf_merge_params *p);
+/* `stream` is the table's signature; host work has none */
 pf_status pf_cpu_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache,
-                                pf_tensor slot_mapping);
-pf_status pf_cpu_copy_blocks(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping);
-pf_status pf_cpu_swap_blocks(pf_tensor src, pf_tensor dst, pf_tensor block_mapping);
+                                pf_tensor slot_mapping, void *stream);
+pf_status pf_cpu_copy_blocks(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping,
+                             void *stream);
+pf_status pf_cpu_swap_blocks(pf_tensor src, pf_tensor dst, pf_tensor block_mapping, void *stream);
 
 /* Merge n partial attention results of one (query, head) by log-sum-exp:
  * o_i = o + i * ldo ([d] floats), lse_i natural log. Writes out [d] and *lse_out.

@@ -36,14 +36,14 @@
  * softcap (1 - tanh^2(u)), and du/d(q.k) = scale / softcap, hence g = 1 - tanh^2
  * and the same output factors as without softcap.
  *
- * Dropout mask (pf_cpu_dropout_mask): keep[b, h, i, j] as pf_philox.h defines
+ * Dropout mask (pf_cpu_dropout_mask): keep[b, h, i, j] as pagedflash_philox.h defines
  * it, with i, j local to the sequence (also for varlen).
  */
 #include <stdlib.h>
 
 #include "attn_cpu.h"
 #include "cpu_backend.h"
-#include "pf_philox.h"
+#include "pagedflash_philox.h"
 
 enum { kBlockM = PF_CPU_BLOCK_M, kBlockN = PF_CPU_BLOCK_N };
 

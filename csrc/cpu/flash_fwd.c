@@ -15,14 +15,14 @@
  * The inner products are register-blocked micro-kernels on 16-float vectors:
  * S uses 4 query rows x 64 key columns (16 accumulators) over K^T staged
  * [d][kBlockN]; PV uses 4 rows x up to 64 output columns over V staged
- * [kBlockN][d]. Dropout (Philox, pf_philox.h) scales kept probabilities by
+ * [kBlockN][d]. Dropout (Philox, pagedflash_philox.h) scales kept probabilities by
  * 1 / (1 - p) after the row sum, so lse describes the undropped softmax.
  */
 #include <stdlib.h>
 
 #include "attn_cpu.h"
 #include "cpu_backend.h"
-#include "pf_philox.h"
+#include "pagedflash_philox.h"
 
 /* 128 x 64 tiles: 1.3x faster than 64 x 64 at d=64, s=2048, f32, 1 thread on this
  * 2-core AVX-512 machine (the K^T staging is shared by twice the rows). */

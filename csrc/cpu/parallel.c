@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
-#include "pf_internal.h"
+#include "cpu_common.h"
 
 typedef struct pf_pool_job {
     int64_t n;

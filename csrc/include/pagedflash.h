@@ -93,6 +93,49 @@ size_t pf_dtype_size(pf_dtype dtype);      /* 0 for PF_DTYPE_INVALID */
 const char *pf_dtype_name(pf_dtype dtype); /* "float16", ... */
 
 /* ------------------------------------------------------------------------ */
+/* Kernel hints                                                              */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * Which kernel runs is decided per call by the backend's heuristic
+ * (PF_KERNEL_AUTO, the default and what users want). Tests and benchmarks steer
+ * it with the `kernel` field of pf_attn_params / pf_paged_params: a hint names
+ * one kernel (and, for paged attention, its CTA shape); the call fails with
+ * PF_STATUS_NOT_SUPPORTED when that kernel cannot take it (a device, dtype,
+ * head dim or layout it does not handle) instead of silently running another.
+ * A hint of another operation is PF_STATUS_INVALID_VALUE. The CPU backend has
+ * one kernel per operation and ignores every valid hint.
+ *
+ * Names (pf_kernel_parse / pf_kernel_name; the Python API takes them as
+ * `kernel="..."`): "auto"; flash_fwd / flash_bwd: "sm80", "sm90"; paged_attn:
+ * "simple", "1x4", "4x4", "8x8", "1x8", "2x8", "4x8" (H KV heads x W warps per
+ * CTA), each tensor-core shape optionally with "+registers".
+ */
+typedef enum pf_kernel {
+    PF_KERNEL_AUTO = 0,
+    /* flash_fwd, flash_bwd (CUDA, float16 / bfloat16) */
+    PF_KERNEL_FLASH_SM80 = 1,       /* mma.sync kernels (every sm_80+ GPU, Hopper included) */
+    PF_KERNEL_FLASH_SM90 = 2,       /* wgmma kernels (Hopper; aligned tensors, head dims 64 / 128) */
+    /* paged_attn (CUDA) */
+    PF_KERNEL_PAGED_SIMPLE = 16,    /* CUDA cores, one warp per (query, head, split); any dtype, head dim */
+    PF_KERNEL_PAGED_1X4 = 17,       /* tensor cores, 1 KV head x 4 warps (token mode) */
+    PF_KERNEL_PAGED_4X4 = 18,       /* 4 KV heads x 4 warps, a warp per head (head mode) */
+    PF_KERNEL_PAGED_8X8 = 19,       /* 8 KV heads x 8 warps (head mode) */
+    PF_KERNEL_PAGED_1X8 = 20,       /* 1 KV head x 8 warps sharing it */
+    PF_KERNEL_PAGED_2X8 = 21,       /* 2 KV heads x 8 warps, 4 per head */
+    PF_KERNEL_PAGED_4X8 = 22,       /* 4 KV heads x 8 warps, 2 per head */
+    /* flag, or'ed into a tensor-core paged shape: K/V straight into registers
+     * instead of through the per-warp shared-memory ring */
+    PF_KERNEL_PAGED_REGISTERS = 256
+} pf_kernel;
+
+/* The hint called `name` ("auto", "sm80", "8x8+registers", ...) into *kernel.
+ * PF_STATUS_INVALID_VALUE (message lists the names) for an unknown name. */
+pf_status pf_kernel_parse(const char *name, int32_t *kernel);
+/* The name of a hint, or NULL for a value that is no hint. */
+const char *pf_kernel_name(int32_t kernel);
+
+/* ------------------------------------------------------------------------ */
 /* Build information                                                         */
 /* ------------------------------------------------------------------------ */
 
@@ -167,6 +210,7 @@ typedef struct pf_attn_params {
     float dropout_p;
     uint64_t seed, offset;
     int32_t deterministic;         /* backward: bitwise-reproducible gradients */
+    int32_t kernel;                /* pf_kernel hint: PF_KERNEL_AUTO, _FLASH_SM80 or _FLASH_SM90 */
 
     int32_t num_threads;           /* CPU backend; 0 = pf_cpu_count() */
     void *stream;                  /* CUDA backend: cudaStream_t */
@@ -189,7 +233,7 @@ pf_status pf_flash_bwd(const pf_attn_params *params);
  *           lengths are written 0.
  * keep = philox4x32_10(counter = (j / 4, i, b * num_heads + h, offset),
  *                      key = (seed & 0xffffffff, seed >> 32))[j % 4] >= floor(p * 2^32)
- * (csrc/core/pf_philox.h); the CPU and CUDA backends agree bit for bit.
+ * (pagedflash_philox.h, beside this header); the CPU and CUDA backends agree bit for bit.
  *
  * pf_flash_bwd on the CPU is always deterministic (bitwise-identical gradients for
  * any thread count); `deterministic` matters only to backends that would otherwise
@@ -265,6 +309,7 @@ typedef struct pf_paged_params {
     int32_t window_left, window_right;
     float softcap;
     int32_t num_splits;
+    int32_t kernel;                /* pf_kernel hint: PF_KERNEL_AUTO or a PF_KERNEL_PAGED_* */
     int32_t num_threads;
     void *stream;
 } pf_paged_params;

@@ -14,10 +14,12 @@ typedef struct attn_opts {
     double scale, softcap, dropout_p;
     int causal, wl, wr, num_threads, deterministic;
     unsigned long long seed, offset;
+    const char *kernel;
 } attn_opts;
 
 /* View the shared optional tensors and copy the scalar options into p. */
-static int fill_options(const attn_opts *o, pf_attn_params *p, pf_py_keep *keep) {
+static int fill_options(PyObject *module, const attn_opts *o, pf_attn_params *p, pf_py_keep *keep) {
+    if (pf_py_kernel(module, o->kernel, &p->kernel) < 0) return -1;
     if (pf_py_stream(o->stream, &keep->stream) < 0) return -1;
     p->stream = keep->stream;
     if (pf_py_opt_tensor(o->cu_q, "cu_seqlens_q", 0, &p->cu_seqlens_q, keep) < 0) return -1;
@@ -41,17 +43,18 @@ static int fill_options(const attn_opts *o, pf_attn_params *p, pf_py_keep *keep)
 #define ATTN_OPT_KWLIST                                                                     \
     "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal", \
         "window_left", "window_right", "softcap", "alibi_slopes", "dropout_p", "seed", "offset", \
-        "num_threads", "deterministic", "stream"
-#define ATTN_OPT_FORMAT "OOLLdpiidOdKKipO"
+        "num_threads", "deterministic", "stream", "kernel"
+#define ATTN_OPT_FORMAT "OOLLdpiidOdKKipOs"
 #define ATTN_OPT_ARGS(o)                                                                         \
     &(o).cu_q, &(o).cu_k, &(o).max_q, &(o).max_k, &(o).scale, &(o).causal, &(o).wl, &(o).wr,       \
         &(o).softcap, &(o).alibi, &(o).dropout_p, &(o).seed, &(o).offset, &(o).num_threads,        \
-        &(o).deterministic, &(o).stream
+        &(o).deterministic, &(o).stream, &(o).kernel
 
 static void opts_init(attn_opts *o) {
     memset(o, 0, sizeof *o);
     o->cu_q = o->cu_k = o->alibi = o->stream = Py_None;
     o->wl = o->wr = -1;
+    o->kernel = "auto";
 }
 
 static PyObject *flash_fwd(PyObject *module, PyObject *args, PyObject *kwargs) {
@@ -66,7 +69,7 @@ static PyObject *flash_fwd(PyObject *module, PyObject *args, PyObject *kwargs) {
     memset(&p, 0, sizeof p);
     pf_py_keep keep = {0};
     pf_status status = PF_STATUS_OK;
-    if (fill_options(&o, &p, &keep) < 0) goto done;
+    if (fill_options(module, &o, &p, &keep) < 0) goto done;
     if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto done;
     if (pf_py_tensor(ok, "k", 0, &p.k, &keep) < 0) goto done;
     if (pf_py_tensor(ov, "v", 0, &p.v, &keep) < 0) goto done;
@@ -91,7 +94,7 @@ static PyObject *flash_bwd(PyObject *module, PyObject *args, PyObject *kwargs) {
     memset(&p, 0, sizeof p);
     pf_py_keep keep = {0};
     pf_status status = PF_STATUS_OK;
-    if (fill_options(&o, &p, &keep) < 0) goto done;
+    if (fill_options(module, &o, &p, &keep) < 0) goto done;
     if (pf_py_tensor(odout, "dout", 0, &p.dout, &keep) < 0) goto done;
     if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto done;
     if (pf_py_tensor(ok, "k", 0, &p.k, &keep) < 0) goto done;
@@ -119,7 +122,7 @@ static PyObject *dropout_mask(PyObject *module, PyObject *args, PyObject *kwargs
     pf_py_keep keep = {0};
     pf_tensor mask;
     pf_status status = PF_STATUS_OK;
-    if (fill_options(&o, &p, &keep) < 0) goto done;
+    if (fill_options(module, &o, &p, &keep) < 0) goto done;
     if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto done;
     if (pf_py_tensor(ok, "k", 0, &p.k, &keep) < 0) goto done;
     if (pf_py_tensor(omask, "mask", 1, &mask, &keep) < 0) goto done;
@@ -133,7 +136,7 @@ PyMethodDef pf_py_attn_methods[] = {
      "flash_fwd(q, k, v, out, lse=None, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, "
      "max_seqlen_k=0, softmax_scale=0.0, causal=False, window_left=-1, window_right=-1, softcap=0.0, "
      "alibi_slopes=None, dropout_p=0.0, seed=0, offset=0, num_threads=0, deterministic=False, "
-     "stream=None) -> None. Writes out (and lse)."},
+     "stream=None, kernel='auto') -> None. Writes out (and lse)."},
     {"flash_bwd", (PyCFunction)(void (*)(void))flash_bwd, METH_VARARGS | METH_KEYWORDS,
      "flash_bwd(dout, q, k, v, out, lse, dq, dk, dv, *, <the options of flash_fwd>) -> None. "
      "Writes dq, dk, dv."},

@@ -15,20 +15,23 @@
 static PyObject *paged_attn(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"q", "k_cache", "v_cache", "block_tables", "seq_lens", "out", "lse",
                              "cu_seqlens_q", "softmax_scale", "causal", "window_left", "window_right",
-                             "softcap", "alibi_slopes", "num_splits", "num_threads", "stream", NULL};
+                             "softcap", "alibi_slopes", "num_splits", "num_threads", "stream", "kernel",
+                             NULL};
     PyObject *oq, *okc, *ovc, *obt, *osl, *oout, *olse = Py_None;
     PyObject *ocu = Py_None, *oalibi = Py_None, *ostream = Py_None;
     double scale = 0.0, softcap = 0.0;
     int causal = 1, wl = -1, wr = -1, num_splits = 0, num_threads = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|O$OdpiidOiiO:paged_attn", kwlist, &oq,
+    const char *kernel = "auto";
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|O$OdpiidOiiOs:paged_attn", kwlist, &oq,
                                      &okc, &ovc, &obt, &osl, &oout, &olse, &ocu, &scale, &causal,
                                      &wl, &wr, &softcap, &oalibi, &num_splits, &num_threads,
-                                     &ostream))
+                                     &ostream, &kernel))
         return NULL;
     pf_paged_params p;
     memset(&p, 0, sizeof p);
     pf_py_keep keep = {0};
     pf_status status = PF_STATUS_OK;
+    if (pf_py_kernel(module, kernel, &p.kernel) < 0) goto done;
     if (pf_py_stream(ostream, &keep.stream) < 0) goto done;
     p.stream = keep.stream;
     if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto done;

@@ -28,6 +28,13 @@ PyObject *pf_py_raise(PyObject *module, pf_status status) {
     return NULL;
 }
 
+int pf_py_kernel(PyObject *module, const char *name, int32_t *kernel) {
+    const pf_status st = pf_kernel_parse(name, kernel);
+    if (st == PF_STATUS_OK) return 0;
+    pf_py_raise(module, st);
+    return -1;
+}
+
 PyObject *pf_py_finish(PyObject *module, pf_status status, pf_py_keep *keep) {
     pf_py_keep_release(keep);
     if (PyErr_Occurred()) return NULL;
@@ -35,12 +42,16 @@ PyObject *pf_py_finish(PyObject *module, pf_status status, pf_py_keep *keep) {
     Py_RETURN_NONE;
 }
 
+#define PF_STR_(x) #x
+#define PF_STR(x) PF_STR_(x)
+#define PF_VERSION_STRING PF_STR(PF_VERSION_MAJOR) "." PF_STR(PF_VERSION_MINOR) "." PF_STR(PF_VERSION_PATCH)
+
 static PyObject *build_info(PyObject *module, PyObject *unused) {
     (void)module;
     (void)unused;
     return Py_BuildValue("{s:i,s:s,s:i,s:i,s:s}", "cuda", pf_has_cuda(), "cuda_archs",
                          pf_cuda_archs(), "cuda_devices", pf_cuda_device_count(), "cpu_count",
-                         pf_cpu_count(), "version", PAGEDFLASH_VERSION_STRING);
+                         pf_cpu_count(), "version", PF_VERSION_STRING);
 }
 
 static PyMethodDef module_methods[] = {

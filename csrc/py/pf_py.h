@@ -39,6 +39,10 @@ int pf_py_opt_tensor(PyObject *obj, const char *name, int writable, pf_tensor *o
                      pf_py_keep *keep);
 void pf_py_keep_release(pf_py_keep *keep);
 
+/* A kernel hint by name ("auto", "sm80", "8x8", ...; pagedflash.h) into *kernel.
+ * Returns 0, or -1 with ValueError. */
+int pf_py_kernel(PyObject *module, const char *name, int32_t *kernel);
+
 /* Parse a stream argument (None or an int cudaStream_t). Returns 0 or -1. */
 int pf_py_stream(PyObject *obj, void **stream);
 

@@ -44,7 +44,7 @@ def _scale(softmax_scale: Optional[float]) -> float:
 def flash_attn(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: Optional[float] = None,
                window: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Any = None,
                dropout_p: float = 0.0, seed: Optional[int] = None, offset: int = 0,
-               return_lse: bool = False, out: Any = None, stream: Optional[int] = None):
+               return_lse: bool = False, out: Any = None, stream: Optional[int] = None, kernel: str = "auto"):
     """Exact softmax attention, computed tile by tile (FlashAttention).
 
     q: [batch, seqlen_q, num_heads, head_dim]; k, v: [batch, seqlen_k, num_kv_heads, head_dim],
@@ -59,17 +59,23 @@ def flash_attn(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: O
     [batch, num_heads, seqlen_q] in natural log. A fully masked row gives out = 0 and
     lse = -inf. Results come back in the caller's library (NumPy, torch, or a
     pagedflash.Tensor for other DLPack producers).
+
+    kernel: "auto" (the default: the backend picks) or, for tests and benchmarks, "sm80" /
+    "sm90" to force the CUDA mma.sync / wgmma kernels (NotImplementedError where the named
+    kernel cannot take the call). The CPU backend has one kernel and ignores the hint.
     """
     return _attn_fwd(q, k, v, None, None, 0, 0, causal=causal, softmax_scale=softmax_scale,
                      window=window, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                     seed=seed, offset=offset, return_lse=return_lse, out=out, stream=stream)
+                     seed=seed, offset=offset, return_lse=return_lse, out=out, stream=stream,
+                     kernel=kernel)
 
 
 def flash_attn_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, max_seqlen_q: int,
                       max_seqlen_k: int, *, causal: bool = False, softmax_scale: Optional[float] = None,
                       window: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Any = None,
                       dropout_p: float = 0.0, seed: Optional[int] = None, offset: int = 0,
-                      return_lse: bool = False, out: Any = None, stream: Optional[int] = None):
+                      return_lse: bool = False, out: Any = None, stream: Optional[int] = None,
+                      kernel: str = "auto"):
     """flash_attn over packed variable-length sequences.
 
     q: [total_q, num_heads, head_dim]; k, v: [total_k, num_kv_heads, head_dim];
@@ -80,7 +86,7 @@ def flash_attn_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: A
     return _attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                      softmax_scale=softmax_scale, window=window, softcap=softcap,
                      alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed, offset=offset,
-                     return_lse=return_lse, out=out, stream=stream)
+                     return_lse=return_lse, out=out, stream=stream, kernel=kernel)
 
 
 def _seed(dropout_p: float, seed: Optional[int]) -> int:
@@ -96,7 +102,7 @@ def _lse_shape(qshape, varlen: bool):
 
 
 def _attn_fwd(q, k, v, cu_q, cu_k, max_q, max_k, *, causal, softmax_scale, window, softcap,
-              alibi_slopes, dropout_p, seed, offset, return_lse, out, stream):
+              alibi_slopes, dropout_p, seed, offset, return_lse, out, stream, kernel):
     lib = library_of(q)
     q, k, v = lib.prepare(q), lib.prepare(k), lib.prepare(v)
     qshape, qdtype, _, _ = describe(q)
@@ -111,7 +117,7 @@ def _attn_fwd(q, k, v, cu_q, cu_k, max_q, max_k, *, causal, softmax_scale, windo
                  max_seqlen_q=int(max_q), max_seqlen_k=int(max_k), softmax_scale=_scale(softmax_scale),
                  causal=bool(causal), window_left=left, window_right=right, softcap=float(softcap),
                  alibi_slopes=alibi_slopes, dropout_p=float(dropout_p), seed=_seed(dropout_p, seed),
-                 offset=int(offset), num_threads=_num_threads, stream=lib.stream(q, stream))
+                 offset=int(offset), num_threads=_num_threads, stream=lib.stream(q, stream), kernel=kernel)
     return (out, lse) if return_lse else out
 
 
@@ -133,7 +139,8 @@ def flash_attn_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *
                         softmax_scale: Optional[float] = None, window: Sequence[int] = (-1, -1),
                         softcap: float = 0.0, alibi_slopes: Any = None, dropout_p: float = 0.0,
                         seed: Optional[int] = None, offset: int = 0, deterministic: bool = False,
-                        dq: Any = None, dk: Any = None, dv: Any = None, stream: Optional[int] = None):
+                        dq: Any = None, dk: Any = None, dv: Any = None, stream: Optional[int] = None,
+                        kernel: str = "auto"):
     """Gradients of flash_attn (or flash_attn_varlen) with respect to q, k and v.
 
     dout, out: q's shape and dtype; out and lse are what the forward returned
@@ -148,7 +155,7 @@ def flash_attn_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *
     P is recomputed tile by tile from q, k and lse; the score matrix is never stored.
     For GQA/MQA, dk/dv sum over the query heads that share a KV head. The CPU backend
     is always deterministic (bitwise-identical gradients for any thread count), so
-    `deterministic` is accepted and has no further effect there.
+    `deterministic` is accepted and has no further effect there. kernel: as in flash_attn.
 
     Returns (dq, dk, dv) with the shapes and dtype of q, k, v (written into dq/dk/dv when
     given). Raises ValueError / TypeError for bad shapes, dtypes or options (naming the
@@ -175,7 +182,7 @@ def flash_attn_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *
                  window_right=right, softcap=float(softcap), alibi_slopes=alibi_slopes,
                  dropout_p=float(dropout_p), seed=_seed(dropout_p, seed), offset=int(offset),
                  num_threads=_num_threads, deterministic=bool(deterministic),
-                 stream=lib.stream(q, stream))
+                 stream=lib.stream(q, stream), kernel=kernel)
     return dq, dk, dv
 
 

@@ -37,7 +37,7 @@ def paged_attn(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, seq_lens: 
                cu_seqlens_q: Any = None, causal: bool = True, softmax_scale: Optional[float] = None,
                window: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Any = None,
                num_splits: int = 0, return_lse: bool = False, out: Any = None,
-               stream: Optional[int] = None):
+               stream: Optional[int] = None, kernel: str = "auto"):
     """Attention of each sequence's queries over the tokens it holds in a paged KV cache.
 
     q: ``[batch, num_heads, head_dim]`` (one query per sequence: decode),
@@ -63,6 +63,12 @@ def paged_attn(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, seq_lens: 
     ``[num_heads, total_q]`` (natural log; total_q = batch, batch * q_len, or the packed
     count). A query that sees no token gets out = 0 and lse = -inf.
 
+    kernel: "auto" (the default: the launcher's heuristic) or, for tests and benchmarks, a
+    CUDA kernel: "simple" (CUDA cores) or a tensor-core CTA shape of H KV heads x W warps,
+    "1x4", "4x4", "8x8", "1x8", "2x8", "4x8", optionally "+registers" (K/V loaded straight
+    into registers instead of through the shared-memory ring). NotImplementedError where the
+    named kernel cannot take the call; the CPU backend ignores the hint.
+
     Raises ValueError (shapes, lengths, block ids out of range, cu_seqlens_q inconsistent
     with q), TypeError (dtypes, e.g. block_tables not int32), NotImplementedError (a device
     this build lacks).
@@ -82,7 +88,8 @@ def paged_attn(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, seq_lens: 
     _C.paged_attn(q, k_cache, v_cache, block_tables, seq_lens, out, lse, cu_seqlens_q=cu_seqlens_q,
                   softmax_scale=api._scale(softmax_scale), causal=bool(causal), window_left=left,
                   window_right=right, softcap=float(softcap), alibi_slopes=alibi_slopes,
-                  num_splits=int(num_splits), num_threads=api._num_threads, stream=lib.stream(q, stream))
+                  num_splits=int(num_splits), num_threads=api._num_threads, stream=lib.stream(q, stream),
+                  kernel=kernel)
     return (out, lse) if return_lse else out
 
 

@@ -1,5 +1,5 @@
 /*
- * pf_philox.h - Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy
+ * pagedflash_philox.h - Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy
  * as 1, 2, 3", SC'11), the counter-based generator behind attention dropout.
  *
  * The keep decision for element (b, h, i, j) of a dropout mask is a pure
@@ -10,7 +10,8 @@
  *   counter = (j / 4, i, b * num_heads + h, offset)
  *   r       = philox(counter, key)[j % 4]
  *   keep    = r >= threshold,  threshold = floor(p * 2^32) (saturating)
- * Usable from C and from CUDA device code.
+ * Part of the public contract of pf_dropout_mask (pagedflash.h): with it a caller
+ * can regenerate any dropout mask. Header-only; usable from C and CUDA device code.
  */
 #ifndef PF_PHILOX_H
 #define PF_PHILOX_H
@@ -18,14 +19,14 @@
 #include <stdint.h>
 
 #if defined(__CUDACC__)
-#define PF_HOST_DEVICE __host__ __device__ __forceinline__
+#define PF_PHILOX_FN __host__ __device__ __forceinline__
 #else
-#define PF_HOST_DEVICE static inline
+#define PF_PHILOX_FN static inline
 #endif
 
 typedef struct pf_u32x4 { uint32_t x, y, z, w; } pf_u32x4;
 
-PF_HOST_DEVICE pf_u32x4 pf_philox4x32_10(pf_u32x4 c, uint32_t k0, uint32_t k1) {
+PF_PHILOX_FN pf_u32x4 pf_philox4x32_10(pf_u32x4 c, uint32_t k0, uint32_t k1) {
     const uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u;
     const uint32_t W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
     for (int round = 0; round < 10; round++) {
@@ -46,7 +47,7 @@ PF_HOST_DEVICE pf_u32x4 pf_philox4x32_10(pf_u32x4 c, uint32_t k0, uint32_t k1) {
 }
 
 /* Drop threshold for probability p in [0, 1): keep iff r >= threshold. */
-PF_HOST_DEVICE uint32_t pf_dropout_threshold(float p) {
+PF_PHILOX_FN uint32_t pf_dropout_threshold(float p) {
     double t = (double)p * 4294967296.0;
     if (t >= 4294967295.0) return 0xffffffffu;
     if (t <= 0.0) return 0u;
@@ -54,7 +55,7 @@ PF_HOST_DEVICE uint32_t pf_dropout_threshold(float p) {
 }
 
 /* Four consecutive random words for columns j0..j0+3 (j0 % 4 == 0) of row i. */
-PF_HOST_DEVICE pf_u32x4 pf_dropout_bits4(uint64_t seed, uint64_t offset, uint64_t bh, int64_t i,
+PF_PHILOX_FN pf_u32x4 pf_dropout_bits4(uint64_t seed, uint64_t offset, uint64_t bh, int64_t i,
                                          int64_t j0) {
     pf_u32x4 c;
     c.x = (uint32_t)(j0 >> 2);

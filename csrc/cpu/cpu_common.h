@@ -1,92 +1,26 @@
 /*
- * pf_internal.h - helpers shared by the core and the CPU backend: the error
- * macros, tensor-view accessors, float16/bfloat16 conversion and the parallel-for.
- * Not part of the public API.
+ * cpu_common.h - what every file of the CPU backend shares: the core's error
+ * macros and backend interface, float16 / bfloat16 <-> float32 conversion
+ * (round to nearest even), row loads and stores in float32 (vectorized with
+ * F16C / AVX-512 where the compiler targets them), 64-byte-aligned scratch, and
+ * the parallel-for (parallel.c).
  */
-#ifndef PF_INTERNAL_H
-#define PF_INTERNAL_H
+#ifndef PF_CPU_COMMON_H
+#define PF_CPU_COMMON_H
 
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-#include "pagedflash.h"
+#include "backend.h"
+#include "pf_error.h"
 
 #if (defined(__AVX512F__) || defined(__F16C__)) && !defined(__CUDACC__)
 #include <immintrin.h>
 #define PF_X86_F16C 1
 #endif
 
-#ifdef __cplusplus
-extern "C" {
-#endif
-
-#ifdef __cplusplus
-#define PF_RESTRICT __restrict__
-#else
 #define PF_RESTRICT restrict
-#endif
-
-/* Record a message for the calling thread and return `status`. */
-pf_status pf_set_error(pf_status status, const char *file, int line, const char *fmt, ...)
-#if defined(__GNUC__)
-    __attribute__((format(printf, 4, 5)))
-#endif
-    ;
-
-/* Return `status` with a message unless `cond` holds. */
-#define PF_CHECK(cond, status, ...)                                         \
-    do {                                                                    \
-        if (!(cond)) return pf_set_error((status), __FILE__, __LINE__, __VA_ARGS__); \
-    } while (0)
-
-#define PF_CHECK_VALUE(cond, ...) PF_CHECK(cond, PF_STATUS_INVALID_VALUE, __VA_ARGS__)
-#define PF_CHECK_TYPE(cond, ...) PF_CHECK(cond, PF_STATUS_INVALID_TYPE, __VA_ARGS__)
-
-/* Propagate a failing status. */
-#define PF_TRY(expr)                                   \
-    do {                                               \
-        pf_status pf_try_status_ = (expr);             \
-        if (pf_try_status_ != PF_STATUS_OK) return pf_try_status_; \
-    } while (0)
-
-static inline int pf_tensor_present(const pf_tensor *t) { return t->data != NULL; }
-
-static inline int64_t pf_tensor_numel(const pf_tensor *t) {
-    int64_t n = 1;
-    for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
-    return n;
-}
-
-/* Render a shape as "[2, 3, 4]" into buf (for messages). */
-const char *pf_shape_str(const pf_tensor *t, char *buf, size_t len);
-
-/* Shape, dtype and device checks that produce the standard messages. */
-pf_status pf_check_rank(const pf_tensor *t, const char *name, int ndim);
-pf_status pf_check_dim(const pf_tensor *t, const char *name, int dim, int64_t expected,
-                       const char *what);
-pf_status pf_check_dtype(const pf_tensor *t, const char *name, pf_dtype expected);
-pf_status pf_check_float_dtype(const pf_tensor *t, const char *name);
-pf_status pf_check_last_contiguous(const pf_tensor *t, const char *name);
-pf_status pf_check_same_device(const pf_tensor *t, const char *name, const pf_tensor *ref,
-                               const char *ref_name);
-/* A required argument: non-NULL data (an empty tensor may carry a placeholder). */
-pf_status pf_check_present(const pf_tensor *t, const char *name);
-/* Same rank and shape as `ref`. */
-pf_status pf_check_same_shape(const pf_tensor *t, const char *name, const pf_tensor *ref,
-                              const char *ref_name);
-/* Present, float16/bfloat16/float32 with `ref`'s dtype and device, last dim contiguous. */
-pf_status pf_check_float_like(const pf_tensor *t, const char *name, const pf_tensor *ref,
-                              const char *ref_name);
-/* window (left, right >= -1), softcap (finite, >= 0), softmax_scale (finite). */
-pf_status pf_check_mask_options(int32_t window_left, int32_t window_right, float softcap,
-                                float softmax_scale);
-/* alibi_slopes, when given: f32 [num_heads] or [batch, num_heads] on q's device. */
-pf_status pf_check_alibi(const pf_tensor *a, int64_t num_heads, int64_t batch, const pf_tensor *q);
-/* The tensor is host-readable (CPU or page-locked host memory). */
-int pf_tensor_on_host(const pf_tensor *t);
-/* Strides must be non-negative (no aliasing trickery on outputs). */
-pf_status pf_check_nonneg_strides(const pf_tensor *t, const char *name);
 
 /* ---- float16 / bfloat16 <-> float32 (round to nearest even) ---- */
 
@@ -219,23 +153,8 @@ pf_status pf_parallel_for(int64_t n, int num_threads, pf_task_fn fn, void *ctx);
 /* Effective thread count for a request (<= 0 -> cores), capped by the work. */
 int pf_resolve_threads(int requested, int64_t work_items);
 
-/* Return the CUDA backend's call for CUDA tensors, the CPU backend's otherwise;
- * without a CUDA build, CUDA tensors give PF_STATUS_NOT_SUPPORTED. */
-#ifdef PF_WITH_CUDA
-#define PF_DISPATCH(device, cpu_call, cuda_call) \
-    return (device) == PF_DEVICE_CUDA ? (cuda_call) : (cpu_call)
-#else
-#define PF_DISPATCH(device, cpu_call, cuda_call)                                              \
-    do {                                                                                      \
-        PF_CHECK((device) != PF_DEVICE_CUDA, PF_STATUS_NOT_SUPPORTED,                        \
-                 "this pagedflash was built without CUDA; tensors on a CUDA device need a "   \
-                 "build with nvcc present (PAGEDFLASH_CUDA=1)");                              \
-        return (cpu_call);                                                                    \
-    } while (0)
-#endif
+/* 64-byte-aligned host memory; released with pf_aligned_free (free). NULL when out of memory. */
+void *pf_aligned_alloc(size_t bytes);
+void pf_aligned_free(void *p);
 
-#ifdef __cplusplus
-}
-#endif
-
-#endif /* PF_INTERNAL_H */
+#endif /* PF_CPU_COMMON_H */

@@ -1,16 +1,21 @@
 /*
- * build_info.cu - what the CUDA backend was built for, and what the driver
- * reports at run time. A machine with nvcc but no driver reports 0 devices.
+ * cuda_backend.cu - pf_cuda_backend, the CUDA backend's table (backend.h):
+ * its operations (the launchers declared in pf_cuda.h), the limits of its
+ * kernels, and its device services: what it was built for, what the driver
+ * reports at run time (a machine with nvcc but no driver reports 0 devices),
+ * device memory.
  */
 #include <cuda_runtime.h>
+#include <stdint.h>
 
+#include "backend.h"
 #include "pf_cuda.h"
 
 #ifndef PF_CUDA_ARCHS_STR
 #define PF_CUDA_ARCHS_STR ""
 #endif
 
-extern "C" int pf_cuda_runtime_device_count(void) {
+static int cuda_device_count(void) {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess) {
         cudaGetLastError(); /* clear the sticky "no driver" error */
@@ -19,7 +24,7 @@ extern "C" int pf_cuda_runtime_device_count(void) {
     return n;
 }
 
-extern "C" int pf_cuda_runtime_pointer_device(const void *ptr) {
+static int cuda_pointer_device(const void *ptr) {
     cudaPointerAttributes attr;
     if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
         cudaGetLastError();
@@ -28,10 +33,8 @@ extern "C" int pf_cuda_runtime_pointer_device(const void *ptr) {
     return attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged ? attr.device : -1;
 }
 
-extern "C" const char *pf_cuda_compiled_archs(void) { return PF_CUDA_ARCHS_STR; }
-
-
-extern "C" pf_status pf_cuda_device_alloc(void **ptr, size_t bytes, int32_t device_id) {
+static const char *cuda_archs(void) { return PF_CUDA_ARCHS_STR; }
+static pf_status cuda_alloc(void **ptr, size_t bytes, int32_t device_id) {
     int prev = 0;
     if (cudaGetDevice(&prev) != cudaSuccess || cudaSetDevice(device_id) != cudaSuccess) {
         cudaGetLastError();
@@ -47,13 +50,37 @@ extern "C" pf_status pf_cuda_device_alloc(void **ptr, size_t bytes, int32_t devi
     return PF_STATUS_OK;
 }
 
-extern "C" void pf_cuda_device_free(void *ptr, int32_t device_id) {
+static void cuda_free(void *ptr, int32_t device_id) {
     int prev = 0;
     cudaGetDevice(&prev);
     cudaSetDevice(device_id);
     cudaFree(ptr);
     cudaSetDevice(prev);
 }
+
+
+/* Limits of the kernels (the core checks them before a call runs): int32 row and
+ * token indices (sequence lengths < 2^30 keep their products with small factors
+ * in range), 16-bit grid dimensions for heads and batch, 32-bit grid x of the
+ * row-per-warp kernels (4 rows per block), 6 leading dimensions in the merge's
+ * addressing, and no packed dropout mask. */
+extern "C" const pf_backend pf_cuda_backend = {
+    /* name */ "cuda",
+    /* limits */ {(int64_t)1 << 30, 65535, 65535, 4 * ((int64_t)INT32_MAX - 1), PF_MAX_DIMS - 2, 0},
+    pf_cuda_flash_fwd,
+    pf_cuda_flash_bwd,
+    pf_cuda_dropout_mask,
+    pf_cuda_paged_attn,
+    pf_cuda_merge_attn_states,
+    pf_cuda_write_kv_cache,
+    pf_cuda_copy_blocks,
+    pf_cuda_swap_blocks,
+    cuda_device_count,
+    cuda_archs,
+    cuda_pointer_device,
+    cuda_alloc,
+    cuda_free,
+};
 
 /* The sm_90a (wgmma) kernels: compiled in when "90" is among the build's
  * archs, used on compute capability 9.x devices unless PAGEDFLASH_SM90=0
