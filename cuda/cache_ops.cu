@@ -27,7 +27,7 @@
  */
 #include <stdio.h>
 
-#include "cuda_util.cuh"
+#include "common/cuda_util.cuh"
 
 /* ------------------------------------------------------------------------ */
 /* write_kv_cache                                                             */

@@ -5,7 +5,9 @@
  * offset; seed)[j % 4] >= threshold (pagedflash_philox.h, the CPU's exact contract).
  * One thread per group of 4 columns; runs on params->stream.
  */
-#include "flash_common.cuh"
+#include "attn/mask.cuh"
+#include "attn/mma.cuh"
+#include "common/cuda_util.cuh"
 #include "pf_cuda.h"
 #include "pagedflash_philox.h"
 

@@ -49,7 +49,9 @@
 #include <cstdlib>
 #include <type_traits>
 
-#include "flash_common.cuh"
+#include "attn/mask.cuh"
+#include "attn/mma.cuh"
+#include "common/cuda_util.cuh"
 #include "flash_fwd.cuh"
 #include "flash_params.h"
 #include "pagedflash_philox.h"

@@ -16,7 +16,9 @@
  * Both write their outputs once, so the float32 backward is deterministic.
  */
 #include "flash_bwd.cuh"
-#include "flash_common.cuh"
+#include "attn/mask.cuh"
+#include "attn/mma.cuh"
+#include "common/cuda_util.cuh"
 #include "flash_params.h"
 #include "pagedflash_philox.h"
 

@@ -7,8 +7,10 @@
  * Device memory: only the cached scratch pool (cuda_util.cuh); nothing synchronizes;
  * every launch is checked; everything runs on params->stream.
  */
-#include "flash_common.cuh"
-#include "flash_hdims.h"
+#include "attn/mask.cuh"
+#include "attn/mma.cuh"
+#include "common/cuda_util.cuh"
+#include "inst/hdims.h"
 #include "flash_params.h"
 #include "pf_cuda.h"
 

@@ -43,7 +43,7 @@
 #ifndef PF_FLASH_BWD_SM90_CUH
 #define PF_FLASH_BWD_SM90_CUH
 
-#include "sm90.cuh"
+#include "attn/sm90.cuh"
 
 namespace pf {
 namespace cuda {

@@ -37,7 +37,9 @@
 #include <cstdio>
 #include <cstdlib>
 
-#include "flash_common.cuh"
+#include "attn/mask.cuh"
+#include "attn/mma.cuh"
+#include "common/cuda_util.cuh"
 #include "flash_params.h"
 #include "pagedflash_philox.h"
 

@@ -12,7 +12,9 @@
  * with shuffles (online softmax in the log2 domain), and lane c accumulates
  * output columns c, c + 32, ... over the chunk's 32 keys.
  */
-#include "flash_common.cuh"
+#include "attn/mask.cuh"
+#include "attn/mma.cuh"
+#include "common/cuda_util.cuh"
 #include "flash_fwd.cuh"
 #include "flash_params.h"
 #include "pagedflash_philox.h"

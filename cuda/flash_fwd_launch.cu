@@ -14,8 +14,10 @@
 #include <math.h>
 #include <string.h>
 
-#include "flash_common.cuh"
-#include "flash_hdims.h"
+#include "attn/mask.cuh"
+#include "attn/mma.cuh"
+#include "common/cuda_util.cuh"
+#include "inst/hdims.h"
 #include "flash_params.h"
 #include "pf_cuda.h"
 #include "pagedflash_philox.h"

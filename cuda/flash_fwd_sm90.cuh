@@ -31,7 +31,7 @@
 #define PF_FLASH_FWD_SM90_CUH
 
 #include "flash_fwd.cuh"
-#include "sm90.cuh"
+#include "attn/sm90.cuh"
 
 #include <type_traits>
 

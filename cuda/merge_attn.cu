@@ -17,7 +17,7 @@
  *
  * One warp per (token, head), lanes striding over head_dim; float32 math.
  */
-#include "cuda_util.cuh"
+#include "common/cuda_util.cuh"
 
 #define PF_MERGE_WARPS 4
 #define PF_MERGE_MAX_LEAD (PF_MAX_DIMS - 2)

@@ -78,8 +78,10 @@
 #ifndef PF_PAGED_ATTN_CUH
 #define PF_PAGED_ATTN_CUH
 
-#include "cuda_util.cuh"
-#include "flash_common.cuh"
+#include "common/cuda_util.cuh"
+#include "attn/mask.cuh"
+#include "attn/mma.cuh"
+#include "common/cuda_util.cuh"
 
 /* Everything a paged-attention kernel needs, filled by paged_attn_launch.cu. */
 struct pf_paged_args {

@@ -51,42 +51,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "inst/hdims.h"
 #include "paged_attn.cuh"
 
 #define PF_PAGED_MAX_SPLITS 256
 #define PF_PAGED_MIN_SPLIT_TOKENS 64
 #define PF_PAGED_TARGET_WAVES 1
-
-/* The instantiations (cuda/inst/paged_attn_hdimNN_<dtype>.cu). Weak: a head dim
- * left out of the build (PAGEDFLASH_HEADDIMS) resolves to NULL and that call
- * takes the simple kernel instead. */
-typedef pf_status (*pf_paged_fn)(pf_paged_args *, int, cudaStream_t, int, int *);
-#define PF_DECLARE(D)                                                                                         \
-    extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim##D##_bf16(pf_paged_args *, int, cudaStream_t, \
-                                                                            int, int *);                      \
-    extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim##D##_fp16(pf_paged_args *, int, cudaStream_t, \
-                                                                            int, int *);
-PF_DECLARE(32)
-PF_DECLARE(64)
-PF_DECLARE(96)
-PF_DECLARE(128)
-PF_DECLARE(192)
-PF_DECLARE(256)
-#undef PF_DECLARE
-
-static pf_paged_fn pf_pick_fast(int d, pf_dtype dt) {
-    const bool bf = dt == PF_DTYPE_BF16;
-    if (dt != PF_DTYPE_BF16 && dt != PF_DTYPE_F16) return NULL;
-    switch (d) {
-        case 32: return bf ? pf_paged_attn_hdim32_bf16 : pf_paged_attn_hdim32_fp16;
-        case 64: return bf ? pf_paged_attn_hdim64_bf16 : pf_paged_attn_hdim64_fp16;
-        case 96: return bf ? pf_paged_attn_hdim96_bf16 : pf_paged_attn_hdim96_fp16;
-        case 128: return bf ? pf_paged_attn_hdim128_bf16 : pf_paged_attn_hdim128_fp16;
-        case 192: return bf ? pf_paged_attn_hdim192_bf16 : pf_paged_attn_hdim192_fp16;
-        case 256: return bf ? pf_paged_attn_hdim256_bf16 : pf_paged_attn_hdim256_fp16;
-        default: return NULL;
-    }
-}
 
 /* ------------------------------------------------------------------------ */
 /* Plan (packed layout, tensor-core kernel): (sequence, row tile) pairs       */
@@ -620,7 +590,7 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
     a.window_right = p->window_right;
 
     /* the tensor-core kernel needs 16-byte aligned rows */
-    pf_paged_fn fast = pf_pick_fast(a.head_dim, q.dtype);
+    pf_paged_fn fast = pf_paged_entry(a.head_dim, q.dtype);
     if (fast) {
         const bool ok = pf_aligned16(a.q) && pf_aligned16(a.out) && pf_aligned16(a.k_cache) &&
                         pf_aligned16(a.v_cache) && a.q_sb % 8 == 0 && a.q_st % 8 == 0 && a.q_sh % 8 == 0 &&
@@ -632,7 +602,11 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
 
     /* work items and the split count */
     int sms = 0;
-    PF_TRY(pf_cuda_sm_count(&sms));
+    {
+        int dev = 0;
+        PF_CUDA_CHECK(cudaGetDevice(&dev));
+        PF_TRY(pf::cuda::sm_count(dev, &sms));
+    }
     int rows = 8, occupancy = 1;
     int64_t work;
     if (fast) {

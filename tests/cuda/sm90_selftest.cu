@@ -9,7 +9,7 @@
 #include <cstdlib>
 #include <vector>
 
-#include "sm90.cuh"
+#include "attn/sm90.cuh"
 
 using namespace pf::cuda;
 using T = __nv_bfloat16;

@@ -1,6 +1,6 @@
 /*
- * workspace.cu - the cached scratch space of the CUDA backend and a cached
- * multiprocessor count (declared in cuda_util.cuh).
+ * workspace.cu - the cached scratch space of the CUDA backend (declared in
+ * common/cuda_util.cuh).
  *
  * Workspace: one buffer per (device, stream). A request that fits returns the
  * cached buffer; a larger one replaces it: the old buffer is released with
@@ -23,7 +23,7 @@
 #include <mutex>
 #include <unordered_map>
 
-#include "cuda_util.cuh"
+#include "common/cuda_util.cuh"
 
 namespace {
 
@@ -46,9 +46,6 @@ struct pf_ws_entry {
 
 std::mutex pf_ws_mutex;
 std::unordered_map<pf_ws_key, pf_ws_entry, pf_ws_hash> *pf_ws_map = nullptr; /* never destroyed */
-
-constexpr int kMaxDevices = 64;
-int pf_sm_counts[kMaxDevices]; /* 0 = not read yet */
 
 }  // namespace
 
@@ -91,19 +88,5 @@ pf_status pf_cuda_scratch_release(cudaStream_t stream, pf_cuda_scratch *scratch)
         scratch->graph_owned = false;
         PF_CUDA_CHECK(cudaFreeAsync(p, stream));
     }
-    return PF_STATUS_OK;
-}
-
-pf_status pf_cuda_sm_count(int *count) {
-    int device = 0;
-    PF_CUDA_CHECK(cudaGetDevice(&device));
-    if (device >= 0 && device < kMaxDevices && pf_sm_counts[device] > 0) {
-        *count = pf_sm_counts[device];
-        return PF_STATUS_OK;
-    }
-    int n = 0;
-    PF_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    if (device >= 0 && device < kMaxDevices) pf_sm_counts[device] = n;
-    *count = n;
     return PF_STATUS_OK;
 }

@@ -13,7 +13,9 @@
  *   pf_cuda_scratch_acquire / _release: a cached, grow-only scratch buffer
  *                           per (device, stream), graph-capture aware -- see
  *                           workspace.cu.
- *   pf_cuda_sm_count()      multiprocessor count of a device, cached.
+ *   pf::cuda::sm_count      multiprocessor count of a device, cached.
+ *   pf::cuda::set_max_smem  a kernel's dynamic shared-memory limit, set once per device.
+ *   pf::cuda::sm90_available  whether a device runs this build's sm_90a kernels.
  *   pf_cu_load / pf_cu_store / pf_cu_to_float: float16 / bfloat16 / float32
  *                           element conversion in device code.
  */
@@ -25,8 +27,10 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "pf_cuda.h"
+#include <atomic>
+
 #include "backend.h"
+#include "pf_cuda.h"
 #include "pf_error.h"
 
 #define PF_CUDA_CHECK(expr)                                                                     \
@@ -81,8 +85,48 @@ struct pf_cuda_scratch {
 pf_status pf_cuda_scratch_acquire(cudaStream_t stream, size_t bytes, pf_cuda_scratch *scratch);
 pf_status pf_cuda_scratch_release(cudaStream_t stream, pf_cuda_scratch *scratch);
 
-/* Multiprocessor count of the current device (cached per device). */
-pf_status pf_cuda_sm_count(int *count);
+namespace pf {
+namespace cuda {
+
+constexpr int kMaxDevices = 64;
+
+/* Set a kernel's dynamic shared-memory limit to smem_bytes, once per device (needed
+ * above 48 KB, and at 48 KB or less too when the kernel also has static shared memory
+ * and the two together pass 48 KB). `done` is a per-kernel-instance bitmask (a
+ * function-local static). */
+template <typename Kernel>
+inline pf_status set_max_smem(Kernel kernel, int smem_bytes, int device, std::atomic<uint64_t> &done) {
+    if (smem_bytes <= 0) return PF_STATUS_OK;
+    uint64_t bit = device < kMaxDevices ? (1ull << device) : 0;
+    if (bit && (done.load(std::memory_order_acquire) & bit)) return PF_STATUS_OK;
+    PF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+    if (bit) done.fetch_or(bit, std::memory_order_acq_rel);
+    return PF_STATUS_OK;
+}
+
+/* Multiprocessor count of `device` (cached). */
+inline pf_status sm_count(int device, int *count) {
+    static std::atomic<int> cache[kMaxDevices];
+    if (device >= 0 && device < kMaxDevices) {
+        int c = cache[device].load(std::memory_order_relaxed);
+        if (c > 0) {
+            *count = c;
+            return PF_STATUS_OK;
+        }
+    }
+    int c = 0;
+    PF_CUDA_CHECK(cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, device));
+    if (device >= 0 && device < kMaxDevices) cache[device].store(c, std::memory_order_relaxed);
+    *count = c;
+    return PF_STATUS_OK;
+}
+
+/* Does `device` run the sm_90a kernels of this build? (compute capability 9.0 and
+ * sm_90 in PAGEDFLASH_CUDA_ARCHS; cached per device; cuda_backend.cu) */
+bool sm90_available(int device);
+
+}  // namespace cuda
+}  // namespace pf
 
 /* ---- element conversion ---- */
 

@@ -1,7 +1,7 @@
 /*
- * sm90.cuh - Hopper (sm_90a) building blocks for the wgmma kernels: the
+ * attn/sm90.cuh - Hopper (sm_90a) building blocks for the wgmma kernels: the
  * 128-byte-swizzled shared-memory tile layout, its matrix descriptors, the
- * wgmma.mma_async wrappers (generated: sm90_wgmma.inc), the warpgroup fences,
+ * wgmma.mma_async wrappers (generated: attn/sm90_wgmma.inc), the warpgroup fences,
  * and a cp.async tile loader writing that layout.
  *
  * Compiled for every arch; the device code is only meaningful where
@@ -38,7 +38,7 @@
 #ifndef PF_SM90_CUH
 #define PF_SM90_CUH
 
-#include "flash_common.cuh"
+#include "attn/mma.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define PF_SM90_DEVICE 1
@@ -77,7 +77,7 @@ template <int N, typename T, int kTransA, int kTransB>
 struct WgmmaSS;
 template <int N, typename T, int kTransB>
 struct WgmmaRS;
-#include "sm90_wgmma.inc"
+#include "attn/sm90_wgmma.inc"
 
 PF_DEV void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 PF_DEV void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -152,9 +152,6 @@ PF_DEV void load_swizzled(uint32_t tile, const T *g, int64_t row_stride, int row
 
 }  // namespace sm90
 
-/* Host: does `device` run the sm_90a kernels of this build? (compute
- * capability 9.0, sm_90 in PAGEDFLASH_CUDA_ARCHS, and PAGEDFLASH_SM90 not 0). */
-bool sm90_available(int device);
 
 }  // namespace cuda
 }  // namespace pf
