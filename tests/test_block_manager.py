@@ -149,8 +149,10 @@ def test_seq_ids_int64_range_and_numpy():
     ids = np.array([2**62, -5], dtype=np.int64)
     assert bm.block_tables(ids).shape == (2, 1)
     assert bm.seq_lens(np.array([0, 9], dtype=np.int32)).tolist() == [3, 3]
+    with pytest.raises(ValueError, match="seq_id.*does not fit in int64"):
+        bm.allocate(2**64, [1])  # an int out of range is a ValueError (DESIGN.md's table)
     with pytest.raises(TypeError, match="seq_id"):
-        bm.allocate(2**64, [1])
+        bm.allocate("1", [1])
     with pytest.raises(TypeError, match="integers"):
         bm.block_tables(np.array([1.0]))
     with pytest.raises(ValueError, match="1-d"):
@@ -609,7 +611,7 @@ def test_prefix_cache_eviction_is_lru_deepest_first():
     bm.check()
 
 
-def test_stats_dict_matches_properties():
+def test_stats_named_fields_match_properties():
     bm = BlockManager(12, 4, num_cpu_blocks=5, enable_prefix_caching=True)
     bm.allocate(1, tokens(9))
     bm.allocate(2, tokens(9))          # 2 blocks hit
@@ -617,19 +619,23 @@ def test_stats_dict_matches_properties():
     bm.swap_out(3)
     bm.free(1)
     s = bm.stats()
-    assert s == {
-        "num_blocks": 12, "block_size": 4, "num_cpu_blocks": 5,
-        "num_free_blocks": bm.num_free_blocks, "num_evictable_blocks": bm.num_evictable_blocks,
-        "num_used_blocks": bm.num_used_blocks, "num_cached_blocks": bm.num_cached_blocks,
-        "num_free_cpu_blocks": bm.num_free_cpu_blocks, "num_used_cpu_blocks": 1,
-        "num_seqs": 2, "prefix_cache_queries": bm.prefix_cache_queries,
-        "prefix_cache_hits": bm.prefix_cache_hits,
-    }
-    assert s["num_free_blocks"] + s["num_used_blocks"] == 12
+    assert isinstance(s, pagedflash.BlockStats)
+    assert (s.num_blocks, s.block_size, s.num_cpu_blocks) == (12, 4, 5)
+    assert s.num_free_blocks == bm.num_free_blocks and s.num_evictable_blocks == bm.num_evictable_blocks
+    assert s.num_used_blocks == bm.num_used_blocks and s.num_cached_blocks == bm.num_cached_blocks
+    assert s.num_free_cpu_blocks == bm.num_free_cpu_blocks and s.num_used_cpu_blocks == 1
+    assert s.num_seqs == 2 and s.prefix_cache_queries == bm.prefix_cache_queries
+    assert s.prefix_cache_hits == bm.prefix_cache_hits
+    assert s.num_free_blocks + s.num_used_blocks == 12
+    # the fields, in order, are the struct's (one list in csrc/py/bind_block_pool.c)
+    assert tuple(s) == tuple(getattr(s, f) for f in (
+        "num_blocks", "block_size", "num_cpu_blocks", "num_free_blocks", "num_evictable_blocks",
+        "num_used_blocks", "num_cached_blocks", "num_free_cpu_blocks", "num_used_cpu_blocks", "num_seqs",
+        "prefix_cache_queries", "prefix_cache_hits"))
     # used: seq 2's 2 hit blocks + its own last block; evictable: seq 3's full block, cached
     # on the device after its swap-out; seq 1's private partial block went to the free list
-    assert (s["num_used_blocks"], s["num_evictable_blocks"], s["num_cached_blocks"]) == (3, 1, 3)
-    assert (s["prefix_cache_queries"], s["prefix_cache_hits"]) == (4, 2)
+    assert (s.num_used_blocks, s.num_evictable_blocks, s.num_cached_blocks) == (3, 1, 3)
+    assert (s.prefix_cache_queries, s.prefix_cache_hits) == (4, 2)
     assert bm.seq_ids == [2, 3] and len(bm) == 2 and bm.is_swapped(3)
 
 

@@ -5,7 +5,8 @@
  * these functions only view tensors, fill pf_attn_params, release the GIL
  * around the core call and map its status to an exception.
  */
-#include "pf_py.h"
+#include "py_bindings.h"
+#include "py_convert.h"
 
 /* Options shared by forward and backward, parsed from keywords. */
 typedef struct attn_opts {

@@ -15,98 +15,28 @@
  * arguments, pagedflash.OutOfBlocks when blocks run out, RuntimeError for a
  * broken invariant found by check()).
  */
-#include "pf_py.h"
+#include "py_bindings.h"
+#include "py_convert.h"
 
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #define NO_IMPORT_ARRAY
 #define PY_ARRAY_UNIQUE_SYMBOL pf_numpy_api
 #include <numpy/arrayobject.h>
 
-typedef struct stage {
-    void *ptr;
-    size_t bytes;
-} stage;
-
 typedef struct PfBlockPool {
     PyObject_HEAD
     pf_block_pool_t *pool;
-    stage ids, counts, tokens, cow; /* staging for converted arguments and results */
+    pf_py_stage ids, counts, tokens, cow; /* staging for converted arguments and results */
 } PfBlockPool;
-
-static void *stage_get(stage *s, size_t bytes) {
-    if (bytes <= s->bytes) return s->ptr;
-    size_t cap = s->bytes ? s->bytes : 1024;
-    while (cap < bytes) cap *= 2;
-    void *p = PyMem_Realloc(s->ptr, cap);
-    if (!p) {
-        PyErr_NoMemory();
-        return NULL;
-    }
-    s->ptr = p;
-    s->bytes = cap;
-    return p;
-}
 
 static PyObject *raise_status(PyObject *self, pf_status st) {
     return pf_py_raise(PyType_GetModule(Py_TYPE(self)), st);
 }
 
-/* An integer list as int64 [*n]: *data points into `obj` (held in *hold) or staging. */
-static int as_i64(PfBlockPool *self, PyObject *obj, const char *name, const int64_t **data,
-                  Py_ssize_t *n, PyObject **hold) {
-    *hold = NULL;
-    if (PyArray_Check(obj)) {
-        PyArrayObject *a = (PyArrayObject *)obj;
-        if (PyArray_NDIM(a) != 1) {
-            PyErr_Format(PyExc_ValueError, "%s: expected a 1-d array, got %d-d", name, PyArray_NDIM(a));
-            return -1;
-        }
-        if (!PyArray_ISINTEGER(a)) {
-            PyErr_Format(PyExc_TypeError, "%s: expected integers, got dtype %S", name,
-                         (PyObject *)PyArray_DESCR(a));
-            return -1;
-        }
-        PyObject *c = PyArray_FROMANY(obj, NPY_INT64, 1, 1, NPY_ARRAY_CARRAY_RO);
-        if (!c) return -1;
-        *hold = c;
-        *data = (const int64_t *)PyArray_DATA((PyArrayObject *)c);
-        *n = PyArray_DIM((PyArrayObject *)c, 0);
-        return 0;
-    }
-    PyObject *seq = PySequence_Fast(obj, "");
-    if (!seq) {
-        PyErr_Format(PyExc_TypeError, "%s: expected a sequence of ints or an integer array, got %.100s",
-                     name, Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
-    int64_t *buf = (int64_t *)stage_get(&self->ids, (size_t)(len ? len : 1) * sizeof(int64_t));
-    if (!buf) {
-        Py_DECREF(seq);
-        return -1;
-    }
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    for (Py_ssize_t i = 0; i < len; i++) {
-        long long v = PyLong_AsLongLong(items[i]);
-        if (v == -1 && PyErr_Occurred()) {
-            PyErr_Clear();
-            PyErr_Format(PyExc_TypeError, "%s[%zd]: expected an int in int64 range, got %R", name, i,
-                         items[i]);
-            Py_DECREF(seq);
-            return -1;
-        }
-        buf[i] = v;
-    }
-    Py_DECREF(seq);
-    *data = buf;
-    *n = len;
-    return 0;
-}
-
-/* Sequence ids for the batched calls: as_i64, and at most INT32_MAX of them (the core takes an
- * int32 count). *hold is released again on failure. */
+/* Sequence ids for the batched calls, at most INT32_MAX of them (the core takes an int32
+ * count). *hold is released again on failure. */
 static int as_seq_ids(PfBlockPool *self, PyObject *obj, const int64_t **data, Py_ssize_t *n, PyObject **hold) {
-    if (as_i64(self, obj, "seq_ids", data, n, hold) < 0) return -1;
+    if (pf_py_int64_list(obj, "seq_ids", &self->ids, data, n, hold) < 0) return -1;
     if (*n > INT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "seq_ids: too many sequences");
         Py_CLEAR(*hold);
@@ -115,129 +45,15 @@ static int as_seq_ids(PfBlockPool *self, PyObject *obj, const int64_t **data, Py
     return 0;
 }
 
-/* An integer list as int32 [*n] (values range-checked), into staging `st` unless in place. */
-static int as_i32(stage *st, PyObject *obj, const char *name, const int32_t **data, Py_ssize_t *n,
-                  PyObject **hold) {
-    *hold = NULL;
-    if (PyArray_Check(obj)) {
-        PyArrayObject *a = (PyArrayObject *)obj;
-        if (PyArray_NDIM(a) != 1) {
-            PyErr_Format(PyExc_ValueError, "%s: expected a 1-d array, got %d-d", name, PyArray_NDIM(a));
-            return -1;
-        }
-        if (!PyArray_ISINTEGER(a)) {
-            PyErr_Format(PyExc_TypeError, "%s: expected integers, got dtype %S", name,
-                         (PyObject *)PyArray_DESCR(a));
-            return -1;
-        }
-        if (PyArray_TYPE(a) == NPY_INT32 && PyArray_IS_C_CONTIGUOUS(a) && PyArray_ISNOTSWAPPED(a) &&
-            PyArray_ISALIGNED(a)) {
-            *hold = Py_NewRef(obj);
-            *data = (const int32_t *)PyArray_DATA(a);
-            *n = PyArray_DIM(a, 0);
-            return 0;
-        }
-        PyObject *c = PyArray_FROMANY(obj, NPY_INT64, 1, 1, NPY_ARRAY_CARRAY_RO);
-        if (!c) return -1;
-        Py_ssize_t len = PyArray_DIM((PyArrayObject *)c, 0);
-        const int64_t *src = (const int64_t *)PyArray_DATA((PyArrayObject *)c);
-        int32_t *buf = (int32_t *)stage_get(st, (size_t)(len ? len : 1) * sizeof(int32_t));
-        if (!buf) {
-            Py_DECREF(c);
-            return -1;
-        }
-        for (Py_ssize_t i = 0; i < len; i++) {
-            if (src[i] < INT32_MIN || src[i] > INT32_MAX) {
-                PyErr_Format(PyExc_ValueError, "%s[%zd]: %lld does not fit in int32", name, i,
-                             (long long)src[i]);
-                Py_DECREF(c);
-                return -1;
-            }
-            buf[i] = (int32_t)src[i];
-        }
-        Py_DECREF(c);
-        *data = buf;
-        *n = len;
-        return 0;
-    }
-    PyObject *seq = PySequence_Fast(obj, "");
-    if (!seq) {
-        PyErr_Format(PyExc_TypeError, "%s: expected a sequence of ints or an integer array, got %.100s",
-                     name, Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
-    int32_t *buf = (int32_t *)stage_get(st, (size_t)(len ? len : 1) * sizeof(int32_t));
-    if (!buf) {
-        Py_DECREF(seq);
-        return -1;
-    }
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    for (Py_ssize_t i = 0; i < len; i++) {
-        long long v = PyLong_AsLongLong(items[i]);
-        if (v == -1 && PyErr_Occurred()) {
-            PyErr_Clear();
-            PyErr_Format(PyExc_TypeError, "%s[%zd]: expected an int, got %R", name, i, items[i]);
-            Py_DECREF(seq);
-            return -1;
-        }
-        if (v < INT32_MIN || v > INT32_MAX) {
-            PyErr_Format(PyExc_ValueError, "%s[%zd]: %lld does not fit in int32", name, i, v);
-            Py_DECREF(seq);
-            return -1;
-        }
-        buf[i] = (int32_t)v;
-    }
-    Py_DECREF(seq);
-    *data = buf;
-    *n = len;
-    return 0;
-}
-
-static int as_seq_id(PyObject *obj, const char *name, int64_t *out) {
-    long long v = PyLong_AsLongLong(obj);
-    if (v == -1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s: expected an int in int64 range, got %R", name, obj);
-        return -1;
-    }
-    *out = v;
-    return 0;
-}
-
-static int as_i32_scalar(PyObject *obj, const char *name, int32_t *out) {
-    long v = PyLong_AsLong(obj);
-    if (v == -1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s: expected an int, got %R", name, obj);
-        return -1;
-    }
-    if (v < INT32_MIN || v > INT32_MAX) {
-        PyErr_Format(PyExc_ValueError, "%s: %ld does not fit in int32", name, v);
-        return -1;
-    }
-    *out = (int32_t)v;
-    return 0;
-}
-
-static int check_nargs(const char *fn, Py_ssize_t nargs, Py_ssize_t lo, Py_ssize_t hi) {
-    if (nargs < lo || nargs > hi) {
-        PyErr_Format(PyExc_TypeError, "BlockPool.%s takes %zd to %zd positional arguments (%zd given)",
-                     fn, lo, hi, nargs);
-        return -1;
-    }
-    return 0;
-}
-
 /* A per-sequence count argument: an int (uniform, *per = NULL) or an int list of n. */
-static int as_counts(PfBlockPool *self, PyObject *obj, const char *name, Py_ssize_t n,
-                     const int32_t **per, int32_t *uniform, PyObject **hold) {
+static int as_counts(PfBlockPool *self, PyObject *obj, const char *name, Py_ssize_t n, const int32_t **per,
+                     int32_t *uniform, PyObject **hold) {
     *per = NULL;
     *uniform = 0;
     *hold = NULL;
-    if (PyLong_Check(obj)) return as_i32_scalar(obj, name, uniform);
+    if (PyLong_Check(obj)) return pf_py_int32(obj, name, uniform);
     Py_ssize_t m;
-    if (as_i32(&self->counts, obj, name, per, &m, hold) < 0) return -1;
+    if (pf_py_int32_list(obj, name, &self->counts, per, &m, hold) < 0) return -1;
     if (m != n) {
         PyErr_Format(PyExc_ValueError, "%s: expected one count per sequence (%zd), got %zd", name, n, m);
         Py_CLEAR(*hold);
@@ -246,9 +62,12 @@ static int as_counts(PfBlockPool *self, PyObject *obj, const char *name, Py_ssiz
     return 0;
 }
 
-static PyObject *new_array(int nd, npy_intp *dims, int type) {
-    return PyArray_SimpleNew(nd, dims, type);
-}
+/* The positional-argument check of BlockPool.<fn>. */
+#define CHECK_NARGS(fn, lo, hi) \
+    if (pf_py_nargs("BlockPool." fn, nargs, lo, hi) < 0) return NULL
+
+/* The data of a NumPy array made by pf_py_new_array or checked by pf_py_out_array. */
+#define ARRAY_DATA(T, obj) ((T *)PyArray_DATA((PyArrayObject *)(obj)))
 
 /* ------------------------------------------------------------------------ */
 
@@ -273,19 +92,19 @@ static PyObject *bp_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
 static void bp_dealloc(PfBlockPool *self) {
     PyTypeObject *tp = Py_TYPE(self);
     pf_block_pool_free(self->pool);
-    PyMem_Free(self->ids.ptr);
-    PyMem_Free(self->counts.ptr);
-    PyMem_Free(self->tokens.ptr);
-    PyMem_Free(self->cow.ptr);
+    pf_py_stage_free(&self->ids);
+    pf_py_stage_free(&self->counts);
+    pf_py_stage_free(&self->tokens);
+    pf_py_stage_free(&self->cow);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
 
 /* allocate(seq_id, token_ids | num_tokens) -> num_cached_tokens */
 static PyObject *bp_allocate(PfBlockPool *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("allocate", nargs, 2, 2) < 0) return NULL;
+    CHECK_NARGS("allocate", 2, 2);
     int64_t id;
-    if (as_seq_id(args[0], "seq_id", &id) < 0) return NULL;
+    if (pf_py_int64(args[0], "seq_id", &id) < 0) return NULL;
     const int32_t *tok = NULL;
     Py_ssize_t n;
     PyObject *hold = NULL;
@@ -293,7 +112,7 @@ static PyObject *bp_allocate(PfBlockPool *self, PyObject *const *args, Py_ssize_
         long long v = PyLong_AsLongLong(args[1]);
         if (v == -1 && PyErr_Occurred()) return NULL;
         n = (Py_ssize_t)v;
-    } else if (as_i32(&self->tokens, args[1], "token_ids", &tok, &n, &hold) < 0) {
+    } else if (pf_py_int32_list(args[1], "token_ids", &self->tokens, &tok, &n, &hold) < 0) {
         return NULL;
     }
     int64_t cached = 0;
@@ -305,11 +124,11 @@ static PyObject *bp_allocate(PfBlockPool *self, PyObject *const *args, Py_ssize_
 
 /* prefix_lookup(token_ids) -> (hit_blocks, hit_evictable) */
 static PyObject *bp_prefix_lookup(PfBlockPool *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("prefix_lookup", nargs, 1, 1) < 0) return NULL;
+    CHECK_NARGS("prefix_lookup", 1, 1);
     const int32_t *tok;
     Py_ssize_t n;
     PyObject *hold;
-    if (as_i32(&self->tokens, args[0], "token_ids", &tok, &n, &hold) < 0) return NULL;
+    if (pf_py_int32_list(args[0], "token_ids", &self->tokens, &tok, &n, &hold) < 0) return NULL;
     int32_t hits = 0, ev = 0;
     pf_status st = pf_block_pool_prefix_lookup(self->pool, tok, n, &hits, &ev);
     Py_XDECREF(hold);
@@ -319,16 +138,16 @@ static PyObject *bp_prefix_lookup(PfBlockPool *self, PyObject *const *args, Py_s
 
 /* append(seq_id, num_new_tokens, token_ids | None) -> [(src, dst)] */
 static PyObject *bp_append(PfBlockPool *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("append", nargs, 3, 3) < 0) return NULL;
+    CHECK_NARGS("append", 3, 3);
     int64_t id;
     int32_t k;
-    if (as_seq_id(args[0], "seq_id", &id) < 0 || as_i32_scalar(args[1], "num_new_tokens", &k) < 0)
+    if (pf_py_int64(args[0], "seq_id", &id) < 0 || pf_py_int32(args[1], "num_new_tokens", &k) < 0)
         return NULL;
     const int32_t *tok = NULL;
     Py_ssize_t ntok = 0;
     PyObject *hold = NULL;
     if (args[2] != Py_None) {
-        if (as_i32(&self->tokens, args[2], "token_ids", &tok, &ntok, &hold) < 0) return NULL;
+        if (pf_py_int32_list(args[2], "token_ids", &self->tokens, &tok, &ntok, &hold) < 0) return NULL;
         if (ntok != k) {
             Py_XDECREF(hold);
             return PyErr_Format(PyExc_ValueError,
@@ -347,7 +166,7 @@ static PyObject *bp_append(PfBlockPool *self, PyObject *const *args, Py_ssize_t 
 
 /* append_batch(seq_ids, num_new_tokens (int | list), token_ids | None) -> int64 [k, 2] */
 static PyObject *bp_append_batch(PfBlockPool *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("append_batch", nargs, 3, 3) < 0) return NULL;
+    CHECK_NARGS("append_batch", 3, 3);
     const int64_t *ids;
     Py_ssize_t n;
     PyObject *hold_ids = NULL, *hold_k = NULL, *hold_t = NULL, *cow = NULL, *result = NULL;
@@ -357,7 +176,7 @@ static PyObject *bp_append_batch(PfBlockPool *self, PyObject *const *args, Py_ss
     if (as_counts(self, args[1], "num_new_tokens", n, &per, &uniform, &hold_k) < 0) goto done;
     if (args[2] != Py_None) {
         Py_ssize_t ntok;
-        if (as_i32(&self->tokens, args[2], "token_ids", &tok, &ntok, &hold_t) < 0) goto done;
+        if (pf_py_int32_list(args[2], "token_ids", &self->tokens, &tok, &ntok, &hold_t) < 0) goto done;
         int64_t total = 0;
         for (Py_ssize_t i = 0; i < n; i++) total += per ? per[i] : uniform;
         if (ntok != total) {
@@ -368,7 +187,7 @@ static PyObject *bp_append_batch(PfBlockPool *self, PyObject *const *args, Py_ss
             goto done;
         }
     }
-    int64_t *pairs = (int64_t *)stage_get(&self->cow, (size_t)(n ? n : 1) * 2 * sizeof(int64_t));
+    int64_t *pairs = (int64_t *)pf_py_stage_get(&self->cow, (size_t)(n ? n : 1) * 2 * sizeof(int64_t));
     if (!pairs) goto done;
     int32_t ncow = 0;
     pf_status st = pf_block_pool_append(self->pool, ids, (int32_t)n, per, uniform, tok, pairs, &ncow);
@@ -376,10 +195,10 @@ static PyObject *bp_append_batch(PfBlockPool *self, PyObject *const *args, Py_ss
         raise_status((PyObject *)self, st);
         goto done;
     }
-    npy_intp dims[2] = {ncow, 2};
-    cow = new_array(2, dims, NPY_INT64);
+    Py_ssize_t dims[2] = {ncow, 2};
+    cow = pf_py_new_array(2, dims, NPY_INT64);
     if (!cow) goto done;
-    if (ncow) memcpy(PyArray_DATA((PyArrayObject *)cow), pairs, (size_t)ncow * 2 * sizeof(int64_t));
+    if (ncow) memcpy(ARRAY_DATA(int64_t, cow), pairs, (size_t)ncow * 2 * sizeof(int64_t));
     result = Py_NewRef(cow);
 done:
     Py_XDECREF(cow);
@@ -390,9 +209,9 @@ done:
 }
 
 static PyObject *bp_fork(PfBlockPool *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("fork", nargs, 2, 2) < 0) return NULL;
+    CHECK_NARGS("fork", 2, 2);
     int64_t parent, child;
-    if (as_seq_id(args[0], "parent_id", &parent) < 0 || as_seq_id(args[1], "child_id", &child) < 0)
+    if (pf_py_int64(args[0], "parent_id", &parent) < 0 || pf_py_int64(args[1], "child_id", &child) < 0)
         return NULL;
     pf_status st = pf_block_pool_fork(self->pool, parent, child);
     if (st != PF_STATUS_OK) return raise_status((PyObject *)self, st);
@@ -400,9 +219,9 @@ static PyObject *bp_fork(PfBlockPool *self, PyObject *const *args, Py_ssize_t na
 }
 
 static PyObject *bp_release(PfBlockPool *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("release", nargs, 1, 1) < 0) return NULL;
+    CHECK_NARGS("release", 1, 1);
     int64_t id;
-    if (as_seq_id(args[0], "seq_id", &id) < 0) return NULL;
+    if (pf_py_int64(args[0], "seq_id", &id) < 0) return NULL;
     pf_status st = pf_block_pool_release(self->pool, id);
     if (st != PF_STATUS_OK) return raise_status((PyObject *)self, st);
     Py_RETURN_NONE;
@@ -410,13 +229,13 @@ static PyObject *bp_release(PfBlockPool *self, PyObject *const *args, Py_ssize_t
 
 /* swap_count(seq_ids, to_host) -> distinct blocks */
 static PyObject *bp_swap_count(PfBlockPool *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("swap_count", nargs, 2, 2) < 0) return NULL;
+    CHECK_NARGS("swap_count", 2, 2);
     const int64_t *ids;
     Py_ssize_t n;
     PyObject *hold;
     int to_host = PyObject_IsTrue(args[1]);
     if (to_host < 0) return NULL;
-    if (as_i64(self, args[0], "seq_ids", &ids, &n, &hold) < 0) return NULL;
+    if (pf_py_int64_list(args[0], "seq_ids", &self->ids, &ids, &n, &hold) < 0) return NULL;
     int32_t count = 0;
     pf_status st = n > INT32_MAX ? PF_STATUS_INVALID_VALUE
                                  : pf_block_pool_swap_count(self->pool, ids, (int32_t)n, to_host, &count);
@@ -427,26 +246,26 @@ static PyObject *bp_swap_count(PfBlockPool *self, PyObject *const *args, Py_ssiz
 
 /* swap(seq_ids, to_host) -> int64 [n, 2] (src, dst) */
 static PyObject *bp_swap(PfBlockPool *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("swap", nargs, 2, 2) < 0) return NULL;
+    CHECK_NARGS("swap", 2, 2);
     const int64_t *ids;
     Py_ssize_t n;
     PyObject *hold, *out = NULL;
     int to_host = PyObject_IsTrue(args[1]);
     if (to_host < 0) return NULL;
-    if (as_i64(self, args[0], "seq_ids", &ids, &n, &hold) < 0) return NULL;
+    if (pf_py_int64_list(args[0], "seq_ids", &self->ids, &ids, &n, &hold) < 0) return NULL;
     int32_t count = 0;
     int64_t np = 0;
     pf_status st = n > INT32_MAX ? PF_STATUS_INVALID_VALUE
                                  : pf_block_pool_swap_count(self->pool, ids, (int32_t)n, to_host, &count);
     if (st == PF_STATUS_OK) {
-        npy_intp dims[2] = {count, 2};
-        out = new_array(2, dims, NPY_INT64);
+        Py_ssize_t dims[2] = {count, 2};
+        out = pf_py_new_array(2, dims, NPY_INT64);
         if (!out) {
             Py_XDECREF(hold);
             return NULL;
         }
         st = pf_block_pool_swap(self->pool, ids, (int32_t)n, to_host,
-                                (int64_t *)PyArray_DATA((PyArrayObject *)out), count, &np);
+                                ARRAY_DATA(int64_t, out), count, &np);
     }
     Py_XDECREF(hold);
     if (st != PF_STATUS_OK) {
@@ -458,10 +277,10 @@ static PyObject *bp_swap(PfBlockPool *self, PyObject *const *args, Py_ssize_t na
 
 /* seq_info(seq_id) -> (num_tokens, num_blocks, swapped) */
 static PyObject *bp_seq_info(PfBlockPool *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("seq_info", nargs, 1, 1) < 0) return NULL;
+    CHECK_NARGS("seq_info", 1, 1);
     int64_t id, len = 0;
     int32_t nb = 0, swapped = 0;
-    if (as_seq_id(args[0], "seq_id", &id) < 0) return NULL;
+    if (pf_py_int64(args[0], "seq_id", &id) < 0) return NULL;
     pf_status st = pf_block_pool_seq_info(self->pool, id, &len, &nb, &swapped);
     if (st != PF_STATUS_OK) return raise_status((PyObject *)self, st);
     return Py_BuildValue("(LiO)", (long long)len, (int)nb, swapped ? Py_True : Py_False);
@@ -469,9 +288,9 @@ static PyObject *bp_seq_info(PfBlockPool *self, PyObject *const *args, Py_ssize_
 
 /* seq_len(seq_id) -> int */
 static PyObject *bp_seq_len(PfBlockPool *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("seq_len", nargs, 1, 1) < 0) return NULL;
+    CHECK_NARGS("seq_len", 1, 1);
     int64_t id, len = 0;
-    if (as_seq_id(args[0], "seq_id", &id) < 0) return NULL;
+    if (pf_py_int64(args[0], "seq_id", &id) < 0) return NULL;
     pf_status st = pf_block_pool_seq_info(self->pool, id, &len, NULL, NULL);
     if (st != PF_STATUS_OK) return raise_status((PyObject *)self, st);
     return PyLong_FromLongLong(len);
@@ -479,46 +298,21 @@ static PyObject *bp_seq_len(PfBlockPool *self, PyObject *const *args, Py_ssize_t
 
 /* block_table(seq_id) -> int32 [num_blocks] (host ids if swapped) */
 static PyObject *bp_block_table(PfBlockPool *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("block_table", nargs, 1, 1) < 0) return NULL;
+    CHECK_NARGS("block_table", 1, 1);
     int64_t id;
     int32_t nb = 0;
-    if (as_seq_id(args[0], "seq_id", &id) < 0) return NULL;
+    if (pf_py_int64(args[0], "seq_id", &id) < 0) return NULL;
     pf_status st = pf_block_pool_seq_info(self->pool, id, NULL, &nb, NULL);
     if (st != PF_STATUS_OK) return raise_status((PyObject *)self, st);
-    npy_intp dims[1] = {nb};
-    PyObject *out = new_array(1, dims, NPY_INT32);
+    Py_ssize_t dims[1] = {nb};
+    PyObject *out = pf_py_new_array(1, dims, NPY_INT32);
     if (!out) return NULL;
-    st = pf_block_pool_block_table(self->pool, id, (int32_t *)PyArray_DATA((PyArrayObject *)out), nb, &nb);
+    st = pf_block_pool_block_table(self->pool, id, ARRAY_DATA(int32_t, out), nb, &nb);
     if (st != PF_STATUS_OK) {
         Py_DECREF(out);
         return raise_status((PyObject *)self, st);
     }
     return out;
-}
-
-/* Check a caller-provided output array: 1-d or 2-d, dtype, C-contiguous, writable. */
-static int check_out(PyObject *out, const char *name, int nd, int type, npy_intp rows) {
-    if (!PyArray_Check(out)) {
-        PyErr_Format(PyExc_TypeError, "%s: expected a numpy.ndarray, got %.100s", name,
-                     Py_TYPE(out)->tp_name);
-        return -1;
-    }
-    PyArrayObject *a = (PyArrayObject *)out;
-    if (PyArray_TYPE(a) != type || !PyArray_ISNOTSWAPPED(a)) {
-        PyErr_Format(PyExc_TypeError, "%s: expected dtype %s, got %S", name,
-                     type == NPY_INT32 ? "int32" : "int64", (PyObject *)PyArray_DESCR(a));
-        return -1;
-    }
-    if (PyArray_NDIM(a) != nd || (rows >= 0 && PyArray_DIM(a, 0) != rows) ||
-        !PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a) || !PyArray_ISWRITEABLE(a)) {
-        PyErr_Format(PyExc_ValueError,
-                     "%s: expected a writable, C-contiguous %d-d array%s%zd rows, got shape %d-d "
-                     "with %zd rows",
-                     name, nd, rows >= 0 ? " with " : " (any rows: ", (Py_ssize_t)rows,
-                     PyArray_NDIM(a), PyArray_NDIM(a) ? (Py_ssize_t)PyArray_DIM(a, 0) : 0);
-        return -1;
-    }
-    return 0;
 }
 
 /* The exit of the methods that fill an output array (reached by success and by every
@@ -534,18 +328,18 @@ static PyObject *fill_exit(PfBlockPool *self, pf_status st, PyObject *hold, PyOb
 
 /* block_tables(seq_ids, max_blocks (-1 = longest), pad, out | None) -> int32 [n, max_blocks] */
 static PyObject *bp_block_tables(PfBlockPool *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("block_tables", nargs, 4, 4) < 0) return NULL;
+    CHECK_NARGS("block_tables", 4, 4);
     const int64_t *ids;
     Py_ssize_t n;
     int32_t width, pad;
     PyObject *hold = NULL, *out = NULL;
-    if (as_i32_scalar(args[1], "max_blocks", &width) < 0 || as_i32_scalar(args[2], "pad", &pad) < 0)
+    if (pf_py_int32(args[1], "max_blocks", &width) < 0 || pf_py_int32(args[2], "pad", &pad) < 0)
         return NULL;
     if (as_seq_ids(self, args[0], &ids, &n, &hold) < 0) return NULL;
     pf_status st = PF_STATUS_OK;
     if (args[3] != Py_None) {
-        if (check_out(args[3], "out", 2, NPY_INT32, n) < 0) goto done;
-        npy_intp w = PyArray_DIM((PyArrayObject *)args[3], 1);
+        if (pf_py_out_array(args[3], "out", 2, PF_DTYPE_I32, n) < 0) goto done;
+        Py_ssize_t w = PyArray_DIM((PyArrayObject *)args[3], 1);
         if (width >= 0 && w != width) {
             PyErr_Format(PyExc_ValueError, "out: expected %d columns (max_blocks), got %zd", (int)width,
                          (Py_ssize_t)w);
@@ -562,40 +356,40 @@ static PyObject *bp_block_tables(PfBlockPool *self, PyObject *const *args, Py_ss
             st = pf_block_pool_max_blocks(self->pool, ids, (int32_t)n, &width);
             if (st != PF_STATUS_OK) goto done;
         }
-        npy_intp dims[2] = {n, width};
-        out = new_array(2, dims, NPY_INT32);
+        Py_ssize_t dims[2] = {n, width};
+        out = pf_py_new_array(2, dims, NPY_INT32);
         if (!out) goto done;
     }
     st = pf_block_pool_block_tables(self->pool, ids, (int32_t)n,
-                                    (int32_t *)PyArray_DATA((PyArrayObject *)out), width, pad);
+                                    ARRAY_DATA(int32_t, out), width, pad);
 done:
     return fill_exit(self, st, hold, NULL, out);
 }
 
 /* seq_lens(seq_ids, out | None) -> int32 [n] */
 static PyObject *bp_seq_lens(PfBlockPool *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("seq_lens", nargs, 2, 2) < 0) return NULL;
+    CHECK_NARGS("seq_lens", 2, 2);
     const int64_t *ids;
     Py_ssize_t n;
     PyObject *hold = NULL, *out = NULL;
     if (as_seq_ids(self, args[0], &ids, &n, &hold) < 0) return NULL;
     pf_status st = PF_STATUS_OK;
     if (args[1] != Py_None) {
-        if (check_out(args[1], "out", 1, NPY_INT32, n) < 0) goto done;
+        if (pf_py_out_array(args[1], "out", 1, PF_DTYPE_I32, n) < 0) goto done;
         out = Py_NewRef(args[1]);
     } else {
-        npy_intp dims[1] = {n};
-        out = new_array(1, dims, NPY_INT32);
+        Py_ssize_t dims[1] = {n};
+        out = pf_py_new_array(1, dims, NPY_INT32);
         if (!out) goto done;
     }
-    st = pf_block_pool_seq_lens(self->pool, ids, (int32_t)n, (int32_t *)PyArray_DATA((PyArrayObject *)out));
+    st = pf_block_pool_seq_lens(self->pool, ids, (int32_t)n, ARRAY_DATA(int32_t, out));
 done:
     return fill_exit(self, st, hold, NULL, out);
 }
 
 /* slot_mapping(seq_ids, num_new_tokens (int | list), out | None) -> int64 [sum] */
 static PyObject *bp_slot_mapping(PfBlockPool *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("slot_mapping", nargs, 3, 3) < 0) return NULL;
+    CHECK_NARGS("slot_mapping", 3, 3);
     const int64_t *ids;
     Py_ssize_t n;
     PyObject *hold = NULL, *hold_k = NULL, *out = NULL;
@@ -608,16 +402,16 @@ static PyObject *bp_slot_mapping(PfBlockPool *self, PyObject *const *args, Py_ss
     for (Py_ssize_t i = 0; i < n; i++) total += per ? per[i] : uniform;
     if (total < 0) total = 0; /* the core rejects negative counts with a message */
     if (args[2] != Py_None) {
-        if (check_out(args[2], "out", 1, NPY_INT64, -1) < 0) goto done;
+        if (pf_py_out_array(args[2], "out", 1, PF_DTYPE_I64, -1) < 0) goto done;
         out = Py_NewRef(args[2]);
     } else {
-        npy_intp dims[1] = {(npy_intp)total};
-        out = new_array(1, dims, NPY_INT64);
+        Py_ssize_t dims[1] = {(Py_ssize_t)total};
+        out = pf_py_new_array(1, dims, NPY_INT64);
         if (!out) goto done;
     }
     int64_t written = 0;
     st = pf_block_pool_slot_mapping(self->pool, ids, (int32_t)n, per, uniform,
-                                    (int64_t *)PyArray_DATA((PyArrayObject *)out),
+                                    ARRAY_DATA(int64_t, out),
                                     PyArray_DIM((PyArrayObject *)out, 0), &written);
 done:
     return fill_exit(self, st, hold, hold_k, out);
@@ -625,15 +419,15 @@ done:
 
 /* seq_tokens(seq_id) -> int32 [num_tokens] */
 static PyObject *bp_seq_tokens(PfBlockPool *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("seq_tokens", nargs, 1, 1) < 0) return NULL;
+    CHECK_NARGS("seq_tokens", 1, 1);
     int64_t id, len = 0;
-    if (as_seq_id(args[0], "seq_id", &id) < 0) return NULL;
+    if (pf_py_int64(args[0], "seq_id", &id) < 0) return NULL;
     pf_status st = pf_block_pool_seq_info(self->pool, id, &len, NULL, NULL);
     if (st != PF_STATUS_OK) return raise_status((PyObject *)self, st);
-    npy_intp dims[1] = {(npy_intp)len};
-    PyObject *out = new_array(1, dims, NPY_INT32);
+    Py_ssize_t dims[1] = {(Py_ssize_t)len};
+    PyObject *out = pf_py_new_array(1, dims, NPY_INT32);
     if (!out) return NULL;
-    st = pf_block_pool_seq_tokens(self->pool, id, (int32_t *)PyArray_DATA((PyArrayObject *)out), len, &len);
+    st = pf_block_pool_seq_tokens(self->pool, id, ARRAY_DATA(int32_t, out), len, &len);
     if (st != PF_STATUS_OK) {
         Py_DECREF(out);
         return raise_status((PyObject *)self, st);
@@ -667,16 +461,57 @@ static PyObject *bp_seq_ids(PfBlockPool *self, PyObject *unused) {
     return list;
 }
 
-/* stats() -> tuple (see BlockManager) */
+/* stats() -> pagedflash.BlockStats: pf_block_pool_stats (pagedflash.h) as a struct sequence
+ * (a named tuple). PF_BLOCK_STATS is the one list of its fields: name, C type, doc. */
+#define PF_BLOCK_STATS(X)                                                                         \
+    X(num_blocks, int32_t, "device blocks")                                                       \
+    X(block_size, int32_t, "tokens per block")                                                    \
+    X(num_cpu_blocks, int32_t, "host blocks for swapping")                                        \
+    X(num_free_blocks, int32_t, "device blocks allocatable now (free list + evictable)")          \
+    X(num_evictable_blocks, int32_t, "cached device blocks no sequence references")               \
+    X(num_used_blocks, int32_t, "device blocks referenced by a sequence")                         \
+    X(num_cached_blocks, int32_t, "device blocks in the prefix cache (in use or evictable)")      \
+    X(num_free_cpu_blocks, int32_t, "host blocks free for swapping out")                          \
+    X(num_used_cpu_blocks, int32_t, "host blocks holding swapped-out sequences")                  \
+    X(num_seqs, int32_t, "live sequences, swapped-out ones included")                             \
+    X(prefix_cache_queries, int64_t, "full prompt blocks eligible for a prefix hit, cumulative") \
+    X(prefix_cache_hits, int64_t, "of those, the blocks found in the cache")
+
+#define STATS_FIELD(name, type, doc) {#name, doc},
+#define STATS_SIZE(name, type, doc) +sizeof(type)
+#define STATS_COUNT(name, type, doc) +1
+static PyStructSequence_Field block_stats_fields[] = {PF_BLOCK_STATS(STATS_FIELD){NULL, NULL}};
+_Static_assert(0 PF_BLOCK_STATS(STATS_SIZE) == sizeof(pf_block_pool_stats),
+               "PF_BLOCK_STATS must list every field of pf_block_pool_stats");
+
+static PyStructSequence_Desc block_stats_desc = {
+    "pagedflash.BlockStats",
+    "The block pool's counters at one moment (BlockManager.stats()): a named tuple. "
+    "num_free_blocks + num_used_blocks == num_blocks.",
+    block_stats_fields,
+    0 PF_BLOCK_STATS(STATS_COUNT),
+};
+
 static PyObject *bp_stats(PfBlockPool *self, PyObject *unused) {
     (void)unused;
     pf_block_pool_stats s;
     pf_block_pool_stats_get(self->pool, &s);
-    return Py_BuildValue("(iiiiiiiiiiLL)", s.num_blocks, s.block_size, s.num_cpu_blocks,
-                         s.num_free_blocks, s.num_evictable_blocks, s.num_used_blocks,
-                         s.num_cached_blocks, s.num_free_cpu_blocks, s.num_used_cpu_blocks,
-                         s.num_seqs, (long long)s.prefix_cache_queries,
-                         (long long)s.prefix_cache_hits);
+    PyObject *type = pf_py_state(PyType_GetModule(Py_TYPE(self)))->block_stats_type;
+    PyObject *r = PyStructSequence_New((PyTypeObject *)type);
+    if (!r) return NULL;
+    Py_ssize_t i = 0;
+#define STATS_SET(name, type, doc)                                   \
+    {                                                                \
+        PyObject *v = PyLong_FromLongLong((long long)s.name);        \
+        if (!v) {                                                    \
+            Py_DECREF(r);                                            \
+            return NULL;                                             \
+        }                                                            \
+        PyStructSequence_SetItem(r, i++, v);                         \
+    }
+    PF_BLOCK_STATS(STATS_SET)
+#undef STATS_SET
+    return r;
 }
 
 /* num_free_blocks() -> int (device, evictable included) */
@@ -689,19 +524,19 @@ static PyObject *bp_num_free(PfBlockPool *self, PyObject *unused) {
 
 /* block_states(on_host) -> (refcounts int32, states int32, hashes uint64) */
 static PyObject *bp_block_states(PfBlockPool *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("block_states", nargs, 1, 1) < 0) return NULL;
+    CHECK_NARGS("block_states", 1, 1);
     int on_host = PyObject_IsTrue(args[0]);
     if (on_host < 0) return NULL;
     pf_block_pool_stats s;
     pf_block_pool_stats_get(self->pool, &s);
-    npy_intp dims[1] = {on_host ? s.num_cpu_blocks : s.num_blocks};
-    PyObject *r = new_array(1, dims, NPY_INT32), *t = new_array(1, dims, NPY_INT32),
-             *h = new_array(1, dims, NPY_UINT64);
+    Py_ssize_t dims[1] = {on_host ? s.num_cpu_blocks : s.num_blocks};
+    PyObject *r = pf_py_new_array(1, dims, NPY_INT32), *t = pf_py_new_array(1, dims, NPY_INT32),
+             *h = pf_py_new_array(1, dims, NPY_UINT64);
     if (!r || !t || !h) goto fail;
     pf_status st = pf_block_pool_block_states(self->pool, on_host,
-                                              (int32_t *)PyArray_DATA((PyArrayObject *)r),
-                                              (int32_t *)PyArray_DATA((PyArrayObject *)t),
-                                              (uint64_t *)PyArray_DATA((PyArrayObject *)h));
+                                              ARRAY_DATA(int32_t, r),
+                                              ARRAY_DATA(int32_t, t),
+                                              ARRAY_DATA(uint64_t, h));
     if (st != PF_STATUS_OK) {
         raise_status((PyObject *)self, st);
         goto fail;
@@ -716,17 +551,17 @@ fail:
 
 /* free_list(on_host) -> int32 [n] (next taken first) */
 static PyObject *bp_free_list(PfBlockPool *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("free_list", nargs, 1, 1) < 0) return NULL;
+    CHECK_NARGS("free_list", 1, 1);
     int on_host = PyObject_IsTrue(args[0]);
     if (on_host < 0) return NULL;
     pf_block_pool_stats s;
     pf_block_pool_stats_get(self->pool, &s);
-    npy_intp cap = on_host ? s.num_free_cpu_blocks : s.num_free_blocks - s.num_evictable_blocks;
-    PyObject *out = new_array(1, &cap, NPY_INT32);
+    Py_ssize_t cap = on_host ? s.num_free_cpu_blocks : s.num_free_blocks - s.num_evictable_blocks;
+    PyObject *out = pf_py_new_array(1, &cap, NPY_INT32);
     if (!out) return NULL;
     int32_t n = 0;
     pf_status st = pf_block_pool_free_list(self->pool, on_host,
-                                           (int32_t *)PyArray_DATA((PyArrayObject *)out), (int32_t)cap, &n);
+                                           ARRAY_DATA(int32_t, out), (int32_t)cap, &n);
     if (st != PF_STATUS_OK) {
         Py_DECREF(out);
         return raise_status((PyObject *)self, st);
@@ -739,11 +574,11 @@ static PyObject *bp_evictable(PfBlockPool *self, PyObject *unused) {
     (void)unused;
     pf_block_pool_stats s;
     pf_block_pool_stats_get(self->pool, &s);
-    npy_intp cap = s.num_evictable_blocks;
-    PyObject *out = new_array(1, &cap, NPY_INT32);
+    Py_ssize_t cap = s.num_evictable_blocks;
+    PyObject *out = pf_py_new_array(1, &cap, NPY_INT32);
     if (!out) return NULL;
     int32_t n = 0;
-    pf_status st = pf_block_pool_evictable(self->pool, (int32_t *)PyArray_DATA((PyArrayObject *)out),
+    pf_status st = pf_block_pool_evictable(self->pool, ARRAY_DATA(int32_t, out),
                                            (int32_t)cap, &n);
     if (st != PF_STATUS_OK) {
         Py_DECREF(out);
@@ -789,9 +624,7 @@ static PyMethodDef bp_methods[] = {
          "slot_mapping(seq_ids, num_new_tokens (int | list), out | None) -> int64 [total]"),
     FAST("seq_tokens", bp_seq_tokens, "seq_tokens(seq_id) -> int32 [num_tokens] (-1 = unknown)"),
     {"seq_ids", (PyCFunction)bp_seq_ids, METH_NOARGS, "seq_ids() -> list of live sequence ids"},
-    {"stats", (PyCFunction)bp_stats, METH_NOARGS,
-     "stats() -> (num_blocks, block_size, num_cpu_blocks, num_free, num_evictable, num_used, "
-     "num_cached, num_free_cpu, num_used_cpu, num_seqs, prefix_cache_queries, prefix_cache_hits)"},
+    {"stats", (PyCFunction)bp_stats, METH_NOARGS, "stats() -> pagedflash.BlockStats (a named tuple of counters)"},
     {"num_free_blocks", (PyCFunction)bp_num_free, METH_NOARGS, "num_free_blocks() -> int"},
     FAST("block_states", bp_block_states, "block_states(on_host) -> (refcounts, states, hashes)"),
     FAST("free_list", bp_free_list, "free_list(on_host) -> int32 [n], next taken first"),
@@ -820,15 +653,15 @@ static PyType_Spec bp_spec = {
     .slots = bp_slots,
 };
 
-/* Called once from module_exec: adds the type as _C.BlockPool. */
+/* Called once from module_exec: adds _C.BlockPool and _C.BlockStats (kept in the state). */
 int pf_py_block_pool_init(PyObject *module) {
+    PyTypeObject *stats = PyStructSequence_NewType(&block_stats_desc);
+    if (!stats) return -1;
+    pf_py_state(module)->block_stats_type = (PyObject *)stats;
+    if (PyModule_AddObjectRef(module, "BlockStats", (PyObject *)stats) < 0) return -1;
     PyObject *type = PyType_FromModuleAndSpec(module, &bp_spec, NULL);
     if (!type) return -1;
     int rc = PyModule_AddObjectRef(module, "BlockPool", type);
     Py_DECREF(type);
     return rc;
 }
-
-PyMethodDef pf_py_block_pool_methods[] = {
-    {NULL, NULL, 0, NULL},
-};

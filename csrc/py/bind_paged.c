@@ -10,7 +10,8 @@
  * GIL around the core call and map its status to an exception. Caches are
  * viewed writable: they are written in place.
  */
-#include "pf_py.h"
+#include "py_bindings.h"
+#include "py_convert.h"
 
 static PyObject *paged_attn(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"q", "k_cache", "v_cache", "block_tables", "seq_lens", "out", "lse",

@@ -1,46 +1,15 @@
 /*
- * module.c - the extension module pagedflash._C: multi-phase init, module
- * state (the Tensor type and the exception types), the status-to-exception
- * mapping, and build information. Bindings live in bind_*.c.
+ * module.c - the extension module pagedflash._C: multi-phase init, the module
+ * state's types (Tensor, BlockPool, BlockStats) and exceptions, build
+ * information, and the binding tables of bind_*.c. The top layer of csrc/py
+ * (pf_py.h lists the layers).
  */
-#include "pf_py.h"
+#include "py_bindings.h"
+#include "py_tensor.h"
 
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #define PY_ARRAY_UNIQUE_SYMBOL pf_numpy_api
 #include <numpy/arrayobject.h>
-
-pf_module_state *pf_py_state(PyObject *module) { return (pf_module_state *)PyModule_GetState(module); }
-
-PyObject *pf_py_raise(PyObject *module, pf_status status) {
-    pf_module_state *st = pf_py_state(module);
-    PyObject *type;
-    switch (status) {
-        case PF_STATUS_INVALID_VALUE: type = PyExc_ValueError; break;
-        case PF_STATUS_INVALID_TYPE: type = PyExc_TypeError; break;
-        case PF_STATUS_NOT_SUPPORTED: type = PyExc_NotImplementedError; break;
-        case PF_STATUS_OUT_OF_BLOCKS: type = st->out_of_blocks; break;
-        case PF_STATUS_CUDA_ERROR: type = st->cuda_error; break;
-        case PF_STATUS_OUT_OF_MEMORY: type = PyExc_MemoryError; break;
-        default: type = PyExc_RuntimeError; break;
-    }
-    const char *msg = pf_last_error();
-    PyErr_SetString(type, msg && msg[0] ? msg : pf_status_string(status));
-    return NULL;
-}
-
-int pf_py_kernel(PyObject *module, const char *name, int32_t *kernel) {
-    const pf_status st = pf_kernel_parse(name, kernel);
-    if (st == PF_STATUS_OK) return 0;
-    pf_py_raise(module, st);
-    return -1;
-}
-
-PyObject *pf_py_finish(PyObject *module, pf_status status, pf_py_keep *keep) {
-    pf_py_keep_release(keep);
-    if (PyErr_Occurred()) return NULL;
-    if (status != PF_STATUS_OK) return pf_py_raise(module, status);
-    Py_RETURN_NONE;
-}
 
 #define PF_STR_(x) #x
 #define PF_STR(x) PF_STR_(x)
@@ -64,7 +33,6 @@ static PyMethodDef *const binding_tables[] = {
     pf_py_attn_methods,
     pf_py_tensor_methods,
     pf_py_paged_methods,
-    pf_py_block_pool_methods,
 };
 
 static int module_exec(PyObject *m) {
@@ -82,13 +50,14 @@ static int module_exec(PyObject *m) {
     if (!st->cuda_error || PyModule_AddObjectRef(m, "CudaError", st->cuda_error) < 0) return -1;
     for (size_t i = 0; i < sizeof binding_tables / sizeof binding_tables[0]; i++)
         if (PyModule_AddFunctions(m, binding_tables[i]) < 0) return -1;
-    { extern int pf_py_block_pool_init(PyObject *module); if (pf_py_block_pool_init(m) < 0) return -1; }
+    if (pf_py_block_pool_init(m) < 0) return -1;
     return 0;
 }
 
 static int module_traverse(PyObject *m, visitproc visit, void *arg) {
     pf_module_state *st = pf_py_state(m);
     Py_VISIT(st->tensor_type);
+    Py_VISIT(st->block_stats_type);
     Py_VISIT(st->out_of_blocks);
     Py_VISIT(st->cuda_error);
     return 0;
@@ -97,6 +66,7 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg) {
 static int module_clear(PyObject *m) {
     pf_module_state *st = pf_py_state(m);
     Py_CLEAR(st->tensor_type);
+    Py_CLEAR(st->block_stats_type);
     Py_CLEAR(st->out_of_blocks);
     Py_CLEAR(st->cuda_error);
     return 0;

@@ -6,9 +6,10 @@
  * __array_interface__ (host memory) or __cuda_array_interface__ (device memory),
  * so np.from_dlpack, torch.from_dlpack, cupy.from_dlpack and jax take it.
  */
-#include "pf_py.h"
+#include "py_tensor.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 #include "pf_dlpack.h"
 
@@ -32,82 +33,29 @@ static void tensor_dealloc(PyObject *self) {
     Py_DECREF(tp);
 }
 
-int pf_py_is_tensor(PyObject *module, PyObject *obj) {
-    (void)module;
+int pf_py_is_tensor(PyObject *obj) {
     return Py_TYPE(obj)->tp_dealloc == tensor_dealloc;
 }
 
 const pf_tensor *pf_py_tensor_view(PyObject *obj) { return &((PfTensor *)obj)->view; }
 
-static int dtype_from_name(const char *name, pf_dtype *dt) {
-    static const pf_dtype all[] = {PF_DTYPE_F32, PF_DTYPE_F16, PF_DTYPE_BF16, PF_DTYPE_I32,
-                                   PF_DTYPE_I64, PF_DTYPE_U8, PF_DTYPE_F64};
-    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
-        if (!strcmp(name, pf_dtype_name(all[i]))) {
-            *dt = all[i];
-            return 0;
-        }
-    return -1;
-}
-
-/* _C.empty(shape, dtype, device="cpu", device_id=0) -> Tensor (uninitialized). */
-static PyObject *tensor_empty(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"shape", "dtype", "device", "device_id", NULL};
-    PyObject *shape;
-    const char *dtype_name, *device = "cpu";
-    int device_id = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Os|si:empty", kwlist, &shape, &dtype_name,
-                                     &device, &device_id))
-        return NULL;
-    pf_dtype dt;
-    if (dtype_from_name(dtype_name, &dt) < 0) {
-        PyErr_Format(PyExc_TypeError, "dtype: unknown dtype '%s'", dtype_name);
-        return NULL;
-    }
-    PyObject *seq = PySequence_Fast(shape, "shape: expected a sequence of ints");
-    if (!seq) return NULL;
-    Py_ssize_t nd = PySequence_Fast_GET_SIZE(seq);
-    if (nd > PF_MAX_DIMS) {
-        Py_DECREF(seq);
-        PyErr_Format(PyExc_ValueError, "shape: at most %d dimensions, got %zd", PF_MAX_DIMS, nd);
-        return NULL;
-    }
-    int on_device = !strcmp(device, "cuda");
-    if (!on_device && strcmp(device, "cpu")) {
-        Py_DECREF(seq);
-        PyErr_Format(PyExc_ValueError, "device: expected 'cpu' or 'cuda', got '%s'", device);
-        return NULL;
-    }
+PyObject *pf_py_tensor_empty(PyObject *module, int ndim, const int64_t *shape, pf_dtype dtype, int on_device,
+                             int device_id) {
     pf_module_state *st = pf_py_state(module);
     PfTensor *t = (PfTensor *)PyType_GenericAlloc((PyTypeObject *)st->tensor_type, 0);
-    if (!t) {
-        Py_DECREF(seq);
-        return NULL;
-    }
-    t->view.ndim = (int32_t)nd;
-    t->view.dtype = dt;
+    if (!t) return NULL;
+    t->view.ndim = (int32_t)ndim;
+    t->view.dtype = dtype;
     t->view.device = on_device ? PF_DEVICE_CUDA : PF_DEVICE_CPU;
     t->view.device_id = on_device ? device_id : 0;
-    int64_t numel = 1;
-    for (Py_ssize_t i = 0; i < nd; i++) {
-        long long n = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, i));
-        if (n < 0) {
-            if (!PyErr_Occurred())
-                PyErr_Format(PyExc_ValueError, "shape: dimensions must be >= 0, got %lld", n);
-            Py_DECREF(seq);
-            Py_DECREF(t);
-            return NULL;
-        }
-        t->view.shape[i] = n;
-        numel *= n;
+    int64_t numel = 1, stride = 1;
+    for (int i = ndim - 1; i >= 0; i--) {
+        t->view.shape[i] = shape[i];
+        t->view.strides[i] = stride;
+        stride *= shape[i];
+        numel *= shape[i];
     }
-    Py_DECREF(seq);
-    int64_t s = 1;
-    for (Py_ssize_t i = nd - 1; i >= 0; i--) {
-        t->view.strides[i] = s;
-        s *= t->view.shape[i];
-    }
-    size_t bytes = (size_t)numel * pf_dtype_size(dt);
+    size_t bytes = (size_t)numel * pf_dtype_size(dtype);
     if (on_device) {
         pf_status status = pf_device_alloc(&t->alloc, bytes ? bytes : 1, device_id);
         if (status != PF_STATUS_OK) {
@@ -402,29 +350,3 @@ static PyType_Spec tensor_spec = {
 PyObject *pf_py_tensor_type_create(PyObject *module) {
     return PyType_FromModuleAndSpec(module, &tensor_spec, NULL);
 }
-
-/* _C.describe(obj) -> (shape, dtype name, 'cpu' | 'cuda', device_id), for any array. */
-static PyObject *tensor_describe(PyObject *module, PyObject *obj) {
-    (void)module;
-    pf_py_keep keep = {0};
-    pf_tensor v;
-    PyObject *result = NULL;
-    if (pf_py_tensor(obj, "array", 0, &v, &keep) == 0) {
-        PyObject *shape = PyTuple_New(v.ndim);
-        for (int i = 0; shape && i < v.ndim; i++)
-            PyTuple_SET_ITEM(shape, i, PyLong_FromLongLong(v.shape[i]));
-        if (shape)
-            result = Py_BuildValue("(Nssi)", shape, pf_dtype_name(v.dtype),
-                                   v.device == PF_DEVICE_CUDA ? "cuda" : "cpu", (int)v.device_id);
-    }
-    pf_py_keep_release(&keep);
-    return result;
-}
-
-PyMethodDef pf_py_tensor_methods[] = {
-    {"describe", tensor_describe, METH_O,
-     "describe(array) -> (shape, dtype, device, device_id) of any array pagedflash accepts"},
-    {"empty", (PyCFunction)(void (*)(void))tensor_empty, METH_VARARGS | METH_KEYWORDS,
-     "empty(shape, dtype, device='cpu', device_id=0) -> pagedflash.Tensor (uninitialized)"},
-    {NULL, NULL, 0, NULL},
-};

@@ -16,7 +16,7 @@ from . import _C
 from ._C import CudaError, OutOfBlocks, Tensor
 from .api import (dropout_mask, flash_attn, flash_attn_backward, flash_attn_varlen,
                   flash_attn_varlen_backward, get_num_threads, set_num_threads)
-from .block_manager import AllocStatus, BlockManager
+from .block_manager import AllocStatus, BlockManager, BlockStats
 from .paged import copy_blocks, merge_attn_states, paged_attn, swap_blocks, write_kv_cache
 
 __version__ = _C.build_info()["version"]
@@ -27,7 +27,7 @@ __all__ = [
     "dropout_mask",
     # serving
     "paged_attn", "merge_attn_states", "write_kv_cache", "copy_blocks", "swap_blocks",
-    "BlockManager", "AllocStatus",
+    "BlockManager", "AllocStatus", "BlockStats",
     # types, errors, configuration
     "Tensor", "OutOfBlocks", "CudaError", "build_info", "get_num_threads", "set_num_threads",
 ]

@@ -30,6 +30,7 @@ from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _C
+from ._C import BlockStats
 
 __all__ = ["AllocStatus", "BlockManager"]
 
@@ -144,60 +145,58 @@ class BlockManager:
     def num_evictable_blocks(self) -> int:
         """Cached blocks no sequence references (kept for prefix hits, reusable;
         included in :attr:`num_free_blocks`)."""
-        return self._pool.stats()[4]
+        return self._pool.stats().num_evictable_blocks
 
     @property
     def num_used_blocks(self) -> int:
         """Device blocks referenced by at least one sequence."""
-        return self._pool.stats()[5]
+        return self._pool.stats().num_used_blocks
 
     @property
     def num_cached_blocks(self) -> int:
         """Device blocks registered in the prefix cache (in use or evictable)."""
-        return self._pool.stats()[6]
+        return self._pool.stats().num_cached_blocks
 
     @property
     def num_free_cpu_blocks(self) -> int:
         """Host blocks free for swapping out."""
-        return self._pool.stats()[7]
+        return self._pool.stats().num_free_cpu_blocks
 
     @property
     def usage(self) -> float:
         """Fraction of device blocks referenced by sequences (evictable cached
         blocks count as free), in [0, 1]."""
-        return self._pool.stats()[5] / self._num_blocks
+        return self._pool.stats().num_used_blocks / self._num_blocks
 
     @property
     def num_seqs(self) -> int:
         """Live sequences, swapped-out ones included."""
-        return self._pool.stats()[9]
+        return self._pool.stats().num_seqs
 
     @property
     def prefix_cache_queries(self) -> int:
         """Full prompt blocks eligible for a prefix hit, summed over allocations."""
-        return self._pool.stats()[10]
+        return self._pool.stats().prefix_cache_queries
 
     @property
     def prefix_cache_hits(self) -> int:
         """Of :attr:`prefix_cache_queries`, the blocks found in the cache."""
-        return self._pool.stats()[11]
+        return self._pool.stats().prefix_cache_hits
 
     @property
     def prefix_cache_hit_rate(self) -> float:
         """``prefix_cache_hits / prefix_cache_queries`` (0.0 before any query)."""
         s = self._pool.stats()
-        return s[11] / s[10] if s[10] else 0.0
+        return s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0
 
-    def stats(self) -> dict:
-        """All counters at once: num_blocks, block_size, num_cpu_blocks,
-        num_free_blocks, num_evictable_blocks, num_used_blocks, num_cached_blocks,
-        num_free_cpu_blocks, num_used_cpu_blocks, num_seqs, prefix_cache_queries,
-        prefix_cache_hits. ``num_free_blocks + num_used_blocks == num_blocks``."""
-        keys = ("num_blocks", "block_size", "num_cpu_blocks", "num_free_blocks",
-                "num_evictable_blocks", "num_used_blocks", "num_cached_blocks",
-                "num_free_cpu_blocks", "num_used_cpu_blocks", "num_seqs",
-                "prefix_cache_queries", "prefix_cache_hits")
-        return dict(zip(keys, self._pool.stats()))
+    def stats(self) -> BlockStats:
+        """All counters at once, as a :class:`pagedflash.BlockStats` (a named tuple: fields
+        num_blocks, block_size, num_cpu_blocks, num_free_blocks, num_evictable_blocks,
+        num_used_blocks, num_cached_blocks, num_free_cpu_blocks, num_used_cpu_blocks,
+        num_seqs, prefix_cache_queries, prefix_cache_hits; the field list lives in one
+        place, csrc/py/bind_block_pool.c), read by name: ``bm.stats().num_free_blocks``.
+        ``num_free_blocks + num_used_blocks == num_blocks``."""
+        return self._pool.stats()
 
     # -------------------------------------------------------------- admission
     def _blocks_for(self, num_tokens: int) -> int:
@@ -467,6 +466,6 @@ class BlockManager:
         s = self.stats()
         return (f"BlockManager(num_blocks={self._num_blocks}, block_size={self._block_size}, "
                 f"num_cpu_blocks={self._num_cpu_blocks}, watermark={self._watermark}, "
-                f"enable_prefix_caching={self._prefix_caching}; seqs={s['num_seqs']}, "
-                f"free={s['num_free_blocks']} (evictable {s['num_evictable_blocks']}), "
-                f"free_cpu={s['num_free_cpu_blocks']})")
+                f"enable_prefix_caching={self._prefix_caching}; seqs={s.num_seqs}, "
+                f"free={s.num_free_blocks} (evictable {s.num_evictable_blocks}), "
+                f"free_cpu={s.num_free_cpu_blocks})")

@@ -1,7 +1,10 @@
 /*
- * import.c - turn any array object into a pf_tensor view without copying.
+ * convert.c - the one argument-conversion layer of pagedflash._C: any array
+ * object into a pf_tensor view without copying, streams, kernel hints, Python
+ * ints and integer lists (with range checks that name the argument), caller-given
+ * output arrays, and the common exit of a binding (pf_py_finish).
  *
- * Order of preference:
+ * Arrays, in order of preference:
  *   1. numpy.ndarray, through the NumPy C API (fastest; knows writability);
  *   2. __dlpack__ (versioned capsule first, then the legacy one), following the
  *      consumer rules: ask with stream= and max_version=(1, 0), fall back
@@ -11,7 +14,9 @@
  *   3. __cuda_array_interface__ and __array_interface__ (version 3 dicts).
  * Every failure raises with a message naming the argument.
  */
-#include "pf_py.h"
+#include "py_convert.h"
+
+#include "py_tensor.h"
 
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #define NO_IMPORT_ARRAY
@@ -367,7 +372,7 @@ static int import_ndarray(PyObject *obj, const char *name, int writable, pf_tens
 int pf_py_tensor(PyObject *obj, const char *name, int writable, pf_tensor *out, pf_py_keep *keep) {
     memset(out, 0, sizeof *out);
     if (PyArray_Check(obj)) return import_ndarray(obj, name, writable, out, keep);
-    if (pf_py_is_tensor(NULL, obj)) {
+    if (pf_py_is_tensor(obj)) {
         *out = *pf_py_tensor_view(obj);
         return keep_push(keep, obj, NULL, 0);
     }
@@ -413,4 +418,223 @@ int pf_py_stream(PyObject *obj, void **stream) {
     }
     *stream = PyLong_AsVoidPtr(obj);
     return PyErr_Occurred() ? -1 : 0;
+}
+
+int pf_py_kernel(PyObject *module, const char *name, int32_t *kernel) {
+    const pf_status st = pf_kernel_parse(name, kernel);
+    if (st == PF_STATUS_OK) return 0;
+    pf_py_raise(module, st);
+    return -1;
+}
+
+PyObject *pf_py_finish(PyObject *module, pf_status status, pf_py_keep *keep) {
+    pf_py_keep_release(keep);
+    if (PyErr_Occurred()) return NULL;
+    if (status != PF_STATUS_OK) return pf_py_raise(module, status);
+    Py_RETURN_NONE;
+}
+
+/* ---- scalars ---- */
+
+int pf_py_int64(PyObject *obj, const char *name, int64_t *out) {
+    PyObject *index = PyNumber_Index(obj); /* ints and anything with __index__ (NumPy integers) */
+    if (!index) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s: expected an int, got %.100s", name, Py_TYPE(obj)->tp_name);
+        }
+        return -1;
+    }
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(index, &overflow);
+    Py_DECREF(index);
+    if (overflow) {
+        PyErr_Format(PyExc_ValueError, "%s: %R does not fit in int64", name, obj);
+        return -1;
+    }
+    if (v == -1 && PyErr_Occurred()) return -1;
+    *out = v;
+    return 0;
+}
+
+int pf_py_int32(PyObject *obj, const char *name, int32_t *out) {
+    int64_t v;
+    if (pf_py_int64(obj, name, &v) < 0) return -1;
+    if (v < INT32_MIN || v > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s: %lld does not fit in int32", name, (long long)v);
+        return -1;
+    }
+    *out = (int32_t)v;
+    return 0;
+}
+
+int pf_py_nargs(const char *fn, Py_ssize_t nargs, Py_ssize_t lo, Py_ssize_t hi) {
+    if (nargs < lo || nargs > hi) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd to %zd positional arguments (%zd given)", fn, lo, hi, nargs);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- integer lists ---- */
+
+void *pf_py_stage_get(pf_py_stage *s, size_t bytes) {
+    if (bytes <= s->bytes) return s->ptr;
+    size_t cap = s->bytes ? s->bytes : 1024;
+    while (cap < bytes) cap *= 2;
+    void *p = PyMem_Realloc(s->ptr, cap);
+    if (!p) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    s->ptr = p;
+    s->bytes = cap;
+    return p;
+}
+
+void pf_py_stage_free(pf_py_stage *s) {
+    PyMem_Free(s->ptr);
+    s->ptr = NULL;
+    s->bytes = 0;
+}
+
+/* A 1-d integer NumPy array, checked; NULL for anything else (no exception). */
+static PyArrayObject *int_ndarray(PyObject *obj, const char *name, int *error) {
+    *error = 0;
+    if (!PyArray_Check(obj)) return NULL;
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (PyArray_NDIM(a) != 1) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a 1-d array, got %d-d", name, PyArray_NDIM(a));
+        *error = 1;
+    } else if (!PyArray_ISINTEGER(a)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected integers, got dtype %S", name, (PyObject *)PyArray_DESCR(a));
+        *error = 1;
+    }
+    return a;
+}
+
+/* The items of an int sequence, each through `store(buf, i, value)`; 0 or -1. */
+static int int_sequence(PyObject *obj, const char *name, pf_py_stage *stage, size_t esize, void **data,
+                        Py_ssize_t *n, int32_t lo, int32_t hi) {
+    PyObject *seq = PySequence_Fast(obj, "");
+    if (!seq) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a sequence of ints or an integer array, got %.100s", name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
+    char *buf = (char *)pf_py_stage_get(stage, (size_t)(len ? len : 1) * esize);
+    if (!buf) {
+        Py_DECREF(seq);
+        return -1;
+    }
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    char item_name[96];
+    for (Py_ssize_t i = 0; i < len; i++) {
+        snprintf(item_name, sizeof item_name, "%s[%zd]", name, i);
+        int64_t v;
+        if (pf_py_int64(items[i], item_name, &v) < 0) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        if (esize == 4) {
+            if (v < lo || v > hi) {
+                PyErr_Format(PyExc_ValueError, "%s: %lld does not fit in int32", item_name, (long long)v);
+                Py_DECREF(seq);
+                return -1;
+            }
+            ((int32_t *)buf)[i] = (int32_t)v;
+        } else {
+            ((int64_t *)buf)[i] = v;
+        }
+    }
+    Py_DECREF(seq);
+    *data = buf;
+    *n = len;
+    return 0;
+}
+
+int pf_py_int64_list(PyObject *obj, const char *name, pf_py_stage *stage, const int64_t **data, Py_ssize_t *n,
+                     PyObject **hold) {
+    *hold = NULL;
+    int error;
+    if (int_ndarray(obj, name, &error)) {
+        if (error) return -1;
+        PyObject *c = PyArray_FROMANY(obj, NPY_INT64, 1, 1, NPY_ARRAY_CARRAY_RO);
+        if (!c) return -1;
+        *hold = c;
+        *data = (const int64_t *)PyArray_DATA((PyArrayObject *)c);
+        *n = PyArray_DIM((PyArrayObject *)c, 0);
+        return 0;
+    }
+    return int_sequence(obj, name, stage, sizeof(int64_t), (void **)data, n, 0, 0);
+}
+
+int pf_py_int32_list(PyObject *obj, const char *name, pf_py_stage *stage, const int32_t **data, Py_ssize_t *n,
+                     PyObject **hold) {
+    *hold = NULL;
+    int error;
+    PyArrayObject *a = int_ndarray(obj, name, &error);
+    if (a) {
+        if (error) return -1;
+        if (PyArray_TYPE(a) == NPY_INT32 && PyArray_IS_C_CONTIGUOUS(a) && PyArray_ISNOTSWAPPED(a) &&
+            PyArray_ISALIGNED(a)) {
+            *hold = Py_NewRef(obj);
+            *data = (const int32_t *)PyArray_DATA(a);
+            *n = PyArray_DIM(a, 0);
+            return 0;
+        }
+        PyObject *c = PyArray_FROMANY(obj, NPY_INT64, 1, 1, NPY_ARRAY_CARRAY_RO);
+        if (!c) return -1;
+        Py_ssize_t len = PyArray_DIM((PyArrayObject *)c, 0);
+        const int64_t *src = (const int64_t *)PyArray_DATA((PyArrayObject *)c);
+        int32_t *buf = (int32_t *)pf_py_stage_get(stage, (size_t)(len ? len : 1) * sizeof(int32_t));
+        if (!buf) {
+            Py_DECREF(c);
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < len; i++) {
+            if (src[i] < INT32_MIN || src[i] > INT32_MAX) {
+                PyErr_Format(PyExc_ValueError, "%s[%zd]: %lld does not fit in int32", name, i, (long long)src[i]);
+                Py_DECREF(c);
+                return -1;
+            }
+            buf[i] = (int32_t)src[i];
+        }
+        Py_DECREF(c);
+        *data = buf;
+        *n = len;
+        return 0;
+    }
+    return int_sequence(obj, name, stage, sizeof(int32_t), (void **)data, n, INT32_MIN, INT32_MAX);
+}
+
+static int npy_type_of(pf_dtype dtype) { return dtype == PF_DTYPE_I32 ? NPY_INT32 : NPY_INT64; }
+
+int pf_py_out_array(PyObject *out, const char *name, int nd, pf_dtype dtype, Py_ssize_t rows) {
+    if (!PyArray_Check(out)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a numpy.ndarray, got %.100s", name, Py_TYPE(out)->tp_name);
+        return -1;
+    }
+    PyArrayObject *a = (PyArrayObject *)out;
+    if (PyArray_TYPE(a) != npy_type_of(dtype) || !PyArray_ISNOTSWAPPED(a)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected dtype %s, got %S", name, pf_dtype_name(dtype),
+                     (PyObject *)PyArray_DESCR(a));
+        return -1;
+    }
+    if (PyArray_NDIM(a) != nd || (rows >= 0 && PyArray_DIM(a, 0) != rows) || !PyArray_IS_C_CONTIGUOUS(a) ||
+        !PyArray_ISALIGNED(a) || !PyArray_ISWRITEABLE(a)) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: expected a writable, C-contiguous %d-d array%s%zd rows, got shape %d-d with %zd rows",
+                     name, nd, rows >= 0 ? " with " : " (any rows: ", rows, PyArray_NDIM(a),
+                     PyArray_NDIM(a) ? (Py_ssize_t)PyArray_DIM(a, 0) : 0);
+        return -1;
+    }
+    return 0;
+}
+
+PyObject *pf_py_new_array(int nd, const Py_ssize_t *dims, int npy_type) {
+    npy_intp d[PF_MAX_DIMS];
+    for (int i = 0; i < nd; i++) d[i] = (npy_intp)dims[i];
+    return PyArray_SimpleNew(nd, d, npy_type);
 }

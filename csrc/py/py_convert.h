@@ -1,0 +1,84 @@
+/*
+ * py_convert.h - the one argument-conversion layer of pagedflash._C (convert.c):
+ * every binding turns its Python arguments into C values through these, so every
+ * argument is checked the same way and every message names it.
+ */
+#ifndef PF_PY_CONVERT_H
+#define PF_PY_CONVERT_H
+
+#include "pf_py.h"
+
+/* ---- arrays ---- */
+
+/* Imports held for the duration of one call, released (deleters run) at its end. */
+#define PF_PY_MAX_ARGS 64
+typedef struct pf_py_keep {
+    int n;
+    struct {
+        PyObject *owner; /* strong reference to what we imported from */
+        void *managed;   /* DLManagedTensor* or DLManagedTensorVersioned* */
+        int versioned;
+    } items[PF_PY_MAX_ARGS];
+    void *stream; /* the consumer stream for CUDA producers */
+} pf_py_keep;
+
+/* View `obj` as a pf_tensor without copying. `writable` requires a writable
+ * buffer (outputs). Returns 0, or -1 with a Python exception that names `name`. */
+int pf_py_tensor(PyObject *obj, const char *name, int writable, pf_tensor *out, pf_py_keep *keep);
+/* As pf_py_tensor, but None gives an absent tensor (data NULL, ndim 0). */
+int pf_py_opt_tensor(PyObject *obj, const char *name, int writable, pf_tensor *out, pf_py_keep *keep);
+void pf_py_keep_release(pf_py_keep *keep);
+
+/* ---- scalars ---- */
+
+/* A stream argument (None or an int cudaStream_t). Returns 0 or -1. */
+int pf_py_stream(PyObject *obj, void **stream);
+/* A kernel hint by name ("auto", "sm80", "8x8", ...; pagedflash.h) into *kernel.
+ * Returns 0, or -1 with ValueError. */
+int pf_py_kernel(PyObject *module, const char *name, int32_t *kernel);
+/* A Python int into int64 / int32 (TypeError for a non-int, ValueError out of range). */
+int pf_py_int64(PyObject *obj, const char *name, int64_t *out);
+int pf_py_int32(PyObject *obj, const char *name, int32_t *out);
+/* Positional argument count of a METH_FASTCALL method `fn` within [lo, hi] (TypeError). */
+int pf_py_nargs(const char *fn, Py_ssize_t nargs, Py_ssize_t lo, Py_ssize_t hi);
+
+/* ---- integer lists ---- */
+
+/* A grow-only buffer for converted arguments, owned by the caller (e.g. one per
+ * BlockPool object: the scheduler converts lists every step). */
+typedef struct pf_py_stage {
+    void *ptr;
+    size_t bytes;
+} pf_py_stage;
+void *pf_py_stage_get(pf_py_stage *stage, size_t bytes); /* NULL with MemoryError */
+void pf_py_stage_free(pf_py_stage *stage);
+
+/* A sequence of ints or a 1-d integer NumPy array as int64 [*n] / int32 [*n] (values
+ * range-checked). *data points into the array (then *hold keeps a reference to release)
+ * or into `stage`. */
+int pf_py_int64_list(PyObject *obj, const char *name, pf_py_stage *stage, const int64_t **data, Py_ssize_t *n,
+                     PyObject **hold);
+int pf_py_int32_list(PyObject *obj, const char *name, pf_py_stage *stage, const int32_t **data, Py_ssize_t *n,
+                     PyObject **hold);
+
+/* A caller-given NumPy output: `nd`-d, `dtype` (int32 or int64), C-contiguous, aligned,
+ * writable, with `rows` rows (-1 = any). Returns 0 or -1 with an exception naming it. */
+int pf_py_out_array(PyObject *out, const char *name, int nd, pf_dtype dtype, Py_ssize_t rows);
+/* A new NumPy array of NumPy type number `npy_type` (NPY_INT32, ...) and shape dims[nd]. */
+PyObject *pf_py_new_array(int nd, const Py_ssize_t *dims, int npy_type);
+
+/* ---- the end of a binding ---- */
+
+/* Release the imports (deleters run, even on error), then return None, or raise the
+ * exception for a failed status / a pending Python error. */
+PyObject *pf_py_finish(PyObject *module, pf_status status, pf_py_keep *keep);
+
+/* Run `call` (a pf_status expression) with the GIL released, storing its status. */
+#define PF_PY_CALL(status, call) \
+    do {                         \
+        Py_BEGIN_ALLOW_THREADS   \
+        (status) = (call);       \
+        Py_END_ALLOW_THREADS     \
+    } while (0)
+
+#endif /* PF_PY_CONVERT_H */
