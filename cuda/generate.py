@@ -48,7 +48,7 @@ OPS = {
                 "}}  // namespace cuda\n}}  // namespace pf\n",
     },
     "paged_attn": {
-        "header": "paged_attn.cuh",
+        "header": "paged/kernel.cuh",
         "body": "PF_PAGED_INSTANTIATE({hdim}, {ctype}, {dtype})\n",
     },
 }

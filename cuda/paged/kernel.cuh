@@ -1,9 +1,9 @@
 /*
- * paged_attn.cuh - the paged attention / flash decoding kernel (split-KV over
+ * paged/kernel.cuh - the paged attention / flash decoding kernel (split-KV over
  * a block-allocated KV cache), float16 and bfloat16, head dims 32, 64, 96,
  * 128, 192, 256. Included by the generated instantiation files
- * cuda/inst/paged_attn_hdimNN_<dtype>.cu and by paged_attn_launch.cu (for the
- * argument struct); the launcher (paged_attn_launch.cu) chooses the variant,
+ * cuda/inst/paged_attn_hdimNN_<dtype>.cu and by paged/launch.cu (for the
+ * argument struct); the launcher (paged/launch.cu) chooses the variant,
  * the split count and the workspace.
  *
  * Layouts (element strides, last dimension contiguous):
@@ -83,7 +83,7 @@
 #include "attn/mma.cuh"
 #include "common/cuda_util.cuh"
 
-/* Everything a paged-attention kernel needs, filled by paged_attn_launch.cu. */
+/* Everything a paged-attention kernel needs, filled by paged/launch.cu. */
 struct pf_paged_args {
     const void *q;            /* rows of head_dim elements, see strides below */
     void *out;                /* q's layout and dtype */

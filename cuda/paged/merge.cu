@@ -1,5 +1,5 @@
 /*
- * merge_attn.cu - pf_cuda_merge_attn_states: merge two partial attention
+ * paged/merge.cu - pf_cuda_merge_attn_states: merge two partial attention
  * results computed over disjoint key sets.
  *
  *   out_a, out_b, out  [..., num_heads, head_dim], one float dtype (f32/f16/bf16),

@@ -1,5 +1,5 @@
 /*
- * paged_attn_launch.cu - pf_cuda_paged_attn: turns validated pf_paged_params
+ * paged/launch.cu - pf_cuda_paged_attn: turns validated pf_paged_params
  * into kernel arguments, picks a kernel and a split count, and enqueues
  *   [plan]  packed layouts only: a one-CTA kernel that lists the (sequence,
  *           row tile) pairs from the device-resident cu_seqlens_q (the host
@@ -52,7 +52,7 @@
 #include <stdlib.h>
 
 #include "inst/hdims.h"
-#include "paged_attn.cuh"
+#include "paged/kernel.cuh"
 
 #define PF_PAGED_MAX_SPLITS 256
 #define PF_PAGED_MIN_SPLIT_TOKENS 64
