@@ -1,19 +1,10 @@
 /*
- * paged/kernel.cuh - the paged attention / flash decoding kernel (split-KV over
- * a block-allocated KV cache), float16 and bfloat16, head dims 32, 64, 96,
- * 128, 192, 256. Included by the generated instantiation files
- * cuda/inst/paged_attn_hdimNN_<dtype>.cu and by paged/launch.cu (for the
- * argument struct); the launcher (paged/launch.cu) chooses the variant,
- * the split count and the workspace.
- *
- * Layouts (element strides, last dimension contiguous):
- *   q, out    rows addressed as base + b * s_b + tok * s_t + head * s_h, where
- *             tok = query index i (dense layouts) or cu_seqlens_q[b] + i (packed)
- *   k_cache,
- *   v_cache   [num_blocks, block_size, num_kv_heads, head_dim]
- *   block_tables int32 [batch, max_blocks]; seq_lens int32 [batch]
- *   o_part    f32 [num_splits, total_q, num_heads, head_dim]  (split partials,
- *   lse_part  f32 [num_splits, total_q, num_heads]             normalized, natural-log lse)
+ * paged/kernel.cuh - the tensor-core paged attention / flash decoding kernel
+ * (split-KV over a block-allocated KV cache), float16 and bfloat16, head dims
+ * 32, 64, 96, 128, 192, 256. Instantiated per (head dim, dtype) through
+ * paged/instantiate.cuh by the generated files cuda/inst/paged_attn_hdimNN_<dtype>.cu;
+ * the launcher (paged/launch.cu) chooses the variant, the split count and the
+ * workspace. Layouts of its arguments: paged/args.cuh.
  *
  * Work decomposition. A "row" is one (query i, query head of the GQA group)
  * pair, rows ordered query-major (r = i * group + head_in_group); a row tile
@@ -47,7 +38,7 @@
  *               (token 2q / 2q+1 -> k slot q / q+4). The output lands with each
  *               lane holding whole 8-element chunks of rows 2q, 2q+1.
  * Where the fragments come from (kRing):
- *   ring (kRing = 3 or 6 slots; head dims 64 and 128, the default): each warp owns
+ *   ring (kRing = 3 slots of 16-token tiles; head dims 64 and 128, the default): each warp owns
  *     a ring of kRing slots in shared memory, a slot holding one tile's K rows and
  *     V rows (swizzled, pf_ring_swz). The warp copies a tile in with cp.async,
  *     8 lanes per 128-byte line, so each copy instruction asks for whole lines
@@ -57,7 +48,7 @@
  *     __syncwarp (no CTA barrier: the warps stay independent), and the fragments
  *     are read with conflict-free 16-byte shared loads. 1.5-3% faster in head
  *     mode at batch >= 8 and 1.3-1.4x in token mode on an H200.
- *   registers (kRing = 0; other head dims, PAGEDFLASH_PAGED_RING=0): the K/V of
+ *   registers (kRing = 0; other head dims, or the hint "+registers"): the K/V of
  *     the next kDepth tiles are loaded straight into registers while the current
  *     one is computed (a tile's K registers refilled right after S, its V
  *     registers right after PV; kDepth = 2 where the registers allow, else 1).
@@ -75,52 +66,12 @@
  * included -- in unused slots never reaches the output. A row that sees no
  * token gets out = 0 and lse = -inf.
  */
-#ifndef PF_PAGED_ATTN_CUH
-#define PF_PAGED_ATTN_CUH
+#ifndef PF_PAGED_KERNEL_CUH
+#define PF_PAGED_KERNEL_CUH
 
-#include "common/cuda_util.cuh"
 #include "attn/mask.cuh"
 #include "attn/mma.cuh"
-#include "common/cuda_util.cuh"
-
-/* Everything a paged-attention kernel needs, filled by paged/launch.cu. */
-struct pf_paged_args {
-    const void *q;            /* rows of head_dim elements, see strides below */
-    void *out;                /* q's layout and dtype */
-    const void *k_cache;      /* [num_blocks, block_size, num_kv_heads, head_dim] */
-    const void *v_cache;      /* same shape */
-    const int32_t *block_tables; /* [batch, max_blocks] */
-    const int32_t *seq_lens;  /* [batch] */
-    const int32_t *cu_seqlens_q; /* [batch + 1] or NULL (dense layouts) */
-    const float *alibi;       /* [num_heads] or [batch, num_heads], or NULL */
-    float *lse;               /* [num_heads, total_q] or NULL (written when num_splits == 1) */
-    float *o_part;            /* [num_splits, total_q, num_heads, head_dim] when num_splits > 1 */
-    float *lse_part;          /* [num_splits, total_q, num_heads] when num_splits > 1 */
-    const int32_t *plan;      /* packed layout: [num_row_tiles, 2] (sequence, row tile); -1 = none */
-
-    int64_t q_sb, q_st, q_sh; /* element strides of q: sequence, token, head */
-    int64_t o_sb, o_st, o_sh; /* of out */
-    int64_t k_sblk, k_stok, k_sh;
-    int64_t v_sblk, v_stok, v_sh;
-    int64_t bt_sb, bt_sj;     /* block_tables */
-    int64_t sl_s, cu_s;       /* seq_lens, cu_seqlens_q */
-    int64_t al_sb, al_sh;     /* alibi_slopes (al_sb = 0 for [num_heads]) */
-    int64_t lse_sh, lse_st;   /* lse */
-
-    int batch, q_len, total_q;  /* q_len: dense layouts (0 with cu_seqlens_q) */
-    int num_heads, num_kv_heads, group, head_dim;
-    int block_size;
-    unsigned bs_magic, bs_shift; /* t / block_size = (umulhi(t, magic) + t) >> shift */
-    int num_blocks, max_blocks;
-    int num_splits, num_row_tiles; /* row tiles per sequence (dense) or plan entries (packed) */
-    int kv_per_cta;           /* KV heads per CTA: 1 = token mode; = warps: head mode (one KV head per warp) */
-    int warps;                /* warps per CTA (4 or 8); warps / kv_per_cta of them share a KV head */
-    int ring;                 /* head dim 64/128: 0 = K/V in registers, 1 = shared-memory ring of
-                                 3 x 16-token tiles per warp, 2 = 6 x 8-token tiles */
-    int causal, window_left, window_right;
-    float qk_scale;           /* softmax_scale * log2(e), or softmax_scale / softcap with softcap */
-    float cap_log2;           /* softcap * log2(e); 0 = no softcap */
-};
+#include "paged/args.cuh"
 
 #define PF_PAGED_WARPS 4
 #define PF_LOG2E_F 1.4426950408889634f
@@ -248,62 +199,6 @@ __device__ __forceinline__ void pf_row_bounds(const pf_paged_args &a, int p, int
     if (a.window_left >= 0) lo = max(lo, p - a.window_left);
     int right = a.causal ? 0 : a.window_right;
     if (a.causal || right >= 0) hi = min(hi, p + right);
-}
-
-/* Sequence-level facts shared by the kernels. */
-struct pf_seq_info {
-    int seq_len;   /* clamped to [0, max_blocks * block_size] */
-    int q_len;     /* this sequence's queries (>= 0) */
-    int tok0;      /* first query's token index (packed) or 0 */
-    int qidx0;     /* first query's index in [0, total_q) */
-};
-
-__device__ __forceinline__ pf_seq_info pf_seq_info_of(const pf_paged_args &a, int b) {
-    pf_seq_info s;
-    int len = a.seq_lens[(int64_t)b * a.sl_s];
-    int cap = a.max_blocks * a.block_size;
-    s.seq_len = min(max(len, 0), cap);
-    if (a.cu_seqlens_q) {
-        int c0 = a.cu_seqlens_q[(int64_t)b * a.cu_s];
-        int c1 = a.cu_seqlens_q[(int64_t)(b + 1) * a.cu_s];
-        c0 = min(max(c0, 0), a.total_q);
-        c1 = min(max(c1, c0), a.total_q);
-        s.q_len = c1 - c0;
-        s.tok0 = c0;
-        s.qidx0 = c0;
-    } else {
-        s.q_len = a.q_len;
-        s.tok0 = 0;
-        s.qidx0 = b * a.q_len;
-    }
-    return s;
-}
-
-/* t / block_size for 0 <= t < 2^31 by multiply-high (bs_magic, bs_shift set by the launcher). */
-__device__ __forceinline__ int pf_block_index(const pf_paged_args &a, int t) {
-    return (int)((__umulhi((unsigned)t, a.bs_magic) + (unsigned)t) >> a.bs_shift);
-}
-
-/* Block id of token t of sequence b, or -1 when the table entry is out of range. */
-__device__ __forceinline__ int pf_block_of(const pf_paged_args &a, int b, int t) {
-    const int j = pf_block_index(a, t);
-    const int id = __ldg(a.block_tables + (int64_t)b * a.bt_sb + (int64_t)j * a.bt_sj);
-    return (unsigned)id < (unsigned)a.num_blocks ? id : -1;
-}
-
-__device__ __forceinline__ int pf_offset_in_block(const pf_paged_args &a, int t) {
-    return t - pf_block_index(a, t) * a.block_size;
-}
-
-/* Token range [s_lo, s_hi) of `split` within [kv_lo, kv_hi), cut in whole `align`-token pieces. */
-__device__ __forceinline__ void pf_split_range(int kv_lo, int kv_hi, int split, int num_splits, int align, int &s_lo,
-                                               int &s_hi) {
-    int len = max(kv_hi - kv_lo, 0);
-    int per = (len + num_splits - 1) / num_splits;
-    per = (per + align - 1) / align * align;
-    s_lo = kv_lo + min(split * per, len);
-    s_hi = min(kv_hi, s_lo + per);
-    if (s_hi < s_lo) s_hi = s_lo;
 }
 
 /*
@@ -830,89 +725,4 @@ constexpr int pf_paged_smem_bytes() {
     return ring > merge ? ring : merge;
 }
 
-/* Occupancy query (mode 0) or launch (mode 1) of one (head dim, dtype) instantiation:
- * kHeads KV heads per CTA of kWarps warps (a->kv_per_cta, a->warps). */
-template <int kD, typename T, int kRows, int kHeads, int kWarps, int kRingMode>
-pf_status pf_paged_attn_go(pf_paged_args *a, cudaStream_t stream, int mode, int *occupancy) {
-    /* ring mode 1: 3 slots of 16-token tiles, 2: 6 slots of 8-token tiles (per warp) */
-    constexpr int kNT = kRingMode == 2 ? 1 : kD <= 128 ? 2 : 1;
-    constexpr int kRing = kRingMode == 1 ? 3 : kRingMode == 2 ? 6 : 0;
-    constexpr int kSmem = pf_paged_smem_bytes<kD, T, kRows, kNT, kHeads, kWarps, kRing>();
-    void (*kernel)(const pf_paged_args) = pf_paged_attn_kernel<kD, T, kRows, kNT, kHeads, kWarps, kRing>;
-    int dev = 0;
-    PF_CUDA_CHECK(cudaGetDevice(&dev));
-    static std::atomic<uint64_t> attr_done{0};
-    PF_TRY(pf::cuda::set_max_smem(kernel, kSmem, dev, attr_done));
-    if (mode == 0) {
-        /* resident CTAs per multiprocessor, cached per device */
-        static int cached[64];
-        if (dev < 64 && cached[dev] > 0) {
-            *occupancy = cached[dev];
-            return PF_STATUS_OK;
-        }
-        PF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(occupancy, kernel, kWarps * 32, kSmem));
-        if (dev < 64) cached[dev] = *occupancy;
-        return PF_STATUS_OK;
-    }
-    const int64_t kv_groups = (a->num_kv_heads + a->kv_per_cta - 1) / a->kv_per_cta;
-    const int64_t grid = (int64_t)a->num_row_tiles * kv_groups * a->num_splits * (a->plan ? 1 : a->batch);
-    if (grid == 0) return PF_STATUS_OK;
-    kernel<<<(unsigned)grid, kWarps * 32, kSmem, stream>>>(*a);
-    PF_CUDA_CHECK_LAUNCH();
-    return PF_STATUS_OK;
-}
-
-template <int kD, typename T, int kRows, int kHeads, int kWarps>
-pf_status pf_paged_attn_ring(pf_paged_args *a, cudaStream_t stream, int mode, int *occupancy) {
-    if constexpr (kD % 64 == 0 && kD <= 128) {
-        if (a->ring == 1) return pf_paged_attn_go<kD, T, kRows, kHeads, kWarps, 1>(a, stream, mode, occupancy);
-        if (a->ring == 2) return pf_paged_attn_go<kD, T, kRows, kHeads, kWarps, 2>(a, stream, mode, occupancy);
-    }
-    return pf_paged_attn_go<kD, T, kRows, kHeads, kWarps, 0>(a, stream, mode, occupancy);
-}
-
-/* CTA shapes (a->kv_per_cta KV heads x a->warps warps): head mode 8x8 and 4x4, token
- * mode 1x4 with any K/V path; the mixed shapes 1x8, 2x8 and 4x8 (several warps per
- * head, more than one head per CTA) only with the ring (head dims 64 and 128). The
- * occupancy query (mode 0) turns any other request into one of these, in place, so
- * the launcher's grid and split count follow the shape that runs. */
-template <int kD, typename T, int kRows>
-pf_status pf_paged_attn_mode(pf_paged_args *a, cudaStream_t stream, int mode, int *occupancy) {
-    constexpr bool kMixed = kD % 64 == 0 && kD <= 128;
-    if (mode == 0) {
-        const int h = a->kv_per_cta, w = a->warps;
-        const bool mixed_ok = kMixed && w == 8 && (h == 1 || h == 2 || h == 4);
-        if (mixed_ok) {
-            a->ring = 1;
-        } else if (!((h == 8 && w == 8) || (h == 4 && w == 4) || (h == 1 && w == 4))) {
-            a->kv_per_cta = h >= 8 ? 8 : h >= 4 ? 4 : 1;
-            a->warps = a->kv_per_cta == 8 ? 8 : 4;
-        }
-    }
-    if (a->warps == 8) {
-        if (a->kv_per_cta == 8) return pf_paged_attn_ring<kD, T, kRows, 8, 8>(a, stream, mode, occupancy);
-        if constexpr (kMixed) {
-            if (a->kv_per_cta == 4) return pf_paged_attn_go<kD, T, kRows, 4, 8, 1>(a, stream, mode, occupancy);
-            if (a->kv_per_cta == 2) return pf_paged_attn_go<kD, T, kRows, 2, 8, 1>(a, stream, mode, occupancy);
-            return pf_paged_attn_go<kD, T, kRows, 1, 8, 1>(a, stream, mode, occupancy);
-        }
-    }
-    if (a->kv_per_cta == 4) return pf_paged_attn_ring<kD, T, kRows, 4, 4>(a, stream, mode, occupancy);
-    return pf_paged_attn_ring<kD, T, kRows, 1, 4>(a, stream, mode, occupancy);
-}
-
-template <int kD, typename T>
-pf_status pf_paged_attn_run(pf_paged_args *a, int rows_per_tile, cudaStream_t stream, int mode, int *occupancy) {
-    if (rows_per_tile == 16 && kD <= 128)
-        return pf_paged_attn_mode<kD, T, (kD <= 128 ? 16 : 8)>(a, stream, mode, occupancy);
-    return pf_paged_attn_mode<kD, T, 8>(a, stream, mode, occupancy);
-}
-
-/* The entry point each instantiation file defines (extern "C", weak-referenced by the launcher). */
-#define PF_PAGED_INSTANTIATE(D, T, NAME)                                                                 \
-    extern "C" pf_status pf_paged_attn_hdim##D##_##NAME(pf_paged_args *a, int rows_per_tile, cudaStream_t s, \
-                                                        int mode, int *occupancy) {                       \
-        return pf_paged_attn_run<D, T>(a, rows_per_tile, s, mode, occupancy);                           \
-    }
-
-#endif /* PF_PAGED_ATTN_CUH */
+#endif /* PF_PAGED_KERNEL_CUH */
