@@ -1,370 +1,315 @@
 /*
- * paged/merge.cu - pf_cuda_merge_attn_states: merge two partial attention
- * results computed over disjoint key sets.
+ * paged/merge.cu - the two callers of the log-sum-exp merge (attn/merge.cuh):
  *
- *   out_a, out_b, out  [..., num_heads, head_dim], one float dtype (f32/f16/bf16),
- *                      any strides (last dimension contiguous); tokens = the
- *                      product of the leading dimensions
- *   lse_a, lse_b       f32 [num_heads, tokens], natural log
- *   lse                f32 [num_heads, tokens] (optional output)
+ * pf_paged_merge_splits  paged attention's split-KV merge (flash decoding): the
+ *     num_splits partials of every (query token, head) row,
+ *       o_part   f32 [num_splits, total_q, num_heads, head_dim]   normalized
+ *       lse_part f32 [num_splits, total_q, num_heads]             natural log
+ *     into out (q's layout and dtype) and lse f32 [num_heads, total_q]. Rows of a
+ *     query token that no sequence owns (qmap < 0) are left alone. The partials are
+ *     always finite (the main kernel writes 0 / -inf for an empty split), so every
+ *     one is loaded before the lse reduction.
  *
- * lse = logaddexp(lse_a, lse_b); out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b.
- * A side whose lse is -inf contributes nothing and its out is never read; both
- * -inf gives out = 0, lse = -inf; a NaN lse gives NaN. out / lse may be the very
- * memory of out_a / out_b / lse_a / lse_b (in-place merging): each element is
- * read before it is written by the same lane, and a (token, head)'s lse is
- * written only after its whole warp has read both inputs.
+ * pf_cuda_merge_attn_states  two states over disjoint key sets:
+ *       out_a, out_b, out  [..., num_heads, head_dim], one float dtype (f32/f16/bf16),
+ *                          any strides (last dimension contiguous); tokens = the
+ *                          product of the leading dimensions
+ *       lse_a, lse_b       f32 [num_heads, tokens], natural log
+ *       lse                f32 [num_heads, tokens] (optional output)
+ *     A side whose lse is -inf is never read (its out may hold NaN). out / lse may be
+ *     the very memory of out_a / out_b / lse_a / lse_b with the same strides (in-place
+ *     merging): attn/merge.cuh says why that is safe.
  *
- * One warp per (token, head), lanes striding over head_dim; float32 math.
- *
- * pf_paged_merge_splits: the same merge over the num_splits partials of paged
- * attention's split-KV (flash decoding), o_part f32 [num_splits, total_q,
- * num_heads, head_dim] and lse_part f32 [num_splits, total_q, num_heads], into
- * out (q's layout) and lse.
+ * Which kernel (rows of head_dim elements, n partials per row):
+ *   split-KV, head_dim % 4 == 0 and <= 128, n <= 16: merge_warp_kernel, a warp per row,
+ *     every partial's float4 in flight at once, for <= 4 or <= 16 partials (3.5 us
+ *     against 5.3 us for the CTA-per-row kernel this replaced, Nsight Compute, H200;
+ *     1.1-1.7 us faster end to end at every split point; benchmarks/lab/11);
+ *   split-KV otherwise (17..256 splits: batch-1 decode with long contexts; head_dim
+ *     > 128; head_dim % 4 != 0): merge_cta_kernel, 8 warps per row, each warp up to 4,
+ *     16 or 32 partials in flight (float4 units) or 4 (scalar units), one barrier;
+ *   merge_attn_states: merge_warp_kernel over the two states, float4-wide units
+ *     (4 elements of T) where head_dim % 4 == 0 and every pointer and stride allows,
+ *     single elements otherwise; rows of any length, in chunks.
  */
-#include <stdlib.h>
-
+#include "attn/merge.cuh"
+#include "attn/mma.cuh"
 #include "paged/paged.h"
 
-#define PF_MERGE_WARPS 4
+using pf::cuda::kMergeCtaWarps;
+using pf::cuda::kMergeWarpRows;
+using pf::cuda::TypeOps;
+
+/* ------------------------------------------------------------------------ */
+/* Launch helpers                                                             */
+/* ------------------------------------------------------------------------ */
+
+template <class Rows, int kSplits, int kVec, int kUnits>
+static pf_status pf_merge_launch_warps(const Rows &r, int64_t rows, cudaStream_t stream) {
+    const int64_t blocks = (rows + kMergeWarpRows - 1) / kMergeWarpRows;
+    pf::cuda::merge_warp_kernel<Rows, kSplits, kVec, kUnits><<<(unsigned)blocks, kMergeWarpRows * 32, 0, stream>>>(r);
+    PF_CUDA_CHECK_LAUNCH();
+    return PF_STATUS_OK;
+}
+
+template <class Rows, int kSplitsPerWarp, int kVec, int kUnits>
+static pf_status pf_merge_launch_ctas(const Rows &r, int64_t rows, cudaStream_t stream) {
+    pf::cuda::merge_cta_kernel<Rows, kSplitsPerWarp, kVec, kUnits><<<(unsigned)rows, kMergeCtaWarps * 32, 0, stream>>>(r);
+    PF_CUDA_CHECK_LAUNCH();
+    return PF_STATUS_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Split-KV partials                                                          */
+/* ------------------------------------------------------------------------ */
+
+/* The partials of paged attention's splits; row = query token * num_heads + head. */
+template <typename T>
+struct pf_split_partials {
+    static constexpr bool kLseFirst = false; /* partials are finite: load them all first */
+    const float *o_part;   /* [num_splits, total_q, num_heads, head_dim] */
+    const float *lse_part; /* [num_splits, total_q, num_heads] */
+    const int32_t *qmap;   /* [total_q] owning sequence (-1: none), or NULL: every token is owned */
+    T *out;                /* out row of (query token t, head h):                     */
+    float *lse;            /*   out + (t / queries_per_seq) * out_seq_stride          */
+    int num_splits, total_q, num_heads, head_dim; /* + (t % queries_per_seq) * out_query_stride */
+    int queries_per_seq;   /*   + h * out_head_stride; dense: q_len, packed: 1 (the token stride */
+    int64_t out_seq_stride, out_query_stride, out_head_stride; /* as out_seq_stride) */
+    int64_t lse_head_stride, lse_query_stride;                 /* lse [num_heads, total_q] */
+
+    struct Row {
+        int64_t row;
+        int query, head;
+    };
+    PF_DEV int64_t rows() const { return (int64_t)total_q * num_heads; }
+    PF_DEV Row locate(int64_t row) const { return {row, (int)(row / num_heads), (int)(row % num_heads)}; }
+    PF_DEV bool skip(const Row &at) const { return qmap && qmap[at.query] < 0; }
+    PF_DEV int splits() const { return num_splits; }
+    template <int kUnitVec>
+    PF_DEV int units() const { return head_dim / kUnitVec; }
+    PF_DEV float partial_lse(int s, const Row &at) const { return lse_part[s * rows() + at.row]; }
+
+    PF_DEV void load(const Row &at, int s, int unit, float (&v)[4]) const {
+        const int cols = head_dim / 4;
+        const float4 x = (reinterpret_cast<const float4 *>(o_part + at.row * head_dim) + unit)[(int64_t)s * rows() * cols];
+        v[0] = x.x;
+        v[1] = x.y;
+        v[2] = x.z;
+        v[3] = x.w;
+    }
+    PF_DEV void load(const Row &at, int s, int unit, float (&v)[1]) const {
+        v[0] = o_part[((int64_t)s * rows() + at.row) * head_dim + unit];
+    }
+    template <int kVec>
+    PF_DEV void store(const Row &at, int unit, const float (&v)[kVec]) const {
+        T *dst = out + (int64_t)(at.query / queries_per_seq) * out_seq_stride +
+                 (int64_t)(at.query % queries_per_seq) * out_query_stride + (int64_t)at.head * out_head_stride +
+                 kVec * unit;
+#pragma unroll
+        for (int k = 0; k < kVec; k++) dst[k] = TypeOps<T>::from_float(v[k]);
+    }
+    PF_DEV void store_lse(const Row &at, float value) const {
+        if (lse) lse[(int64_t)at.head * lse_head_stride + (int64_t)at.query * lse_query_stride] = value;
+    }
+};
+
+template <typename T>
+static pf_status pf_paged_merge_splits_as(const pf_paged_args &a, const int32_t *qmap, cudaStream_t stream) {
+    pf_split_partials<T> r;
+    r.o_part = a.o_part;
+    r.lse_part = a.lse_part;
+    r.qmap = qmap;
+    r.out = reinterpret_cast<T *>(a.out);
+    r.lse = a.lse;
+    r.num_splits = a.num_splits;
+    r.total_q = a.total_q;
+    r.num_heads = a.num_heads;
+    r.head_dim = a.head_dim;
+    if (a.cu_seqlens_q) {
+        r.queries_per_seq = 1;
+        r.out_seq_stride = a.o_st;
+        r.out_query_stride = 0;
+    } else {
+        r.queries_per_seq = a.q_len;
+        r.out_seq_stride = a.o_sb;
+        r.out_query_stride = a.o_st;
+    }
+    r.out_head_stride = a.o_sh;
+    r.lse_head_stride = a.lse_sh;
+    r.lse_query_stride = a.lse_st;
+
+    const int n = a.num_splits, d = a.head_dim; /* d <= 256, n <= 256 */
+    const int64_t rows = (int64_t)a.total_q * a.num_heads;
+    using R = pf_split_partials<T>;
+    if (d % 4 != 0) return pf_merge_launch_ctas<R, 4, 1, 8>(r, rows, stream);
+    if (d > 128) return n <= 16 ? pf_merge_launch_ctas<R, 2, 4, 2>(r, rows, stream)
+                                : pf_merge_launch_ctas<R, 16, 4, 2>(r, rows, stream);
+    if (n <= 4) return pf_merge_launch_warps<R, 4, 4, 1>(r, rows, stream);
+    if (n <= 16) return pf_merge_launch_warps<R, 16, 4, 1>(r, rows, stream);
+    if (n <= 32) return pf_merge_launch_ctas<R, 4, 4, 1>(r, rows, stream);
+    if (n <= 128) return pf_merge_launch_ctas<R, 16, 4, 1>(r, rows, stream);
+    return pf_merge_launch_ctas<R, 32, 4, 1>(r, rows, stream);
+}
+
+pf_status pf_paged_merge_splits(const pf_paged_args &a, const int32_t *qmap, pf_dtype dtype, cudaStream_t stream) {
+    if (dtype == PF_DTYPE_F32) return pf_paged_merge_splits_as<float>(a, qmap, stream);
+    if (dtype == PF_DTYPE_F16) return pf_paged_merge_splits_as<__half>(a, qmap, stream);
+    return pf_paged_merge_splits_as<__nv_bfloat16>(a, qmap, stream);
+}
+
+/* ------------------------------------------------------------------------ */
+/* merge_attn_states                                                          */
+/* ------------------------------------------------------------------------ */
+
 #define PF_MERGE_MAX_LEAD (PF_MAX_DIMS - 2)
 
-struct pf_merge_view {
-    const void *data;
-    int64_t lead_strides[PF_MERGE_MAX_LEAD];
-    int64_t sh;
+/* kVec elements of T as one load / store (8 or 16 bytes for kVec = 4). */
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) pf_merge_vec {
+    T x[kVec];
 };
 
-struct pf_merge_args {
-    pf_merge_view a, b;
-    void *out;
-    int64_t out_lead_strides[PF_MERGE_MAX_LEAD];
-    int64_t out_sh;
+/* The two states; row = token * num_heads + head, token = the row-major index of the
+ * leading dimensions. */
+template <typename T, int kVec>
+struct pf_state_pair {
+    static constexpr bool kLseFirst = true; /* a -inf side is never read */
+    const T *out_a, *out_b;
+    T *out;
+    const float *lse_a, *lse_b; /* [num_heads, tokens] */
+    float *lse;                 /* [num_heads, tokens] or NULL */
     int64_t lead_shape[PF_MERGE_MAX_LEAD];
-    int n_lead;
-    const float *lse_a, *lse_b;
-    float *lse;
-    int64_t la_sh, la_st, lb_sh, lb_st, l_sh, l_st;
+    int64_t a_lead_strides[PF_MERGE_MAX_LEAD], b_lead_strides[PF_MERGE_MAX_LEAD],
+        out_lead_strides[PF_MERGE_MAX_LEAD];
+    int64_t a_head_stride, b_head_stride, out_head_stride;
+    int64_t lse_a_head_stride, lse_a_token_stride, lse_b_head_stride, lse_b_token_stride;
+    int64_t lse_head_stride, lse_token_stride;
     int64_t tokens;
-    int num_heads, head_dim;
+    int n_lead, num_heads, head_dim;
+
+    struct Row {
+        int64_t token;
+        int head;
+        const T *a, *b; /* the row in out_a, out_b */
+        T *out;         /* in out */
+    };
+    PF_DEV int64_t rows() const { return tokens * num_heads; }
+    PF_DEV Row locate(int64_t row) const {
+        Row at;
+        at.token = row / num_heads;
+        at.head = (int)(row % num_heads);
+        int64_t off_a = 0, off_b = 0, off_out = 0, t = at.token;
+        for (int k = n_lead - 1; k >= 0; k--) {
+            const int64_t i = t % lead_shape[k];
+            t /= lead_shape[k];
+            off_a += i * a_lead_strides[k];
+            off_b += i * b_lead_strides[k];
+            off_out += i * out_lead_strides[k];
+        }
+        at.a = out_a + off_a + at.head * a_head_stride;
+        at.b = out_b + off_b + at.head * b_head_stride;
+        at.out = out + off_out + at.head * out_head_stride;
+        return at;
+    }
+    PF_DEV bool skip(const Row &) const { return false; }
+    PF_DEV int splits() const { return 2; }
+    template <int kUnitVec>
+    PF_DEV int units() const { return head_dim / kUnitVec; }
+    PF_DEV float partial_lse(int s, const Row &at) const {
+        return s == 0 ? lse_a[at.head * lse_a_head_stride + at.token * lse_a_token_stride]
+                      : lse_b[at.head * lse_b_head_stride + at.token * lse_b_token_stride];
+    }
+    PF_DEV void load(const Row &at, int s, int unit, float (&v)[kVec]) const {
+        const pf_merge_vec<T, kVec> x = *reinterpret_cast<const pf_merge_vec<T, kVec> *>((s == 0 ? at.a : at.b) + kVec * unit);
+#pragma unroll
+        for (int k = 0; k < kVec; k++) v[k] = TypeOps<T>::to_float(x.x[k]);
+    }
+    PF_DEV void store(const Row &at, int unit, const float (&v)[kVec]) const {
+        pf_merge_vec<T, kVec> x;
+#pragma unroll
+        for (int k = 0; k < kVec; k++) x.x[k] = TypeOps<T>::from_float(v[k]);
+        *reinterpret_cast<pf_merge_vec<T, kVec> *>(at.out + kVec * unit) = x;
+    }
+    PF_DEV void store_lse(const Row &at, float value) const {
+        if (lse) lse[at.head * lse_head_stride + at.token * lse_token_stride] = value;
+    }
 };
 
-/* Element offset of token t under leading strides (row-major unravel of lead_shape). */
-__device__ __forceinline__ int64_t pf_merge_offset(const pf_merge_args &m, const int64_t *strides, int64_t t) {
-    int64_t off = 0;
-    for (int k = m.n_lead - 1; k >= 0; k--) {
-        const int64_t n = m.lead_shape[k];
-        off += (t % n) * strides[k];
-        t /= n;
+/* Fills the policy of either width from the params (dimensions checked by the core). */
+template <typename P>
+static void pf_state_pair_fill(const pf_merge_params *p, P &m) {
+    const pf_tensor &oa = p->out_a, &ob = p->out_b, &o = p->out;
+    const int nd = oa.ndim;
+    memset(&m, 0, sizeof m);
+    m.n_lead = nd - 2; /* <= PF_MERGE_MAX_LEAD: limits.max_merge_dims */
+    m.tokens = 1;
+    for (int k = 0; k < m.n_lead; k++) {
+        m.lead_shape[k] = oa.shape[k];
+        m.tokens *= oa.shape[k];
+        m.a_lead_strides[k] = oa.strides[k];
+        m.b_lead_strides[k] = ob.strides[k];
+        m.out_lead_strides[k] = o.strides[k];
     }
-    return off;
+    m.num_heads = (int)oa.shape[nd - 2];
+    m.head_dim = (int)oa.shape[nd - 1];
+    m.out_a = (decltype(m.out_a))oa.data;
+    m.out_b = (decltype(m.out_b))ob.data;
+    m.out = (decltype(m.out))o.data;
+    m.a_head_stride = oa.strides[nd - 2];
+    m.b_head_stride = ob.strides[nd - 2];
+    m.out_head_stride = o.strides[nd - 2];
+    m.lse_a = (const float *)p->lse_a.data;
+    m.lse_a_head_stride = p->lse_a.strides[0];
+    m.lse_a_token_stride = p->lse_a.strides[1];
+    m.lse_b = (const float *)p->lse_b.data;
+    m.lse_b_head_stride = p->lse_b.strides[0];
+    m.lse_b_token_stride = p->lse_b.strides[1];
+    if (pf_tensor_present(&p->lse)) {
+        m.lse = (float *)p->lse.data;
+        m.lse_head_stride = p->lse.strides[0];
+        m.lse_token_stride = p->lse.strides[1];
+    }
+}
+
+/* Whether every row of out_a, out_b and out is made of aligned 4-element units. */
+static bool pf_state_pair_vectorizable(const pf_merge_params *p) {
+    const pf_tensor *ts[3] = {&p->out_a, &p->out_b, &p->out};
+    const int nd = p->out_a.ndim;
+    const size_t bytes = 4 * pf_dtype_size(p->out.dtype);
+    if (p->out_a.shape[nd - 1] % 4 != 0) return false;
+    for (const pf_tensor *t : ts) {
+        if ((uintptr_t)t->data % bytes != 0) return false;
+        for (int k = 0; k < nd - 1; k++)
+            if (t->strides[k] % 4 != 0) return false;
+    }
+    return true;
 }
 
 template <typename T>
-__global__ void __launch_bounds__(PF_MERGE_WARPS * 32) pf_merge_kernel(const pf_merge_args m) {
-    const int lane = threadIdx.x & 31;
-    const int64_t item = (int64_t)blockIdx.x * PF_MERGE_WARPS + (threadIdx.x >> 5);
-    if (item >= m.tokens * m.num_heads) return;
-    const int64_t t = item / m.num_heads;
-    const int h = (int)(item % m.num_heads);
-    const float la = m.lse_a[h * m.la_sh + t * m.la_st];
-    const float lb = m.lse_b[h * m.lb_sh + t * m.lb_st];
-    float wa = 0.f, wb = 0.f, lse;
-    if (la != la || lb != lb) {
-        lse = __int_as_float(0x7fc00000);
-        wa = wb = lse;
-    } else if (la == -INFINITY && lb == -INFINITY) {
-        lse = -INFINITY;
-    } else {
-        const float mx = fmaxf(la, lb);
-        const float ea = la == -INFINITY ? 0.f : expf(la - mx);
-        const float eb = lb == -INFINITY ? 0.f : expf(lb - mx);
-        lse = mx + logf(ea + eb);
-        wa = la == -INFINITY ? 0.f : expf(la - lse);
-        wb = lb == -INFINITY ? 0.f : expf(lb - lse);
+static pf_status pf_merge_states_as(const pf_merge_params *p, int64_t rows, cudaStream_t stream) {
+    if (pf_state_pair_vectorizable(p)) {
+        pf_state_pair<T, 4> m;
+        pf_state_pair_fill(p, m);
+        return pf_merge_launch_warps<pf_state_pair<T, 4>, 2, 4, 1>(m, rows, stream);
     }
-    const T *pa = reinterpret_cast<const T *>(m.a.data) + pf_merge_offset(m, m.a.lead_strides, t) + h * m.a.sh;
-    const T *pb = reinterpret_cast<const T *>(m.b.data) + pf_merge_offset(m, m.b.lead_strides, t) + h * m.b.sh;
-    T *po = reinterpret_cast<T *>(m.out) + pf_merge_offset(m, m.out_lead_strides, t) + h * m.out_sh;
-    const bool use_a = la != -INFINITY, use_b = lb != -INFINITY;
-    for (int d = lane; d < m.head_dim; d += 32) {
-        float v = 0.f;
-        if (use_a) v += wa * pf_cu_to_float(pa[d]);
-        if (use_b) v += wb * pf_cu_to_float(pb[d]);
-        po[d] = pf_cu_from_float<T>(v);
-    }
-    __syncwarp();
-    if (lane == 0 && m.lse) m.lse[h * m.l_sh + t * m.l_st] = lse;
+    pf_state_pair<T, 1> m;
+    pf_state_pair_fill(p, m);
+    return pf_merge_launch_warps<pf_state_pair<T, 1>, 2, 1, 4>(m, rows, stream);
 }
 
 extern "C" pf_status pf_cuda_merge_attn_states(const pf_merge_params *p) {
     pf_cuda_device_guard guard;
     PF_TRY(guard.set(p->out.device_id));
     cudaStream_t stream = (cudaStream_t)p->stream;
-    const pf_tensor &oa = p->out_a, &ob = p->out_b, &o = p->out;
-    const int nd = oa.ndim;
-    /* nd - 2 <= PF_MERGE_MAX_LEAD and rows within the launch's reach: checked by the core */
-    pf_merge_args m;
-    memset(&m, 0, sizeof m);
-    m.n_lead = nd - 2;
-    m.tokens = 1;
-    for (int k = 0; k < m.n_lead; k++) {
-        m.lead_shape[k] = oa.shape[k];
-        m.tokens *= oa.shape[k];
-        m.a.lead_strides[k] = oa.strides[k];
-        m.b.lead_strides[k] = ob.strides[k];
-        m.out_lead_strides[k] = o.strides[k];
-    }
-    m.num_heads = (int)oa.shape[nd - 2];
-    m.head_dim = (int)oa.shape[nd - 1];
-    m.a.data = oa.data;
-    m.b.data = ob.data;
-    m.out = o.data;
-    m.a.sh = oa.strides[nd - 2];
-    m.b.sh = ob.strides[nd - 2];
-    m.out_sh = o.strides[nd - 2];
-    m.lse_a = (const float *)p->lse_a.data;
-    m.la_sh = p->lse_a.strides[0];
-    m.la_st = p->lse_a.strides[1];
-    m.lse_b = (const float *)p->lse_b.data;
-    m.lb_sh = p->lse_b.strides[0];
-    m.lb_st = p->lse_b.strides[1];
-    if (pf_tensor_present(&p->lse)) {
-        m.lse = (float *)p->lse.data;
-        m.l_sh = p->lse.strides[0];
-        m.l_st = p->lse.strides[1];
-    }
-    const int64_t rows = m.tokens * m.num_heads;
+    const pf_tensor &oa = p->out_a;
+    int64_t rows = oa.shape[oa.ndim - 2]; /* rows within the launch's reach: checked by the core */
+    for (int k = 0; k < oa.ndim - 2; k++) rows *= oa.shape[k];
     if (rows == 0) return PF_STATUS_OK;
-    const int64_t blocks = (rows + PF_MERGE_WARPS - 1) / PF_MERGE_WARPS;
-    switch (o.dtype) {
-        case PF_DTYPE_F32: pf_merge_kernel<float><<<(unsigned)blocks, PF_MERGE_WARPS * 32, 0, stream>>>(m); break;
-        case PF_DTYPE_F16: pf_merge_kernel<__half><<<(unsigned)blocks, PF_MERGE_WARPS * 32, 0, stream>>>(m); break;
-        case PF_DTYPE_BF16:
-            pf_merge_kernel<__nv_bfloat16><<<(unsigned)blocks, PF_MERGE_WARPS * 32, 0, stream>>>(m);
-            break;
-        default:
-            PF_CHECK(0, PF_STATUS_INVALID_TYPE, "out: unsupported dtype %s", pf_dtype_name(o.dtype));
+    switch (p->out.dtype) {
+        case PF_DTYPE_F32: return pf_merge_states_as<float>(p, rows, stream);
+        case PF_DTYPE_F16: return pf_merge_states_as<__half>(p, rows, stream);
+        case PF_DTYPE_BF16: return pf_merge_states_as<__nv_bfloat16>(p, rows, stream);
+        default: PF_CHECK(0, PF_STATUS_INVALID_TYPE, "out: unsupported dtype %s", pf_dtype_name(p->out.dtype));
     }
-    PF_CUDA_CHECK_LAUNCH();
     return PF_STATUS_OK;
-}
-
-/* ------------------------------------------------------------------------ */
-/* Combine: out = sum_s exp(lse_s - lse) o_s, lse = logsumexp_s lse_s          */
-/* ------------------------------------------------------------------------ */
-
-
-struct pf_combine_args {
-    const float *o_part, *lse_part;
-    const int32_t *qmap;   /* packed + simple kernel: rows no sequence owns are skipped */
-    void *out;
-    float *lse;
-    int num_splits, total_q, num_heads, head_dim;
-    int qdiv;              /* qidx -> (qidx / qdiv, qidx % qdiv) */
-    int64_t s0, s1, sh;    /* out strides for those two indices and the head */
-    int64_t lse_sh, lse_st;
-};
-
-/* One CTA of 128 threads per (query, head) row. The weights exp(lse_s - lse) go to
- * shared memory; then the threads split the row's columns (float4 when head_dim
- * % 4 == 0) and the splits (groups of threads take every G-th split, several
- * loads in flight each), and the groups' sums meet in shared memory. */
-#define PF_COMBINE_THREADS 128
-
-template <typename T>
-__global__ void __launch_bounds__(PF_COMBINE_THREADS) pf_paged_combine_kernel(const pf_combine_args c) {
-    __shared__ float wsm[256]; /* the largest split count */
-    __shared__ float red[PF_COMBINE_THREADS / 32];
-    __shared__ __align__(16) float part[PF_COMBINE_THREADS * 4];
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int64_t item = blockIdx.x;
-    const int qidx = (int)(item / c.num_heads), head = (int)(item % c.num_heads);
-    if (c.qmap && c.qmap[qidx] < 0) return; /* uniform over the CTA */
-    const int64_t row_stride = (int64_t)c.total_q * c.num_heads;
-    const float *lp = c.lse_part + (int64_t)qidx * c.num_heads + head;
-
-    /* max and sum over the splits' lse */
-    float mx = -INFINITY;
-    for (int s = tid; s < c.num_splits; s += PF_COMBINE_THREADS) mx = fmaxf(mx, lp[s * row_stride]);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    if (lane == 0) red[warp] = mx;
-    __syncthreads();
-    mx = red[0];
-#pragma unroll
-    for (int w = 1; w < PF_COMBINE_THREADS / 32; w++) mx = fmaxf(mx, red[w]);
-    __syncthreads();
-    float sum = 0.f;
-    for (int s = tid; s < c.num_splits; s += PF_COMBINE_THREADS) {
-        const float l = lp[s * row_stride];
-        sum += l == -INFINITY ? 0.f : __expf(l - mx);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (lane == 0) red[warp] = sum;
-    __syncthreads();
-    sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < PF_COMBINE_THREADS / 32; w++) sum += red[w];
-    const float lse = mx == -INFINITY ? -INFINITY : mx + __logf(sum);
-    for (int s = tid; s < c.num_splits; s += PF_COMBINE_THREADS) {
-        const float l = lp[s * row_stride];
-        wsm[s] = l == -INFINITY ? 0.f : __expf(l - lse);
-    }
-    __syncthreads();
-
-    const float *op = c.o_part + ((int64_t)qidx * c.num_heads + head) * c.head_dim;
-    const int64_t split_stride = row_stride * c.head_dim;
-    T *dst = reinterpret_cast<T *>(c.out) + (int64_t)(qidx / c.qdiv) * c.s0 + (int64_t)(qidx % c.qdiv) * c.s1 +
-             (int64_t)head * c.sh;
-    const bool empty = mx == -INFINITY;
-    if (c.head_dim % 4 == 0 && c.head_dim <= 4 * PF_COMBINE_THREADS) {
-        const int cols = c.head_dim / 4;
-        const int groups = PF_COMBINE_THREADS / cols;
-        const int grp = tid / cols, col = tid % cols;
-        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (grp < groups) {
-            int s = grp;
-#pragma unroll 4
-            for (; s < c.num_splits; s += groups) {
-                const float w = wsm[s];
-                const float4 v = reinterpret_cast<const float4 *>(op + s * split_stride)[col];
-                acc.x += w * v.x;
-                acc.y += w * v.y;
-                acc.z += w * v.z;
-                acc.w += w * v.w;
-            }
-            reinterpret_cast<float4 *>(part)[grp * cols + col] = acc;
-        }
-        __syncthreads();
-        if (tid < cols) {
-            float4 r = reinterpret_cast<const float4 *>(part)[tid];
-            for (int gg = 1; gg < groups; gg++) {
-                const float4 v = reinterpret_cast<const float4 *>(part)[gg * cols + tid];
-                r.x += v.x;
-                r.y += v.y;
-                r.z += v.z;
-                r.w += v.w;
-            }
-            if (empty) r = make_float4(0.f, 0.f, 0.f, 0.f);
-            dst[4 * tid + 0] = pf_cu_from_float<T>(r.x);
-            dst[4 * tid + 1] = pf_cu_from_float<T>(r.y);
-            dst[4 * tid + 2] = pf_cu_from_float<T>(r.z);
-            dst[4 * tid + 3] = pf_cu_from_float<T>(r.w);
-        }
-    } else {
-        for (int d = tid; d < c.head_dim; d += PF_COMBINE_THREADS) {
-            float acc = 0.f;
-#pragma unroll 4
-            for (int s = 0; s < c.num_splits; s++) acc += wsm[s] * op[s * split_stride + d];
-            dst[d] = pf_cu_from_float<T>(empty ? 0.f : acc);
-        }
-    }
-    if (tid == 0 && c.lse) c.lse[(int64_t)head * c.lse_sh + (int64_t)qidx * c.lse_st] = lse;
-}
-
-/* One warp per (query, head) row for up to kMaxSplits splits and head_dim % 4 == 0,
- * <= 128: lane s reads split s's lse while every lane already has its float4 column
- * of all the splits' partial rows in flight (the loads do not depend on the weights),
- * so the row costs one round trip to memory; shuffles give the maximum and the sum
- * and the weights come from lane s. The CTA kernel above takes the rest. */
-#define PF_COMBINE_WARP_ROWS 4
-
-template <typename T, int kMaxSplits>
-__global__ void __launch_bounds__(PF_COMBINE_WARP_ROWS * 32, 1) pf_paged_combine_warp_kernel(const pf_combine_args c) {
-    const int lane = threadIdx.x & 31;
-    const int64_t rows = (int64_t)c.total_q * c.num_heads;
-    const int64_t row = (int64_t)blockIdx.x * PF_COMBINE_WARP_ROWS + (threadIdx.x >> 5);
-    if (row >= rows) return; /* uniform over the warp */
-    const int qidx = (int)(row / c.num_heads), head = (int)(row % c.num_heads);
-    if (c.qmap && c.qmap[qidx] < 0) return;
-    const int n = c.num_splits, cols = c.head_dim / 4;
-    const bool has_col = lane < cols;
-    /* unconditional loads (split and column clamped into range; a clamped split gets
-     * weight 0 and every partial is finite), all issued before the lse reduction */
-    const float4 *op = reinterpret_cast<const float4 *>(c.o_part + row * c.head_dim) + min(lane, cols - 1);
-    float4 v[kMaxSplits];
-#pragma unroll
-    for (int s = 0; s < kMaxSplits; s++) v[s] = op[(int64_t)min(s, n - 1) * rows * cols];
-    const float l = lane < n ? c.lse_part[lane * rows + row] : -INFINITY;
-    /* pin every loaded value here, so the compiler cannot sink the loads to their uses */
-#pragma unroll
-    for (int s = 0; s < kMaxSplits; s++)
-        asm volatile("" : "+f"(v[s].x), "+f"(v[s].y), "+f"(v[s].z), "+f"(v[s].w));
-    float mx = l;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    const float e = l == -INFINITY ? 0.f : __expf(l - mx);
-    float sum = e;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    const bool empty = mx == -INFINITY;
-    const float w = empty ? 0.f : e / sum;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-    for (int s = 0; s < kMaxSplits; s++) {
-        const float ws = __shfl_sync(0xffffffffu, w, s); /* 0 for s >= n (lse -inf) */
-        acc.x += ws * v[s].x;
-        acc.y += ws * v[s].y;
-        acc.z += ws * v[s].z;
-        acc.w += ws * v[s].w;
-    }
-    if (has_col) {
-        T *dst = reinterpret_cast<T *>(c.out) + (int64_t)(qidx / c.qdiv) * c.s0 + (int64_t)(qidx % c.qdiv) * c.s1 +
-                 (int64_t)head * c.sh + 4 * lane;
-        dst[0] = pf_cu_from_float<T>(acc.x);
-        dst[1] = pf_cu_from_float<T>(acc.y);
-        dst[2] = pf_cu_from_float<T>(acc.z);
-        dst[3] = pf_cu_from_float<T>(acc.w);
-    }
-    if (lane == 0 && c.lse)
-        c.lse[(int64_t)head * c.lse_sh + (int64_t)qidx * c.lse_st] = empty ? -INFINITY : mx + __logf(sum);
-}
-
-template <typename T>
-static pf_status pf_launch_combine(const pf_combine_args &c, cudaStream_t stream) {
-    const int64_t rows = (int64_t)c.total_q * c.num_heads;
-    const char *e = getenv("PAGEDFLASH_PAGED_COMBINE");
-    if (c.num_splits <= 16 && c.head_dim % 4 == 0 && c.head_dim <= 128 && !(e && atoi(e) == 1)) {
-        const int64_t blocks = (rows + PF_COMBINE_WARP_ROWS - 1) / PF_COMBINE_WARP_ROWS;
-        if (c.num_splits <= 4)
-            pf_paged_combine_warp_kernel<T, 4><<<(unsigned)blocks, PF_COMBINE_WARP_ROWS * 32, 0, stream>>>(c);
-        else
-            pf_paged_combine_warp_kernel<T, 16><<<(unsigned)blocks, PF_COMBINE_WARP_ROWS * 32, 0, stream>>>(c);
-        PF_CUDA_CHECK_LAUNCH();
-        return PF_STATUS_OK;
-    }
-    pf_paged_combine_kernel<T><<<(unsigned)rows, PF_COMBINE_THREADS, 0, stream>>>(c);
-    PF_CUDA_CHECK_LAUNCH();
-    return PF_STATUS_OK;
-}
-
-pf_status pf_paged_merge_splits(const pf_paged_args &a, const int32_t *qmap, pf_dtype dtype, cudaStream_t stream) {
-    pf_combine_args c;
-    memset(&c, 0, sizeof c);
-    c.o_part = a.o_part;
-    c.lse_part = a.lse_part;
-    c.qmap = qmap;
-    c.out = a.out;
-    c.lse = a.lse;
-    c.lse_sh = a.lse_sh;
-    c.lse_st = a.lse_st;
-    c.num_splits = a.num_splits;
-    c.total_q = a.total_q;
-    c.num_heads = a.num_heads;
-    c.head_dim = a.head_dim;
-    c.sh = a.o_sh;
-    if (a.cu_seqlens_q) {
-        c.qdiv = 1;
-        c.s0 = a.o_st;
-        c.s1 = 0;
-    } else {
-        c.qdiv = a.q_len;
-        c.s0 = a.o_sb;
-        c.s1 = a.o_st;
-    }
-    if (dtype == PF_DTYPE_F32) return pf_launch_combine<float>(c, stream);
-    if (dtype == PF_DTYPE_F16) return pf_launch_combine<__half>(c, stream);
-    return pf_launch_combine<__nv_bfloat16>(c, stream);
 }
