@@ -73,10 +73,6 @@
 #include "attn/mma.cuh"
 #include "paged/args.cuh"
 
-#define PF_PAGED_WARPS 4
-#define PF_LOG2E_F 1.4426950408889634f
-#define PF_LN2_F 0.6931471805599453f
-
 /* ---- small device helpers ---- */
 
 /* 16 bytes through the read-only path, without L1 allocation (streamed once). */
@@ -121,26 +117,6 @@ __device__ __forceinline__ uint32_t pf_opaque_zero() {
     return z;
 }
 
-template <typename T>
-__device__ __forceinline__ void pf_mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void pf_mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                            uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void pf_mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 /* c += A (16x8 tf32) * B (8x8 tf32); a/b hold float bit patterns. */
 __device__ __forceinline__ void pf_mma_1688_tf32(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                  uint32_t b0, uint32_t b1) {
@@ -172,35 +148,6 @@ __device__ __forceinline__ void pf_unpack2<__half>(uint32_t w, float &lo, float 
     hi = f.y;
 }
 
-template <typename T>
-__device__ __forceinline__ uint32_t pf_pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pf_pack2<__nv_bfloat16>(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&h);
-}
-template <>
-__device__ __forceinline__ uint32_t pf_pack2<__half>(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&h);
-}
-
-/* tanh with absolute error ~1e-7 (exp2-based; fast-math safe). */
-__device__ __forceinline__ float pf_tanh(float x) {
-    float t = exp2f(-2.0f * PF_LOG2E_F * fabsf(x));
-    float r = __fdividef(1.0f - t, 1.0f + t);
-    return copysignf(r, x);
-}
-
-/* Mask bounds [lo, hi] (inclusive) of the query at position p (seq_len tokens). */
-__device__ __forceinline__ void pf_row_bounds(const pf_paged_args &a, int p, int seq_len, int &lo, int &hi) {
-    lo = 0;
-    hi = seq_len - 1;
-    if (a.window_left >= 0) lo = max(lo, p - a.window_left);
-    int right = a.causal ? 0 : a.window_right;
-    if (a.causal || right >= 0) hi = min(hi, p + right);
-}
-
 /*
  * The tensor-core kernel. kD: head dim (multiple of 32, <= 256); T: __half or
  * __nv_bfloat16; kRows: rows per tile (8 or 16); kNT: 8-token groups per warp
@@ -221,7 +168,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     constexpr int kChunks = kD / 8;          /* 16-byte chunks per row */
     constexpr int kRT = kRows / 8;           /* 8-row n-tiles of O^T */
     constexpr int kTile = 8 * kNT;           /* tokens per warp iteration */
-    constexpr int kRound = kTile * PF_PAGED_WARPS; /* split alignment */
+    constexpr int kRound = kTile * 4;         /* split alignment: 4 tiles */
     /* warp w = slice * kHeads + hl owns KV head kHeads * c + hl and takes every
      * kPerHead-th tile of the split from tile `slice` on. Head mode (kPerHead = 1): each
      * warp walks every tile (so the CTA reads kWarps heads' rows of each token together:
@@ -268,16 +215,12 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     const int rows_here = min(kRows, rows_total - r0);
 
     /* token range of the tile's rows: bounds are monotone in the query index */
+    const pf::cuda::MaskRule mask = pf::cuda::mask_rule(a.causal, a.window_left, a.window_right, si.seq_len);
     int kv_lo, kv_hi;
     {
-        int lo0, hi0, lo1, hi1;
         const int i_first = r0 / a.group, i_last = (r0 + rows_here - 1) / a.group;
-        pf_row_bounds(a, si.seq_len - si.q_len + i_first, si.seq_len, lo0, hi0);
-        pf_row_bounds(a, si.seq_len - si.q_len + i_last, si.seq_len, lo1, hi1);
-        kv_lo = max(lo0, 0);
-        kv_hi = max(hi1 + 1, kv_lo);
-        (void)hi0;
-        (void)lo1;
+        kv_lo = max(mask.lo(si.seq_len - si.q_len + i_first), 0);
+        kv_hi = max(mask.hi(si.seq_len - si.q_len + i_last) + 1, kv_lo);
     }
     int s_lo, s_hi;
     pf_split_range(kv_lo, kv_hi, split, a.num_splits, kRound, s_lo, s_hi);
@@ -303,9 +246,10 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
         const int r = r0 + rl;
         const int i = r / a.group, head = kvh * a.group + r % a.group;
         const int p = si.seq_len - si.q_len + i;
-        pf_row_bounds(a, p, si.seq_len, row_lo[h2], row_hi[h2]);
+        row_lo[h2] = max(mask.lo(p), 0); /* clamped as the token range is (tokens are >= 0 anyway) */
+        row_hi[h2] = mask.hi(p);
         row_pos[h2] = p;
-        if (a.alibi) row_slope[h2] = a.alibi[(int64_t)b * a.al_sb + (int64_t)head * a.al_sh] * PF_LOG2E_F;
+        if (a.alibi) row_slope[h2] = a.alibi[(int64_t)b * a.al_sb + (int64_t)head * a.al_sh] * pf::cuda::kLog2e;
         const T *qp = reinterpret_cast<const T *>(a.q) + (int64_t)b * a.q_sb + (int64_t)(si.tok0 + i) * a.q_st +
                       (int64_t)head * a.q_sh;
 #pragma unroll
@@ -472,8 +416,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                 s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
                 for (int j = 0; j < kKJ; j++) {
-                    pf_mma_16816<T>(s[nt], qa[2 * j], kbuf[kb][nt][j].x, kbuf[kb][nt][j].y);
-                    pf_mma_16816<T>(s[nt], qa[2 * j + 1], kbuf[kb][nt][j].z, kbuf[kb][nt][j].w);
+                    pf::cuda::TypeOps<T>::mma(s[nt], qa[2 * j], kbuf[kb][nt][j].x, kbuf[kb][nt][j].y);
+                    pf::cuda::TypeOps<T>::mma(s[nt], qa[2 * j + 1], kbuf[kb][nt][j].z, kbuf[kb][nt][j].w);
                 }
             }
             if (!kRing && t_next < s_hi) issue_k(kbuf[kb], kp_n);
@@ -487,7 +431,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                     const int h2 = c >> 1, e = c & 1;
                     const int t = t_cur + nt * 8 + 2 * qd + e;
                     float x = s[nt][c];
-                    x = a.cap_log2 != 0.f ? a.cap_log2 * pf_tanh(x * a.qk_scale) : x * a.qk_scale;
+                    x = a.cap_log2 != 0.f ? a.cap_log2 * pf::cuda::tanh_abs_accurate(x * a.qk_scale) : x * a.qk_scale;
                     if (a.alibi) x -= row_slope[h2] * (float)abs(row_pos[h2] - t);
                     const bool ok = vok[kb][nt][e] && t >= row_lo[h2] && t <= row_hi[h2];
                     x = ok ? x : -INFINITY;
@@ -580,7 +524,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                 const int i = r / a.group, head = kvh * a.group + r % a.group;
                 const int qidx = si.qidx0 + i;
                 const float inv = L > 0.f ? 1.f / L : 0.f;
-                const float lse = L > 0.f ? (M + __log2f(L)) * PF_LN2_F : -INFINITY;
+                const float lse = L > 0.f ? (M + __log2f(L)) * pf::cuda::kLn2 : -INFINITY;
 #pragma unroll
                 for (int c = 0; c < kVC; c++) {
                     const int ch = g + 8 * c;
@@ -600,10 +544,10 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                         T *dst = reinterpret_cast<T *>(a.out) + (int64_t)b * a.o_sb + (int64_t)(si.tok0 + i) * a.o_st +
                                  (int64_t)head * a.o_sh + ch * 8;
                         uint4 pk;
-                        pk.x = pf_pack2<T>(v[0], v[1]);
-                        pk.y = pf_pack2<T>(v[2], v[3]);
-                        pk.z = pf_pack2<T>(v[4], v[5]);
-                        pk.w = pf_pack2<T>(v[6], v[7]);
+                        pk.x = pf::cuda::TypeOps<T>::pack(v[0], v[1]);
+                        pk.y = pf::cuda::TypeOps<T>::pack(v[2], v[3]);
+                        pk.z = pf::cuda::TypeOps<T>::pack(v[4], v[5]);
+                        pk.w = pf::cuda::TypeOps<T>::pack(v[6], v[7]);
                         *reinterpret_cast<uint4 *>(dst) = pk;
                     }
                 }
@@ -694,7 +638,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
 #pragma unroll
         for (int k = 0; k < 8; k++) v[k] = src[k] * inv;
         const int qidx = si.qidx0 + i;
-        const float lse = L > 0.f ? (M + __log2f(L)) * PF_LN2_F : -INFINITY;
+        const float lse = L > 0.f ? (M + __log2f(L)) * pf::cuda::kLn2 : -INFINITY;
         if (partial) {
             float *dst = a.o_part + (((int64_t)split * a.total_q + qidx) * a.num_heads + head) * a.head_dim + ch * 8;
             reinterpret_cast<float4 *>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
@@ -704,10 +648,10 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
             T *dst = reinterpret_cast<T *>(a.out) + (int64_t)b * a.o_sb + (int64_t)(si.tok0 + i) * a.o_st +
                      (int64_t)head * a.o_sh + ch * 8;
             uint4 pk;
-            pk.x = pf_pack2<T>(v[0], v[1]);
-            pk.y = pf_pack2<T>(v[2], v[3]);
-            pk.z = pf_pack2<T>(v[4], v[5]);
-            pk.w = pf_pack2<T>(v[6], v[7]);
+            pk.x = pf::cuda::TypeOps<T>::pack(v[0], v[1]);
+            pk.y = pf::cuda::TypeOps<T>::pack(v[2], v[3]);
+            pk.z = pf::cuda::TypeOps<T>::pack(v[4], v[5]);
+            pk.w = pf::cuda::TypeOps<T>::pack(v[6], v[7]);
             *reinterpret_cast<uint4 *>(dst) = pk;
             if (ch == 0 && a.lse) a.lse[(int64_t)head * a.lse_sh + (int64_t)qidx * a.lse_st] = lse;
         }

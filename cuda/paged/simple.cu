@@ -13,7 +13,9 @@
  * A token in a block with a bad id contributes nothing. With one split the row
  * is normalized into out (and lse); with several, into the split's partial.
  */
-#include "paged/kernel.cuh"
+#include "attn/mask.cuh"
+#include "attn/math.cuh"
+#include "attn/mma.cuh"
 #include "paged/paged.h"
 
 #define PF_SIMPLE_WARPS 4
@@ -41,12 +43,11 @@ __global__ void __launch_bounds__(PF_SIMPLE_WARPS * 32)
     const pf_seq_info si = pf_seq_info_of(a, b);
     const int kvh = head / a.group;
     const int p = si.seq_len - si.q_len + i;
-    int lo, hi;
-    pf_row_bounds(a, p, si.seq_len, lo, hi);
-    lo = max(lo, 0);
+    const pf::cuda::MaskRule mask = pf::cuda::mask_rule(a.causal, a.window_left, a.window_right, si.seq_len);
+    const int lo = max(mask.lo(p), 0), hi = mask.hi(p); /* the split ranges start at token 0 or later */
     int s_lo, s_hi;
     pf_split_range(lo, max(hi + 1, lo), split, a.num_splits, 64, s_lo, s_hi);
-    const float slope = a.alibi ? a.alibi[(int64_t)b * a.al_sb + (int64_t)head * a.al_sh] * PF_LOG2E_F : 0.f;
+    const float slope = a.alibi ? a.alibi[(int64_t)b * a.al_sb + (int64_t)head * a.al_sh] * pf::cuda::kLog2e : 0.f;
 
     const T *qp = reinterpret_cast<const T *>(a.q) + (int64_t)b * a.q_sb + (int64_t)(si.tok0 + i) * a.q_st +
                   (int64_t)head * a.q_sh;
@@ -54,7 +55,7 @@ __global__ void __launch_bounds__(PF_SIMPLE_WARPS * 32)
 #pragma unroll
     for (int k = 0; k < 8; k++) {
         const int d = lane + 32 * k;
-        qv[k] = d < a.head_dim ? pf_cu_to_float(qp[d]) : 0.f;
+        qv[k] = d < a.head_dim ? pf::cuda::TypeOps<T>::to_float(qp[d]) : 0.f;
         acc[k] = 0.f;
     }
     const T *kb = reinterpret_cast<const T *>(a.k_cache) + (int64_t)kvh * a.k_sh;
@@ -71,12 +72,12 @@ __global__ void __launch_bounds__(PF_SIMPLE_WARPS * 32)
         for (int k = 0; k < 8; k++) {
             const int d = lane + 32 * k;
             const bool in = d < a.head_dim;
-            dot += in ? qv[k] * pf_cu_to_float(kr[d]) : 0.f;
-            vv[k] = in ? pf_cu_to_float(vr[d]) : 0.f;
+            dot += in ? qv[k] * pf::cuda::TypeOps<T>::to_float(kr[d]) : 0.f;
+            vv[k] = in ? pf::cuda::TypeOps<T>::to_float(vr[d]) : 0.f;
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-        float x = a.cap_log2 != 0.f ? a.cap_log2 * pf_tanh(dot * a.qk_scale) : dot * a.qk_scale;
+        float x = a.cap_log2 != 0.f ? a.cap_log2 * pf::cuda::tanh_abs_accurate(dot * a.qk_scale) : dot * a.qk_scale;
         x -= slope * (float)abs(p - t);
         const float m_new = fmaxf(m_run, x);
         const float alpha = exp2f(m_run - m_new);
@@ -87,7 +88,7 @@ __global__ void __launch_bounds__(PF_SIMPLE_WARPS * 32)
         m_run = m_new;
     }
     const float inv = l_run > 0.f ? 1.f / l_run : 0.f;
-    const float lse = l_run > 0.f ? (m_run + __log2f(l_run)) * PF_LN2_F : -INFINITY;
+    const float lse = l_run > 0.f ? (m_run + __log2f(l_run)) * pf::cuda::kLn2 : -INFINITY;
     if (a.num_splits > 1) {
         float *dst = a.o_part + (((int64_t)split * a.total_q + qidx) * a.num_heads + head) * a.head_dim;
 #pragma unroll
@@ -102,7 +103,7 @@ __global__ void __launch_bounds__(PF_SIMPLE_WARPS * 32)
 #pragma unroll
         for (int k = 0; k < 8; k++) {
             const int d = lane + 32 * k;
-            if (d < a.head_dim) dst[d] = pf_cu_from_float<T>(acc[k] * inv);
+            if (d < a.head_dim) dst[d] = pf::cuda::TypeOps<T>::from_float(acc[k] * inv);
         }
         if (lane == 0 && a.lse) a.lse[(int64_t)head * a.lse_sh + (int64_t)qidx * a.lse_st] = lse;
     }
