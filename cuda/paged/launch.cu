@@ -230,10 +230,15 @@ static pf_status pf_paged_choose(const pf_paged_params *p, pf_paged_args &a, pf_
             pf_paged_hint_shape(shape_hint, &v.kv_heads_per_cta, &v.warps);
         v.kv_path = !registers && pf_paged_has_ring(a.head_dim) ? PF_PAGED_KV_RING : PF_PAGED_KV_REGISTERS;
         /* only a hint can name a variant that is not instantiated: the mixed shapes */
+        PF_CHECK(!registers || pf_paged_shape_exists(a.head_dim, v.kv_heads_per_cta, v.warps, v.kv_path),
+                 PF_STATUS_NOT_SUPPORTED,
+                 "kernel: '%s': the CTA shapes 1x8, 2x8 and 4x8 exist only with the shared-memory ring, not with "
+                 "the register K/V path",
+                 name);
         PF_CHECK(pf_paged_shape_exists(a.head_dim, v.kv_heads_per_cta, v.warps, v.kv_path), PF_STATUS_NOT_SUPPORTED,
-                 "kernel: '%s': the CTA shapes 1x8, 2x8 and 4x8 exist only with the shared-memory ring (%s)", name,
-                 registers ? "not with the register K/V path"
-                           : "which head dims 64 and 128 have; this call's head_dim is not one of them");
+                 "kernel: '%s': the CTA shapes 1x8, 2x8 and 4x8 exist only with the shared-memory ring, which "
+                 "head dims 64 and 128 have, not head_dim %d",
+                 name, a.head_dim);
         PF_TRY(c->entry.occupancy(&v, &c->occupancy));
         c->work = pf_paged_work_items(a, v.kv_heads_per_cta);
         if (hint == PF_KERNEL_AUTO && p->num_splits <= 0)
