@@ -156,9 +156,10 @@ def bench_point(batch, ctx, args, gen, mem_budget):
     row = dict(batch=batch, ctx=ctx, mb=kv_bytes / 2**20)
 
     outs = [torch.empty_like(x["q"]) for x in data]
-    def pf_fn(r, ns=0):
+    def pf_fn(r, ns=0, kernel="auto"):
         x = data[r]
-        return lambda: pagedflash.paged_attn(x["q"], kc, vc, x["bt"], x["sl"], out=outs[r], num_splits=ns)
+        return lambda: pagedflash.paged_attn(x["q"], kc, vc, x["bt"], x["sl"], out=outs[r], num_splits=ns,
+                                             kernel=kernel)
 
     # correctness against SDPA (math on float32 would be slow at scale: use flash/efficient)
     x = data[0]
@@ -170,13 +171,14 @@ def bench_point(batch, ctx, args, gen, mem_budget):
 
     # pagedflash (and its variants) and the backends that take the K/V as they are (GQA through
     # enable_gqa) are timed together, in turns; backends that need expanded K/V afterwards
-    cands = [("pf", None, 0)]
-    cands += [(f"splits={ns}", None, ns) for ns in args.explore]
-    cands += [("+".join(f"{k}={v}" for k, v in env), env, 0) for env in args.pf_env]
+    cands = [("pf", None, 0, "auto")]
+    cands += [(f"splits={ns}", None, ns, "auto") for ns in args.explore]
+    cands += [(f"kernel={k}", None, 0, k) for k in args.pf_kernel]
+    cands += [("+".join(f"{k}={v}" for k, v in env), env, 0, "auto") for env in args.pf_env]
     runners = []
-    for _, env, ns in cands:
+    for _, env, ns, kernel in cands:
         with mock.patch.dict(os.environ, dict(env or [])):
-            runners.append(make_runner([pf_fn(r, ns) for r in range(sets)]))
+            runners.append(make_runner([pf_fn(r, ns, kernel) for r in range(sets)]))
     direct = []
     for name in args.backends:
         if name in ("MATH", "EFFICIENT_ATTENTION"):
@@ -256,16 +258,19 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--explore", default="", help="also time these num_splits values, e.g. 1,2,4,8")
+    ap.add_argument("--pf-kernel", default="",
+                    help="also time pagedflash with these kernel hints, e.g. 8x8,1x4,8x8+registers,simple")
     ap.add_argument("--pf-env", action="append", default=[],
-                    help="also time pagedflash with VAR set to each value, e.g. PAGEDFLASH_PAGED_MODE=1,2, "
-                         "or with several variables set at once, A=1+B=0 (repeatable; the launcher reads these "
-                         "on every call, the graph is captured with them set)")
+                    help="also time pagedflash with VAR set to each value, e.g. PAGEDFLASH_SM90=0,1, "
+                         "or with several variables set at once, A=1+B=0 (repeatable; the graph is captured with "
+                         "them set; the paged kernel choice is --pf-kernel's, not an environment variable's)")
     ap.add_argument("--math-limit", type=float, default=2 << 30, help="skip MATH above this many K/V bytes")
     ap.add_argument("--out", default=None, help="write the markdown table here")
     ap.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     args = ap.parse_args()
     args.backends = [b for b in args.backends.split(",") if b]
     args.explore = [int(x) for x in args.explore.split(",") if x]
+    args.pf_kernel = [k for k in args.pf_kernel.split(",") if k]
     variants = []
     for e in args.pf_env:
         if "+" in e:

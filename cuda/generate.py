@@ -48,7 +48,7 @@ OPS = {
                 "}}  // namespace cuda\n}}  // namespace pf\n",
     },
     "paged_attn": {
-        "header": "paged_attn.cuh",
+        "header": "paged/instantiate.cuh",
         "body": "PF_PAGED_INSTANTIATE({hdim}, {ctype}, {dtype})\n",
     },
 }
@@ -82,23 +82,35 @@ def render_hdims() -> str:
     lines += ["", "#define PF_HDIM_SWITCH(d, RUN) \\", "    do {                   \\"]
     lines += [f"        PF_HDIM_CASE{d}(d, RUN) \\" for d in HEAD_DIMS]
     lines += ["    } while (0)", "",
-              "/* The paged attention entry points (cuda/inst/paged_attn_hdim<D>_<dtype>.cu), weak: a head",
-              " * dim left out of the build resolves to NULL. */",
+              "/* The paged attention entry points (cuda/inst/paged_attn_hdim<D>_<dtype>.cu, defined by",
+              " * PF_PAGED_INSTANTIATE in paged/instantiate.cuh), weak: a head dim left out of the build",
+              " * resolves to NULL. occupancy: resident CTAs per multiprocessor of a variant; launch:",
+              " * enqueue it. */",
               "struct pf_paged_args;",
-              "typedef pf_status (*pf_paged_fn)(pf_paged_args *, int, cudaStream_t, int, int *);"]
+              "struct pf_paged_variant;",
+              "typedef pf_status (*pf_paged_occupancy_fn)(const pf_paged_variant *, int *);",
+              "typedef pf_status (*pf_paged_launch_fn)(const pf_paged_args *, const pf_paged_variant *, cudaStream_t);",
+              "struct pf_paged_entry_fns {",
+              "    pf_paged_occupancy_fn occupancy;",
+              "    pf_paged_launch_fn launch;",
+              "};"]
     for d in HEAD_DIMS:
         for dtype in DTYPES:
-            lines.append(f'extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim{d}_{dtype}'
-                         "(pf_paged_args *, int, cudaStream_t, int, int *);")
-    lines += ["", "/* The paged entry point of (head dim d, dtype), or NULL (not compiled, or not float16 /",
-              " * bfloat16). */",
-              "static inline pf_paged_fn pf_paged_entry(int d, pf_dtype dtype) {",
+            name = f"pf_paged_attn_hdim{d}_{dtype}"
+            lines.append(f'extern "C" __attribute__((weak)) pf_status {name}_occupancy(const pf_paged_variant *, int *);')
+            lines.append(f'extern "C" __attribute__((weak)) pf_status {name}_launch(const pf_paged_args *, '
+                         "const pf_paged_variant *, cudaStream_t);")
+    lines += ["", "/* The paged entry points of (head dim d, dtype); both NULL when that instantiation is not",
+              " * compiled or dtype is not float16 / bfloat16. */",
+              "static inline pf_paged_entry_fns pf_paged_entry(int d, pf_dtype dtype) {",
               "    const bool bf = dtype == PF_DTYPE_BF16;",
-              "    if (dtype != PF_DTYPE_BF16 && dtype != PF_DTYPE_F16) return nullptr;",
+              "    if (dtype != PF_DTYPE_BF16 && dtype != PF_DTYPE_F16) return {nullptr, nullptr};",
               "    switch (d) {"]
     for d in HEAD_DIMS:
-        lines.append(f"        case {d}: return bf ? pf_paged_attn_hdim{d}_bf16 : pf_paged_attn_hdim{d}_fp16;")
-    lines += ["        default: return nullptr;", "    }", "}", "", "#endif /* PF_INST_HDIMS_H */", ""]
+        b, h = f"pf_paged_attn_hdim{d}_bf16", f"pf_paged_attn_hdim{d}_fp16"
+        lines.append(f"        case {d}: return bf ? pf_paged_entry_fns{{{b}_occupancy, {b}_launch}}")
+        lines.append(f"                        : pf_paged_entry_fns{{{h}_occupancy, {h}_launch}};")
+    lines += ["        default: return {nullptr, nullptr};", "    }", "}", "", "#endif /* PF_INST_HDIMS_H */", ""]
     return "\n".join(lines)
 
 

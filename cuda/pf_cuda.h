@@ -17,8 +17,13 @@ extern "C" {
 pf_status pf_cuda_flash_fwd(const pf_attn_params *p);
 pf_status pf_cuda_flash_bwd(const pf_attn_params *p);
 pf_status pf_cuda_dropout_mask(const pf_attn_params *p, pf_tensor mask);
+/* paged/launch.cu: the tensor-core or simple kernel as p->kernel (pf_kernel) says or, for
+ * PF_KERNEL_AUTO, as the heuristics pick; PF_STATUS_NOT_SUPPORTED when a hinted kernel
+ * cannot take the call (docs/cuda_paged.md) */
 pf_status pf_cuda_paged_attn(const pf_paged_params *p);
+/* paged/merge.cu (attn/merge.cuh: the log-sum-exp merge shared with paged attention's splits) */
 pf_status pf_cuda_merge_attn_states(const pf_merge_params *p);
+/* cache/cache_ops.cu */
 pf_status pf_cuda_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache,
                                  pf_tensor slot_mapping, void *stream);
 pf_status pf_cuda_copy_blocks(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping,

@@ -75,36 +75,62 @@
         PF_HDIM_CASE256(d, RUN) \
     } while (0)
 
-/* The paged attention entry points (cuda/inst/paged_attn_hdim<D>_<dtype>.cu), weak: a head
- * dim left out of the build resolves to NULL. */
+/* The paged attention entry points (cuda/inst/paged_attn_hdim<D>_<dtype>.cu, defined by
+ * PF_PAGED_INSTANTIATE in paged/instantiate.cuh), weak: a head dim left out of the build
+ * resolves to NULL. occupancy: resident CTAs per multiprocessor of a variant; launch:
+ * enqueue it. */
 struct pf_paged_args;
-typedef pf_status (*pf_paged_fn)(pf_paged_args *, int, cudaStream_t, int, int *);
-extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim32_fp16(pf_paged_args *, int, cudaStream_t, int, int *);
-extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim32_bf16(pf_paged_args *, int, cudaStream_t, int, int *);
-extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim64_fp16(pf_paged_args *, int, cudaStream_t, int, int *);
-extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim64_bf16(pf_paged_args *, int, cudaStream_t, int, int *);
-extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim96_fp16(pf_paged_args *, int, cudaStream_t, int, int *);
-extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim96_bf16(pf_paged_args *, int, cudaStream_t, int, int *);
-extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim128_fp16(pf_paged_args *, int, cudaStream_t, int, int *);
-extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim128_bf16(pf_paged_args *, int, cudaStream_t, int, int *);
-extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim192_fp16(pf_paged_args *, int, cudaStream_t, int, int *);
-extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim192_bf16(pf_paged_args *, int, cudaStream_t, int, int *);
-extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim256_fp16(pf_paged_args *, int, cudaStream_t, int, int *);
-extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim256_bf16(pf_paged_args *, int, cudaStream_t, int, int *);
+struct pf_paged_variant;
+typedef pf_status (*pf_paged_occupancy_fn)(const pf_paged_variant *, int *);
+typedef pf_status (*pf_paged_launch_fn)(const pf_paged_args *, const pf_paged_variant *, cudaStream_t);
+struct pf_paged_entry_fns {
+    pf_paged_occupancy_fn occupancy;
+    pf_paged_launch_fn launch;
+};
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim32_fp16_occupancy(const pf_paged_variant *, int *);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim32_fp16_launch(const pf_paged_args *, const pf_paged_variant *, cudaStream_t);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim32_bf16_occupancy(const pf_paged_variant *, int *);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim32_bf16_launch(const pf_paged_args *, const pf_paged_variant *, cudaStream_t);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim64_fp16_occupancy(const pf_paged_variant *, int *);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim64_fp16_launch(const pf_paged_args *, const pf_paged_variant *, cudaStream_t);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim64_bf16_occupancy(const pf_paged_variant *, int *);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim64_bf16_launch(const pf_paged_args *, const pf_paged_variant *, cudaStream_t);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim96_fp16_occupancy(const pf_paged_variant *, int *);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim96_fp16_launch(const pf_paged_args *, const pf_paged_variant *, cudaStream_t);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim96_bf16_occupancy(const pf_paged_variant *, int *);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim96_bf16_launch(const pf_paged_args *, const pf_paged_variant *, cudaStream_t);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim128_fp16_occupancy(const pf_paged_variant *, int *);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim128_fp16_launch(const pf_paged_args *, const pf_paged_variant *, cudaStream_t);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim128_bf16_occupancy(const pf_paged_variant *, int *);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim128_bf16_launch(const pf_paged_args *, const pf_paged_variant *, cudaStream_t);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim192_fp16_occupancy(const pf_paged_variant *, int *);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim192_fp16_launch(const pf_paged_args *, const pf_paged_variant *, cudaStream_t);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim192_bf16_occupancy(const pf_paged_variant *, int *);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim192_bf16_launch(const pf_paged_args *, const pf_paged_variant *, cudaStream_t);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim256_fp16_occupancy(const pf_paged_variant *, int *);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim256_fp16_launch(const pf_paged_args *, const pf_paged_variant *, cudaStream_t);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim256_bf16_occupancy(const pf_paged_variant *, int *);
+extern "C" __attribute__((weak)) pf_status pf_paged_attn_hdim256_bf16_launch(const pf_paged_args *, const pf_paged_variant *, cudaStream_t);
 
-/* The paged entry point of (head dim d, dtype), or NULL (not compiled, or not float16 /
- * bfloat16). */
-static inline pf_paged_fn pf_paged_entry(int d, pf_dtype dtype) {
+/* The paged entry points of (head dim d, dtype); both NULL when that instantiation is not
+ * compiled or dtype is not float16 / bfloat16. */
+static inline pf_paged_entry_fns pf_paged_entry(int d, pf_dtype dtype) {
     const bool bf = dtype == PF_DTYPE_BF16;
-    if (dtype != PF_DTYPE_BF16 && dtype != PF_DTYPE_F16) return nullptr;
+    if (dtype != PF_DTYPE_BF16 && dtype != PF_DTYPE_F16) return {nullptr, nullptr};
     switch (d) {
-        case 32: return bf ? pf_paged_attn_hdim32_bf16 : pf_paged_attn_hdim32_fp16;
-        case 64: return bf ? pf_paged_attn_hdim64_bf16 : pf_paged_attn_hdim64_fp16;
-        case 96: return bf ? pf_paged_attn_hdim96_bf16 : pf_paged_attn_hdim96_fp16;
-        case 128: return bf ? pf_paged_attn_hdim128_bf16 : pf_paged_attn_hdim128_fp16;
-        case 192: return bf ? pf_paged_attn_hdim192_bf16 : pf_paged_attn_hdim192_fp16;
-        case 256: return bf ? pf_paged_attn_hdim256_bf16 : pf_paged_attn_hdim256_fp16;
-        default: return nullptr;
+        case 32: return bf ? pf_paged_entry_fns{pf_paged_attn_hdim32_bf16_occupancy, pf_paged_attn_hdim32_bf16_launch}
+                        : pf_paged_entry_fns{pf_paged_attn_hdim32_fp16_occupancy, pf_paged_attn_hdim32_fp16_launch};
+        case 64: return bf ? pf_paged_entry_fns{pf_paged_attn_hdim64_bf16_occupancy, pf_paged_attn_hdim64_bf16_launch}
+                        : pf_paged_entry_fns{pf_paged_attn_hdim64_fp16_occupancy, pf_paged_attn_hdim64_fp16_launch};
+        case 96: return bf ? pf_paged_entry_fns{pf_paged_attn_hdim96_bf16_occupancy, pf_paged_attn_hdim96_bf16_launch}
+                        : pf_paged_entry_fns{pf_paged_attn_hdim96_fp16_occupancy, pf_paged_attn_hdim96_fp16_launch};
+        case 128: return bf ? pf_paged_entry_fns{pf_paged_attn_hdim128_bf16_occupancy, pf_paged_attn_hdim128_bf16_launch}
+                        : pf_paged_entry_fns{pf_paged_attn_hdim128_fp16_occupancy, pf_paged_attn_hdim128_fp16_launch};
+        case 192: return bf ? pf_paged_entry_fns{pf_paged_attn_hdim192_bf16_occupancy, pf_paged_attn_hdim192_bf16_launch}
+                        : pf_paged_entry_fns{pf_paged_attn_hdim192_fp16_occupancy, pf_paged_attn_hdim192_fp16_launch};
+        case 256: return bf ? pf_paged_entry_fns{pf_paged_attn_hdim256_bf16_occupancy, pf_paged_attn_hdim256_bf16_launch}
+                        : pf_paged_entry_fns{pf_paged_attn_hdim256_fp16_occupancy, pf_paged_attn_hdim256_fp16_launch};
+        default: return {nullptr, nullptr};
     }
 }
 

@@ -1,19 +1,10 @@
 /*
- * paged_attn.cuh - the paged attention / flash decoding kernel (split-KV over
- * a block-allocated KV cache), float16 and bfloat16, head dims 32, 64, 96,
- * 128, 192, 256. Included by the generated instantiation files
- * cuda/inst/paged_attn_hdimNN_<dtype>.cu and by paged_attn_launch.cu (for the
- * argument struct); the launcher (paged_attn_launch.cu) chooses the variant,
- * the split count and the workspace.
- *
- * Layouts (element strides, last dimension contiguous):
- *   q, out    rows addressed as base + b * s_b + tok * s_t + head * s_h, where
- *             tok = query index i (dense layouts) or cu_seqlens_q[b] + i (packed)
- *   k_cache,
- *   v_cache   [num_blocks, block_size, num_kv_heads, head_dim]
- *   block_tables int32 [batch, max_blocks]; seq_lens int32 [batch]
- *   o_part    f32 [num_splits, total_q, num_heads, head_dim]  (split partials,
- *   lse_part  f32 [num_splits, total_q, num_heads]             normalized, natural-log lse)
+ * paged/kernel.cuh - the tensor-core paged attention / flash decoding kernel
+ * (split-KV over a block-allocated KV cache), float16 and bfloat16, head dims
+ * 32, 64, 96, 128, 192, 256. Instantiated per (head dim, dtype) through
+ * paged/instantiate.cuh by the generated files cuda/inst/paged_attn_hdimNN_<dtype>.cu;
+ * the launcher (paged/launch.cu) chooses the variant, the split count and the
+ * workspace. Layouts of its arguments: paged/args.cuh.
  *
  * Work decomposition. A "row" is one (query i, query head of the GQA group)
  * pair, rows ordered query-major (r = i * group + head_in_group); a row tile
@@ -47,7 +38,7 @@
  *               (token 2q / 2q+1 -> k slot q / q+4). The output lands with each
  *               lane holding whole 8-element chunks of rows 2q, 2q+1.
  * Where the fragments come from (kRing):
- *   ring (kRing = 3 or 6 slots; head dims 64 and 128, the default): each warp owns
+ *   ring (kRing = 3 slots of 16-token tiles; head dims 64 and 128, the default): each warp owns
  *     a ring of kRing slots in shared memory, a slot holding one tile's K rows and
  *     V rows (swizzled, pf_ring_swz). The warp copies a tile in with cp.async,
  *     8 lanes per 128-byte line, so each copy instruction asks for whole lines
@@ -57,7 +48,7 @@
  *     __syncwarp (no CTA barrier: the warps stay independent), and the fragments
  *     are read with conflict-free 16-byte shared loads. 1.5-3% faster in head
  *     mode at batch >= 8 and 1.3-1.4x in token mode on an H200.
- *   registers (kRing = 0; other head dims, PAGEDFLASH_PAGED_RING=0): the K/V of
+ *   registers (kRing = 0; other head dims, or the hint "+registers"): the K/V of
  *     the next kDepth tiles are loaded straight into registers while the current
  *     one is computed (a tile's K registers refilled right after S, its V
  *     registers right after PV; kDepth = 2 where the registers allow, else 1).
@@ -75,56 +66,12 @@
  * included -- in unused slots never reaches the output. A row that sees no
  * token gets out = 0 and lse = -inf.
  */
-#ifndef PF_PAGED_ATTN_CUH
-#define PF_PAGED_ATTN_CUH
+#ifndef PF_PAGED_KERNEL_CUH
+#define PF_PAGED_KERNEL_CUH
 
-#include "common/cuda_util.cuh"
 #include "attn/mask.cuh"
 #include "attn/mma.cuh"
-#include "common/cuda_util.cuh"
-
-/* Everything a paged-attention kernel needs, filled by paged_attn_launch.cu. */
-struct pf_paged_args {
-    const void *q;            /* rows of head_dim elements, see strides below */
-    void *out;                /* q's layout and dtype */
-    const void *k_cache;      /* [num_blocks, block_size, num_kv_heads, head_dim] */
-    const void *v_cache;      /* same shape */
-    const int32_t *block_tables; /* [batch, max_blocks] */
-    const int32_t *seq_lens;  /* [batch] */
-    const int32_t *cu_seqlens_q; /* [batch + 1] or NULL (dense layouts) */
-    const float *alibi;       /* [num_heads] or [batch, num_heads], or NULL */
-    float *lse;               /* [num_heads, total_q] or NULL (written when num_splits == 1) */
-    float *o_part;            /* [num_splits, total_q, num_heads, head_dim] when num_splits > 1 */
-    float *lse_part;          /* [num_splits, total_q, num_heads] when num_splits > 1 */
-    const int32_t *plan;      /* packed layout: [num_row_tiles, 2] (sequence, row tile); -1 = none */
-
-    int64_t q_sb, q_st, q_sh; /* element strides of q: sequence, token, head */
-    int64_t o_sb, o_st, o_sh; /* of out */
-    int64_t k_sblk, k_stok, k_sh;
-    int64_t v_sblk, v_stok, v_sh;
-    int64_t bt_sb, bt_sj;     /* block_tables */
-    int64_t sl_s, cu_s;       /* seq_lens, cu_seqlens_q */
-    int64_t al_sb, al_sh;     /* alibi_slopes (al_sb = 0 for [num_heads]) */
-    int64_t lse_sh, lse_st;   /* lse */
-
-    int batch, q_len, total_q;  /* q_len: dense layouts (0 with cu_seqlens_q) */
-    int num_heads, num_kv_heads, group, head_dim;
-    int block_size;
-    unsigned bs_magic, bs_shift; /* t / block_size = (umulhi(t, magic) + t) >> shift */
-    int num_blocks, max_blocks;
-    int num_splits, num_row_tiles; /* row tiles per sequence (dense) or plan entries (packed) */
-    int kv_per_cta;           /* KV heads per CTA: 1 = token mode; = warps: head mode (one KV head per warp) */
-    int warps;                /* warps per CTA (4 or 8); warps / kv_per_cta of them share a KV head */
-    int ring;                 /* head dim 64/128: 0 = K/V in registers, 1 = shared-memory ring of
-                                 3 x 16-token tiles per warp, 2 = 6 x 8-token tiles */
-    int causal, window_left, window_right;
-    float qk_scale;           /* softmax_scale * log2(e), or softmax_scale / softcap with softcap */
-    float cap_log2;           /* softcap * log2(e); 0 = no softcap */
-};
-
-#define PF_PAGED_WARPS 4
-#define PF_LOG2E_F 1.4426950408889634f
-#define PF_LN2_F 0.6931471805599453f
+#include "paged/args.cuh"
 
 /* ---- small device helpers ---- */
 
@@ -170,26 +117,6 @@ __device__ __forceinline__ uint32_t pf_opaque_zero() {
     return z;
 }
 
-template <typename T>
-__device__ __forceinline__ void pf_mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void pf_mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                            uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void pf_mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 /* c += A (16x8 tf32) * B (8x8 tf32); a/b hold float bit patterns. */
 __device__ __forceinline__ void pf_mma_1688_tf32(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                  uint32_t b0, uint32_t b1) {
@@ -221,91 +148,6 @@ __device__ __forceinline__ void pf_unpack2<__half>(uint32_t w, float &lo, float 
     hi = f.y;
 }
 
-template <typename T>
-__device__ __forceinline__ uint32_t pf_pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pf_pack2<__nv_bfloat16>(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&h);
-}
-template <>
-__device__ __forceinline__ uint32_t pf_pack2<__half>(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&h);
-}
-
-/* tanh with absolute error ~1e-7 (exp2-based; fast-math safe). */
-__device__ __forceinline__ float pf_tanh(float x) {
-    float t = exp2f(-2.0f * PF_LOG2E_F * fabsf(x));
-    float r = __fdividef(1.0f - t, 1.0f + t);
-    return copysignf(r, x);
-}
-
-/* Mask bounds [lo, hi] (inclusive) of the query at position p (seq_len tokens). */
-__device__ __forceinline__ void pf_row_bounds(const pf_paged_args &a, int p, int seq_len, int &lo, int &hi) {
-    lo = 0;
-    hi = seq_len - 1;
-    if (a.window_left >= 0) lo = max(lo, p - a.window_left);
-    int right = a.causal ? 0 : a.window_right;
-    if (a.causal || right >= 0) hi = min(hi, p + right);
-}
-
-/* Sequence-level facts shared by the kernels. */
-struct pf_seq_info {
-    int seq_len;   /* clamped to [0, max_blocks * block_size] */
-    int q_len;     /* this sequence's queries (>= 0) */
-    int tok0;      /* first query's token index (packed) or 0 */
-    int qidx0;     /* first query's index in [0, total_q) */
-};
-
-__device__ __forceinline__ pf_seq_info pf_seq_info_of(const pf_paged_args &a, int b) {
-    pf_seq_info s;
-    int len = a.seq_lens[(int64_t)b * a.sl_s];
-    int cap = a.max_blocks * a.block_size;
-    s.seq_len = min(max(len, 0), cap);
-    if (a.cu_seqlens_q) {
-        int c0 = a.cu_seqlens_q[(int64_t)b * a.cu_s];
-        int c1 = a.cu_seqlens_q[(int64_t)(b + 1) * a.cu_s];
-        c0 = min(max(c0, 0), a.total_q);
-        c1 = min(max(c1, c0), a.total_q);
-        s.q_len = c1 - c0;
-        s.tok0 = c0;
-        s.qidx0 = c0;
-    } else {
-        s.q_len = a.q_len;
-        s.tok0 = 0;
-        s.qidx0 = b * a.q_len;
-    }
-    return s;
-}
-
-/* t / block_size for 0 <= t < 2^31 by multiply-high (bs_magic, bs_shift set by the launcher). */
-__device__ __forceinline__ int pf_block_index(const pf_paged_args &a, int t) {
-    return (int)((__umulhi((unsigned)t, a.bs_magic) + (unsigned)t) >> a.bs_shift);
-}
-
-/* Block id of token t of sequence b, or -1 when the table entry is out of range. */
-__device__ __forceinline__ int pf_block_of(const pf_paged_args &a, int b, int t) {
-    const int j = pf_block_index(a, t);
-    const int id = __ldg(a.block_tables + (int64_t)b * a.bt_sb + (int64_t)j * a.bt_sj);
-    return (unsigned)id < (unsigned)a.num_blocks ? id : -1;
-}
-
-__device__ __forceinline__ int pf_offset_in_block(const pf_paged_args &a, int t) {
-    return t - pf_block_index(a, t) * a.block_size;
-}
-
-/* Token range [s_lo, s_hi) of `split` within [kv_lo, kv_hi), cut in whole `align`-token pieces. */
-__device__ __forceinline__ void pf_split_range(int kv_lo, int kv_hi, int split, int num_splits, int align, int &s_lo,
-                                               int &s_hi) {
-    int len = max(kv_hi - kv_lo, 0);
-    int per = (len + num_splits - 1) / num_splits;
-    per = (per + align - 1) / align * align;
-    s_lo = kv_lo + min(split * per, len);
-    s_hi = min(kv_hi, s_lo + per);
-    if (s_hi < s_lo) s_hi = s_lo;
-}
-
 /*
  * The tensor-core kernel. kD: head dim (multiple of 32, <= 256); T: __half or
  * __nv_bfloat16; kRows: rows per tile (8 or 16); kNT: 8-token groups per warp
@@ -326,7 +168,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     constexpr int kChunks = kD / 8;          /* 16-byte chunks per row */
     constexpr int kRT = kRows / 8;           /* 8-row n-tiles of O^T */
     constexpr int kTile = 8 * kNT;           /* tokens per warp iteration */
-    constexpr int kRound = kTile * PF_PAGED_WARPS; /* split alignment */
+    constexpr int kRound = kTile * 4;         /* split alignment: 4 tiles */
     /* warp w = slice * kHeads + hl owns KV head kHeads * c + hl and takes every
      * kPerHead-th tile of the split from tile `slice` on. Head mode (kPerHead = 1): each
      * warp walks every tile (so the CTA reads kWarps heads' rows of each token together:
@@ -373,16 +215,12 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     const int rows_here = min(kRows, rows_total - r0);
 
     /* token range of the tile's rows: bounds are monotone in the query index */
+    const pf::cuda::MaskRule mask = pf::cuda::mask_rule(a.causal, a.window_left, a.window_right, si.seq_len);
     int kv_lo, kv_hi;
     {
-        int lo0, hi0, lo1, hi1;
         const int i_first = r0 / a.group, i_last = (r0 + rows_here - 1) / a.group;
-        pf_row_bounds(a, si.seq_len - si.q_len + i_first, si.seq_len, lo0, hi0);
-        pf_row_bounds(a, si.seq_len - si.q_len + i_last, si.seq_len, lo1, hi1);
-        kv_lo = max(lo0, 0);
-        kv_hi = max(hi1 + 1, kv_lo);
-        (void)hi0;
-        (void)lo1;
+        kv_lo = max(mask.lo(si.seq_len - si.q_len + i_first), 0);
+        kv_hi = max(mask.hi(si.seq_len - si.q_len + i_last) + 1, kv_lo);
     }
     int s_lo, s_hi;
     pf_split_range(kv_lo, kv_hi, split, a.num_splits, kRound, s_lo, s_hi);
@@ -408,9 +246,10 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
         const int r = r0 + rl;
         const int i = r / a.group, head = kvh * a.group + r % a.group;
         const int p = si.seq_len - si.q_len + i;
-        pf_row_bounds(a, p, si.seq_len, row_lo[h2], row_hi[h2]);
+        row_lo[h2] = max(mask.lo(p), 0); /* clamped as the token range is (tokens are >= 0 anyway) */
+        row_hi[h2] = mask.hi(p);
         row_pos[h2] = p;
-        if (a.alibi) row_slope[h2] = a.alibi[(int64_t)b * a.al_sb + (int64_t)head * a.al_sh] * PF_LOG2E_F;
+        if (a.alibi) row_slope[h2] = a.alibi[(int64_t)b * a.al_sb + (int64_t)head * a.al_sh] * pf::cuda::kLog2e;
         const T *qp = reinterpret_cast<const T *>(a.q) + (int64_t)b * a.q_sb + (int64_t)(si.tok0 + i) * a.q_st +
                       (int64_t)head * a.q_sh;
 #pragma unroll
@@ -577,8 +416,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                 s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
                 for (int j = 0; j < kKJ; j++) {
-                    pf_mma_16816<T>(s[nt], qa[2 * j], kbuf[kb][nt][j].x, kbuf[kb][nt][j].y);
-                    pf_mma_16816<T>(s[nt], qa[2 * j + 1], kbuf[kb][nt][j].z, kbuf[kb][nt][j].w);
+                    pf::cuda::TypeOps<T>::mma(s[nt], qa[2 * j], kbuf[kb][nt][j].x, kbuf[kb][nt][j].y);
+                    pf::cuda::TypeOps<T>::mma(s[nt], qa[2 * j + 1], kbuf[kb][nt][j].z, kbuf[kb][nt][j].w);
                 }
             }
             if (!kRing && t_next < s_hi) issue_k(kbuf[kb], kp_n);
@@ -592,7 +431,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                     const int h2 = c >> 1, e = c & 1;
                     const int t = t_cur + nt * 8 + 2 * qd + e;
                     float x = s[nt][c];
-                    x = a.cap_log2 != 0.f ? a.cap_log2 * pf_tanh(x * a.qk_scale) : x * a.qk_scale;
+                    x = a.cap_log2 != 0.f ? a.cap_log2 * pf::cuda::tanh_abs_accurate(x * a.qk_scale) : x * a.qk_scale;
                     if (a.alibi) x -= row_slope[h2] * (float)abs(row_pos[h2] - t);
                     const bool ok = vok[kb][nt][e] && t >= row_lo[h2] && t <= row_hi[h2];
                     x = ok ? x : -INFINITY;
@@ -685,7 +524,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                 const int i = r / a.group, head = kvh * a.group + r % a.group;
                 const int qidx = si.qidx0 + i;
                 const float inv = L > 0.f ? 1.f / L : 0.f;
-                const float lse = L > 0.f ? (M + __log2f(L)) * PF_LN2_F : -INFINITY;
+                const float lse = L > 0.f ? (M + __log2f(L)) * pf::cuda::kLn2 : -INFINITY;
 #pragma unroll
                 for (int c = 0; c < kVC; c++) {
                     const int ch = g + 8 * c;
@@ -705,10 +544,10 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                         T *dst = reinterpret_cast<T *>(a.out) + (int64_t)b * a.o_sb + (int64_t)(si.tok0 + i) * a.o_st +
                                  (int64_t)head * a.o_sh + ch * 8;
                         uint4 pk;
-                        pk.x = pf_pack2<T>(v[0], v[1]);
-                        pk.y = pf_pack2<T>(v[2], v[3]);
-                        pk.z = pf_pack2<T>(v[4], v[5]);
-                        pk.w = pf_pack2<T>(v[6], v[7]);
+                        pk.x = pf::cuda::TypeOps<T>::pack(v[0], v[1]);
+                        pk.y = pf::cuda::TypeOps<T>::pack(v[2], v[3]);
+                        pk.z = pf::cuda::TypeOps<T>::pack(v[4], v[5]);
+                        pk.w = pf::cuda::TypeOps<T>::pack(v[6], v[7]);
                         *reinterpret_cast<uint4 *>(dst) = pk;
                     }
                 }
@@ -799,7 +638,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
 #pragma unroll
         for (int k = 0; k < 8; k++) v[k] = src[k] * inv;
         const int qidx = si.qidx0 + i;
-        const float lse = L > 0.f ? (M + __log2f(L)) * PF_LN2_F : -INFINITY;
+        const float lse = L > 0.f ? (M + __log2f(L)) * pf::cuda::kLn2 : -INFINITY;
         if (partial) {
             float *dst = a.o_part + (((int64_t)split * a.total_q + qidx) * a.num_heads + head) * a.head_dim + ch * 8;
             reinterpret_cast<float4 *>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
@@ -809,10 +648,10 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
             T *dst = reinterpret_cast<T *>(a.out) + (int64_t)b * a.o_sb + (int64_t)(si.tok0 + i) * a.o_st +
                      (int64_t)head * a.o_sh + ch * 8;
             uint4 pk;
-            pk.x = pf_pack2<T>(v[0], v[1]);
-            pk.y = pf_pack2<T>(v[2], v[3]);
-            pk.z = pf_pack2<T>(v[4], v[5]);
-            pk.w = pf_pack2<T>(v[6], v[7]);
+            pk.x = pf::cuda::TypeOps<T>::pack(v[0], v[1]);
+            pk.y = pf::cuda::TypeOps<T>::pack(v[2], v[3]);
+            pk.z = pf::cuda::TypeOps<T>::pack(v[4], v[5]);
+            pk.w = pf::cuda::TypeOps<T>::pack(v[6], v[7]);
             *reinterpret_cast<uint4 *>(dst) = pk;
             if (ch == 0 && a.lse) a.lse[(int64_t)head * a.lse_sh + (int64_t)qidx * a.lse_st] = lse;
         }
@@ -830,89 +669,4 @@ constexpr int pf_paged_smem_bytes() {
     return ring > merge ? ring : merge;
 }
 
-/* Occupancy query (mode 0) or launch (mode 1) of one (head dim, dtype) instantiation:
- * kHeads KV heads per CTA of kWarps warps (a->kv_per_cta, a->warps). */
-template <int kD, typename T, int kRows, int kHeads, int kWarps, int kRingMode>
-pf_status pf_paged_attn_go(pf_paged_args *a, cudaStream_t stream, int mode, int *occupancy) {
-    /* ring mode 1: 3 slots of 16-token tiles, 2: 6 slots of 8-token tiles (per warp) */
-    constexpr int kNT = kRingMode == 2 ? 1 : kD <= 128 ? 2 : 1;
-    constexpr int kRing = kRingMode == 1 ? 3 : kRingMode == 2 ? 6 : 0;
-    constexpr int kSmem = pf_paged_smem_bytes<kD, T, kRows, kNT, kHeads, kWarps, kRing>();
-    void (*kernel)(const pf_paged_args) = pf_paged_attn_kernel<kD, T, kRows, kNT, kHeads, kWarps, kRing>;
-    int dev = 0;
-    PF_CUDA_CHECK(cudaGetDevice(&dev));
-    static std::atomic<uint64_t> attr_done{0};
-    PF_TRY(pf::cuda::set_max_smem(kernel, kSmem, dev, attr_done));
-    if (mode == 0) {
-        /* resident CTAs per multiprocessor, cached per device */
-        static int cached[64];
-        if (dev < 64 && cached[dev] > 0) {
-            *occupancy = cached[dev];
-            return PF_STATUS_OK;
-        }
-        PF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(occupancy, kernel, kWarps * 32, kSmem));
-        if (dev < 64) cached[dev] = *occupancy;
-        return PF_STATUS_OK;
-    }
-    const int64_t kv_groups = (a->num_kv_heads + a->kv_per_cta - 1) / a->kv_per_cta;
-    const int64_t grid = (int64_t)a->num_row_tiles * kv_groups * a->num_splits * (a->plan ? 1 : a->batch);
-    if (grid == 0) return PF_STATUS_OK;
-    kernel<<<(unsigned)grid, kWarps * 32, kSmem, stream>>>(*a);
-    PF_CUDA_CHECK_LAUNCH();
-    return PF_STATUS_OK;
-}
-
-template <int kD, typename T, int kRows, int kHeads, int kWarps>
-pf_status pf_paged_attn_ring(pf_paged_args *a, cudaStream_t stream, int mode, int *occupancy) {
-    if constexpr (kD % 64 == 0 && kD <= 128) {
-        if (a->ring == 1) return pf_paged_attn_go<kD, T, kRows, kHeads, kWarps, 1>(a, stream, mode, occupancy);
-        if (a->ring == 2) return pf_paged_attn_go<kD, T, kRows, kHeads, kWarps, 2>(a, stream, mode, occupancy);
-    }
-    return pf_paged_attn_go<kD, T, kRows, kHeads, kWarps, 0>(a, stream, mode, occupancy);
-}
-
-/* CTA shapes (a->kv_per_cta KV heads x a->warps warps): head mode 8x8 and 4x4, token
- * mode 1x4 with any K/V path; the mixed shapes 1x8, 2x8 and 4x8 (several warps per
- * head, more than one head per CTA) only with the ring (head dims 64 and 128). The
- * occupancy query (mode 0) turns any other request into one of these, in place, so
- * the launcher's grid and split count follow the shape that runs. */
-template <int kD, typename T, int kRows>
-pf_status pf_paged_attn_mode(pf_paged_args *a, cudaStream_t stream, int mode, int *occupancy) {
-    constexpr bool kMixed = kD % 64 == 0 && kD <= 128;
-    if (mode == 0) {
-        const int h = a->kv_per_cta, w = a->warps;
-        const bool mixed_ok = kMixed && w == 8 && (h == 1 || h == 2 || h == 4);
-        if (mixed_ok) {
-            a->ring = 1;
-        } else if (!((h == 8 && w == 8) || (h == 4 && w == 4) || (h == 1 && w == 4))) {
-            a->kv_per_cta = h >= 8 ? 8 : h >= 4 ? 4 : 1;
-            a->warps = a->kv_per_cta == 8 ? 8 : 4;
-        }
-    }
-    if (a->warps == 8) {
-        if (a->kv_per_cta == 8) return pf_paged_attn_ring<kD, T, kRows, 8, 8>(a, stream, mode, occupancy);
-        if constexpr (kMixed) {
-            if (a->kv_per_cta == 4) return pf_paged_attn_go<kD, T, kRows, 4, 8, 1>(a, stream, mode, occupancy);
-            if (a->kv_per_cta == 2) return pf_paged_attn_go<kD, T, kRows, 2, 8, 1>(a, stream, mode, occupancy);
-            return pf_paged_attn_go<kD, T, kRows, 1, 8, 1>(a, stream, mode, occupancy);
-        }
-    }
-    if (a->kv_per_cta == 4) return pf_paged_attn_ring<kD, T, kRows, 4, 4>(a, stream, mode, occupancy);
-    return pf_paged_attn_ring<kD, T, kRows, 1, 4>(a, stream, mode, occupancy);
-}
-
-template <int kD, typename T>
-pf_status pf_paged_attn_run(pf_paged_args *a, int rows_per_tile, cudaStream_t stream, int mode, int *occupancy) {
-    if (rows_per_tile == 16 && kD <= 128)
-        return pf_paged_attn_mode<kD, T, (kD <= 128 ? 16 : 8)>(a, stream, mode, occupancy);
-    return pf_paged_attn_mode<kD, T, 8>(a, stream, mode, occupancy);
-}
-
-/* The entry point each instantiation file defines (extern "C", weak-referenced by the launcher). */
-#define PF_PAGED_INSTANTIATE(D, T, NAME)                                                                 \
-    extern "C" pf_status pf_paged_attn_hdim##D##_##NAME(pf_paged_args *a, int rows_per_tile, cudaStream_t s, \
-                                                        int mode, int *occupancy) {                       \
-        return pf_paged_attn_run<D, T>(a, rows_per_tile, s, mode, occupancy);                           \
-    }
-
-#endif /* PF_PAGED_ATTN_CUH */
+#endif /* PF_PAGED_KERNEL_CUH */

@@ -1,5 +1,5 @@
 /*
- * cache_ops.cu - the KV-cache operations on CUDA (layouts in pagedflash.h):
+ * cache/cache_ops.cu - the KV-cache operations on CUDA (layouts in pagedflash.h):
  *
  * pf_cuda_write_kv_cache  k, v [num_tokens, num_kv_heads, head_dim] into
  *     k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] at
