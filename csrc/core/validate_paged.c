@@ -8,7 +8,7 @@
  * seq_lens, cu_seqlens_q, slot_mapping, block_mapping) are range-checked here
  * when they are host-readable; tensors resident on a CUDA device cannot be
  * read from the host without a synchronizing copy, so for them the CUDA
- * kernels bound-check instead (cuda/paged_attn.cuh, cuda/cache_ops.cu): an id outside
+ * kernels bound-check instead (cuda/paged/kernel.cuh, cuda/cache/cache_ops.cu): an id outside
  * the cache reads or writes nothing, never memory outside it.
  */
 #include <stdio.h>
