@@ -2,11 +2,12 @@
  * flash/bwd_launch.cu - pf_cuda_flash_bwd, the CUDA backward's entry (pf_cuda.h):
  * FlashParams from the validated pf_attn_params (flash/params.cu, with the
  * backward tensors), the kernel family of the call (choose_bwd_family: the one
- * place that picks sm_80, sm_90 or float32 kernels), the workspace (D, lse2 and
- * dq_accum from the cached scratch pool, flash/bwd_workspace.h; held by a
- * pf_cuda_scratch_lease, so it is released on every path, as a CUDA graph capture
- * needs), then the family's run function for the compiled head dim (flash/run.h).
- * Everything runs on params->stream; nothing synchronizes.
+ * place that picks sm_80, sm_90 or float32 kernels, from the kernel hint), the
+ * workspace (D, lse2 and dq_accum from the cached scratch pool,
+ * flash/bwd_workspace.h; held by a pf_cuda_scratch_lease, so it is released on
+ * every path, as a CUDA graph capture needs), then the family's run function for
+ * the compiled head dim (flash/run.h). Everything runs on params->stream; nothing
+ * synchronizes.
  */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -24,32 +25,65 @@
 namespace pf {
 namespace cuda {
 
+/* Why the wgmma backward cannot run this call, or NULL when it can. */
+static const char *bwd_sm90_refusal(const FlashParams &p, int head_dim_compiled, int device) {
+    if (!sm90_available(device))
+        return "the wgmma kernels need a compute capability 9.x device and a build for sm_90 (PAGEDFLASH_CUDA_ARCHS)";
+    if (!bwd_sm90_has_tile(head_dim_compiled))
+        return "the wgmma kernels have head dims 64 and 128 (smaller head dims run padded to them)";
+    if (!p.aligned)
+        return "the wgmma kernels need 16-byte vector access to q, k, v, out, dout, dq, dk and dv (base addresses "
+               "and strides multiples of 8 elements, head_dim a multiple of 8)";
+    if (p.score.has_extras() || p.drop_threshold != 0)
+        return "the wgmma backward has no softcap, ALiBi, dropout or non-positive softmax_scale";
+    if (p.deterministic)
+        return "the wgmma backward adds dQ with atomics; deterministic gradients run on 'sm80'";
+    if (flat_rows(p) * p.num_heads * (head_dim_compiled / 8) >= INT32_MAX / 2)
+        return "its vectorized passes index the (query row, head, 8 columns) chunks in int32: 2^30 at most";
+    return nullptr;
+}
+
 /*
- * The backward's kernel family:
- *   float32            the CUDA-core kernels (flash/bwd_f32.cu)
- *   float16, bfloat16  the Hopper main kernel with its vectorized passes
- *                      (flash/bwd_sm90.cuh) where it can take the call -- a compute
- *                      capability 9.x device with this build's sm_90a code, a head dim
- *                      running on 64 or 128, 16-byte aligned tensors, no softcap /
- *                      ALiBi / dropout / non-positive scale, not deterministic, fewer
- *                      than 2^30 16-byte chunks of (row, head) (the vectorized passes
- *                      index them in int32) -- else the sm_80 kernels. Where it runs
- *                      it is the faster one: 1.30-1.57x the sm_80 backward (H200,
- *                      benchmarks/results/bwd_sm90_h200.md).
+ * The backward's kernel family, from the kernel hint a->kernel (pagedflash.h):
+ *   float32           the CUDA-core kernels (flash/bwd_f32.cu); any hint but "auto" is
+ *                     PF_STATUS_NOT_SUPPORTED (float32 has one CUDA kernel)
+ *   "sm80"            the mma.sync kernels (flash/bwd_sm80.cuh, flash/bwd_dq.cuh), on every
+ *                     sm_80+ GPU, every option, deterministic or not
+ *   "sm90"            the wgmma main kernel with its vectorized passes (flash/bwd_sm90.cuh),
+ *                     or PF_STATUS_NOT_SUPPORTED naming why it cannot run the call
+ *                     (bwd_sm90_refusal)
+ *   "auto"            the wgmma kernel wherever it can run the call -- 1.30-1.57x the sm_80
+ *                     backward there (H200, benchmarks/results/bwd_sm90_h200.md) -- else the
+ *                     mma.sync kernels.
  */
 static pf_status choose_bwd_family(const pf_attn_params *a, const FlashParams &p, int device, FlashFamily *family) {
+    const char *hint = pf_kernel_name(a->kernel);
     if (a->q.dtype == PF_DTYPE_F32) {
+        PF_CHECK(a->kernel == PF_KERNEL_AUTO, PF_STATUS_NOT_SUPPORTED,
+                 "kernel: '%s' runs float16/bfloat16; float32 has one CUDA kernel (kernel='auto')",
+                 hint ? hint : "?");
         *family = FlashFamily::kF32;
         return PF_STATUS_OK;
     }
     const int hd = compiled_head_dim(p.head_dim);
     PF_CHECK(hd > 0, PF_STATUS_NOT_SUPPORTED,
              "q: head_dim %d has no CUDA kernel in this build (PAGEDFLASH_HEADDIMS trimmed the set)", p.head_dim);
-    const bool extras = p.score.has_extras() || p.drop_threshold != 0;
-    const bool sm90_runs = bwd_sm90_has_tile(hd) && p.aligned && !extras && !p.deterministic &&
-                           flat_rows(p) * p.num_heads * (hd / 8) < INT32_MAX / 2 && sm90_available(device);
-    *family = sm90_runs ? FlashFamily::kSm90 : FlashFamily::kSm80;
-    return PF_STATUS_OK;
+    const char *sm90_refusal = bwd_sm90_refusal(p, hd, device);
+    switch (a->kernel) {
+        case PF_KERNEL_FLASH_SM80: *family = FlashFamily::kSm80; return PF_STATUS_OK;
+        case PF_KERNEL_FLASH_SM90:
+            PF_CHECK(!sm90_refusal, PF_STATUS_NOT_SUPPORTED,
+                     "kernel: 'sm90' cannot run this backward (head_dim %d, device %d): %s", p.head_dim, device,
+                     sm90_refusal);
+            *family = FlashFamily::kSm90;
+            return PF_STATUS_OK;
+        case PF_KERNEL_AUTO:
+            *family = sm90_refusal ? FlashFamily::kSm80 : FlashFamily::kSm90;
+            return PF_STATUS_OK;
+        default: break;
+    }
+    PF_CHECK(0, PF_STATUS_INVALID_VALUE, "kernel: %d is not a flash_bwd kernel; expected 'auto', 'sm80' or 'sm90'",
+             (int)a->kernel);
 }
 
 template <typename T>
