@@ -111,7 +111,9 @@ __global__ void __launch_bounds__(kF32Warps * 32) flash_fwd_f32_kernel(const __g
             float pr = exp2f(x - mx);
             l = l * alpha + warp_sum(pr);
             m = mx;
-            if (p.drop_threshold && !dropout_keep(p, bh, i, j)) pr = 0.0f;
+            if (p.drop_threshold) {
+                if (!dropout_keep(p, bh, i, j)) pr = 0.0f;
+            }
 #pragma unroll
             for (int c = 0; c < kPer; ++c) acc[c] *= alpha;
 #pragma unroll 4
