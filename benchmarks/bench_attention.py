@@ -15,7 +15,7 @@ Never asserts on speed.
 
     python3 benchmarks/bench_attention.py --out benchmarks/results/prefill_h200.md
     python3 benchmarks/bench_attention.py --quick          # a few points
-    python3 benchmarks/bench_attention.py --tiles 128x64x4,64x64x4   # tuning builds (-DPF_TUNE)
+    python3 benchmarks/bench_attention.py --compare-sm80   # + pagedflash's sm_80 kernels on Hopper
 """
 from __future__ import annotations
 
@@ -131,33 +131,21 @@ def bench_point(d, h, s, causal, args, out_rows):
     del qr, kr, vr, ref
 
     # ---- timing ----
-    tiles = args.tiles.split(",") if args.tiles else [None]
-    for tile in tiles:
-        if tile:
-            os.environ[args.tile_env] = tile
-        ms = cuda_time(lambda: pagedflash.flash_attn(q, k, v, causal=causal, out=out), args.warmup, args.iters)
-        row[f"pf_fwd{'@' + tile if tile else ''}"] = ff / ms / 1e9
-    os.environ.pop(args.tile_env, None)
+    ms = cuda_time(lambda: pagedflash.flash_attn(q, k, v, causal=causal, out=out), args.warmup, args.iters)
+    row["pf_fwd"] = ff / ms / 1e9
     if bwd is not None:
         dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
-        for tile in (args.bwd_tiles.split(",") if args.bwd_tiles else [None]):
-            if tile:
-                os.environ["PAGEDFLASH_BWD_TILE"] = tile
-            ms = cuda_time(lambda: bwd(dout, q, k, v, out, lse, causal=causal, dq=dq, dk=dk, dv=dv), args.warmup,
-                           args.iters)
-            row[f"pf_bwd{'@' + tile if tile else ''}"] = fb / ms / 1e9
-        os.environ.pop("PAGEDFLASH_BWD_TILE", None)
+        ms = cuda_time(lambda: bwd(dout, q, k, v, out, lse, causal=causal, dq=dq, dk=dk, dv=dv), args.warmup,
+                       args.iters)
+        row["pf_bwd"] = fb / ms / 1e9
     if args.compare_sm80:  # the same call on the sm_80 (mma.sync) kernels, for the Hopper kernels' gain
-        os.environ["PAGEDFLASH_SM90"] = "0"
-        try:
-            ms = cuda_time(lambda: pagedflash.flash_attn(q, k, v, causal=causal, out=out), args.warmup, args.iters)
-            row["pf80_fwd"] = ff / ms / 1e9
-            if bwd is not None:
-                ms = cuda_time(lambda: bwd(dout, q, k, v, out, lse, causal=causal, dq=dq, dk=dk, dv=dv),
-                               args.warmup, args.iters)
-                row["pf80_bwd"] = fb / ms / 1e9
-        finally:
-            os.environ.pop("PAGEDFLASH_SM90", None)
+        ms = cuda_time(lambda: pagedflash.flash_attn(q, k, v, causal=causal, out=out, kernel="sm80"), args.warmup,
+                       args.iters)
+        row["pf80_fwd"] = ff / ms / 1e9
+        if bwd is not None:
+            ms = cuda_time(lambda: bwd(dout, q, k, v, out, lse, causal=causal, dq=dq, dk=dk, dv=dv, kernel="sm80"),
+                           args.warmup, args.iters)
+            row["pf80_bwd"] = fb / ms / 1e9
     for be in args.backends.split(","):
         short = {"FLASH_ATTENTION": "fa2", "CUDNN_ATTENTION": "cudnn", "EFFICIENT_ATTENTION": "eff"}[be]
         try:
@@ -183,9 +171,9 @@ def fmt(x, nd=1):
     return str(x)
 
 
-def table(rows, tiles, bwd_tiles=()):
-    pf_cols = [f"pf_fwd@{t}" for t in tiles] if tiles else ["pf_fwd"]
-    pb_cols = [f"pf_bwd@{t}" for t in bwd_tiles] if bwd_tiles else ["pf_bwd"]
+def table(rows):
+    pf_cols = ["pf_fwd"]
+    pb_cols = ["pf_bwd"]
     extra_f = ["pf80_fwd"] if any("pf80_fwd" in r for r in rows) else []
     extra_b = ["pf80_bwd"] if any("pf80_bwd" in r for r in rows) else []
     cols = ["d", "h", "s", "b", "causal"] + pf_cols + extra_f + ["fa2_fwd", "cudnn_fwd", "eff_fwd", "fwd_vs_fa2"] + \
@@ -217,14 +205,10 @@ def main():
     ap.add_argument("--seqlens", help="comma-separated seqlens (default 512..16384)")
     ap.add_argument("--dims", help="comma-separated head dims (64, 128)")
     ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
-    ap.add_argument("--tiles", help="forward tiles to compare (tuning builds): 128x64x4,...")
-    ap.add_argument("--tile-env", default="PAGEDFLASH_FWD_TILE",
-                    help="the variable --tiles sets (PAGEDFLASH_FWD90_CFG for the sm_90 kernels)")
-    ap.add_argument("--bwd-tiles", help="backward tiles to compare (tuning builds): 64x8,32x8,...")
     ap.add_argument("--backends", default=",".join(BACKENDS), help="SDPA backends to time")
     ap.add_argument("--no-bwd", action="store_true", help="skip SDPA backward timings")
     ap.add_argument("--compare-sm80", action="store_true",
-                    help="also time pagedflash's sm_80 kernels (PAGEDFLASH_SM90=0): columns pf80_*")
+                    help="also time pagedflash's sm_80 kernels (kernel='sm80'): columns pf80_*")
     ap.add_argument("--no-pf-bwd", action="store_true", help="skip pagedflash's backward")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=30)
@@ -244,7 +228,6 @@ def main():
                 r = bench_point(d, h, s, causal, args, rows)
                 print(f"d={d} s={s} causal={causal}: " + ", ".join(
                     f"{k}={fmt(v)}" for k, v in r.items() if k not in ("d", "h", "s", "b", "causal")), flush=True)
-    tiles = args.tiles.split(",") if args.tiles else []
     dev = torch.cuda.get_device_name()
     commit = args.commit
     if not commit:
@@ -257,10 +240,9 @@ def main():
             f"device: {dev}; date: {datetime.date.today().isoformat()}; commit: {commit or 'unknown'}; "
             f"torch {torch.__version__}; median of {args.iters} CUDA-event timings after {args.warmup} warm-ups\n\n"
             f"fa2 = SDPA FLASH_ATTENTION (FlashAttention-2), cudnn = SDPA CUDNN_ATTENTION, "
-            f"eff = SDPA EFFICIENT_ATTENTION; pf80 = pagedflash on its sm_80 kernels (PAGEDFLASH_SM90=0); "
+            f"eff = SDPA EFFICIENT_ATTENTION; pf80 = pagedflash on its sm_80 kernels (kernel='sm80'); "
             f"err_* = max |pagedflash - SDPA flash|\n")
-    bwd_tiles = args.bwd_tiles.split(",") if args.bwd_tiles else []
-    emit(head + "\n" + table(rows, tiles, bwd_tiles) + "\n", args.out)
+    emit(head + "\n" + table(rows) + "\n", args.out)
 
 
 if __name__ == "__main__":

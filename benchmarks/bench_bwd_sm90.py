@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Backward only: pagedflash's sm_90a kernel vs its sm_80 kernel (PAGEDFLASH_SM90=0, read per
-call) vs torch SDPA's FLASH_ATTENTION (FlashAttention-2) and CUDNN_ATTENTION backends, in one
+"""Backward only: pagedflash's sm_90a kernel vs its sm_80 kernel (kernel="sm90" / "sm80") vs
+torch SDPA's FLASH_ATTENTION (FlashAttention-2) and CUDNN_ATTENTION backends, in one
 process, on bench_attention.py's grid (bf16, 16k tokens per batch, hidden 2048). TFLOP/s with
 FlashAttention's convention (backward = 2.5x forward, halved when causal). Also prints the
 max |sm90 - sm80| of dq/dk/dv. Never asserts on speed.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 
 import torch
 
@@ -27,23 +26,12 @@ def point(d, h, s, causal, args):
     bwd = pagedflash.flash_attn_backward
     row = {"d": d, "h": h, "s": s, "b": b, "causal": causal}
     grads = {}
-    variants = [("sm90", None), ("sm80", "0")] + [(f"sm90@{x}", x) for x in args.env]
-    for name, env in variants:
-        for x in args.env:
-            os.environ.pop(x.split("=")[0], None)
-        os.environ.pop("PAGEDFLASH_SM90", None)
-        if env == "0":
-            os.environ["PAGEDFLASH_SM90"] = env
-        elif env:
-            os.environ[env.split("=")[0]] = env.split("=", 1)[1]
-        grads[name] = bwd(dout, q, k, v, out, lse, causal=causal)
+    for name in ("sm90", "sm80"):
+        grads[name] = bwd(dout, q, k, v, out, lse, causal=causal, kernel=name)
         dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
-        ms = cuda_time(lambda: bwd(dout, q, k, v, out, lse, causal=causal, dq=dq, dk=dk, dv=dv), args.warmup,
-                       args.iters)
+        ms = cuda_time(lambda: bwd(dout, q, k, v, out, lse, causal=causal, dq=dq, dk=dk, dv=dv, kernel=name),
+                       args.warmup, args.iters)
         row[name] = fb / ms / 1e9
-    os.environ.pop("PAGEDFLASH_SM90", None)
-    for x in args.env:
-        os.environ.pop(x.split("=")[0], None)
     row["diff"] = max(float((a.float() - c.float()).abs().max()) for a, c in zip(grads["sm90"], grads["sm80"]))
     for be, short in (("FLASH_ATTENTION", "fa2"), ("CUDNN_ATTENTION", "cudnn")):
         try:
@@ -66,10 +54,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--out")
-    ap.add_argument("--env", action="append", default=[],
-                    help="NAME=VALUE: also time the sm90 path with this variable set (tuning A/B)")
     args = ap.parse_args()
-    cols = ["d", "h", "s", "b", "causal", "sm90"] + [f"sm90@{x}" for x in args.env] + ["sm80", "fa2", "cudnn", "sm90/fa2", "sm90/sm80", "diff", "err_fa2"]
+    cols = ["d", "h", "s", "b", "causal", "sm90", "sm80", "fa2", "cudnn", "sm90/fa2", "sm90/sm80", "diff", "err_fa2"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for d in [int(x) for x in args.dims.split(",")]:
         h = 2048 // d
@@ -85,7 +71,7 @@ def main():
     head = (f"Backward, bfloat16, {TOKENS} tokens per batch, TFLOP/s; device: {torch.cuda.get_device_name()}; "
             f"date: {datetime.date.today().isoformat()}; torch {torch.__version__}; median of {args.iters} "
             f"CUDA-event timings after {args.warmup} warm-ups\n\nsm90 / sm80 = pagedflash's sm_90a / sm_80 backward "
-            f"(PAGEDFLASH_SM90=0); fa2 / cudnn = SDPA FLASH_ATTENTION / CUDNN_ATTENTION backward; diff = max |sm90 - "
+            f"(kernel='sm90' / 'sm80'); fa2 / cudnn = SDPA FLASH_ATTENTION / CUDNN_ATTENTION backward; diff = max |sm90 - "
             f"sm80| over dq, dk, dv; err_fa2 = max |sm90 - fa2|\n")
     emit(head + "\n" + "\n".join(lines) + "\n", args.out)
 

@@ -83,10 +83,9 @@ extern "C" const pf_backend pf_cuda_backend = {
 };
 
 /* The sm_90a (wgmma) kernels: compiled in when "90" is among the build's
- * archs, used on compute capability 9.x devices unless PAGEDFLASH_SM90=0
- * (which selects the sm_80 kernels everywhere, for comparisons; read on
- * every call, so one process can time both). The device part is cached. */
-#include <stdlib.h>
+ * archs, run on compute capability 9.x devices (the flash launchers' kernel
+ * choice, cuda/flash/fwd_launch.cu and bwd_launch.cu; the kernel hint "sm80"
+ * selects the mma.sync kernels there too). Cached per device. */
 #include <string.h>
 
 #include <atomic>
@@ -96,8 +95,6 @@ namespace cuda {
 bool sm90_available(int device) {
     static std::atomic<int> cache[64]; /* 0 unknown, 1 no, 2 yes */
     if (device < 0 || device >= 64) return false;
-    const char *env = getenv("PAGEDFLASH_SM90");
-    if (env && env[0] == '0') return false;
     int c = cache[device].load(std::memory_order_relaxed);
     if (c) return c == 2;
     const char *archs = PF_CUDA_ARCHS_STR;

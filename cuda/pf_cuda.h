@@ -14,6 +14,9 @@ extern "C" {
 #endif
 
 /* Launchers (params validated by the core). */
+/* flash attention (cuda/flash/): the forward and backward pick their kernel family
+ * (sm_80 mma.sync, sm_90 wgmma, float32) in fwd_launch.cu / bwd_launch.cu;
+ * the dropout keep mask for tests in dropout_mask.cu */
 pf_status pf_cuda_flash_fwd(const pf_attn_params *p);
 pf_status pf_cuda_flash_bwd(const pf_attn_params *p);
 pf_status pf_cuda_dropout_mask(const pf_attn_params *p, pf_tensor mask);

@@ -107,11 +107,29 @@ PF_DEV void cp_async_16(uint32_t dst, const void *src, bool pred) {
                  : "memory");
 }
 
+/* 4-byte global -> shared copy (cp.async.ca); pred false writes 4 zero bytes (src unread,
+ * but it must still be a valid address). */
+PF_DEV void cp_async_4(uint32_t dst, const void *src, bool pred) {
+    int src_size = pred ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_size) : "memory");
+}
+
 PF_DEV void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
 template <int N>
 PF_DEV void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+/* dst[0] += v0, dst[1] += v1 in float32 global memory, as one vector reduction on sm_90
+ * (red.global.add.v2.f32), two atomicAdd before it. */
+PF_DEV void atomic_add_float2(float *dst, float v0, float v1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(v0), "f"(v1) : "memory");
+#else
+    atomicAdd(dst, v0);
+    atomicAdd(dst + 1, v1);
+#endif
 }
 
 }  // namespace cuda

@@ -12,9 +12,11 @@
  *                           caller's device on exit (checked on entry).
  *   pf_cuda_scratch_acquire / _release: a cached, grow-only scratch buffer
  *                           per (device, stream), graph-capture aware -- see
- *                           workspace.cu.
+ *                           workspace.cu; pf_cuda_scratch_lease holds one for a
+ *                           scope and releases it on every path.
  *   pf::cuda::sm_count      multiprocessor count of a device, cached.
- *   pf::cuda::set_max_smem  a kernel's dynamic shared-memory limit, set once per device.
+ *   pf::cuda::set_max_smem  a kernel's dynamic shared-memory limit, set once per device;
+ *                           launch_with_smem sets it and launches.
  *   pf::cuda::sm90_available  whether a device runs this build's sm_90a kernels.
  *   pf_cu_load / pf_cu_store / pf_cu_to_float: float16 / bfloat16 / float32
  *                           element conversion in device code.
@@ -85,6 +87,35 @@ struct pf_cuda_scratch {
 pf_status pf_cuda_scratch_acquire(cudaStream_t stream, size_t bytes, pf_cuda_scratch *scratch);
 pf_status pf_cuda_scratch_release(cudaStream_t stream, pf_cuda_scratch *scratch);
 
+/* Scratch space held for a scope, released on every way out of it. Use:
+ *   pf_cuda_scratch_lease scratch(stream);
+ *   PF_TRY(scratch.acquire(bytes));
+ *   ... PF_TRY(enqueue work using scratch.ptr()) ...
+ *   return scratch.release();
+ * The success path returns release()'s status; an early return (a failing PF_TRY)
+ * leaves the release to the destructor, which frees a graph-owned allocation without
+ * recording an error, so the error being returned keeps its message and a capture
+ * still frees every allocation it made (pf_cuda_scratch_release's rule, above). */
+class pf_cuda_scratch_lease {
+  public:
+    explicit pf_cuda_scratch_lease(cudaStream_t stream) : stream_(stream) {}
+    pf_cuda_scratch_lease(const pf_cuda_scratch_lease &) = delete;
+    pf_cuda_scratch_lease &operator=(const pf_cuda_scratch_lease &) = delete;
+    pf_status acquire(size_t bytes) { return pf_cuda_scratch_acquire(stream_, bytes, &scratch_); }
+    void *ptr() const { return scratch_.ptr; }
+    pf_status release() { return pf_cuda_scratch_release(stream_, &scratch_); }
+    ~pf_cuda_scratch_lease() {
+        if (scratch_.graph_owned && scratch_.ptr) { /* not released: an error path */
+            cudaFreeAsync(scratch_.ptr, stream_);
+            (void)cudaGetLastError();
+        }
+    }
+
+  private:
+    cudaStream_t stream_;
+    pf_cuda_scratch scratch_;
+};
+
 namespace pf {
 namespace cuda {
 
@@ -101,6 +132,17 @@ inline pf_status set_max_smem(Kernel kernel, int smem_bytes, int device, std::at
     if (bit && (done.load(std::memory_order_acquire) & bit)) return PF_STATUS_OK;
     PF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
     if (bit) done.fetch_or(bit, std::memory_order_acq_rel);
+    return PF_STATUS_OK;
+}
+
+/* Launch kernel<<<grid, threads, smem_bytes, stream>>>(args...) with its dynamic
+ * shared-memory limit set first (set_max_smem), and check the launch. */
+template <typename Kernel, typename... Args>
+inline pf_status launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t stream,
+                                  int device, std::atomic<uint64_t> &done, const Args &...args) {
+    PF_TRY(set_max_smem(kernel, smem_bytes, device, done));
+    kernel<<<grid, threads, smem_bytes, stream>>>(args...);
+    PF_CUDA_CHECK_LAUNCH();
     return PF_STATUS_OK;
 }
 

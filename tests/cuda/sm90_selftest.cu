@@ -1,4 +1,4 @@
-// sm90_selftest.cu - checks the building blocks of cuda/sm90.cuh on a Hopper GPU
+// sm90_selftest.cu - checks the building blocks of cuda/attn/sm90.cuh on a Hopper GPU
 // against a float64 host product: the swizzled tile loader, K-major and MN-major
 // descriptors, wgmma with A in shared memory and in registers, transposed A.
 // Built and run by scripts/gpu_check.sh (stage "selftest"):

@@ -1,8 +1,11 @@
 /*
- * flash_params.h - the kernel-side description of one flash attention call
- * (forward or backward), filled by the launchers from a validated
- * pf_attn_params, and the declarations of the per-(dtype, head dim) run
- * functions that the generated files in cuda/inst/ instantiate.
+ * flash/params.h - FlashParams, the kernel-side description of one flash
+ * attention call (forward or backward): pointers, int64 element strides, the
+ * lengths as int32 (the core checked them against pf_cuda_backend.limits), and
+ * the per-call constants the kernels need precomputed. fill_flash_params
+ * (flash/params.cu) builds it from a validated pf_attn_params; the launchers
+ * (flash/fwd_launch.cu, flash/bwd_launch.cu) pass it by value to every kernel
+ * (__grid_constant__).
  *
  * Addressing: element (b, token, head, c) of q lives at
  *   q + b * q_batch_stride + token * q_row_stride + head * q_head_stride + c
@@ -16,6 +19,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "attn/score.cuh"
 #include "pagedflash.h"
 
 namespace pf {
@@ -29,9 +33,8 @@ struct FlashParams {
     /* backward */
     const void *dout;       /* q's layout */
     void *dq, *dk, *dv;     /* q's / k's / v's layouts */
-    float *dq_accum;        /* workspace: f32 [b, h, sq_pad, d_pad] (or [h, total_q + pad...]) */
-    float *dsum;            /* workspace: f32 D = rowsum(dO * O), like lse but padded */
-    float *dk_accum, *dv_accum; /* workspace for GQA: f32 [b, sk, h, d_pad] per query head */
+    float *dq_accum;        /* workspace (flash/bwd_workspace.h): f32 [rows][h][head_dim_rounded] */
+    float *dsum;            /* workspace: f32 D = rowsum(dO * O) [h][rows], then lse2 */
 
     int64_t q_batch_stride, q_row_stride, q_head_stride;
     int64_t k_batch_stride, k_row_stride, k_head_stride;
@@ -53,40 +56,22 @@ struct FlashParams {
     int total_q, total_k;    /* rows of the packed tensors (bounds for clamping) */
     int varlen;
 
-    float softmax_scale;
-    float scale_log2;        /* softmax_scale * log2(e) */
-    float softcap;           /* 0 = off */
-    float softcap_inv_scale; /* softmax_scale / softcap */
-    float softcap_log2;      /* softcap * log2(e) */
-    const float *alibi;      /* [h] or [b, h], f32, NULL = off */
-    int64_t alibi_batch_stride, alibi_head_stride;
+    ScoreParams score;       /* softmax scale, softcap, ALiBi (attn/score.cuh) */
     int causal;
     int window_left, window_right; /* -1 = unbounded; causal forces right = 0 */
 
-    float dropout_p;
+    float dropout_p;         /* the probability; the kernels use the two below */
     uint32_t drop_threshold; /* keep iff philox word >= threshold; 0 = off */
     float drop_scale;        /* 1 / (1 - p) */
     uint64_t seed, offset;
 
     int aligned;             /* 16-byte vector access is valid for every tensor */
     int deterministic;
-    int num_sms;
-    int seqlen_q_rounded;    /* backward workspace row count per (b, h) */
-    int head_dim_rounded;
+    int head_dim_rounded;    /* backward: the compiled head dim, dq_accum's row length */
 };
 
-/* Fill p from validated params (flash_fwd_launch.cu); backward adds dout/dq/dk/dv. */
+/* Fill p from validated params (flash/params.cu); backward adds dout/dq/dk/dv. */
 pf_status fill_flash_params(const pf_attn_params *a, FlashParams *p, bool backward);
-
-/* Run functions: one per (element type, head dim), instantiated in cuda/inst/. */
-template <typename T, int kHeadDim>
-pf_status flash_fwd_run(const FlashParams &p, cudaStream_t stream, int device);
-
-template <typename T, int kHeadDim>
-pf_status flash_bwd_run(const FlashParams &p, cudaStream_t stream, int device);
-
-pf_status flash_fwd_run_f32(const FlashParams &p, cudaStream_t stream, int device);
-pf_status flash_bwd_run_f32(const FlashParams &p, cudaStream_t stream, int device);
 
 }  // namespace cuda
 }  // namespace pf

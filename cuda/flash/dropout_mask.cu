@@ -1,12 +1,11 @@
 /*
- * dropout_mask.cu - pf_cuda_dropout_mask: the keep mask the forward applies,
- * materialized for tests: mask u8 [batch, num_heads, seqlen_q, seqlen_k]
- * (dense layout), keep[b, h, i, j] = philox(j / 4, i, b * num_heads + h,
- * offset; seed)[j % 4] >= threshold (pagedflash_philox.h, the CPU's exact contract).
- * One thread per group of 4 columns; runs on params->stream.
+ * flash/dropout_mask.cu - pf_cuda_dropout_mask: the keep mask the forward applies
+ * (flash/dropout.cuh), materialized for tests: mask u8 [batch, num_heads,
+ * seqlen_q, seqlen_k] (dense layout), keep[b, h, i, j] = philox(j / 4, i,
+ * b * num_heads + h, offset; seed)[j % 4] >= threshold (pagedflash_philox.h, the
+ * CPU's exact contract). One thread per group of 4 columns, one Philox draw each;
+ * runs on params->stream.
  */
-#include "attn/mask.cuh"
-#include "attn/mma.cuh"
 #include "common/cuda_util.cuh"
 #include "pf_cuda.h"
 #include "pagedflash_philox.h"

@@ -1,26 +1,19 @@
 /*
- * flash_fwd_launch.cu - pf_cuda_flash_fwd: turn a validated pf_attn_params into
- * the kernels' FlashParams (fill_flash_params, shared with the backward), pick
- * the kernel by dtype and head dim, launch on params->stream.
- *
- * float16 / bfloat16 -> flash_fwd_run<T, N> (flash_fwd.cuh, instantiated per
- * head dim N in cuda/inst/; head dims between instantiations run zero-padded
- * on the next larger N). float32 -> flash_fwd_run_f32 (flash_fwd_f32.cu).
- *
- * No device memory is allocated, nothing synchronizes; the launch is checked.
- * A Hopper-specific (wgmma/TMA) path would be chosen here, per device, ahead of
- * the sm_80 kernels, with the same FlashParams.
+ * flash/params.cu - fill_flash_params: a validated pf_attn_params (the core
+ * checked shapes, dtypes, strides and the backend's limits) -> FlashParams
+ * (flash/params.h), shared by the forward and the backward launchers: int64
+ * element strides per (batch, row, head) with the batch stride 0 for packed
+ * varlen layouts, whether every tensor allows 16-byte vector access, the
+ * softmax scale and its log2-domain products, the window with "wider than any
+ * sequence" turned into "unbounded", and the dropout threshold.
  */
 #include <math.h>
 #include <string.h>
 
-#include "attn/mask.cuh"
-#include "attn/mma.cuh"
-#include "common/cuda_util.cuh"
-#include "inst/hdims.h"
-#include "flash_params.h"
-#include "pf_cuda.h"
+#include "attn/math.cuh"
+#include "flash/params.h"
 #include "pagedflash_philox.h"
+#include "pf_error.h"
 
 namespace pf {
 namespace cuda {
@@ -115,22 +108,23 @@ pf_status fill_flash_params(const pf_attn_params *a, FlashParams *p, bool backwa
         }
     }
 
+    ScoreParams &sp = p->score;
     const float scale = a->softmax_scale != 0.0f ? a->softmax_scale : 1.0f / sqrtf((float)p->head_dim);
-    p->softmax_scale = scale;
-    p->scale_log2 = scale * kLog2e;
+    sp.softmax_scale = scale;
+    sp.scale_log2 = scale * kLog2e;
     if (a->softcap > 0.0f) {
-        p->softcap = a->softcap;
-        p->softcap_inv_scale = scale / a->softcap;
-        p->softcap_log2 = a->softcap * kLog2e;
+        sp.softcap = a->softcap;
+        sp.softcap_inv_scale = scale / a->softcap;
+        sp.softcap_log2 = a->softcap * kLog2e;
     }
     if (a->alibi_slopes.data) {
-        p->alibi = (const float *)a->alibi_slopes.data;
+        sp.alibi = (const float *)a->alibi_slopes.data;
         if (a->alibi_slopes.ndim == 1) {
-            p->alibi_batch_stride = 0;
-            p->alibi_head_stride = a->alibi_slopes.strides[0];
+            sp.alibi_batch_stride = 0;
+            sp.alibi_head_stride = a->alibi_slopes.strides[0];
         } else {
-            p->alibi_batch_stride = a->alibi_slopes.strides[0];
-            p->alibi_head_stride = a->alibi_slopes.strides[1];
+            sp.alibi_batch_stride = a->alibi_slopes.strides[0];
+            sp.alibi_head_stride = a->alibi_slopes.strides[1];
         }
     }
     p->causal = a->causal != 0;
@@ -147,32 +141,5 @@ pf_status fill_flash_params(const pf_attn_params *a, FlashParams *p, bool backwa
     return PF_STATUS_OK;
 }
 
-template <typename T>
-static pf_status fwd_dispatch(const FlashParams &p, cudaStream_t stream, int device) {
-#define PF_FWD_RUN(N) flash_fwd_run<T, N>(p, stream, device)
-    PF_HDIM_SWITCH(p.head_dim, PF_FWD_RUN);
-#undef PF_FWD_RUN
-    PF_CHECK(0, PF_STATUS_NOT_SUPPORTED,
-             "q: head_dim %d has no CUDA kernel in this build (PAGEDFLASH_HEADDIMS trimmed the set)", p.head_dim);
-}
-
 }  // namespace cuda
 }  // namespace pf
-
-extern "C" pf_status pf_cuda_flash_fwd(const pf_attn_params *a) {
-    using namespace pf::cuda;
-    FlashParams p;
-    PF_TRY(fill_flash_params(a, &p, false));
-    if (p.batch == 0 || p.max_seqlen_q == 0) return PF_STATUS_OK; /* no query rows */
-    const int device = a->q.device_id;
-    pf_cuda_device_guard guard;
-    PF_TRY(guard.set(device));
-    cudaStream_t stream = (cudaStream_t)a->stream;
-    switch (a->q.dtype) {
-        case PF_DTYPE_F16: return fwd_dispatch<__half>(p, stream, device);
-        case PF_DTYPE_BF16: return fwd_dispatch<__nv_bfloat16>(p, stream, device);
-        case PF_DTYPE_F32: return flash_fwd_run_f32(p, stream, device);
-        default: break;
-    }
-    PF_CHECK(0, PF_STATUS_INVALID_TYPE, "q: dtype %s is not supported on CUDA", pf_dtype_name(a->q.dtype));
-}

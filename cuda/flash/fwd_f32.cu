@@ -1,9 +1,13 @@
 /*
- * flash_fwd_f32.cu - the forward for float32 inputs: a simple, exact-in-float32
- * kernel (CUDA cores, no tensor cores), with the same semantics as the
- * float16/bfloat16 kernel (flash_fwd.cuh) and the CPU backend.
+ * flash/fwd_f32.cu - the forward for float32 inputs: a simple, exact-in-float32
+ * kernel (CUDA cores, no tensor cores), its launch, and flash_fwd_f32_run (the
+ * float32 family of pf_cuda_flash_fwd, flash/fwd_launch.cu). Same semantics as
+ * the float16/bfloat16 kernels and the CPU backend, through the same
+ * primitives: the mask rule (attn/mask.cuh), the score transform
+ * (attn/score.cuh), the row epilogue (attn/softmax.cuh), dropout
+ * (flash/dropout.cuh).
  *
- * Layouts: FlashParams (flash_params.h).
+ * Layouts: FlashParams (flash/params.h).
  *
  * A block of 8 warps owns 8 consecutive query rows of one (batch, head), one
  * row per warp. Keys go in chunks of 32 through shared memory (K and V
@@ -12,12 +16,17 @@
  * with shuffles (online softmax in the log2 domain), and lane c accumulates
  * output columns c, c + 32, ... over the chunk's 32 keys.
  */
+#include <atomic>
+
 #include "attn/mask.cuh"
-#include "attn/mma.cuh"
+#include "attn/math.cuh"
+#include "attn/score.cuh"
+#include "attn/softmax.cuh"
 #include "common/cuda_util.cuh"
-#include "flash_fwd.cuh"
-#include "flash_params.h"
-#include "pagedflash_philox.h"
+#include "flash/dropout.cuh"
+#include "flash/params.h"
+#include "flash/run.h"
+#include "flash/sequence.cuh"
 
 namespace pf {
 namespace cuda {
@@ -56,11 +65,9 @@ __global__ void __launch_bounds__(kF32Warps * 32) flash_fwd_f32_kernel(const __g
     const float *qb = base.q, *kb = base.k, *vb = base.v;
     float *ob = base.o;
     float *lseb = base.lse;
-    const int off = sk - sq;
-    const bool has_lo = p.window_left >= 0;
-    const bool has_hi = p.causal || p.window_right >= 0;
-    const int left = p.window_left, right = p.causal ? 0 : p.window_right;
-    const float alibi_log2 = fwd_alibi_log2(p, b, h);
+    const MaskRule mask = mask_rule(p, sk);
+    const int off = sk - sq; /* query row i sits at key position i + off */
+    const float alibi_log2 = p.score.alibi_log2(b, h);
     const uint64_t bh = (uint64_t)b * p.num_heads + h;
 
     for (int tile = blockIdx.x; tile * kF32Warps < sq; tile += gridDim.x) {
@@ -69,10 +76,9 @@ __global__ void __launch_bounds__(kF32Warps * 32) flash_fwd_f32_kernel(const __g
         const int i = m0 + warp;
         const bool row_ok = warp < rows_valid;
         const int i_last = m0 + rows_valid - 1;
-        const int j_begin = has_lo ? imax(0, m0 + off - left) : 0;
-        const int j_end = has_hi ? imin(sk, i_last + off + right + 1) : sk;
-        const int lo = has_lo ? i + off - left : 0;
-        const int hi = has_hi ? imin(sk - 1, i + off + right) : sk - 1;
+        int j_begin, j_end;
+        mask.key_range(m0, i_last, off, &j_begin, &j_end);
+        const int lo = mask.lo(i + off), hi = mask.hi(i + off);
 
         __syncthreads(); /* the previous tile is done with sQ */
         for (int c = lane; c < kMaxD; c += 32)
@@ -96,9 +102,8 @@ __global__ void __launch_bounds__(kF32Warps * 32) flash_fwd_f32_kernel(const __g
             float s = 0.0f;
 #pragma unroll 8
             for (int c = 0; c < kMaxD; ++c) s = fmaf(sQ[warp * kMaxD + c], sK[lane * kKS + c], s);
-            float x = p.softcap > 0.0f ? p.softcap_log2 * tanh_abs_accurate(s * p.softcap_inv_scale)
-                                       : s * p.scale_log2;
-            if (p.alibi) x -= alibi_log2 * (float)abs(i + off - j);
+            float unused_dtanh;
+            float x = score_to_log2<true>(p.score, s, alibi_log2, i + off - j, &unused_dtanh);
             if (j >= sk || j < lo || j > hi) x = -INFINITY;
             const float mx = fmaxf(m, warp_max(x));
             if (mx == -INFINITY) continue; /* nothing visible yet */
@@ -107,9 +112,7 @@ __global__ void __launch_bounds__(kF32Warps * 32) flash_fwd_f32_kernel(const __g
             l = l * alpha + warp_sum(pr);
             m = mx;
             if (p.drop_threshold) {
-                const pf_u32x4 r = pf_dropout_bits4(p.seed, p.offset, bh, i, j & ~3);
-                const uint32_t w = (j & 2) ? ((j & 1) ? r.w : r.z) : ((j & 1) ? r.y : r.x);
-                if (w < p.drop_threshold) pr = 0.0f;
+                if (!dropout_keep(p, bh, i, j)) pr = 0.0f;
             }
 #pragma unroll
             for (int c = 0; c < kPer; ++c) acc[c] *= alpha;
@@ -121,13 +124,14 @@ __global__ void __launch_bounds__(kF32Warps * 32) flash_fwd_f32_kernel(const __g
             }
         }
         if (!row_ok) continue;
-        const float inv = l > 0.0f ? p.drop_scale / l : 0.0f;
+        float lse;
+        const float inv = finish_row<true>(m, 1.0f, l, p.drop_scale, &lse); /* m: already log2-domain */
 #pragma unroll
         for (int c = 0; c < kPer; ++c) {
             const int col = lane + 32 * c;
             if (col < d) ob[(int64_t)i * p.o_row_stride + col] = acc[c] * inv;
         }
-        if (lseb && lane == 0) lseb[(int64_t)i * p.lse_row_stride] = l > 0.0f ? (m + log2f(l)) * kLn2 : -INFINITY;
+        if (lseb && lane == 0) lseb[(int64_t)i * p.lse_row_stride] = lse;
     }
 }
 
@@ -146,7 +150,7 @@ pf_status launch_f32(const FlashParams &p, cudaStream_t stream, int device) {
 
 }  // namespace
 
-pf_status flash_fwd_run_f32(const FlashParams &p, cudaStream_t stream, int device) {
+pf_status flash_fwd_f32_run(const FlashParams &p, cudaStream_t stream, int device) {
     if (p.head_dim <= 64) return launch_f32<64>(p, stream, device);
     if (p.head_dim <= 128) return launch_f32<128>(p, stream, device);
     return launch_f32<256>(p, stream, device);

@@ -1,9 +1,13 @@
 /*
- * flash_bwd_f32.cu - the backward for float32 inputs: simple float32 kernels
- * (CUDA cores) with the semantics of flash_bwd.cuh and the CPU backend.
+ * flash/bwd_f32.cu - the backward for float32 inputs: simple float32 kernels
+ * (CUDA cores), their launch, and flash_bwd_f32_run (the float32 family of
+ * pf_cuda_flash_bwd, flash/bwd_launch.cu). Same semantics as the float16 /
+ * bfloat16 kernels and the CPU backend, through the same primitives: the mask
+ * rule (attn/mask.cuh), the score transform and its softcap derivative
+ * (attn/score.cuh), lse_to_log2 (attn/softmax.cuh), dropout (flash/dropout.cuh).
  *
- * Layouts: FlashParams (flash_params.h). Workspace: dsum f32 [num_heads][rows]
- * from bwd_prep_kernel<float> (D = rowsum(dO * O)).
+ * Layouts: FlashParams (flash/params.h). Workspace (flash/bwd_workspace.h): D
+ * f32 [num_heads][rows] from pass 1 (bwd_prep_kernel<float>, flash/bwd_prep.cuh).
  *
  *   flash_bwd_dq_f32_kernel    one warp per query row (8 per block), keys in
  *                              chunks of 32 through shared memory; lane j takes
@@ -15,12 +19,18 @@
  *                              chunks of 32: dV += P_drop dO, dK += dS Q.
  * Both write their outputs once, so the float32 backward is deterministic.
  */
-#include "flash_bwd.cuh"
+#include <atomic>
+
 #include "attn/mask.cuh"
-#include "attn/mma.cuh"
+#include "attn/math.cuh"
+#include "attn/score.cuh"
+#include "attn/softmax.cuh"
 #include "common/cuda_util.cuh"
-#include "flash_params.h"
-#include "pagedflash_philox.h"
+#include "flash/bwd_prep.cuh"
+#include "flash/dropout.cuh"
+#include "flash/params.h"
+#include "flash/run.h"
+#include "flash/sequence.cuh"
 
 namespace pf {
 namespace cuda {
@@ -42,11 +52,10 @@ __global__ void __launch_bounds__(kW * 32) flash_bwd_dq_f32_kernel(const __grid_
     const int b = blockIdx.z, h = blockIdx.y, hk = h / p.head_group;
     const SeqInfo si = seq_info(p, b);
     const int sq = si.sq, sk = si.sk, d = p.head_dim, off = sk - sq;
-    const bool has_lo = p.window_left >= 0, has_hi = p.causal || p.window_right >= 0;
-    const int left = p.window_left, right = p.causal ? 0 : p.window_right;
-    const int64_t rows_total = p.varlen ? p.total_q : (int64_t)p.batch * p.seqlen_q;
-    const int64_t row_base = p.varlen ? si.q_start : (int64_t)b * p.seqlen_q;
-    const float alibi_log2 = p.alibi ? p.alibi[b * p.alibi_batch_stride + h * p.alibi_head_stride] * kLog2e : 0.0f;
+    const MaskRule mask = mask_rule(p, sk);
+    const int64_t rows_total = flat_rows(p);
+    const int64_t row_base = flat_row_base(p, b, si);
+    const float alibi_log2 = p.score.alibi_log2(b, h);
     const uint64_t bh = (uint64_t)b * p.num_heads + h;
     const float *qb = static_cast<const float *>(p.q) + b * p.q_batch_stride + (int64_t)si.q_start * p.q_row_stride +
                       h * p.q_head_stride;
@@ -63,10 +72,9 @@ __global__ void __launch_bounds__(kW * 32) flash_bwd_dq_f32_kernel(const __grid_
         const int m0 = tile * kW, rows_valid = imin(kW, sq - m0), i = m0 + warp;
         const bool row_ok = warp < rows_valid;
         const int i_last = m0 + rows_valid - 1;
-        const int j_begin = has_lo ? imax(0, m0 + off - left) : 0;
-        const int j_end = has_hi ? imin(sk, i_last + off + right + 1) : sk;
-        const int lo = has_lo ? i + off - left : 0;
-        const int hi = has_hi ? imin(sk - 1, i + off + right) : sk - 1;
+        int j_begin, j_end;
+        mask.key_range(m0, i_last, off, &j_begin, &j_end);
+        const int lo = mask.lo(i + off), hi = mask.hi(i + off);
         __syncthreads();
         for (int c = lane; c < kMaxD; c += 32) {
             const bool ok = row_ok && c < d;
@@ -76,7 +84,7 @@ __global__ void __launch_bounds__(kW * 32) flash_bwd_dq_f32_kernel(const __grid_
         float lse = INFINITY, drow = 0.0f;
         if (row_ok) {
             lse = p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + (int64_t)(si.q_start + i) * p.lse_row_stride];
-            lse = lse == -INFINITY ? INFINITY : lse * kLog2e;
+            lse = lse_to_log2(lse);
             drow = p.dsum[h * rows_total + row_base + i];
         }
         float acc[kPer];
@@ -100,7 +108,7 @@ __global__ void __launch_bounds__(kW * 32) flash_bwd_dq_f32_kernel(const __grid_
                 dp = fmaf(sdO[warp * kMaxD + c], sV[lane * kKS + c], dp);
             }
             float dth;
-            const float x = bwd_score<true>(p, s, alibi_log2, i + off - j, &dth);
+            const float x = score_to_log2<true>(p.score, s, alibi_log2, i + off - j, &dth);
             const float pr = (j < sk && j >= lo && j <= hi) ? exp2f(x - lse) : 0.0f;
             if (p.drop_threshold) dp = dropout_keep(p, bh, i, j) ? dp * p.drop_scale : 0.0f;
             const float ds = pr * (dp - drow) * dth;
@@ -114,7 +122,7 @@ __global__ void __launch_bounds__(kW * 32) flash_bwd_dq_f32_kernel(const __grid_
         if (!row_ok) continue;
 #pragma unroll
         for (int c = 0; c < kPer; ++c)
-            if (lane + 32 * c < d) dqb[(int64_t)i * p.dq_row_stride + lane + 32 * c] = acc[c] * p.softmax_scale;
+            if (lane + 32 * c < d) dqb[(int64_t)i * p.dq_row_stride + lane + 32 * c] = acc[c] * p.score.softmax_scale;
     }
 }
 
@@ -132,10 +140,9 @@ __global__ void __launch_bounds__(kW * 32) flash_bwd_dkdv_f32_kernel(const __gri
     const int b = blockIdx.z, hk = blockIdx.y;
     const SeqInfo si = seq_info(p, b);
     const int sq = si.sq, sk = si.sk, d = p.head_dim, off = sk - sq;
-    const bool has_lo = p.window_left >= 0, has_hi = p.causal || p.window_right >= 0;
-    const int left = p.window_left, right = p.causal ? 0 : p.window_right;
-    const int64_t rows_total = p.varlen ? p.total_q : (int64_t)p.batch * p.seqlen_q;
-    const int64_t row_base = p.varlen ? si.q_start : (int64_t)b * p.seqlen_q;
+    const MaskRule mask = mask_rule(p, sk);
+    const int64_t rows_total = flat_rows(p);
+    const int64_t row_base = flat_row_base(p, b, si);
     const float *kb = static_cast<const float *>(p.k) + b * p.k_batch_stride + (int64_t)si.k_start * p.k_row_stride +
                       hk * p.k_head_stride;
     const float *vb = static_cast<const float *>(p.v) + b * p.v_batch_stride + (int64_t)si.k_start * p.v_row_stride +
@@ -149,7 +156,7 @@ __global__ void __launch_bounds__(kW * 32) flash_bwd_dkdv_f32_kernel(const __gri
         const int j0 = tile * kW, keys_valid = imin(kW, sk - j0), j = j0 + warp;
         const bool key_ok = warp < keys_valid;
         int i_begin, i_end;
-        bwd_query_range(p, sq, sk, j0, j0 + keys_valid - 1, &i_begin, &i_end);
+        mask.query_range(j0, j0 + keys_valid - 1, off, sq, &i_begin, &i_end);
         __syncthreads();
         for (int c = lane; c < kMaxD; c += 32) {
             const bool ok = key_ok && c < d;
@@ -164,8 +171,7 @@ __global__ void __launch_bounds__(kW * 32) flash_bwd_dkdv_f32_kernel(const __gri
                               (int64_t)si.q_start * p.q_row_stride + h * p.q_head_stride;
             const float *dob = static_cast<const float *>(p.dout) + b * p.do_batch_stride +
                                (int64_t)si.q_start * p.do_row_stride + h * p.do_head_stride;
-            const float alibi_log2 =
-                p.alibi ? p.alibi[b * p.alibi_batch_stride + h * p.alibi_head_stride] * kLog2e : 0.0f;
+            const float alibi_log2 = p.score.alibi_log2(b, h);
             const uint64_t bh = (uint64_t)b * p.num_heads + h;
             for (int i0 = i_begin / kC * kC; i0 < i_end; i0 += kC) {
                 __syncthreads();
@@ -181,7 +187,7 @@ __global__ void __launch_bounds__(kW * 32) flash_bwd_dkdv_f32_kernel(const __gri
                     if (i < sq) {
                         l = p.lse[b * p.lse_batch_stride + h * p.lse_head_stride +
                                   (int64_t)(si.q_start + i) * p.lse_row_stride];
-                        l = l == -INFINITY ? INFINITY : l * kLog2e;
+                        l = lse_to_log2(l);
                         dd = p.dsum[h * rows_total + row_base + i];
                     }
                     sLse[tid] = l;
@@ -196,10 +202,9 @@ __global__ void __launch_bounds__(kW * 32) flash_bwd_dkdv_f32_kernel(const __gri
                     s = fmaf(sQ[lane * kKS + c], sKr[warp * kMaxD + c], s);
                     dp = fmaf(sdO[lane * kKS + c], sVr[warp * kMaxD + c], dp);
                 }
-                const int lo = has_lo ? i + off - left : 0;
-                const int hi = has_hi ? imin(sk - 1, i + off + right) : sk - 1;
+                const int lo = mask.lo(i + off), hi = mask.hi(i + off);
                 float dth;
-                const float x = bwd_score<true>(p, s, alibi_log2, i + off - j, &dth);
+                const float x = score_to_log2<true>(p.score, s, alibi_log2, i + off - j, &dth);
                 const float pr = (i < sq && j >= lo && j <= hi) ? exp2f(x - sLse[lane]) : 0.0f;
                 float pd = pr;
                 if (p.drop_threshold) {
@@ -225,7 +230,7 @@ __global__ void __launch_bounds__(kW * 32) flash_bwd_dkdv_f32_kernel(const __gri
         for (int c = 0; c < kPer; ++c) {
             const int col = lane + 32 * c;
             if (col < d) {
-                dkb[(int64_t)j * p.dk_row_stride + col] = dk[c] * p.softmax_scale;
+                dkb[(int64_t)j * p.dk_row_stride + col] = dk[c] * p.score.softmax_scale;
                 dvb[(int64_t)j * p.dv_row_stride + col] = dv[c];
             }
         }
@@ -238,36 +243,27 @@ pf_status launch_bwd_f32(const FlashParams &p, cudaStream_t stream, int device) 
     constexpr int smem_dq = (2 * kC * (kMaxD + 1) + 2 * kW * kMaxD) * 4;
     constexpr int smem_kv = (2 * kC * (kMaxD + 1) + 2 * kW * kMaxD + 2 * kC) * 4;
     const int qt = (p.max_seqlen_q + kW - 1) / kW, kt = (p.max_seqlen_k + kW - 1) / kW;
-    PF_TRY(launch_smem_kernel(flash_bwd_dq_f32_kernel<kMaxD>, dim3(qt > 0 ? qt : 1, p.num_heads, p.batch), kW * 32,
-                              smem_dq, stream, device, done_dq, p, "flash_bwd_dq_f32_kernel"));
-    PF_TRY(launch_smem_kernel(flash_bwd_dkdv_f32_kernel<kMaxD>, dim3(kt > 0 ? kt : 1, p.num_kv_heads, p.batch),
-                              kW * 32, smem_kv, stream, device, done_kv, p, "flash_bwd_dkdv_f32_kernel"));
+    PF_TRY(launch_with_smem(flash_bwd_dq_f32_kernel<kMaxD>, dim3(qt > 0 ? qt : 1, p.num_heads, p.batch), kW * 32,
+                            smem_dq, stream, device, done_dq, p));
+    PF_TRY(launch_with_smem(flash_bwd_dkdv_f32_kernel<kMaxD>, dim3(kt > 0 ? kt : 1, p.num_kv_heads, p.batch),
+                            kW * 32, smem_kv, stream, device, done_kv, p));
     return PF_STATUS_OK;
 }
 
 }  // namespace
 
-pf_status flash_bwd_run_f32(const FlashParams &params, cudaStream_t stream, int device) {
-    FlashParams p = params;
-    const int64_t rows = p.varlen ? (int64_t)p.total_q : (int64_t)p.batch * p.seqlen_q;
-    pf_cuda_scratch scratch; /* cached per (device, stream): cuda_util.cuh */
-    PF_TRY(pf_cuda_scratch_acquire(stream, (size_t)rows * p.num_heads * 4 + 256, &scratch));
-    p.dsum = static_cast<float *>(scratch.ptr);
-    p.dq_accum = nullptr;
-    p.head_dim_rounded = p.head_dim;
+/* Pass 1 (D; the workspace comes from pf_cuda_flash_bwd), then dQ and dK / dV. */
+pf_status flash_bwd_f32_run(const FlashParams &p, cudaStream_t stream, int device) {
+    const int64_t rows = flat_rows(p);
     int sms = 0;
     PF_TRY(sm_count(device, &sms));
     const int64_t warps = rows * p.num_heads;
     const int blocks = (int)((warps + 7) / 8 < (int64_t)sms * 8 ? (warps + 7) / 8 : (int64_t)sms * 8);
     bwd_prep_kernel<float><<<blocks > 0 ? blocks : 1, 256, 0, stream>>>(p, rows, 0);
     PF_CUDA_CHECK_LAUNCH("bwd_prep_kernel");
-    if (p.head_dim <= 64)
-        PF_TRY(launch_bwd_f32<64>(p, stream, device));
-    else if (p.head_dim <= 128)
-        PF_TRY(launch_bwd_f32<128>(p, stream, device));
-    else
-        PF_TRY(launch_bwd_f32<256>(p, stream, device));
-    return pf_cuda_scratch_release(stream, &scratch);
+    if (p.head_dim <= 64) return launch_bwd_f32<64>(p, stream, device);
+    if (p.head_dim <= 128) return launch_bwd_f32<128>(p, stream, device);
+    return launch_bwd_f32<256>(p, stream, device);
 }
 
 }  // namespace cuda

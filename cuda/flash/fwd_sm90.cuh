@@ -1,18 +1,18 @@
 /*
- * flash_fwd_sm90.cuh - the forward on Hopper (sm_90a): wgmma tensor cores,
- * chosen by flash_fwd_run (flash_fwd.cuh) on compute capability 9.x for
- * float16 / bfloat16, head dims 64 and 128, 16-byte aligned tensors. Same
- * semantics, masks, extras, dropout, varlen, GQA, lse as the sm_80 kernel,
- * whose per-slice score helpers (fwd_score_extras, FwdMask, fwd_softmax,
- * fwd_dropout) it shares.
+ * flash/fwd_sm90.cuh - the forward kernel on Hopper (sm_90a): wgmma tensor
+ * cores, for float16 / bfloat16, head dims 64 and 128, 16-byte aligned tensors
+ * (the launcher's kernel choice: flash/fwd_launch.cu; tiles: flash/fwd_tiles.h;
+ * launch: flash/fwd_run.cuh). Same semantics, masks, extras, dropout, varlen,
+ * GQA, lse as the sm_80 kernel, through the same primitives (attn/score.cuh,
+ * attn/mask.cuh, attn/softmax.cuh, flash/dropout.cuh): the wgmma accumulator
+ * of a warp has the mma.sync C-fragment layout (attn/sm90.cuh).
  *
  * One thread block = kNWG warpgroups (2: 256 threads) = one query tile of
  * 64 * kNWG rows of one (batch, head); warpgroup w owns rows [64w, 64w + 64),
- * its warp v rows 16v..16v+15 of those (the wgmma accumulator layout,
- * sm90.cuh). Shared memory, all in the swizzled tile layout of sm90.cuh: Q
- * [kBlockM][D], and three K/V buffers of kBlockN keys (d=128, 128 keys: 32 +
- * 3 x 64 KB = 224 KB, one block per SM; d=64, 64 keys: 64 KB, two blocks per
- * SM). The tiles and their measurements: flash_fwd_sm90_run below.
+ * its warp v rows 16v..16v+15 of those. Shared memory, all in the swizzled tile
+ * layout of attn/sm90.cuh: Q [kBlockM][D], and three K/V buffers of kBlockN keys
+ * (d=128, 128 keys: 32 + 3 x 64 KB = 224 KB, one block per SM; d=64, 64 keys:
+ * 64 KB, two blocks per SM).
  *
  * Key tiles are walked from last to first (as on sm_80: the masked tiles of a
  * causal row come first). Tile n lives in buffer (n_hi - 1 - n) % 3; its
@@ -24,36 +24,27 @@
  *   issue S = Q K(n - 1)^T and O += P(n) V(n)   (wgmma, asynchronous, in order)
  *   wait for S; scale / mask / online softmax of S while P V runs
  *   wait for P V; O *= exp2(m_old - m_new); P(n - 1) = S packed to 16 bits
+ * O is first written by the first P V with scale-d 0 and the last tile's P V is
+ * peeled out of the loop, so no accumulator is touched by ordinary instructions
+ * inside a wgmma stage (ptxas would serialize every wgmma otherwise).
  * Epilogue: O / l staged through this warpgroup's rows of the Q tile and
  * stored with 16-byte vectors; lse as on sm_80.
  */
 #ifndef PF_FLASH_FWD_SM90_CUH
 #define PF_FLASH_FWD_SM90_CUH
 
-#include "flash_fwd.cuh"
+#include "attn/mask.cuh"
+#include "attn/mma.cuh"
+#include "attn/score.cuh"
 #include "attn/sm90.cuh"
-
-#include <type_traits>
+#include "attn/softmax.cuh"
+#include "flash/dropout.cuh"
+#include "flash/params.h"
+#include "flash/sequence.cuh"
+#include "flash/tile_io.cuh"
 
 namespace pf {
 namespace cuda {
-
-template <int kHeadDim_, int kBlockN_, int kNWG_ = 2, int kMinBlocks_ = 1>
-struct FwdSm90Config {
-    static constexpr int kHeadDim = kHeadDim_;
-    static constexpr int kNWG = kNWG_; /* warpgroups, 64 query rows each */
-    static constexpr int kMinBlocks = kMinBlocks_;
-    static constexpr int kBlockM = 64 * kNWG;
-    static constexpr int kBlockN = kBlockN_;
-    static constexpr int kNThreads = 128 * kNWG;
-    static constexpr int kNT = kBlockN / 8; /* n8 column tiles of S */
-    static constexpr int kDT = kHeadDim / 8; /* of O */
-    static constexpr int kQBytes = kBlockM * kHeadDim * 2;
-    static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
-    static constexpr int kStages = 3;
-    static constexpr int kSmemBytes = kQBytes + kStages * 2 * kKVBytes + 1024; /* + alignment slack */
-    static_assert(kHeadDim % 64 == 0 && kBlockN % 16 == 0, "swizzled tiles are 64 columns wide");
-};
 
 /* swizzled smem [R rows] -> rows [row0, row0 + rows) of a global tile, columns [0, d) */
 template <int R, int kHeadDim, int kThreads, typename T>
@@ -94,10 +85,10 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks) flash_fwd_sm9
     T *ob = base.o;
     float *lseb = base.lse;
 
-    const FwdMask mask = fwd_mask(p, sq, sk);
-    const int off = mask.off;
-    const float alibi_log2 = Has_extras ? fwd_alibi_log2(p, b, h) : 0.0f;
-    const float sc = Has_extras ? 1.0f : p.scale_log2;
+    const MaskRule mask = mask_rule(p, sk);
+    const int off = sk - sq; /* query row i sits at key position i + off */
+    const float alibi_log2 = Has_extras ? p.score.alibi_log2(b, h) : 0.0f;
+    const float sc = Has_extras ? 1.0f : p.score.scale_log2; /* scale applied inside exp2 */
     const uint64_t bh = (uint64_t)b * p.num_heads + h;
     const int wrow = 16 * warp; /* this warp's first row in the tile */
 
@@ -108,7 +99,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks) flash_fwd_sm9
         const int rows_valid = imin(kBlockM, sq - m0);
         const int i_last = m0 + rows_valid - 1;
         int n_lo, n_hi;
-        mask.key_tiles(m0, i_last, kBlockN, &n_lo, &n_hi);
+        mask.key_tiles(m0, i_last, off, kBlockN, &n_lo, &n_hi);
         if (n_hi <= n_lo) {
             fwd_write_empty<kHeadDim, kNThreads>(p, ob, lseb, m0, rows_valid, d, tid);
             continue;
@@ -132,10 +123,10 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks) flash_fwd_sm9
         float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f}, alpha[2];
         auto softmax_tile = [&](int n) {
             const int j0 = n * kBlockN;
-            if (Has_extras) fwd_score_extras(s, p, m0 + wrow + g, j0, t, off, alibi_log2);
-            if (mask.needed(j0, kBlockN, m0, i_last)) mask.apply(s, m0 + wrow + g, j0, t);
-            const bool rescale = fwd_softmax(s, row_max, row_sum, alpha, sc);
-            if (Has_dropout && p.drop_threshold) fwd_dropout(s, p, bh, m0 + wrow + g, j0, t);
+            if (Has_extras) scores_to_log2(s, p.score, m0 + wrow + g, j0, t, off, alibi_log2);
+            if (mask.tile_needs_mask(j0, kBlockN, m0, i_last, off)) mask_fragment(s, mask, m0 + wrow + g, off, j0, t);
+            const bool rescale = online_softmax(s, row_max, row_sum, alpha, sc);
+            if (Has_dropout && p.drop_threshold) dropout_fragment(s, p, bh, m0 + wrow + g, j0, t);
             return rescale;
         };
         auto pack_p = [&]() {
@@ -217,7 +208,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks) flash_fwd_sm9
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
             float lse;
-            const float inv = fwd_finish_row<Has_dropout>(p, row_max[hf], row_sum[hf], sc, &lse);
+            const float inv = softmax_finish_row<Has_dropout>(row_max[hf], row_sum[hf], sc, p.drop_scale, &lse);
             const int r = wrow + g + 8 * hf;
             if (lseb && t == 0 && r < rows_valid) lseb[(int64_t)(m0 + r) * p.lse_row_stride] = lse;
 #pragma unroll
@@ -231,63 +222,6 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks) flash_fwd_sm9
         __syncthreads(); /* the next tile of this block reuses Q and the K/V buffers */
     }
 #endif
-}
-
-template <typename T, typename Cfg, bool Has_extras, bool Has_dropout>
-pf_status launch_fwd_sm90(const FlashParams &p, cudaStream_t stream, int device) {
-    auto kernel = flash_fwd_sm90_kernel<T, Cfg, Has_extras, Has_dropout>;
-    constexpr int smem = Cfg::kSmemBytes;
-    static std::atomic<uint64_t> attr_done{0};
-    PF_TRY(set_max_smem(kernel, smem, device, attr_done));
-    const int tiles = (p.max_seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM;
-    dim3 grid(tiles > 0 ? tiles : 1, p.num_heads, p.batch);
-    kernel<<<grid, Cfg::kNThreads, smem, stream>>>(p);
-    PF_CUDA_CHECK_LAUNCH("flash_fwd_sm90_kernel");
-    return PF_STATUS_OK;
-}
-
-/* The sm_90 forward for head dim kHeadDim; leaves *launched false (and
- * launches nothing) when the call needs the sm_80 kernel: unaligned tensors,
- * head dims without an sm_90 tile, devices other than compute capability 9.x.
- *
- * Tiles (H200, bf16, 16k tokens, TFLOP/s at s = 1k / 8k non-causal, 512 / 8k
- * causal; benchmarks/results/fwd90_tiles_h200.md):
- *   d=64:  64 keys, 2 warpgroups, 2 blocks per SM (128 registers, 36 bytes of
- *          spills outside the loop): 360 / 385, 209 / 363 -- against
- *          128 keys 1 block/SM 281 / 310, 161 / 299; 3 warpgroups with 128 keys
- *          274 / 340, 139 / 307; 3 warpgroups with 64 keys 247 / 307, 137 / 280;
- *          an S(n - 2)-ahead pipeline with two S accumulators +1%.
- *   d=128: 128 keys, 2 warpgroups, 1 block per SM (236 registers): 394 / 435,
- *          287 / 419 -- against 64 keys 364 / 408, 276 / 385.
- *   The softcap / ALiBi / dropout kernels use 128 keys, 1 block per SM (they
- *   spill 100-300 bytes at 2 blocks per SM). At d=64 softcap / ALiBi without
- *   dropout stay on the sm_80 kernel, which was as fast or faster there (softcap
- *   196 vs 174 TFLOP/s, ALiBi 269 vs 263 at s=2k; benchmarks/results/
- *   fwd_extras_h200.md); d=128 and dropout gain 1.06-1.39x on sm_90. */
-template <typename T, int kHeadDim>
-pf_status flash_fwd_sm90_run(const FlashParams &p, cudaStream_t stream, int device, bool *launched) {
-    *launched = false;
-    if constexpr (kHeadDim == 64 || kHeadDim == 128) {
-        if (!p.aligned || !sm90_available(device)) return PF_STATUS_OK;
-        using Cfg = FwdSm90Config<kHeadDim, 128>;
-        if (p.drop_threshold) {
-            *launched = true;
-            return launch_fwd_sm90<T, Cfg, true, true>(p, stream, device);
-        }
-        const bool extras = p.softcap > 0.0f || p.alibi != nullptr || !(p.scale_log2 > 0.0f);
-        if (extras) {
-            if constexpr (kHeadDim == 64) {
-                return PF_STATUS_OK; /* the sm_80 kernel is as fast or faster there */
-            } else {
-                *launched = true;
-                return launch_fwd_sm90<T, Cfg, true, false>(p, stream, device);
-            }
-        }
-        *launched = true;
-        using Fast = std::conditional_t<kHeadDim == 64, FwdSm90Config<64, 64, 2, 2>, FwdSm90Config<kHeadDim, 128>>;
-        return launch_fwd_sm90<T, Fast, false, false>(p, stream, device);
-    }
-    return PF_STATUS_OK;
 }
 
 }  // namespace cuda
