@@ -18,8 +18,7 @@
  *   pf::cuda::set_max_smem  a kernel's dynamic shared-memory limit, set once per device;
  *                           launch_with_smem sets it and launches.
  *   pf::cuda::sm90_available  whether a device runs this build's sm_90a kernels.
- *   pf_cu_load / pf_cu_store / pf_cu_to_float: float16 / bfloat16 / float32
- *                           element conversion in device code.
+ * Element conversion in device code is TypeOps<T> (attn/mma.cuh).
  */
 #ifndef PF_CUDA_UTIL_CUH
 #define PF_CUDA_UTIL_CUH
@@ -169,22 +168,5 @@ bool sm90_available(int device);
 
 }  // namespace cuda
 }  // namespace pf
-
-/* ---- element conversion ---- */
-
-__device__ __forceinline__ float pf_cu_to_float(float x) { return x; }
-__device__ __forceinline__ float pf_cu_to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float pf_cu_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T pf_cu_from_float(float x);
-template <>
-__device__ __forceinline__ float pf_cu_from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half pf_cu_from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 pf_cu_from_float<__nv_bfloat16>(float x) {
-    return __float2bfloat16_rn(x);
-}
 
 #endif /* PF_CUDA_UTIL_CUH */
