@@ -42,7 +42,6 @@ import importlib.metadata
 import math
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -396,10 +395,10 @@ def commit(explicit: Optional[str] = None) -> str:
     return theirs or mine or "unknown"
 
 
-_ISA_FLAGS = (
-    "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-    "amx_tile", "amx_bf16", "asimd", "asimdhp", "sve", "sve2", "bf16", "i8mm",
-)  # fmt: skip
+_ISA_FLAGS = (  # the SIMD extensions that matter to the CPU kernels (x86, then Arm)
+    "avx2 fma f16c avx512f avx512bw avx512vl avx512_vnni avx512_bf16 avx512_fp16 amx_tile amx_bf16 "
+    "asimd asimdhp sve sve2 bf16 i8mm"
+).split()
 
 
 def cpu_description() -> str:
@@ -468,9 +467,6 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
 
 # -------------------------------------------------------------------------------------------------
 # kernel variants (the kernel= hint of the Python API)
-
-FLASH_KERNELS = ("auto", "sm80", "sm90")
-PAGED_KERNELS = ("auto", "simple", "1x4", "4x4", "8x8", "1x8", "2x8", "4x8")  # tensor-core shapes also +registers
 
 
 def parse_list(text: str) -> list[str]:
@@ -545,8 +541,3 @@ def write_report(text: str, path: Optional[str]) -> None:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text)
         print(f"written to {p}")
-
-
-def clean_name(text: str) -> str:
-    """A string usable in a file name or an NVTX range."""
-    return re.sub(r"[^A-Za-z0-9_.+-]", "_", text)
