@@ -8,8 +8,9 @@
 #                         and the vendored DLPack ABI (csrc/py/pf_dlpack.h)
 # The settings are in pyproject.toml ([tool.ruff], [tool.mypy]) and .clang-format; the tool versions
 # CI installs are pinned in .ci/run. Every check runs; the exit status is non-zero if any found
-# something. FIX=1 applies what can be applied instead of checking (ruff check --fix, ruff format,
-# clang-format -i), then checks again.
+# something. FIX=1 first applies what can be applied (ruff check --fix --unsafe-fixes: the unsafe
+# ones here are typing.List/Dict/Tuple -> list/dict/tuple and collections.abc imports, safe on
+# Python 3.9; ruff format; clang-format -i), then checks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,9 +34,23 @@ c_files() {
 CFILES=()
 while IFS= read -r f; do CFILES+=("$f"); done < <(c_files)
 
+# clang-format (23) misreads a comparison inside a kernel launch's <<< >>> as template brackets and
+# writes `k < < < n > 0 ? n : 1, ... >>> (...)`, which does not compile: such a launch must
+# parenthesize the expression, `<<<(n > 0 ? n : 1), ...>>>`.
+launch_check() {
+  local hits
+  hits=$(grep -nE '<<<[^()]*[^<>][<>][^<>]' "${CFILES[@]}" 2> /dev/null | grep -E '\.(cu|cuh|h)[:]')
+  [[ -z $hits ]] && return 0
+  echo "lint: comparisons inside <<< >>> that clang-format would break; parenthesize them:" >&2
+  echo "$hits" >&2
+  return 1
+}
+
 if [[ ${FIX:-0} == 1 ]]; then
-  need ruff && { ruff check --fix; ruff format; }
-  need clang-format && [[ ${#CFILES[@]} -gt 0 ]] && clang-format -i "${CFILES[@]}"
+  need ruff && { ruff check --fix --unsafe-fixes; ruff format; }
+  if need clang-format && [[ ${#CFILES[@]} -gt 0 ]]; then
+    if launch_check; then clang-format -i "${CFILES[@]}"; else echo "lint: clang-format -i not run" >&2; fi
+  fi
 fi
 
 if need ruff; then
@@ -44,6 +59,8 @@ if need ruff; then
 fi
 need mypy && step mypy python/pagedflash
 if need clang-format; then
+  echo "== kernel launches clang-format would break"
+  launch_check || status=1
   echo "== clang-format --dry-run --Werror (${#CFILES[@]} files)"
   if [[ ${#CFILES[@]} -gt 0 ]]; then
     out=$(clang-format --dry-run --Werror "${CFILES[@]}" 2>&1)
