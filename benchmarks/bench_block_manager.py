@@ -13,30 +13,32 @@ same state and must produce identical block tables and slot mappings.
 
 Every 128 steps (untimed) all sequences are freed and re-allocated at ~T tokens, so the
 lengths stay near T and 1 in B appends takes a new block, as in steady-state decoding.
+The managers take turns, 128 steps each (benchmarks/common.py steps_in_turns), so a
+drift of the machine during the run affects them alike.
 
     PYTHONPATH=python python3 benchmarks/bench_block_manager.py [--seqs 256 --tokens 4096 ...]
 
 Writes benchmarks/results/block_manager_cpu.md. Never asserts on speed.
 """
+
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "python"))
+import common
 
-import pagedflash  # noqa: E402
-from pagedflash import BlockManager  # noqa: E402
+try:
+    from pagedflash import BlockManager
+except ImportError:  # run from a checkout without PYTHONPATH: the in-place build under python/
+    sys.path.append(str(Path(__file__).resolve().parent.parent / "python"))
+    from pagedflash import BlockManager
 
+ROOT = common.ROOT
+clock_ns = common.clock_ns  # the harness's clock (time.perf_counter_ns)
 RESET_EVERY = 128
 
 
@@ -118,7 +120,7 @@ class PyNumpyBlockManager(PyBlockManager):
     def allocate(self, seq_id: int, num_tokens: int) -> None:
         super().allocate(seq_id, num_tokens)
         t = self.tables[seq_id]
-        self.table_arr[seq_id, :len(t)] = t
+        self.table_arr[seq_id, : len(t)] = t
         self.nblocks[seq_id] = len(t)
         self.len_arr[seq_id] = num_tokens
 
@@ -163,6 +165,7 @@ def make_variants(args):
             for i, n in enumerate(lengths):
                 bm.allocate(i, rng.integers(0, 32000, size=n, dtype=np.int32) if caching else n)
             return bm
+
         return setup
 
     ids = np.arange(S, dtype=np.int64)
@@ -173,9 +176,9 @@ def make_variants(args):
 
         def step(bm):
             nonlocal bt_out
-            t0 = time.perf_counter_ns()
+            t0 = clock_ns()
             bm.append_slots_batch(ids, 1, new_tokens if caching else None)
-            t1 = time.perf_counter_ns()
+            t1 = clock_ns()
             if out_arrays:
                 width = -(-(args.tokens + RESET_EVERY + 16) // B)  # fixed, >= any table
                 if bt_out is None:
@@ -183,30 +186,29 @@ def make_variants(args):
                 bm.block_tables(ids, out=bt_out)
             else:
                 bm.block_tables(ids)
-            t2 = time.perf_counter_ns()
+            t2 = clock_ns()
             bm.slot_mapping(ids, 1)
-            t3 = time.perf_counter_ns()
+            t3 = clock_ns()
             bm.seq_lens(ids)
-            t4 = time.perf_counter_ns()
-            return {"append": t1 - t0, "block_tables": t2 - t1, "slot_mapping": t3 - t2,
-                    "seq_lens": t4 - t3}
+            t4 = clock_ns()
+            return {"append": t1 - t0, "block_tables": t2 - t1, "slot_mapping": t3 - t2, "seq_lens": t4 - t3}
+
         return step
 
     id_list = list(range(S))
 
     def pf_loop(bm):
-        t0 = time.perf_counter_ns()
+        t0 = clock_ns()
         for s in id_list:
             bm.append_slots(s)
-        t1 = time.perf_counter_ns()
+        t1 = clock_ns()
         bm.block_tables(id_list)
-        t2 = time.perf_counter_ns()
+        t2 = clock_ns()
         bm.slot_mapping(id_list, 1)
-        t3 = time.perf_counter_ns()
+        t3 = clock_ns()
         bm.seq_lens(id_list)
-        t4 = time.perf_counter_ns()
-        return {"append": t1 - t0, "block_tables": t2 - t1, "slot_mapping": t3 - t2,
-                "seq_lens": t4 - t3}
+        t4 = clock_ns()
+        return {"append": t1 - t0, "block_tables": t2 - t1, "slot_mapping": t3 - t2, "seq_lens": t4 - t3}
 
     def py_setup(lengths):
         bm = PyBlockManager(num_blocks, B)
@@ -221,18 +223,17 @@ def make_variants(args):
         return bm
 
     def py_step(bm):
-        t0 = time.perf_counter_ns()
+        t0 = clock_ns()
         for s in id_list:
             bm.append_slots(s)
-        t1 = time.perf_counter_ns()
+        t1 = clock_ns()
         bm.block_tables(id_list)
-        t2 = time.perf_counter_ns()
+        t2 = clock_ns()
         bm.slot_mapping(id_list)
-        t3 = time.perf_counter_ns()
+        t3 = clock_ns()
         bm.seq_lens(id_list)
-        t4 = time.perf_counter_ns()
-        return {"append": t1 - t0, "block_tables": t2 - t1, "slot_mapping": t3 - t2,
-                "seq_lens": t4 - t3}
+        t4 = clock_ns()
+        return {"append": t1 - t0, "block_tables": t2 - t1, "slot_mapping": t3 - t2, "seq_lens": t4 - t3}
 
     def pf_reset(bm, lengths, caching):
         for s in range(S):
@@ -248,14 +249,34 @@ def make_variants(args):
             bm.allocate(i, n)
 
     return [
-        ("pagedflash, batched (int64 ids)", pf_setup(False), pf_batched(False, False),
-         lambda bm, L: pf_reset(bm, L, False), args.steps),
-        ("pagedflash, batched, out= arrays", pf_setup(False), pf_batched(False, True),
-         lambda bm, L: pf_reset(bm, L, False), args.steps),
-        ("pagedflash, batched, prefix caching + token ids", pf_setup(True), pf_batched(True, False),
-         lambda bm, L: pf_reset(bm, L, True), args.steps),
-        ("pagedflash, per-sequence append_slots loop", pf_setup(False), pf_loop,
-         lambda bm, L: pf_reset(bm, L, False), args.steps),
+        (
+            "pagedflash, batched (int64 ids)",
+            pf_setup(False),
+            pf_batched(False, False),
+            lambda bm, L: pf_reset(bm, L, False),
+            args.steps,
+        ),
+        (
+            "pagedflash, batched, out= arrays",
+            pf_setup(False),
+            pf_batched(False, True),
+            lambda bm, L: pf_reset(bm, L, False),
+            args.steps,
+        ),
+        (
+            "pagedflash, batched, prefix caching + token ids",
+            pf_setup(True),
+            pf_batched(True, False),
+            lambda bm, L: pf_reset(bm, L, True),
+            args.steps,
+        ),
+        (
+            "pagedflash, per-sequence append_slots loop",
+            pf_setup(False),
+            pf_loop,
+            lambda bm, L: pf_reset(bm, L, False),
+            args.steps,
+        ),
         ("Python + NumPy persistent table", pynp_setup, py_step, py_reset, args.baseline_steps),
         ("pure-Python baseline (vLLM v0 style)", py_setup, py_step, py_reset, args.baseline_steps),
     ]
@@ -295,98 +316,102 @@ def check_correctness(args):
     a.check()
 
 
-def measure(name, setup, step, reset, steps, args):
+def stepper(name, setup, step, reset, steps, args):
+    """A common.Stepper for one manager: its own state, built from the same prompt lengths (the
+    same generator seed) as every other manager's."""
     rng = np.random.default_rng(2)
     bm = setup(prompt_lengths(rng, args.seqs, args.tokens))
-    warmup = max(steps // 10, 20)
-    per_op = {k: [] for k in ("append", "block_tables", "slot_mapping", "seq_lens")}
-    totals, totals_with_lens = [], []
-    for i in range(warmup + steps):
-        if i and i % RESET_EVERY == 0:
-            reset(bm, prompt_lengths(rng, args.seqs, args.tokens))
-        t = step(bm)
-        if i >= warmup:
-            for k, v in t.items():
-                per_op[k].append(v)
-            core = t["append"] + t["block_tables"] + t["slot_mapping"]
-            totals.append(core)
-            totals_with_lens.append(core + t["seq_lens"])
-    us = lambda xs, q: float(np.percentile(np.asarray(xs) / 1e3, q))  # noqa: E731
+    return common.Stepper(
+        name,
+        lambda: step(bm),
+        steps,
+        warmup=max(steps // 10, 20),
+        reset=lambda: reset(bm, prompt_lengths(rng, args.seqs, args.tokens)),
+    )
+
+
+def summarize(name, steps):
+    """Median / p10 / p90 of a manager's step times (append + block tables + slot mapping), the
+    same with seq_lens, and each phase's median, in microseconds."""
+    core = common.Timing.from_ns(t["append"] + t["block_tables"] + t["slot_mapping"] for t in steps)
+    with_lens = common.Timing.from_ns(
+        t["append"] + t["block_tables"] + t["slot_mapping"] + t["seq_lens"] for t in steps
+    )
+    ops = {k: common.Timing.from_ns(t[k] for t in steps).us for k in ("append", "block_tables", "slot_mapping")}
     return {
         "name": name,
-        "steps": steps,
-        "p10": us(totals, 10), "median": us(totals, 50), "p90": us(totals, 90),
-        "median_with_lens": us(totals_with_lens, 50),
-        "ops": {k: us(v, 50) for k, v in per_op.items()},
+        "steps": len(steps),
+        "p10": core.p10 * 1e6,
+        "median": core.us,
+        "p90": core.p90 * 1e6,
+        "median_with_lens": with_lens.us,
+        "ops": ops,
     }
 
 
-def git_commit():
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("-dirty" if dirty else "") if sha else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def cpu_name():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def render(results, args):
+def render(results):
     base = results[-1]["median"]
-    lines = [
-        f"| manager | step median (us) | p10 | p90 | vs baseline | append | block_tables | "
-        f"slot_mapping | + seq_lens: step median |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    header = [
+        "manager",
+        "step median (us)",
+        "p10",
+        "p90",
+        "vs baseline",
+        "append",
+        "block_tables",
+        "slot_mapping",
+        "+ seq_lens: step median",
     ]
+    rows = []
     for r in results:
         o = r["ops"]
-        lines.append(
-            f"| {r['name']} | {r['median']:.1f} | {r['p10']:.1f} | {r['p90']:.1f} | "
-            f"{base / r['median']:.1f}x | {o['append']:.1f} | {o['block_tables']:.1f} | "
-            f"{o['slot_mapping']:.1f} | {r['median_with_lens']:.1f} |")
-    return "\n".join(lines)
+        rows.append(
+            [
+                r["name"],
+                f"{r['median']:.1f}",
+                f"{r['p10']:.1f}",
+                f"{r['p90']:.1f}",
+                f"{base / r['median']:.1f}x",
+                f"{o['append']:.1f}",
+                f"{o['block_tables']:.1f}",
+                f"{o['slot_mapping']:.1f}",
+                f"{r['median_with_lens']:.1f}",
+            ]
+        )
+    return common.markdown_table(header, rows, align="-" + "r" * 8)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seqs", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3000, help="timed steps per pagedflash variant")
-    ap.add_argument("--baseline-steps", type=int, default=300, help="timed steps for the baseline")
+    ap.add_argument("--baseline-steps", type=int, default=300, help="timed steps for the baselines")
     ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "block_manager_cpu.md"))
     ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args()
+    common.add_common_args(ap)
+    args = ap.parse_args(argv)
 
     check_correctness(args)
-    results = [measure(name, setup, step, reset, steps, args)
-               for name, setup, step, reset, steps in make_variants(args)]
-    table = render(results, args)
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    prov = common.provenance_line("cpu", args.commit)
+    print(prov, flush=True)
+    variants = make_variants(args)
+    steppers = [stepper(name, setup, step, reset, steps, args) for name, setup, step, reset, steps in variants]
+    measured = common.steps_in_turns(steppers, every=RESET_EVERY)
+    results = [summarize(s.name, m) for s, m in zip(steppers, measured)]
+    table = render(results)
     header = (
         f"# BlockManager decode step on the CPU\n\n"
-        f"- date: {now}\n"
-        f"- machine: {cpu_name()}, {os.cpu_count()} cores; Python {platform.python_version()}, "
-        f"NumPy {np.__version__}, pagedflash {pagedflash.__version__}\n"
-        f"- commit: {git_commit()}\n"
+        f"{prov}\n\n"
         f"- workload: {args.seqs} running sequences of ~{args.tokens} tokens "
         f"({args.tokens - 63}..{args.tokens}, re-allocated every {RESET_EVERY} steps), "
         f"block size {args.block_size}, so block tables are "
         f"[{args.seqs}, ~{-(-args.tokens // args.block_size)}] int32\n"
         f"- step = append one token to every sequence + padded block-table array + slot "
         f"mapping; times in microseconds (perf_counter_ns), median / p10 / p90 over "
-        f"{args.steps} steps ({args.baseline_steps} for the baseline) after warm-up; per-op "
+        f"{args.steps} steps ({args.baseline_steps} for the baselines) after warm-up; the managers "
+        f"take turns, {RESET_EVERY} steps each (benchmarks/common.py steps_in_turns); per-op "
         f"columns are per-op medians\n"
         f"- correctness checked first: identical tables, slots, lengths and copy-on-write "
         f"pairs from both managers\n"
@@ -394,11 +419,7 @@ def main():
         f"--seqs {args.seqs} --tokens {args.tokens} --block-size {args.block_size}`\n\n"
     )
     text = header + table + "\n"
-    print(text)
-    if not args.no_write:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text)
-        print(f"written to {args.output}")
+    common.write_report(text, None if args.no_write else args.output)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ above it, as written by bench_decode.py or bench_attention.py:
            forward / backward), pagedflash and SDPA's backends.
 Writes <page>.png (needs matplotlib; it is not a dependency of the package).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,7 @@ def first_table(text: str) -> tuple[list[str], list[list[str]], str]:
     start = next(i for i, line in enumerate(lines) if line.startswith("| "))
     head = [c.strip() for c in lines[start].strip("|").split("|")]
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         rows.append([c.strip() for c in line.strip("|").split("|")])
@@ -59,7 +60,7 @@ def finish(fig, axes, title):
 
 def plot_decode(plt, head, rows, title):
     col = {name: i for i, name in enumerate(head)}
-    backends = [h[:-len(" us (TB/s)")] for h in head if h.endswith(" us (TB/s)")]
+    backends = [h[: -len(" us (TB/s)")] for h in head if h.endswith(" us (TB/s)")]
     batches = sorted({int(r[col["batch"]]) for r in rows})
     fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.8), squeeze=False)
     for ax, batch in zip(axes[0], batches):
@@ -82,8 +83,14 @@ def plot_decode(plt, head, rows, title):
 def plot_prefill(plt, head, rows, title):
     col = {name: i for i, name in enumerate(head)}
     groups = sorted({(int(r[col["d"]]), r[col["causal"]]) for r in rows})
-    systems = [("pf", "pagedflash"), ("pf80", "pagedflash sm_80 kernels"), ("fa2", "SDPA FLASH_ATTENTION"),
-               ("cudnn", "SDPA CUDNN_ATTENTION"), ("eff", "SDPA EFFICIENT_ATTENTION")]
+    systems = [
+        ("pf", "pagedflash"),
+        ("pf80", "pagedflash sm_80 kernels"),
+        ("pf90", "pagedflash sm_90 kernels"),
+        ("fa2", "SDPA FLASH_ATTENTION"),
+        ("cudnn", "SDPA CUDNN_ATTENTION"),
+        ("eff", "SDPA EFFICIENT_ATTENTION"),
+    ]
     fig, axes = plt.subplots(2, len(groups), figsize=(3.8 * len(groups), 6.6), squeeze=False)
     for j, (d, causal) in enumerate(groups):
         sel = [r for r in rows if int(r[col["d"]]) == d and r[col["causal"]] == causal]
@@ -94,7 +101,10 @@ def plot_prefill(plt, head, rows, title):
                 name = f"{key}_{pas}"
                 if name in col:
                     ys = [number(r[col[name]]) for r in sel]
-                    ax.plot(s, ys, "o-" if key == "pf" else ".--", lw=2.2 if key == "pf" else 1.2, label=label)
+                    pts = [(x, y) for x, y in zip(s, ys) if y is not None]  # '-': not run at that point
+                    if pts:
+                        style = "o-" if key == "pf" else ".--"
+                        ax.plot(*zip(*pts), style, lw=2.2 if key == "pf" else 1.2, label=label)
             ax.set_xscale("log", base=2)
             ax.set_title(f"{pas}, d={d}, causal={causal}", fontsize=9)
             ax.grid(alpha=0.3)
@@ -110,6 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("pages", nargs="+", type=Path)
     args = ap.parse_args(argv)
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

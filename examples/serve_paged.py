@@ -38,12 +38,14 @@ maximum length for every sequence. Exit status 0 when every check passes, 1 othe
     python3 examples/serve_paged.py --small    # a few seconds (the test)
     python3 examples/serve_paged.py --seed 3 --num-splits 2
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -91,11 +93,19 @@ class TinyDecoder:
         self.embed = rng.standard_normal((c.vocab, c.dim)).astype(np.float32)
         self.layers = []
         for _ in range(c.layers):
-            self.layers.append(dict(
-                n1=norm_w(c.dim), n2=norm_w(c.dim),
-                wq=mat(c.dim, c.heads * c.head_dim, 2.0), wk=mat(c.dim, c.kv_heads * c.head_dim, 2.0),
-                wv=mat(c.dim, c.kv_heads * c.head_dim), wo=mat(c.heads * c.head_dim, c.dim),
-                w1=mat(c.dim, c.ffn), w3=mat(c.dim, c.ffn), w2=mat(c.ffn, c.dim)))
+            self.layers.append(
+                dict(
+                    n1=norm_w(c.dim),
+                    n2=norm_w(c.dim),
+                    wq=mat(c.dim, c.heads * c.head_dim, 2.0),
+                    wk=mat(c.dim, c.kv_heads * c.head_dim, 2.0),
+                    wv=mat(c.dim, c.kv_heads * c.head_dim),
+                    wo=mat(c.heads * c.head_dim, c.dim),
+                    w1=mat(c.dim, c.ffn),
+                    w3=mat(c.dim, c.ffn),
+                    w2=mat(c.ffn, c.dim),
+                )
+            )
         self.norm = norm_w(c.dim)
         self.head = mat(c.dim, c.vocab)
         half = c.head_dim // 2
@@ -114,8 +124,12 @@ class TinyDecoder:
         x1, x2 = x[..., :half], x[..., half:]
         return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
-    def forward(self, tokens: np.ndarray, positions: np.ndarray,
-                attend: Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    def forward(
+        self,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        attend: Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+    ) -> np.ndarray:
         c = self.cfg
         n = len(tokens)
         x = self.embed[tokens]
@@ -157,10 +171,10 @@ class Seq:
     req: Request
     sample: int
     rng: np.random.Generator
-    tokens: List[int]
+    tokens: list[int]
     computed: int = 0  # tokens whose K/V are in the cache
     cached: int = 0  # prompt tokens served by the prefix cache
-    logits: Dict[int, np.ndarray] = field(default_factory=dict)  # position -> logits row
+    logits: dict[int, np.ndarray] = field(default_factory=dict)  # position -> logits row
 
     @property
     def generated(self) -> int:
@@ -174,7 +188,7 @@ class Scenario:
     num_blocks: int
     num_cpu_blocks: int
     token_budget: int  # query tokens per step (decodes + prefill chunks)
-    requests: List[Request]
+    requests: list[Request]
     preempt_req: int  # the request swapped out (all its samples) ...
     preempt_step: int  # ... at the first step >= this where it is decoding
     resume_after: int  # steps it stays swapped out
@@ -185,24 +199,30 @@ def make_scenario(small: bool, seed: int) -> Scenario:
     if small:
         model = ModelConfig(dim=64, layers=2, ffn=128, max_len=128)
         bs, nblocks, ncpu, budget = 8, 40, 16, 32
-        sys_len, spec = 21, [  # (prompt, max_new, n, arrival, note)
-            ("sys+6", 8, 1, 0, "system prompt + question A"),
-            (13, 8, 3, 0, "parallel sampling, n=3"),
-            (45, 5, 1, 1, "long prompt, chunked prefill"),
-            ("sys+4", 6, 1, 2, "system prompt + question B"),
-            (5, 6, 1, 5, "short prompt, arrives during the preemption"),
-        ]
+        sys_len, spec = (
+            21,
+            [  # (prompt, max_new, n, arrival, note)
+                ("sys+6", 8, 1, 0, "system prompt + question A"),
+                (13, 8, 3, 0, "parallel sampling, n=3"),
+                (45, 5, 1, 1, "long prompt, chunked prefill"),
+                ("sys+4", 6, 1, 2, "system prompt + question B"),
+                (5, 6, 1, 5, "short prompt, arrives during the preemption"),
+            ],
+        )
         preempt_step, resume_after = 3, 3
     else:
         model = ModelConfig()
         bs, nblocks, ncpu, budget = 16, 48, 16, 64
-        sys_len, spec = 37, [
-            ("sys+12", 20, 1, 0, "system prompt + question A"),
-            (29, 18, 3, 0, "parallel sampling, n=3"),
-            (90, 12, 1, 1, "long prompt, chunked prefill"),
-            ("sys+25", 16, 1, 3, "system prompt + question B"),
-            (7, 24, 1, 7, "short prompt, arrives during the preemption"),
-        ]
+        sys_len, spec = (
+            37,
+            [
+                ("sys+12", 20, 1, 0, "system prompt + question A"),
+                (29, 18, 3, 0, "parallel sampling, n=3"),
+                (90, 12, 1, 1, "long prompt, chunked prefill"),
+                ("sys+25", 16, 1, 3, "system prompt + question B"),
+                (7, 24, 1, 7, "short prompt, arrives during the preemption"),
+            ],
+        )
         preempt_step, resume_after = 5, 6
     system = rng.integers(0, model.vocab, sys_len)
     reqs = []
@@ -213,8 +233,9 @@ def make_scenario(small: bool, seed: int) -> Scenario:
         else:
             prompt = rng.integers(0, model.vocab, p)
         reqs.append(Request(i, prompt.astype(np.int32), new, n, arrival, note))
-    return Scenario(model, bs, nblocks, ncpu, budget, reqs, preempt_req=1,
-                    preempt_step=preempt_step, resume_after=resume_after)
+    return Scenario(
+        model, bs, nblocks, ncpu, budget, reqs, preempt_req=1, preempt_step=preempt_step, resume_after=resume_after
+    )
 
 
 def _pairs(mapping: np.ndarray) -> str:
@@ -229,28 +250,52 @@ def sample_rng(seed: int, req: int, sample_idx: int) -> np.random.Generator:
 class PagedServer:
     """The serving loop: scheduler + BlockManager + paged KV caches (one pair per layer)."""
 
-    def __init__(self, sc: Scenario, model: TinyDecoder, *, seed: int, temperature: float,
-                 num_splits: int, log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        sc: Scenario,
+        model: TinyDecoder,
+        *,
+        seed: int,
+        temperature: float,
+        num_splits: int,
+        log: Callable[[str], None],
+    ) -> None:
         c = sc.model
         self.sc, self.model, self.seed, self.temperature = sc, model, seed, temperature
         self.num_splits, self.log = num_splits, log
-        self.bm = BlockManager(sc.num_blocks, sc.block_size, num_cpu_blocks=sc.num_cpu_blocks,
-                               enable_prefix_caching=True)
+        self.bm = BlockManager(
+            sc.num_blocks, sc.block_size, num_cpu_blocks=sc.num_cpu_blocks, enable_prefix_caching=True
+        )
         shape = (sc.num_blocks, sc.block_size, c.kv_heads, c.head_dim)
         host = (sc.num_cpu_blocks, sc.block_size, c.kv_heads, c.head_dim)
         self.k_caches = [np.full(shape, np.nan, np.float32) for _ in range(c.layers)]
         self.v_caches = [np.full(shape, np.nan, np.float32) for _ in range(c.layers)]
         self.k_host = [np.full(host, np.nan, np.float32) for _ in range(c.layers)]
         self.v_host = [np.full(host, np.nan, np.float32) for _ in range(c.layers)]
-        self.seqs: List[Seq] = []  # every sequence ever created
-        self.stats = dict(steps=0, query_tokens=0, cow_copies=0, swap_out=0, swap_in=0,
-                          swap_out_blocks=0, swap_in_blocks=0, cached_tokens=0, peak_blocks=0,
-                          decode_layout_steps=0, packed_layout_steps=0)
+        self.seqs: list[Seq] = []  # every sequence ever created
+        self.stats = dict(
+            steps=0,
+            query_tokens=0,
+            cow_copies=0,
+            swap_out=0,
+            swap_in=0,
+            swap_out_blocks=0,
+            swap_in_blocks=0,
+            cached_tokens=0,
+            peak_blocks=0,
+            decode_layout_steps=0,
+            packed_layout_steps=0,
+        )
 
     # ..................................................................... helpers
-    def _new_seq(self, req: Request, sample_idx: int, tokens: List[int]) -> Seq:
-        s = Seq(sid=100 * req.idx + sample_idx, req=req, sample=sample_idx,
-                rng=sample_rng(self.seed, req.idx, sample_idx), tokens=list(tokens))
+    def _new_seq(self, req: Request, sample_idx: int, tokens: list[int]) -> Seq:
+        s = Seq(
+            sid=100 * req.idx + sample_idx,
+            req=req,
+            sample=sample_idx,
+            rng=sample_rng(self.seed, req.idx, sample_idx),
+            tokens=list(tokens),
+        )
         self.seqs.append(s)
         return s
 
@@ -264,8 +309,7 @@ class PagedServer:
         be read (evictable blocks keep their contents for prefix hits)."""
         free_dev = self.bm.block_states()[1] == 0
         free_host = self.bm.block_states(cpu=True)[1] == 0
-        for caches, free in ((self.k_caches + self.v_caches, free_dev),
-                             (self.k_host + self.v_host, free_host)):
+        for caches, free in ((self.k_caches + self.v_caches, free_dev), (self.k_host + self.v_host, free_host)):
             for cache in caches:
                 cache[free] = np.nan
 
@@ -273,16 +317,16 @@ class PagedServer:
     def run(self) -> None:
         sc, bm = self.sc, self.bm
         waiting = sorted(sc.requests, key=lambda r: r.arrival)
-        running: List[Seq] = []  # decoding: every token but the last sampled one is in the cache
-        prefilling: List[Seq] = []  # prompt partly in the cache
-        swapped: List[Seq] = []
+        running: list[Seq] = []  # decoding: every token but the last sampled one is in the cache
+        prefilling: list[Seq] = []  # prompt partly in the cache
+        swapped: list[Seq] = []
         resume_step: Optional[int] = None
         preempted = False
         step = 0
         while waiting or running or prefilling or swapped:
             if step > 10000:
                 raise RuntimeError("the scheduler made no progress")
-            events: List[str] = []
+            events: list[str] = []
             # 1. swap in (at the start of the step, before anything is written)
             if swapped and step >= resume_step:
                 ids = [s.sid for s in swapped]
@@ -291,27 +335,33 @@ class PagedServer:
                     self._swap(self.k_host, self.v_host, self.k_caches, self.v_caches, mapping)
                     self.stats["swap_in"] += 1
                     self.stats["swap_in_blocks"] += len(mapping)
-                    events.append(f"swap in req{swapped[0].req.idx} ({len(ids)} seqs; host->device "
-                                  + _pairs(mapping) + ")")
+                    events.append(
+                        f"swap in req{swapped[0].req.idx} ({len(ids)} seqs; host->device " + _pairs(mapping) + ")"
+                    )
                     running += swapped
                     swapped = []
             # 2. preemption (scripted): swap the whole sample group out
             group = [s for s in running if s.req.idx == sc.preempt_req]
-            if (not preempted and step >= sc.preempt_step and group
-                    and not any(s.req.idx == sc.preempt_req for s in prefilling)):
+            if (
+                not preempted
+                and step >= sc.preempt_step
+                and group
+                and not any(s.req.idx == sc.preempt_req for s in prefilling)
+            ):
                 ids = [s.sid for s in group]
                 if bm.can_swap_out(ids):
                     mapping = bm.swap_out(ids)
                     self._swap(self.k_caches, self.v_caches, self.k_host, self.v_host, mapping)
                     self.stats["swap_out"] += 1
                     self.stats["swap_out_blocks"] += len(mapping)
-                    events.append(f"preempt: swap out req{sc.preempt_req} ({len(ids)} seqs; device->host "
-                                  + _pairs(mapping) + ")")
+                    events.append(
+                        f"preempt: swap out req{sc.preempt_req} ({len(ids)} seqs; device->host " + _pairs(mapping) + ")"
+                    )
                     running = [s for s in running if s.req.idx != sc.preempt_req]
                     swapped, preempted, resume_step = group, True, step + sc.resume_after
             # 3. schedule: decodes, then prefill chunks, within the token budget
-            items: List[tuple] = []  # (seq, number of query tokens)
-            cow_pairs: List[np.ndarray] = []
+            items: list[tuple] = []  # (seq, number of query tokens)
+            cow_pairs: list[np.ndarray] = []
             budget = sc.token_budget
             num_decode = len(running)
             if running:
@@ -325,8 +375,11 @@ class PagedServer:
                 n = min(len(s.tokens) - s.computed, budget)
                 if n <= 0:
                     continue
-                cow_pairs.append(np.asarray(bm.append_slots(s.sid, n, s.tokens[s.computed:s.computed + n]),
-                                            dtype=np.int64).reshape(-1, 2))
+                cow_pairs.append(
+                    np.asarray(
+                        bm.append_slots(s.sid, n, s.tokens[s.computed : s.computed + n]), dtype=np.int64
+                    ).reshape(-1, 2)
+                )
                 items.append((s, n))
                 budget -= n
                 events.append(f"prefill req{s.req.idx} [{s.computed}:{s.computed + n}]")
@@ -353,8 +406,9 @@ class PagedServer:
                 items.append((s, first - s.cached))
                 budget -= first - s.cached
                 hit = f", prefix cache hit: {s.cached} tokens" if s.cached else ""
-                events.append(f"admit req{req.idx} ({req.note}; prompt {len(req.prompt)}{hit}) "
-                              f"prefill [{s.cached}:{first}]")
+                events.append(
+                    f"admit req{req.idx} ({req.note}; prompt {len(req.prompt)}{hit}) prefill [{s.cached}:{first}]"
+                )
             if not items:
                 if swapped:  # nothing else to do: swap back in early
                     resume_step = step
@@ -400,19 +454,20 @@ class PagedServer:
                         events.append(f"finish seq {t.sid} (req{t.req.idx}, {t.generated} tokens)")
             bm.check()
             self._poison_unused()
-            self.log(f"step {step:3d} | {len(items)} seqs, {sum(n for _, n in items):3d} query tokens "
-                     f"({num_decode} decode) | blocks used {used:3d}/{sc.num_blocks}"
-                     + "".join(f" | {e}" for e in events))
+            self.log(
+                f"step {step:3d} | {len(items)} seqs, {sum(n for _, n in items):3d} query tokens "
+                f"({num_decode} decode) | blocks used {used:3d}/{sc.num_blocks}" + "".join(f" | {e}" for e in events)
+            )
             step += 1
 
-    def _forward(self, items: List[tuple]) -> np.ndarray:
+    def _forward(self, items: list[tuple]) -> np.ndarray:
         bm = self.bm
         ids = np.array([s.sid for s, _ in items], dtype=np.int64)
         counts = np.array([n for _, n in items], dtype=np.int32)
         slots = bm.slot_mapping(ids, counts)  # where this step's K/V go
         tables = bm.block_tables(ids)
         lens = bm.seq_lens(ids)  # include this step's queries
-        tokens = np.concatenate([np.asarray(s.tokens[s.computed:s.computed + n], np.int64) for s, n in items])
+        tokens = np.concatenate([np.asarray(s.tokens[s.computed : s.computed + n], np.int64) for s, n in items])
         positions = np.concatenate([np.arange(s.computed, s.computed + n) for s, n in items])
         if not np.array_equal(lens, [s.computed + n for s, n in items]):
             raise RuntimeError(f"seq_lens {lens.tolist()} disagree with the scheduler's counts")
@@ -429,20 +484,20 @@ class PagedServer:
             pf.write_kv_cache(k, v, kc[layer], vc[layer], slots)  # first write, then attend
             if decode_only:  # q [batch, h, d]: one query per sequence
                 return pf.paged_attn(q, kc[layer], vc[layer], tables, lens, num_splits=self.num_splits)
-            return pf.paged_attn(q, kc[layer], vc[layer], tables, lens, cu_seqlens_q=cu,
-                                 num_splits=self.num_splits)
+            return pf.paged_attn(q, kc[layer], vc[layer], tables, lens, cu_seqlens_q=cu, num_splits=self.num_splits)
 
         return self.model.forward(tokens, positions, attend)
 
 
 # ------------------------------------------------------------------- reference run
-def reference_generate(model: TinyDecoder, prompt: np.ndarray, max_new: int, rng: np.random.Generator,
-                       temperature: float) -> tuple:
+def reference_generate(
+    model: TinyDecoder, prompt: np.ndarray, max_new: int, rng: np.random.Generator, temperature: float
+) -> tuple:
     """One sequence alone, with contiguous KV caches (lists growing per token) and the
     float64 naive attention. Returns (generated tokens, logits [positions, vocab])."""
     c = model.cfg
-    k_cache: List[List[np.ndarray]] = [[] for _ in range(c.layers)]
-    v_cache: List[List[np.ndarray]] = [[] for _ in range(c.layers)]
+    k_cache: list[list[np.ndarray]] = [[] for _ in range(c.layers)]
+    v_cache: list[list[np.ndarray]] = [[] for _ in range(c.layers)]
 
     def attend(layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         k_cache[layer].extend(k)
@@ -457,45 +512,59 @@ def reference_generate(model: TinyDecoder, prompt: np.ndarray, max_new: int, rng
         if len(tokens) - len(prompt) == max_new:
             break
         rows.append(model.forward(np.asarray(tokens[-1:], np.int64), np.array([len(tokens) - 1]), attend))
-    return tokens[len(prompt):], np.concatenate(rows)
+    return tokens[len(prompt) :], np.concatenate(rows)
 
 
 # ---------------------------------------------------------------------------- main
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--small", action="store_true", help="a small model and workload (a few seconds)")
     ap.add_argument("--seed", type=int, default=0, help="weights, prompts and sampling")
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--num-splits", type=int, default=0,
-                    help="paged_attn num_splits (0 automatic, n > 1 flash decoding)")
+    ap.add_argument(
+        "--num-splits", type=int, default=0, help="paged_attn num_splits (0 automatic, n > 1 flash decoding)"
+    )
     ap.add_argument("--quiet", action="store_true", help="no per-step log")
     args = ap.parse_args(argv)
 
     sc = make_scenario(args.small, args.seed)
     c = sc.model
     model = TinyDecoder(c, args.seed)
-    print(f"model: {c.layers} layers, dim {c.dim}, {c.heads} query heads / {c.kv_heads} KV heads x "
-          f"{c.head_dim}, vocab {c.vocab}, context {c.max_len}; float32, seed {args.seed}")
-    print(f"cache: {sc.num_blocks} device blocks + {sc.num_cpu_blocks} host blocks of {sc.block_size} "
-          f"tokens per layer; step budget {sc.token_budget} query tokens; prefix caching on")
+    print(
+        f"model: {c.layers} layers, dim {c.dim}, {c.heads} query heads / {c.kv_heads} KV heads x "
+        f"{c.head_dim}, vocab {c.vocab}, context {c.max_len}; float32, seed {args.seed}"
+    )
+    print(
+        f"cache: {sc.num_blocks} device blocks + {sc.num_cpu_blocks} host blocks of {sc.block_size} "
+        f"tokens per layer; step budget {sc.token_budget} query tokens; prefix caching on"
+    )
     print("requests:")
     for r in sc.requests:
-        print(f"  req{r.idx}: prompt {len(r.prompt):3d}, {r.max_new:2d} new tokens, n={r.n}, "
-              f"arrives at step {r.arrival} -- {r.note}")
+        print(
+            f"  req{r.idx}: prompt {len(r.prompt):3d}, {r.max_new:2d} new tokens, n={r.n}, "
+            f"arrives at step {r.arrival} -- {r.note}"
+        )
 
-    server = PagedServer(sc, model, seed=args.seed, temperature=args.temperature,
-                         num_splits=args.num_splits, log=(lambda m: None) if args.quiet else print)
+    server = PagedServer(
+        sc,
+        model,
+        seed=args.seed,
+        temperature=args.temperature,
+        num_splits=args.num_splits,
+        log=(lambda m: None) if args.quiet else print,
+    )
     server.run()
     st, bm = server.stats, server.bm
 
     # ---- compare with contiguous per-request caches
-    failures: List[str] = []
+    failures: list[str] = []
     max_diff, compared = 0.0, 0
     for s in server.seqs:
         rng = sample_rng(args.seed, s.req.idx, s.sample)  # the same draws as the paged run
         ref_tokens, ref_logits = reference_generate(model, s.req.prompt, s.req.max_new, rng, args.temperature)
-        paged_tokens = s.tokens[len(s.req.prompt):]
+        paged_tokens = s.tokens[len(s.req.prompt) :]
         if paged_tokens != ref_tokens:
             failures.append(f"seq {s.sid}: tokens differ: paged {paged_tokens} vs contiguous {ref_tokens}")
         first = s.cached if s.sample == 0 else len(s.req.prompt)
@@ -523,24 +592,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tight_bytes = nseq * tight_len * bytes_per_token
     kib = 1024.0
     print("summary:")
-    print(f"  requests: {len(sc.requests)} ({nseq} sequences with samples), steps: {st['steps']} "
-          f"({st['decode_layout_steps']} pure decode with q [batch, h, d], {st['packed_layout_steps']} "
-          f"packed with cu_seqlens_q), query tokens computed: {st['query_tokens']}")
-    print(f"  prefix cache hits: {bm.prefix_cache_hits} of {bm.prefix_cache_queries} queried blocks "
-          f"({st['cached_tokens']} prompt tokens not recomputed)")
+    print(
+        f"  requests: {len(sc.requests)} ({nseq} sequences with samples), steps: {st['steps']} "
+        f"({st['decode_layout_steps']} pure decode with q [batch, h, d], {st['packed_layout_steps']} "
+        f"packed with cu_seqlens_q), query tokens computed: {st['query_tokens']}"
+    )
+    print(
+        f"  prefix cache hits: {bm.prefix_cache_hits} of {bm.prefix_cache_queries} queried blocks "
+        f"({st['cached_tokens']} prompt tokens not recomputed)"
+    )
     print(f"  copy-on-write copies: {st['cow_copies']}")
-    print(f"  swap out: {st['swap_out']} ({st['swap_out_blocks']} blocks), "
-          f"swap in: {st['swap_in']} ({st['swap_in_blocks']} blocks)")
-    print(f"  logits: {compared} positions compared with contiguous per-request caches, "
-          f"max |diff| = {max_diff:.2e} (tolerance {TOL:g}); generated tokens "
-          f"{'identical' if not any('tokens differ' in f for f in failures) else 'DIFFER'}")
+    print(
+        f"  swap out: {st['swap_out']} ({st['swap_out_blocks']} blocks), "
+        f"swap in: {st['swap_in']} ({st['swap_in_blocks']} blocks)"
+    )
+    print(
+        f"  logits: {compared} positions compared with contiguous per-request caches, "
+        f"max |diff| = {max_diff:.2e} (tolerance {TOL:g}); generated tokens "
+        f"{'identical' if not any('tokens differ' in f for f in failures) else 'DIFFER'}"
+    )
     block_kib = sc.block_size * bytes_per_token / kib
-    print(f"  KV memory: paged peak {st['peak_blocks']} blocks x {block_kib:.0f} KiB "
-          f"= {paged_bytes / kib:.0f} KiB; contiguous pre-allocation {nseq} seqs x {c.max_len} tokens x "
-          f"{bytes_per_token / kib:.0f} KiB = {contiguous_bytes / kib:.0f} KiB; "
-          f"ratio {paged_bytes / contiguous_bytes:.3f} ({contiguous_bytes / paged_bytes:.1f}x less)")
-    print(f"             (even pre-allocating only the longest request, {tight_len} tokens: "
-          f"{tight_bytes / kib:.0f} KiB, ratio {paged_bytes / tight_bytes:.3f})")
+    print(
+        f"  KV memory: paged peak {st['peak_blocks']} blocks x {block_kib:.0f} KiB "
+        f"= {paged_bytes / kib:.0f} KiB; contiguous pre-allocation {nseq} seqs x {c.max_len} tokens x "
+        f"{bytes_per_token / kib:.0f} KiB = {contiguous_bytes / kib:.0f} KiB; "
+        f"ratio {paged_bytes / contiguous_bytes:.3f} ({contiguous_bytes / paged_bytes:.1f}x less)"
+    )
+    print(
+        f"             (even pre-allocating only the longest request, {tight_len} tokens: "
+        f"{tight_bytes / kib:.0f} KiB, ratio {paged_bytes / tight_bytes:.3f})"
+    )
     for f in failures:
         print("FAIL:", f)
     print("FAILED" if failures else "OK: every step's logits and every token match the contiguous run")

@@ -14,6 +14,7 @@ float32 noise, and the loss falls.
     python examples/train_tiny_lm.py            # 300 steps
     python examples/train_tiny_lm.py --steps 30 # quick check
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,9 @@ class Attention(nn.Module):
         if self.backend == "pagedflash":
             o = pft.flash_attn(q, k, v, causal=True)  # [b, t, h, d] layout, GQA native
         else:
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, enable_gqa=True).transpose(1, 2)
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+            ).transpose(1, 2)
         return self.o(o.reshape(b, t, self.h * self.d))
 
 
@@ -65,8 +67,9 @@ class Block(nn.Module):
 
 
 class TinyLM(nn.Module):
-    def __init__(self, vocab: int, seq_len: int, dim: int, layers: int, num_heads: int, num_kv_heads: int,
-                 backend: str):
+    def __init__(
+        self, vocab: int, seq_len: int, dim: int, layers: int, num_heads: int, num_kv_heads: int, backend: str
+    ):
         super().__init__()
         self.tok = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(seq_len, dim)
@@ -106,10 +109,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--print-every", type=int, default=10)
-    ap.add_argument("--bf16", action="store_true",
-                    help="run forward and backward under torch.autocast(bfloat16): attention sees bf16 q/k/v")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="CPU threads for torch and pagedflash (a model this small gains nothing from more)")
+    ap.add_argument(
+        "--bf16",
+        action="store_true",
+        help="run forward and backward under torch.autocast(bfloat16): attention sees bf16 q/k/v",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch and pagedflash (a model this small gains nothing from more)",
+    )
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -123,9 +133,11 @@ def main(argv=None) -> dict:
     gen = torch.Generator().manual_seed(args.seed + 1)
 
     floor = math.log(args.vocab) * (args.period - 1) / args.seq_len  # targets 1..period-1 are random
-    print(f"tiny LM: {args.layers} layers, dim {args.dim}, {args.heads} query / {args.kv_heads} kv heads, "
-          f"seq {args.seq_len}, copy period {args.period}, vocab {args.vocab}; "
-          f"initial loss ~{math.log(args.vocab):.3f}, best possible ~{floor:.3f}")
+    print(
+        f"tiny LM: {args.layers} layers, dim {args.dim}, {args.heads} query / {args.kv_heads} kv heads, "
+        f"seq {args.seq_len}, copy period {args.period}, vocab {args.vocab}; "
+        f"initial loss ~{math.log(args.vocab):.3f}, best possible ~{floor:.3f}"
+    )
     print(f"{'step':>5} {'pagedflash':>11} {'sdpa':>11} {'|diff|':>10}")
     curve_pf, curve_ref = [], []
     t0 = time.perf_counter()
@@ -146,8 +158,10 @@ def main(argv=None) -> dict:
         if step % args.print_every == 0 or step == 1 or step == args.steps:
             print(f"{step:5d} {losses[0]:11.5f} {losses[1]:11.5f} {abs(losses[0] - losses[1]):10.2e}", flush=True)
     max_diff = max(abs(a - b) for a, b in zip(curve_pf, curve_ref))
-    print(f"done in {time.perf_counter() - t0:.1f} s; max |loss_pagedflash - loss_sdpa| over the run: "
-          f"{max_diff:.2e}; loss {curve_pf[0]:.3f} -> {curve_pf[-1]:.3f}")
+    print(
+        f"done in {time.perf_counter() - t0:.1f} s; max |loss_pagedflash - loss_sdpa| over the run: "
+        f"{max_diff:.2e}; loss {curve_pf[0]:.3f} -> {curve_pf[-1]:.3f}"
+    )
     return {"pagedflash": curve_pf, "sdpa": curve_ref, "max_diff": max_diff}
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # decode_dev.sh <logdir> - quick paged-decode iteration on a GPU machine: build the head
 # dims in PAGEDFLASH_HEADDIMS (default 64,128), run the paged GPU tests, then the decode
-# benchmark with the variants in DECODE_ARGS (e.g. --pf-env PAGEDFLASH_PAGED_MODE=1,2), then
+# benchmark with the variants in DECODE_ARGS (e.g. --pf-kernels 8x8,1x4,8x8+registers), then
 # (with SANITIZE_K set) gpu_check.sh's compute-sanitizer stage over the tests it selects.
 set -uo pipefail
 LOG=${1:?usage: scripts/decode_dev.sh <logdir>}

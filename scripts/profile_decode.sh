@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # profile_decode.sh <logdir> - Nsight Compute on the paged decode kernels: build (PAGEDFLASH_HEADDIMS,
-# default 128), then, once per setting in $VARIANTS (e.g. "PAGEDFLASH_PAGED_MODE=1 PAGEDFLASH_PAGED_MODE=2";
-# default: one run as is), profile one pagedflash call per point in $POINTS (and cuDNN's, with SDPA=1)
-# with $SECTIONS or $METRICS; a text report per setting.
+# default 128), then, once per kernel in $KERNELS (paged_attn's kernel= values, e.g. "auto 8x8 1x4
+# 1x8+registers"; default: auto), profile one pagedflash call per point in $POINTS (and cuDNN's, with
+# SDPA=1) with $SECTIONS or $METRICS; a text report per kernel.
 set -uo pipefail
 LOG=${1:?usage: scripts/profile_decode.sh <logdir>}
 mkdir -p "$LOG"
@@ -18,11 +18,10 @@ WHAT=${METRICS:+--metrics $METRICS}
 WHAT=${WHAT:-${SECTIONS:-"--section SpeedOfLight --section MemoryWorkloadAnalysis --section SchedulerStats --metrics ${STALLS}smsp__inst_executed.sum,lts__t_requests_srcunit_tex_op_read.sum,lts__t_sectors_srcunit_tex_op_read.sum"}}
 INC=""
 for p in $POINTS; do INC="$INC --nvtx-include pf_b${p%x*}_c${p#*x}/"; [[ ${SDPA:-0} == 1 ]] && INC="$INC --nvtx-include sdpa_b${p%x*}_c${p#*x}/"; done
-for v in ${VARIANTS:-none}; do
-  name=${v//[^A-Za-z0-9_.-]/_}
-  ( [[ $v != none ]] && export "$v"
-    ncu --nvtx $INC --clock-control none $WHAT python3 benchmarks/profile_decode.py --points $POINTS \
-      > "$LOG/ncu_$name.txt" 2> "$LOG/ncu_$name.err" )
-  echo "== $v"
-  grep -E "pf_paged|cudnn_gen|Duration|DRAM Throughput|L2 Cache Throughput|No Eligible|Warp Cycles Per Issued|stalled|inst_executed|lts__t_" "$LOG/ncu_$name.txt" | head -60
+for k in ${KERNELS:-auto}; do
+  name=${k//[^A-Za-z0-9_.-]/_}
+  ncu --nvtx $INC --clock-control none $WHAT python3 benchmarks/profile_decode.py --points $POINTS --kernel "$k" \
+    > "$LOG/ncu_$name.txt" 2> "$LOG/ncu_$name.err"
+  echo "== kernel $k"
+  grep -E "pf_paged|cudnn_gen|Duration|DRAM Throughput|L2 Cache Throughput|No Eligible|Warp Cycles Per Issued|stalled|inst_executed|lts__t_|max \|pagedflash" "$LOG/ncu_$name.txt" | head -60
 done
