@@ -408,11 +408,9 @@ def naive_grads(dout, q, k, v, *, dtype, **opts):
 # ---------------------------------------------------------------------------
 
 
-def assert_close(out, ref, naive=None, *, dtype, grad=False, what="out", factor=None):
+def assert_close(out, ref, naive=None, *, dtype, grad=False, what="out"):
     """The DESIGN.md rule for out and gradients (module docstring). out: any array; ref: float64
-    reference; naive: the naive same-precision result (float16/bfloat16 only). factor: the
-    former per-call factor, until the per-backend test files move to tests/ops (grad=True is 3x)."""
-    grad = grad or factor == GRAD_FACTOR
+    reference; naive: the naive same-precision result (float16/bfloat16 only)."""
     o = as_np64(out)
     r = np.asarray(ref, dtype=np.float64)
     assert o.shape == r.shape, f"{what}: shape {o.shape} != reference {r.shape}"
