@@ -3,9 +3,10 @@
 Layout: tests/ops/test_<op>.py test one operation each, through the public API, over every
 backend present: the `backend` fixture is "cpu" always and "cuda" where a CUDA device and a
 CUDA build are present (those cases are marked `gpu`: `pytest -m gpu` selects them, and they
-are skipped cleanly elsewhere). A test whose grid differs per backend (small CPU shapes,
-kernel hints on CUDA) takes its cases from `cases(...)`; GPU-only concerns use `cuda_only`,
-CPU-only ones (thread counts, host-side validation of index values) `cpu_only`.
+are skipped cleanly elsewhere). A test that runs the same case on both takes the fixture; one
+whose grid differs per backend (small CPU shapes, kernel hints on CUDA) takes its cases from
+`cases(...)`; GPU-only concerns use `cuda_only`, CPU-only ones (thread counts, host-side
+validation of index values) `cpu_only`.
 
 Inputs (`Backend.randn`, `make_paged_cache`, `make_paged_q`): fresh random normals (never zeros)
 in the dtype, on the backend's device, in the library the backend is used from: NumPy for CPU

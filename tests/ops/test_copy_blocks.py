@@ -50,7 +50,6 @@ def test_copy_blocks_mixed_dtypes_across_layers(backend, rng):
         np.testing.assert_array_equal(raw(c), e)
 
 
-@cases(cpu=[()], cuda=[()])
 def test_copy_blocks_many_caches_and_layouts(backend, rng):
     """More caches than one import batch holds; a non-contiguous (block-strided) cache view whose
     neighbouring rows stay untouched."""
@@ -82,7 +81,6 @@ def test_copy_blocks_many_pairs_and_bad_device_ids(backend, rng):
     np.testing.assert_array_equal(raw(kc), exp)
 
 
-@cases(cpu=[()], cuda=[()])
 def test_copy_blocks_bad_input(backend, rng):
     """Host mappings: every id is checked against every cache before any copy."""
     ks = [backend.randn(rng, (8, 4, 2, 8), "float32") for _ in range(2)]

@@ -58,7 +58,6 @@ def test_mask_is_the_philox_contract(backend, rng, p, seed, offset):
         np.testing.assert_array_equal(m, cpu.numpy())
 
 
-@cases(cpu=[()], cuda=[()])
 def test_varlen_mask(backend, rng):
     """Packed layout: sequence i's heads are counters i * num_heads + h, rows and columns are
     positions within the sequence; positions past a sequence's lengths are 0. The CUDA backend
@@ -80,7 +79,6 @@ def test_varlen_mask(backend, rng):
         assert not full[i, :, lq[i]:].any() and not full[i, :, :, lk[i]:].any()
 
 
-@cases(cpu=[()], cuda=[()])
 def test_mask_fraction_and_keys(backend, rng):
     q = backend.randn(rng, (2, 300, 3, 8), "float32")
     k = backend.randn(rng, (2, 257, 1, 8), "float32")
@@ -103,7 +101,6 @@ def test_mask_fraction_and_keys(backend, rng):
     assert np.array_equal(m1, as_np64(pagedflash.dropout_mask(half(q), half(k), dropout_p=0.3, seed=7)))
 
 
-@cases(cpu=[()], cuda=[()])
 def test_dropout_realized_in_output(backend, rng):
     """Columns dropped by the mask contribute nothing: with V = one-hot keys, out = P * keep / (1 - p)."""
     sq, sk, p = 50, 64, 0.4

@@ -88,7 +88,6 @@ def test_decode_long(backend, rng, dtype):
     run_paged(backend, rng, dtype=dtype, lens=[2047], h=4, hk=1, d=64, bs=32, num_splits=9)
 
 
-@cases(cpu=[()], cuda=[()])
 def test_head_dims_and_many_heads(backend, rng):
     """head_dim 1, odd, 256; a group of 80 query heads per KV head (> one 64-row tile)."""
     for d in (1, 13, 256):
@@ -147,7 +146,6 @@ def test_packed_mixed(backend, rng, dtype):
                   d=48, bs=bs, layout="packed")
 
 
-@cases(cpu=[()], cuda=[()])
 def test_packed_mixed_lengths(backend, rng):
     """Decode, chunked prefill, speculative verification and an empty query set in one batch."""
     run_paged(backend, rng, lens=(40, 300, 5, 97, 64), qlens=[1, 37, 0, 5, 64], layout="packed", bs=32, h=12, hk=4)
@@ -173,7 +171,6 @@ def test_options(backend, rng, dtype, opt):
     run_paged(backend, rng, dtype=dtype, lens=[1, 77, 300], h=4, hk=1, d=32, bs=8, num_splits=3, **opts)
 
 
-@cases(cpu=[()], cuda=[()])
 def test_masks_softcap_alibi(backend, rng):
     run_paged(backend, rng, window=(50, -1), lens=(300, 20, 129))
     run_paged(backend, rng, window=(9, 4), causal=False, lens=(300, 20), qlens=[5, 5], layout="dense", bs=32)
@@ -184,7 +181,6 @@ def test_masks_softcap_alibi(backend, rng):
               layout="packed", bs=8, dtype="float16", num_splits=3)
 
 
-@cases(cpu=[()], cuda=[()])
 def test_window_zero_sees_own_token(backend, rng):
     """window (0, 0): query i sees exactly token seq_len - q_len + i, so out is that token's v."""
     r = run_paged(backend, rng, dtype="float32", lens=[20, 40], h=2, hk=1, d=16, bs=8, window=(0, 0), causal=False)
@@ -196,7 +192,6 @@ def test_window_zero_sees_own_token(backend, rng):
         np.testing.assert_allclose(out[b, 1], v_last, rtol=1e-6)
 
 
-@cases(cpu=[()], cuda=[()])
 def test_library_in_library_out(backend, rng):
     """NumPy in, NumPy out; torch in, torch out (on the input's device); lse float32 [h, total_q]."""
     cache = make_paged_cache(backend, rng, [9, 30], 2, 32, 8, "float32")
@@ -244,7 +239,6 @@ def test_splits_agree(backend, rng, dtype, d):
         assert diff <= 2 * ULP[dtype] * float(np.max(np.abs(one))), f"num_splits={n} vs 1: {diff:.3e}"
 
 
-@cases(cpu=[()], cuda=[()])
 def test_splits_multi_query(backend, rng):
     """Splits with chunked-prefill queries and a window: partials of empty splits must not leak."""
     for opts in (dict(), dict(window=(100, 0))):
@@ -253,7 +247,6 @@ def test_splits_multi_query(backend, rng):
                       layout="packed", num_splits=n, **opts)
 
 
-@cases(cpu=[()], cuda=[()])
 def test_repeatable(backend, rng):
     cache = make_paged_cache(backend, rng, [700, 33], 2, 64, 16, "float16")
     q = backend.randn(rng, (2, 3, 4, 64), "float16")
@@ -323,7 +316,6 @@ def test_kernel_hints_cpu(backend, rng):
         assert np.array_equal(o, base) and np.array_equal(l, lse), name
 
 
-@cases(cpu=[()], cuda=[()])
 def test_kernel_hint_names(backend, rng):
     """An unknown name, or a flash attention hint, is a ValueError on every backend; nothing written."""
     cache = make_paged_cache(backend, rng, [20, 5], 2, 64, 16, "bfloat16")
@@ -599,7 +591,6 @@ def test_bad_lengths(backend, rng):
     _expect_error(backend, ValueError, r"seq_lens.*shorter", q4, kc, vc, bt, np.array([2, 35], np.int32))
 
 
-@cases(cpu=[()], cuda=[()])
 def test_bad_dtypes_and_shapes(backend, rng):
     q, cache = _small(backend, rng)
     kc, vc, bt, sl = cache

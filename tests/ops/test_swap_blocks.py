@@ -51,7 +51,6 @@ def test_swap_out_and_in(backend, rng, dtype):
         np.testing.assert_array_equal(raw(pageable)[3], exp_dev[8])
 
 
-@cases(cpu=[()], cuda=[()])
 def test_swap_blocks_strided_view(backend, rng):
     """The k half of a combined [num_blocks, 2, bs, hk, d] cache: strided blocks, contiguous rows."""
     kv = backend.randn(rng, (5, 2, 8, 2, 32), "float16")
@@ -64,7 +63,6 @@ def test_swap_blocks_strided_view(backend, rng):
     assert np.all(h[2] == 0)
 
 
-@cases(cpu=[()], cuda=[()])
 def test_swap_blocks_bad_input(backend, rng):
     src = backend.randn(rng, (6, 4, 2, 8), "float32")
     dst = host_cache(backend, rng, (3, 4, 2, 8), "float32")

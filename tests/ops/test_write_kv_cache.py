@@ -72,7 +72,6 @@ def test_device_slots_out_of_range_are_skipped(backend, rng, dtype, d):
         np.testing.assert_array_equal(after[g:g + nb], expected(before[g:g + nb], rows, slots, bs))
 
 
-@cases(cpu=[()], cuda=[()])
 def test_write_strided_inputs(backend, rng):
     """k / v as views with strided leading dims; the caches are written in place."""
     nb, bs, hk, d = 4, 8, 2, 16
@@ -88,7 +87,6 @@ def test_write_strided_inputs(backend, rng):
     assert np.count_nonzero(raw(kc).reshape(-1, hk * d).any(axis=1)) == 4
 
 
-@cases(cpu=[()], cuda=[()])
 def test_write_combined_kv_cache(backend, rng):
     """A combined [num_blocks, 2, bs, hk, d] cache viewed as its k and v halves (strided blocks,
     contiguous rows), k / v as strided views of one [n, 2, hk, d] array."""
