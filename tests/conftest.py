@@ -95,6 +95,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A build with trimmed CUDA head dims (PAGEDFLASH_HEADDIMS=64,128: quick builds) says so in
+    its NotImplementedError ("head_dim ... has no CUDA kernel in this build"): such a case is
+    reported as skipped, naming the head dim. A full build never raises it, so nothing is hidden
+    there; every other NotImplementedError fails the test."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed and call.excinfo is not None \
+            and call.excinfo.errisinstance(NotImplementedError) \
+            and "has no CUDA kernel in this build" in str(call.excinfo.value):
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {call.excinfo.value}")
+
+
 class Backend:
     """Where a test's tensors live. name: "cpu" or "cuda"."""
 
