@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 export PAGEDFLASH_CUDA=1 PAGEDFLASH_CUDA_ARCHS=${PAGEDFLASH_CUDA_ARCHS:-90} PAGEDFLASH_HEADDIMS=${PAGEDFLASH_HEADDIMS:-64,128}
 export MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$PWD/python PYTHONUNBUFFERED=1
 python3 setup.py -q build_ext --inplace > "$LOG/build.log" 2>&1 || { tail -30 "$LOG/build.log"; exit 1; }
-python3 -m pytest tests/test_gpu_paged.py -m gpu -q -p no:cacheprovider --maxfail=5 ${TEST_ARGS:-} > "$LOG/tests.log" 2>&1
+python3 -m pytest tests/ops/test_paged_attn.py -m gpu -q -p no:cacheprovider --maxfail=5 ${TEST_ARGS:-} > "$LOG/tests.log" 2>&1
 tail -25 "$LOG/tests.log"
 python3 benchmarks/bench_decode.py --out "$LOG/decode.md" ${DECODE_ARGS:-} > "$LOG/decode.log" 2>&1
 grep -v "^|" "$LOG/decode.log" | tail -25

@@ -3,10 +3,11 @@
 # NVIDIA GPU, nvcc, torch (CUDA), and optionally cupy/jax/compute-sanitizer:
 #   build     PAGEDFLASH_CUDA=1 PAGEDFLASH_CUDA_ARCHS=90 in place, timed -> build.log
 #   selftest  tests/cuda/sm90_selftest.cu (wgmma building blocks)       -> selftest.log
-#   test      the GPU tests (attention, paged/decode/cache ops), then the
-#             whole suite (CPU tests too)                                -> tests.log
+#   test      the GPU tests (pytest -m gpu: every op of tests/ops/ on CUDA, each flash
+#             case with kernel "auto", "sm80" and, where it applies, "sm90"; every
+#             paged CTA shape), then the whole suite (CPU tests too)   -> tests.log
 #   sanitize  compute-sanitizer memcheck, racecheck, initcheck over a
-#             reduced test selection                                     -> sanitizer_<tool>.log
+#             reduced selection of the GPU tests (SANITIZE_SELECTION)   -> sanitizer_<tool>.log
 #   bench     benchmarks/bench_attention.py (prefill grid) and
 #             benchmarks/bench_decode.py (paged decode grid)            -> bench.md, decode.md, *.log
 #             and, with matplotlib, benchmarks/plot_results.py          -> bench.png, decode.png
@@ -47,25 +48,35 @@ fi
 
 if has test; then
   step test
-  $PY -m pytest tests/test_gpu_attention.py tests/test_gpu_paged.py -m gpu -q --maxfail=25 -p no:cacheprovider \
-      -rs --durations=8 ${TEST_ARGS:-} > "$LOG/tests.log" 2>&1 || status=1
-  # the sm_80 kernels once more where Hopper kernels would otherwise take the call
-  PAGEDFLASH_SM90=0 $PY -m pytest tests/test_gpu_attention.py -m gpu -q --maxfail=25 -p no:cacheprovider \
-      ${TEST_ARGS_SM80:-} > "$LOG/tests_sm80.log" 2>&1 || status=1
-  tail -3 "$LOG/tests_sm80.log"
+  # the sm_80 kernels run where the wgmma kernels would take a call through the tests' kernel="sm80" cases
+  $PY -m pytest tests -m gpu -q --maxfail=25 -p no:cacheprovider -rs --durations=8 ${TEST_ARGS:-} \
+      > "$LOG/tests.log" 2>&1 || status=1
   tail -5 "$LOG/tests.log"
   [[ ${GPU_ONLY:-0} == 1 ]] || $PY -m pytest tests -q -m "not gpu" -p no:cacheprovider -x >> "$LOG/tests.log" 2>&1 || status=1
   tail -15 "$LOG/tests.log"
 fi
 
 if has sanitize; then
-  SEL=${SANITIZE_SELECTION:-"test_fwd_head_dims and (128 or 32) and bfloat16 or test_fwd_padded_head_dims and 100 or bad_device_offsets or test_fwd_varlen and bfloat16 or test_fwd_dropout and float16 or test_bwd and bfloat16 and 64 and True and 2 or test_bad_block_ids_in_device_tables or test_write_kv_cache or test_copy_blocks or test_query_lengths and bfloat16"}
+  # 40 GPU tests (ids: tests/ops/test_<op>.py::test_<name>[cuda-<case>-<kernel>]): forward head dims 128
+  # and 32 (bfloat16) and the padded 100, device cu_seqlens out of bounds, varlen and dropout, the
+  # backward at d = 64, device block ids out of range, the cache ops, paged query lengths; kernel
+  # "auto" (sm90 on Hopper) and "sm80"
+  SEL=${SANITIZE_SELECTION:-"test_flash_fwd and test_head_dims and (bfloat16-d128- or bfloat16-d32- or d100-) and (auto or sm80)
+    or bad_device_cu_seqlens
+    or test_varlen_understated_max_seqlen_q[cuda-bfloat16 and (auto or sm80)
+    or test_dropout[cuda-float16 and (auto or sm80)
+    or test_backward_head_dims[cuda-bfloat16-d64-causal-kv2 and (auto or sm80)
+    or test_bad_block_ids_in_device_tables
+    or test_device_slots_out_of_range_are_skipped or test_write_combined_kv_cache[cuda
+    or test_copy_blocks_layers[cuda-bfloat16 or test_copy_blocks_mixed_dtypes or test_copy_blocks_many_pairs
+    or test_query_lengths[cuda-q17-"}
+  SEL=$(printf '%s' "$SEL" | tr -s ' \n' '  ')  # one line
   for tool in memcheck racecheck initcheck; do
     step "sanitize $tool"
     extra=""
     [[ $tool == memcheck ]] && extra="--leak-check no"
     timeout ${SANITIZE_TIMEOUT:-900} compute-sanitizer --tool $tool $extra --error-exitcode 99 --print-limit 20 \
-      $PY -m pytest tests/test_gpu_attention.py tests/test_gpu_paged.py -m gpu -q -x -p no:cacheprovider -k "$SEL" \
+      $PY -m pytest tests/ops -m gpu -q -x -p no:cacheprovider -k "$SEL" \
       > "$LOG/sanitizer_$tool.log" 2>&1
     rc=$?
     echo "$tool exit $rc"; grep -E "ERROR SUMMARY|passed|failed" "$LOG/sanitizer_$tool.log" | tail -3

@@ -6,13 +6,13 @@ import pytest
 import pagedflash
 from pagedflash import _C, reference
 
-from conftest import torch
+from conftest import randn, torch
 
 
-def qkv(rng, b=2, sq=5, sk=7, h=4, hk=2, d=16, dtype=np.float32):
-    return (rng.standard_normal((b, sq, h, d)).astype(dtype),
-            rng.standard_normal((b, sk, hk, d)).astype(dtype),
-            rng.standard_normal((b, sk, hk, d)).astype(dtype))
+def qkv(rng, b=2, sq=5, sk=7, h=4, hk=2, d=16):
+    """float32 q, k, v from the suite's case builder (tests/conftest.py)."""
+    return randn(rng, (b, sq, h, d), "float32"), randn(rng, (b, sk, hk, d), "float32"), \
+        randn(rng, (b, sk, hk, d), "float32")
 
 
 def expect_error(exc, match, q, k, v, out=None, **kw):
@@ -117,7 +117,7 @@ def test_empty_batch_or_queries(shape_q, shape_k):
 
 def test_empty_keys(rng):
     """No keys at all: every row is fully masked -> out 0, lse -inf (a defined result)."""
-    q = rng.standard_normal((2, 5, 4, 16)).astype(np.float32)
+    q = randn(rng, (2, 5, 4, 16), "float32")
     k = np.ones((2, 0, 2, 16), np.float32)
     out, lse = pagedflash.flash_attn(q, k, k, return_lse=True)
     assert np.all(out == 0) and np.all(lse == -np.inf)

@@ -9,13 +9,13 @@ import pytest
 import pagedflash
 from pagedflash import reference
 
-from conftest import assert_close, naive_attention_lowp, torch
+from conftest import assert_close, naive_attention_lowp, randn, torch
 
 
-def make(rng, b=1, sq=13, sk=17, h=4, hk=2, d=32, dtype=np.float32):
-    return (rng.standard_normal((b, sq, h, d)).astype(dtype),
-            rng.standard_normal((b, sk, hk, d)).astype(dtype),
-            rng.standard_normal((b, sk, hk, d)).astype(dtype))
+def make(rng, b=1, sq=13, sk=17, h=4, hk=2, d=32):
+    """float32 NumPy q, k, v from the suite's case builder (tests/conftest.py)."""
+    return randn(rng, (b, sq, h, d), "float32"), randn(rng, (b, sk, hk, d), "float32"), \
+        randn(rng, (b, sk, hk, d), "float32")
 
 
 class DLPackOnly:

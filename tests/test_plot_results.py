@@ -1,5 +1,7 @@
 """benchmarks/plot_results.py reads the recorded results pages: the first table of each
-page (the current grid) and its provenance line parse into the numbers the plots show."""
+page (the current grid) and its provenance line parse into the numbers the plots show.
+Structure and parsing only: no test asserts a recorded speed (results are measurements, not
+specifications; benchmarks never assert on speed either)."""
 from __future__ import annotations
 
 import importlib.util
@@ -19,10 +21,11 @@ def test_decode_pages(page):
     assert {"batch", "context", "TB/s", "CUDNN_ATTENTION us (TB/s)"} <= set(head)
     assert "commit" in prov and "Device" in prov
     col = {h: i for i, h in enumerate(head)}
-    assert len(rows) == 16
+    assert len(rows) == 16 and all(len(r) == len(head) for r in rows)
     for r in rows:
-        assert 0.0 < plot_results.number(r[col["TB/s"]]) < 5.0  # below any HBM3e datasheet rate
-        assert plot_results.rate_in_parens(r[col["CUDNN_ATTENTION us (TB/s)"]]) > 0.0
+        assert int(r[col["batch"]]) > 0 and int(r[col["context"]]) > 0
+        assert plot_results.number(r[col["TB/s"]]) is not None  # a number where the plot reads one
+        assert plot_results.rate_in_parens(r[col["CUDNN_ATTENTION us (TB/s)"]]) is not None
 
 
 @pytest.mark.parametrize("page", ["prefill_h200.md", "prefill_h100.md"])
@@ -31,9 +34,11 @@ def test_prefill_pages(page):
     assert {"d", "s", "causal", "pf_fwd", "fa2_fwd", "pf_bwd", "fa2_bwd"} <= set(head)
     assert "commit" in prov
     col = {h: i for i, h in enumerate(head)}
-    assert len(rows) == 24
+    assert len(rows) == 24 and all(len(r) == len(head) for r in rows)
     for r in rows:
-        assert plot_results.number(r[col["pf_fwd"]]) > plot_results.number(r[col["fa2_fwd"]]) * 0.5
+        assert int(r[col["d"]]) > 0 and int(r[col["s"]]) > 0 and r[col["causal"]] in ("True", "False")
+        for name in ("pf_fwd", "fa2_fwd", "pf_bwd", "fa2_bwd"):  # the columns the plot draws
+            assert plot_results.number(r[col[name]]) is not None, (name, r[col[name]])
 
 
 def test_cells():

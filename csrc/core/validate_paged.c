@@ -189,7 +189,7 @@ pf_status pf_paged_attn_validate(const pf_paged_params *p) {
          * would need a synchronizing copy). The CUDA paged kernel treats a block id outside
          * [0, num_blocks) as contributing nothing, clamps seq_len to the table's capacity
          * and cu_seqlens_q to q, and never addresses memory outside k_cache / v_cache
-         * (tests/test_gpu_paged.py::test_bad_block_ids_in_device_tables, sanitizer-clean). */
+         * (tests/ops/test_paged_attn.py::test_bad_block_ids_in_device_tables, sanitizer-clean). */
     }
     return PF_STATUS_OK;
 }

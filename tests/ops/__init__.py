@@ -1,0 +1,1 @@
+"""One test file per operation, each over every backend present (tests/conftest.py)."""
