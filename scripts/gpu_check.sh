@@ -11,9 +11,10 @@
 #   bench     benchmarks/bench_attention.py (prefill grid) and
 #             benchmarks/bench_decode.py (paged decode grid)            -> bench.md, decode.md, *.log
 #             and, with matplotlib, benchmarks/plot_results.py          -> bench.png, decode.png
-# Stages to run: STAGES="build test sanitize bench" (the default: all); SANITIZE_SELECTION
-# (a pytest -k expression) and SANITIZE_TIMEOUT (seconds per tool), BENCH_ARGS. Exit status:
-# non-zero if any stage failed (every stage still runs).
+# Stages to run: STAGES="build test sanitize bench" (the default: all); TEST_SHARDS (1: one
+# pytest process), TEST_TIMEOUT (seconds per shard), SANITIZE_SELECTION (a pytest -k expression),
+# SANITIZE_TIMEOUT (seconds per tool), SANITIZE_PARALLEL (0: the tools one after another),
+# BENCH_ARGS, DECODE_ARGS. Exit status: non-zero if any stage failed (every stage still runs).
 set -uo pipefail
 LOG=${1:?usage: scripts/gpu_check.sh <logdir>}
 mkdir -p "$LOG"
@@ -48,12 +49,22 @@ fi
 
 if has test; then
   step test
-  # the sm_80 kernels run where the wgmma kernels would take a call through the tests' kernel="sm80" cases
-  $PY -m pytest tests -m gpu -q --maxfail=25 -p no:cacheprovider -rs --durations=8 ${TEST_ARGS:-} \
-      > "$LOG/tests.log" 2>&1 || status=1
-  tail -5 "$LOG/tests.log"
+  # the sm_80 kernels run where the wgmma kernels would take a call through the tests' kernel="sm80" cases.
+  # The GPU cases run in TEST_SHARDS parallel pytest processes (default 4: the references are computed on
+  # the host's cores while the GPU runs the kernels), each with its own log; tests.log gets their tails.
+  SHARDS=("tests/ops/test_flash_bwd.py -k test_backward_dense" "tests/ops/test_flash_bwd.py -k 'not test_backward_dense'"
+          "tests/ops/test_flash_fwd.py" "tests/ops/test_paged_attn.py tests/ops/test_dropout_mask.py tests/ops/test_merge_attn_states.py tests/ops/test_write_kv_cache.py tests/ops/test_copy_blocks.py tests/ops/test_swap_blocks.py tests/test_*.py")
+  [[ ${TEST_SHARDS:-4} == 1 ]] && SHARDS=("tests")
+  pids=()
+  for i in "${!SHARDS[@]}"; do
+    eval "timeout ${TEST_TIMEOUT:-3600} $PY -m pytest ${SHARDS[$i]} -m gpu -q --maxfail=25 -p no:cacheprovider -rs --durations=5 ${TEST_ARGS:-}" \
+      > "$LOG/tests_$i.log" 2>&1 & pids+=($!)
+  done
+  for i in "${!pids[@]}"; do wait "${pids[$i]}" || status=1; done
+  for i in "${!SHARDS[@]}"; do { echo "== shard $i: ${SHARDS[$i]}"; tail -4 "$LOG/tests_$i.log"; } | tee -a "$LOG/tests.log"; done
+  grep -h "^FAILED\|^ERROR" "$LOG"/tests_*.log | head -40
   [[ ${GPU_ONLY:-0} == 1 ]] || $PY -m pytest tests -q -m "not gpu" -p no:cacheprovider -x >> "$LOG/tests.log" 2>&1 || status=1
-  tail -15 "$LOG/tests.log"
+  tail -3 "$LOG/tests.log"
 fi
 
 if has sanitize; then
@@ -69,16 +80,24 @@ if has sanitize; then
     or test_bad_block_ids_in_device_tables
     or test_device_slots_out_of_range_are_skipped or test_write_combined_kv_cache[cuda
     or test_copy_blocks_layers[cuda-bfloat16 or test_copy_blocks_mixed_dtypes or test_copy_blocks_many_pairs
-    or test_query_lengths[cuda-q17-"}
+    or test_query_lengths[cuda-q17-
+    or test_splits_agree[cuda-bfloat16-256]"}
   SEL=$(printf '%s' "$SEL" | tr -s ' \n' '  ')  # one line
+  # the three tools run at once (SANITIZE_PARALLEL=0: one after another)
+  pids=()
   for tool in memcheck racecheck initcheck; do
     step "sanitize $tool"
     extra=""
     [[ $tool == memcheck ]] && extra="--leak-check no"
     timeout ${SANITIZE_TIMEOUT:-900} compute-sanitizer --tool $tool $extra --error-exitcode 99 --print-limit 20 \
       $PY -m pytest tests/ops -m gpu -q -x -p no:cacheprovider -k "$SEL" \
-      > "$LOG/sanitizer_$tool.log" 2>&1
-    rc=$?
+      > "$LOG/sanitizer_$tool.log" 2>&1 &
+    pids+=($!)
+    [[ ${SANITIZE_PARALLEL:-1} == 1 ]] || wait "${pids[-1]}"
+  done
+  i=0
+  for tool in memcheck racecheck initcheck; do
+    wait "${pids[$i]}"; rc=$?; i=$((i + 1))
     echo "$tool exit $rc"; grep -E "ERROR SUMMARY|passed|failed" "$LOG/sanitizer_$tool.log" | tail -3
     [[ $rc == 0 ]] || status=1
   done
@@ -86,6 +105,7 @@ fi
 
 if has bench; then
   step bench
+  export PAGEDFLASH_COMMIT=${PAGEDFLASH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
   $PY benchmarks/bench_attention.py --out "$LOG/bench.md" ${BENCH_ARGS:-} > "$LOG/bench.log" 2>&1 || status=1
   tail -40 "$LOG/bench.log"
   $PY benchmarks/bench_decode.py --out "$LOG/decode.md" ${DECODE_ARGS:-} > "$LOG/decode.log" 2>&1 || status=1
