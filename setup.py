@@ -13,6 +13,7 @@ Environment switches
                               the flags and nvcc matches (objects built on one machine can
                               travel to another with the same nvcc)
 """
+
 import hashlib
 import os
 import re
@@ -32,8 +33,9 @@ ROOT = Path(__file__).parent.resolve()
 def read_version():
     """The version lives in one place: PF_VERSION_* in csrc/include/pagedflash.h."""
     text = (ROOT / "csrc" / "include" / "pagedflash.h").read_text()
-    return ".".join(re.search(rf"#define PF_VERSION_{part} (\d+)", text).group(1)
-                    for part in ("MAJOR", "MINOR", "PATCH"))
+    return ".".join(
+        re.search(rf"#define PF_VERSION_{part} (\d+)", text).group(1) for part in ("MAJOR", "MINOR", "PATCH")
+    )
 
 
 VERSION = read_version()
@@ -65,8 +67,12 @@ def cuda_archs():
     if env:
         return [a.strip().replace(".", "") for a in env.split(",") if a.strip()]
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         caps = sorted({l.strip().replace(".", "") for l in out.stdout.splitlines() if l.strip()})
         if out.returncode == 0 and caps:
             return caps
@@ -83,8 +89,12 @@ def cuda_home(nvcc):
         with tempfile.TemporaryDirectory() as tmp:
             src = Path(tmp) / "probe.cu"
             src.write_text("")
-            r = subprocess.run([nvcc, "--dryrun", "-c", str(src), "-o", str(Path(tmp) / "probe.o")],
-                               capture_output=True, text=True, timeout=60)
+            r = subprocess.run(
+                [nvcc, "--dryrun", "-c", str(src), "-o", str(Path(tmp) / "probe.o")],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
         for line in (r.stdout + r.stderr).splitlines():
             if "TOP=" in line:
                 return Path(line.split("TOP=", 1)[1].strip()).resolve()
@@ -132,10 +142,19 @@ class BuildExt(build_ext):
         out_dir = Path(os.environ.get("PAGEDFLASH_CUDA_OBJ_DIR") or (Path(self.build_temp) / "cuda"))
         out_dir.mkdir(parents=True, exist_ok=True)
         flags = [
-            "-O3", "-std=c++17", "--use_fast_math", "-Xcompiler", "-fPIC", "-Xptxas", "-O3",
-            "-DPF_WITH_CUDA", f'-DPF_CUDA_ARCHS_STR="{",".join(archs)}"',
-            "-I" + str(ROOT / "csrc" / "include"), "-I" + str(ROOT / "csrc" / "core"),
-            "-I" + str(ROOT / "cuda"), "--expt-relaxed-constexpr",
+            "-O3",
+            "-std=c++17",
+            "--use_fast_math",
+            "-Xcompiler",
+            "-fPIC",
+            "-Xptxas",
+            "-O3",
+            "-DPF_WITH_CUDA",
+            f'-DPF_CUDA_ARCHS_STR="{",".join(archs)}"',
+            "-I" + str(ROOT / "csrc" / "include"),
+            "-I" + str(ROOT / "csrc" / "core"),
+            "-I" + str(ROOT / "cuda"),
+            "--expt-relaxed-constexpr",
         ]
         if headdims:
             flags.append("-DPF_HEADDIMS_TRIMMED")
@@ -190,8 +209,17 @@ def c_sources():
 
 
 native = os.environ.get("PAGEDFLASH_NATIVE", "1") != "0"
-cflags = ["-std=c11", "-O3", "-fno-strict-aliasing", "-pthread", "-Wall", "-Wno-unused-function", "-Wno-psabi",
-          "-fvisibility=hidden", "-ffp-contract=fast"]
+cflags = [
+    "-std=c11",
+    "-O3",
+    "-fno-strict-aliasing",
+    "-pthread",
+    "-Wall",
+    "-Wno-unused-function",
+    "-Wno-psabi",
+    "-fvisibility=hidden",
+    "-ffp-contract=fast",
+]
 if native:
     cflags.append("-march=native")
 

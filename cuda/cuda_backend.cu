@@ -58,7 +58,6 @@ static void cuda_free(void *ptr, int32_t device_id) {
     cudaSetDevice(prev);
 }
 
-
 /* Limits of the kernels (the core checks them before a call runs): int32 row and
  * token indices (sequence lengths < 2^30 keep their products with small factors
  * in range), 16-bit grid dimensions for heads and batch, 32-bit grid x of the

@@ -1,21 +1,22 @@
 #!/usr/bin/env python3
 """Write every generated file of the CUDA backend from one list of head dims and dtypes:
 
-  cuda/inst/<op>_hdim<D>_<dtype>.cu   one explicit instantiation per (operation, head dim, dtype),
-                                      so setup.py compiles them in parallel and
-                                      PAGEDFLASH_HEADDIMS=64,128 can leave some out (it filters
-                                      files named *_hdim<D>_*)
-  cuda/inst/hdims.h                   the head-dim list for C++: PF_BUILD_HDIM<D> for each
-                                      compiled dim, PF_HDIM_SWITCH to pick the smallest compiled
-                                      dim >= d, and the declarations of every instantiated
-                                      entry point
-  cuda/attn/sm90_wgmma.inc            the wgmma.mma_async wrappers of attn/sm90.cuh (one per N,
-                                      input type, A in shared memory or in registers; the
-                                      operand lists are long)
+cuda/inst/<op>_hdim<D>_<dtype>.cu   one explicit instantiation per (operation, head dim, dtype),
+                                    so setup.py compiles them in parallel and
+                                    PAGEDFLASH_HEADDIMS=64,128 can leave some out (it filters
+                                    files named *_hdim<D>_*)
+cuda/inst/hdims.h                   the head-dim list for C++: PF_BUILD_HDIM<D> for each
+                                    compiled dim, PF_HDIM_SWITCH to pick the smallest compiled
+                                    dim >= d, and the declarations of every instantiated
+                                    entry point
+cuda/attn/sm90_wgmma.inc            the wgmma.mma_async wrappers of attn/sm90.cuh (one per N,
+                                    input type, A in shared memory or in registers; the
+                                    operand lists are long)
 
-    python3 cuda/generate.py          # rewrite what is stale
-    python3 cuda/generate.py --check  # exit 1 if any file is stale (CI runs this)
+  python3 cuda/generate.py          # rewrite what is stale
+  python3 cuda/generate.py --check  # exit 1 if any file is stale (CI runs this)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,16 +41,16 @@ OPS = {
     "flash_fwd": {
         "header": "flash/fwd_run.cuh",
         "body": "namespace pf {{\nnamespace cuda {{\n"
-                "template pf_status flash_fwd_sm80_run<{ctype}, {hdim}>(const FlashParams &, cudaStream_t, int);\n"
-                "template pf_status flash_fwd_sm90_run<{ctype}, {hdim}>(const FlashParams &, cudaStream_t, int);\n"
-                "}}  // namespace cuda\n}}  // namespace pf\n",
+        "template pf_status flash_fwd_sm80_run<{ctype}, {hdim}>(const FlashParams &, cudaStream_t, int);\n"
+        "template pf_status flash_fwd_sm90_run<{ctype}, {hdim}>(const FlashParams &, cudaStream_t, int);\n"
+        "}}  // namespace cuda\n}}  // namespace pf\n",
     },
     "flash_bwd": {
         "header": "flash/bwd_run.cuh",
         "body": "namespace pf {{\nnamespace cuda {{\n"
-                "template pf_status flash_bwd_sm80_run<{ctype}, {hdim}>(const FlashParams &, cudaStream_t, int);\n"
-                "template pf_status flash_bwd_sm90_run<{ctype}, {hdim}>(const FlashParams &, cudaStream_t, int);\n"
-                "}}  // namespace cuda\n}}  // namespace pf\n",
+        "template pf_status flash_bwd_sm80_run<{ctype}, {hdim}>(const FlashParams &, cudaStream_t, int);\n"
+        "template pf_status flash_bwd_sm90_run<{ctype}, {hdim}>(const FlashParams &, cudaStream_t, int);\n"
+        "}}  // namespace cuda\n}}  // namespace pf\n",
     },
     "paged_attn": {
         "header": "paged/instantiate.cuh",
@@ -62,54 +63,85 @@ def inst_files():
     for op, spec in OPS.items():
         for hdim in HEAD_DIMS:
             for dtype, ctype in DTYPES.items():
-                text = (BANNER + f"// {op}, head dim {hdim}, {ctype}.\n" + f'#include "{spec["header"]}"\n\n'
-                        + spec["body"].format(hdim=hdim, ctype=ctype, dtype=dtype))
+                text = (
+                    BANNER
+                    + f"// {op}, head dim {hdim}, {ctype}.\n"
+                    + f'#include "{spec["header"]}"\n\n'
+                    + spec["body"].format(hdim=hdim, ctype=ctype, dtype=dtype)
+                )
                 yield ROOT / "inst" / f"{op}_hdim{hdim}_{dtype}.cu", text
 
 
 def render_hdims() -> str:
-    lines = [BANNER.rstrip(), "/*",
-             " * inst/hdims.h - which head dims have compiled float16 / bfloat16 kernels:",
-             f" * {', '.join(map(str, HEAD_DIMS))}; any other head dim runs on the next larger one,",
-             " * zero-padded. A quick build (PAGEDFLASH_HEADDIMS=64,128) defines PF_HEADDIMS_TRIMMED",
-             " * and PF_HDIM<N> for each kept dim, and only those cuda/inst/ files are compiled.",
-             " */", "#ifndef PF_INST_HDIMS_H", "#define PF_INST_HDIMS_H", "",
-             "#include <cuda_runtime.h>", "", '#include "pagedflash.h"', ""]
+    lines = [
+        BANNER.rstrip(),
+        "/*",
+        " * inst/hdims.h - which head dims have compiled float16 / bfloat16 kernels:",
+        f" * {', '.join(map(str, HEAD_DIMS))}; any other head dim runs on the next larger one,",
+        " * zero-padded. A quick build (PAGEDFLASH_HEADDIMS=64,128) defines PF_HEADDIMS_TRIMMED",
+        " * and PF_HDIM<N> for each kept dim, and only those cuda/inst/ files are compiled.",
+        " */",
+        "#ifndef PF_INST_HDIMS_H",
+        "#define PF_INST_HDIMS_H",
+        "",
+        "#include <cuda_runtime.h>",
+        "",
+        '#include "pagedflash.h"',
+        "",
+    ]
     for d in HEAD_DIMS:
-        lines += [f"#if !defined(PF_HEADDIMS_TRIMMED) || defined(PF_HDIM{d})", f"#define PF_BUILD_HDIM{d} 1",
-                  "#endif"]
-    lines += ["", "/* `return RUN(N);` for the smallest compiled head dim N >= d; falls through when none fits. */",
-              "#define PF_HDIM_CASE(N, d, RUN) \\", "    if ((d) <= (N)) return RUN(N);"]
+        lines += [f"#if !defined(PF_HEADDIMS_TRIMMED) || defined(PF_HDIM{d})", f"#define PF_BUILD_HDIM{d} 1", "#endif"]
+    lines += [
+        "",
+        "/* `return RUN(N);` for the smallest compiled head dim N >= d; falls through when none fits. */",
+        "#define PF_HDIM_CASE(N, d, RUN) \\",
+        "    if ((d) <= (N)) return RUN(N);",
+    ]
     for d in HEAD_DIMS:
-        lines += [f"#ifdef PF_BUILD_HDIM{d}", f"#define PF_HDIM_CASE{d}(d, RUN) PF_HDIM_CASE({d}, d, RUN)", "#else",
-                  f"#define PF_HDIM_CASE{d}(d, RUN)", "#endif"]
+        lines += [
+            f"#ifdef PF_BUILD_HDIM{d}",
+            f"#define PF_HDIM_CASE{d}(d, RUN) PF_HDIM_CASE({d}, d, RUN)",
+            "#else",
+            f"#define PF_HDIM_CASE{d}(d, RUN)",
+            "#endif",
+        ]
     lines += ["", "#define PF_HDIM_SWITCH(d, RUN) \\", "    do {                   \\"]
     lines += [f"        PF_HDIM_CASE{d}(d, RUN) \\" for d in HEAD_DIMS]
-    lines += ["    } while (0)", "",
-              "/* The paged attention entry points (cuda/inst/paged_attn_hdim<D>_<dtype>.cu, defined by",
-              " * PF_PAGED_INSTANTIATE in paged/instantiate.cuh), weak: a head dim left out of the build",
-              " * resolves to NULL. occupancy: resident CTAs per multiprocessor of a variant; launch:",
-              " * enqueue it. */",
-              "struct pf_paged_args;",
-              "struct pf_paged_variant;",
-              "typedef pf_status (*pf_paged_occupancy_fn)(const pf_paged_variant *, int *);",
-              "typedef pf_status (*pf_paged_launch_fn)(const pf_paged_args *, const pf_paged_variant *, cudaStream_t);",
-              "struct pf_paged_entry_fns {",
-              "    pf_paged_occupancy_fn occupancy;",
-              "    pf_paged_launch_fn launch;",
-              "};"]
+    lines += [
+        "    } while (0)",
+        "",
+        "/* The paged attention entry points (cuda/inst/paged_attn_hdim<D>_<dtype>.cu, defined by",
+        " * PF_PAGED_INSTANTIATE in paged/instantiate.cuh), weak: a head dim left out of the build",
+        " * resolves to NULL. occupancy: resident CTAs per multiprocessor of a variant; launch:",
+        " * enqueue it. */",
+        "struct pf_paged_args;",
+        "struct pf_paged_variant;",
+        "typedef pf_status (*pf_paged_occupancy_fn)(const pf_paged_variant *, int *);",
+        "typedef pf_status (*pf_paged_launch_fn)(const pf_paged_args *, const pf_paged_variant *, cudaStream_t);",
+        "struct pf_paged_entry_fns {",
+        "    pf_paged_occupancy_fn occupancy;",
+        "    pf_paged_launch_fn launch;",
+        "};",
+    ]
     for d in HEAD_DIMS:
         for dtype in DTYPES:
             name = f"pf_paged_attn_hdim{d}_{dtype}"
-            lines.append(f'extern "C" __attribute__((weak)) pf_status {name}_occupancy(const pf_paged_variant *, int *);')
-            lines.append(f'extern "C" __attribute__((weak)) pf_status {name}_launch(const pf_paged_args *, '
-                         "const pf_paged_variant *, cudaStream_t);")
-    lines += ["", "/* The paged entry points of (head dim d, dtype); both NULL when that instantiation is not",
-              " * compiled or dtype is not float16 / bfloat16. */",
-              "static inline pf_paged_entry_fns pf_paged_entry(int d, pf_dtype dtype) {",
-              "    const bool bf = dtype == PF_DTYPE_BF16;",
-              "    if (dtype != PF_DTYPE_BF16 && dtype != PF_DTYPE_F16) return {nullptr, nullptr};",
-              "    switch (d) {"]
+            lines.append(
+                f'extern "C" __attribute__((weak)) pf_status {name}_occupancy(const pf_paged_variant *, int *);'
+            )
+            lines.append(
+                f'extern "C" __attribute__((weak)) pf_status {name}_launch(const pf_paged_args *, '
+                "const pf_paged_variant *, cudaStream_t);"
+            )
+    lines += [
+        "",
+        "/* The paged entry points of (head dim d, dtype); both NULL when that instantiation is not",
+        " * compiled or dtype is not float16 / bfloat16. */",
+        "static inline pf_paged_entry_fns pf_paged_entry(int d, pf_dtype dtype) {",
+        "    const bool bf = dtype == PF_DTYPE_BF16;",
+        "    if (dtype != PF_DTYPE_BF16 && dtype != PF_DTYPE_F16) return {nullptr, nullptr};",
+        "    switch (d) {",
+    ]
     for d in HEAD_DIMS:
         b, h = f"pf_paged_attn_hdim{d}_bf16", f"pf_paged_attn_hdim{d}_fp16"
         lines.append(f"        case {d}: return bf ? pf_paged_entry_fns{{{b}_occupancy, {b}_launch}}")
@@ -134,7 +166,7 @@ def wrapper(n: int, ctype: str, ptx: str, a_regs: bool) -> str:
         b_op = f"%{nd + 4}"
         scale = f"%{nd + 5}"
         tail = f"p, 1, 1, %{nd + 6}"
-        ins = ('"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(kTransB)')
+        ins = '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(kTransB)'
         sig = "const uint32_t a[4], uint64_t desc_b, int scale_d"
         tmpl = "template <int kTransB>"
         name = "rs"
@@ -149,7 +181,7 @@ def wrapper(n: int, ctype: str, ptx: str, a_regs: bool) -> str:
         name = "ss"
     return f"""\
 {tmpl}
-struct Wgmma{name.upper()}<{n}, {ctype}, {'kTransB' if a_regs else 'kTransA, kTransB'}> {{
+struct Wgmma{name.upper()}<{n}, {ctype}, {"kTransB" if a_regs else "kTransA, kTransB"}> {{
     static PF_DEV void run(float (&d)[{nd}], {sig}) {{
         asm volatile(
             "{{\\n.reg .pred p;\\nsetp.ne.b32 p, {scale}, 0;\\n"
@@ -168,7 +200,6 @@ def render_wgmma() -> str:
             out.append(wrapper(n, ctype, ptx, False))
             out.append(wrapper(n, ctype, ptx, True))
     return "\n".join(out)
-
 
 
 def outputs():

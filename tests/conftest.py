@@ -36,6 +36,7 @@ pagedflash.reference in float64 (torch autograd in float64 for gradients):
     cases: at most 4.8e-7 relative (608 checks, median 1e-7). The former GPU tests allowed
     1e-4 per element relative (flash) and 2e-3 relative (paged, float16/bfloat16).
 """
+
 from __future__ import annotations
 
 import os
@@ -68,7 +69,7 @@ LOWP_ATOL = 1e-5
 LSE_RTOL = 1e-5
 
 # one unit in the last place (of values in [1, 2)) per dtype; float32 uses the rule's tolerance
-ULP = {"float32": FLOAT32_RTOL, "float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
+ULP = {"float32": FLOAT32_RTOL, "float16": 2.0**-10, "bfloat16": 2.0**-7}
 
 
 # ---------------------------------------------------------------------------
@@ -103,9 +104,13 @@ def pytest_runtest_makereport(item, call):
     there; every other NotImplementedError fails the test."""
     outcome = yield
     report = outcome.get_result()
-    if report.when == "call" and report.failed and call.excinfo is not None \
-            and call.excinfo.errisinstance(NotImplementedError) \
-            and "has no CUDA kernel in this build" in str(call.excinfo.value):
+    if (
+        report.when == "call"
+        and report.failed
+        and call.excinfo is not None
+        and call.excinfo.errisinstance(NotImplementedError)
+        and "has no CUDA kernel in this build" in str(call.excinfo.value)
+    ):
         report.outcome = "skipped"
         report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {call.excinfo.value}")
 
@@ -200,8 +205,9 @@ def cases(argnames: str = "", *, cpu=(), cuda=(), ids=None):
                 row = ()
             assert len(row) == len(names), (argnames, row)
             rid = ids(*row) if ids else "-".join(_id(x) for x in row)
-            params.append(pytest.param(be, *row, id=f"{be}-{rid}" if rid else be,
-                                       marks=[pytest.mark.gpu] if be == "cuda" else []))
+            params.append(
+                pytest.param(be, *row, id=f"{be}-{rid}" if rid else be, marks=[pytest.mark.gpu] if be == "cuda" else [])
+            )
     return pytest.mark.parametrize(",".join(["backend"] + names), params, indirect=["backend"])
 
 
@@ -215,12 +221,13 @@ def refused(backend, kernel, call) -> bool:
     return True
 
 
-cpu_only = cases(cpu=[()])          # host-side concerns: thread counts, validation of index values
-cuda_only = cases(cuda=[()])        # GPU-only concerns: streams, graphs, device-resident indices
+cpu_only = cases(cpu=[()])  # host-side concerns: thread counts, validation of index values
+cuda_only = cases(cuda=[()])  # GPU-only concerns: streams, graphs, device-resident indices
 
 
-def flash_kernels(backend: str, dtype: str, d: int, *, extras=False, dropout=False, backward=False,
-                  deterministic=False):
+def flash_kernels(
+    backend: str, dtype: str, d: int, *, extras=False, dropout=False, backward=False, deterministic=False
+):
     """Kernel hints a flash_attn / flash_attn_backward case runs with on `backend`.
 
     CPU: "auto" (one kernel, every valid hint ignored: test_flash_fwd.py::test_kernel_hints).
@@ -248,8 +255,18 @@ def flash_kernels(backend: str, dtype: str, d: int, *, extras=False, dropout=Fal
 # warps, K/V through the shared-memory ring unless "+registers"; "simple" = CUDA cores.
 # (The former PAGEDFLASH_PAGED_MODE / _RING settings: 8x8 = mode 2, 4x4 = mode 1, 1x4 = mode 0,
 # "+registers" = ring 0.)
-PAGED_KERNELS = [("8x8+registers", 8), ("4x4+registers", 4), ("8x8", 8), ("4x4", 4), ("1x4+registers", 4),
-                 ("1x4", 4), ("1x8", 4), ("2x8", 3), ("4x8", 6), ("simple", 4)]
+PAGED_KERNELS = [
+    ("8x8+registers", 8),
+    ("4x4+registers", 4),
+    ("8x8", 8),
+    ("4x4", 4),
+    ("1x4+registers", 4),
+    ("1x4", 4),
+    ("1x8", 4),
+    ("2x8", 3),
+    ("4x8", 6),
+    ("simple", 4),
+]
 # tensor-core paged kernels exist for these head dims (float16 / bfloat16); 1x8, 2x8, 4x8 for 64, 128
 PAGED_TC_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 
@@ -315,8 +332,9 @@ def nan_outputs(monkeypatch):
 
     for cls in (fw._Numpy, fw._Torch):
         real = cls.empty
-        monkeypatch.setattr(cls, "empty", staticmethod(
-            lambda shape, dtype, like, _real=real: _poisoned(_real(shape, dtype, like))))
+        monkeypatch.setattr(
+            cls, "empty", staticmethod(lambda shape, dtype, like, _real=real: _poisoned(_real(shape, dtype, like)))
+        )
     # The fill of a CUDA result runs on torch's current stream, like the library's kernels; a
     # call given another stream explicitly (stream=...) must not race ahead of it.
     real_stream = fw._Torch.stream
@@ -340,20 +358,28 @@ def cu_seqlens(lens) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(np.asarray(lens, dtype=np.int64))]).astype(np.int32)
 
 
-def dropout_keep(q, k, *, dropout_p, seed, offset=0, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-                 max_seqlen_k=0):
+def dropout_keep(
+    q, k, *, dropout_p, seed, offset=0, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0
+):
     """The keep mask pagedflash.dropout_mask reports for (dropout_p, seed, offset), on q's backend;
     for a packed batch on CUDA (which has no packed dropout mask) the CPU backend's, from host
     copies: both follow pagedflash_philox.h (tests/ops/test_dropout_mask.py checks that)."""
     kw = dict(dropout_p=dropout_p, seed=seed, offset=offset)
     if cu_seqlens_q is None:
         return pagedflash.dropout_mask(q, k, **kw)
+
     def host(x):
         return x.cpu() if torch is not None and isinstance(x, torch.Tensor) else x
 
-    return pagedflash.dropout_mask(host(q), host(k), cu_seqlens_q=host(cu_seqlens_q),
-                                   cu_seqlens_k=host(cu_seqlens_k), max_seqlen_q=max_seqlen_q,
-                                   max_seqlen_k=max_seqlen_k, **kw)
+    return pagedflash.dropout_mask(
+        host(q),
+        host(k),
+        cu_seqlens_q=host(cu_seqlens_q),
+        cu_seqlens_k=host(cu_seqlens_k),
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        **kw,
+    )
 
 
 def alibi_slopes(rng, kind, batch, h, lo=0.05, hi=1.0):
@@ -404,8 +430,9 @@ def naive_attention_varlen_lowp(q, k, v, cq, ck, *, alibi_slopes=None, dropout_m
             continue
         sl = None if alibi_slopes is None else (alibi_slopes if np.ndim(alibi_slopes) == 1 else alibi_slopes[i])
         mask = None if dropout_masks is None else np.asarray(dropout_masks[i])[None]
-        out[qs] = naive_attention_lowp(q[qs][None], k[ks][None], v[ks][None], alibi_slopes=sl, dropout_mask=mask,
-                                       **opts)[0]
+        out[qs] = naive_attention_lowp(
+            q[qs][None], k[ks][None], v[ks][None], alibi_slopes=sl, dropout_mask=mask, **opts
+        )[0]
     return out
 
 
@@ -463,8 +490,11 @@ def check_grads(grads, dout, q, k, v, dtype, *, dropout_mask=None, **opts):
     must agree to 1e-9), under the rule with factor 3. Dense layout."""
     ref_np = reference.attention_backward(dout, q, k, v, dropout_mask=dropout_mask, **opts)
     ref_ag = naive_grads(dout, q, k, v, dtype="float64", dropout_mask=dropout_mask, **opts)
-    naive = (None,) * 3 if dtype == "float32" else naive_grads(dout, q, k, v, dtype=dtype,
-                                                                dropout_mask=dropout_mask, **opts)
+    naive = (
+        (None,) * 3
+        if dtype == "float32"
+        else naive_grads(dout, q, k, v, dtype=dtype, dropout_mask=dropout_mask, **opts)
+    )
     for name, g, rn, ra, nv in zip(("dq", "dk", "dv"), grads, ref_np, ref_ag, naive):
         assert np.max(np.abs(rn - ra), initial=0.0) <= 1e-9 * max(1.0, np.max(np.abs(rn), initial=0.0))
         assert_close(g, rn, nv, dtype=dtype, grad=True, what=name)
@@ -473,8 +503,9 @@ def check_grads(grads, dout, q, k, v, dtype, *, dropout_mask=None, **opts):
 def check_grads_varlen(grads, dout, q, k, v, cq, ck, dtype, *, alibi_slopes=None, dropout_masks=None, **opts):
     """check_grads for the packed layout: the NumPy reference on the whole batch, autograd
     (float64 and the dtype) per sequence; a key no query sees gets exactly zero gradient."""
-    refs = reference.attention_varlen_backward(dout, q, k, v, cq, ck, alibi_slopes=alibi_slopes,
-                                               dropout_masks=dropout_masks, **opts)
+    refs = reference.attention_varlen_backward(
+        dout, q, k, v, cq, ck, alibi_slopes=alibi_slopes, dropout_masks=dropout_masks, **opts
+    )
     cq, ck = (np.asarray(as_np64(c)).astype(np.int64) for c in (cq, ck))
     ag = [np.zeros(r.shape) for r in refs]
     naive = [np.zeros(r.shape) for r in refs]
@@ -496,8 +527,9 @@ def check_grads_varlen(grads, dout, q, k, v, cq, ck, dtype, *, alibi_slopes=None
         assert_close(g, r, None if dtype == "float32" else nv, dtype=dtype, grad=True, what=name)
     for i in np.flatnonzero(np.diff(cq) == 0):
         ks = slice(ck[i], ck[i + 1])
-        assert np.all(as_np64(grads[1])[ks] == 0) and np.all(as_np64(grads[2])[ks] == 0), \
+        assert np.all(as_np64(grads[1])[ks] == 0) and np.all(as_np64(grads[2])[ks] == 0), (
             f"sequence {i} has no queries: dk = dv = 0"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -605,6 +637,6 @@ def naive_lowp_paged(q, cache, offs, *, alibi_slopes=None, **opts):
         v = gather(vc, bt[b], int(n), cache.bs)[None]
         sl = None
         if alibi_slopes is not None:
-            sl = alibi_slopes if alibi_slopes.ndim == 1 else alibi_slopes[b:b + 1]
+            sl = alibi_slopes if alibi_slopes.ndim == 1 else alibi_slopes[b : b + 1]
         out[qs] = naive_attention_lowp(flat[qs][None], k, v, alibi_slopes=sl, **opts)[0]
     return out.reshape(tuple(q.shape))

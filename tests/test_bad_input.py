@@ -1,18 +1,21 @@
 """Bad input: the documented exception, a message naming the argument, and `out`
 left exactly as it was."""
+
 import numpy as np
 import pytest
 
 import pagedflash
-from pagedflash import _C, reference
-
 from conftest import randn, torch
+from pagedflash import _C, reference
 
 
 def qkv(rng, b=2, sq=5, sk=7, h=4, hk=2, d=16):
     """float32 q, k, v from the suite's case builder (tests/conftest.py)."""
-    return randn(rng, (b, sq, h, d), "float32"), randn(rng, (b, sk, hk, d), "float32"), \
-        randn(rng, (b, sk, hk, d), "float32")
+    return (
+        randn(rng, (b, sq, h, d), "float32"),
+        randn(rng, (b, sk, hk, d), "float32"),
+        randn(rng, (b, sk, hk, d), "float32"),
+    )
 
 
 def expect_error(exc, match, q, k, v, out=None, **kw):
@@ -52,16 +55,14 @@ def test_head_dim_range(rng, d):
 
 def test_mixed_dtypes(rng):
     q, k, v = qkv(rng)
-    expect_error(TypeError, r"k: expected dtype float32 \(the dtype of q\), got float16", q,
-                 k.astype(np.float16), v)
+    expect_error(TypeError, r"k: expected dtype float32 \(the dtype of q\), got float16", q, k.astype(np.float16), v)
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64, np.float64])
 def test_unsupported_dtype(rng, dtype):
     q, k, v = qkv(rng)
     qi = (q * 10).astype(dtype)
-    expect_error(TypeError, r"q: .*expected dtype float16, bfloat16 or float32", qi, k.astype(dtype),
-                 v.astype(dtype))
+    expect_error(TypeError, r"q: .*expected dtype float16, bfloat16 or float32", qi, k.astype(dtype), v.astype(dtype))
 
 
 def test_non_contiguous_last_dim_to_C(rng):
@@ -142,8 +143,9 @@ def test_bad_options(rng):
     expect_error(ValueError, r"softcap: must be a finite number >= 0", q, k, v, softcap=-1.0)
     expect_error(ValueError, r"dropout_p: must be in \[0, 1\)", q, k, v, dropout_p=1.0)
     expect_error(ValueError, r"softmax_scale: must be finite", q, k, v, softmax_scale=float("nan"))
-    expect_error(ValueError, r"alibi_slopes: expected shape \[4\] or \[2, 4\]", q, k, v,
-                 alibi_slopes=np.ones(3, np.float32))
+    expect_error(
+        ValueError, r"alibi_slopes: expected shape \[4\] or \[2, 4\]", q, k, v, alibi_slopes=np.ones(3, np.float32)
+    )
 
 
 @pytest.mark.skipif(torch is None, reason="needs torch")

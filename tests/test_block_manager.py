@@ -6,6 +6,7 @@ token's K/V at its slot, applies copy-on-write pairs with copy_blocks and swap
 mappings with swap_blocks; the simulation does exactly that with token ids, so a
 sequence reading its block table back must see exactly its own tokens.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,7 @@ from pagedflash import AllocStatus, BlockManager, OutOfBlocks
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from hypothesis.stateful import (  # noqa: E402
-    RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test)
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test  # noqa: E402
 
 
 def tokens(n, start=0):
@@ -51,17 +51,20 @@ def test_exports():
 # --------------------------------------------------------------------------- construction
 
 
-@pytest.mark.parametrize("kwargs, exc, word", [
-    (dict(num_blocks=0, block_size=16), ValueError, "num_blocks"),
-    (dict(num_blocks=-3, block_size=16), ValueError, "num_blocks"),
-    (dict(num_blocks=8, block_size=0), ValueError, "block_size"),
-    (dict(num_blocks=8, block_size=16, num_cpu_blocks=-1), ValueError, "num_cpu_blocks"),
-    (dict(num_blocks=8, block_size=16, watermark=1.0), ValueError, "watermark"),
-    (dict(num_blocks=8, block_size=16, watermark=-0.1), ValueError, "watermark"),
-    (dict(num_blocks=8.0, block_size=16), TypeError, "num_blocks"),
-    (dict(num_blocks=8, block_size=True), TypeError, "block_size"),
-    (dict(num_blocks=2**31, block_size=16), ValueError, "num_blocks"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, word",
+    [
+        (dict(num_blocks=0, block_size=16), ValueError, "num_blocks"),
+        (dict(num_blocks=-3, block_size=16), ValueError, "num_blocks"),
+        (dict(num_blocks=8, block_size=0), ValueError, "block_size"),
+        (dict(num_blocks=8, block_size=16, num_cpu_blocks=-1), ValueError, "num_cpu_blocks"),
+        (dict(num_blocks=8, block_size=16, watermark=1.0), ValueError, "watermark"),
+        (dict(num_blocks=8, block_size=16, watermark=-0.1), ValueError, "watermark"),
+        (dict(num_blocks=8.0, block_size=16), TypeError, "num_blocks"),
+        (dict(num_blocks=8, block_size=True), TypeError, "block_size"),
+        (dict(num_blocks=2**31, block_size=16), ValueError, "num_blocks"),
+    ],
+)
 def test_constructor_errors(kwargs, exc, word):
     with pytest.raises(exc, match=word):
         BlockManager(**kwargs)
@@ -165,8 +168,8 @@ def test_seq_ids_int64_range_and_numpy():
 def test_can_allocate_watermark():
     bm = BlockManager(100, 10, watermark=0.1)  # keeps 10 blocks free
     assert bm.watermark_blocks == 10
-    assert bm.can_allocate(900) == AllocStatus.OK       # 90 blocks, 10 left
-    assert bm.can_allocate(901) == AllocStatus.NEVER    # 91 > 100 - 10
+    assert bm.can_allocate(900) == AllocStatus.OK  # 90 blocks, 10 left
+    assert bm.can_allocate(901) == AllocStatus.NEVER  # 91 > 100 - 10
     assert bm.can_allocate(tokens(900)) == AllocStatus.OK
     assert bm.can_allocate(0) == AllocStatus.OK
     bm.allocate(1, 500)
@@ -201,7 +204,7 @@ def test_append_slots_growth_and_slots():
     bm = BlockManager(10, bs)
     bm.allocate(1, tokens(3))
     t0 = bm.block_table(1).tolist()
-    assert bm.append_slots(1) == []           # fills block 0
+    assert bm.append_slots(1) == []  # fills block 0
     assert bm.block_table(1).tolist() == t0
     assert bm.append_slots(1, 1, [42]) == []  # needs a new block
     t1 = bm.block_table(1).tolist()
@@ -270,13 +273,13 @@ def test_fork_copy_on_write():
     assert len(cow) == 1 and cow[0][0] == t[1]
     dst = cow[0][1]
     assert bm.block_table(1).tolist() == [t[0], dst]
-    assert bm.block_table(2).tolist() == t          # the child keeps the original
+    assert bm.block_table(2).tolist() == t  # the child keeps the original
     assert bm.token_ids(1) == tokens(6) + [100]
     assert bm.token_ids(2) == tokens(6)
     assert bm.slot_mapping(1, 1).tolist() == [dst * bs + 2]
     refs = bm.block_states()[0]
     assert refs[t[0]] == 2 and refs[t[1]] == 1 and refs[dst] == 1
-    assert bm.append_slots(2, 1, [200]) == []       # now the child is the only owner
+    assert bm.append_slots(2, 1, [200]) == []  # now the child is the only owner
     assert bm.block_table(2).tolist() == t
     assert bm.token_ids(2) == tokens(6) + [200]
     assert refs_from_tables(bm) == bm.block_states()[0].tolist()
@@ -334,7 +337,7 @@ def test_batch_append_atomic_errors():
     bs = 4
     bm = BlockManager(5, bs, num_cpu_blocks=2)
     bm.allocate(1, tokens(6))
-    bm.fork(1, 2)            # shares a partial block: a batch append simulates a refcount drop
+    bm.fork(1, 2)  # shares a partial block: a batch append simulates a refcount drop
     bm.allocate(3, tokens(4))
     bm.allocate(4, tokens(1))
     bm.swap_out(4)
@@ -368,7 +371,7 @@ def test_free_and_double_free():
     bm.allocate(1, tokens(9))
     bm.fork(1, 2)
     bm.free(1)
-    assert bm.num_free_blocks == 3            # the child still holds them
+    assert bm.num_free_blocks == 3  # the child still holds them
     bm.free(2)
     assert bm.num_free_blocks == 6 and bm.num_seqs == 0
     before = bm.snapshot()
@@ -386,10 +389,17 @@ def test_unknown_ids_everywhere():
     bm.allocate(1, tokens(3))
     before = bm.snapshot()
     calls = [
-        lambda: bm.seq_len(8), lambda: bm.block_table(8), lambda: bm.block_tables([1, 8]),
-        lambda: bm.slot_mapping([8]), lambda: bm.seq_lens([8]), lambda: bm.is_swapped(8),
-        lambda: bm.token_ids(8), lambda: bm.swap_out([8]), lambda: bm.swap_in([8]),
-        lambda: bm.can_swap_out([8]), lambda: bm.can_swap_in([8]),
+        lambda: bm.seq_len(8),
+        lambda: bm.block_table(8),
+        lambda: bm.block_tables([1, 8]),
+        lambda: bm.slot_mapping([8]),
+        lambda: bm.seq_lens([8]),
+        lambda: bm.is_swapped(8),
+        lambda: bm.token_ids(8),
+        lambda: bm.swap_out([8]),
+        lambda: bm.swap_in([8]),
+        lambda: bm.can_swap_out([8]),
+        lambda: bm.can_swap_in([8]),
         lambda: bm.append_slots_batch([8]),
     ]
     for call in calls:
@@ -476,14 +486,14 @@ def test_swap_without_cpu_blocks():
 def test_swap_round_trip_keeps_sharing_and_tokens():
     bs = 4
     bm = BlockManager(8, bs, num_cpu_blocks=6)
-    bm.allocate(1, tokens(10))     # 3 blocks
+    bm.allocate(1, tokens(10))  # 3 blocks
     bm.fork(1, 2)
-    bm.append_slots(2, 1, [55])    # child copies the partial block
+    bm.append_slots(2, 1, [55])  # child copies the partial block
     bm.allocate(3, tokens(3))
     t1, t2 = bm.block_table(1).tolist(), bm.block_table(2).tolist()
     assert bm.can_swap_out([1, 2])
     m = bm.swap_out([1, 2])
-    assert m.dtype == np.int64 and m.shape == (4, 2)       # 4 distinct blocks
+    assert m.dtype == np.int64 and m.shape == (4, 2)  # 4 distinct blocks
     assert m[:, 0].tolist() == [t1[0], t1[1], t1[2], t2[2]]
     assert bm.is_swapped(1) and bm.is_swapped(2) and not bm.is_swapped(3)
     assert bm.num_free_cpu_blocks == 2 and bm.num_free_blocks == 7
@@ -527,8 +537,8 @@ def test_swap_in_statuses_and_out_of_blocks():
     bm = BlockManager(10, 4, num_cpu_blocks=10, watermark=0.2)  # watermark 2 blocks
     bm.allocate(1, tokens(32))  # 8 blocks
     bm.swap_out(1)
-    bm.allocate(2, tokens(8))   # 2 blocks used, 8 free
-    assert bm.can_swap_in(1) == AllocStatus.LATER   # 8 - 8 < 2
+    bm.allocate(2, tokens(8))  # 2 blocks used, 8 free
+    assert bm.can_swap_in(1) == AllocStatus.LATER  # 8 - 8 < 2
     bm.free(2)
     assert bm.can_swap_in(1) == AllocStatus.OK
     bm.allocate(3, tokens(12))
@@ -550,10 +560,10 @@ def test_swap_in_statuses_and_out_of_blocks():
 def test_prefix_cache_hits_share_blocks():
     bs = 4
     bm = BlockManager(20, bs, enable_prefix_caching=True)
-    p1 = tokens(14)                           # 3 full blocks + 2 tokens
+    p1 = tokens(14)  # 3 full blocks + 2 tokens
     assert bm.allocate(1, p1) == 0
     assert bm.prefix_cache_queries == 3 and bm.prefix_cache_hits == 0
-    p2 = p1[:8] + [999] * 5                   # shares 2 full blocks
+    p2 = p1[:8] + [999] * 5  # shares 2 full blocks
     assert bm.allocate(2, p2) == 8
     assert bm.block_table(2)[:2].tolist() == bm.block_table(1)[:2].tolist()
     assert bm.block_table(2)[2] != bm.block_table(1)[2]
@@ -577,7 +587,7 @@ def test_prefix_cache_hits_share_blocks():
 def test_prefix_cache_eviction_is_lru_deepest_first():
     bs = 2
     bm = BlockManager(6, bs, enable_prefix_caching=True)
-    a = [1, 2, 3, 4, 5, 6, 7]                   # 3 full blocks (all eligible) + 1
+    a = [1, 2, 3, 4, 5, 6, 7]  # 3 full blocks (all eligible) + 1
     bm.allocate(1, a)
     ta = bm.block_table(1).tolist()
     bm.free(1)
@@ -594,7 +604,7 @@ def test_prefix_cache_eviction_is_lru_deepest_first():
     assert list(bm.snapshot()["evictable"]) == [ta[1], ta[0]]
     bm.free(2)
     assert list(bm.snapshot()["evictable"]) == [ta[1], ta[0]] + t2[::-1]
-    assert bm.allocate(3, a) == 4            # blocks 0 and 1 still cached
+    assert bm.allocate(3, a) == 4  # blocks 0 and 1 still cached
     assert bm.block_table(3)[:2].tolist() == ta[:2]
     # its 2 new blocks evicted the least recently released: seq 2's deepest
     assert bm.block_table(3)[2:].tolist() == [t2[3], t2[2]]
@@ -614,7 +624,7 @@ def test_prefix_cache_eviction_is_lru_deepest_first():
 def test_stats_named_fields_match_properties():
     bm = BlockManager(12, 4, num_cpu_blocks=5, enable_prefix_caching=True)
     bm.allocate(1, tokens(9))
-    bm.allocate(2, tokens(9))          # 2 blocks hit
+    bm.allocate(2, tokens(9))  # 2 blocks hit
     bm.allocate(3, tokens(4, start=1))
     bm.swap_out(3)
     bm.free(1)
@@ -628,10 +638,23 @@ def test_stats_named_fields_match_properties():
     assert s.prefix_cache_hits == bm.prefix_cache_hits
     assert s.num_free_blocks + s.num_used_blocks == 12
     # the fields, in order, are the struct's (one list in csrc/py/bind_block_pool.c)
-    assert tuple(s) == tuple(getattr(s, f) for f in (
-        "num_blocks", "block_size", "num_cpu_blocks", "num_free_blocks", "num_evictable_blocks",
-        "num_used_blocks", "num_cached_blocks", "num_free_cpu_blocks", "num_used_cpu_blocks", "num_seqs",
-        "prefix_cache_queries", "prefix_cache_hits"))
+    assert tuple(s) == tuple(
+        getattr(s, f)
+        for f in (
+            "num_blocks",
+            "block_size",
+            "num_cpu_blocks",
+            "num_free_blocks",
+            "num_evictable_blocks",
+            "num_used_blocks",
+            "num_cached_blocks",
+            "num_free_cpu_blocks",
+            "num_used_cpu_blocks",
+            "num_seqs",
+            "prefix_cache_queries",
+            "prefix_cache_hits",
+        )
+    )
     # used: seq 2's 2 hit blocks + its own last block; evictable: seq 3's full block, cached
     # on the device after its swap-out; seq 1's private partial block went to the free list
     assert (s.num_used_blocks, s.num_evictable_blocks, s.num_cached_blocks) == (3, 1, 3)
@@ -653,7 +676,7 @@ def test_swap_in_reregisters_cached_blocks():
     p = [1, 2, 3, 4, 5]
     bm.allocate(1, p)
     bm.swap_out(1)
-    bm.reset_prefix_cache()                  # the device copies are gone
+    bm.reset_prefix_cache()  # the device copies are gone
     assert bm.num_cached_blocks == 0
     bm.swap_in(1)
     assert bm.num_cached_blocks == 2
@@ -666,8 +689,7 @@ def test_swap_in_reregisters_cached_blocks():
 
 
 VOCAB = st.integers(0, 3)
-PREFIXES = [[], [1, 2, 3, 0], [1, 2, 3, 0, 2, 2, 1, 1], [1, 2, 3, 0, 3, 3, 3, 3, 0],
-            [2, 2, 2, 2, 2, 2, 2, 2, 2, 2]]
+PREFIXES = [[], [1, 2, 3, 0], [1, 2, 3, 0, 2, 2, 1, 1], [1, 2, 3, 0, 3, 3, 3, 3, 0], [2, 2, 2, 2, 2, 2, 2, 2, 2, 2]]
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
@@ -681,10 +703,15 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.bm = BlockManager(self.NUM_BLOCKS, self.BS, num_cpu_blocks=self.NUM_CPU,
-                               watermark=self.WATERMARK, enable_prefix_caching=self.CACHING)
-        self.seqs = {}        # id -> (tokens list, swapped)
-        self.dev = {}         # device block -> list of token ids (None = never written)
+        self.bm = BlockManager(
+            self.NUM_BLOCKS,
+            self.BS,
+            num_cpu_blocks=self.NUM_CPU,
+            watermark=self.WATERMARK,
+            enable_prefix_caching=self.CACHING,
+        )
+        self.seqs = {}  # id -> (tokens list, swapped)
+        self.dev = {}  # device block -> list of token ids (None = never written)
         self.host = {}
         self.next_id = 0
 
@@ -831,8 +858,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def bad_ids_change_nothing(self):
         before = self.bm.snapshot()
         ghost = 10**9
-        for call in (lambda: self.bm.append_slots(ghost, 1, [0]), lambda: self.bm.fork(ghost, ghost + 1),
-                     lambda: self.bm.free(ghost), lambda: self.bm.swap_out([ghost])):
+        for call in (
+            lambda: self.bm.append_slots(ghost, 1, [0]),
+            lambda: self.bm.fork(ghost, ghost + 1),
+            lambda: self.bm.free(ghost),
+            lambda: self.bm.swap_out([ghost]),
+        ):
             with pytest.raises(ValueError, match=str(ghost)):
                 call()
         if self._swapped():
@@ -893,8 +924,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 assert row[:nb].tolist() == list(snap["seqs"][sid][2]) and (row[nb:] == -1).all()
 
 
-STATEFUL = settings(max_examples=150, stateful_step_count=60, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+STATEFUL = settings(
+    max_examples=150,
+    stateful_step_count=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 
 
 class MachineNoCaching(BlockManagerMachine):
@@ -921,7 +956,7 @@ def test_stateful_watermark():
 
 def test_num_cached_tokens_predicts_allocate():
     bm = BlockManager(64, 4, enable_prefix_caching=True)
-    system = list(range(100, 113))                     # 13 tokens: 3 full blocks
+    system = list(range(100, 113))  # 13 tokens: 3 full blocks
     assert bm.num_cached_tokens(system + [1, 2]) == 0
     assert bm.allocate(0, system + [1, 2]) == 0
     queries = bm.prefix_cache_queries

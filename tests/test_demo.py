@@ -1,4 +1,5 @@
 """`python -m pagedflash` (the demo) and `python -m pagedflash info` run and report."""
+
 import subprocess
 import sys
 
@@ -6,8 +7,7 @@ import pagedflash
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "pagedflash", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "pagedflash", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_demo_small():

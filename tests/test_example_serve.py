@@ -4,6 +4,7 @@ sampling with copy-on-write, preemption by swap-out/swap-in) must reproduce, ste
 step, the logits and tokens of the same model run with contiguous per-request caches.
 The checker itself is tested too: a serving loop that skips the copy-on-write copies
 or the swap-in copies must make the script fail."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,8 +28,7 @@ def run_example(*args: str) -> subprocess.CompletedProcess:
     pkg_parent = str(Path(pagedflash.__file__).resolve().parent.parent)
     paths = [pkg_parent] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env["PYTHONPATH"] = os.pathsep.join(paths)
-    return subprocess.run([sys.executable, str(EXAMPLE), *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, str(EXAMPLE), *args], env=env, capture_output=True, text=True, timeout=300)
 
 
 def number(pattern: str, text: str) -> float:
@@ -37,8 +37,9 @@ def number(pattern: str, text: str) -> float:
     return float(m.group(1))
 
 
-@pytest.mark.parametrize("args", [("--small",), ("--small", "--seed", "3", "--num-splits", "3")],
-                         ids=["seed0", "seed3_splits3"])
+@pytest.mark.parametrize(
+    "args", [("--small",), ("--small", "--seed", "3", "--num-splits", "3")], ids=["seed0", "seed3_splits3"]
+)
 def test_serve_paged_small(args):
     res = run_example(*args)
     log = res.stdout
@@ -52,8 +53,9 @@ def test_serve_paged_small(args):
     assert re.search(r"admit req\d .*prefix cache hit: \d+ tokens\) prefill \[[1-9]\d*:", log), log
     assert number(r"max \|diff\| = ([0-9.e+-]+)", log) <= 1e-4
     assert "generated tokens identical" in log
-    assert number(r"packed with cu_seqlens_q\), query tokens computed: (\d+)", log) == \
-        number(r"logits: (\d+) positions compared", log)
+    assert number(r"packed with cu_seqlens_q\), query tokens computed: (\d+)", log) == number(
+        r"logits: (\d+) positions compared", log
+    )
     assert 0 < number(r"ratio ([0-9.]+) \(", log) < 1
 
 

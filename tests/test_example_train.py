@@ -2,6 +2,7 @@
 pagedflash attention and, from the same initialization on the same batches, with
 PyTorch SDPA. The loss must fall and the two curves must agree to float32 noise
 (bfloat16 noise under --bf16 autocast)."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -1,5 +1,6 @@
 """Interop: NumPy in -> NumPy out, torch in -> torch out, any other DLPack / array
 interface producer -> pagedflash.Tensor, all without copying inputs."""
+
 import ctypes
 import gc
 
@@ -7,15 +8,17 @@ import numpy as np
 import pytest
 
 import pagedflash
-from pagedflash import reference
-
 from conftest import assert_close, naive_attention_lowp, randn, torch
+from pagedflash import reference
 
 
 def make(rng, b=1, sq=13, sk=17, h=4, hk=2, d=32):
     """float32 NumPy q, k, v from the suite's case builder (tests/conftest.py)."""
-    return randn(rng, (b, sq, h, d), "float32"), randn(rng, (b, sk, hk, d), "float32"), \
-        randn(rng, (b, sk, hk, d), "float32")
+    return (
+        randn(rng, (b, sq, h, d), "float32"),
+        randn(rng, (b, sk, hk, d), "float32"),
+        randn(rng, (b, sk, hk, d), "float32"),
+    )
 
 
 class DLPackOnly:
@@ -127,6 +130,7 @@ def test_inputs_are_not_copied(rng):
 
 # ---- a hand-built DLPack capsule: byte_offset, strides, and the deleter called once ----
 
+
 class _DLDevice(ctypes.Structure):
     _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
 
@@ -136,9 +140,15 @@ class _DLDataType(ctypes.Structure):
 
 
 class _DLTensor(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32),
-                ("dtype", _DLDataType), ("shape", ctypes.POINTER(ctypes.c_int64)),
-                ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64)]
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", _DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", _DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
 
 
 class _DLVersion(ctypes.Structure):
@@ -150,8 +160,13 @@ class _DLManagedVersioned(ctypes.Structure):
 
 
 _DELETER = ctypes.CFUNCTYPE(None, ctypes.POINTER(_DLManagedVersioned))
-_DLManagedVersioned._fields_ = [("version", _DLVersion), ("manager_ctx", ctypes.c_void_p),
-                                ("deleter", _DELETER), ("flags", ctypes.c_uint64), ("dl_tensor", _DLTensor)]
+_DLManagedVersioned._fields_ = [
+    ("version", _DLVersion),
+    ("manager_ctx", ctypes.c_void_p),
+    ("deleter", _DELETER),
+    ("flags", ctypes.c_uint64),
+    ("dl_tensor", _DLTensor),
+]
 
 
 class HandMadeProducer:
@@ -169,8 +184,15 @@ class HandMadeProducer:
         m.version = _DLVersion(1, 0)
         m.deleter = self._deleter
         m.flags = 1 if readonly else 0
-        m.dl_tensor = _DLTensor(base.ctypes.data, _DLDevice(1, 0), len(shape), _DLDataType(2, 32, 1),
-                                self._shape, self._strides, offset_elems * 4)
+        m.dl_tensor = _DLTensor(
+            base.ctypes.data,
+            _DLDevice(1, 0),
+            len(shape),
+            _DLDataType(2, 32, 1),
+            self._shape,
+            self._strides,
+            offset_elems * 4,
+        )
         self._m = m
 
     def _on_delete(self, ptr):
@@ -207,7 +229,7 @@ def test_dlpack_null_strides_compact(rng):
     prod = HandMadeProducer(base, 8, (1, 4, 2, 32), None)
     k = rng.standard_normal((1, 5, 2, 32)).astype(np.float32)
     out = pagedflash.flash_attn(prod, k, k)
-    q_np = base[8:8 + 256].reshape(1, 4, 2, 32)
+    q_np = base[8 : 8 + 256].reshape(1, 4, 2, 32)
     assert_close(out, reference.attention(q_np, k, k), dtype="float32")
     assert prod.exported >= 1 and prod.deleted == prod.exported
 

@@ -2,6 +2,7 @@
 page (the current grid) and its provenance line parse into the numbers the plots show.
 Structure and parsing only: no test asserts a recorded speed (results are measurements, not
 specifications; benchmarks never assert on speed either)."""
+
 from __future__ import annotations
 
 import importlib.util

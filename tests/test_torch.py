@@ -8,6 +8,7 @@
 - torch.compile(fullgraph=True) on a module calling them runs without graph breaks and
   gives the eager gradients.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,15 +23,15 @@ torch = pytest.importorskip("torch")
 
 import pagedflash  # noqa: E402
 import pagedflash.torch as pft  # noqa: E402
-from pagedflash import reference  # noqa: E402
-
 from conftest import assert_close, naive_grads  # noqa: E402
-
+from pagedflash import reference  # noqa: E402
 
 
 def test_import_pagedflash_does_not_import_torch():
-    code = ("import sys, pagedflash; assert 'torch' not in sys.modules, 'pagedflash imported torch'; "
-            "import pagedflash.torch; assert 'torch' in sys.modules; print('ok')")
+    code = (
+        "import sys, pagedflash; assert 'torch' not in sys.modules, 'pagedflash imported torch'; "
+        "import pagedflash.torch; assert 'torch' in sys.modules; print('ok')"
+    )
     # the same pagedflash this test process imported (installed or in-place build)
     pkg_parent = str(Path(pagedflash.__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=pkg_parent)
@@ -43,7 +44,9 @@ def _inputs(gen, shapes, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("opts", [dict(causal=True), dict(window=(5, 2), softcap=3.0)], ids=["causal", "window_softcap"])
+@pytest.mark.parametrize(
+    "opts", [dict(causal=True), dict(window=(5, 2), softcap=3.0)], ids=["causal", "window_softcap"]
+)
 def test_autograd_dense(dtype, opts):
     gen = torch.Generator().manual_seed(0)
     b, sq, sk, h, hk, d = 2, 19, 23, 6, 2, 24
@@ -138,8 +141,9 @@ def test_opcheck_varlen(requires_grad):
     torch.library.opcheck(torch.ops.pagedflash.flash_attn_varlen_fwd.default, args)
     q, k, v = (x.detach() for x in args[:3])
     out, lse = torch.ops.pagedflash.flash_attn_varlen_fwd(q, k, v, *args[3:])
-    torch.library.opcheck(torch.ops.pagedflash.flash_attn_varlen_bwd.default,
-                          (torch.randn_like(out), q, k, v, out, lse) + args[3:])
+    torch.library.opcheck(
+        torch.ops.pagedflash.flash_attn_varlen_bwd.default, (torch.randn_like(out), q, k, v, out, lse) + args[3:]
+    )
 
 
 class TinyAttention(torch.nn.Module):
@@ -157,8 +161,9 @@ class TinyAttention(torch.nn.Module):
         q, k, v = qkv.split([self.h * self.d, self.hk * self.d, self.hk * self.d], dim=-1)
         if self.varlen:  # x: [total, dim]
             q, k, v = q.view(-1, self.h, self.d), k.view(-1, self.hk, self.d), v.view(-1, self.hk, self.d)
-            o = pft.flash_attn_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
-                                      dropout_p=self.dropout_p)
+            o = pft.flash_attn_varlen(
+                q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True, dropout_p=self.dropout_p
+            )
         else:  # x: [b, s, dim]
             b, s, _ = x.shape
             q, k, v = q.view(b, s, self.h, self.d), k.view(b, s, self.hk, self.d), v.view(b, s, self.hk, self.d)

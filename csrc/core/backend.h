@@ -58,10 +58,9 @@ typedef struct pf_backend {
     pf_status (*dropout_mask)(const pf_attn_params *p, pf_tensor mask);
     pf_status (*paged_attn)(const pf_paged_params *p);
     pf_status (*merge_attn_states)(const pf_merge_params *p);
-    pf_status (*write_kv_cache)(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache,
-                                pf_tensor slot_mapping, void *stream);
-    pf_status (*copy_blocks)(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping,
-                             void *stream);
+    pf_status (*write_kv_cache)(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache, pf_tensor slot_mapping,
+                                void *stream);
+    pf_status (*copy_blocks)(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping, void *stream);
     pf_status (*swap_blocks)(pf_tensor src, pf_tensor dst, pf_tensor block_mapping, void *stream);
 
     /* device services */

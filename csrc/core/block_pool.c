@@ -132,8 +132,7 @@ static void ht_insert(pf_block_pool_t *p, uint64_t key, int32_t block) {
 }
 
 /* Backward-shift deletion for linear probing; `home` gives an entry's first probe. */
-static void lp_erase(uint64_t *keys64, int64_t *keysi, int32_t *vals, uint64_t mask, uint64_t i,
-                     int hashed_ids) {
+static void lp_erase(uint64_t *keys64, int64_t *keysi, int32_t *vals, uint64_t mask, uint64_t i, int hashed_ids) {
     uint64_t j = i;
     for (;;) {
         j = (j + 1) & mask;
@@ -142,8 +141,10 @@ static void lp_erase(uint64_t *keys64, int64_t *keysi, int32_t *vals, uint64_t m
         /* the entry at j may move to i unless its home lies cyclically in (i, j] */
         int stays = (i <= j) ? (i < home && home <= j) : (i < home || home <= j);
         if (!stays) {
-            if (hashed_ids) keysi[i] = keysi[j];
-            else keys64[i] = keys64[j];
+            if (hashed_ids)
+                keysi[i] = keysi[j];
+            else
+                keys64[i] = keys64[j];
             vals[i] = vals[j];
             i = j;
         }
@@ -209,8 +210,8 @@ static pf_status slot_reserve(pf_block_pool_t *p) {
     if (!sf || !keys || !vals) {
         free(keys);
         free(vals);
-        return pf_set_error(PF_STATUS_OUT_OF_MEMORY, __FILE__, __LINE__,
-                            "block pool: cannot grow to %d sequences", cap);
+        return pf_set_error(PF_STATUS_OUT_OF_MEMORY, __FILE__, __LINE__, "block pool: cannot grow to %d sequences",
+                            cap);
     }
     for (uint64_t i = 0; i < icap; i++) vals[i] = BP_NONE;
     int64_t *old_keys = p->id_key;
@@ -235,8 +236,7 @@ static pf_status seq_reserve(bp_seq *s, int64_t n) {
     while (cap < n) cap *= 2;
     if (cap > INT32_MAX) cap = INT32_MAX;
     int32_t *b = (int32_t *)realloc(s->blocks, (size_t)cap * sizeof *b);
-    PF_CHECK(b, PF_STATUS_OUT_OF_MEMORY, "block pool: cannot grow a block table to %lld blocks",
-             (long long)cap);
+    PF_CHECK(b, PF_STATUS_OUT_OF_MEMORY, "block pool: cannot grow a block table to %lld blocks", (long long)cap);
     s->blocks = b;
     s->cap = (int32_t)cap;
     return PF_STATUS_OK;
@@ -247,8 +247,7 @@ static pf_status scratch_reserve(pf_block_pool_t *p, int64_t n) {
     int64_t cap = p->scratch_cap ? p->scratch_cap : 256;
     while (cap < n) cap *= 2;
     int32_t *s = (int32_t *)realloc(p->scratch, (size_t)cap * sizeof *s);
-    PF_CHECK(s, PF_STATUS_OUT_OF_MEMORY, "block pool: cannot allocate %lld scratch entries",
-             (long long)cap);
+    PF_CHECK(s, PF_STATUS_OUT_OF_MEMORY, "block pool: cannot allocate %lld scratch entries", (long long)cap);
     p->scratch = s;
     p->scratch_cap = cap;
     return PF_STATUS_OK;
@@ -263,8 +262,7 @@ static uint32_t next_epoch(uint32_t *epoch, uint32_t *marks, int64_t n, size_t s
 }
 
 static uint32_t seq_epoch(pf_block_pool_t *p) {
-    return next_epoch(&p->seq_epoch, p->seqs ? &p->seqs[0].mark : NULL, p->seqs ? p->seq_cap : 0,
-                      sizeof(bp_seq));
+    return next_epoch(&p->seq_epoch, p->seqs ? &p->seqs[0].mark : NULL, p->seqs ? p->seq_cap : 0, sizeof(bp_seq));
 }
 
 static uint32_t blk_epoch(pf_block_pool_t *p) {
@@ -282,10 +280,14 @@ static uint32_t blk_epoch(pf_block_pool_t *p) {
 
 static void lru_unlink(pf_block_pool_t *p, int32_t b) {
     int32_t pr = p->lru_prev[b], nx = p->lru_next[b];
-    if (pr != BP_NONE) p->lru_next[pr] = nx;
-    else p->lru_head = nx;
-    if (nx != BP_NONE) p->lru_prev[nx] = pr;
-    else p->lru_tail = pr;
+    if (pr != BP_NONE)
+        p->lru_next[pr] = nx;
+    else
+        p->lru_head = nx;
+    if (nx != BP_NONE)
+        p->lru_prev[nx] = pr;
+    else
+        p->lru_tail = pr;
     p->lru_prev[b] = p->lru_next[b] = BP_NONE;
     p->nevict--;
 }
@@ -293,8 +295,10 @@ static void lru_unlink(pf_block_pool_t *p, int32_t b) {
 static void lru_push_tail(pf_block_pool_t *p, int32_t b) {
     p->lru_prev[b] = p->lru_tail;
     p->lru_next[b] = BP_NONE;
-    if (p->lru_tail != BP_NONE) p->lru_next[p->lru_tail] = b;
-    else p->lru_head = b;
+    if (p->lru_tail != BP_NONE)
+        p->lru_next[p->lru_tail] = b;
+    else
+        p->lru_head = b;
     p->lru_tail = b;
     p->nevict++;
 }
@@ -372,8 +376,8 @@ static void dev_seal(pf_block_pool_t *p, int32_t b, uint64_t parent) {
 }
 
 /* Leading cached full blocks of a prompt; returns the count, fills out (may be NULL). */
-static int32_t prefix_walk(const pf_block_pool_t *p, const int32_t *tokens, int64_t n,
-                           int32_t *out, int32_t *evictable, int32_t *eligible) {
+static int32_t prefix_walk(const pf_block_pool_t *p, const int32_t *tokens, int64_t n, int32_t *out, int32_t *evictable,
+                           int32_t *eligible) {
     *evictable = 0;
     *eligible = 0;
     if (!p->caching || n <= 0 || !tokens) return 0;
@@ -401,8 +405,8 @@ static int32_t prefix_walk(const pf_block_pool_t *p, const int32_t *tokens, int6
 static pf_status check_tokens(const int32_t *tokens, int64_t n, const char *what) {
     if (!tokens) return PF_STATUS_OK;
     for (int64_t i = 0; i < n; i++)
-        PF_CHECK_VALUE(tokens[i] >= 0, "%s: token ids must be >= 0, got %d at index %lld", what,
-                       (int)tokens[i], (long long)i);
+        PF_CHECK_VALUE(tokens[i] >= 0, "%s: token ids must be >= 0, got %d at index %lld", what, (int)tokens[i],
+                       (long long)i);
     return PF_STATUS_OK;
 }
 
@@ -432,8 +436,7 @@ static int side_init(bp_side *s, int32_t n, int32_t bs) {
     s->flags = (uint8_t *)calloc(m, 1);
     s->mark = (uint32_t *)calloc(m, sizeof(uint32_t));
     s->remap = (int32_t *)calloc(m, sizeof(int32_t));
-    if (!s->ref || !s->free_stack || !s->tokens || !s->hash || !s->parent_hash || !s->flags ||
-        !s->mark || !s->remap)
+    if (!s->ref || !s->free_stack || !s->tokens || !s->hash || !s->parent_hash || !s->flags || !s->mark || !s->remap)
         return -1;
     for (int32_t i = 0; i < n; i++) s->free_stack[i] = n - 1 - i; /* block 0 is taken first */
     s->nfree = n;
@@ -444,12 +447,9 @@ pf_status pf_block_pool_init(pf_block_pool_t **pool, const pf_block_pool_config 
     PF_CHECK_VALUE(pool, "pool: expected a non-NULL pointer");
     *pool = NULL;
     PF_CHECK_VALUE(config, "config: expected a non-NULL pointer");
-    PF_CHECK_VALUE(config->num_blocks >= 1, "num_blocks: expected >= 1, got %d",
-                   (int)config->num_blocks);
-    PF_CHECK_VALUE(config->block_size >= 1, "block_size: expected >= 1, got %d",
-                   (int)config->block_size);
-    PF_CHECK_VALUE(config->num_cpu_blocks >= 0, "num_cpu_blocks: expected >= 0, got %d",
-                   (int)config->num_cpu_blocks);
+    PF_CHECK_VALUE(config->num_blocks >= 1, "num_blocks: expected >= 1, got %d", (int)config->num_blocks);
+    PF_CHECK_VALUE(config->block_size >= 1, "block_size: expected >= 1, got %d", (int)config->block_size);
+    PF_CHECK_VALUE(config->num_cpu_blocks >= 0, "num_cpu_blocks: expected >= 0, got %d", (int)config->num_cpu_blocks);
     PF_CHECK_VALUE(config->enable_prefix_caching == 0 || config->enable_prefix_caching == 1,
                    "enable_prefix_caching: expected 0 or 1, got %d", (int)config->enable_prefix_caching);
     PF_CHECK_VALUE((int64_t)config->num_blocks * config->block_size <= INT64_MAX / 8 &&
@@ -469,12 +469,11 @@ pf_status pf_block_pool_init(pf_block_pool_t **pool, const pf_block_pool_config 
     p->lru_next = (int32_t *)malloc((size_t)n * sizeof(int32_t));
     p->lru_head = p->lru_tail = BP_NONE;
     if (side_init(&p->side[0], n, p->block_size) < 0 ||
-        side_init(&p->side[1], config->num_cpu_blocks, p->block_size) < 0 || !p->ht_key ||
-        !p->ht_val || !p->lru_prev || !p->lru_next) {
+        side_init(&p->side[1], config->num_cpu_blocks, p->block_size) < 0 || !p->ht_key || !p->ht_val || !p->lru_prev ||
+        !p->lru_next) {
         pf_block_pool_free(p);
         return pf_set_error(PF_STATUS_OUT_OF_MEMORY, __FILE__, __LINE__,
-                            "block pool: out of host memory for %d blocks of %d tokens", (int)n,
-                            (int)p->block_size);
+                            "block pool: out of host memory for %d blocks of %d tokens", (int)n, (int)p->block_size);
     }
     for (uint64_t i = 0; i < hcap; i++) p->ht_val[i] = BP_NONE;
     for (int32_t i = 0; i < n; i++) p->lru_prev[i] = p->lru_next[i] = BP_NONE;
@@ -520,8 +519,8 @@ pf_status pf_block_pool_stats_get(const pf_block_pool_t *p, pf_block_pool_stats 
 /* sequences                                                                 */
 /* ------------------------------------------------------------------------ */
 
-pf_status pf_block_pool_prefix_lookup(const pf_block_pool_t *p, const int32_t *tokens,
-                                      int64_t n, int32_t *hit_blocks, int32_t *hit_evictable) {
+pf_status pf_block_pool_prefix_lookup(const pf_block_pool_t *p, const int32_t *tokens, int64_t n, int32_t *hit_blocks,
+                                      int32_t *hit_evictable) {
     PF_CHECK_VALUE(p && hit_blocks && hit_evictable, "pool, hit_blocks, hit_evictable: expected non-NULL pointers");
     PF_CHECK_VALUE(n >= 0, "num_tokens: expected >= 0, got %lld", (long long)n);
     PF_TRY(check_tokens(tokens, n, "token_ids"));
@@ -530,17 +529,15 @@ pf_status pf_block_pool_prefix_lookup(const pf_block_pool_t *p, const int32_t *t
     return PF_STATUS_OK;
 }
 
-pf_status pf_block_pool_allocate(pf_block_pool_t *p, int64_t id, const int32_t *tokens,
-                                 int64_t n, int64_t *num_cached_tokens) {
+pf_status pf_block_pool_allocate(pf_block_pool_t *p, int64_t id, const int32_t *tokens, int64_t n,
+                                 int64_t *num_cached_tokens) {
     PF_CHECK_VALUE(p, "pool: expected a non-NULL pointer");
     const int32_t bs = p->block_size;
-    PF_CHECK_VALUE(n >= 0 && n <= INT32_MAX,
-                   "allocate(seq_id %lld): num_tokens must be in [0, 2^31), got %lld",
+    PF_CHECK_VALUE(n >= 0 && n <= INT32_MAX, "allocate(seq_id %lld): num_tokens must be in [0, 2^31), got %lld",
                    (long long)id, (long long)n);
-    PF_CHECK_VALUE(tokens || !p->caching || n == 0,
-                   "allocate(seq_id %lld): token_ids are required with prefix caching", (long long)id);
-    PF_CHECK_VALUE(seq_find(p, id) == BP_NONE, "allocate: seq_id %lld is already allocated",
+    PF_CHECK_VALUE(tokens || !p->caching || n == 0, "allocate(seq_id %lld): token_ids are required with prefix caching",
                    (long long)id);
+    PF_CHECK_VALUE(seq_find(p, id) == BP_NONE, "allocate: seq_id %lld is already allocated", (long long)id);
     PF_TRY(check_tokens(tokens, n, "allocate: token_ids"));
     int32_t nb = (int32_t)((n + bs - 1) / bs);
     PF_TRY(scratch_reserve(p, nb));
@@ -580,8 +577,10 @@ pf_status pf_block_pool_allocate(pf_block_pool_t *p, int64_t id, const int32_t *
         int64_t first = (int64_t)i * bs;
         int32_t cnt = (int32_t)(n - first < bs ? n - first : bs);
         int32_t *dst = d->tokens + (int64_t)b * bs;
-        if (tokens) memcpy(dst, tokens + first, (size_t)cnt * sizeof(int32_t));
-        else for (int32_t j = 0; j < cnt; j++) dst[j] = -1;
+        if (tokens)
+            memcpy(dst, tokens + first, (size_t)cnt * sizeof(int32_t));
+        else
+            for (int32_t j = 0; j < cnt; j++) dst[j] = -1;
         if (cnt == bs && p->caching) {
             dev_seal(p, b, parent);
             parent = d->hash[b];
@@ -603,9 +602,8 @@ static pf_status append_fail(pf_block_pool_t *p, int32_t upto, pf_status st) {
     return st;
 }
 
-pf_status pf_block_pool_append(pf_block_pool_t *p, const int64_t *ids, int32_t ns,
-                               const int32_t *knew, int32_t uniform, const int32_t *tokens,
-                               int64_t *cow, int32_t *num_cow) {
+pf_status pf_block_pool_append(pf_block_pool_t *p, const int64_t *ids, int32_t ns, const int32_t *knew, int32_t uniform,
+                               const int32_t *tokens, int64_t *cow, int32_t *num_cow) {
     PF_CHECK_VALUE(p && num_cow, "pool, num_cow: expected non-NULL pointers");
     PF_CHECK_VALUE(ns >= 0, "append: num_seqs must be >= 0, got %d", (int)ns);
     PF_CHECK_VALUE(ns == 0 || (ids && cow), "append: seq_ids and cow must be non-NULL");
@@ -622,20 +620,17 @@ pf_status pf_block_pool_append(pf_block_pool_t *p, const int64_t *ids, int32_t n
         pf_status st = PF_STATUS_INVALID_VALUE;
         if (slot == BP_NONE) {
             pf_set_error(st, __FILE__, __LINE__,
-                         "append_slots: unknown seq_id %lld (never allocated, or already freed)",
-                         (long long)ids[i]);
+                         "append_slots: unknown seq_id %lld (never allocated, or already freed)", (long long)ids[i]);
             return append_fail(p, i, st);
         }
         bp_seq *s = &p->seqs[slot];
         int32_t k = knew ? knew[i] : uniform;
         if (s->on_host || s->mark == ep || k < 0 || s->len + k > INT32_MAX) {
             if (s->on_host)
-                pf_set_error(st, __FILE__, __LINE__,
-                             "append_slots: seq_id %lld is swapped out; swap it in first",
+                pf_set_error(st, __FILE__, __LINE__, "append_slots: seq_id %lld is swapped out; swap it in first",
                              (long long)ids[i]);
             else if (s->mark == ep)
-                pf_set_error(st, __FILE__, __LINE__, "append_slots: seq_id %lld appears twice",
-                             (long long)ids[i]);
+                pf_set_error(st, __FILE__, __LINE__, "append_slots: seq_id %lld appears twice", (long long)ids[i]);
             else
                 pf_set_error(st, __FILE__, __LINE__,
                              "append_slots(seq_id %lld): num_new_tokens must be >= 0 and keep the "
@@ -659,8 +654,8 @@ pf_status pf_block_pool_append(pf_block_pool_t *p, const int64_t *ids, int32_t n
                             "append_slots: token_ids are required with prefix caching");
     PF_TRY(check_tokens(tokens, total, "append_slots: token_ids"));
     PF_CHECK(need <= (int64_t)d->nfree + p->nevict, PF_STATUS_OUT_OF_BLOCKS,
-             "append_slots: %d sequence(s) need %lld new blocks, only %d free of %d", (int)ns,
-             (long long)need, d->nfree + p->nevict, d->n);
+             "append_slots: %d sequence(s) need %lld new blocks, only %d free of %d", (int)ns, (long long)need,
+             d->nfree + p->nevict, d->n);
     for (int32_t i = 0; i < ns; i++) {
         int32_t v = p->scratch[i];
         bp_seq *s = &p->seqs[v < 0 ? ~v : v];
@@ -682,8 +677,7 @@ pf_status pf_block_pool_append(pf_block_pool_t *p, const int64_t *ids, int32_t n
             int32_t last = s->blocks[s->nblocks - 1];
             if (d->ref[last] > 1) { /* copy-on-write */
                 int32_t b = dev_take(p);
-                memcpy(d->tokens + (int64_t)b * bs, d->tokens + (int64_t)last * bs,
-                       (size_t)off * sizeof(int32_t));
+                memcpy(d->tokens + (int64_t)b * bs, d->tokens + (int64_t)last * bs, (size_t)off * sizeof(int32_t));
                 d->ref[last]--;
                 s->blocks[s->nblocks - 1] = b;
                 cow[2 * nc] = last;
@@ -702,8 +696,7 @@ pf_status pf_block_pool_append(pf_block_pool_t *p, const int64_t *ids, int32_t n
             d->tokens[(int64_t)b * bs + off] = tok ? tok[t] : -1;
             if (++off == bs) {
                 off = 0;
-                if (p->caching)
-                    dev_seal(p, b, s->nblocks > 1 ? d->hash[s->blocks[s->nblocks - 2]] : BP_ROOT_HASH);
+                if (p->caching) dev_seal(p, b, s->nblocks > 1 ? d->hash[s->blocks[s->nblocks - 2]] : BP_ROOT_HASH);
             }
         }
         s->len = pos + k;
@@ -741,12 +734,13 @@ pf_status pf_block_pool_fork(pf_block_pool_t *p, int64_t parent_id, int64_t chil
 pf_status pf_block_pool_release(pf_block_pool_t *p, int64_t id) {
     PF_CHECK_VALUE(p, "pool: expected a non-NULL pointer");
     int32_t slot = seq_find(p, id);
-    PF_CHECK_VALUE(slot != BP_NONE, "free: unknown seq_id %lld (never allocated, or already freed)",
-                   (long long)id);
+    PF_CHECK_VALUE(slot != BP_NONE, "free: unknown seq_id %lld (never allocated, or already freed)", (long long)id);
     bp_seq *s = &p->seqs[slot];
     for (int32_t i = s->nblocks - 1; i >= 0; i--) {
-        if (s->on_host) host_release(p, s->blocks[i]);
-        else dev_release(p, s->blocks[i]);
+        if (s->on_host)
+            host_release(p, s->blocks[i]);
+        else
+            dev_release(p, s->blocks[i]);
     }
     s->nblocks = 0;
     s->len = 0;
@@ -761,15 +755,14 @@ pf_status pf_block_pool_release(pf_block_pool_t *p, int64_t id) {
 /* swapping                                                                  */
 /* ------------------------------------------------------------------------ */
 
-static pf_status swap_validate(pf_block_pool_t *p, const int64_t *ids, int32_t ns, int32_t to_host,
-                               int32_t *count) {
+static pf_status swap_validate(pf_block_pool_t *p, const int64_t *ids, int32_t ns, int32_t to_host, int32_t *count) {
     const char *what = to_host ? "swap_out" : "swap_in";
     PF_CHECK_VALUE(ns >= 0 && (ns == 0 || ids), "%s: expected num_seqs >= 0 and seq_ids", what);
     uint32_t ep = seq_epoch(p);
     for (int32_t i = 0; i < ns; i++) {
         int32_t slot = seq_find(p, ids[i]);
-        PF_CHECK_VALUE(slot != BP_NONE, "%s: unknown seq_id %lld (never allocated, or already freed)",
-                       what, (long long)ids[i]);
+        PF_CHECK_VALUE(slot != BP_NONE, "%s: unknown seq_id %lld (never allocated, or already freed)", what,
+                       (long long)ids[i]);
         bp_seq *s = &p->seqs[slot];
         PF_CHECK_VALUE(s->mark != ep, "%s: seq_id %lld appears twice", what, (long long)ids[i]);
         s->mark = ep;
@@ -793,25 +786,24 @@ static pf_status swap_validate(pf_block_pool_t *p, const int64_t *ids, int32_t n
     return PF_STATUS_OK;
 }
 
-pf_status pf_block_pool_swap_count(pf_block_pool_t *p, const int64_t *ids, int32_t ns,
-                                   int32_t to_host, int32_t *num_blocks) {
+pf_status pf_block_pool_swap_count(pf_block_pool_t *p, const int64_t *ids, int32_t ns, int32_t to_host,
+                                   int32_t *num_blocks) {
     PF_CHECK_VALUE(p && num_blocks, "pool, num_blocks: expected non-NULL pointers");
     return swap_validate(p, ids, ns, to_host ? 1 : 0, num_blocks);
 }
 
-pf_status pf_block_pool_swap(pf_block_pool_t *p, const int64_t *ids, int32_t ns, int32_t to_host,
-                             int64_t *mapping, int64_t max_pairs, int64_t *num_pairs) {
+pf_status pf_block_pool_swap(pf_block_pool_t *p, const int64_t *ids, int32_t ns, int32_t to_host, int64_t *mapping,
+                             int64_t max_pairs, int64_t *num_pairs) {
     PF_CHECK_VALUE(p && num_pairs, "pool, num_pairs: expected non-NULL pointers");
     to_host = to_host ? 1 : 0;
     const char *what = to_host ? "swap_out" : "swap_in";
     int32_t count;
     PF_TRY(swap_validate(p, ids, ns, to_host, &count));
-    PF_CHECK_VALUE(count <= max_pairs && (count == 0 || mapping),
-                   "%s: mapping holds %lld pairs, %d needed", what, (long long)max_pairs, count);
+    PF_CHECK_VALUE(count <= max_pairs && (count == 0 || mapping), "%s: mapping holds %lld pairs, %d needed", what,
+                   (long long)max_pairs, count);
     int32_t avail = to_host ? p->side[1].nfree : p->side[0].nfree + p->nevict;
-    PF_CHECK(count <= avail, PF_STATUS_OUT_OF_BLOCKS,
-             "%s: %d sequence(s) need %d %s blocks, only %d free of %d", what, (int)ns, count,
-             to_host ? "CPU" : "device", avail, p->side[to_host].n);
+    PF_CHECK(count <= avail, PF_STATUS_OUT_OF_BLOCKS, "%s: %d sequence(s) need %d %s blocks, only %d free of %d", what,
+             (int)ns, count, to_host ? "CPU" : "device", avail, p->side[to_host].n);
 
     /* nothing can fail from here on */
     bp_side *src = &p->side[to_host ? 0 : 1], *dst = &p->side[to_host];
@@ -826,8 +818,7 @@ pf_status pf_block_pool_swap(pf_block_pool_t *p, const int64_t *ids, int32_t ns,
                 src->mark[b] = be;
                 c = to_host ? host_take(p) : dev_take(p);
                 dst->ref[c] = 0;
-                memcpy(dst->tokens + (int64_t)c * bs, src->tokens + (int64_t)b * bs,
-                       (size_t)bs * sizeof(int32_t));
+                memcpy(dst->tokens + (int64_t)c * bs, src->tokens + (int64_t)b * bs, (size_t)bs * sizeof(int32_t));
                 dst->hash[c] = src->hash[b];
                 dst->parent_hash[c] = src->parent_hash[b];
                 dst->flags[c] = (uint8_t)(src->flags[b] & BP_HASHED);
@@ -840,8 +831,10 @@ pf_status pf_block_pool_swap(pf_block_pool_t *p, const int64_t *ids, int32_t ns,
                 c = src->remap[b];
             }
             dst->ref[c]++;
-            if (to_host) dev_release(p, b);
-            else host_release(p, b);
+            if (to_host)
+                dev_release(p, b);
+            else
+                host_release(p, b);
             s->blocks[j] = c;
         }
         s->on_host = to_host;
@@ -854,22 +847,19 @@ pf_status pf_block_pool_swap(pf_block_pool_t *p, const int64_t *ids, int32_t ns,
 /* queries                                                                   */
 /* ------------------------------------------------------------------------ */
 
-static pf_status find_running(const pf_block_pool_t *p, int64_t id, const char *what,
-                              const bp_seq **out) {
+static pf_status find_running(const pf_block_pool_t *p, int64_t id, const char *what, const bp_seq **out) {
     int32_t slot = seq_find(p, id);
-    PF_CHECK_VALUE(slot != BP_NONE, "%s: unknown seq_id %lld (never allocated, or already freed)",
-                   what, (long long)id);
+    PF_CHECK_VALUE(slot != BP_NONE, "%s: unknown seq_id %lld (never allocated, or already freed)", what, (long long)id);
     PF_CHECK_VALUE(!p->seqs[slot].on_host, "%s: seq_id %lld is swapped out", what, (long long)id);
     *out = &p->seqs[slot];
     return PF_STATUS_OK;
 }
 
-pf_status pf_block_pool_seq_info(const pf_block_pool_t *p, int64_t id, int64_t *num_tokens,
-                                 int32_t *num_blocks, int32_t *swapped) {
+pf_status pf_block_pool_seq_info(const pf_block_pool_t *p, int64_t id, int64_t *num_tokens, int32_t *num_blocks,
+                                 int32_t *swapped) {
     PF_CHECK_VALUE(p, "pool: expected a non-NULL pointer");
     int32_t slot = seq_find(p, id);
-    PF_CHECK_VALUE(slot != BP_NONE, "unknown seq_id %lld (never allocated, or already freed)",
-                   (long long)id);
+    PF_CHECK_VALUE(slot != BP_NONE, "unknown seq_id %lld (never allocated, or already freed)", (long long)id);
     const bp_seq *s = &p->seqs[slot];
     if (num_tokens) *num_tokens = s->len;
     if (num_blocks) *num_blocks = s->nblocks;
@@ -877,22 +867,21 @@ pf_status pf_block_pool_seq_info(const pf_block_pool_t *p, int64_t id, int64_t *
     return PF_STATUS_OK;
 }
 
-pf_status pf_block_pool_block_table(const pf_block_pool_t *p, int64_t id, int32_t *out,
-                                    int32_t capacity, int32_t *num_blocks) {
+pf_status pf_block_pool_block_table(const pf_block_pool_t *p, int64_t id, int32_t *out, int32_t capacity,
+                                    int32_t *num_blocks) {
     PF_CHECK_VALUE(p && num_blocks, "pool, num_blocks: expected non-NULL pointers");
     int32_t slot = seq_find(p, id);
     PF_CHECK_VALUE(slot != BP_NONE, "block_table: unknown seq_id %lld (never allocated, or already freed)",
                    (long long)id);
     const bp_seq *s = &p->seqs[slot];
-    PF_CHECK_VALUE(capacity >= s->nblocks && (s->nblocks == 0 || out),
-                   "block_table: out holds %d entries, %d needed", (int)capacity, s->nblocks);
+    PF_CHECK_VALUE(capacity >= s->nblocks && (s->nblocks == 0 || out), "block_table: out holds %d entries, %d needed",
+                   (int)capacity, s->nblocks);
     if (s->nblocks) memcpy(out, s->blocks, (size_t)s->nblocks * sizeof(int32_t));
     *num_blocks = s->nblocks;
     return PF_STATUS_OK;
 }
 
-pf_status pf_block_pool_max_blocks(const pf_block_pool_t *p, const int64_t *ids, int32_t ns,
-                                   int32_t *max_blocks) {
+pf_status pf_block_pool_max_blocks(const pf_block_pool_t *p, const int64_t *ids, int32_t ns, int32_t *max_blocks) {
     PF_CHECK_VALUE(p && max_blocks && ns >= 0 && (ns == 0 || ids), "max_blocks: bad arguments");
     int32_t m = 0;
     for (int32_t i = 0; i < ns; i++) {
@@ -904,30 +893,29 @@ pf_status pf_block_pool_max_blocks(const pf_block_pool_t *p, const int64_t *ids,
     return PF_STATUS_OK;
 }
 
-pf_status pf_block_pool_block_tables(const pf_block_pool_t *p, const int64_t *ids, int32_t ns,
-                                     int32_t *out, int32_t width, int32_t pad) {
-    PF_CHECK_VALUE(p && ns >= 0 && (ns == 0 || (ids && (out || width == 0))),
-                   "block_tables: bad arguments");
+pf_status pf_block_pool_block_tables(const pf_block_pool_t *p, const int64_t *ids, int32_t ns, int32_t *out,
+                                     int32_t width, int32_t pad) {
+    PF_CHECK_VALUE(p && ns >= 0 && (ns == 0 || (ids && (out || width == 0))), "block_tables: bad arguments");
     PF_CHECK_VALUE(width >= 0, "block_tables: max_blocks must be >= 0, got %d", (int)width);
     for (int32_t i = 0; i < ns; i++) {
         const bp_seq *s = NULL;
         PF_TRY(find_running(p, ids[i], "block_tables", &s));
-        PF_CHECK_VALUE(s->nblocks <= width,
-                       "block_tables: max_blocks %d is less than the %d blocks of seq_id %lld",
+        PF_CHECK_VALUE(s->nblocks <= width, "block_tables: max_blocks %d is less than the %d blocks of seq_id %lld",
                        (int)width, s->nblocks, (long long)ids[i]);
     }
     for (int32_t i = 0; i < ns; i++) {
         const bp_seq *s = &p->seqs[seq_find(p, ids[i])];
         int32_t *row = out + (int64_t)i * width;
         if (s->nblocks) memcpy(row, s->blocks, (size_t)s->nblocks * sizeof(int32_t));
-        if (pad == 0) memset(row + s->nblocks, 0, (size_t)(width - s->nblocks) * sizeof(int32_t));
-        else for (int32_t j = s->nblocks; j < width; j++) row[j] = pad;
+        if (pad == 0)
+            memset(row + s->nblocks, 0, (size_t)(width - s->nblocks) * sizeof(int32_t));
+        else
+            for (int32_t j = s->nblocks; j < width; j++) row[j] = pad;
     }
     return PF_STATUS_OK;
 }
 
-pf_status pf_block_pool_seq_lens(const pf_block_pool_t *p, const int64_t *ids, int32_t ns,
-                                 int32_t *out) {
+pf_status pf_block_pool_seq_lens(const pf_block_pool_t *p, const int64_t *ids, int32_t ns, int32_t *out) {
     PF_CHECK_VALUE(p && ns >= 0 && (ns == 0 || (ids && out)), "seq_lens: bad arguments");
     for (int32_t i = 0; i < ns; i++) {
         const bp_seq *s = NULL;
@@ -937,9 +925,8 @@ pf_status pf_block_pool_seq_lens(const pf_block_pool_t *p, const int64_t *ids, i
     return PF_STATUS_OK;
 }
 
-pf_status pf_block_pool_slot_mapping(const pf_block_pool_t *p, const int64_t *ids, int32_t ns,
-                                     const int32_t *knew, int32_t uniform, int64_t *out,
-                                     int64_t capacity, int64_t *num_slots) {
+pf_status pf_block_pool_slot_mapping(const pf_block_pool_t *p, const int64_t *ids, int32_t ns, const int32_t *knew,
+                                     int32_t uniform, int64_t *out, int64_t capacity, int64_t *num_slots) {
     PF_CHECK_VALUE(p && num_slots && ns >= 0 && (ns == 0 || ids), "slot_mapping: bad arguments");
     int64_t total = 0;
     for (int32_t i = 0; i < ns; i++) {
@@ -947,13 +934,12 @@ pf_status pf_block_pool_slot_mapping(const pf_block_pool_t *p, const int64_t *id
         PF_TRY(find_running(p, ids[i], "slot_mapping", &s));
         int32_t k = knew ? knew[i] : uniform;
         PF_CHECK_VALUE(k >= 0 && k <= s->len,
-                       "slot_mapping: num_new_tokens for seq_id %lld must be in [0, %lld], got %d",
-                       (long long)ids[i], (long long)s->len, (int)k);
+                       "slot_mapping: num_new_tokens for seq_id %lld must be in [0, %lld], got %d", (long long)ids[i],
+                       (long long)s->len, (int)k);
         total += k;
     }
-    PF_CHECK_VALUE(total <= capacity && (total == 0 || out),
-                   "slot_mapping: out holds %lld slots, %lld needed", (long long)capacity,
-                   (long long)total);
+    PF_CHECK_VALUE(total <= capacity && (total == 0 || out), "slot_mapping: out holds %lld slots, %lld needed",
+                   (long long)capacity, (long long)total);
     const int64_t bs = p->block_size;
     int64_t o = 0;
     for (int32_t i = 0; i < ns; i++) {
@@ -965,16 +951,15 @@ pf_status pf_block_pool_slot_mapping(const pf_block_pool_t *p, const int64_t *id
     return PF_STATUS_OK;
 }
 
-pf_status pf_block_pool_seq_tokens(const pf_block_pool_t *p, int64_t id, int32_t *out,
-                                   int64_t capacity, int64_t *num_tokens) {
+pf_status pf_block_pool_seq_tokens(const pf_block_pool_t *p, int64_t id, int32_t *out, int64_t capacity,
+                                   int64_t *num_tokens) {
     PF_CHECK_VALUE(p && num_tokens, "pool, num_tokens: expected non-NULL pointers");
     int32_t slot = seq_find(p, id);
     PF_CHECK_VALUE(slot != BP_NONE, "token_ids: unknown seq_id %lld (never allocated, or already freed)",
                    (long long)id);
     const bp_seq *s = &p->seqs[slot];
-    PF_CHECK_VALUE(capacity >= s->len && (s->len == 0 || out),
-                   "token_ids: out holds %lld entries, %lld needed", (long long)capacity,
-                   (long long)s->len);
+    PF_CHECK_VALUE(capacity >= s->len && (s->len == 0 || out), "token_ids: out holds %lld entries, %lld needed",
+                   (long long)capacity, (long long)s->len);
     const bp_side *side = &p->side[s->on_host];
     const int32_t bs = p->block_size;
     for (int64_t t = 0; t < s->len; t++) out[t] = side->tokens[(int64_t)s->blocks[t / bs] * bs + t % bs];
@@ -982,11 +967,10 @@ pf_status pf_block_pool_seq_tokens(const pf_block_pool_t *p, int64_t id, int32_t
     return PF_STATUS_OK;
 }
 
-pf_status pf_block_pool_seq_ids(const pf_block_pool_t *p, int64_t *out, int32_t capacity,
-                                int32_t *num_seqs) {
+pf_status pf_block_pool_seq_ids(const pf_block_pool_t *p, int64_t *out, int32_t capacity, int32_t *num_seqs) {
     PF_CHECK_VALUE(p && num_seqs, "pool, num_seqs: expected non-NULL pointers");
-    PF_CHECK_VALUE(capacity >= p->nseqs && (p->nseqs == 0 || out),
-                   "seq_ids: out holds %d entries, %d needed", (int)capacity, p->nseqs);
+    PF_CHECK_VALUE(capacity >= p->nseqs && (p->nseqs == 0 || out), "seq_ids: out holds %d entries, %d needed",
+                   (int)capacity, p->nseqs);
     int32_t n = 0;
     if (p->id_val)
         for (uint64_t i = 0; i <= p->id_mask; i++)
@@ -995,14 +979,14 @@ pf_status pf_block_pool_seq_ids(const pf_block_pool_t *p, int64_t *out, int32_t 
     return PF_STATUS_OK;
 }
 
-pf_status pf_block_pool_block_states(const pf_block_pool_t *p, int32_t on_host, int32_t *refcounts,
-                                     int32_t *states, uint64_t *hashes) {
+pf_status pf_block_pool_block_states(const pf_block_pool_t *p, int32_t on_host, int32_t *refcounts, int32_t *states,
+                                     uint64_t *hashes) {
     PF_CHECK_VALUE(p, "pool: expected a non-NULL pointer");
     const bp_side *s = &p->side[on_host ? 1 : 0];
     for (int32_t b = 0; b < s->n; b++) {
         if (refcounts) refcounts[b] = s->ref[b];
         if (states)
-            states[b] = s->ref[b] > 0 ? PF_BLOCK_USED
+            states[b] = s->ref[b] > 0                             ? PF_BLOCK_USED
                         : (!on_host && (s->flags[b] & BP_CACHED)) ? PF_BLOCK_EVICTABLE
                                                                   : PF_BLOCK_FREE;
         if (hashes) hashes[b] = (s->flags[b] & BP_HASHED) ? s->hash[b] : 0;
@@ -1010,22 +994,21 @@ pf_status pf_block_pool_block_states(const pf_block_pool_t *p, int32_t on_host, 
     return PF_STATUS_OK;
 }
 
-pf_status pf_block_pool_free_list(const pf_block_pool_t *p, int32_t on_host, int32_t *out,
-                                  int32_t capacity, int32_t *count) {
+pf_status pf_block_pool_free_list(const pf_block_pool_t *p, int32_t on_host, int32_t *out, int32_t capacity,
+                                  int32_t *count) {
     PF_CHECK_VALUE(p && count, "pool, count: expected non-NULL pointers");
     const bp_side *s = &p->side[on_host ? 1 : 0];
-    PF_CHECK_VALUE(capacity >= s->nfree && (s->nfree == 0 || out),
-                   "free_list: out holds %d entries, %d needed", (int)capacity, s->nfree);
+    PF_CHECK_VALUE(capacity >= s->nfree && (s->nfree == 0 || out), "free_list: out holds %d entries, %d needed",
+                   (int)capacity, s->nfree);
     for (int32_t i = 0; i < s->nfree; i++) out[i] = s->free_stack[s->nfree - 1 - i];
     *count = s->nfree;
     return PF_STATUS_OK;
 }
 
-pf_status pf_block_pool_evictable(const pf_block_pool_t *p, int32_t *out, int32_t capacity,
-                                  int32_t *count) {
+pf_status pf_block_pool_evictable(const pf_block_pool_t *p, int32_t *out, int32_t capacity, int32_t *count) {
     PF_CHECK_VALUE(p && count, "pool, count: expected non-NULL pointers");
-    PF_CHECK_VALUE(capacity >= p->nevict && (p->nevict == 0 || out),
-                   "evictable: out holds %d entries, %d needed", (int)capacity, p->nevict);
+    PF_CHECK_VALUE(capacity >= p->nevict && (p->nevict == 0 || out), "evictable: out holds %d entries, %d needed",
+                   (int)capacity, p->nevict);
     int32_t n = 0;
     for (int32_t b = p->lru_head; b != BP_NONE; b = p->lru_next[b]) out[n++] = b;
     *count = n;
@@ -1052,12 +1035,12 @@ pf_status pf_block_pool_reset_prefix_cache(pf_block_pool_t *p, int32_t *num_evic
 /* invariants                                                                */
 /* ------------------------------------------------------------------------ */
 
-#define BP_EXPECT(cond, ...)                                                            \
-    do {                                                                                \
-        if (!(cond)) {                                                                  \
+#define BP_EXPECT(cond, ...)                                                                                 \
+    do {                                                                                                     \
+        if (!(cond)) {                                                                                       \
             st = pf_set_error(PF_STATUS_INTERNAL, __FILE__, __LINE__, "block pool invariant: " __VA_ARGS__); \
-            goto done;                                                                  \
-        }                                                                               \
+            goto done;                                                                                       \
+        }                                                                                                    \
     } while (0)
 
 pf_status pf_block_pool_check(const pf_block_pool_t *p) {
@@ -1085,8 +1068,8 @@ pf_status pf_block_pool_check(const pf_block_pool_t *p) {
             continue;
         }
         live++;
-        BP_EXPECT(s->nblocks == (s->len + bs - 1) / bs, "seq_id %lld: %d blocks for %lld tokens",
-                  (long long)s->id, s->nblocks, (long long)s->len);
+        BP_EXPECT(s->nblocks == (s->len + bs - 1) / bs, "seq_id %lld: %d blocks for %lld tokens", (long long)s->id,
+                  s->nblocks, (long long)s->len);
         BP_EXPECT(s->nblocks <= s->cap, "seq_id %lld: table overflow", (long long)s->id);
         const bp_side *side = &p->side[s->on_host];
         for (int32_t j = 0; j < s->nblocks; j++) {
@@ -1094,13 +1077,11 @@ pf_status pf_block_pool_check(const pf_block_pool_t *p) {
             BP_EXPECT(b >= 0 && b < side->n, "seq_id %lld: block %d out of range", (long long)s->id, b);
             refs[s->on_host][b]++;
             if (j + 1 < s->nblocks && p->caching && !s->on_host)
-                BP_EXPECT(side->flags[b] & BP_HASHED, "seq_id %lld: full block %d has no hash",
-                          (long long)s->id, b);
+                BP_EXPECT(side->flags[b] & BP_HASHED, "seq_id %lld: full block %d has no hash", (long long)s->id, b);
         }
     }
     BP_EXPECT(live == p->nseqs, "%d indexed sequences, nseqs = %d", live, p->nseqs);
-    BP_EXPECT(p->nslot_free + live == p->seq_cap, "slots: %d free + %d live != %d", p->nslot_free,
-              live, p->seq_cap);
+    BP_EXPECT(p->nslot_free + live == p->seq_cap, "slots: %d free + %d live != %d", p->nslot_free, live, p->seq_cap);
     for (int side = 0; side < 2; side++) {
         const bp_side *s = &p->side[side];
         for (int32_t b = 0; b < s->n; b++)
@@ -1110,8 +1091,7 @@ pf_status pf_block_pool_check(const pf_block_pool_t *p) {
             int32_t b = s->free_stack[i];
             BP_EXPECT(b >= 0 && b < s->n && !seen[side][b], "free list: bad or repeated block %d", b);
             seen[side][b] = 1;
-            BP_EXPECT(s->ref[b] == 0 && !(s->flags[b] & BP_CACHED),
-                      "free list: block %d is in use or cached", b);
+            BP_EXPECT(s->ref[b] == 0 && !(s->flags[b] & BP_CACHED), "free list: block %d is in use or cached", b);
         }
     }
     int32_t nev = 0;
@@ -1127,9 +1107,8 @@ pf_status pf_block_pool_check(const pf_block_pool_t *p) {
     for (int side = 0; side < 2; side++) {
         const bp_side *s = &p->side[side];
         for (int32_t b = 0; b < s->n; b++)
-            BP_EXPECT((s->ref[b] == 0) == (seen[side][b] != 0),
-                      "%s block %d: refcount %d but %s", side ? "host" : "device", b, s->ref[b],
-                      seen[side][b] ? "listed as free" : "not listed as free");
+            BP_EXPECT((s->ref[b] == 0) == (seen[side][b] != 0), "%s block %d: refcount %d but %s",
+                      side ? "host" : "device", b, s->ref[b], seen[side][b] ? "listed as free" : "not listed as free");
     }
     int32_t ncached = 0, nindexed = 0;
     for (int32_t b = 0; b < p->side[0].n; b++) {
@@ -1142,15 +1121,13 @@ pf_status pf_block_pool_check(const pf_block_pool_t *p) {
         int32_t b = p->ht_val[i];
         if (b == BP_NONE) continue;
         nindexed++;
-        BP_EXPECT(b >= 0 && b < p->side[0].n && (p->side[0].flags[b] & BP_CACHED) &&
-                      p->side[0].hash[b] == p->ht_key[i],
+        BP_EXPECT(b >= 0 && b < p->side[0].n && (p->side[0].flags[b] & BP_CACHED) && p->side[0].hash[b] == p->ht_key[i],
                   "index entry %llu -> block %d is stale", (unsigned long long)i, b);
-        BP_EXPECT(bp_block_hash(p->side[0].parent_hash[b], p->side[0].tokens + (int64_t)b * bs, bs) ==
-                      p->ht_key[i],
+        BP_EXPECT(bp_block_hash(p->side[0].parent_hash[b], p->side[0].tokens + (int64_t)b * bs, bs) == p->ht_key[i],
                   "cached block %d: tokens do not match its hash", b);
     }
-    BP_EXPECT(ncached == p->ncached && nindexed == ncached, "cached count %d, flagged %d, indexed %d",
-              p->ncached, ncached, nindexed);
+    BP_EXPECT(ncached == p->ncached && nindexed == ncached, "cached count %d, flagged %d, indexed %d", p->ncached,
+              ncached, nindexed);
 done:
     for (int side = 0; side < 2; side++) {
         free(refs[side]);

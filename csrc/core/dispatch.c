@@ -22,16 +22,16 @@ const pf_backend *pf_backend_of(pf_device device) {
 }
 
 /* The backend of `device` and its entry `slot`, or NOT_SUPPORTED naming the operation. */
-#define PF_BACKEND_CALL(device, what, slot, ...)                                                           \
-    do {                                                                                                 \
-        const pf_backend *be_ = pf_backend_of(device);                                                   \
-        PF_CHECK(be_ != NULL, PF_STATUS_NOT_SUPPORTED,                                                  \
-                 "%s: this pagedflash was built without CUDA; tensors on a CUDA device need a build "  \
-                 "with nvcc present (PAGEDFLASH_CUDA=1)",                                              \
-                 what);                                                                                  \
-        PF_CHECK(be_->slot != NULL, PF_STATUS_NOT_SUPPORTED, "%s: not implemented by the %s backend", \
-                 what, be_->name);                                                                       \
-        return be_->slot(__VA_ARGS__);                                                                   \
+#define PF_BACKEND_CALL(device, what, slot, ...)                                                            \
+    do {                                                                                                    \
+        const pf_backend *be_ = pf_backend_of(device);                                                      \
+        PF_CHECK(be_ != NULL, PF_STATUS_NOT_SUPPORTED,                                                      \
+                 "%s: this pagedflash was built without CUDA; tensors on a CUDA device need a build "       \
+                 "with nvcc present (PAGEDFLASH_CUDA=1)",                                                   \
+                 what);                                                                                     \
+        PF_CHECK(be_->slot != NULL, PF_STATUS_NOT_SUPPORTED, "%s: not implemented by the %s backend", what, \
+                 be_->name);                                                                                \
+        return be_->slot(__VA_ARGS__);                                                                      \
     } while (0)
 
 /* ---- build information and memory ---- */
@@ -100,15 +100,13 @@ pf_status pf_merge_attn_states(const pf_merge_params *p) {
     PF_BACKEND_CALL(p->out.device, "merge_attn_states", merge_attn_states, p);
 }
 
-pf_status pf_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache,
-                            pf_tensor slot_mapping, void *stream) {
+pf_status pf_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache, pf_tensor slot_mapping,
+                            void *stream) {
     PF_TRY(pf_write_kv_cache_validate(k, v, k_cache, v_cache, slot_mapping));
-    PF_BACKEND_CALL(k_cache.device, "write_kv_cache", write_kv_cache, k, v, k_cache, v_cache, slot_mapping,
-                    stream);
+    PF_BACKEND_CALL(k_cache.device, "write_kv_cache", write_kv_cache, k, v, k_cache, v_cache, slot_mapping, stream);
 }
 
-pf_status pf_copy_blocks(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping,
-                         void *stream) {
+pf_status pf_copy_blocks(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping, void *stream) {
     PF_TRY(pf_copy_blocks_validate(caches, num_caches, block_mapping));
     pf_device device = num_caches > 0 ? caches[0].device : PF_DEVICE_CPU;
     PF_BACKEND_CALL(device, "copy_blocks", copy_blocks, caches, num_caches, block_mapping, stream);
@@ -119,7 +117,6 @@ pf_status pf_copy_blocks(const pf_tensor *caches, int32_t num_caches, pf_tensor 
  * device, on `stream`). */
 pf_status pf_swap_blocks(pf_tensor src, pf_tensor dst, pf_tensor block_mapping, void *stream) {
     PF_TRY(pf_swap_blocks_validate(src, dst, block_mapping));
-    pf_device device =
-        (src.device == PF_DEVICE_CUDA || dst.device == PF_DEVICE_CUDA) ? PF_DEVICE_CUDA : PF_DEVICE_CPU;
+    pf_device device = (src.device == PF_DEVICE_CUDA || dst.device == PF_DEVICE_CUDA) ? PF_DEVICE_CUDA : PF_DEVICE_CPU;
     PF_BACKEND_CALL(device, "swap_blocks", swap_blocks, src, dst, block_mapping, stream);
 }

@@ -80,21 +80,17 @@ const char *pf_dtype_name(pf_dtype dtype) {
 
 /* ---- kernel hints (pagedflash.h) ---- */
 
+/* clang-format off: one hint per line */
 static const struct {
     const char *name;
     int32_t kernel;
 } pf_kernel_names[] = {
-    {"auto", PF_KERNEL_AUTO},
-    {"sm80", PF_KERNEL_FLASH_SM80},
-    {"sm90", PF_KERNEL_FLASH_SM90},
-    {"simple", PF_KERNEL_PAGED_SIMPLE},
-    {"1x4", PF_KERNEL_PAGED_1X4},
-    {"4x4", PF_KERNEL_PAGED_4X4},
-    {"8x8", PF_KERNEL_PAGED_8X8},
-    {"1x8", PF_KERNEL_PAGED_1X8},
-    {"2x8", PF_KERNEL_PAGED_2X8},
+    {"auto", PF_KERNEL_AUTO},           {"sm80", PF_KERNEL_FLASH_SM80}, {"sm90", PF_KERNEL_FLASH_SM90},
+    {"simple", PF_KERNEL_PAGED_SIMPLE}, {"1x4", PF_KERNEL_PAGED_1X4},   {"4x4", PF_KERNEL_PAGED_4X4},
+    {"8x8", PF_KERNEL_PAGED_8X8},       {"1x8", PF_KERNEL_PAGED_1X8},   {"2x8", PF_KERNEL_PAGED_2X8},
     {"4x8", PF_KERNEL_PAGED_4X8},
 };
+/* clang-format on */
 #define PF_NUM_KERNEL_NAMES ((int)(sizeof pf_kernel_names / sizeof pf_kernel_names[0]))
 static const char pf_registers_suffix[] = "+registers";
 

@@ -30,8 +30,8 @@ pf_status pf_set_error(pf_status status, const char *file, int line, const char 
     ;
 
 /* Return `status` with a message unless `cond` holds. */
-#define PF_CHECK(cond, status, ...)                                                   \
-    do {                                                                              \
+#define PF_CHECK(cond, status, ...)                                                  \
+    do {                                                                             \
         if (!(cond)) return pf_set_error((status), __FILE__, __LINE__, __VA_ARGS__); \
     } while (0)
 
@@ -39,9 +39,9 @@ pf_status pf_set_error(pf_status status, const char *file, int line, const char 
 #define PF_CHECK_TYPE(cond, ...) PF_CHECK(cond, PF_STATUS_INVALID_TYPE, __VA_ARGS__)
 
 /* Propagate a failing status. */
-#define PF_TRY(expr)                                                \
-    do {                                                            \
-        pf_status pf_try_status_ = (expr);                          \
+#define PF_TRY(expr)                                               \
+    do {                                                           \
+        pf_status pf_try_status_ = (expr);                         \
         if (pf_try_status_ != PF_STATUS_OK) return pf_try_status_; \
     } while (0)
 

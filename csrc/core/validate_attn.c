@@ -7,23 +7,22 @@
 #include "validate.h"
 
 /* cu_seqlens: int32 [batch + 1], 0 = first, non-decreasing, last = total. */
-static pf_status check_cu_seqlens(const pf_tensor *cu, const char *name, int64_t batch1,
-                                  int64_t total, const pf_tensor *q) {
+static pf_status check_cu_seqlens(const pf_tensor *cu, const char *name, int64_t batch1, int64_t total,
+                                  const pf_tensor *q) {
     PF_TRY(pf_check_dtype(cu, name, PF_DTYPE_I32));
     PF_TRY(pf_check_rank(cu, name, 1));
-    PF_CHECK_VALUE(cu->shape[0] == batch1, "%s: expected length %lld (batch + 1), got %lld", name,
-                   (long long)batch1, (long long)cu->shape[0]);
+    PF_CHECK_VALUE(cu->shape[0] == batch1, "%s: expected length %lld (batch + 1), got %lld", name, (long long)batch1,
+                   (long long)cu->shape[0]);
     PF_TRY(pf_check_same_device(cu, name, q, "q"));
     if (!pf_tensor_on_host(cu)) return PF_STATUS_OK; /* device values are checked by the kernel */
     PF_CHECK_VALUE(cu->strides[0] == 1 || cu->shape[0] <= 1, "%s: must be contiguous", name);
     const int32_t *c = (const int32_t *)cu->data;
     PF_CHECK_VALUE(c[0] == 0, "%s: expected %s[0] == 0, got %d", name, name, (int)c[0]);
     for (int64_t i = 1; i < batch1; i++)
-        PF_CHECK_VALUE(c[i] >= c[i - 1], "%s: must be non-decreasing, but %s[%lld] = %d < %s[%lld] = %d",
-                       name, name, (long long)i, (int)c[i], name, (long long)(i - 1), (int)c[i - 1]);
-    PF_CHECK_VALUE(c[batch1 - 1] == total,
-                   "%s: the last entry must equal the number of packed tokens %lld, got %d", name,
-                   (long long)total, (int)c[batch1 - 1]);
+        PF_CHECK_VALUE(c[i] >= c[i - 1], "%s: must be non-decreasing, but %s[%lld] = %d < %s[%lld] = %d", name, name,
+                       (long long)i, (int)c[i], name, (long long)(i - 1), (int)c[i - 1]);
+    PF_CHECK_VALUE(c[batch1 - 1] == total, "%s: the last entry must equal the number of packed tokens %lld, got %d",
+                   name, (long long)total, (int)c[batch1 - 1]);
     return PF_STATUS_OK;
 }
 
@@ -34,12 +33,11 @@ static pf_status validate_common(const pf_attn_params *p, int backward) {
     PF_TRY(pf_check_last_contiguous(q, "q"));
     PF_TRY(pf_check_float_like(k, "k", q, "q"));
     PF_TRY(pf_check_float_like(v, "v", q, "q"));
-    PF_CHECK_VALUE(q->device != PF_DEVICE_CUDA || !pf_tensor_present(&p->alibi_slopes) ||
-                       p->alibi_slopes.device == PF_DEVICE_CUDA,
-                   "alibi_slopes: expected the device of q");
+    PF_CHECK_VALUE(
+        q->device != PF_DEVICE_CUDA || !pf_tensor_present(&p->alibi_slopes) || p->alibi_slopes.device == PF_DEVICE_CUDA,
+        "alibi_slopes: expected the device of q");
 
-    int varlen = pf_tensor_present(&p->cu_seqlens_q) || pf_tensor_present(&p->cu_seqlens_k) ||
-                 p->cu_seqlens_q.ndim > 0;
+    int varlen = pf_tensor_present(&p->cu_seqlens_q) || pf_tensor_present(&p->cu_seqlens_k) || p->cu_seqlens_q.ndim > 0;
     int rank = varlen ? 3 : 4;
     PF_TRY(pf_check_rank(q, "q", rank));
     PF_TRY(pf_check_rank(k, "k", rank));
@@ -47,14 +45,14 @@ static pf_status validate_common(const pf_attn_params *p, int backward) {
     PF_TRY(pf_check_same_shape(v, "v", k, "k"));
     int hd = rank - 1, hh = rank - 2;
     int64_t d = q->shape[hd];
-    PF_CHECK_VALUE(d >= 1 && d <= PF_MAX_HEAD_DIM, "q: head_dim must be in [1, %d], got %lld",
-                   PF_MAX_HEAD_DIM, (long long)d);
+    PF_CHECK_VALUE(d >= 1 && d <= PF_MAX_HEAD_DIM, "q: head_dim must be in [1, %d], got %lld", PF_MAX_HEAD_DIM,
+                   (long long)d);
     PF_TRY(pf_check_dim(k, "k", hd, d, "head_dim, as in q"));
     int64_t h = q->shape[hh], hk = k->shape[hh];
     PF_CHECK_VALUE(hk >= 1, "k: num_kv_heads must be >= 1, got %lld", (long long)hk);
     PF_CHECK_VALUE(h >= 1 && h % hk == 0,
-                   "q: num_heads (%lld) must be a positive multiple of num_kv_heads (%lld, from k)",
-                   (long long)h, (long long)hk);
+                   "q: num_heads (%lld) must be a positive multiple of num_kv_heads (%lld, from k)", (long long)h,
+                   (long long)hk);
     int64_t batch;
     if (varlen) {
         PF_CHECK_VALUE(pf_tensor_present(&p->cu_seqlens_q) || p->cu_seqlens_q.ndim == 1,
@@ -65,8 +63,8 @@ static pf_status validate_common(const pf_attn_params *p, int backward) {
         PF_TRY(check_cu_seqlens(&p->cu_seqlens_q, "cu_seqlens_q", batch + 1, q->shape[0], q));
         PF_TRY(check_cu_seqlens(&p->cu_seqlens_k, "cu_seqlens_k", batch + 1, k->shape[0], q));
         PF_CHECK_VALUE(p->max_seqlen_q >= 0 && p->max_seqlen_k >= 0,
-                       "max_seqlen_q/max_seqlen_k: must be >= 0, got %lld and %lld",
-                       (long long)p->max_seqlen_q, (long long)p->max_seqlen_k);
+                       "max_seqlen_q/max_seqlen_k: must be >= 0, got %lld and %lld", (long long)p->max_seqlen_q,
+                       (long long)p->max_seqlen_k);
     } else {
         batch = q->shape[0];
         PF_TRY(pf_check_dim(k, "k", 0, batch, "batch, as in q"));
@@ -74,8 +72,8 @@ static pf_status validate_common(const pf_attn_params *p, int backward) {
 
     /* masking options */
     PF_TRY(pf_check_mask_options(p->window_left, p->window_right, p->softcap, p->softmax_scale));
-    PF_CHECK_VALUE(p->dropout_p >= 0.0f && p->dropout_p < 1.0f,
-                   "dropout_p: must be in [0, 1), got %g", (double)p->dropout_p);
+    PF_CHECK_VALUE(p->dropout_p >= 0.0f && p->dropout_p < 1.0f, "dropout_p: must be in [0, 1), got %g",
+                   (double)p->dropout_p);
     PF_TRY(pf_check_alibi(&p->alibi_slopes, h, batch, q));
 
     /* the backend of q's device: its limits, and the kernel hint */
@@ -107,7 +105,8 @@ static pf_status validate_common(const pf_attn_params *p, int backward) {
             want.shape[2] = q->shape[1];
         }
         PF_TRY(pf_check_dtype(lse, "lse", PF_DTYPE_F32));
-        PF_TRY(pf_check_same_shape(lse, "lse", &want, varlen ? "[num_heads, total_q]" : "[batch, num_heads, seqlen_q]"));
+        PF_TRY(
+            pf_check_same_shape(lse, "lse", &want, varlen ? "[num_heads, total_q]" : "[batch, num_heads, seqlen_q]"));
         PF_TRY(pf_check_same_device(lse, "lse", q, "q"));
         PF_TRY(pf_check_nonneg_strides(lse, "lse"));
     }
@@ -115,8 +114,8 @@ static pf_status validate_common(const pf_attn_params *p, int backward) {
 }
 
 /* An output: q's dtype, the shape of `ref`, last dim contiguous, no negative strides. */
-static pf_status check_output(const pf_tensor *t, const char *name, const pf_tensor *ref,
-                              const char *ref_name, const pf_tensor *q) {
+static pf_status check_output(const pf_tensor *t, const char *name, const pf_tensor *ref, const char *ref_name,
+                              const pf_tensor *q) {
     PF_TRY(pf_check_float_like(t, name, q, "q"));
     PF_TRY(pf_check_same_shape(t, name, ref, ref_name));
     PF_TRY(pf_check_nonneg_strides(t, name));
@@ -182,8 +181,7 @@ pf_status pf_dropout_mask_validate(const pf_attn_params *p, const pf_tensor *mas
                 if (ck[b + 1] - ck[b] > sk) sk = ck[b + 1] - ck[b];
             }
         }
-        PF_CHECK_VALUE(mask->shape[0] == batch && mask->shape[1] == h && mask->shape[2] >= sq &&
-                           mask->shape[3] >= sk,
+        PF_CHECK_VALUE(mask->shape[0] == batch && mask->shape[1] == h && mask->shape[2] >= sq && mask->shape[3] >= sk,
                        "mask: expected shape [%lld, %lld, >= %lld, >= %lld] (batch, num_heads, "
                        "longest query and key sequence), got %s",
                        (long long)batch, (long long)h, (long long)sq, (long long)sk,
@@ -192,8 +190,7 @@ pf_status pf_dropout_mask_validate(const pf_attn_params *p, const pf_tensor *mas
         batch = p->q.shape[0];
         sq = p->q.shape[1];
         sk = p->k.shape[1];
-        PF_CHECK_VALUE(mask->shape[0] == batch && mask->shape[1] == h && mask->shape[2] == sq &&
-                           mask->shape[3] == sk,
+        PF_CHECK_VALUE(mask->shape[0] == batch && mask->shape[1] == h && mask->shape[2] == sq && mask->shape[3] == sk,
                        "mask: expected shape [%lld, %lld, %lld, %lld] (batch, num_heads, seqlen_q, "
                        "seqlen_k), got %s",
                        (long long)batch, (long long)h, (long long)sq, (long long)sk,

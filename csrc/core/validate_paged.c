@@ -23,8 +23,8 @@
 /* ---- shared helpers ---- */
 
 /* An integer index tensor: dtype, rank, device; last dimension contiguous. */
-static pf_status check_index(const pf_tensor *t, const char *name, pf_dtype dtype, int ndim,
-                             const pf_tensor *ref, const char *ref_name) {
+static pf_status check_index(const pf_tensor *t, const char *name, pf_dtype dtype, int ndim, const pf_tensor *ref,
+                             const char *ref_name) {
     PF_TRY(pf_check_present(t, name));
     PF_TRY(pf_check_dtype(t, name, dtype));
     PF_TRY(pf_check_rank(t, name, ndim));
@@ -33,9 +33,7 @@ static pf_status check_index(const pf_tensor *t, const char *name, pf_dtype dtyp
     return PF_STATUS_OK;
 }
 
-static inline int32_t at_i32(const pf_tensor *t, int64_t i) {
-    return ((const int32_t *)t->data)[i * t->strides[0]];
-}
+static inline int32_t at_i32(const pf_tensor *t, int64_t i) { return ((const int32_t *)t->data)[i * t->strides[0]]; }
 
 static inline int32_t at_i32_2(const pf_tensor *t, int64_t i, int64_t j) {
     return ((const int32_t *)t->data)[i * t->strides[0] + j * t->strides[1]];
@@ -48,21 +46,18 @@ static inline int64_t at_i64_2(const pf_tensor *t, int64_t i, int64_t j) {
 /* ---- paged attention ---- */
 
 /* Range checks of the index tensors' values (all host-readable). */
-static pf_status check_paged_indices_host(const pf_paged_params *p, int64_t batch, int has_cu,
-                                          int64_t q_len_dense) {
+static pf_status check_paged_indices_host(const pf_paged_params *p, int64_t batch, int has_cu, int64_t q_len_dense) {
     const pf_tensor *bt = &p->block_tables, *sl = &p->seq_lens, *cu = &p->cu_seqlens_q;
     const int64_t num_blocks = p->k_cache.shape[0], block_size = p->k_cache.shape[1];
     const int64_t max_blocks = bt->shape[1];
     const int64_t capacity = max_blocks * block_size;
     if (has_cu) {
-        PF_CHECK_VALUE(at_i32(cu, 0) == 0, "cu_seqlens_q: expected cu_seqlens_q[0] == 0, got %d",
-                       (int)at_i32(cu, 0));
+        PF_CHECK_VALUE(at_i32(cu, 0) == 0, "cu_seqlens_q: expected cu_seqlens_q[0] == 0, got %d", (int)at_i32(cu, 0));
         for (int64_t b = 1; b <= batch; b++)
             PF_CHECK_VALUE(at_i32(cu, b) >= at_i32(cu, b - 1),
                            "cu_seqlens_q: must be non-decreasing, but cu_seqlens_q[%lld] = %d < "
                            "cu_seqlens_q[%lld] = %d",
-                           (long long)b, (int)at_i32(cu, b), (long long)(b - 1),
-                           (int)at_i32(cu, b - 1));
+                           (long long)b, (int)at_i32(cu, b), (long long)(b - 1), (int)at_i32(cu, b - 1));
         PF_CHECK_VALUE(at_i32(cu, batch) == p->q.shape[0],
                        "cu_seqlens_q: the last entry must equal the number of packed queries in q "
                        "(%lld), got cu_seqlens_q[%lld] = %d",
@@ -71,13 +66,11 @@ static pf_status check_paged_indices_host(const pf_paged_params *p, int64_t batc
     for (int64_t b = 0; b < batch; b++) {
         int64_t len = at_i32(sl, b);
         int64_t q_len = has_cu ? (int64_t)at_i32(cu, b + 1) - at_i32(cu, b) : q_len_dense;
-        PF_CHECK_VALUE(len >= 0, "seq_lens: seq_lens[%lld] = %lld is negative", (long long)b,
-                       (long long)len);
+        PF_CHECK_VALUE(len >= 0, "seq_lens: seq_lens[%lld] = %lld is negative", (long long)b, (long long)len);
         PF_CHECK_VALUE(len <= capacity,
                        "seq_lens: seq_lens[%lld] = %lld exceeds the %lld tokens its block_tables "
                        "row covers (max_blocks_per_seq %lld x block_size %lld)",
-                       (long long)b, (long long)len, (long long)capacity, (long long)max_blocks,
-                       (long long)block_size);
+                       (long long)b, (long long)len, (long long)capacity, (long long)max_blocks, (long long)block_size);
         PF_CHECK_VALUE(q_len <= len,
                        "seq_lens: seq_lens[%lld] = %lld is shorter than the sequence's %lld "
                        "queries (q_len <= seq_len: the queries' own keys must already be in the "
@@ -89,8 +82,8 @@ static pf_status check_paged_indices_host(const pf_paged_params *p, int64_t batc
             PF_CHECK_VALUE(id >= 0 && id < num_blocks,
                            "block_tables: block_tables[%lld, %lld] = %lld is out of range [0, %lld) "
                            "(num_blocks of k_cache); sequence %lld holds %lld tokens in %lld blocks",
-                           (long long)b, (long long)j, (long long)id, (long long)num_blocks,
-                           (long long)b, (long long)len, (long long)used);
+                           (long long)b, (long long)j, (long long)id, (long long)num_blocks, (long long)b,
+                           (long long)len, (long long)used);
         }
     }
     return PF_STATUS_OK;
@@ -112,8 +105,8 @@ pf_status pf_paged_attn_validate(const pf_paged_params *p) {
                    (int)q->ndim, pf_shape_str(q, s1, sizeof s1));
     const int hd = q->ndim - 1, hh = q->ndim - 2;
     const int64_t d = q->shape[hd], h = q->shape[hh];
-    PF_CHECK_VALUE(d >= 1 && d <= PF_MAX_HEAD_DIM, "q: head_dim must be in [1, %d], got %lld",
-                   PF_MAX_HEAD_DIM, (long long)d);
+    PF_CHECK_VALUE(d >= 1 && d <= PF_MAX_HEAD_DIM, "q: head_dim must be in [1, %d], got %lld", PF_MAX_HEAD_DIM,
+                   (long long)d);
 
     /* caches */
     PF_TRY(pf_check_float_like(kc, "k_cache", q, "q"));
@@ -123,10 +116,9 @@ pf_status pf_paged_attn_validate(const pf_paged_params *p) {
     PF_TRY(pf_check_dim(kc, "k_cache", 3, d, "head_dim, as in q"));
     const int64_t block_size = kc->shape[1], hk = kc->shape[2];
     PF_CHECK_VALUE(block_size >= 1 && block_size <= PF_PAGED_MAX_BLOCK_SIZE,
-                   "k_cache: block_size (dimension 1) must be in [1, %d], got %lld",
-                   PF_PAGED_MAX_BLOCK_SIZE, (long long)block_size);
-    PF_CHECK_VALUE(hk >= 1, "k_cache: num_kv_heads (dimension 2) must be >= 1, got %lld",
-                   (long long)hk);
+                   "k_cache: block_size (dimension 1) must be in [1, %d], got %lld", PF_PAGED_MAX_BLOCK_SIZE,
+                   (long long)block_size);
+    PF_CHECK_VALUE(hk >= 1, "k_cache: num_kv_heads (dimension 2) must be >= 1, got %lld", (long long)hk);
     PF_CHECK_VALUE(h >= 1 && h % hk == 0,
                    "q: num_heads (%lld) must be a positive multiple of num_kv_heads (%lld, from "
                    "k_cache)",
@@ -137,8 +129,8 @@ pf_status pf_paged_attn_validate(const pf_paged_params *p) {
     const int64_t batch = p->block_tables.shape[0];
     PF_TRY(check_index(&p->seq_lens, "seq_lens", PF_DTYPE_I32, 1, q, "q"));
     PF_CHECK_VALUE(p->seq_lens.shape[0] == batch,
-                   "seq_lens: expected length %lld (batch, the rows of block_tables), got %lld",
-                   (long long)batch, (long long)p->seq_lens.shape[0]);
+                   "seq_lens: expected length %lld (batch, the rows of block_tables), got %lld", (long long)batch,
+                   (long long)p->seq_lens.shape[0]);
     int64_t q_len_dense = 0, total_q;
     if (has_cu) {
         PF_TRY(check_index(&p->cu_seqlens_q, "cu_seqlens_q", PF_DTYPE_I32, 1, q, "q"));
@@ -174,8 +166,7 @@ pf_status pf_paged_attn_validate(const pf_paged_params *p) {
 
     /* scalar options */
     PF_TRY(pf_check_mask_options(p->window_left, p->window_right, p->softcap, p->softmax_scale));
-    PF_CHECK_VALUE(p->num_splits >= 0, "num_splits: must be >= 0 (0 = automatic), got %d",
-                   (int)p->num_splits);
+    PF_CHECK_VALUE(p->num_splits >= 0, "num_splits: must be >= 0 (0 = automatic), got %d", (int)p->num_splits);
     const pf_backend *be;
     PF_TRY(pf_check_backend(q, "q", &be));
     PF_TRY(pf_check_kernel_hint(p->kernel, PF_HINT_PAGED, "paged_attn"));
@@ -206,8 +197,7 @@ pf_status pf_merge_attn_states_validate(const pf_merge_params *p) {
     PF_CHECK_VALUE(a->ndim >= 2, "out_a: expected [..., num_heads, head_dim] (>= 2-d), got shape %s",
                    pf_shape_str(a, s1, sizeof s1));
     PF_CHECK_VALUE(a->shape[a->ndim - 2] >= 1 && a->shape[a->ndim - 1] >= 1,
-                   "out_a: num_heads and head_dim must be >= 1, got shape %s",
-                   pf_shape_str(a, s1, sizeof s1));
+                   "out_a: num_heads and head_dim must be >= 1, got shape %s", pf_shape_str(a, s1, sizeof s1));
     PF_TRY(pf_check_float_like(&p->out_b, "out_b", a, "out_a"));
     PF_TRY(pf_check_same_shape(&p->out_b, "out_b", a, "out_a"));
     PF_TRY(pf_check_float_like(&p->out, "out", a, "out_a"));
@@ -235,16 +225,16 @@ pf_status pf_merge_attn_states_validate(const pf_merge_params *p) {
     PF_CHECK(!be->limits.max_merge_dims || a->ndim - 2 <= be->limits.max_merge_dims, PF_STATUS_NOT_SUPPORTED,
              "out_a: at most %d leading dimensions are supported on %s, got %d", (int)be->limits.max_merge_dims,
              be->name, (int)(a->ndim - 2));
-    PF_CHECK(!be->limits.max_rows || want.shape[0] * want.shape[1] <= be->limits.max_rows,
-             PF_STATUS_NOT_SUPPORTED, "out_a: too many rows (tokens x heads = %lld) for %s, at most %lld",
+    PF_CHECK(!be->limits.max_rows || want.shape[0] * want.shape[1] <= be->limits.max_rows, PF_STATUS_NOT_SUPPORTED,
+             "out_a: too many rows (tokens x heads = %lld) for %s, at most %lld",
              (long long)(want.shape[0] * want.shape[1]), be->name, (long long)be->limits.max_rows);
     return PF_STATUS_OK;
 }
 
 /* ---- cache operations ---- */
 
-pf_status pf_write_kv_cache_validate(pf_tensor k, pf_tensor v, pf_tensor k_cache,
-                                     pf_tensor v_cache, pf_tensor slot_mapping) {
+pf_status pf_write_kv_cache_validate(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache,
+                                     pf_tensor slot_mapping) {
     const pf_tensor *kc = &k_cache;
     PF_TRY(pf_check_present(kc, "k_cache"));
     PF_TRY(pf_check_float_dtype(kc, "k_cache"));
@@ -264,8 +254,8 @@ pf_status pf_write_kv_cache_validate(pf_tensor k, pf_tensor v, pf_tensor k_cache
 
     PF_TRY(check_index(&slot_mapping, "slot_mapping", PF_DTYPE_I64, 1, kc, "k_cache"));
     PF_CHECK_VALUE(slot_mapping.shape[0] == k.shape[0],
-                   "slot_mapping: expected length %lld (num_tokens, dimension 0 of k), got %lld",
-                   (long long)k.shape[0], (long long)slot_mapping.shape[0]);
+                   "slot_mapping: expected length %lld (num_tokens, dimension 0 of k), got %lld", (long long)k.shape[0],
+                   (long long)slot_mapping.shape[0]);
 
     const pf_backend *be;
     PF_TRY(pf_check_backend(kc, "k_cache", &be));
@@ -281,8 +271,8 @@ pf_status pf_write_kv_cache_validate(pf_tensor k, pf_tensor v, pf_tensor k_cache
             PF_CHECK_VALUE(slot < num_slots,
                            "slot_mapping: slot_mapping[%lld] = %lld is out of range: the cache holds "
                            "%lld slots (num_blocks %lld x block_size %lld); negative = skip",
-                           (long long)t, (long long)slot, (long long)num_slots,
-                           (long long)kc->shape[0], (long long)kc->shape[1]);
+                           (long long)t, (long long)slot, (long long)num_slots, (long long)kc->shape[0],
+                           (long long)kc->shape[1]);
         }
     } else {
         /* A device-resident slot_mapping is bound-checked by the CUDA kernel: slots
@@ -293,12 +283,11 @@ pf_status pf_write_kv_cache_validate(pf_tensor k, pf_tensor v, pf_tensor k_cache
 
 /* block_mapping: int64 [n, 2]; when host-readable, ids within [0, src_blocks) and
  * [0, dst_blocks). Names the cache the bound comes from. */
-static pf_status check_block_mapping(const pf_tensor *m, int64_t src_blocks, const char *src_name,
-                                     int64_t dst_blocks, const char *dst_name) {
+static pf_status check_block_mapping(const pf_tensor *m, int64_t src_blocks, const char *src_name, int64_t dst_blocks,
+                                     const char *dst_name) {
     char s1[128];
     PF_TRY(check_index(m, "block_mapping", PF_DTYPE_I64, 2, NULL, NULL));
-    PF_CHECK_VALUE(m->shape[1] == 2,
-                   "block_mapping: expected shape [n, 2] ((src, dst) pairs), got %s",
+    PF_CHECK_VALUE(m->shape[1] == 2, "block_mapping: expected shape [n, 2] ((src, dst) pairs), got %s",
                    pf_shape_str(m, s1, sizeof s1));
     if (!pf_tensor_on_host(m)) return PF_STATUS_OK;
     for (int64_t i = 0; i < m->shape[0]; i++) {
@@ -325,11 +314,9 @@ static pf_status check_cache(const pf_tensor *t, const char *name) {
     return PF_STATUS_OK;
 }
 
-pf_status pf_copy_blocks_validate(const pf_tensor *caches, int32_t num_caches,
-                                  pf_tensor block_mapping) {
+pf_status pf_copy_blocks_validate(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping) {
     PF_CHECK_VALUE(num_caches >= 0, "caches: num_caches must be >= 0, got %d", (int)num_caches);
-    PF_CHECK_VALUE(num_caches == 0 || caches != NULL, "caches: NULL with num_caches = %d",
-                   (int)num_caches);
+    PF_CHECK_VALUE(num_caches == 0 || caches != NULL, "caches: NULL with num_caches = %d", (int)num_caches);
     char name[32], fewest_name[32] = "caches";
     int64_t fewest = INT64_MAX;
     for (int32_t c = 0; c < num_caches; c++) {
@@ -342,8 +329,7 @@ pf_status pf_copy_blocks_validate(const pf_tensor *caches, int32_t num_caches,
         }
     }
     if (num_caches > 0 && caches[0].device == PF_DEVICE_CUDA) {
-        PF_CHECK_VALUE(pf_tensor_on_host(&block_mapping) ||
-                           block_mapping.device_id == caches[0].device_id,
+        PF_CHECK_VALUE(pf_tensor_on_host(&block_mapping) || block_mapping.device_id == caches[0].device_id,
                        "block_mapping: expected host memory or the caches' device cuda:%d, got "
                        "cuda:%d",
                        (int)caches[0].device_id, (int)block_mapping.device_id);
@@ -362,8 +348,8 @@ pf_status pf_swap_blocks_validate(pf_tensor src, pf_tensor dst, pf_tensor block_
     char s1[128], s2[128];
     PF_TRY(check_cache(&src, "src"));
     PF_TRY(check_cache(&dst, "dst"));
-    PF_CHECK_TYPE(src.dtype == dst.dtype, "dst: expected dtype %s (the dtype of src), got %s",
-                  pf_dtype_name(src.dtype), pf_dtype_name(dst.dtype));
+    PF_CHECK_TYPE(src.dtype == dst.dtype, "dst: expected dtype %s (the dtype of src), got %s", pf_dtype_name(src.dtype),
+                  pf_dtype_name(dst.dtype));
     int same = src.ndim == dst.ndim;
     for (int i = 1; same && i < src.ndim; i++) same = src.shape[i] == dst.shape[i];
     PF_CHECK_VALUE(same,

@@ -43,8 +43,8 @@ void pf_attn_shape_from_params(const pf_attn_params *p, pf_attn_shape *shape);
 pf_rows pf_rows_of(const pf_tensor *t, int varlen);
 
 /* Start token (absolute for varlen, 0 otherwise) and length of sequence b. */
-static inline void pf_seq_bounds(const pf_attn_shape *s, int64_t b, int64_t *q0, int64_t *sq,
-                                 int64_t *k0, int64_t *sk) {
+static inline void pf_seq_bounds(const pf_attn_shape *s, int64_t b, int64_t *q0, int64_t *sq, int64_t *k0,
+                                 int64_t *sk) {
     if (s->varlen) {
         *q0 = s->cu_q[b];
         *sq = s->cu_q[b + 1] - s->cu_q[b];
@@ -60,8 +60,7 @@ static inline void pf_seq_bounds(const pf_attn_shape *s, int64_t b, int64_t *q0,
 
 /* The lse entry of query row i of sequence b, head h: lse is f32 [batch, num_heads, seqlen_q]
  * (dense) or [num_heads, total_q] (varlen, where q0 is the sequence's first packed row). */
-static inline float *pf_lse_ptr(const pf_tensor *lse, int varlen, int64_t b, int64_t h, int64_t q0,
-                                int64_t i) {
+static inline float *pf_lse_ptr(const pf_tensor *lse, int varlen, int64_t b, int64_t h, int64_t q0, int64_t i) {
     float *base = (float *)lse->data;
     if (varlen) return base + h * lse->strides[0] + (q0 + i) * lse->strides[1];
     return base + b * lse->strides[0] + h * lse->strides[1] + i * lse->strides[2];
@@ -69,8 +68,8 @@ static inline float *pf_lse_ptr(const pf_tensor *lse, int varlen, int64_t b, int
 
 /* Inclusive key range [lo, hi] that query row i (of sq rows, sk keys) may see.
  * Empty when lo > hi. */
-static inline void pf_mask_bounds(int64_t i, int64_t sq, int64_t sk, int causal, int64_t left,
-                                  int64_t right, int64_t *lo, int64_t *hi) {
+static inline void pf_mask_bounds(int64_t i, int64_t sq, int64_t sk, int causal, int64_t left, int64_t right,
+                                  int64_t *lo, int64_t *hi) {
     int64_t diag = i + sk - sq;
     int64_t l = 0, h = sk - 1;
     if (left >= 0 && diag - left > l) l = diag - left;

@@ -25,8 +25,8 @@
 
 enum { kMergeStackWeights = 256 }; /* >= the most splits paged attention uses */
 
-void pf_cpu_merge_partials(int64_t n, const float *lse, const float *o, int64_t ldo, int64_t d,
-                           float *out, float *lse_out) {
+void pf_cpu_merge_partials(int64_t n, const float *lse, const float *o, int64_t ldo, int64_t d, float *out,
+                           float *lse_out) {
     float mx = -__builtin_inff();
     for (int64_t i = 0; i < n; i++) {
         if (lse[i] != lse[i]) { /* NaN propagates */
@@ -105,14 +105,12 @@ static void merge_token(void *vctx, int64_t tok, int tid) {
                             dt, c->d);
         if (lse2[1] != -__builtin_inff())
             pf_load_row_f32(ab + c->d,
-                            (const char *)p->out_b.data + lead_offset(&p->out_b, c->nlead, tok, h) * (int64_t)es,
-                            dt, c->d);
+                            (const char *)p->out_b.data + lead_offset(&p->out_b, c->nlead, tok, h) * (int64_t)es, dt,
+                            c->d);
         float lse;
         pf_cpu_merge_partials(2, lse2, ab, c->d, c->d, res, &lse);
-        pf_store_row_f32((char *)p->out.data + lead_offset(&p->out, c->nlead, tok, h) * (int64_t)es, res,
-                         dt, c->d);
-        if (pf_tensor_present(&p->lse))
-            ((float *)p->lse.data)[h * p->lse.strides[0] + tok * p->lse.strides[1]] = lse;
+        pf_store_row_f32((char *)p->out.data + lead_offset(&p->out, c->nlead, tok, h) * (int64_t)es, res, dt, c->d);
+        if (pf_tensor_present(&p->lse)) ((float *)p->lse.data)[h * p->lse.strides[0] + tok * p->lse.strides[1]] = lse;
     }
 }
 
@@ -196,8 +194,7 @@ static void copy_one_cache(void *vctx, int64_t c, int tid) {
         copy_block(t, mapping_at(&x->mapping, i, 0), t, mapping_at(&x->mapping, i, 1));
 }
 
-pf_status pf_cpu_copy_blocks(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping,
-                             void *stream) {
+pf_status pf_cpu_copy_blocks(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping, void *stream) {
     (void)stream;
     if (num_caches == 0 || block_mapping.shape[0] == 0) return PF_STATUS_OK;
     copy_ctx x = {caches, block_mapping};
@@ -231,18 +228,18 @@ static void write_tokens(void *vctx, int64_t item, int tid) {
         if (slot < 0) continue;
         int64_t blk = slot / bs, off = slot % bs;
         for (int64_t h = 0; h < hk; h++) {
-            memcpy((char *)w->kc.data + (blk * w->kc.strides[0] + off * w->kc.strides[1] + h * w->kc.strides[2]) * (int64_t)es,
-                   (const char *)w->k.data + (t * w->k.strides[0] + h * w->k.strides[1]) * (int64_t)es,
-                   (size_t)d * es);
-            memcpy((char *)w->vc.data + (blk * w->vc.strides[0] + off * w->vc.strides[1] + h * w->vc.strides[2]) * (int64_t)es,
-                   (const char *)w->v.data + (t * w->v.strides[0] + h * w->v.strides[1]) * (int64_t)es,
-                   (size_t)d * es);
+            memcpy((char *)w->kc.data +
+                       (blk * w->kc.strides[0] + off * w->kc.strides[1] + h * w->kc.strides[2]) * (int64_t)es,
+                   (const char *)w->k.data + (t * w->k.strides[0] + h * w->k.strides[1]) * (int64_t)es, (size_t)d * es);
+            memcpy((char *)w->vc.data +
+                       (blk * w->vc.strides[0] + off * w->vc.strides[1] + h * w->vc.strides[2]) * (int64_t)es,
+                   (const char *)w->v.data + (t * w->v.strides[0] + h * w->v.strides[1]) * (int64_t)es, (size_t)d * es);
         }
     }
 }
 
-pf_status pf_cpu_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache,
-                                pf_tensor slot_mapping, void *stream) {
+pf_status pf_cpu_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache, pf_tensor slot_mapping,
+                                void *stream) {
     (void)stream;
     write_ctx w = {k, v, k_cache, v_cache, slot_mapping, 0};
     const int64_t tokens = k.shape[0];

@@ -64,8 +64,7 @@ pf_status pf_cpu_alloc_scratch(void ***bufs, int n, size_t bytes) {
         b[i] = pf_aligned_alloc(bytes);
         if (!b[i]) {
             pf_cpu_free_scratch(b, n);
-            PF_CHECK(0, PF_STATUS_OUT_OF_MEMORY, "out of host memory: %zu bytes of scratch per thread",
-                     bytes);
+            PF_CHECK(0, PF_STATUS_OUT_OF_MEMORY, "out of host memory: %zu bytes of scratch per thread", bytes);
         }
     }
     *bufs = b;
@@ -78,8 +77,7 @@ void pf_cpu_free_scratch(void **bufs, int n) {
     free(bufs);
 }
 
-float pf_cpu_score_scales(float softmax_scale, float softcap, int64_t head_dim, float *q_scale,
-                          float *cap_log2) {
+float pf_cpu_score_scales(float softmax_scale, float softcap, int64_t head_dim, float *q_scale, float *cap_log2) {
     float scale = softmax_scale != 0.0f ? softmax_scale : 1.0f / sqrtf((float)head_dim);
     if (softcap > 0.0f) {
         *q_scale = scale / softcap;
@@ -93,8 +91,7 @@ float pf_cpu_score_scales(float softmax_scale, float softcap, int64_t head_dim, 
 
 float pf_cpu_alibi_log2(const pf_tensor *slopes, int64_t b, int64_t h) {
     if (!pf_tensor_present(slopes)) return 0.0f;
-    int64_t off = slopes->ndim == 2 ? b * slopes->strides[0] + h * slopes->strides[1]
-                                    : h * slopes->strides[0];
+    int64_t off = slopes->ndim == 2 ? b * slopes->strides[0] + h * slopes->strides[1] : h * slopes->strides[0];
     return ((const float *)slopes->data)[off] * PF_LOG2E;
 }
 
@@ -113,8 +110,8 @@ pf_cpu_mask pf_cpu_mask_make(int64_t sq, int64_t sk, int causal, int64_t left, i
 }
 
 size_t pf_cpu_fwd_tiles_bytes(int64_t rows, int64_t dpad) {
-    return sizeof(float) * (size_t)(2 * rows * dpad + 2 * dpad * PF_CPU_BLOCK_N + rows * PF_CPU_BLOCK_N +
-                                    2 * rows + dpad + 64);
+    return sizeof(float) *
+           (size_t)(2 * rows * dpad + 2 * dpad * PF_CPU_BLOCK_N + rows * PF_CPU_BLOCK_N + 2 * rows + dpad + 64);
 }
 
 pf_cpu_fwd_tiles pf_cpu_fwd_tiles_of(void *scratch, int64_t rows, int64_t dpad) {
@@ -130,8 +127,8 @@ pf_cpu_fwd_tiles pf_cpu_fwd_tiles_of(void *scratch, int64_t rows, int64_t dpad) 
     return t;
 }
 
-void pf_cpu_fwd_start_row(const pf_cpu_fwd_tiles *t, int64_t r, const void *src, pf_dtype dt, int64_t d,
-                          int64_t dpad, float q_scale) {
+void pf_cpu_fwd_start_row(const pf_cpu_fwd_tiles *t, int64_t r, const void *src, pf_dtype dt, int64_t d, int64_t dpad,
+                          float q_scale) {
     float *qr = t->qf + r * dpad;
     if (src) {
         pf_load_row_f32(qr, src, dt, d);

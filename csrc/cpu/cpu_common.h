@@ -54,7 +54,10 @@ static inline float pf_f16_to_f32(uint16_t h) {
             u = sign;
         } else { /* subnormal */
             exp = 127 - 15 + 1;
-            while (!(man & 0x400u)) { man <<= 1; exp--; }
+            while (!(man & 0x400u)) {
+                man <<= 1;
+                exp--;
+            }
             man &= 0x3ffu;
             u = sign | (exp << 23) | (man << 13);
         }
@@ -95,8 +98,7 @@ static inline uint16_t pf_f32_to_f16(float f) {
 /* Load n elements of a row of `dtype` into float32. The loops are written so the
  * conversions are vectorized (vcvtph2ps through intrinsics for float16 -- GCC 12 turns a
  * plain _Float16 loop into scalar vcvtsh2ss, 10x slower -- and a shift for bfloat16). */
-static inline void pf_load_row_f32(float *PF_RESTRICT dst, const void *PF_RESTRICT src, pf_dtype dtype,
-                                   int64_t n) {
+static inline void pf_load_row_f32(float *PF_RESTRICT dst, const void *PF_RESTRICT src, pf_dtype dtype, int64_t n) {
     if (dtype == PF_DTYPE_F32) {
         memcpy(dst, src, (size_t)n * 4);
     } else if (dtype == PF_DTYPE_F16) {
@@ -118,8 +120,7 @@ static inline void pf_load_row_f32(float *PF_RESTRICT dst, const void *PF_RESTRI
 }
 
 /* Store n float32 values as a row of `dtype` (round to nearest even). */
-static inline void pf_store_row_f32(void *PF_RESTRICT dst, const float *PF_RESTRICT src, pf_dtype dtype,
-                                    int64_t n) {
+static inline void pf_store_row_f32(void *PF_RESTRICT dst, const float *PF_RESTRICT src, pf_dtype dtype, int64_t n) {
     if (dtype == PF_DTYPE_F32) {
         memcpy(dst, src, (size_t)n * 4);
     } else if (dtype == PF_DTYPE_F16) {
@@ -131,8 +132,7 @@ static inline void pf_store_row_f32(void *PF_RESTRICT dst, const float *PF_RESTR
                                 _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
 #elif defined(PF_X86_F16C)
         for (; i + 8 <= n; i += 8)
-            _mm_storeu_si128((__m128i *)(d + i),
-                             _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+            _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
 #endif
         for (; i < n; i++) d[i] = pf_f32_to_f16(src[i]);
     } else {

@@ -75,18 +75,16 @@ static inline int64_t row_base(const bwd_ctx *ctx, int64_t b, int64_t h, int64_t
 
 /* Keys [j_begin, j_end) that some row of the query tile [i0, i0 + rows) may see;
  * empty when j_end <= j_begin. Causal and window bounds grow with i. */
-static void tile_key_range(const pf_attn_params *p, int64_t i0, int64_t rows, int64_t sq,
-                           int64_t sk, int64_t *j_begin, int64_t *j_end) {
+static void tile_key_range(const pf_attn_params *p, int64_t i0, int64_t rows, int64_t sq, int64_t sk, int64_t *j_begin,
+                           int64_t *j_end) {
     int64_t lo_first, hi_first, lo_last, hi_last;
     pf_mask_bounds(i0, sq, sk, p->causal, p->window_left, p->window_right, &lo_first, &hi_first);
-    pf_mask_bounds(i0 + rows - 1, sq, sk, p->causal, p->window_left, p->window_right, &lo_last,
-                   &hi_last);
+    pf_mask_bounds(i0 + rows - 1, sq, sk, p->causal, p->window_left, p->window_right, &lo_last, &hi_last);
     *j_begin = lo_first < 0 ? 0 : lo_first;
     *j_end = hi_last + 1 < sk ? hi_last + 1 : sk;
 }
 
-static void fill_mask(const bwd_ctx *ctx, int64_t b, int64_t h, int64_t sq, int64_t sk,
-                      pf_cpu_mask *mk) {
+static void fill_mask(const bwd_ctx *ctx, int64_t b, int64_t h, int64_t sq, int64_t sk, pf_cpu_mask *mk) {
     const pf_attn_params *p = ctx->p;
     /* cap_log2 0: the backward applies tanh itself (it needs 1 - tanh^2) */
     *mk = pf_cpu_mask_make(sq, sk, p->causal, p->window_left, p->window_right, 0.0f,
@@ -95,9 +93,8 @@ static void fill_mask(const bwd_ctx *ctx, int64_t b, int64_t h, int64_t sq, int6
 
 /* Load the query tile: qf = q * q_scale and dof = dout, rows [rows, rows4) zero,
  * columns [d, dpad) zero; lse2 / D of padding rows are +inf / 0 (so P = 0). */
-static void load_query_tile(const bwd_ctx *ctx, int64_t b, int64_t h, int64_t q0, int64_t i0,
-                            int64_t rows, int64_t rows4, float *qf, float *dof, float *lse2,
-                            float *dsum) {
+static void load_query_tile(const bwd_ctx *ctx, int64_t b, int64_t h, int64_t q0, int64_t i0, int64_t rows,
+                            int64_t rows4, float *qf, float *dof, float *lse2, float *dsum) {
     const int64_t d = ctx->shape.head_dim, dpad = ctx->dpad;
     const pf_dtype dt = ctx->p->q.dtype;
     const int64_t base = row_base(ctx, b, h, q0);
@@ -122,10 +119,9 @@ static void load_query_tile(const bwd_ctx *ctx, int64_t b, int64_t h, int64_t q0
  * (K^T and V^T, zero padded past n keys). Out: s[r][j] = P * Z (what multiplied V in
  * the forward) and ds[r][j] = dL/dS (natural-log logit, softcap derivative applied),
  * both [rows4][kBlockN] and exactly 0 outside the visible set. g: scratch. */
-static void pair_grads(const bwd_ctx *ctx, const float *qf, const float *dof, const float *lse2,
-                       const float *dsum, int64_t rows, int64_t rows4, const float *kt,
-                       const float *vt, int64_t n, int64_t i0, int64_t j0, const pf_cpu_mask *mk,
-                       uint64_t bh_id, float *s, float *ds, float *g) {
+static void pair_grads(const bwd_ctx *ctx, const float *qf, const float *dof, const float *lse2, const float *dsum,
+                       int64_t rows, int64_t rows4, const float *kt, const float *vt, int64_t n, int64_t i0, int64_t j0,
+                       const pf_cpu_mask *mk, uint64_t bh_id, float *s, float *ds, float *g) {
     const pf_attn_params *p = ctx->p;
     const int64_t dpad = ctx->dpad;
     pf_cpu_score_tile(qf, dpad, kt, dpad, s, rows4);
@@ -189,9 +185,8 @@ static void pair_grads(const bwd_ctx *ctx, const float *qf, const float *dof, co
 /* O[4 rows][NV*16 cols] += A^T[4 rows][0..n) . B[0..n)[NV*16 cols], with A stored
  * untransposed ([n][lda]: row jj of A^T is column jj of A, so the four A values of one
  * step are adjacent). Used for dV += P^T dO and dK += dS^T Q without a transpose. */
-static inline __attribute__((always_inline)) void tn_micro(const float *a, int64_t lda,
-                                                           const float *b, int64_t ldb, int64_t n,
-                                                           float *o, int64_t ldo, const int NV) {
+static inline __attribute__((always_inline)) void tn_micro(const float *a, int64_t lda, const float *b, int64_t ldb,
+                                                           int64_t n, float *o, int64_t ldo, const int NV) {
     pf_vf acc[4][4];
     for (int r = 0; r < 4; r++)
         for (int c = 0; c < NV; c++) acc[r][c] = ((const pf_vf *)(o + r * ldo))[c];
@@ -212,8 +207,8 @@ static inline __attribute__((always_inline)) void tn_micro(const float *a, int64
 }
 
 /* O[rows][dpad] += A^T B: A [n][lda] (rows <= lda columns used), B [n][ldb]; rows % 4 == 0. */
-static void tn_tile(const float *a, int64_t lda, const float *b, int64_t ldb, int64_t n, float *o,
-                    int64_t ldo, int64_t rows, int64_t dpad) {
+static void tn_tile(const float *a, int64_t lda, const float *b, int64_t ldb, int64_t n, float *o, int64_t ldo,
+                    int64_t rows, int64_t dpad) {
     for (int64_t r = 0; r < rows; r += 4) {
         for (int64_t c0 = 0; c0 < dpad; c0 += 64) {
             int64_t nv = (dpad - c0) / PF_VW;
@@ -238,25 +233,37 @@ typedef struct bwd_scratch {
 } bwd_scratch;
 
 static size_t bwd_scratch_bytes(int64_t dpad) {
-    return sizeof(float) *
-           (size_t)(6 * 64 * dpad + 3 * kBlockM * kBlockN + 2 * kBlockM + dpad + 64);
+    return sizeof(float) * (size_t)(6 * 64 * dpad + 3 * kBlockM * kBlockN + 2 * kBlockM + dpad + 64);
 }
 
 static bwd_scratch scratch_of(const bwd_ctx *ctx, int tid) {
     const int64_t dpad = ctx->dpad;
     bwd_scratch w;
     float *f = (float *)ctx->scratch[tid];
-    w.qf = f; f += kBlockM * dpad;
-    w.dof = f; f += kBlockM * dpad;
-    w.acc0 = f; f += 64 * dpad;
-    w.acc1 = f; f += 64 * dpad;
-    w.kt = f; f += dpad * kBlockN;
-    w.vt = f; f += dpad * kBlockN;
-    w.s = f; f += kBlockM * kBlockN;
-    w.ds = f; f += kBlockM * kBlockN;
-    w.g = f; f += kBlockM * kBlockN;
-    w.lse2 = f; f += kBlockM;
-    w.dsum = f; f += kBlockM;
+    /* clang-format off: the scratch layout, one buffer per line */
+    w.qf = f;
+    f += kBlockM * dpad;
+    w.dof = f;
+    f += kBlockM * dpad;
+    w.acc0 = f;
+    f += 64 * dpad;
+    w.acc1 = f;
+    f += 64 * dpad;
+    w.kt = f;
+    f += dpad * kBlockN;
+    w.vt = f;
+    f += dpad * kBlockN;
+    w.s = f;
+    f += kBlockM * kBlockN;
+    w.ds = f;
+    f += kBlockM * kBlockN;
+    w.g = f;
+    f += kBlockM * kBlockN;
+    w.lse2 = f;
+    f += kBlockM;
+    w.dsum = f;
+    f += kBlockM;
+    /* clang-format on */
     w.rowbuf = f;
     return w;
 }
@@ -324,8 +331,8 @@ static void kv_item(void *vctx, int64_t item, int tid) {
             tile_key_range(p, i0, rows, sq, sk, &jb, &je);
             if (je <= jb || je <= j0 || jb >= j0 + n) continue; /* nothing visible here */
             load_query_tile(ctx, b, h, q0, i0, rows, rows4, w.qf, w.dof, w.lse2, w.dsum);
-            pair_grads(ctx, w.qf, w.dof, w.lse2, w.dsum, rows, rows4, w.kt, w.vt, n, i0, j0, &mk,
-                       bh_id, w.s, w.ds, w.g);
+            pair_grads(ctx, w.qf, w.dof, w.lse2, w.dsum, rows, rows4, w.kt, w.vt, n, i0, j0, &mk, bh_id, w.s, w.ds,
+                       w.g);
             tn_tile(w.s, kBlockN, w.dof, dpad, rows4, dv_acc, dpad, n4, dpad);  /* dV += (P Z)^T dO */
             tn_tile(w.ds, kBlockN, w.qf, dpad, rows4, dk_acc, dpad, n4, dpad);  /* dK += dS^T Qs */
         }
@@ -372,8 +379,8 @@ static void q_item(void *vctx, int64_t item, int tid) {
             pf_cpu_stage_kt(&ctx->k, dt, b, k0 + j0, hk, n, d, dpad, w.kt, w.rowbuf);
             pf_cpu_stage_kt(&ctx->v, dt, b, k0 + j0, hk, n, d, dpad, w.vt, w.rowbuf);
             pf_cpu_stage_rows(&ctx->k, dt, b, k0 + j0, hk, n, d, dpad, kr);
-            pair_grads(ctx, w.qf, w.dof, w.lse2, w.dsum, rows, rows4, w.kt, w.vt, n, i0, j0, &mk,
-                       bh_id, w.s, w.ds, w.g);
+            pair_grads(ctx, w.qf, w.dof, w.lse2, w.dsum, rows, rows4, w.kt, w.vt, n, i0, j0, &mk, bh_id, w.s, w.ds,
+                       w.g);
             pf_cpu_pv_tile(w.ds, kBlockN, kr, dpad, n, dq_acc, dpad, rows4, dpad);
         }
     }
@@ -403,8 +410,7 @@ pf_status pf_cpu_flash_bwd(const pf_attn_params *p) {
     ctx.n_ntiles = (sh->seqlen_k + kBlockN - 1) / kBlockN;
     ctx.group = sh->num_heads / sh->num_kv_heads;
 
-    float scale = pf_cpu_score_scales(p->softmax_scale, p->softcap, sh->head_dim, &ctx.q_scale,
-                                      &ctx.cap_log2);
+    float scale = pf_cpu_score_scales(p->softmax_scale, p->softcap, sh->head_dim, &ctx.q_scale, &ctx.cap_log2);
     ctx.dq_scale = scale;
     ctx.dk_scale = scale / ctx.q_scale;
     ctx.drop_threshold = pf_dropout_threshold(p->dropout_p);
@@ -423,8 +429,10 @@ pf_status pf_cpu_flash_bwd(const pf_attn_params *p) {
     if (!ctx.dsum || !ctx.lse2) {
         free(ctx.dsum);
         free(ctx.lse2);
-        PF_CHECK(0, PF_STATUS_OUT_OF_MEMORY, "out of host memory: %zu bytes for the backward's row "
-                 "statistics", 2 * stat_bytes);
+        PF_CHECK(0, PF_STATUS_OUT_OF_MEMORY,
+                 "out of host memory: %zu bytes for the backward's row "
+                 "statistics",
+                 2 * stat_bytes);
     }
     int nt = pf_resolve_threads(p->num_threads, q_items > kv_items ? q_items : kv_items);
     pf_status st = pf_cpu_alloc_scratch(&ctx.scratch, nt, bwd_scratch_bytes(ctx.dpad));
@@ -469,11 +477,13 @@ static void mask_item(void *vctx, int64_t item, int tid) {
             int valid = i < sq && j0 < sk;
             if (valid) {
                 pf_u32x4 bits = pf_dropout_bits4(p->seed, p->offset, bh_id, i, j0);
-                w[0] = bits.x; w[1] = bits.y; w[2] = bits.z; w[3] = bits.w;
+                w[0] = bits.x;
+                w[1] = bits.y;
+                w[2] = bits.z;
+                w[3] = bits.w;
             }
             for (int t = 0; t < 4 && j0 + t < m->shape[3]; t++)
-                row[(j0 + t) * m->strides[3]] =
-                    (uint8_t)(valid && j0 + t < sk && w[t] >= ctx->threshold);
+                row[(j0 + t) * m->strides[3]] = (uint8_t)(valid && j0 + t < sk && w[t] >= ctx->threshold);
         }
     }
 }

@@ -42,33 +42,56 @@ typedef struct fwd_ctx {
 } fwd_ctx;
 
 /* S[4 rows][64 cols] = Q[4 rows][:] . Kt[:][64 cols] over dpad. */
-static inline void score_micro(const float *q, int64_t ldq, const float *kt, int64_t dpad,
-                               float *s, int64_t lds) {
+static inline void score_micro(const float *q, int64_t ldq, const float *kt, int64_t dpad, float *s, int64_t lds) {
     pf_vf a00 = {0}, a01 = {0}, a02 = {0}, a03 = {0};
     pf_vf a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0};
     pf_vf a20 = {0}, a21 = {0}, a22 = {0}, a23 = {0};
     pf_vf a30 = {0}, a31 = {0}, a32 = {0}, a33 = {0};
+    /* clang-format off: one line per register row */
     for (int64_t c = 0; c < dpad; c++) {
         const pf_vf *krow = (const pf_vf *)(kt + c * kBlockN);
         pf_vf k0 = krow[0], k1 = krow[1], k2 = krow[2], k3 = krow[3];
         float q0 = q[c], q1 = q[ldq + c], q2 = q[2 * ldq + c], q3 = q[3 * ldq + c];
-        a00 += q0 * k0; a01 += q0 * k1; a02 += q0 * k2; a03 += q0 * k3;
-        a10 += q1 * k0; a11 += q1 * k1; a12 += q1 * k2; a13 += q1 * k3;
-        a20 += q2 * k0; a21 += q2 * k1; a22 += q2 * k2; a23 += q2 * k3;
-        a30 += q3 * k0; a31 += q3 * k1; a32 += q3 * k2; a33 += q3 * k3;
+        a00 += q0 * k0;
+        a01 += q0 * k1;
+        a02 += q0 * k2;
+        a03 += q0 * k3;
+        a10 += q1 * k0;
+        a11 += q1 * k1;
+        a12 += q1 * k2;
+        a13 += q1 * k3;
+        a20 += q2 * k0;
+        a21 += q2 * k1;
+        a22 += q2 * k2;
+        a23 += q2 * k3;
+        a30 += q3 * k0;
+        a31 += q3 * k1;
+        a32 += q3 * k2;
+        a33 += q3 * k3;
     }
-    pf_vf *s0 = (pf_vf *)s, *s1 = (pf_vf *)(s + lds), *s2 = (pf_vf *)(s + 2 * lds),
-          *s3 = (pf_vf *)(s + 3 * lds);
-    s0[0] = a00; s0[1] = a01; s0[2] = a02; s0[3] = a03;
-    s1[0] = a10; s1[1] = a11; s1[2] = a12; s1[3] = a13;
-    s2[0] = a20; s2[1] = a21; s2[2] = a22; s2[3] = a23;
-    s3[0] = a30; s3[1] = a31; s3[2] = a32; s3[3] = a33;
+    pf_vf *s0 = (pf_vf *)s, *s1 = (pf_vf *)(s + lds), *s2 = (pf_vf *)(s + 2 * lds), *s3 = (pf_vf *)(s + 3 * lds);
+    s0[0] = a00;
+    s0[1] = a01;
+    s0[2] = a02;
+    s0[3] = a03;
+    s1[0] = a10;
+    s1[1] = a11;
+    s1[2] = a12;
+    s1[3] = a13;
+    s2[0] = a20;
+    s2[1] = a21;
+    s2[2] = a22;
+    s2[3] = a23;
+    s3[0] = a30;
+    s3[1] = a31;
+    s3[2] = a32;
+    s3[3] = a33;
+    /* clang-format on */
 }
 
 /* O[4 rows][NV*16 cols] += P[4 rows][0..n) . V[0..n)[NV*16 cols]. */
-static inline __attribute__((always_inline)) void pv_micro(const float *pm, int64_t ldp,
-                                                           const float *vt, int64_t ldv, int64_t n,
-                                                           float *o, int64_t ldo, const int NV) {
+static inline __attribute__((always_inline)) void pv_micro(const float *pm, int64_t ldp, const float *vt, int64_t ldv,
+                                                           int64_t n, float *o, int64_t ldo, const int NV) {
     pf_vf acc[4][4];
     for (int r = 0; r < 4; r++)
         for (int c = 0; c < NV; c++) acc[r][c] = ((const pf_vf *)(o + r * ldo))[c];
@@ -88,8 +111,8 @@ static inline __attribute__((always_inline)) void pv_micro(const float *pm, int6
 }
 
 /* O[rows][dpad] += P[rows][n] V[n][dpad], in column blocks of up to 64. */
-void pf_cpu_pv_tile(const float *pm, int64_t ldp, const float *vt, int64_t ldv, int64_t n,
-                    float *o, int64_t ldo, int64_t rows, int64_t dpad) {
+void pf_cpu_pv_tile(const float *pm, int64_t ldp, const float *vt, int64_t ldv, int64_t n, float *o, int64_t ldo,
+                    int64_t rows, int64_t dpad) {
     for (int64_t r = 0; r < rows; r += 4) {
         for (int64_t c0 = 0; c0 < dpad; c0 += 64) {
             int64_t nv = (dpad - c0) / PF_VW;
@@ -107,14 +130,13 @@ void pf_cpu_pv_tile(const float *pm, int64_t ldp, const float *vt, int64_t ldv, 
 }
 
 /* S[rows][kBlockN] = Q[rows][dpad] Kt[dpad][kBlockN]. */
-void pf_cpu_score_tile(const float *q, int64_t ldq, const float *kt, int64_t dpad, float *s,
-                       int64_t rows) {
+void pf_cpu_score_tile(const float *q, int64_t ldq, const float *kt, int64_t dpad, float *s, int64_t rows) {
     for (int64_t r = 0; r < rows; r += 4) score_micro(q + r * ldq, ldq, kt, dpad, s + r * kBlockN, kBlockN);
 }
 
 /* Stage rows [j0, j0 + n) of K transposed into kt[dpad][kBlockN] (zero padded). */
-void pf_cpu_stage_kt(const pf_rows *k, pf_dtype dt, int64_t b, int64_t tok0, int64_t h, int64_t n,
-                     int64_t d, int64_t dpad, float *kt, float *rowbuf) {
+void pf_cpu_stage_kt(const pf_rows *k, pf_dtype dt, int64_t b, int64_t tok0, int64_t h, int64_t n, int64_t d,
+                     int64_t dpad, float *kt, float *rowbuf) {
     for (int64_t j = 0; j < kBlockN; j++) {
         if (j < n) {
             const void *src = pf_row_ptr(k, b, tok0 + j, h);
@@ -133,8 +155,8 @@ void pf_cpu_stage_kt(const pf_rows *k, pf_dtype dt, int64_t b, int64_t tok0, int
 }
 
 /* Stage rows [j0, j0 + n) of V (or any [n][d] rows) into vt[kBlockN][dpad]. */
-void pf_cpu_stage_rows(const pf_rows *v, pf_dtype dt, int64_t b, int64_t tok0, int64_t h,
-                       int64_t n, int64_t d, int64_t dpad, float *vt) {
+void pf_cpu_stage_rows(const pf_rows *v, pf_dtype dt, int64_t b, int64_t tok0, int64_t h, int64_t n, int64_t d,
+                       int64_t dpad, float *vt) {
     for (int64_t j = 0; j < n; j++) {
         float *dst = vt + j * dpad;
         const void *src = pf_row_ptr(v, b, tok0 + j, h);
@@ -148,8 +170,7 @@ void pf_cpu_stage_rows(const pf_rows *v, pf_dtype dt, int64_t b, int64_t tok0, i
     }
 }
 
-void pf_cpu_transform_scores(float *s, int64_t rows, int64_t n, int64_t i0, int64_t j0,
-                             const pf_cpu_mask *mk) {
+void pf_cpu_transform_scores(float *s, int64_t rows, int64_t n, int64_t i0, int64_t j0, const pf_cpu_mask *mk) {
     /* lane offsets 0..15 as floats: key distances are small integers, exact in float */
     pf_vf lane;
     for (int c = 0; c < PF_VW; c++) lane[c] = (float)c;
@@ -182,8 +203,7 @@ void pf_cpu_transform_scores(float *s, int64_t rows, int64_t n, int64_t i0, int6
     }
 }
 
-int64_t pf_cpu_softmax_tile(float *s, int64_t rows, int64_t rows4, float *m, float *l, float *of,
-                            int64_t dpad) {
+int64_t pf_cpu_softmax_tile(float *s, int64_t rows, int64_t rows4, float *m, float *l, float *of, int64_t dpad) {
     int64_t nvalid = 0;
     for (int64_t r = 0; r < rows; r++) {
         pf_vf *sv = (pf_vf *)(s + r * kBlockN);
@@ -204,7 +224,10 @@ int64_t pf_cpu_softmax_tile(float *s, int64_t rows, int64_t rows4, float *m, flo
         pf_vf vmx = pf_splat(mx);
         pf_vf e0 = pf_exp2_v(sv[0] - vmx), e1 = pf_exp2_v(sv[1] - vmx);
         pf_vf e2 = pf_exp2_v(sv[2] - vmx), e3 = pf_exp2_v(sv[3] - vmx);
-        sv[0] = e0; sv[1] = e1; sv[2] = e2; sv[3] = e3;
+        sv[0] = e0;
+        sv[1] = e1;
+        sv[2] = e2;
+        sv[3] = e3;
         pf_vf vsum = (e0 + e1) + (e2 + e3);
         float sum = 0.0f;
         for (int c = 0; c < PF_VW; c++) sum += vsum[c];
@@ -255,8 +278,7 @@ static void fwd_item(void *vctx, int64_t item, int tid) {
     /* The key range this tile can see at all. */
     int64_t lo_first, hi_first, lo_last, hi_last;
     pf_mask_bounds(i0, sq, sk, p->causal, p->window_left, p->window_right, &lo_first, &hi_first);
-    pf_mask_bounds(i0 + rows - 1, sq, sk, p->causal, p->window_left, p->window_right, &lo_last,
-                   &hi_last);
+    pf_mask_bounds(i0 + rows - 1, sq, sk, p->causal, p->window_left, p->window_right, &lo_last, &hi_last);
     int64_t j_begin = lo_first < 0 ? 0 : lo_first;
     int64_t j_end = (hi_last + 1 < sk ? hi_last + 1 : sk);
 
@@ -271,8 +293,7 @@ static void fwd_item(void *vctx, int64_t item, int tid) {
         /* rows see ranges that grow with i: the tile needs no mask when the first row
          * reaches past its end and the last row starts before it */
         int full = n == kBlockN && hi_first >= j0 + kBlockN - 1 && lo_last <= j0;
-        if (!full || mk.cap_log2 != 0.0f || mk.alibi_log2 != 0.0f)
-            pf_cpu_transform_scores(s, rows, n, i0, j0, &mk);
+        if (!full || mk.cap_log2 != 0.0f || mk.alibi_log2 != 0.0f) pf_cpu_transform_scores(s, rows, n, i0, j0, &mk);
 
         int64_t nvalid = pf_cpu_softmax_tile(s, rows, rows4, m, l, of, dpad);
         if (drop_threshold && nvalid) {
@@ -328,8 +349,7 @@ pf_status pf_cpu_flash_fwd(const pf_attn_params *p) {
     ctx.dpad = pf_cpu_dpad(sh->head_dim);
     ctx.n_mtiles = (sh->seqlen_q + kBlockM - 1) / kBlockM;
 
-    pf_cpu_score_scales(p->softmax_scale, p->softcap, sh->head_dim, &ctx.q_scale,
-                        &ctx.cap_log2);
+    pf_cpu_score_scales(p->softmax_scale, p->softcap, sh->head_dim, &ctx.q_scale, &ctx.cap_log2);
 
     int64_t items = sh->batch * sh->num_heads * ctx.n_mtiles;
     if (items == 0) return PF_STATUS_OK;

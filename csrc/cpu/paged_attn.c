@@ -56,8 +56,7 @@ typedef struct paged_ctx {
 
 /* Sequence b: rows of q start at (b, qoff) in ctx->q, qlen queries, global query
  * index tok (for lse and partials), len tokens in the cache. */
-static inline void seq_info(const paged_ctx *c, int64_t b, int64_t *qoff, int64_t *qlen,
-                            int64_t *tok, int64_t *len) {
+static inline void seq_info(const paged_ctx *c, int64_t b, int64_t *qoff, int64_t *qlen, int64_t *tok, int64_t *len) {
     const pf_tensor *sl = &c->p->seq_lens;
     *len = ((const int32_t *)sl->data)[b * sl->strides[0]];
     if (c->has_cu) {
@@ -84,14 +83,13 @@ static inline int64_t block_id(const paged_ctx *c, int64_t b, int64_t t) {
 
 /* Tokens [j0, j0 + n) of sequence b, KV head hk, as rows dst[n][dpad] (zero padded
  * past d), one segment per cache block. */
-static void stage_rows_paged(const paged_ctx *c, const pf_rows *cache, int64_t b, int64_t hk,
-                             int64_t j0, int64_t n, float *dst) {
+static void stage_rows_paged(const paged_ctx *c, const pf_rows *cache, int64_t b, int64_t hk, int64_t j0, int64_t n,
+                             float *dst) {
     const pf_dtype dt = c->p->q.dtype;
     for (int64_t done = 0; done < n;) {
         int64_t t = j0 + done, off = t % c->block_size;
         int64_t seg = c->block_size - off < n - done ? c->block_size - off : n - done;
-        pf_cpu_stage_rows(cache, dt, block_id(c, b, t), off, hk, seg, c->head_dim, c->dpad,
-                          dst + done * c->dpad);
+        pf_cpu_stage_rows(cache, dt, block_id(c, b, t), off, hk, seg, c->head_dim, c->dpad, dst + done * c->dpad);
         done += seg;
     }
 }
@@ -100,8 +98,8 @@ static void stage_rows_paged(const paged_ctx *c, const pf_rows *cache, int64_t b
  * of one head are a few hundred bytes every num_kv_heads * head_dim elements, a pattern
  * the hardware prefetchers do not follow across pages: without this, decode is bound by
  * the latency of one row after another. */
-static void prefetch_rows_paged(const paged_ctx *c, const pf_rows *cache, int64_t b, int64_t hk,
-                                int64_t j0, int64_t n) {
+static void prefetch_rows_paged(const paged_ctx *c, const pf_rows *cache, int64_t b, int64_t hk, int64_t j0,
+                                int64_t n) {
     const int64_t row_bytes = c->head_dim * (int64_t)cache->esize;
     for (int64_t j = 0; j < n; j++) {
         int64_t t = j0 + j;
@@ -111,8 +109,8 @@ static void prefetch_rows_paged(const paged_ctx *c, const pf_rows *cache, int64_
 }
 
 /* Tokens [j0, j0 + n) of K as kt[dpad][kBlockN], zero padded (columns >= n, rows >= d). */
-static void stage_kt_paged(const paged_ctx *c, int64_t b, int64_t hk, int64_t j0, int64_t n,
-                           float *kt, float *kbuf, float *rowbuf) {
+static void stage_kt_paged(const paged_ctx *c, int64_t b, int64_t hk, int64_t j0, int64_t n, float *kt, float *kbuf,
+                           float *rowbuf) {
     const int64_t d = c->head_dim, dpad = c->dpad;
     int64_t off = j0 % c->block_size;
     if (off + n <= c->block_size) { /* the whole tile lies in one cache block */
@@ -159,8 +157,7 @@ static void paged_item(void *vctx, int64_t item, int tid) {
     float *qf = tb.qf, *of = tb.of, *kt = tb.kt, *vt = tb.vt, *s = tb.s, *m = tb.m, *l = tb.l,
           *rowbuf = tb.rowbuf; /* vt holds K rows before the transpose */
     for (int64_t r = 0; r < rows4; r++)
-        pf_cpu_fwd_start_row(&tb, r,
-                             r < rows ? pf_row_ptr(&c->q, b, qoff + i0 + r % nqr, h0 + r / nqr) : NULL, dt, d,
+        pf_cpu_fwd_start_row(&tb, r, r < rows ? pf_row_ptr(&c->q, b, qoff + i0 + r % nqr, h0 + r / nqr) : NULL, dt, d,
                              dpad, c->q_scale);
 
     /* this split's tokens: whole 64-token tiles, the sequence's tiles spread over S chunks */
@@ -172,8 +169,7 @@ static void paged_item(void *vctx, int64_t item, int tid) {
     /* the keys any row of this tile can see (bounds are monotone in the query index) */
     int64_t lo_first, hi_first, lo_last, hi_last;
     pf_mask_bounds(i0, qlen, len, p->causal, p->window_left, p->window_right, &lo_first, &hi_first);
-    pf_mask_bounds(i0 + nqr - 1, qlen, len, p->causal, p->window_left, p->window_right, &lo_last,
-                   &hi_last);
+    pf_mask_bounds(i0 + nqr - 1, qlen, len, p->causal, p->window_left, p->window_right, &lo_last, &hi_last);
     const int64_t jb = lo_first > ts ? lo_first : ts;
     const int64_t je = hi_last + 1 < te ? hi_last + 1 : te;
 
@@ -214,8 +210,7 @@ static void paged_item(void *vctx, int64_t item, int tid) {
         }
         if (S == 1) {
             pf_store_row_f32(pf_row_ptr(&c->out, b, qoff + i, h), orow, dt, d);
-            if (pf_tensor_present(lt))
-                ((float *)lt->data)[h * lt->strides[0] + (tok + i) * lt->strides[1]] = lse;
+            if (pf_tensor_present(lt)) ((float *)lt->data)[h * lt->strides[0] + (tok + i) * lt->strides[1]] = lse;
         } else {
             int64_t pi = ((tok + i) * c->num_heads + h) * S + sp;
             c->part_lse[pi] = lse;
@@ -307,8 +302,7 @@ pf_status pf_cpu_paged_attn(const pf_paged_params *p) {
     }
     c.n_qtiles = (max_qlen + c.nq - 1) / c.nq;
 
-    pf_cpu_score_scales(p->softmax_scale, p->softcap, c.head_dim, &c.q_scale,
-                        &c.cap_log2);
+    pf_cpu_score_scales(p->softmax_scale, p->softcap, c.head_dim, &c.q_scale, &c.cap_log2);
 
     if (c.batch == 0 || c.n_qtiles == 0) return PF_STATUS_OK;
     const int threads = pf_resolve_threads(p->num_threads, INT64_MAX);
@@ -323,8 +317,7 @@ pf_status pf_cpu_paged_attn(const pf_paged_params *p) {
             pf_aligned_free(c.part_lse);
             pf_aligned_free(c.part_o);
             PF_CHECK(0, PF_STATUS_OUT_OF_MEMORY,
-                     "out of host memory for the partial results of %lld splits (num_splits)",
-                     (long long)c.splits);
+                     "out of host memory for the partial results of %lld splits (num_splits)", (long long)c.splits);
         }
     }
 

@@ -351,10 +351,10 @@ pf_status pf_merge_attn_states(const pf_merge_params *params);
  * slot_mapping; on CUDA the kernel bound-checks). Two tokens mapped to one slot: one of
  * them wins, which one is unspecified.
  */
-pf_status pf_write_kv_cache_validate(pf_tensor k, pf_tensor v, pf_tensor k_cache,
-                                     pf_tensor v_cache, pf_tensor slot_mapping);
-pf_status pf_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache,
-                            pf_tensor slot_mapping, void *stream);
+pf_status pf_write_kv_cache_validate(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache,
+                                     pf_tensor slot_mapping);
+pf_status pf_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache, pf_tensor slot_mapping,
+                            void *stream);
 
 /*
  * caches          num_caches tensors [num_blocks_c, ...] (a block is a slice along dim 0,
@@ -364,10 +364,8 @@ pf_status pf_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tens
  *                 their device); every id checked against every cache before any copy.
  * For each cache the pairs are applied in order (a later pair sees earlier copies).
  */
-pf_status pf_copy_blocks_validate(const pf_tensor *caches, int32_t num_caches,
-                                  pf_tensor block_mapping);
-pf_status pf_copy_blocks(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping,
-                         void *stream);
+pf_status pf_copy_blocks_validate(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping);
+pf_status pf_copy_blocks(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping, void *stream);
 
 /*
  * src, dst        [num_blocks_src, ...] and [num_blocks_dst, ...]: same block shape and
@@ -453,9 +451,8 @@ pf_status pf_block_pool_stats_get(const pf_block_pool_t *pool, pf_block_pool_sta
  * At most (num_tokens - 1) / block_size blocks hit, so at least one prompt token
  * is always computed.
  */
-pf_status pf_block_pool_prefix_lookup(const pf_block_pool_t *pool, const int32_t *token_ids,
-                                      int64_t num_tokens, int32_t *hit_blocks,
-                                      int32_t *hit_evictable);
+pf_status pf_block_pool_prefix_lookup(const pf_block_pool_t *pool, const int32_t *token_ids, int64_t num_tokens,
+                                      int32_t *hit_blocks, int32_t *hit_evictable);
 
 /*
  * Create sequence seq_id holding num_tokens tokens (token_ids int32 [num_tokens];
@@ -466,8 +463,8 @@ pf_status pf_block_pool_prefix_lookup(const pf_block_pool_t *pool, const int32_t
  * Errors: seq_id already present, num_tokens < 0 (INVALID_VALUE); not enough
  * free blocks (OUT_OF_BLOCKS).
  */
-pf_status pf_block_pool_allocate(pf_block_pool_t *pool, int64_t seq_id, const int32_t *token_ids,
-                                 int64_t num_tokens, int64_t *num_cached_tokens);
+pf_status pf_block_pool_allocate(pf_block_pool_t *pool, int64_t seq_id, const int32_t *token_ids, int64_t num_tokens,
+                                 int64_t *num_cached_tokens);
 
 /*
  * Append tokens to num_seqs running (not swapped) sequences, in order, as one
@@ -486,8 +483,8 @@ pf_status pf_block_pool_allocate(pf_block_pool_t *pool, int64_t seq_id, const in
  * free blocks for all of them together (OUT_OF_BLOCKS).
  */
 pf_status pf_block_pool_append(pf_block_pool_t *pool, const int64_t *seq_ids, int32_t num_seqs,
-                               const int32_t *num_new_tokens, int32_t uniform_new_tokens,
-                               const int32_t *token_ids, int64_t *cow, int32_t *num_cow);
+                               const int32_t *num_new_tokens, int32_t uniform_new_tokens, const int32_t *token_ids,
+                               int64_t *cow, int32_t *num_cow);
 
 /* New sequence child_id sharing every block of parent_id (refcounts + 1). The
  * next append to either copies a shared, partly filled last block. */
@@ -504,8 +501,8 @@ pf_status pf_block_pool_release(pf_block_pool_t *pool, int64_t seq_id);
  * 0: they must be swapped out (swap in). Checks ids like the swap itself.
  * Changes nothing visible (the pool is non-const for its internal stamps).
  */
-pf_status pf_block_pool_swap_count(pf_block_pool_t *pool, const int64_t *seq_ids,
-                                   int32_t num_seqs, int32_t to_host, int32_t *num_blocks);
+pf_status pf_block_pool_swap_count(pf_block_pool_t *pool, const int64_t *seq_ids, int32_t num_seqs, int32_t to_host,
+                                   int32_t *num_blocks);
 
 /*
  * Move sequences between the pools. Each distinct block they hold gets one block
@@ -518,23 +515,22 @@ pf_status pf_block_pool_swap_count(pf_block_pool_t *pool, const int64_t *seq_ids
  * Errors: as pf_block_pool_swap_count; max_pairs too small (INVALID_VALUE);
  * not enough free blocks on the other side (OUT_OF_BLOCKS).
  */
-pf_status pf_block_pool_swap(pf_block_pool_t *pool, const int64_t *seq_ids, int32_t num_seqs,
-                             int32_t to_host, int64_t *mapping, int64_t max_pairs,
-                             int64_t *num_pairs);
+pf_status pf_block_pool_swap(pf_block_pool_t *pool, const int64_t *seq_ids, int32_t num_seqs, int32_t to_host,
+                             int64_t *mapping, int64_t max_pairs, int64_t *num_pairs);
 
 /* A sequence's length, block count and whether it is swapped out (any out
  * pointer may be NULL). INVALID_VALUE for an unknown id. */
-pf_status pf_block_pool_seq_info(const pf_block_pool_t *pool, int64_t seq_id, int64_t *num_tokens,
-                                 int32_t *num_blocks, int32_t *swapped);
+pf_status pf_block_pool_seq_info(const pf_block_pool_t *pool, int64_t seq_id, int64_t *num_tokens, int32_t *num_blocks,
+                                 int32_t *swapped);
 
 /* Copy a sequence's block table (device ids, or host ids if swapped) into
  * out int32 [capacity]; *num_blocks receives its length (capacity must hold it). */
-pf_status pf_block_pool_block_table(const pf_block_pool_t *pool, int64_t seq_id, int32_t *out,
-                                    int32_t capacity, int32_t *num_blocks);
+pf_status pf_block_pool_block_table(const pf_block_pool_t *pool, int64_t seq_id, int32_t *out, int32_t capacity,
+                                    int32_t *num_blocks);
 
 /* The largest block count among running sequences seq_ids int64 [num_seqs]. */
-pf_status pf_block_pool_max_blocks(const pf_block_pool_t *pool, const int64_t *seq_ids,
-                                   int32_t num_seqs, int32_t *max_blocks);
+pf_status pf_block_pool_max_blocks(const pf_block_pool_t *pool, const int64_t *seq_ids, int32_t num_seqs,
+                                   int32_t *max_blocks);
 
 /*
  * Padded block tables of running sequences, a gather of the persistent tables:
@@ -542,45 +538,41 @@ pf_status pf_block_pool_max_blocks(const pf_block_pool_t *pool, const int64_t *s
  * Row i holds sequence i's table, then `pad` up to width. width must be at least
  * every sequence's block count.
  */
-pf_status pf_block_pool_block_tables(const pf_block_pool_t *pool, const int64_t *seq_ids,
-                                     int32_t num_seqs, int32_t *out, int32_t width, int32_t pad);
+pf_status pf_block_pool_block_tables(const pf_block_pool_t *pool, const int64_t *seq_ids, int32_t num_seqs,
+                                     int32_t *out, int32_t width, int32_t pad);
 
 /* seq_lens int32 [num_seqs] of running sequences. */
-pf_status pf_block_pool_seq_lens(const pf_block_pool_t *pool, const int64_t *seq_ids,
-                                 int32_t num_seqs, int32_t *out);
+pf_status pf_block_pool_seq_lens(const pf_block_pool_t *pool, const int64_t *seq_ids, int32_t num_seqs, int32_t *out);
 
 /*
  * The slots of the last k tokens of each running sequence, in order (the tokens
  * being written this step): out int64 [capacity], *num_slots receives sum(k).
  *   num_new_tokens int32 [num_seqs] (0 <= k <= length), or NULL: `uniform_new_tokens`
  */
-pf_status pf_block_pool_slot_mapping(const pf_block_pool_t *pool, const int64_t *seq_ids,
-                                     int32_t num_seqs, const int32_t *num_new_tokens,
-                                     int32_t uniform_new_tokens, int64_t *out, int64_t capacity,
-                                     int64_t *num_slots);
+pf_status pf_block_pool_slot_mapping(const pf_block_pool_t *pool, const int64_t *seq_ids, int32_t num_seqs,
+                                     const int32_t *num_new_tokens, int32_t uniform_new_tokens, int64_t *out,
+                                     int64_t capacity, int64_t *num_slots);
 
 /* A sequence's token ids as recorded (-1 where unknown): out int32 [capacity]. */
-pf_status pf_block_pool_seq_tokens(const pf_block_pool_t *pool, int64_t seq_id, int32_t *out,
-                                   int64_t capacity, int64_t *num_tokens);
+pf_status pf_block_pool_seq_tokens(const pf_block_pool_t *pool, int64_t seq_id, int32_t *out, int64_t capacity,
+                                   int64_t *num_tokens);
 
 /* Ids of the live sequences, in no particular order: out int64 [capacity]. */
-pf_status pf_block_pool_seq_ids(const pf_block_pool_t *pool, int64_t *out, int32_t capacity,
-                                int32_t *num_seqs);
+pf_status pf_block_pool_seq_ids(const pf_block_pool_t *pool, int64_t *out, int32_t capacity, int32_t *num_seqs);
 
 /*
  * Per-block inspection, for tests and debugging. on_host selects the pool.
  *   refcounts int32 [n], states int32 [n] (PF_BLOCK_*), hashes uint64 [n] (0 when
  *   the block has none) -- any may be NULL; n = num_blocks or num_cpu_blocks.
  */
-pf_status pf_block_pool_block_states(const pf_block_pool_t *pool, int32_t on_host,
-                                     int32_t *refcounts, int32_t *states, uint64_t *hashes);
+pf_status pf_block_pool_block_states(const pf_block_pool_t *pool, int32_t on_host, int32_t *refcounts, int32_t *states,
+                                     uint64_t *hashes);
 
 /* The free list (next taken first) of a pool, and the evictable device blocks
  * (next evicted first): out int32 [capacity], *count receives the length. */
-pf_status pf_block_pool_free_list(const pf_block_pool_t *pool, int32_t on_host, int32_t *out,
-                                  int32_t capacity, int32_t *count);
-pf_status pf_block_pool_evictable(const pf_block_pool_t *pool, int32_t *out, int32_t capacity,
+pf_status pf_block_pool_free_list(const pf_block_pool_t *pool, int32_t on_host, int32_t *out, int32_t capacity,
                                   int32_t *count);
+pf_status pf_block_pool_evictable(const pf_block_pool_t *pool, int32_t *out, int32_t capacity, int32_t *count);
 
 /* Drop every evictable block from the prefix cache (they become free);
  * *num_evicted (may be NULL) receives how many. */

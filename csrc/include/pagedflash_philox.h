@@ -24,7 +24,9 @@
 #define PF_PHILOX_FN static inline
 #endif
 
-typedef struct pf_u32x4 { uint32_t x, y, z, w; } pf_u32x4;
+typedef struct pf_u32x4 {
+    uint32_t x, y, z, w;
+} pf_u32x4;
 
 PF_PHILOX_FN pf_u32x4 pf_philox4x32_10(pf_u32x4 c, uint32_t k0, uint32_t k1) {
     const uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u;
@@ -55,8 +57,7 @@ PF_PHILOX_FN uint32_t pf_dropout_threshold(float p) {
 }
 
 /* Four consecutive random words for columns j0..j0+3 (j0 % 4 == 0) of row i. */
-PF_PHILOX_FN pf_u32x4 pf_dropout_bits4(uint64_t seed, uint64_t offset, uint64_t bh, int64_t i,
-                                         int64_t j0) {
+PF_PHILOX_FN pf_u32x4 pf_dropout_bits4(uint64_t seed, uint64_t offset, uint64_t bh, int64_t i, int64_t j0) {
     pf_u32x4 c;
     c.x = (uint32_t)(j0 >> 2);
     c.y = (uint32_t)i;

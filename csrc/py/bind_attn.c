@@ -41,15 +41,14 @@ static int fill_options(PyObject *module, const attn_opts *o, pf_attn_params *p,
     return 0;
 }
 
-#define ATTN_OPT_KWLIST                                                                     \
-    "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal", \
-        "window_left", "window_right", "softcap", "alibi_slopes", "dropout_p", "seed", "offset", \
-        "num_threads", "deterministic", "stream", "kernel"
+#define ATTN_OPT_KWLIST                                                                                           \
+    "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal", "window_left",     \
+        "window_right", "softcap", "alibi_slopes", "dropout_p", "seed", "offset", "num_threads", "deterministic", \
+        "stream", "kernel"
 #define ATTN_OPT_FORMAT "OOLLdpiidOdKKipOs"
-#define ATTN_OPT_ARGS(o)                                                                         \
-    &(o).cu_q, &(o).cu_k, &(o).max_q, &(o).max_k, &(o).scale, &(o).causal, &(o).wl, &(o).wr,       \
-        &(o).softcap, &(o).alibi, &(o).dropout_p, &(o).seed, &(o).offset, &(o).num_threads,        \
-        &(o).deterministic, &(o).stream, &(o).kernel
+#define ATTN_OPT_ARGS(o)                                                                                               \
+    &(o).cu_q, &(o).cu_k, &(o).max_q, &(o).max_k, &(o).scale, &(o).causal, &(o).wl, &(o).wr, &(o).softcap, &(o).alibi, \
+        &(o).dropout_p, &(o).seed, &(o).offset, &(o).num_threads, &(o).deterministic, &(o).stream, &(o).kernel
 
 static void opts_init(attn_opts *o) {
     memset(o, 0, sizeof *o);
@@ -63,8 +62,8 @@ static PyObject *flash_fwd(PyObject *module, PyObject *args, PyObject *kwargs) {
     PyObject *oq, *ok, *ov, *oout, *olse = Py_None;
     attn_opts o;
     opts_init(&o);
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|O$" ATTN_OPT_FORMAT ":flash_fwd", kwlist,
-                                     &oq, &ok, &ov, &oout, &olse, ATTN_OPT_ARGS(o)))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|O$" ATTN_OPT_FORMAT ":flash_fwd", kwlist, &oq, &ok, &ov, &oout,
+                                     &olse, ATTN_OPT_ARGS(o)))
         return NULL;
     pf_attn_params p;
     memset(&p, 0, sizeof p);
@@ -82,14 +81,12 @@ done:
 }
 
 static PyObject *flash_bwd(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"dout", "q", "k", "v", "out", "lse", "dq", "dk", "dv", ATTN_OPT_KWLIST,
-                             NULL};
+    static char *kwlist[] = {"dout", "q", "k", "v", "out", "lse", "dq", "dk", "dv", ATTN_OPT_KWLIST, NULL};
     PyObject *odout, *oq, *ok, *ov, *oout, *olse, *odq, *odk, *odv;
     attn_opts o;
     opts_init(&o);
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOO|$" ATTN_OPT_FORMAT ":flash_bwd",
-                                     kwlist, &odout, &oq, &ok, &ov, &oout, &olse, &odq, &odk, &odv,
-                                     ATTN_OPT_ARGS(o)))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOO|$" ATTN_OPT_FORMAT ":flash_bwd", kwlist, &odout, &oq, &ok,
+                                     &ov, &oout, &olse, &odq, &odk, &odv, ATTN_OPT_ARGS(o)))
         return NULL;
     pf_attn_params p;
     memset(&p, 0, sizeof p);
@@ -115,8 +112,8 @@ static PyObject *dropout_mask(PyObject *module, PyObject *args, PyObject *kwargs
     PyObject *oq, *ok, *omask;
     attn_opts o;
     opts_init(&o);
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$" ATTN_OPT_FORMAT ":dropout_mask", kwlist,
-                                     &oq, &ok, &omask, ATTN_OPT_ARGS(o)))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$" ATTN_OPT_FORMAT ":dropout_mask", kwlist, &oq, &ok, &omask,
+                                     ATTN_OPT_ARGS(o)))
         return NULL;
     pf_attn_params p;
     memset(&p, 0, sizeof p);

@@ -29,9 +29,7 @@ typedef struct PfBlockPool {
     pf_py_stage ids, counts, tokens, cow; /* staging for converted arguments and results */
 } PfBlockPool;
 
-static PyObject *raise_status(PyObject *self, pf_status st) {
-    return pf_py_raise(PyType_GetModule(Py_TYPE(self)), st);
-}
+static PyObject *raise_status(PyObject *self, pf_status st) { return pf_py_raise(PyType_GetModule(Py_TYPE(self)), st); }
 
 /* Sequence ids for the batched calls, at most INT32_MAX of them (the core takes an int32
  * count). *hold is released again on failure. */
@@ -74,8 +72,8 @@ static int as_counts(PfBlockPool *self, PyObject *obj, const char *name, Py_ssiz
 static PyObject *bp_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"num_blocks", "block_size", "num_cpu_blocks", "enable_prefix_caching", NULL};
     int num_blocks, block_size, num_cpu_blocks = 0, caching = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ii|ip:BlockPool", kwlist, &num_blocks,
-                                     &block_size, &num_cpu_blocks, &caching))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ii|ip:BlockPool", kwlist, &num_blocks, &block_size, &num_cpu_blocks,
+                                     &caching))
         return NULL;
     PfBlockPool *self = (PfBlockPool *)type->tp_alloc(type, 0);
     if (!self) return NULL;
@@ -141,8 +139,7 @@ static PyObject *bp_append(PfBlockPool *self, PyObject *const *args, Py_ssize_t 
     CHECK_NARGS("append", 3, 3);
     int64_t id;
     int32_t k;
-    if (pf_py_int64(args[0], "seq_id", &id) < 0 || pf_py_int32(args[1], "num_new_tokens", &k) < 0)
-        return NULL;
+    if (pf_py_int64(args[0], "seq_id", &id) < 0 || pf_py_int32(args[1], "num_new_tokens", &k) < 0) return NULL;
     const int32_t *tok = NULL;
     Py_ssize_t ntok = 0;
     PyObject *hold = NULL;
@@ -150,8 +147,7 @@ static PyObject *bp_append(PfBlockPool *self, PyObject *const *args, Py_ssize_t 
         if (pf_py_int32_list(args[2], "token_ids", &self->tokens, &tok, &ntok, &hold) < 0) return NULL;
         if (ntok != k) {
             Py_XDECREF(hold);
-            return PyErr_Format(PyExc_ValueError,
-                                "token_ids: expected num_new_tokens = %d token ids, got %zd", (int)k,
+            return PyErr_Format(PyExc_ValueError, "token_ids: expected num_new_tokens = %d token ids, got %zd", (int)k,
                                 ntok);
         }
     }
@@ -211,8 +207,7 @@ done:
 static PyObject *bp_fork(PfBlockPool *self, PyObject *const *args, Py_ssize_t nargs) {
     CHECK_NARGS("fork", 2, 2);
     int64_t parent, child;
-    if (pf_py_int64(args[0], "parent_id", &parent) < 0 || pf_py_int64(args[1], "child_id", &child) < 0)
-        return NULL;
+    if (pf_py_int64(args[0], "parent_id", &parent) < 0 || pf_py_int64(args[1], "child_id", &child) < 0) return NULL;
     pf_status st = pf_block_pool_fork(self->pool, parent, child);
     if (st != PF_STATUS_OK) return raise_status((PyObject *)self, st);
     Py_RETURN_NONE;
@@ -264,8 +259,7 @@ static PyObject *bp_swap(PfBlockPool *self, PyObject *const *args, Py_ssize_t na
             Py_XDECREF(hold);
             return NULL;
         }
-        st = pf_block_pool_swap(self->pool, ids, (int32_t)n, to_host,
-                                ARRAY_DATA(int64_t, out), count, &np);
+        st = pf_block_pool_swap(self->pool, ids, (int32_t)n, to_host, ARRAY_DATA(int64_t, out), count, &np);
     }
     Py_XDECREF(hold);
     if (st != PF_STATUS_OK) {
@@ -333,16 +327,14 @@ static PyObject *bp_block_tables(PfBlockPool *self, PyObject *const *args, Py_ss
     Py_ssize_t n;
     int32_t width, pad;
     PyObject *hold = NULL, *out = NULL;
-    if (pf_py_int32(args[1], "max_blocks", &width) < 0 || pf_py_int32(args[2], "pad", &pad) < 0)
-        return NULL;
+    if (pf_py_int32(args[1], "max_blocks", &width) < 0 || pf_py_int32(args[2], "pad", &pad) < 0) return NULL;
     if (as_seq_ids(self, args[0], &ids, &n, &hold) < 0) return NULL;
     pf_status st = PF_STATUS_OK;
     if (args[3] != Py_None) {
         if (pf_py_out_array(args[3], "out", 2, PF_DTYPE_I32, n) < 0) goto done;
         Py_ssize_t w = PyArray_DIM((PyArrayObject *)args[3], 1);
         if (width >= 0 && w != width) {
-            PyErr_Format(PyExc_ValueError, "out: expected %d columns (max_blocks), got %zd", (int)width,
-                         (Py_ssize_t)w);
+            PyErr_Format(PyExc_ValueError, "out: expected %d columns (max_blocks), got %zd", (int)width, (Py_ssize_t)w);
             goto done;
         }
         if (w > INT32_MAX) {
@@ -360,8 +352,7 @@ static PyObject *bp_block_tables(PfBlockPool *self, PyObject *const *args, Py_ss
         out = pf_py_new_array(2, dims, NPY_INT32);
         if (!out) goto done;
     }
-    st = pf_block_pool_block_tables(self->pool, ids, (int32_t)n,
-                                    ARRAY_DATA(int32_t, out), width, pad);
+    st = pf_block_pool_block_tables(self->pool, ids, (int32_t)n, ARRAY_DATA(int32_t, out), width, pad);
 done:
     return fill_exit(self, st, hold, NULL, out);
 }
@@ -410,8 +401,7 @@ static PyObject *bp_slot_mapping(PfBlockPool *self, PyObject *const *args, Py_ss
         if (!out) goto done;
     }
     int64_t written = 0;
-    st = pf_block_pool_slot_mapping(self->pool, ids, (int32_t)n, per, uniform,
-                                    ARRAY_DATA(int64_t, out),
+    st = pf_block_pool_slot_mapping(self->pool, ids, (int32_t)n, per, uniform, ARRAY_DATA(int64_t, out),
                                     PyArray_DIM((PyArrayObject *)out, 0), &written);
 done:
     return fill_exit(self, st, hold, hold_k, out);
@@ -463,17 +453,17 @@ static PyObject *bp_seq_ids(PfBlockPool *self, PyObject *unused) {
 
 /* stats() -> pagedflash.BlockStats: pf_block_pool_stats (pagedflash.h) as a struct sequence
  * (a named tuple). PF_BLOCK_STATS is the one list of its fields: name, C type, doc. */
-#define PF_BLOCK_STATS(X)                                                                         \
-    X(num_blocks, int32_t, "device blocks")                                                       \
-    X(block_size, int32_t, "tokens per block")                                                    \
-    X(num_cpu_blocks, int32_t, "host blocks for swapping")                                        \
-    X(num_free_blocks, int32_t, "device blocks allocatable now (free list + evictable)")          \
-    X(num_evictable_blocks, int32_t, "cached device blocks no sequence references")               \
-    X(num_used_blocks, int32_t, "device blocks referenced by a sequence")                         \
-    X(num_cached_blocks, int32_t, "device blocks in the prefix cache (in use or evictable)")      \
-    X(num_free_cpu_blocks, int32_t, "host blocks free for swapping out")                          \
-    X(num_used_cpu_blocks, int32_t, "host blocks holding swapped-out sequences")                  \
-    X(num_seqs, int32_t, "live sequences, swapped-out ones included")                             \
+#define PF_BLOCK_STATS(X)                                                                        \
+    X(num_blocks, int32_t, "device blocks")                                                      \
+    X(block_size, int32_t, "tokens per block")                                                   \
+    X(num_cpu_blocks, int32_t, "host blocks for swapping")                                       \
+    X(num_free_blocks, int32_t, "device blocks allocatable now (free list + evictable)")         \
+    X(num_evictable_blocks, int32_t, "cached device blocks no sequence references")              \
+    X(num_used_blocks, int32_t, "device blocks referenced by a sequence")                        \
+    X(num_cached_blocks, int32_t, "device blocks in the prefix cache (in use or evictable)")     \
+    X(num_free_cpu_blocks, int32_t, "host blocks free for swapping out")                         \
+    X(num_used_cpu_blocks, int32_t, "host blocks holding swapped-out sequences")                 \
+    X(num_seqs, int32_t, "live sequences, swapped-out ones included")                            \
     X(prefix_cache_queries, int64_t, "full prompt blocks eligible for a prefix hit, cumulative") \
     X(prefix_cache_hits, int64_t, "of those, the blocks found in the cache")
 
@@ -500,14 +490,14 @@ static PyObject *bp_stats(PfBlockPool *self, PyObject *unused) {
     PyObject *r = PyStructSequence_New((PyTypeObject *)type);
     if (!r) return NULL;
     Py_ssize_t i = 0;
-#define STATS_SET(name, type, doc)                                   \
-    {                                                                \
-        PyObject *v = PyLong_FromLongLong((long long)s.name);        \
-        if (!v) {                                                    \
-            Py_DECREF(r);                                            \
-            return NULL;                                             \
-        }                                                            \
-        PyStructSequence_SetItem(r, i++, v);                         \
+#define STATS_SET(name, type, doc)                            \
+    {                                                         \
+        PyObject *v = PyLong_FromLongLong((long long)s.name); \
+        if (!v) {                                             \
+            Py_DECREF(r);                                     \
+            return NULL;                                      \
+        }                                                     \
+        PyStructSequence_SetItem(r, i++, v);                  \
     }
     PF_BLOCK_STATS(STATS_SET)
 #undef STATS_SET
@@ -533,9 +523,7 @@ static PyObject *bp_block_states(PfBlockPool *self, PyObject *const *args, Py_ss
     PyObject *r = pf_py_new_array(1, dims, NPY_INT32), *t = pf_py_new_array(1, dims, NPY_INT32),
              *h = pf_py_new_array(1, dims, NPY_UINT64);
     if (!r || !t || !h) goto fail;
-    pf_status st = pf_block_pool_block_states(self->pool, on_host,
-                                              ARRAY_DATA(int32_t, r),
-                                              ARRAY_DATA(int32_t, t),
+    pf_status st = pf_block_pool_block_states(self->pool, on_host, ARRAY_DATA(int32_t, r), ARRAY_DATA(int32_t, t),
                                               ARRAY_DATA(uint64_t, h));
     if (st != PF_STATUS_OK) {
         raise_status((PyObject *)self, st);
@@ -560,8 +548,7 @@ static PyObject *bp_free_list(PfBlockPool *self, PyObject *const *args, Py_ssize
     PyObject *out = pf_py_new_array(1, &cap, NPY_INT32);
     if (!out) return NULL;
     int32_t n = 0;
-    pf_status st = pf_block_pool_free_list(self->pool, on_host,
-                                           ARRAY_DATA(int32_t, out), (int32_t)cap, &n);
+    pf_status st = pf_block_pool_free_list(self->pool, on_host, ARRAY_DATA(int32_t, out), (int32_t)cap, &n);
     if (st != PF_STATUS_OK) {
         Py_DECREF(out);
         return raise_status((PyObject *)self, st);
@@ -578,8 +565,7 @@ static PyObject *bp_evictable(PfBlockPool *self, PyObject *unused) {
     PyObject *out = pf_py_new_array(1, &cap, NPY_INT32);
     if (!out) return NULL;
     int32_t n = 0;
-    pf_status st = pf_block_pool_evictable(self->pool, ARRAY_DATA(int32_t, out),
-                                           (int32_t)cap, &n);
+    pf_status st = pf_block_pool_evictable(self->pool, ARRAY_DATA(int32_t, out), (int32_t)cap, &n);
     if (st != PF_STATUS_OK) {
         Py_DECREF(out);
         return raise_status((PyObject *)self, st);
@@ -631,8 +617,7 @@ static PyMethodDef bp_methods[] = {
     {"evictable", (PyCFunction)bp_evictable, METH_NOARGS, "evictable() -> int32 [n], next evicted first"},
     {"reset_prefix_cache", (PyCFunction)bp_reset_prefix_cache, METH_NOARGS,
      "reset_prefix_cache() -> number of evicted blocks"},
-    {"check", (PyCFunction)bp_check, METH_NOARGS,
-     "check() -> None; RuntimeError if an internal invariant is broken"},
+    {"check", (PyCFunction)bp_check, METH_NOARGS, "check() -> None; RuntimeError if an internal invariant is broken"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -640,8 +625,9 @@ static PyType_Slot bp_slots[] = {
     {Py_tp_new, bp_new},
     {Py_tp_dealloc, bp_dealloc},
     {Py_tp_methods, bp_methods},
-    {Py_tp_doc, "BlockPool(num_blocks, block_size, num_cpu_blocks=0, enable_prefix_caching=False): "
-                "the C block pool under pagedflash.BlockManager. Use BlockManager."},
+    {Py_tp_doc,
+     "BlockPool(num_blocks, block_size, num_cpu_blocks=0, enable_prefix_caching=False): "
+     "the C block pool under pagedflash.BlockManager. Use BlockManager."},
     {0, NULL},
 };
 

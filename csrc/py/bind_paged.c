@@ -14,19 +14,18 @@
 #include "py_convert.h"
 
 static PyObject *paged_attn(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"q", "k_cache", "v_cache", "block_tables", "seq_lens", "out", "lse",
-                             "cu_seqlens_q", "softmax_scale", "causal", "window_left", "window_right",
-                             "softcap", "alibi_slopes", "num_splits", "num_threads", "stream", "kernel",
+    static char *kwlist[] = {"q",       "k_cache",      "v_cache",       "block_tables", "seq_lens",    "out",
+                             "lse",     "cu_seqlens_q", "softmax_scale", "causal",       "window_left", "window_right",
+                             "softcap", "alibi_slopes", "num_splits",    "num_threads",  "stream",      "kernel",
                              NULL};
     PyObject *oq, *okc, *ovc, *obt, *osl, *oout, *olse = Py_None;
     PyObject *ocu = Py_None, *oalibi = Py_None, *ostream = Py_None;
     double scale = 0.0, softcap = 0.0;
     int causal = 1, wl = -1, wr = -1, num_splits = 0, num_threads = 0;
     const char *kernel = "auto";
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|O$OdpiidOiiOs:paged_attn", kwlist, &oq,
-                                     &okc, &ovc, &obt, &osl, &oout, &olse, &ocu, &scale, &causal,
-                                     &wl, &wr, &softcap, &oalibi, &num_splits, &num_threads,
-                                     &ostream, &kernel))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|O$OdpiidOiiOs:paged_attn", kwlist, &oq, &okc, &ovc, &obt,
+                                     &osl, &oout, &olse, &ocu, &scale, &causal, &wl, &wr, &softcap, &oalibi,
+                                     &num_splits, &num_threads, &ostream, &kernel))
         return NULL;
     pf_paged_params p;
     memset(&p, 0, sizeof p);
@@ -57,12 +56,11 @@ done:
 }
 
 static PyObject *merge_attn_states(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"out_a", "lse_a", "out_b", "lse_b", "out", "lse", "num_threads",
-                             "stream", NULL};
+    static char *kwlist[] = {"out_a", "lse_a", "out_b", "lse_b", "out", "lse", "num_threads", "stream", NULL};
     PyObject *oa, *ola, *ob, *olb, *oout, *olse = Py_None, *ostream = Py_None;
     int num_threads = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|O$iO:merge_attn_states", kwlist, &oa,
-                                     &ola, &ob, &olb, &oout, &olse, &num_threads, &ostream))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|O$iO:merge_attn_states", kwlist, &oa, &ola, &ob, &olb, &oout,
+                                     &olse, &num_threads, &ostream))
         return NULL;
     pf_merge_params p;
     memset(&p, 0, sizeof p);
@@ -85,8 +83,8 @@ done:
 static PyObject *write_kv_cache(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"k", "v", "k_cache", "v_cache", "slot_mapping", "stream", NULL};
     PyObject *ok, *ov, *okc, *ovc, *osm, *ostream = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|$O:write_kv_cache", kwlist, &ok, &ov,
-                                     &okc, &ovc, &osm, &ostream))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|$O:write_kv_cache", kwlist, &ok, &ov, &okc, &ovc, &osm,
+                                     &ostream))
         return NULL;
     pf_tensor k, v, kc, vc, sm;
     pf_py_keep keep = {0};
@@ -108,9 +106,7 @@ done:
 static PyObject *copy_blocks(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"caches", "block_mapping", "stream", NULL};
     PyObject *ocaches, *omap, *ostream = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$O:copy_blocks", kwlist, &ocaches, &omap,
-                                     &ostream))
-        return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$O:copy_blocks", kwlist, &ocaches, &omap, &ostream)) return NULL;
     PyObject *seq = PySequence_Fast(ocaches, "caches: expected a sequence of arrays");
     if (!seq) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
@@ -135,8 +131,7 @@ static PyObject *copy_blocks(PyObject *module, PyObject *args, PyObject *kwargs)
     for (Py_ssize_t i = 0; i < n; i++) {
         char name[32];
         snprintf(name, sizeof name, "caches[%zd]", i);
-        if (pf_py_tensor(PySequence_Fast_GET_ITEM(seq, i), name, 1, &caches[i],
-                         &keeps[1 + i / PF_PY_MAX_ARGS]) < 0)
+        if (pf_py_tensor(PySequence_Fast_GET_ITEM(seq, i), name, 1, &caches[i], &keeps[1 + i / PF_PY_MAX_ARGS]) < 0)
             goto done;
     }
     pf_status status;
@@ -160,8 +155,7 @@ done:
 static PyObject *swap_blocks(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"src", "dst", "block_mapping", "stream", NULL};
     PyObject *osrc, *odst, *omap, *ostream = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$O:swap_blocks", kwlist, &osrc, &odst,
-                                     &omap, &ostream))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$O:swap_blocks", kwlist, &osrc, &odst, &omap, &ostream))
         return NULL;
     pf_tensor src, dst, map;
     pf_py_keep keep = {0};
@@ -181,8 +175,7 @@ PyMethodDef pf_py_paged_methods[] = {
      "paged_attn(q, k_cache, v_cache, block_tables, seq_lens, out, lse=None, *, cu_seqlens_q=None, "
      "softmax_scale=0.0, causal=True, window_left=-1, window_right=-1, softcap=0.0, "
      "alibi_slopes=None, num_splits=0, num_threads=0, stream=None) -> None. Writes out (and lse)."},
-    {"merge_attn_states", (PyCFunction)(void (*)(void))merge_attn_states,
-     METH_VARARGS | METH_KEYWORDS,
+    {"merge_attn_states", (PyCFunction)(void (*)(void))merge_attn_states, METH_VARARGS | METH_KEYWORDS,
      "merge_attn_states(out_a, lse_a, out_b, lse_b, out, lse=None, *, num_threads=0, "
      "stream=None) -> None. Writes out (and lse)."},
     {"write_kv_cache", (PyCFunction)(void (*)(void))write_kv_cache, METH_VARARGS | METH_KEYWORDS,

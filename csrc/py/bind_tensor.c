@@ -11,7 +11,7 @@
 
 static int dtype_from_name(const char *name, pf_dtype *dt) {
     static const pf_dtype all[] = {PF_DTYPE_F32, PF_DTYPE_F16, PF_DTYPE_BF16, PF_DTYPE_I32,
-                                   PF_DTYPE_I64, PF_DTYPE_U8, PF_DTYPE_F64};
+                                   PF_DTYPE_I64, PF_DTYPE_U8,  PF_DTYPE_F64};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         if (!strcmp(name, pf_dtype_name(all[i]))) {
             *dt = all[i];
@@ -26,8 +26,7 @@ static PyObject *tensor_empty(PyObject *module, PyObject *args, PyObject *kwargs
     PyObject *shape;
     const char *dtype_name, *device = "cpu";
     int device_id = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Os|si:empty", kwlist, &shape, &dtype_name,
-                                     &device, &device_id))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Os|si:empty", kwlist, &shape, &dtype_name, &device, &device_id))
         return NULL;
     pf_dtype dt;
     if (dtype_from_name(dtype_name, &dt) < 0) {

@@ -64,13 +64,20 @@ void pf_py_keep_release(pf_py_keep *keep) {
 static int dtype_from_dl(DLDataType t, pf_dtype *out) {
     *out = PF_DTYPE_INVALID;
     if (t.lanes != 1) return -1;
-    if (t.code == kDLFloat && t.bits == 32) *out = PF_DTYPE_F32;
-    else if (t.code == kDLFloat && t.bits == 16) *out = PF_DTYPE_F16;
-    else if (t.code == kDLBfloat && t.bits == 16) *out = PF_DTYPE_BF16;
-    else if (t.code == kDLInt && t.bits == 32) *out = PF_DTYPE_I32;
-    else if (t.code == kDLInt && t.bits == 64) *out = PF_DTYPE_I64;
-    else if (t.code == kDLUInt && t.bits == 8) *out = PF_DTYPE_U8;
-    else if (t.code == kDLFloat && t.bits == 64) *out = PF_DTYPE_F64;
+    if (t.code == kDLFloat && t.bits == 32)
+        *out = PF_DTYPE_F32;
+    else if (t.code == kDLFloat && t.bits == 16)
+        *out = PF_DTYPE_F16;
+    else if (t.code == kDLBfloat && t.bits == 16)
+        *out = PF_DTYPE_BF16;
+    else if (t.code == kDLInt && t.bits == 32)
+        *out = PF_DTYPE_I32;
+    else if (t.code == kDLInt && t.bits == 64)
+        *out = PF_DTYPE_I64;
+    else if (t.code == kDLUInt && t.bits == 8)
+        *out = PF_DTYPE_U8;
+    else if (t.code == kDLFloat && t.bits == 64)
+        *out = PF_DTYPE_F64;
     return *out == PF_DTYPE_INVALID ? -1 : 0;
 }
 
@@ -82,16 +89,16 @@ static int device_from_dl(const char *name, DLDevice dev, pf_tensor *out) {
         case kDLCUDAHost: out->device = PF_DEVICE_CUDA_HOST; return 0;
         default:
             PyErr_Format(PyExc_NotImplementedError,
-                         "%s: DLPack device type %d is not supported (CPU, CUDA and CUDA host are)",
-                         name, (int)dev.device_type);
+                         "%s: DLPack device type %d is not supported (CPU, CUDA and CUDA host are)", name,
+                         (int)dev.device_type);
             return -1;
     }
 }
 
 static int fill_from_dltensor(const char *name, const DLTensor *t, pf_tensor *out) {
     if (t->ndim < 0 || t->ndim > PF_MAX_DIMS) {
-        PyErr_Format(PyExc_ValueError, "%s: at most %d dimensions are supported, got %d", name,
-                     PF_MAX_DIMS, (int)t->ndim);
+        PyErr_Format(PyExc_ValueError, "%s: at most %d dimensions are supported, got %d", name, PF_MAX_DIMS,
+                     (int)t->ndim);
         return -1;
     }
     if (dtype_from_dl(t->dtype, &out->dtype) < 0) {
@@ -123,8 +130,7 @@ static PyObject *call_dlpack(PyObject *obj, PyObject *stream_arg) {
     PyObject *meth = PyObject_GetAttrString(obj, "__dlpack__");
     if (!meth) return NULL;
     PyObject *args = PyTuple_New(0);
-    PyObject *kw = Py_BuildValue("{s:O,s:(ii)}", "stream", stream_arg, "max_version",
-                                 PF_DLPACK_MAJOR, PF_DLPACK_MINOR);
+    PyObject *kw = Py_BuildValue("{s:O,s:(ii)}", "stream", stream_arg, "max_version", PF_DLPACK_MAJOR, PF_DLPACK_MINOR);
     PyObject *cap = (args && kw) ? PyObject_Call(meth, args, kw) : NULL;
     if (!cap && PyErr_ExceptionMatches(PyExc_TypeError)) {
         PyErr_Clear(); /* a producer that predates max_version */
@@ -142,16 +148,14 @@ static PyObject *call_dlpack(PyObject *obj, PyObject *stream_arg) {
     return cap;
 }
 
-static int import_dlpack(PyObject *obj, const char *name, int writable, pf_tensor *out,
-                         pf_py_keep *keep) {
+static int import_dlpack(PyObject *obj, const char *name, int writable, pf_tensor *out, pf_py_keep *keep) {
     /* Which device? CUDA producers need the consumer stream; CPU ones need None. */
     PyObject *stream_arg = Py_None;
     Py_INCREF(stream_arg);
     PyObject *dev = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
     if (dev) {
         long dtype_code = -1;
-        if (PyTuple_Check(dev) && PyTuple_GET_SIZE(dev) == 2)
-            dtype_code = PyLong_AsLong(PyTuple_GET_ITEM(dev, 0));
+        if (PyTuple_Check(dev) && PyTuple_GET_SIZE(dev) == 2) dtype_code = PyLong_AsLong(PyTuple_GET_ITEM(dev, 0));
         Py_DECREF(dev);
         if (PyErr_Occurred()) PyErr_Clear();
         if (dtype_code == kDLCUDA || dtype_code == kDLCUDAManaged) {
@@ -180,12 +184,11 @@ static int import_dlpack(PyObject *obj, const char *name, int writable, pf_tenso
     }
     int rc = -1;
     if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
-        DLManagedTensorVersioned *mt =
-            (DLManagedTensorVersioned *)PyCapsule_GetPointer(cap, "dltensor_versioned");
+        DLManagedTensorVersioned *mt = (DLManagedTensorVersioned *)PyCapsule_GetPointer(cap, "dltensor_versioned");
         if (!mt) goto done;
         if (mt->version.major != PF_DLPACK_MAJOR) {
-            PyErr_Format(PyExc_TypeError, "%s: DLPack major version %u is not supported (expected %d)",
-                         name, mt->version.major, PF_DLPACK_MAJOR);
+            PyErr_Format(PyExc_TypeError, "%s: DLPack major version %u is not supported (expected %d)", name,
+                         mt->version.major, PF_DLPACK_MAJOR);
             goto done; /* the capsule's destructor still owns it */
         }
         if (PyCapsule_SetName(cap, "used_dltensor_versioned") < 0) goto done;
@@ -221,17 +224,23 @@ static int dtype_from_typestr(const char *ts, pf_dtype *out) {
     /* "<f4", "|u1", ... ; byte order must be little or not applicable */
     *out = PF_DTYPE_INVALID;
     if (!ts || (ts[0] != '<' && ts[0] != '|' && ts[0] != '=')) return -1;
-    if (!strcmp(ts + 1, "f4")) *out = PF_DTYPE_F32;
-    else if (!strcmp(ts + 1, "f2")) *out = PF_DTYPE_F16;
-    else if (!strcmp(ts + 1, "i4")) *out = PF_DTYPE_I32;
-    else if (!strcmp(ts + 1, "i8")) *out = PF_DTYPE_I64;
-    else if (!strcmp(ts + 1, "u1")) *out = PF_DTYPE_U8;
-    else if (!strcmp(ts + 1, "f8")) *out = PF_DTYPE_F64;
+    if (!strcmp(ts + 1, "f4"))
+        *out = PF_DTYPE_F32;
+    else if (!strcmp(ts + 1, "f2"))
+        *out = PF_DTYPE_F16;
+    else if (!strcmp(ts + 1, "i4"))
+        *out = PF_DTYPE_I32;
+    else if (!strcmp(ts + 1, "i8"))
+        *out = PF_DTYPE_I64;
+    else if (!strcmp(ts + 1, "u1"))
+        *out = PF_DTYPE_U8;
+    else if (!strcmp(ts + 1, "f8"))
+        *out = PF_DTYPE_F64;
     return *out == PF_DTYPE_INVALID ? -1 : 0;
 }
 
-static int import_array_interface(PyObject *obj, PyObject *iface, const char *name, int writable,
-                                  int cuda, pf_tensor *out, pf_py_keep *keep) {
+static int import_array_interface(PyObject *obj, PyObject *iface, const char *name, int writable, int cuda,
+                                  pf_tensor *out, pf_py_keep *keep) {
     if (!PyDict_Check(iface)) {
         PyErr_Format(PyExc_TypeError, "%s: the array interface is not a dict", name);
         return -1;
@@ -241,8 +250,8 @@ static int import_array_interface(PyObject *obj, PyObject *iface, const char *na
     PyObject *data = PyDict_GetItemString(iface, "data");
     PyObject *strides = PyDict_GetItemString(iface, "strides");
     PyObject *mask = PyDict_GetItemString(iface, "mask");
-    if (!shape || !PyTuple_Check(shape) || !typestr || !PyUnicode_Check(typestr) || !data ||
-        !PyTuple_Check(data) || PyTuple_GET_SIZE(data) != 2) {
+    if (!shape || !PyTuple_Check(shape) || !typestr || !PyUnicode_Check(typestr) || !data || !PyTuple_Check(data) ||
+        PyTuple_GET_SIZE(data) != 2) {
         PyErr_Format(PyExc_TypeError, "%s: malformed array interface (shape, typestr, data)", name);
         return -1;
     }
@@ -261,8 +270,7 @@ static int import_array_interface(PyObject *obj, PyObject *iface, const char *na
     }
     Py_ssize_t nd = PyTuple_GET_SIZE(shape);
     if (nd > PF_MAX_DIMS) {
-        PyErr_Format(PyExc_ValueError, "%s: at most %d dimensions are supported, got %zd", name,
-                     PF_MAX_DIMS, nd);
+        PyErr_Format(PyExc_ValueError, "%s: at most %d dimensions are supported, got %zd", name, PF_MAX_DIMS, nd);
         return -1;
     }
     int64_t esize = (int64_t)pf_dtype_size(out->dtype);
@@ -282,8 +290,8 @@ static int import_array_interface(PyObject *obj, PyObject *iface, const char *na
             long long sb = PyLong_AsLongLong(PyTuple_GET_ITEM(strides, i));
             if (sb % esize) {
                 PyErr_Format(PyExc_ValueError,
-                             "%s: strides must be multiples of the element size (%lld bytes), got %lld",
-                             name, (long long)esize, sb);
+                             "%s: strides must be multiples of the element size (%lld bytes), got %lld", name,
+                             (long long)esize, sb);
                 return -1;
             }
             out->strides[i] = sb / esize;
@@ -314,13 +322,11 @@ static int import_array_interface(PyObject *obj, PyObject *iface, const char *na
     return keep_push(keep, obj, NULL, 0);
 }
 
-static int import_ndarray(PyObject *obj, const char *name, int writable, pf_tensor *out,
-                          pf_py_keep *keep) {
+static int import_ndarray(PyObject *obj, const char *name, int writable, pf_tensor *out, pf_py_keep *keep) {
     PyArrayObject *a = (PyArrayObject *)obj;
     int nd = PyArray_NDIM(a);
     if (nd > PF_MAX_DIMS) {
-        PyErr_Format(PyExc_ValueError, "%s: at most %d dimensions are supported, got %d", name,
-                     PF_MAX_DIMS, nd);
+        PyErr_Format(PyExc_ValueError, "%s: at most %d dimensions are supported, got %d", name, PF_MAX_DIMS, nd);
         return -1;
     }
     PyArray_Descr *d = PyArray_DESCR(a);
@@ -376,8 +382,7 @@ int pf_py_tensor(PyObject *obj, const char *name, int writable, pf_tensor *out, 
         *out = *pf_py_tensor_view(obj);
         return keep_push(keep, obj, NULL, 0);
     }
-    if (PyObject_HasAttrString(obj, "__dlpack__"))
-        return import_dlpack(obj, name, writable, out, keep);
+    if (PyObject_HasAttrString(obj, "__dlpack__")) return import_dlpack(obj, name, writable, out, keep);
     PyObject *iface = PyObject_GetAttrString(obj, "__cuda_array_interface__");
     if (iface) {
         int rc = import_array_interface(obj, iface, name, writable, 1, out, keep);
@@ -399,8 +404,7 @@ int pf_py_tensor(PyObject *obj, const char *name, int writable, pf_tensor *out, 
     return -1;
 }
 
-int pf_py_opt_tensor(PyObject *obj, const char *name, int writable, pf_tensor *out,
-                     pf_py_keep *keep) {
+int pf_py_opt_tensor(PyObject *obj, const char *name, int writable, pf_tensor *out, pf_py_keep *keep) {
     if (obj == NULL || obj == Py_None) {
         memset(out, 0, sizeof *out);
         return 0;
@@ -514,8 +518,8 @@ static PyArrayObject *int_ndarray(PyObject *obj, const char *name, int *error) {
 }
 
 /* The items of an int sequence, each through `store(buf, i, value)`; 0 or -1. */
-static int int_sequence(PyObject *obj, const char *name, pf_py_stage *stage, size_t esize, void **data,
-                        Py_ssize_t *n, int32_t lo, int32_t hi) {
+static int int_sequence(PyObject *obj, const char *name, pf_py_stage *stage, size_t esize, void **data, Py_ssize_t *n,
+                        int32_t lo, int32_t hi) {
     PyObject *seq = PySequence_Fast(obj, "");
     if (!seq) {
         PyErr_Format(PyExc_TypeError, "%s: expected a sequence of ints or an integer array, got %.100s", name,
@@ -625,8 +629,8 @@ int pf_py_out_array(PyObject *out, const char *name, int nd, pf_dtype dtype, Py_
     if (PyArray_NDIM(a) != nd || (rows >= 0 && PyArray_DIM(a, 0) != rows) || !PyArray_IS_C_CONTIGUOUS(a) ||
         !PyArray_ISALIGNED(a) || !PyArray_ISWRITEABLE(a)) {
         PyErr_Format(PyExc_ValueError,
-                     "%s: expected a writable, C-contiguous %d-d array%s%zd rows, got shape %d-d with %zd rows",
-                     name, nd, rows >= 0 ? " with " : " (any rows: ", rows, PyArray_NDIM(a),
+                     "%s: expected a writable, C-contiguous %d-d array%s%zd rows, got shape %d-d with %zd rows", name,
+                     nd, rows >= 0 ? " with " : " (any rows: ", rows, PyArray_NDIM(a),
                      PyArray_NDIM(a) ? (Py_ssize_t)PyArray_DIM(a, 0) : 0);
         return -1;
     }

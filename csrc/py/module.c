@@ -18,9 +18,8 @@
 static PyObject *build_info(PyObject *module, PyObject *unused) {
     (void)module;
     (void)unused;
-    return Py_BuildValue("{s:i,s:s,s:i,s:i,s:s}", "cuda", pf_has_cuda(), "cuda_archs",
-                         pf_cuda_archs(), "cuda_devices", pf_cuda_device_count(), "cpu_count",
-                         pf_cpu_count(), "version", PF_VERSION_STRING);
+    return Py_BuildValue("{s:i,s:s,s:i,s:i,s:s}", "cuda", pf_has_cuda(), "cuda_archs", pf_cuda_archs(), "cuda_devices",
+                         pf_cuda_device_count(), "cpu_count", pf_cpu_count(), "version", PF_VERSION_STRING);
 }
 
 static PyMethodDef module_methods[] = {
@@ -41,12 +40,11 @@ static int module_exec(PyObject *m) {
     st->tensor_type = pf_py_tensor_type_create(m);
     if (!st->tensor_type || PyModule_AddObjectRef(m, "Tensor", st->tensor_type) < 0) return -1;
     st->out_of_blocks = PyErr_NewExceptionWithDoc(
-        "pagedflash.OutOfBlocks", "No free KV-cache blocks are left for the request.",
-        PyExc_MemoryError, NULL);
+        "pagedflash.OutOfBlocks", "No free KV-cache blocks are left for the request.", PyExc_MemoryError, NULL);
     if (!st->out_of_blocks || PyModule_AddObjectRef(m, "OutOfBlocks", st->out_of_blocks) < 0) return -1;
-    st->cuda_error = PyErr_NewExceptionWithDoc(
-        "pagedflash.CudaError", "A CUDA call failed; the message holds CUDA's text and the call site.",
-        PyExc_RuntimeError, NULL);
+    st->cuda_error = PyErr_NewExceptionWithDoc("pagedflash.CudaError",
+                                               "A CUDA call failed; the message holds CUDA's text and the call site.",
+                                               PyExc_RuntimeError, NULL);
     if (!st->cuda_error || PyModule_AddObjectRef(m, "CudaError", st->cuda_error) < 0) return -1;
     for (size_t i = 0; i < sizeof binding_tables / sizeof binding_tables[0]; i++)
         if (PyModule_AddFunctions(m, binding_tables[i]) < 0) return -1;

@@ -74,11 +74,13 @@ PyObject *pf_py_new_array(int nd, const Py_ssize_t *dims, int npy_type);
 PyObject *pf_py_finish(PyObject *module, pf_status status, pf_py_keep *keep);
 
 /* Run `call` (a pf_status expression) with the GIL released, storing its status. */
+/* clang-format off */
 #define PF_PY_CALL(status, call) \
     do {                         \
         Py_BEGIN_ALLOW_THREADS   \
         (status) = (call);       \
         Py_END_ALLOW_THREADS     \
     } while (0)
+/* clang-format on */
 
 #endif /* PF_PY_CONVERT_H */

@@ -33,9 +33,7 @@ static void tensor_dealloc(PyObject *self) {
     Py_DECREF(tp);
 }
 
-int pf_py_is_tensor(PyObject *obj) {
-    return Py_TYPE(obj)->tp_dealloc == tensor_dealloc;
-}
+int pf_py_is_tensor(PyObject *obj) { return Py_TYPE(obj)->tp_dealloc == tensor_dealloc; }
 
 const pf_tensor *pf_py_tensor_view(PyObject *obj) { return &((PfTensor *)obj)->view; }
 
@@ -104,8 +102,7 @@ static void deleter_legacy(DLManagedTensor *mt) {
 
 static void capsule_destructor_versioned(PyObject *cap) {
     if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
-        DLManagedTensorVersioned *mt =
-            (DLManagedTensorVersioned *)PyCapsule_GetPointer(cap, "dltensor_versioned");
+        DLManagedTensorVersioned *mt = (DLManagedTensorVersioned *)PyCapsule_GetPointer(cap, "dltensor_versioned");
         if (mt && mt->deleter) mt->deleter(mt);
     }
 }
@@ -144,8 +141,8 @@ static void fill_dltensor(PfTensor *t, DLTensor *d, int64_t *shape, int64_t *str
 static PyObject *tensor_dlpack(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"stream", "max_version", "dl_device", "copy", NULL};
     PyObject *stream = Py_None, *max_version = Py_None, *dl_device = Py_None, *copy = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOOO:__dlpack__", kwlist, &stream,
-                                     &max_version, &dl_device, &copy))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOOO:__dlpack__", kwlist, &stream, &max_version, &dl_device,
+                                     &copy))
         return NULL;
     PfTensor *t = (PfTensor *)self;
     if (copy == Py_True) {
@@ -230,9 +227,8 @@ static PyObject *interface_dict(PfTensor *t) {
         PyTuple_SET_ITEM(shape, i, PyLong_FromLongLong(v->shape[i]));
         PyTuple_SET_ITEM(strides, i, PyLong_FromLongLong(v->strides[i] * (int64_t)es));
     }
-    return Py_BuildValue("{s:N,s:s,s:(NO),s:N,s:i}", "shape", shape, "typestr",
-                         typestr_of(v->dtype), "data", PyLong_FromVoidPtr(v->data), Py_False,
-                         "strides", strides, "version", 3);
+    return Py_BuildValue("{s:N,s:s,s:(NO),s:N,s:i}", "shape", shape, "typestr", typestr_of(v->dtype), "data",
+                         PyLong_FromVoidPtr(v->data), Py_False, "strides", strides, "version", 3);
 }
 
 static PyObject *tensor_array_interface(PyObject *self, void *closure) {
@@ -334,8 +330,9 @@ static PyType_Slot tensor_slots[] = {
     {Py_tp_methods, tensor_type_methods},
     {Py_tp_getset, tensor_getset},
     {Py_tp_repr, tensor_repr},
-    {Py_tp_doc, "pagedflash.Tensor: an array owned by pagedflash, exported via DLPack and the array "
-                "interfaces. Created by pagedflash for callers whose library it does not allocate for."},
+    {Py_tp_doc,
+     "pagedflash.Tensor: an array owned by pagedflash, exported via DLPack and the array "
+     "interfaces. Created by pagedflash for callers whose library it does not allocate for."},
     {0, NULL},
 };
 
@@ -347,6 +344,4 @@ static PyType_Spec tensor_spec = {
     .slots = tensor_slots,
 };
 
-PyObject *pf_py_tensor_type_create(PyObject *module) {
-    return PyType_FromModuleAndSpec(module, &tensor_spec, NULL);
-}
+PyObject *pf_py_tensor_type_create(PyObject *module) { return PyType_FromModuleAndSpec(module, &tensor_spec, NULL); }

@@ -40,8 +40,7 @@ struct TypeOps<__half> {
     static PF_DEV __half from_float(float x) { return __float2half_rn(x); }
     /* C += A B, m16n8k16, float16 inputs, float32 accumulators */
     static PF_DEV void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-        asm(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
             "{%8,%9}, {%0,%1,%2,%3};\n"
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -57,8 +56,7 @@ struct TypeOps<__nv_bfloat16> {
     static PF_DEV float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
     static PF_DEV __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
     static PF_DEV void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-        asm(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
             "{%8,%9}, {%0,%1,%2,%3};\n"
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -88,9 +86,7 @@ PF_DEV void ldmatrix_x4_trans(uint32_t r[4], uint32_t addr) {
 }
 
 PF_DEV void ldmatrix_x2(uint32_t r[2], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1])
-                 : "r"(addr));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
 }
 
 PF_DEV void ldmatrix_x2_trans(uint32_t r[2], uint32_t addr) {
@@ -103,8 +99,7 @@ PF_DEV void ldmatrix_x2_trans(uint32_t r[2], uint32_t addr) {
  * but it must still be a valid address: pass the tensor base). */
 PF_DEV void cp_async_16(uint32_t dst, const void *src, bool pred) {
     int src_size = pred ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_size)
-                 : "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_size) : "memory");
 }
 
 /* 4-byte global -> shared copy (cp.async.ca); pred false writes 4 zero bytes (src unread,

@@ -45,9 +45,7 @@ struct ScoreParams {
     int64_t alibi_batch_stride, alibi_head_stride;
 
     /* softcap, ALiBi, or a scale that cannot be folded into exp2 (see above) */
-    __host__ __device__ bool has_extras() const {
-        return softcap > 0.0f || alibi != nullptr || !(scale_log2 > 0.0f);
-    }
+    __host__ __device__ bool has_extras() const { return softcap > 0.0f || alibi != nullptr || !(scale_log2 > 0.0f); }
     /* the ALiBi slope of (batch b, head h) times log2(e); 0 without ALiBi */
     PF_DEV float alibi_log2(int b, int h) const {
         return alibi ? alibi[b * alibi_batch_stride + h * alibi_head_stride] * kLog2e : 0.0f;

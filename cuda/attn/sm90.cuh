@@ -152,7 +152,6 @@ PF_DEV void load_swizzled(uint32_t tile, const T *g, int64_t row_stride, int row
 
 }  // namespace sm90
 
-
 }  // namespace cuda
 }  // namespace pf
 

@@ -30,8 +30,7 @@ namespace cuda {
  * two rows, alpha receives exp2(m_old - m_new) per row. Returns whether any alpha != 1
  * (the caller may skip rescaling its output when no row of the warp got a new max). */
 template <int kNT>
-PF_DEV bool online_softmax(float (&s)[kNT][4], float (&row_max)[2], float (&row_sum)[2], float (&alpha)[2],
-                           float sc) {
+PF_DEV bool online_softmax(float (&s)[kNT][4], float (&row_max)[2], float (&row_sum)[2], float (&alpha)[2], float sc) {
     bool rescale = false;
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {

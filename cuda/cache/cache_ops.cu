@@ -103,9 +103,21 @@ extern "C" pf_status pf_cuda_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor 
     w.row_bytes = (int)(k_cache.shape[3] * es);
     const int64_t rows = w.num_tokens * w.num_kv_heads;
     if (rows == 0 || w.row_bytes == 0) return PF_STATUS_OK;
-    const int64_t vals[] = {(int64_t)(uintptr_t)w.k, (int64_t)(uintptr_t)w.v, (int64_t)(uintptr_t)w.kc,
-                            (int64_t)(uintptr_t)w.vc, w.k_st, w.k_sh, w.v_st, w.v_sh, w.kc_sb, w.kc_so,
-                            w.kc_sh, w.vc_sb, w.vc_so, w.vc_sh, (int64_t)w.row_bytes};
+    const int64_t vals[] = {(int64_t)(uintptr_t)w.k,
+                            (int64_t)(uintptr_t)w.v,
+                            (int64_t)(uintptr_t)w.kc,
+                            (int64_t)(uintptr_t)w.vc,
+                            w.k_st,
+                            w.k_sh,
+                            w.v_st,
+                            w.v_sh,
+                            w.kc_sb,
+                            w.kc_so,
+                            w.kc_sh,
+                            w.vc_sb,
+                            w.vc_so,
+                            w.vc_sh,
+                            (int64_t)w.row_bytes};
     const int unit = pf_unit_of(vals, (int)(sizeof vals / sizeof vals[0]));
     const int64_t blocks = (rows + 3) / 4;
     /* blocks < 2^31: rows <= limits.max_rows, checked by the core */
@@ -349,9 +361,9 @@ extern "C" pf_status pf_cuda_swap_blocks(pf_tensor src, pf_tensor dst, pf_tensor
                                           (size_t)(run * block_bytes), cudaMemcpyDefault, s));
             i += run;
         } else {
-            PF_CUDA_CHECK(cudaMemcpy2DAsync(dp + bd * gd.block_stride, (size_t)gd.row_stride,
-                                            sp + bs * gs.block_stride, (size_t)gs.row_stride,
-                                            (size_t)gs.row_bytes, (size_t)gs.rows, cudaMemcpyDefault, s));
+            PF_CUDA_CHECK(cudaMemcpy2DAsync(dp + bd * gd.block_stride, (size_t)gd.row_stride, sp + bs * gs.block_stride,
+                                            (size_t)gs.row_stride, (size_t)gs.row_bytes, (size_t)gs.rows,
+                                            cudaMemcpyDefault, s));
             i += 1;
         }
     }

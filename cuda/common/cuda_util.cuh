@@ -34,14 +34,14 @@
 #include "pf_cuda.h"
 #include "pf_error.h"
 
-#define PF_CUDA_CHECK(expr)                                                                     \
-    do {                                                                                        \
-        cudaError_t pf_cuda_err_ = (expr);                                                      \
-        if (pf_cuda_err_ != cudaSuccess) {                                                      \
-            (void)cudaGetLastError();                                                           \
-            return pf_set_error(PF_STATUS_CUDA_ERROR, __FILE__, __LINE__, "%s: %s (%s)", #expr, \
+#define PF_CUDA_CHECK(expr)                                                                        \
+    do {                                                                                           \
+        cudaError_t pf_cuda_err_ = (expr);                                                         \
+        if (pf_cuda_err_ != cudaSuccess) {                                                         \
+            (void)cudaGetLastError();                                                              \
+            return pf_set_error(PF_STATUS_CUDA_ERROR, __FILE__, __LINE__, "%s: %s (%s)", #expr,    \
                                 cudaGetErrorString(pf_cuda_err_), cudaGetErrorName(pf_cuda_err_)); \
-        }                                                                                       \
+        }                                                                                          \
     } while (0)
 
 /* PF_CUDA_CHECK_LAUNCH() or PF_CUDA_CHECK_LAUNCH("kernel"): the launch error, if any. */

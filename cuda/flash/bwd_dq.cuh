@@ -56,16 +56,16 @@ __global__ void __launch_bounds__(Cfg::kNThreads) flash_bwd_dq_kernel(const __gr
     const uint64_t bh = (uint64_t)b * p.num_heads + h;
     const float alibi_log2 = Has_extras ? p.score.alibi_log2(b, h) : 0.0f;
 
-    const T *qb = static_cast<const T *>(p.q) + b * p.q_batch_stride + (int64_t)si.q_start * p.q_row_stride +
-                  h * p.q_head_stride;
+    const T *qb =
+        static_cast<const T *>(p.q) + b * p.q_batch_stride + (int64_t)si.q_start * p.q_row_stride + h * p.q_head_stride;
     const T *dob = static_cast<const T *>(p.dout) + b * p.do_batch_stride + (int64_t)si.q_start * p.do_row_stride +
                    h * p.do_head_stride;
     const T *kb = static_cast<const T *>(p.k) + b * p.k_batch_stride + (int64_t)si.k_start * p.k_row_stride +
                   hk * p.k_head_stride;
     const T *vb = static_cast<const T *>(p.v) + b * p.v_batch_stride + (int64_t)si.k_start * p.v_row_stride +
                   hk * p.v_head_stride;
-    T *dqb = static_cast<T *>(p.dq) + b * p.dq_batch_stride + (int64_t)si.q_start * p.dq_row_stride +
-             h * p.dq_head_stride;
+    T *dqb =
+        static_cast<T *>(p.dq) + b * p.dq_batch_stride + (int64_t)si.q_start * p.dq_row_stride + h * p.dq_head_stride;
 
     const int wrow = warp * Cfg::kRowsPerWarp;
     const uint32_t a_off = (((lane & 7) + 8 * ((lane >> 3) & 1)) * kStride + 8 * (lane >> 4)) * 2;
@@ -88,11 +88,11 @@ __global__ void __launch_bounds__(Cfg::kNThreads) flash_bwd_dq_kernel(const __gr
         auto issue = [&](int n) {
             const int jj = n * kBlockN, st = (n - n_lo) & 1;
             load_tile<kBlockN, kHeadDim, kStride, kNThreads>(sK + st * kBlockN * kStride,
-                                                             kb + (int64_t)jj * p.k_row_stride, p.k_row_stride,
-                                                             sk - jj, d, aligned, tid);
+                                                             kb + (int64_t)jj * p.k_row_stride, p.k_row_stride, sk - jj,
+                                                             d, aligned, tid);
             load_tile<kBlockN, kHeadDim, kStride, kNThreads>(sV + st * kBlockN * kStride,
-                                                             vb + (int64_t)jj * p.v_row_stride, p.v_row_stride,
-                                                             sk - jj, d, aligned, tid);
+                                                             vb + (int64_t)jj * p.v_row_stride, p.v_row_stride, sk - jj,
+                                                             d, aligned, tid);
         };
         if (n_hi > n_lo) issue(n_lo);
         cp_async_commit();
@@ -217,9 +217,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads) flash_bwd_dq_kernel(const __gr
                 const int r = wrow + mt * 16 + g + 8 * hf;
 #pragma unroll
                 for (int dt = 0; dt < kDT; ++dt)
-                    *reinterpret_cast<uint32_t *>(sQ + r * kStride + dt * 8 + 2 * t) =
-                        Ops::pack(acc[mt][dt][2 * hf] * p.score.softmax_scale,
-                                  acc[mt][dt][2 * hf + 1] * p.score.softmax_scale);
+                    *reinterpret_cast<uint32_t *>(sQ + r * kStride + dt * 8 + 2 * t) = Ops::pack(
+                        acc[mt][dt][2 * hf] * p.score.softmax_scale, acc[mt][dt][2 * hf + 1] * p.score.softmax_scale);
             }
         __syncthreads();
         store_tile<kBlockM, kHeadDim, kStride, kNThreads>(dqb + (int64_t)m0 * p.dq_row_stride, p.dq_row_stride, sQ,

@@ -245,8 +245,8 @@ pf_status launch_bwd_f32(const FlashParams &p, cudaStream_t stream, int device) 
     const int qt = (p.max_seqlen_q + kW - 1) / kW, kt = (p.max_seqlen_k + kW - 1) / kW;
     PF_TRY(launch_with_smem(flash_bwd_dq_f32_kernel<kMaxD>, dim3(qt > 0 ? qt : 1, p.num_heads, p.batch), kW * 32,
                             smem_dq, stream, device, done_dq, p));
-    PF_TRY(launch_with_smem(flash_bwd_dkdv_f32_kernel<kMaxD>, dim3(kt > 0 ? kt : 1, p.num_kv_heads, p.batch),
-                            kW * 32, smem_kv, stream, device, done_kv, p));
+    PF_TRY(launch_with_smem(flash_bwd_dkdv_f32_kernel<kMaxD>, dim3(kt > 0 ? kt : 1, p.num_kv_heads, p.batch), kW * 32,
+                            smem_kv, stream, device, done_kv, p));
     return PF_STATUS_OK;
 }
 
@@ -259,7 +259,7 @@ pf_status flash_bwd_f32_run(const FlashParams &p, cudaStream_t stream, int devic
     PF_TRY(sm_count(device, &sms));
     const int64_t warps = rows * p.num_heads;
     const int blocks = (int)((warps + 7) / 8 < (int64_t)sms * 8 ? (warps + 7) / 8 : (int64_t)sms * 8);
-    bwd_prep_kernel<float><<<blocks > 0 ? blocks : 1, 256, 0, stream>>>(p, rows, 0);
+    bwd_prep_kernel<float><<<(blocks > 0 ? blocks : 1), 256, 0, stream>>>(p, rows, 0);
     PF_CUDA_CHECK_LAUNCH("bwd_prep_kernel");
     if (p.head_dim <= 64) return launch_bwd_f32<64>(p, stream, device);
     if (p.head_dim <= 128) return launch_bwd_f32<128>(p, stream, device);

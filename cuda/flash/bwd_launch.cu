@@ -36,8 +36,7 @@ static const char *bwd_sm90_refusal(const FlashParams &p, int head_dim_compiled,
                "and strides multiples of 8 elements, head_dim a multiple of 8)";
     if (p.score.has_extras() || p.drop_threshold != 0)
         return "the wgmma backward has no softcap, ALiBi, dropout or non-positive softmax_scale";
-    if (p.deterministic)
-        return "the wgmma backward adds dQ with atomics; deterministic gradients run on 'sm80'";
+    if (p.deterministic) return "the wgmma backward adds dQ with atomics; deterministic gradients run on 'sm80'";
     if (flat_rows(p) * p.num_heads * (head_dim_compiled / 8) >= INT32_MAX / 2)
         return "its vectorized passes index the (query row, head, 8 columns) chunks in int32: 2^30 at most";
     return nullptr;
@@ -60,8 +59,7 @@ static pf_status choose_bwd_family(const pf_attn_params *a, const FlashParams &p
     const char *hint = pf_kernel_name(a->kernel);
     if (a->q.dtype == PF_DTYPE_F32) {
         PF_CHECK(a->kernel == PF_KERNEL_AUTO, PF_STATUS_NOT_SUPPORTED,
-                 "kernel: '%s' runs float16/bfloat16; float32 has one CUDA kernel (kernel='auto')",
-                 hint ? hint : "?");
+                 "kernel: '%s' runs float16/bfloat16; float32 has one CUDA kernel (kernel='auto')", hint ? hint : "?");
         *family = FlashFamily::kF32;
         return PF_STATUS_OK;
     }
@@ -77,9 +75,7 @@ static pf_status choose_bwd_family(const pf_attn_params *a, const FlashParams &p
                      sm90_refusal);
             *family = FlashFamily::kSm90;
             return PF_STATUS_OK;
-        case PF_KERNEL_AUTO:
-            *family = sm90_refusal ? FlashFamily::kSm80 : FlashFamily::kSm90;
-            return PF_STATUS_OK;
+        case PF_KERNEL_AUTO: *family = sm90_refusal ? FlashFamily::kSm80 : FlashFamily::kSm90; return PF_STATUS_OK;
         default: break;
     }
     PF_CHECK(0, PF_STATUS_INVALID_VALUE, "kernel: %d is not a flash_bwd kernel; expected 'auto', 'sm80' or 'sm90'",

@@ -28,8 +28,8 @@ namespace pf {
 namespace cuda {
 
 template <typename T>
-__global__ void __launch_bounds__(256) bwd_prep_kernel(const __grid_constant__ FlashParams p, int64_t rows,
-                                                       int zero_dq) {
+__global__ void __launch_bounds__(256)
+    bwd_prep_kernel(const __grid_constant__ FlashParams p, int64_t rows, int zero_dq) {
     const int lane = threadIdx.x % 32;
     const int64_t warps = (int64_t)gridDim.x * (blockDim.x / 32);
     const int H = p.num_heads, d = p.head_dim, hd = p.head_dim_rounded;
@@ -39,8 +39,8 @@ __global__ void __launch_bounds__(256) bwd_prep_kernel(const __grid_constant__ F
         int64_t b, i;
         flat_row_position(p, r, b, i);
         const T *o = static_cast<const T *>(p.o) + b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
-        const T *dout = static_cast<const T *>(p.dout) + b * p.do_batch_stride + i * p.do_row_stride +
-                        h * p.do_head_stride;
+        const T *dout =
+            static_cast<const T *>(p.dout) + b * p.do_batch_stride + i * p.do_row_stride + h * p.do_head_stride;
         float acc = 0.0f;
         for (int c = lane; c < d; c += 32) acc += TypeOps<T>::to_float(o[c]) * TypeOps<T>::to_float(dout[c]);
 #pragma unroll
@@ -62,7 +62,8 @@ template <typename T>
 __global__ void __launch_bounds__(256) bwd_convert_dq_kernel(const __grid_constant__ FlashParams p, int64_t rows) {
     const int H = p.num_heads, d = p.head_dim, hd = p.head_dim_rounded;
     const int64_t n = rows * H * d;
-    for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n; idx += (int64_t)gridDim.x * blockDim.x) {
+    for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
+         idx += (int64_t)gridDim.x * blockDim.x) {
         const int c = (int)(idx % d);
         const int64_t rh = idx / d;
         const int h = (int)(rh % H);
@@ -99,9 +100,9 @@ __global__ void __launch_bounds__(256) bwd_prep_sm90_kernel(const __grid_constan
         if (valid && c * 8 < d) {
             const uint4 o = *reinterpret_cast<const uint4 *>(static_cast<const T *>(p.o) + b * p.o_batch_stride +
                                                              (int64_t)i * p.o_row_stride + h * p.o_head_stride + c * 8);
-            const uint4 g = *reinterpret_cast<const uint4 *>(static_cast<const T *>(p.dout) + b * p.do_batch_stride +
-                                                             (int64_t)i * p.do_row_stride + h * p.do_head_stride +
-                                                             c * 8);
+            const uint4 g =
+                *reinterpret_cast<const uint4 *>(static_cast<const T *>(p.dout) + b * p.do_batch_stride +
+                                                 (int64_t)i * p.do_row_stride + h * p.do_head_stride + c * 8);
             const T *oe = reinterpret_cast<const T *>(&o);
             const T *ge = reinterpret_cast<const T *>(&g);
 #pragma unroll

@@ -88,14 +88,14 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
     const uint32_t kA = smem_addr(sK) + warp * 16 * kStride * 2 + a_lane_off; /* K rows as A */
     const uint32_t vA = smem_addr(sV) + warp * 16 * kStride * 2 + a_lane_off; /* V rows as A */
     const uint32_t bN_off = (((lane & 7) + 8 * (lane >> 4)) * kStride + 8 * ((lane >> 3) & 1)) * 2;  /* B, rows = n */
-    const uint32_t bT_off = (((lane & 7) + 8 * ((lane >> 3) & 1)) * kStride + 8 * (lane >> 4)) * 2;  /* B^T, rows = k */
+    const uint32_t bT_off = (((lane & 7) + 8 * ((lane >> 3) & 1)) * kStride + 8 * (lane >> 4)) * 2; /* B^T, rows = k */
     constexpr int kDqRowWarps = Cfg::kDqRowWarps, kDqCols = Cfg::kDqCols, kDqRows = Cfg::kDqRows;
     constexpr int kDqMT = Cfg::kDqMT;
     const int dq_wr = warp % kDqRowWarps, dq_wc = warp / kDqRowWarps;
-    const uint32_t dsA0 = smem_addr(sdS0) +
-        (((lane & 7) + 8 * (lane >> 4)) * kSStride + dq_wr * kDqRows + 8 * ((lane >> 3) & 1)) * 2;
-    const uint32_t kB = smem_addr(sK) + (((lane & 7) + 8 * ((lane >> 3) & 1)) * kStride + dq_wc * kDqCols +
-                                         8 * (lane >> 4)) * 2;
+    const uint32_t dsA0 =
+        smem_addr(sdS0) + (((lane & 7) + 8 * (lane >> 4)) * kSStride + dq_wr * kDqRows + 8 * ((lane >> 3) & 1)) * 2;
+    const uint32_t kB =
+        smem_addr(sK) + (((lane & 7) + 8 * ((lane >> 3) & 1)) * kStride + dq_wc * kDqCols + 8 * (lane >> 4)) * 2;
 
     for (int n_block = blockIdx.x; n_block * kBlockN < sk; n_block += gridDim.x) {
         const int j0 = n_block * kBlockN;
@@ -119,19 +119,18 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
                           (int64_t)(si.q_start + m0) * p.q_row_stride + h * p.q_head_stride;
             const T *doh = static_cast<const T *>(p.dout) + b * p.do_batch_stride +
                            (int64_t)(si.q_start + m0) * p.do_row_stride + h * p.do_head_stride;
-            load_tile<kBlockM, kHeadDim, kStride, kNThreads>(sQ0 + st * Cfg::kQElems, qh, p.q_row_stride, rows_valid,
+            load_tile<kBlockM, kHeadDim, kStride, kNThreads>(sQ0 + st * Cfg::kQElems, qh, p.q_row_stride, rows_valid, d,
+                                                             aligned, tid);
+            load_tile<kBlockM, kHeadDim, kStride, kNThreads>(sdO0 + st * Cfg::kQElems, doh, p.do_row_stride, rows_valid,
                                                              d, aligned, tid);
-            load_tile<kBlockM, kHeadDim, kStride, kNThreads>(sdO0 + st * Cfg::kQElems, doh, p.do_row_stride,
-                                                             rows_valid, d, aligned, tid);
             /* kLse2: lse2 from pass 1; rows past the end read 0: their Q, dO and D are zero
              * too, so P = 1 there but P dO = 0 and dS = 0 */
-            const float *lse0 = Cfg::kLse2 ? p.dsum + bwd_lse2_offset(rows_total, p.num_heads) + h * rows_total +
-                                                 row_base + m0
-                                           : p.lse + b * p.lse_batch_stride + h * p.lse_head_stride +
-                                                 (int64_t)(si.q_start + m0) * p.lse_row_stride;
-            bwd_stage_rows<kBlockM>(sLse0 + st * kBlockM, sD0 + st * kBlockM, lse0,
-                                    Cfg::kLse2 ? 1 : p.lse_row_stride, p.dsum + h * rows_total + row_base + m0,
-                                    rows_valid, tid, kDoDK);
+            const float *lse0 = Cfg::kLse2
+                                    ? p.dsum + bwd_lse2_offset(rows_total, p.num_heads) + h * rows_total + row_base + m0
+                                    : p.lse + b * p.lse_batch_stride + h * p.lse_head_stride +
+                                          (int64_t)(si.q_start + m0) * p.lse_row_stride;
+            bwd_stage_rows<kBlockM>(sLse0 + st * kBlockM, sD0 + st * kBlockM, lse0, Cfg::kLse2 ? 1 : p.lse_row_stride,
+                                    p.dsum + h * rows_total + row_base + m0, rows_valid, tid, kDoDK);
         };
 
         if (n_steps > 0) issue(0, hk * G, m_lo * kBlockM);
@@ -181,8 +180,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
                 for (int hf = 0; hf < 2; ++hf) {
                     const int r = m0_ + dq_wr * kDqRows + mt * 16 + g + 8 * hf;
                     if (r < sq) {
-                        float *dst = p.dq_accum + ((row_base + r) * p.num_heads + h_) * kHeadDim + dq_wc * kDqCols +
-                                     2 * t;
+                        float *dst =
+                            p.dq_accum + ((row_base + r) * p.num_heads + h_) * kHeadDim + dq_wc * kDqCols + 2 * t;
 #pragma unroll
                         for (int dt = 0; dt < kDqCols / 8; ++dt)
                             atomic_add_float2(dst + dt * 8, acc_dq[mt][dt][2 * hf], acc_dq[mt][dt][2 * hf + 1]);
@@ -384,9 +383,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
 #pragma unroll
             for (int dt = 0; dt < kDT; ++dt) {
                 if (kDoDK)
-                    *reinterpret_cast<uint32_t *>(sK + r * kStride + dt * 8 + 2 * t) =
-                        Ops::pack(acc_dk[dt][2 * hf] * p.score.softmax_scale,
-                                  acc_dk[dt][2 * hf + 1] * p.score.softmax_scale);
+                    *reinterpret_cast<uint32_t *>(sK + r * kStride + dt * 8 + 2 * t) = Ops::pack(
+                        acc_dk[dt][2 * hf] * p.score.softmax_scale, acc_dk[dt][2 * hf + 1] * p.score.softmax_scale);
                 if (kDoDV)
                     *reinterpret_cast<uint32_t *>(sV + r * kStride + dt * 8 + 2 * t) =
                         Ops::pack(acc_dv[dt][2 * hf], acc_dv[dt][2 * hf + 1]);

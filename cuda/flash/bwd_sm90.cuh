@@ -84,10 +84,10 @@ __global__ void __launch_bounds__(256, 1) flash_bwd_sm90_kernel(const __grid_con
         const int nm = m_hi - m_lo;
         const int n_steps = G * nm;
 
-        load_swizzled<kBlockN, kHeadDim, 256, T>(sK, kb + (int64_t)j0 * p.k_row_stride, p.k_row_stride, keys_valid,
-                                                 d, tid);
-        load_swizzled<kBlockN, kHeadDim, 256, T>(sV, vb + (int64_t)j0 * p.v_row_stride, p.v_row_stride, keys_valid,
-                                                 d, tid);
+        load_swizzled<kBlockN, kHeadDim, 256, T>(sK, kb + (int64_t)j0 * p.k_row_stride, p.k_row_stride, keys_valid, d,
+                                                 tid);
+        load_swizzled<kBlockN, kHeadDim, 256, T>(sV, vb + (int64_t)j0 * p.v_row_stride, p.v_row_stride, keys_valid, d,
+                                                 tid);
 
         /* loads of step s (query head h, first query m0) into stage s % 2 */
         auto issue = [&](int s, int h, int m0) {
@@ -213,7 +213,8 @@ __global__ void __launch_bounds__(256, 1) flash_bwd_sm90_kernel(const __grid_con
             for (int j = 0; j < kBlockM / 8; ++j) {
                 const float2 dd = *reinterpret_cast<const float2 *>(sD + 8 * j + 2 * t);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) accP[4 * j + e] = accS[4 * j + e] * (accP[4 * j + e] - ((e & 1) ? dd.y : dd.x));
+                for (int e = 0; e < 4; ++e)
+                    accP[4 * j + e] = accS[4 * j + e] * (accP[4 * j + e] - ((e & 1) ? dd.y : dd.x));
             }
             uint32_t aS[kKS][4];
 #pragma unroll
@@ -260,9 +261,8 @@ __global__ void __launch_bounds__(256, 1) flash_bwd_sm90_kernel(const __grid_con
 #pragma unroll
             for (int j = 0; j < kHeadDim / 8; ++j) {
                 const uint32_t o = swz<kBlockN>(r, 8 * j) + 4 * t;
-                *reinterpret_cast<uint32_t *>(base + Cfg::kOffK + o) =
-                    Ops::pack(acc_dk[4 * j + 2 * hf] * p.score.softmax_scale,
-                              acc_dk[4 * j + 2 * hf + 1] * p.score.softmax_scale);
+                *reinterpret_cast<uint32_t *>(base + Cfg::kOffK + o) = Ops::pack(
+                    acc_dk[4 * j + 2 * hf] * p.score.softmax_scale, acc_dk[4 * j + 2 * hf + 1] * p.score.softmax_scale);
                 *reinterpret_cast<uint32_t *>(base + Cfg::kOffV + o) =
                     Ops::pack(acc_dv[4 * j + 2 * hf], acc_dv[4 * j + 2 * hf + 1]);
             }

@@ -7,8 +7,8 @@
  * runs on params->stream.
  */
 #include "common/cuda_util.cuh"
-#include "pf_cuda.h"
 #include "pagedflash_philox.h"
+#include "pf_cuda.h"
 
 namespace {
 

@@ -51,8 +51,7 @@ static pf_status choose_fwd_family(const pf_attn_params *a, const FlashParams &p
     const char *hint = pf_kernel_name(a->kernel);
     if (a->q.dtype == PF_DTYPE_F32) {
         PF_CHECK(a->kernel == PF_KERNEL_AUTO, PF_STATUS_NOT_SUPPORTED,
-                 "kernel: '%s' runs float16/bfloat16; float32 has one CUDA kernel (kernel='auto')",
-                 hint ? hint : "?");
+                 "kernel: '%s' runs float16/bfloat16; float32 has one CUDA kernel (kernel='auto')", hint ? hint : "?");
         *family = FlashFamily::kF32;
         return PF_STATUS_OK;
     }

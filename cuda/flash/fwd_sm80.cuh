@@ -83,8 +83,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
 
     /* per-lane ldmatrix addresses (bytes) */
     const int wrow = warp * Cfg::kRowsPerWarp;
-    const uint32_t q_lane = smem_addr(sQ) +
-        ((wrow + (lane & 7) + 8 * ((lane >> 3) & 1)) * kStride + 8 * (lane >> 4)) * 2;
+    const uint32_t q_lane =
+        smem_addr(sQ) + ((wrow + (lane & 7) + 8 * ((lane >> 3) & 1)) * kStride + 8 * (lane >> 4)) * 2;
     const uint32_t k_lane = smem_addr(sK) + (((lane & 7) + 8 * (lane >> 4)) * kStride + 8 * ((lane >> 3) & 1)) * 2;
     const uint32_t v_lane = smem_addr(sV) + (((lane & 7) + 8 * ((lane >> 3) & 1)) * kStride + 8 * (lane >> 4)) * 2;
 
@@ -107,8 +107,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
                                                          rows_valid, d, aligned, tid);
         {
             const int j0 = (n_hi - 1) * kBlockN;
-            load_tile<kBlockN, kHeadDim, kStride, kNThreads>(sK, kb + (int64_t)j0 * p.k_row_stride,
-                                                             p.k_row_stride, sk - j0, d, aligned, tid);
+            load_tile<kBlockN, kHeadDim, kStride, kNThreads>(sK, kb + (int64_t)j0 * p.k_row_stride, p.k_row_stride,
+                                                             sk - j0, d, aligned, tid);
         }
         cp_async_commit();
 
@@ -175,8 +175,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
             __syncthreads(); /* V(n) landed; every warp is done with K(n) */
             if (n > n_lo) {
                 const int jn = (n - 1) * kBlockN;
-                load_tile<kBlockN, kHeadDim, kStride, kNThreads>(sK, kb + (int64_t)jn * p.k_row_stride,
-                                                                 p.k_row_stride, sk - jn, d, aligned, tid);
+                load_tile<kBlockN, kHeadDim, kStride, kNThreads>(sK, kb + (int64_t)jn * p.k_row_stride, p.k_row_stride,
+                                                                 sk - jn, d, aligned, tid);
                 cp_async_commit();
             }
 

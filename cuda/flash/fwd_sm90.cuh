@@ -60,7 +60,8 @@ PF_DEV void store_swizzled(T *g, int64_t row_stride, const unsigned char *tile, 
 }
 
 template <typename T, typename Cfg, bool Has_extras, bool Has_dropout>
-__global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks) flash_fwd_sm90_kernel(const __grid_constant__ FlashParams p) {
+__global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
+    flash_fwd_sm90_kernel(const __grid_constant__ FlashParams p) {
 #ifdef PF_SM90_DEVICE
     using Ops = TypeOps<T>;
     constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kHeadDim = Cfg::kHeadDim;
@@ -114,9 +115,9 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks) flash_fwd_sm9
                                                               p.v_row_stride, sk - j0, d, tid);
         };
         float s[kNT][4]; /* S of one key tile, then its P (as floats) */
-        float(&s_flat)[kBlockN / 2] = reinterpret_cast<float(&)[kBlockN / 2]>(s);
+        float (&s_flat)[kBlockN / 2] = reinterpret_cast<float (&)[kBlockN / 2]>(s);
         float o[kDT][4]; /* written first by the first P V (scale-d 0): never defined outside wgmma */
-        float(&o_flat)[kHeadDim / 2] = reinterpret_cast<float(&)[kHeadDim / 2]>(o);
+        float (&o_flat)[kHeadDim / 2] = reinterpret_cast<float (&)[kHeadDim / 2]>(o);
         uint32_t pa[kKSteps][4]; /* P of the tile whose P V is next, as the wgmma A operand */
 
         /* S of key tile n: scale / mask / online softmax; returns whether O needs the rescale */
@@ -140,7 +141,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks) flash_fwd_sm9
         };
         auto issue_s = [&](int n) {
             sm90::gemm_ss_kmajor<kBlockN, kHeadDim / 16, kBlockM, kBlockN, T>(s_flat, sQ, 64 * wg, sK(buf_of(n)), 0,
-                                                                             false);
+                                                                              false);
             sm90::wgmma_commit();
         };
         auto issue_pv = [&](int n) {

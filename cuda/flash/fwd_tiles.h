@@ -54,17 +54,29 @@ struct FwdConfig {
 template <int kHeadDim>
 struct FwdTile;
 template <>
-struct FwdTile<32> { using type = FwdConfig<32, 128, 64, 4, 1, false>; };
+struct FwdTile<32> {
+    using type = FwdConfig<32, 128, 64, 4, 1, false>;
+};
 template <>
-struct FwdTile<64> { using type = FwdConfig<64, 128, 64, 4, 1, false>; };
+struct FwdTile<64> {
+    using type = FwdConfig<64, 128, 64, 4, 1, false>;
+};
 template <>
-struct FwdTile<96> { using type = FwdConfig<96, 128, 64, 4>; };
+struct FwdTile<96> {
+    using type = FwdConfig<96, 128, 64, 4>;
+};
 template <>
-struct FwdTile<128> { using type = FwdConfig<128, 128, 64, 4>; };
+struct FwdTile<128> {
+    using type = FwdConfig<128, 128, 64, 4>;
+};
 template <>
-struct FwdTile<192> { using type = FwdConfig<192, 128, 64, 8>; };
+struct FwdTile<192> {
+    using type = FwdConfig<192, 128, 64, 8>;
+};
 template <>
-struct FwdTile<256> { using type = FwdConfig<256, 64, 64, 4>; };
+struct FwdTile<256> {
+    using type = FwdConfig<256, 64, 64, 4>;
+};
 
 /* Hopper forward (flash/fwd_sm90.cuh): kNWG warpgroups of 64 query rows, kBlockN keys
  * per tile, three K/V stages in 128-byte-swizzled shared memory. */

@@ -56,8 +56,8 @@ template <typename T>
 PF_DEV FwdBases<T> fwd_bases(const FlashParams &p, int b, int h, const SeqInfo &si) {
     const int hk = h / p.head_group;
     FwdBases<T> r;
-    r.q = static_cast<const T *>(p.q) + b * p.q_batch_stride + (int64_t)si.q_start * p.q_row_stride +
-          h * p.q_head_stride;
+    r.q =
+        static_cast<const T *>(p.q) + b * p.q_batch_stride + (int64_t)si.q_start * p.q_row_stride + h * p.q_head_stride;
     r.k = static_cast<const T *>(p.k) + b * p.k_batch_stride + (int64_t)si.k_start * p.k_row_stride +
           hk * p.k_head_stride;
     r.v = static_cast<const T *>(p.v) + b * p.v_batch_stride + (int64_t)si.k_start * p.v_row_stride +

@@ -29,8 +29,7 @@ namespace cuda {
  * chunk tid % C of rows tid / C, tid / C + kRowStep, ... (C chunks per row), so
  * one running pointer per thread serves the whole tile. */
 template <int R, int kHeadDim, int kStride, int kNThreads, typename T>
-PF_DEV void load_tile(T *smem, const T *g, int64_t row_stride, int rows_valid, int d, bool aligned,
-                      int tid) {
+PF_DEV void load_tile(T *smem, const T *g, int64_t row_stride, int rows_valid, int d, bool aligned, int tid) {
     constexpr int C = kHeadDim / 8;
     constexpr int kRowStep = kNThreads / C;
     constexpr int kIters = (R + kRowStep - 1) / kRowStep;
@@ -77,8 +76,7 @@ PF_DEV void load_tile(T *smem, const T *g, int64_t row_stride, int rows_valid, i
 
 /* smem [R][kStride] -> rows [0, rows_valid), columns [0, d) of a global tile. */
 template <int R, int kHeadDim, int kStride, int kNThreads, typename T>
-PF_DEV void store_tile(T *g, int64_t row_stride, const T *smem, int rows_valid, int d, bool aligned,
-                       int tid) {
+PF_DEV void store_tile(T *g, int64_t row_stride, const T *smem, int rows_valid, int d, bool aligned, int tid) {
     constexpr int C = kHeadDim / 8;
     constexpr int kIters = (R * C + kNThreads - 1) / kNThreads;
 #pragma unroll

@@ -57,8 +57,8 @@ int64_t pf_paged_auto_splits(const pf_paged_args &a, int64_t work, int sms, int 
  * it was fastest: b32/16k 486.8 (token mode 496.1), b8/16k 131.4 (1x8 140.8, token mode
  * 133.3), b1/4k 13.7 (1x8 13.6). On return *v (kv_heads_per_cta, warps), *occupancy and
  * *work describe the chosen shape. */
-pf_status pf_pick_shape(const pf_paged_args &a, pf_paged_entry_fns entry, int sms, pf_paged_variant *v,
-                        int *occupancy, int64_t *work) {
+pf_status pf_pick_shape(const pf_paged_args &a, pf_paged_entry_fns entry, int sms, pf_paged_variant *v, int *occupancy,
+                        int64_t *work) {
     if (v->kv_heads_per_cta < 4 || v->kv_path != PF_PAGED_KV_RING || v->rows_per_tile != 8 ||
         !pf_paged_has_ring(a.head_dim))
         return PF_STATUS_OK;

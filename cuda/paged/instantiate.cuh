@@ -57,7 +57,8 @@ struct pf_paged_instance {
         PF_TRY(prepare(&dev));
         const int64_t grid = pf_paged_work_items(a, kHeads) * a.num_splits;
         if (grid == 0) return PF_STATUS_OK;
-        pf_paged_attn_kernel<kD, T, kRows, kNT, kHeads, kWarps, kRing><<<(unsigned)grid, kWarps * 32, kSmem, stream>>>(a);
+        pf_paged_attn_kernel<kD, T, kRows, kNT, kHeads, kWarps, kRing>
+            <<<(unsigned)grid, kWarps * 32, kSmem, stream>>>(a);
         PF_CUDA_CHECK_LAUNCH();
         return PF_STATUS_OK;
     }
@@ -101,22 +102,26 @@ pf_status pf_paged_with_variant(const pf_paged_variant &v, Args &&...args) {
 
 struct pf_paged_occupancy_op {
     template <typename Instance>
-    static pf_status run(int *ctas_per_sm) { return Instance::occupancy(ctas_per_sm); }
+    static pf_status run(int *ctas_per_sm) {
+        return Instance::occupancy(ctas_per_sm);
+    }
 };
 
 struct pf_paged_launch_op {
     template <typename Instance>
-    static pf_status run(const pf_paged_args &a, cudaStream_t stream) { return Instance::launch(a, stream); }
+    static pf_status run(const pf_paged_args &a, cudaStream_t stream) {
+        return Instance::launch(a, stream);
+    }
 };
 
 /* The entry points each instantiation file defines (extern "C", weak-referenced by the launcher). */
-#define PF_PAGED_INSTANTIATE(D, T, NAME)                                                                          \
-    extern "C" pf_status pf_paged_attn_hdim##D##_##NAME##_occupancy(const pf_paged_variant *v, int *ctas_per_sm) { \
-        return pf_paged_with_variant<D, T, pf_paged_occupancy_op>(*v, ctas_per_sm);                              \
-    }                                                                                                             \
+#define PF_PAGED_INSTANTIATE(D, T, NAME)                                                                            \
+    extern "C" pf_status pf_paged_attn_hdim##D##_##NAME##_occupancy(const pf_paged_variant *v, int *ctas_per_sm) {  \
+        return pf_paged_with_variant<D, T, pf_paged_occupancy_op>(*v, ctas_per_sm);                                 \
+    }                                                                                                               \
     extern "C" pf_status pf_paged_attn_hdim##D##_##NAME##_launch(const pf_paged_args *a, const pf_paged_variant *v, \
-                                                                 cudaStream_t s) {                               \
-        return pf_paged_with_variant<D, T, pf_paged_launch_op>(*v, *a, s);                                       \
+                                                                 cudaStream_t s) {                                  \
+        return pf_paged_with_variant<D, T, pf_paged_launch_op>(*v, *a, s);                                          \
     }
 
 #endif /* PF_PAGED_INSTANTIATE_CUH */

@@ -154,8 +154,7 @@ __device__ __forceinline__ void pf_unpack2<__half>(uint32_t w, float &lo, float 
  * iteration (1 or 2).
  */
 template <int kD, typename T, int kRows, int kNT, int kHeads, int kWarps, int kRing>
-__global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
-    pf_paged_attn_kernel(const pf_paged_args a) {
+__global__ void __launch_bounds__(kWarps * 32, 8 / kWarps) pf_paged_attn_kernel(const pf_paged_args a) {
     static_assert((kWarps == 4 || kWarps == 8) && kWarps % kHeads == 0, "warps per CTA");
     constexpr int kPerHead = kWarps / kHeads; /* warps sharing one KV head (1: head mode) */
     static_assert(kRing == 0 || (kD % 64 == 0 && kD <= 128), "ring: head dim 64/128");
@@ -282,7 +281,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
 #pragma unroll
     for (int i = 0; i < kSlots; i++) present[i] = 0u;
     extern __shared__ __align__(128) unsigned char pf_paged_ring[];
-    const uint32_t ring0 = kRing ? pf::cuda::smem_addr(pf_paged_ring) + warp * pf_ring_warp_bytes<kD, T, kNT, kRing>() : 0u;
+    const uint32_t ring0 =
+        kRing ? pf::cuda::smem_addr(pf_paged_ring) + warp * pf_ring_warp_bytes<kD, T, kNT, kRing>() : 0u;
     const char *const zero = reinterpret_cast<const char *>(pf_paged_zeros);
 
     /* block id of token (t0 + lane % kTile) (the table load), -1 when none */
@@ -306,7 +306,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
         const uint32_t hi = __shfl_sync(0xffffffffu, (uint32_t)(u >> 32), src);
         return reinterpret_cast<const char *>(((uint64_t)hi << 32) | lo);
     };
-    auto issue_k = [&](uint4 (&kb)[kNT][kKJ], const char *kp_l) {
+    auto issue_k = [&](uint4(&kb)[kNT][kKJ], const char *kp_l) {
 #pragma unroll
         for (int nt = 0; nt < kNT; nt++) {
             const char *p = shfl_ptr(kp_l, nt * 8 + g);
@@ -314,7 +314,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
             for (int j = 0; j < kKJ; j++) kb[nt][j] = pf_ldg16(p + (qd + 4 * j) * 16);
         }
     };
-    auto issue_v = [&](uint4 (&vb)[kNT][2][kVC], bool (&ok)[kNT][2], const char *vp_l) {
+    auto issue_v = [&](uint4(&vb)[kNT][2][kVC], bool (&ok)[kNT][2], const char *vp_l) {
 #pragma unroll
         for (int nt = 0; nt < kNT; nt++)
 #pragma unroll
@@ -373,132 +373,135 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
         bool more = true;
         while (more) {
 #pragma unroll
-        for (int par = 0; par < kSlots; par++) {
-            if (t_cur >= s_hi) {
-                more = false;
-                break;
-            }
-            const int t_next = t_cur + kDepth * kStep; /* the tile that refills this buffer */
-            const int kb = kRing ? 0 : par;           /* register set (register pipeline) */
+            for (int par = 0; par < kSlots; par++) {
+                if (t_cur >= s_hi) {
+                    more = false;
+                    break;
+                }
+                const int t_next = t_cur + kDepth * kStep; /* the tile that refills this buffer */
+                const int kb = kRing ? 0 : par;           /* register set (register pipeline) */
 
-            if constexpr (kRing != 0) {
-                /* this tile's copies have landed (kDepth - 1 younger groups may be pending);
-                 * refill the slot the previous tile used, then fetch the fragments */
-                pf::cuda::cp_async_wait<kDepth - 1>();
-                __syncwarp();
-                const int refill = (par + kDepth) % kSlots;
-                if (t_next < s_hi) present[refill] = issue_ring(refill, kp_n, vp_n);
-                pf::cuda::cp_async_commit();
-                make_ptrs(t_next + kStep, id_n, kp_n, vp_n);
-                id_n = fetch_id(t_next + 2 * kStep);
-                const uint32_t src = ring0 + par * kSlotB;
+                if constexpr (kRing != 0) {
+                    /* this tile's copies have landed (kDepth - 1 younger groups may be pending);
+                     * refill the slot the previous tile used, then fetch the fragments */
+                    pf::cuda::cp_async_wait<kDepth - 1>();
+                    __syncwarp();
+                    const int refill = (par + kDepth) % kSlots;
+                    if (t_next < s_hi) present[refill] = issue_ring(refill, kp_n, vp_n);
+                    pf::cuda::cp_async_commit();
+                    make_ptrs(t_next + kStep, id_n, kp_n, vp_n);
+                    id_n = fetch_id(t_next + 2 * kStep);
+                    const uint32_t src = ring0 + par * kSlotB;
+#pragma unroll
+                    for (int nt = 0; nt < kNT; nt++) {
+#pragma unroll
+                        for (int j = 0; j < kKJ; j++)
+                            kbuf[0][nt][j] =
+                                pf_lds16(src + (nt * 8 + g) * kRowB + (((qd + 4 * j) ^ pf_ring_swz(g)) << 4));
+#pragma unroll
+                        for (int e = 0; e < 2; e++) {
+                            const int u = 2 * qd + e;
+                            vok[0][nt][e] = (present[par] >> (nt * 8 + u)) & 1u;
+#pragma unroll
+                            for (int c = 0; c < kVC; c++)
+                                vbuf[0][nt][e][c] = pf_lds16(src + kTileB + (nt * 8 + u) * kRowB +
+                                                             (((g + 8 * c) ^ pf_ring_swz(u)) << 4));
+                        }
+                    }
+                }
+
+                /* S = Q K^T */
+                float s[kNT][4];
 #pragma unroll
                 for (int nt = 0; nt < kNT; nt++) {
+                    s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
-                    for (int j = 0; j < kKJ; j++)
-                        kbuf[0][nt][j] = pf_lds16(src + (nt * 8 + g) * kRowB + (((qd + 4 * j) ^ pf_ring_swz(g)) << 4));
-#pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        const int u = 2 * qd + e;
-                        vok[0][nt][e] = (present[par] >> (nt * 8 + u)) & 1u;
-#pragma unroll
-                        for (int c = 0; c < kVC; c++)
-                            vbuf[0][nt][e][c] =
-                                pf_lds16(src + kTileB + (nt * 8 + u) * kRowB + (((g + 8 * c) ^ pf_ring_swz(u)) << 4));
+                    for (int j = 0; j < kKJ; j++) {
+                        pf::cuda::TypeOps<T>::mma(s[nt], qa[2 * j], kbuf[kb][nt][j].x, kbuf[kb][nt][j].y);
+                        pf::cuda::TypeOps<T>::mma(s[nt], qa[2 * j + 1], kbuf[kb][nt][j].z, kbuf[kb][nt][j].w);
                     }
                 }
-            }
+                if (!kRing && t_next < s_hi) issue_k(kbuf[kb], kp_n);
 
-            /* S = Q K^T */
-            float s[kNT][4];
+                /* scale, softcap, ALiBi, mask; row maxima */
+                float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-            for (int nt = 0; nt < kNT; nt++) {
-                s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+                for (int nt = 0; nt < kNT; nt++)
 #pragma unroll
-                for (int j = 0; j < kKJ; j++) {
-                    pf::cuda::TypeOps<T>::mma(s[nt], qa[2 * j], kbuf[kb][nt][j].x, kbuf[kb][nt][j].y);
-                    pf::cuda::TypeOps<T>::mma(s[nt], qa[2 * j + 1], kbuf[kb][nt][j].z, kbuf[kb][nt][j].w);
+                    for (int c = 0; c < 4; c++) {
+                        const int h2 = c >> 1, e = c & 1;
+                        const int t = t_cur + nt * 8 + 2 * qd + e;
+                        float x = s[nt][c];
+                        x = a.cap_log2 != 0.f ? a.cap_log2 * pf::cuda::tanh_abs_accurate(x * a.qk_scale)
+                                              : x * a.qk_scale;
+                        if (a.alibi) x -= row_slope[h2] * (float)abs(row_pos[h2] - t);
+                        const bool ok = vok[kb][nt][e] && t >= row_lo[h2] && t <= row_hi[h2];
+                        x = ok ? x : -INFINITY;
+                        s[nt][c] = x;
+                        mx[h2] = fmaxf(mx[h2], x);
+                    }
+                float alpha[2], m_use[2];
+#pragma unroll
+                for (int h2 = 0; h2 < 2; h2++) {
+                    mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 1));
+                    mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 2));
+                    const float m_new = fmaxf(m_run[h2], mx[h2]);
+                    m_use[h2] = m_new == -INFINITY ? 0.f : m_new;
+                    alpha[h2] = exp2f(m_run[h2] - m_use[h2]);
+                    m_run[h2] = m_new;
                 }
-            }
-            if (!kRing && t_next < s_hi) issue_k(kbuf[kb], kp_n);
+                uint32_t pb[kNT][4];
+                float lsum[2] = {0.f, 0.f};
+#pragma unroll
+                for (int nt = 0; nt < kNT; nt++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++) {
+                        const float pv = exp2f(s[nt][c] - m_use[c >> 1]);
+                        lsum[c >> 1] += pv;
+                        pb[nt][c] = pf_to_tf32(pv);
+                    }
+                l_run[0] = l_run[0] * alpha[0] + lsum[0];
+                l_run[1] = l_run[1] * alpha[1] + lsum[1];
 
-            /* scale, softcap, ALiBi, mask; row maxima */
-            float mx[2] = {-INFINITY, -INFINITY};
+                /* rescale O^T rows (2q, 2q+1 of each 8-row n-tile) when a maximum moved */
+                if (__any_sync(0xffffffffu, alpha[0] != 1.f || (kRT > 1 && alpha[1] != 1.f))) {
 #pragma unroll
-            for (int nt = 0; nt < kNT; nt++)
+                    for (int n = 0; n < kRT; n++) {
+                        const float a0 = __shfl_sync(0xffffffffu, alpha[n], 8 * qd);
+                        const float a1 = __shfl_sync(0xffffffffu, alpha[n], 8 * qd + 4);
 #pragma unroll
-                for (int c = 0; c < 4; c++) {
-                    const int h2 = c >> 1, e = c & 1;
-                    const int t = t_cur + nt * 8 + 2 * qd + e;
-                    float x = s[nt][c];
-                    x = a.cap_log2 != 0.f ? a.cap_log2 * pf::cuda::tanh_abs_accurate(x * a.qk_scale) : x * a.qk_scale;
-                    if (a.alibi) x -= row_slope[h2] * (float)abs(row_pos[h2] - t);
-                    const bool ok = vok[kb][nt][e] && t >= row_lo[h2] && t <= row_hi[h2];
-                    x = ok ? x : -INFINITY;
-                    s[nt][c] = x;
-                    mx[h2] = fmaxf(mx[h2], x);
+                        for (int i = 0; i < kMT; i++) {
+                            oacc[n][i][0] *= a0;
+                            oacc[n][i][1] *= a1;
+                            oacc[n][i][2] *= a0;
+                            oacc[n][i][3] *= a1;
+                        }
+                    }
                 }
-            float alpha[2], m_use[2];
-#pragma unroll
-            for (int h2 = 0; h2 < 2; h2++) {
-                mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 1));
-                mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 2));
-                const float m_new = fmaxf(m_run[h2], mx[h2]);
-                m_use[h2] = m_new == -INFINITY ? 0.f : m_new;
-                alpha[h2] = exp2f(m_run[h2] - m_use[h2]);
-                m_run[h2] = m_new;
-            }
-            uint32_t pb[kNT][4];
-            float lsum[2] = {0.f, 0.f};
-#pragma unroll
-            for (int nt = 0; nt < kNT; nt++)
-#pragma unroll
-                for (int c = 0; c < 4; c++) {
-                    const float pv = exp2f(s[nt][c] - m_use[c >> 1]);
-                    lsum[c >> 1] += pv;
-                    pb[nt][c] = pf_to_tf32(pv);
-                }
-            l_run[0] = l_run[0] * alpha[0] + lsum[0];
-            l_run[1] = l_run[1] * alpha[1] + lsum[1];
 
-            /* rescale O^T rows (2q, 2q+1 of each 8-row n-tile) when a maximum moved */
-            if (__any_sync(0xffffffffu, alpha[0] != 1.f || (kRT > 1 && alpha[1] != 1.f))) {
+                /* O^T += V^T P^T */
 #pragma unroll
-                for (int n = 0; n < kRT; n++) {
-                    const float a0 = __shfl_sync(0xffffffffu, alpha[n], 8 * qd);
-                    const float a1 = __shfl_sync(0xffffffffu, alpha[n], 8 * qd + 4);
+                for (int nt = 0; nt < kNT; nt++)
 #pragma unroll
                     for (int i = 0; i < kMT; i++) {
-                        oacc[n][i][0] *= a0;
-                        oacc[n][i][1] *= a1;
-                        oacc[n][i][2] *= a0;
-                        oacc[n][i][3] *= a1;
+                        const int c = i >> 2, w = i & 3;
+                        const uint32_t w0 = (&vbuf[kb][nt][0][c].x)[w], w1 = (&vbuf[kb][nt][1][c].x)[w];
+                        float x00, x01, x10, x11;
+                        pf_unpack2<T>(w0, x00, x01); /* token 2q:   elements 2i, 2i+1 */
+                        pf_unpack2<T>(w1, x10, x11); /* token 2q+1 */
+#pragma unroll
+                        for (int n = 0; n < kRT; n++)
+                            pf_mma_1688_tf32(oacc[n][i], __float_as_uint(x00), __float_as_uint(x01),
+                                             __float_as_uint(x10), __float_as_uint(x11), pb[nt][2 * n],
+                                             pb[nt][2 * n + 1]);
                     }
+                if constexpr (kRing == 0) {
+                    if (t_next < s_hi) issue_v(vbuf[kb], vok[kb], vp_n);
+                    make_ptrs(t_next + kStep, id_n, kp_n, vp_n);
+                    id_n = fetch_id(t_next + 2 * kStep);
                 }
+                t_cur += kStep;
             }
-
-            /* O^T += V^T P^T */
-#pragma unroll
-            for (int nt = 0; nt < kNT; nt++)
-#pragma unroll
-                for (int i = 0; i < kMT; i++) {
-                    const int c = i >> 2, w = i & 3;
-                    const uint32_t w0 = (&vbuf[kb][nt][0][c].x)[w], w1 = (&vbuf[kb][nt][1][c].x)[w];
-                    float x00, x01, x10, x11;
-                    pf_unpack2<T>(w0, x00, x01); /* token 2q:   elements 2i, 2i+1 */
-                    pf_unpack2<T>(w1, x10, x11); /* token 2q+1 */
-#pragma unroll
-                    for (int n = 0; n < kRT; n++)
-                        pf_mma_1688_tf32(oacc[n][i], __float_as_uint(x00), __float_as_uint(x01), __float_as_uint(x10),
-                                         __float_as_uint(x11), pb[nt][2 * n], pb[nt][2 * n + 1]);
-                }
-            if constexpr (kRing == 0) {
-                if (t_next < s_hi) issue_v(vbuf[kb], vok[kb], vp_n);
-                make_ptrs(t_next + kStep, id_n, kp_n, vp_n);
-                id_n = fetch_id(t_next + 2 * kStep);
-            }
-            t_cur += kStep;
-        }
         }
     }
     if constexpr (kRing != 0) pf::cuda::cp_async_wait<0>(); /* only empty groups can be left */
@@ -536,8 +539,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                         v[2 * w + 1] = oacc[n][4 * c + w][2 + e] * inv;
                     }
                     if (partial) {
-                        float *dst = a.o_part +
-                                     (((int64_t)split * a.total_q + qidx) * a.num_heads + head) * a.head_dim + ch * 8;
+                        float *dst =
+                            a.o_part + (((int64_t)split * a.total_q + qidx) * a.num_heads + head) * a.head_dim + ch * 8;
                         reinterpret_cast<float4 *>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
                         reinterpret_cast<float4 *>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
                     } else {
@@ -663,9 +666,9 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
 template <int kD, typename T, int kRows, int kNT, int kHeads, int kWarps, int kRing>
 constexpr int pf_paged_smem_bytes() {
     constexpr int ring = kWarps * pf_ring_warp_bytes<kD, T, kNT, kRing>();
-    constexpr int merge = kHeads == kWarps ? 0
-                                           : (int)sizeof(float) * (2 * kWarps * kRows + 2 * kHeads * kRows +
-                                                                    kHeads * kRows * (kD + 4));
+    constexpr int merge =
+        kHeads == kWarps ? 0
+                         : (int)sizeof(float) * (2 * kWarps * kRows + 2 * kHeads * kRows + kHeads * kRows * (kD + 4));
     return ring > merge ? ring : merge;
 }
 

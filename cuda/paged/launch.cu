@@ -93,9 +93,9 @@ static pf_status pf_paged_fill_args(const pf_paged_params *p, pf_paged_args &a) 
         unsigned l = 0;
         while ((1u << l) < (unsigned)a.block_size) l++;
         a.bs_shift = l;
-        a.bs_magic = (unsigned)((((uint64_t)1 << 32) * (((uint64_t)1 << l) - (uint64_t)a.block_size)) /
-                                    (uint64_t)a.block_size +
-                                1);
+        a.bs_magic =
+            (unsigned)((((uint64_t)1 << 32) * (((uint64_t)1 << l) - (uint64_t)a.block_size)) / (uint64_t)a.block_size +
+                       1);
         if (a.block_size == 1) a.bs_magic = 0;
     }
     a.k_sblk = kc.strides[0];
@@ -145,7 +145,8 @@ static const char *pf_paged_tensor_core_obstacle(const pf_paged_args &a, pf_dtyp
         char dims[64] = "";
         size_t n = 0;
         for (int d = 32; d <= 256 && n < sizeof dims; d += 32)
-            if (pf_paged_entry(d, dtype).launch) n += (size_t)snprintf(dims + n, sizeof dims - n, "%s%d", n ? ", " : "", d);
+            if (pf_paged_entry(d, dtype).launch)
+                n += (size_t)snprintf(dims + n, sizeof dims - n, "%s%d", n ? ", " : "", d);
         snprintf(buf, len, "has no instantiation for head_dim %d in this build (head dims %s)", a.head_dim,
                  n ? dims : "none");
         return buf;
@@ -153,11 +154,11 @@ static const char *pf_paged_tensor_core_obstacle(const pf_paged_args &a, pf_dtyp
     auto aligned = [](const void *ptr, int64_t s0, int64_t s1, int64_t s2) {
         return ((uintptr_t)ptr & 15u) == 0 && s0 % 8 == 0 && s1 % 8 == 0 && s2 % 8 == 0;
     };
-    const char *bad = !aligned(a.q, a.q_sb, a.q_st, a.q_sh)               ? "q"
-                      : !aligned(a.out, a.o_sb, a.o_st, a.o_sh)           ? "out"
-                      : !aligned(a.k_cache, a.k_sblk, a.k_stok, a.k_sh)   ? "k_cache"
-                      : !aligned(a.v_cache, a.v_sblk, a.v_stok, a.v_sh)   ? "v_cache"
-                                                                          : NULL;
+    const char *bad = !aligned(a.q, a.q_sb, a.q_st, a.q_sh)             ? "q"
+                      : !aligned(a.out, a.o_sb, a.o_st, a.o_sh)         ? "out"
+                      : !aligned(a.k_cache, a.k_sblk, a.k_stok, a.k_sh) ? "k_cache"
+                      : !aligned(a.v_cache, a.v_sblk, a.v_stok, a.v_sh) ? "v_cache"
+                                                                        : NULL;
     if (bad) {
         snprintf(buf, len,
                  "needs 16-byte aligned rows (a 16-byte aligned data pointer, strides that are multiples of "
@@ -215,8 +216,7 @@ static pf_status pf_paged_choose(const pf_paged_params *p, pf_paged_args &a, pf_
         c->work = pf_paged_simple_work(a);
     } else {
         PF_CHECK(obstacle == NULL, PF_STATUS_NOT_SUPPORTED,
-                 "kernel: '%s' is a tensor-core kernel, which %s ('simple' and 'auto' take this call)", name,
-                 obstacle);
+                 "kernel: '%s' is a tensor-core kernel, which %s ('simple' and 'auto' take this call)", name, obstacle);
         /* its variant: row tile, CTA shape, K/V path */
         pf_paged_variant &v = c->variant;
         v.rows_per_tile = pf_paged_rows_per_tile(a);
@@ -303,9 +303,8 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
         l_bytes = pf_round_up((size_t)c.num_splits * a.total_q * a.num_heads * sizeof(float), 256);
     }
     if (a.cu_seqlens_q)
-        list_bytes = pf_round_up(c.tensor_cores ? (size_t)a.num_row_tiles * 2 * sizeof(int32_t)
-                                                : (size_t)a.total_q * sizeof(int32_t),
-                                 256);
+        list_bytes = pf_round_up(
+            c.tensor_cores ? (size_t)a.num_row_tiles * 2 * sizeof(int32_t) : (size_t)a.total_q * sizeof(int32_t), 256);
     pf_cuda_scratch scratch;
     PF_TRY(pf_cuda_scratch_acquire(stream, o_bytes + l_bytes + list_bytes, &scratch));
     pf_status st = pf_paged_enqueue(a, c, o_bytes, l_bytes, (char *)scratch.ptr, p->q.dtype, stream);

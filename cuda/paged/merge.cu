@@ -54,7 +54,8 @@ static pf_status pf_merge_launch_warps(const Rows &r, int64_t rows, cudaStream_t
 
 template <class Rows, int kSplitsPerWarp, int kVec, int kUnits>
 static pf_status pf_merge_launch_ctas(const Rows &r, int64_t rows, cudaStream_t stream) {
-    pf::cuda::merge_cta_kernel<Rows, kSplitsPerWarp, kVec, kUnits><<<(unsigned)rows, kMergeCtaWarps * 32, 0, stream>>>(r);
+    pf::cuda::merge_cta_kernel<Rows, kSplitsPerWarp, kVec, kUnits>
+        <<<(unsigned)rows, kMergeCtaWarps * 32, 0, stream>>>(r);
     PF_CUDA_CHECK_LAUNCH();
     return PF_STATUS_OK;
 }
@@ -86,12 +87,15 @@ struct pf_split_partials {
     PF_DEV bool skip(const Row &at) const { return qmap && qmap[at.query] < 0; }
     PF_DEV int splits() const { return num_splits; }
     template <int kUnitVec>
-    PF_DEV int units() const { return head_dim / kUnitVec; }
+    PF_DEV int units() const {
+        return head_dim / kUnitVec;
+    }
     PF_DEV float partial_lse(int s, const Row &at) const { return lse_part[s * rows() + at.row]; }
 
     PF_DEV void load(const Row &at, int s, int unit, float (&v)[4]) const {
         const int cols = head_dim / 4;
-        const float4 x = (reinterpret_cast<const float4 *>(o_part + at.row * head_dim) + unit)[(int64_t)s * rows() * cols];
+        const float4 x =
+            (reinterpret_cast<const float4 *>(o_part + at.row * head_dim) + unit)[(int64_t)s * rows() * cols];
         v[0] = x.x;
         v[1] = x.y;
         v[2] = x.z;
@@ -142,8 +146,9 @@ static pf_status pf_paged_merge_splits_as(const pf_paged_args &a, const int32_t 
     const int64_t rows = (int64_t)a.total_q * a.num_heads;
     using R = pf_split_partials<T>;
     if (d % 4 != 0) return pf_merge_launch_ctas<R, 4, 1, 8>(r, rows, stream);
-    if (d > 128) return n <= 16 ? pf_merge_launch_ctas<R, 2, 4, 2>(r, rows, stream)
-                                : pf_merge_launch_ctas<R, 16, 4, 2>(r, rows, stream);
+    if (d > 128)
+        return n <= 16 ? pf_merge_launch_ctas<R, 2, 4, 2>(r, rows, stream)
+                       : pf_merge_launch_ctas<R, 16, 4, 2>(r, rows, stream);
     if (n <= 4) return pf_merge_launch_warps<R, 4, 4, 1>(r, rows, stream);
     if (n <= 16) return pf_merge_launch_warps<R, 16, 4, 1>(r, rows, stream);
     if (n <= 32) return pf_merge_launch_ctas<R, 4, 4, 1>(r, rows, stream);
@@ -179,8 +184,7 @@ struct pf_state_pair {
     const float *lse_a, *lse_b; /* [num_heads, tokens] */
     float *lse;                 /* [num_heads, tokens] or NULL */
     int64_t lead_shape[PF_MERGE_MAX_LEAD];
-    int64_t a_lead_strides[PF_MERGE_MAX_LEAD], b_lead_strides[PF_MERGE_MAX_LEAD],
-        out_lead_strides[PF_MERGE_MAX_LEAD];
+    int64_t a_lead_strides[PF_MERGE_MAX_LEAD], b_lead_strides[PF_MERGE_MAX_LEAD], out_lead_strides[PF_MERGE_MAX_LEAD];
     int64_t a_head_stride, b_head_stride, out_head_stride;
     int64_t lse_a_head_stride, lse_a_token_stride, lse_b_head_stride, lse_b_token_stride;
     int64_t lse_head_stride, lse_token_stride;
@@ -214,13 +218,16 @@ struct pf_state_pair {
     PF_DEV bool skip(const Row &) const { return false; }
     PF_DEV int splits() const { return 2; }
     template <int kUnitVec>
-    PF_DEV int units() const { return head_dim / kUnitVec; }
+    PF_DEV int units() const {
+        return head_dim / kUnitVec;
+    }
     PF_DEV float partial_lse(int s, const Row &at) const {
         return s == 0 ? lse_a[at.head * lse_a_head_stride + at.token * lse_a_token_stride]
                       : lse_b[at.head * lse_b_head_stride + at.token * lse_b_token_stride];
     }
     PF_DEV void load(const Row &at, int s, int unit, float (&v)[kVec]) const {
-        const pf_merge_vec<T, kVec> x = *reinterpret_cast<const pf_merge_vec<T, kVec> *>((s == 0 ? at.a : at.b) + kVec * unit);
+        const pf_merge_vec<T, kVec> x =
+            *reinterpret_cast<const pf_merge_vec<T, kVec> *>((s == 0 ? at.a : at.b) + kVec * unit);
 #pragma unroll
         for (int k = 0; k < kVec; k++) v[k] = TypeOps<T>::to_float(x.x[k]);
     }

@@ -53,8 +53,8 @@ int64_t pf_paged_split_cap(const pf_paged_args &a);
 int64_t pf_paged_auto_splits(const pf_paged_args &a, int64_t work, int sms, int occupancy);
 /* Where head mode would split: token mode or 1 KV head x 8 warps instead (the rule and its
  * measurements are at the definition). Updates *v, *occupancy and *work. */
-pf_status pf_pick_shape(const pf_paged_args &a, pf_paged_entry_fns entry, int sms, pf_paged_variant *v,
-                        int *occupancy, int64_t *work);
+pf_status pf_pick_shape(const pf_paged_args &a, pf_paged_entry_fns entry, int sms, pf_paged_variant *v, int *occupancy,
+                        int64_t *work);
 
 /* ---- merge.cu ---- */
 

@@ -19,8 +19,8 @@
 #define PF_PLAN_THREADS 1024
 
 __global__ void __launch_bounds__(PF_PLAN_THREADS)
-    pf_paged_plan_kernel(const int32_t *cu, int64_t cu_s, int batch, int total_q, int group, int rows,
-                         int bound, int32_t *plan) {
+    pf_paged_plan_kernel(const int32_t *cu, int64_t cu_s, int batch, int total_q, int group, int rows, int bound,
+                         int32_t *plan) {
     __shared__ int warp_sum[PF_PLAN_THREADS / 32];
     __shared__ int carry_s;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;

@@ -10,12 +10,20 @@ CuPy, JAX or any DLPack producer and results go back to the caller's library.
 
 ``import pagedflash`` never imports torch; ``pagedflash.torch`` does.
 """
+
 from __future__ import annotations
 
 from . import _C
 from ._C import CudaError, OutOfBlocks, Tensor
-from .api import (dropout_mask, flash_attn, flash_attn_backward, flash_attn_varlen,
-                  flash_attn_varlen_backward, get_num_threads, set_num_threads)
+from .api import (
+    dropout_mask,
+    flash_attn,
+    flash_attn_backward,
+    flash_attn_varlen,
+    flash_attn_varlen_backward,
+    get_num_threads,
+    set_num_threads,
+)
 from .block_manager import AllocStatus, BlockManager, BlockStats
 from .paged import copy_blocks, merge_attn_states, paged_attn, swap_blocks, write_kv_cache
 
@@ -23,13 +31,27 @@ __version__ = _C.build_info()["version"]
 
 __all__ = [
     # training
-    "flash_attn", "flash_attn_varlen", "flash_attn_backward", "flash_attn_varlen_backward",
+    "flash_attn",
+    "flash_attn_varlen",
+    "flash_attn_backward",
+    "flash_attn_varlen_backward",
     "dropout_mask",
     # serving
-    "paged_attn", "merge_attn_states", "write_kv_cache", "copy_blocks", "swap_blocks",
-    "BlockManager", "AllocStatus", "BlockStats",
+    "paged_attn",
+    "merge_attn_states",
+    "write_kv_cache",
+    "copy_blocks",
+    "swap_blocks",
+    "BlockManager",
+    "AllocStatus",
+    "BlockStats",
     # types, errors, configuration
-    "Tensor", "OutOfBlocks", "CudaError", "build_info", "get_num_threads", "set_num_threads",
+    "Tensor",
+    "OutOfBlocks",
+    "CudaError",
+    "build_info",
+    "get_num_threads",
+    "set_num_threads",
 ]
 
 

@@ -4,6 +4,7 @@ demo (the default): attention on a realistic shape on the best available device,
 checked against the float64 reference; prints the error, the time and the build.
 info: prints the build and device information.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,10 @@ def info() -> None:
     print(f"  CPU         : {_cpu_model()}")
     print(f"  CPU backend : built, {bi['num_threads']} threads ({bi['cpu_count']} cores)")
     if bi["cuda"]:
-        print(f"  CUDA backend: built for sm_{bi['cuda_archs'].replace(',', ', sm_')}; "
-              f"{bi['cuda_devices']} device(s) visible")
+        print(
+            f"  CUDA backend: built for sm_{bi['cuda_archs'].replace(',', ', sm_')}; "
+            f"{bi['cuda_devices']} device(s) visible"
+        )
         for i, name in enumerate(_gpu_names(bi["cuda_devices"])):
             print(f"  GPU {i}       : {name}")
     else:
@@ -93,8 +96,10 @@ def demo(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, caus
     naive16 = _naive_fp16_error(q, k, v, causal, ref)
     flops = 4 * batch * heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
     t = min(times)
-    print(f"\nattention on {device}: batch {batch}, seqlen {seqlen}, heads {heads}/{kv_heads} (q/kv), "
-          f"head_dim {head_dim}, causal {causal}, float16")
+    print(
+        f"\nattention on {device}: batch {batch}, seqlen {seqlen}, heads {heads}/{kv_heads} (q/kv), "
+        f"head_dim {head_dim}, causal {causal}, float16"
+    )
     print(f"  max |out - ref| = {err:.2e}   (naive float16 attention: {naive16:.2e})")
     print(f"  time {t * 1e3:.2f} ms, {flops / t / 1e9:.1f} GFLOP/s")
     ok = err <= 2 * naive16 + 1e-5
@@ -121,8 +126,9 @@ def _naive_fp16_error(q, k, v, causal, ref) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pagedflash", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m pagedflash", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("command", nargs="?", default="demo", choices=["demo", "info"])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seqlen", type=int, default=1024)

@@ -6,6 +6,7 @@ which exports itself through DLPack and the array interfaces (CuPy inputs run on
 CuPy's current stream; other producers on ``stream=`` or the legacy default stream). Frameworks are
 never imported here: a torch tensor is recognised by its type's module.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +15,15 @@ from . import _C
 
 _KDLCUDA = 2  # DLPack's device type of CUDA memory
 
-_TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16",
-                 "int32": "int32", "int64": "int64", "uint8": "uint8", "float64": "float64"}
+_TORCH_DTYPES = {
+    "float32": "float32",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+    "int32": "int32",
+    "int64": "int64",
+    "uint8": "uint8",
+    "float64": "float64",
+}
 
 
 def is_torch(x) -> bool:

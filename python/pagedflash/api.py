@@ -4,10 +4,12 @@ Each call: fill defaults, choose the output's library and stream, allocate
 outputs there, hand everything to ``pagedflash._C`` (which views the tensors
 without copying and releases the GIL while the C core computes).
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from . import _C
 from ._frameworks import describe, library_of
@@ -29,7 +31,7 @@ def get_num_threads() -> int:
     return _num_threads or _C.build_info()["cpu_count"]
 
 
-def _window(window: Sequence[int]) -> Tuple[int, int]:
+def _window(window: Sequence[int]) -> tuple[int, int]:
     try:
         left, right = (int(w) for w in window)
     except (TypeError, ValueError):
@@ -41,10 +43,24 @@ def _scale(softmax_scale: Optional[float]) -> float:
     return 0.0 if softmax_scale is None else float(softmax_scale)
 
 
-def flash_attn(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: Optional[float] = None,
-               window: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Any = None,
-               dropout_p: float = 0.0, seed: Optional[int] = None, offset: int = 0,
-               return_lse: bool = False, out: Any = None, stream: Optional[int] = None, kernel: str = "auto"):
+def flash_attn(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    return_lse: bool = False,
+    out: Any = None,
+    stream: Optional[int] = None,
+    kernel: str = "auto",
+):
     """Exact softmax attention, computed tile by tile (FlashAttention).
 
     q: [batch, seqlen_q, num_heads, head_dim]; k, v: [batch, seqlen_k, num_kv_heads, head_dim],
@@ -64,18 +80,51 @@ def flash_attn(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: O
     "sm90" to force the CUDA mma.sync / wgmma kernels (NotImplementedError where the named
     kernel cannot take the call). The CPU backend has one kernel and ignores the hint.
     """
-    return _attn_fwd(q, k, v, None, None, 0, 0, causal=causal, softmax_scale=softmax_scale,
-                     window=window, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                     seed=seed, offset=offset, return_lse=return_lse, out=out, stream=stream,
-                     kernel=kernel)
+    return _attn_fwd(
+        q,
+        k,
+        v,
+        None,
+        None,
+        0,
+        0,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        window=window,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p,
+        seed=seed,
+        offset=offset,
+        return_lse=return_lse,
+        out=out,
+        stream=stream,
+        kernel=kernel,
+    )
 
 
-def flash_attn_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, max_seqlen_q: int,
-                      max_seqlen_k: int, *, causal: bool = False, softmax_scale: Optional[float] = None,
-                      window: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Any = None,
-                      dropout_p: float = 0.0, seed: Optional[int] = None, offset: int = 0,
-                      return_lse: bool = False, out: Any = None, stream: Optional[int] = None,
-                      kernel: str = "auto"):
+def flash_attn_varlen(
+    q: Any,
+    k: Any,
+    v: Any,
+    cu_seqlens_q: Any,
+    cu_seqlens_k: Any,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    return_lse: bool = False,
+    out: Any = None,
+    stream: Optional[int] = None,
+    kernel: str = "auto",
+):
     """flash_attn over packed variable-length sequences.
 
     q: [total_q, num_heads, head_dim]; k, v: [total_k, num_kv_heads, head_dim];
@@ -83,10 +132,27 @@ def flash_attn_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: A
     Sequence b's queries are rows cu_seqlens_q[b]:cu_seqlens_q[b+1] and attend only to its
     own keys. lse is float32 [num_heads, total_q]. Options as in flash_attn.
     """
-    return _attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                     softmax_scale=softmax_scale, window=window, softcap=softcap,
-                     alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed, offset=offset,
-                     return_lse=return_lse, out=out, stream=stream, kernel=kernel)
+    return _attn_fwd(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        window=window,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p,
+        seed=seed,
+        offset=offset,
+        return_lse=return_lse,
+        out=out,
+        stream=stream,
+        kernel=kernel,
+    )
 
 
 def _seed(dropout_p: float, seed: Optional[int]) -> int:
@@ -101,8 +167,28 @@ def _lse_shape(qshape, varlen: bool):
     return (qshape[1], qshape[0]) if varlen else (qshape[0], qshape[2], qshape[1])
 
 
-def _attn_fwd(q, k, v, cu_q, cu_k, max_q, max_k, *, causal, softmax_scale, window, softcap,
-              alibi_slopes, dropout_p, seed, offset, return_lse, out, stream, kernel):
+def _attn_fwd(
+    q,
+    k,
+    v,
+    cu_q,
+    cu_k,
+    max_q,
+    max_k,
+    *,
+    causal,
+    softmax_scale,
+    window,
+    softcap,
+    alibi_slopes,
+    dropout_p,
+    seed,
+    offset,
+    return_lse,
+    out,
+    stream,
+    kernel,
+):
     lib = library_of(q)
     q, k, v = lib.prepare(q), lib.prepare(k), lib.prepare(v)
     qshape, qdtype, _, _ = describe(q)
@@ -113,11 +199,29 @@ def _attn_fwd(q, k, v, cu_q, cu_k, max_q, max_k, *, causal, softmax_scale, windo
     if return_lse and len(qshape) == (3 if varlen else 4):  # a wrong rank is reported by _C
         lse = lib.empty(_lse_shape(qshape, varlen), "float32", q)
     left, right = _window(window)
-    _C.flash_fwd(q, k, v, out, lse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                 max_seqlen_q=int(max_q), max_seqlen_k=int(max_k), softmax_scale=_scale(softmax_scale),
-                 causal=bool(causal), window_left=left, window_right=right, softcap=float(softcap),
-                 alibi_slopes=alibi_slopes, dropout_p=float(dropout_p), seed=_seed(dropout_p, seed),
-                 offset=int(offset), num_threads=_num_threads, stream=lib.stream(q, stream), kernel=kernel)
+    _C.flash_fwd(
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=int(max_q),
+        max_seqlen_k=int(max_k),
+        softmax_scale=_scale(softmax_scale),
+        causal=bool(causal),
+        window_left=left,
+        window_right=right,
+        softcap=float(softcap),
+        alibi_slopes=alibi_slopes,
+        dropout_p=float(dropout_p),
+        seed=_seed(dropout_p, seed),
+        offset=int(offset),
+        num_threads=_num_threads,
+        stream=lib.stream(q, stream),
+        kernel=kernel,
+    )
     return (out, lse) if return_lse else out
 
 
@@ -133,14 +237,33 @@ def _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     return int(max_seqlen_q or 0), int(max_seqlen_k or 0)
 
 
-def flash_attn_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *,
-                        cu_seqlens_q: Any = None, cu_seqlens_k: Any = None,
-                        max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal: bool = False,
-                        softmax_scale: Optional[float] = None, window: Sequence[int] = (-1, -1),
-                        softcap: float = 0.0, alibi_slopes: Any = None, dropout_p: float = 0.0,
-                        seed: Optional[int] = None, offset: int = 0, deterministic: bool = False,
-                        dq: Any = None, dk: Any = None, dv: Any = None, stream: Optional[int] = None,
-                        kernel: str = "auto"):
+def flash_attn_backward(
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    *,
+    cu_seqlens_q: Any = None,
+    cu_seqlens_k: Any = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    deterministic: bool = False,
+    dq: Any = None,
+    dk: Any = None,
+    dv: Any = None,
+    stream: Optional[int] = None,
+    kernel: str = "auto",
+):
     """Gradients of flash_attn (or flash_attn_varlen) with respect to q, k and v.
 
     dout, out: q's shape and dtype; out and lse are what the forward returned
@@ -163,8 +286,10 @@ def flash_attn_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *
     """
     max_q, max_k = _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if float(dropout_p) > 0.0 and seed is None:
-        raise ValueError("seed: required with dropout_p > 0 in the backward (pass the forward's seed "
-                         "so the same dropout mask is regenerated)")
+        raise ValueError(
+            "seed: required with dropout_p > 0 in the backward (pass the forward's seed "
+            "so the same dropout mask is regenerated)"
+        )
     lib = library_of(q)
     dout, q, k, v, out, lse = (lib.prepare(x) for x in (dout, q, k, v, out, lse))
     qshape, qdtype, _, _ = describe(q)
@@ -176,31 +301,82 @@ def flash_attn_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *
     if dv is None:
         dv = lib.empty(describe(v)[0], qdtype, q)
     left, right = _window(window)
-    _C.flash_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q=cu_seqlens_q,
-                 cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
-                 softmax_scale=_scale(softmax_scale), causal=bool(causal), window_left=left,
-                 window_right=right, softcap=float(softcap), alibi_slopes=alibi_slopes,
-                 dropout_p=float(dropout_p), seed=_seed(dropout_p, seed), offset=int(offset),
-                 num_threads=_num_threads, deterministic=bool(deterministic),
-                 stream=lib.stream(q, stream), kernel=kernel)
+    _C.flash_bwd(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dq,
+        dk,
+        dv,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+        softmax_scale=_scale(softmax_scale),
+        causal=bool(causal),
+        window_left=left,
+        window_right=right,
+        softcap=float(softcap),
+        alibi_slopes=alibi_slopes,
+        dropout_p=float(dropout_p),
+        seed=_seed(dropout_p, seed),
+        offset=int(offset),
+        num_threads=_num_threads,
+        deterministic=bool(deterministic),
+        stream=lib.stream(q, stream),
+        kernel=kernel,
+    )
     return dq, dk, dv
 
 
-def flash_attn_varlen_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, cu_seqlens_q: Any,
-                               cu_seqlens_k: Any, max_seqlen_q: int, max_seqlen_k: int, **options):
+def flash_attn_varlen_backward(
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    cu_seqlens_q: Any,
+    cu_seqlens_k: Any,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    **options,
+):
     """flash_attn_backward for the packed layout, with flash_attn_varlen's positional order.
 
     Same as flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q=..., cu_seqlens_k=...,
     max_seqlen_q=..., max_seqlen_k=..., **options); lse is [num_heads, total_q].
     """
-    return flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q=cu_seqlens_q,
-                               cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                               max_seqlen_k=max_seqlen_k, **options)
+    return flash_attn_backward(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        **options,
+    )
 
 
-def dropout_mask(q: Any, k: Any, *, dropout_p: float, seed: int, offset: int = 0,
-                 cu_seqlens_q: Any = None, cu_seqlens_k: Any = None, max_seqlen_q: int = 0,
-                 max_seqlen_k: int = 0):
+def dropout_mask(
+    q: Any,
+    k: Any,
+    *,
+    dropout_p: float,
+    seed: int,
+    offset: int = 0,
+    cu_seqlens_q: Any = None,
+    cu_seqlens_k: Any = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
+):
     """The keep mask that flash_attn applies for (dropout_p, seed, offset); for tests.
 
     Dense q [batch, seqlen_q, num_heads, d], k [batch, seqlen_k, num_kv_heads, d]: returns
@@ -226,9 +402,19 @@ def dropout_mask(q: Any, k: Any, *, dropout_p: float, seed: int, offset: int = 0
     else:
         shape = (qshape[0], qshape[2], qshape[1], kshape[1]) if len(qshape) == 4 else (0, 0, 0, 0)
     mask = lib.empty(shape, "uint8", q)
-    _C.dropout_mask(q, k, mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                    max_seqlen_q=max_q, max_seqlen_k=max_k, dropout_p=float(dropout_p),
-                    seed=int(seed) & 0xFFFFFFFFFFFFFFFF, offset=int(offset), num_threads=_num_threads)
+    _C.dropout_mask(
+        q,
+        k,
+        mask,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+        dropout_p=float(dropout_p),
+        seed=int(seed) & 0xFFFFFFFFFFFFFFFF,
+        offset=int(offset),
+        num_threads=_num_threads,
+    )
     return mask
 
 

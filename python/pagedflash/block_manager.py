@@ -22,10 +22,12 @@ A serving step with this class::
     slots = bm.slot_mapping(running, 1)                # write_kv_cache(k, v, ..., slots)
     tables = bm.block_tables(running)                  # paged_attn(..., tables, bm.seq_lens(running))
 """
+
 from __future__ import annotations
 
 import enum
-from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -90,8 +92,15 @@ class BlockManager:
     Every failed call leaves the manager exactly as it was. Not thread-safe.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, *, num_cpu_blocks: int = 0,
-                 watermark: float = 0.01, enable_prefix_caching: bool = False) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        num_cpu_blocks: int = 0,
+        watermark: float = 0.01,
+        enable_prefix_caching: bool = False,
+    ) -> None:
         num_blocks = _check_int(num_blocks, "num_blocks", 1)
         block_size = _check_int(block_size, "block_size", 1)
         num_cpu_blocks = _check_int(num_cpu_blocks, "num_cpu_blocks", 0)
@@ -262,8 +271,9 @@ class BlockManager:
             token_ids = int(token_ids)
         return self._pool.allocate(seq_id, token_ids)
 
-    def append_slots(self, seq_id: int, num_new_tokens: int = 1,
-                     token_ids: Optional[IntSeq] = None) -> List[Tuple[int, int]]:
+    def append_slots(
+        self, seq_id: int, num_new_tokens: int = 1, token_ids: Optional[IntSeq] = None
+    ) -> list[tuple[int, int]]:
         """Make room for ``num_new_tokens`` more tokens of a running sequence.
 
         Args:
@@ -280,8 +290,9 @@ class BlockManager:
         """
         return self._pool.append(seq_id, num_new_tokens, token_ids)
 
-    def append_slots_batch(self, seq_ids: IntSeq, num_new_tokens: Union[int, IntSeq] = 1,
-                           token_ids: Optional[IntSeq] = None) -> np.ndarray:
+    def append_slots_batch(
+        self, seq_ids: IntSeq, num_new_tokens: Union[int, IntSeq] = 1, token_ids: Optional[IntSeq] = None
+    ) -> np.ndarray:
         """:meth:`append_slots` for many sequences at once, atomically (all or none).
 
         Args:
@@ -363,7 +374,7 @@ class BlockManager:
         return self.num_seqs
 
     @property
-    def seq_ids(self) -> List[int]:
+    def seq_ids(self) -> list[int]:
         """Live sequence ids (running and swapped out), sorted."""
         return sorted(self._pool.seq_ids())
 
@@ -386,8 +397,9 @@ class BlockManager:
             raise ValueError(f"block_table: seq_id {seq_id} is swapped out")
         return self._pool.block_table(seq_id)
 
-    def block_tables(self, seq_ids: IntSeq, *, max_blocks: Optional[int] = None, pad: int = 0,
-                     out: Optional[np.ndarray] = None) -> np.ndarray:
+    def block_tables(
+        self, seq_ids: IntSeq, *, max_blocks: Optional[int] = None, pad: int = 0, out: Optional[np.ndarray] = None
+    ) -> np.ndarray:
         """Padded block tables of running sequences, for paged_attn.
 
         Args:
@@ -405,8 +417,9 @@ class BlockManager:
         width = -1 if max_blocks is None else _check_int(max_blocks, "max_blocks", 0)
         return self._pool.block_tables(seq_ids, width, pad, out)
 
-    def slot_mapping(self, seq_ids: Union[int, IntSeq], num_new_tokens: Union[int, IntSeq] = 1, *,
-                     out: Optional[np.ndarray] = None) -> np.ndarray:
+    def slot_mapping(
+        self, seq_ids: Union[int, IntSeq], num_new_tokens: Union[int, IntSeq] = 1, *, out: Optional[np.ndarray] = None
+    ) -> np.ndarray:
         """Slots of the last ``num_new_tokens`` tokens of each running sequence, in
         order: where this step writes K/V (``write_kv_cache``).
 
@@ -420,7 +433,7 @@ class BlockManager:
         """
         return self._pool.slot_mapping(_ids(seq_ids), num_new_tokens, out)
 
-    def token_ids(self, seq_id: int) -> List[int]:
+    def token_ids(self, seq_id: int) -> list[int]:
         """The sequence's token ids as recorded (-1 where they were not given)."""
         return self._pool.seq_tokens(seq_id).tolist()
 
@@ -435,7 +448,7 @@ class BlockManager:
         one is broken. O(num_blocks): for tests and debugging."""
         self._pool.check()
 
-    def block_states(self, *, cpu: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def block_states(self, *, cpu: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per-block (refcounts int32, states int32, hashes uint64) of the device
         (or host) pool; states: 0 free, 1 used, 2 evictable; hash 0 = none."""
         return self._pool.block_states(cpu)
@@ -448,8 +461,12 @@ class BlockManager:
         seqs = {}
         for sid in self._pool.seq_ids():
             n, _, swapped = self._pool.seq_info(sid)
-            seqs[sid] = (n, swapped, tuple(self._pool.block_table(sid).tolist()),
-                         tuple(self._pool.seq_tokens(sid).tolist()))
+            seqs[sid] = (
+                n,
+                swapped,
+                tuple(self._pool.block_table(sid).tolist()),
+                tuple(self._pool.seq_tokens(sid).tolist()),
+            )
         dev = self._pool.block_states(False)
         host = self._pool.block_states(True)
         return {
@@ -464,8 +481,10 @@ class BlockManager:
 
     def __repr__(self) -> str:
         s = self.stats()
-        return (f"BlockManager(num_blocks={self._num_blocks}, block_size={self._block_size}, "
-                f"num_cpu_blocks={self._num_cpu_blocks}, watermark={self._watermark}, "
-                f"enable_prefix_caching={self._prefix_caching}; seqs={s.num_seqs}, "
-                f"free={s.num_free_blocks} (evictable {s.num_evictable_blocks}), "
-                f"free_cpu={s.num_free_cpu_blocks})")
+        return (
+            f"BlockManager(num_blocks={self._num_blocks}, block_size={self._block_size}, "
+            f"num_cpu_blocks={self._num_cpu_blocks}, watermark={self._watermark}, "
+            f"enable_prefix_caching={self._prefix_caching}; seqs={s.num_seqs}, "
+            f"free={s.num_free_blocks} (evictable {s.num_evictable_blocks}), "
+            f"free_cpu={s.num_free_cpu_blocks})"
+        )

@@ -11,9 +11,11 @@ NumPy out; torch in, torch out; other DLPack producers get ``pagedflash.Tensor``
 and hands everything to ``pagedflash._C`` without copying. Caches are written in
 place and never copied: a cache whose last dimension is strided is rejected.
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -33,11 +35,25 @@ def _index(x: Any) -> Any:
     return library_of(x).prepare(x)
 
 
-def paged_attn(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, seq_lens: Any, *,
-               cu_seqlens_q: Any = None, causal: bool = True, softmax_scale: Optional[float] = None,
-               window: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Any = None,
-               num_splits: int = 0, return_lse: bool = False, out: Any = None,
-               stream: Optional[int] = None, kernel: str = "auto"):
+def paged_attn(
+    q: Any,
+    k_cache: Any,
+    v_cache: Any,
+    block_tables: Any,
+    seq_lens: Any,
+    *,
+    cu_seqlens_q: Any = None,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    window: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+    num_splits: int = 0,
+    return_lse: bool = False,
+    out: Any = None,
+    stream: Optional[int] = None,
+    kernel: str = "auto",
+):
     """Attention of each sequence's queries over the tokens it holds in a paged KV cache.
 
     q: ``[batch, num_heads, head_dim]`` (one query per sequence: decode),
@@ -85,16 +101,39 @@ def paged_attn(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, seq_lens: 
         total_q = qshape[0] * qshape[1] if len(qshape) == 4 and cu_seqlens_q is None else qshape[0]
         lse = lib.empty((qshape[-2] if len(qshape) >= 2 else 0, total_q), "float32", q)
     left, right = api._window(window)
-    _C.paged_attn(q, k_cache, v_cache, block_tables, seq_lens, out, lse, cu_seqlens_q=cu_seqlens_q,
-                  softmax_scale=api._scale(softmax_scale), causal=bool(causal), window_left=left,
-                  window_right=right, softcap=float(softcap), alibi_slopes=alibi_slopes,
-                  num_splits=int(num_splits), num_threads=api._num_threads, stream=lib.stream(q, stream),
-                  kernel=kernel)
+    _C.paged_attn(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        lse,
+        cu_seqlens_q=cu_seqlens_q,
+        softmax_scale=api._scale(softmax_scale),
+        causal=bool(causal),
+        window_left=left,
+        window_right=right,
+        softcap=float(softcap),
+        alibi_slopes=alibi_slopes,
+        num_splits=int(num_splits),
+        num_threads=api._num_threads,
+        stream=lib.stream(q, stream),
+        kernel=kernel,
+    )
     return (out, lse) if return_lse else out
 
 
-def merge_attn_states(out_a: Any, lse_a: Any, out_b: Any, lse_b: Any, *, out: Any = None,
-                      out_lse: Any = None, stream: Optional[int] = None) -> Tuple[Any, Any]:
+def merge_attn_states(
+    out_a: Any,
+    lse_a: Any,
+    out_b: Any,
+    lse_b: Any,
+    *,
+    out: Any = None,
+    out_lse: Any = None,
+    stream: Optional[int] = None,
+) -> tuple[Any, Any]:
     """Merge two attention results over disjoint key sets of the same queries.
 
     out_a, out_b: ``[..., num_heads, head_dim]`` (any leading shape, ``tokens`` = its
@@ -116,13 +155,15 @@ def merge_attn_states(out_a: Any, lse_a: Any, out_b: Any, lse_b: Any, *, out: An
     if out_lse is None:
         tokens = int(np.prod(shape[:-2], dtype=np.int64)) if len(shape) >= 2 else 0
         out_lse = lib.empty((shape[-2] if len(shape) >= 2 else 0, tokens), "float32", out_a)
-    _C.merge_attn_states(out_a, lse_a, out_b, lse_b, out, out_lse, num_threads=api._num_threads,
-                         stream=lib.stream(out_a, stream))
+    _C.merge_attn_states(
+        out_a, lse_a, out_b, lse_b, out, out_lse, num_threads=api._num_threads, stream=lib.stream(out_a, stream)
+    )
     return out, out_lse
 
 
-def write_kv_cache(k: Any, v: Any, k_cache: Any, v_cache: Any, slot_mapping: Any, *,
-                   stream: Optional[int] = None) -> None:
+def write_kv_cache(
+    k: Any, v: Any, k_cache: Any, v_cache: Any, slot_mapping: Any, *, stream: Optional[int] = None
+) -> None:
     """Write new tokens' keys and values into the paged cache, in place.
 
     k, v: ``[num_tokens, num_kv_heads, head_dim]``, the caches' dtype;
@@ -137,12 +178,12 @@ def write_kv_cache(k: Any, v: Any, k_cache: Any, v_cache: Any, slot_mapping: Any
     lib = library_of(k_cache)
     k, v = library_of(k).prepare(k), library_of(v).prepare(v)
     slot_mapping = library_of(slot_mapping).prepare(slot_mapping)
-    _C.write_kv_cache(k, v, _in_place(k_cache), _in_place(v_cache), slot_mapping,
-                      stream=lib.stream(k_cache, stream))
+    _C.write_kv_cache(k, v, _in_place(k_cache), _in_place(v_cache), slot_mapping, stream=lib.stream(k_cache, stream))
 
 
-def copy_blocks(k_caches: Sequence[Any], v_caches: Sequence[Any], block_mapping: Any, *,
-                stream: Optional[int] = None) -> None:
+def copy_blocks(
+    k_caches: Sequence[Any], v_caches: Sequence[Any], block_mapping: Any, *, stream: Optional[int] = None
+) -> None:
     """Copy whole blocks within every layer's caches (copy-on-write), in place.
 
     k_caches, v_caches: sequences of caches (one per layer), each
@@ -160,8 +201,7 @@ def copy_blocks(k_caches: Sequence[Any], v_caches: Sequence[Any], block_mapping:
     _C.copy_blocks(caches, _index(block_mapping), stream=stream)
 
 
-def swap_blocks(src_cache: Any, dst_cache: Any, block_mapping: Any, *,
-                stream: Optional[int] = None) -> None:
+def swap_blocks(src_cache: Any, dst_cache: Any, block_mapping: Any, *, stream: Optional[int] = None) -> None:
     """Copy whole blocks from one cache to another (swap out to / in from host memory).
 
     src_cache ``[num_src_blocks, ...]`` and dst_cache ``[num_dst_blocks, ...]`` share the
@@ -174,5 +214,4 @@ def swap_blocks(src_cache: Any, dst_cache: Any, block_mapping: Any, *,
     """
     side = dst_cache if describe(dst_cache)[2] == "cuda" else src_cache
     src_cache = library_of(src_cache).prepare(src_cache)
-    _C.swap_blocks(src_cache, _in_place(dst_cache), _index(block_mapping),
-                   stream=library_of(side).stream(side, stream))
+    _C.swap_blocks(src_cache, _in_place(dst_cache), _index(block_mapping), stream=library_of(side).stream(side, stream))

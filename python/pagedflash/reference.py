@@ -5,9 +5,11 @@ semantics of pagedflash (bottom-right causal alignment, sliding window, softcap,
 ALiBi, dropout with a given keep mask, fully masked rows -> out 0, lse -inf).
 Inputs may be NumPy arrays or torch tensors (any dtype); outputs are float64.
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -74,7 +76,7 @@ def _probabilities(q, kk, *, causal, scale, window, softcap, slopes):
         p = np.where(l > 0, e / np.where(l > 0, l, 1.0), 0.0)
         lse = np.where(l[..., 0] > 0, np.log(np.where(l > 0, l, 1.0))[..., 0] + m_safe[..., 0], -np.inf)
     # NaN anywhere in a row's inputs propagates (np.where above would hide it)
-    nan_rows = np.isnan(s).any(axis=-1)
+    nan_rows = np.asarray(np.isnan(s).any(axis=-1))  # an array for the type checker: any() may return a scalar
     lse = np.where(nan_rows, np.nan, lse)
     p = np.where(nan_rows[..., None], np.nan, p)
     return p, lse, t
@@ -85,18 +87,28 @@ def _attention_one(q, k, v, *, causal, scale, window, softcap, slopes, keep, dro
     rep = q.shape[1] // k.shape[1]
     kk = np.repeat(k, rep, axis=1)
     vv = np.repeat(v, rep, axis=1)
-    p, lse, _ = _probabilities(q, kk, causal=causal, scale=scale, window=window, softcap=softcap,
-                               slopes=slopes)
+    p, lse, _ = _probabilities(q, kk, causal=causal, scale=scale, window=window, softcap=softcap, slopes=slopes)
     if keep is not None:
         p = p * keep / (1.0 - dropout_p)
     out = np.einsum("hij,jhd->ihd", p, vv)
     return out, lse, p
 
 
-def attention(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: Optional[float] = None,
-              window: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Any = None,
-              dropout_p: float = 0.0, dropout_mask: Any = None, return_lse: bool = False,
-              return_probs: bool = False):
+def attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+    dropout_p: float = 0.0,
+    dropout_mask: Any = None,
+    return_lse: bool = False,
+    return_probs: bool = False,
+):
     """Naive attention in float64.
 
     q [batch, sq, h, d], k/v [batch, sk, hk, d]. dropout_mask: keep mask [batch, h, sq, sk]
@@ -111,9 +123,18 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: Op
     outs, lses, ps = [], [], []
     for bi in range(b):
         sl = None if slopes is None else (slopes if slopes.ndim == 1 else slopes[bi])
-        o, l, p = _attention_one(q[bi], k[bi], v[bi], causal=causal, scale=scale, window=window,
-                                 softcap=softcap, slopes=sl, keep=None if keep is None else keep[bi],
-                                 dropout_p=dropout_p)
+        o, l, p = _attention_one(
+            q[bi],
+            k[bi],
+            v[bi],
+            causal=causal,
+            scale=scale,
+            window=window,
+            softcap=softcap,
+            slopes=sl,
+            keep=None if keep is None else keep[bi],
+            dropout_p=dropout_p,
+        )
         outs.append(o)
         lses.append(l)
         ps.append(p)
@@ -126,10 +147,22 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: Op
     return res[0] if len(res) == 1 else tuple(res)
 
 
-def attention_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, *,
-                     causal: bool = False, softmax_scale: Optional[float] = None,
-                     window: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Any = None,
-                     dropout_p: float = 0.0, dropout_masks: Any = None, return_lse: bool = False):
+def attention_varlen(
+    q: Any,
+    k: Any,
+    v: Any,
+    cu_seqlens_q: Any,
+    cu_seqlens_k: Any,
+    *,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+    dropout_p: float = 0.0,
+    dropout_masks: Any = None,
+    return_lse: bool = False,
+):
     """Naive attention over packed sequences: q [total_q, h, d], k/v [total_k, hk, d].
 
     dropout_masks: a list with one keep mask [h, sq_b, sk_b] per sequence.
@@ -147,8 +180,18 @@ def attention_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: An
         qs, ks = slice(cq[bi], cq[bi + 1]), slice(ck[bi], ck[bi + 1])
         sl = None if slopes is None else (slopes if slopes.ndim == 1 else slopes[bi])
         keep = None if dropout_masks is None else to_f64(dropout_masks[bi])
-        o, l, _ = _attention_one(q[qs], k[ks], v[ks], causal=causal, scale=scale, window=window,
-                                 softcap=softcap, slopes=sl, keep=keep, dropout_p=dropout_p)
+        o, l, _ = _attention_one(
+            q[qs],
+            k[ks],
+            v[ks],
+            causal=causal,
+            scale=scale,
+            window=window,
+            softcap=softcap,
+            slopes=sl,
+            keep=keep,
+            dropout_p=dropout_p,
+        )
         out[qs] = o
         lse[:, qs] = l
     return (out, lse) if return_lse else out
@@ -172,10 +215,21 @@ def gather_paged_kv(k_cache: Any, v_cache: Any, block_tables: Any, seq_lens: Any
     return res
 
 
-def paged_attention(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, seq_lens: Any, *,
-                    cu_seqlens_q: Any = None, causal: bool = True, softmax_scale: Optional[float] = None,
-                    window: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Any = None,
-                    return_lse: bool = False):
+def paged_attention(
+    q: Any,
+    k_cache: Any,
+    v_cache: Any,
+    block_tables: Any,
+    seq_lens: Any,
+    *,
+    cu_seqlens_q: Any = None,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    window: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+    return_lse: bool = False,
+):
     """Naive paged attention in float64: gathers each sequence's K/V through its block
     table and runs the naive attention on the contiguous sequence.
 
@@ -204,12 +258,23 @@ def paged_attention(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, seq_l
     for b in range(batch):
         qs = slice(cu[b], cu[b + 1])
         sl = None if slopes is None else (slopes if slopes.ndim == 1 else slopes[b])
-        o, l, _ = _attention_one(qp[qs], kv[b][0], kv[b][1], causal=causal, scale=scale, window=window,
-                                 softcap=softcap, slopes=sl, keep=None, dropout_p=0.0)
+        o, l, _ = _attention_one(
+            qp[qs],
+            kv[b][0],
+            kv[b][1],
+            causal=causal,
+            scale=scale,
+            window=window,
+            softcap=softcap,
+            slopes=sl,
+            keep=None,
+            dropout_p=0.0,
+        )
         out[qs] = o
         lse[:, qs] = l
     out = out.reshape(q.shape)
     return (out, lse) if return_lse else out
+
 
 # ---------------------------------------------------------------------------
 # Gradients (appended for the backward pass; see docs/training.md)
@@ -223,26 +288,35 @@ def _attention_backward_one(do, q, k, v, *, causal, scale, window, softcap, slop
     rep = h // hk
     kk = np.repeat(k, rep, axis=1)
     vv = np.repeat(v, rep, axis=1)
-    p, _, t = _probabilities(q, kk, causal=causal, scale=scale, window=window, softcap=softcap,
-                             slopes=slopes)
+    p, _, t = _probabilities(q, kk, causal=causal, scale=scale, window=window, softcap=softcap, slopes=slopes)
     z = np.ones_like(p) if keep is None else keep / (1.0 - dropout_p)
-    dv_h = np.einsum("hij,ihd->jhd", p * z, do)               # dV = (P Z)^T dO
-    dp = np.einsum("ihd,jhd->hij", do, vv) * z                 # dP through the dropout
-    dsum = np.sum(p * dp, axis=-1, keepdims=True)              # D = rowsum(dO * O)
-    ds = p * (dp - dsum)                                       # softmax backward
+    dv_h = np.einsum("hij,ihd->jhd", p * z, do)  # dV = (P Z)^T dO
+    dp = np.einsum("ihd,jhd->hij", do, vv) * z  # dP through the dropout
+    dsum = np.sum(p * dp, axis=-1, keepdims=True)  # D = rowsum(dO * O)
+    ds = p * (dp - dsum)  # softmax backward
     if t is not None:
-        ds = ds * (1.0 - t * t)                                # softcap: d(c tanh(u/c))/du
+        ds = ds * (1.0 - t * t)  # softcap: d(c tanh(u/c))/du
     dq = np.einsum("hij,jhd->ihd", ds, kk) * scale
     dk_h = np.einsum("hij,ihd->jhd", ds, q) * scale
-    dk = dk_h.reshape(sk, hk, rep, d).sum(axis=2)              # GQA: sum the group's heads
+    dk = dk_h.reshape(sk, hk, rep, d).sum(axis=2)  # GQA: sum the group's heads
     dv = dv_h.reshape(sk, hk, rep, d).sum(axis=2)
     return dq, dk, dv
 
 
-def attention_backward(dout: Any, q: Any, k: Any, v: Any, *, causal: bool = False,
-                       softmax_scale: Optional[float] = None, window: Sequence[int] = (-1, -1),
-                       softcap: float = 0.0, alibi_slopes: Any = None, dropout_p: float = 0.0,
-                       dropout_mask: Any = None):
+def attention_backward(
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+    dropout_p: float = 0.0,
+    dropout_mask: Any = None,
+):
     """Gradients of `attention` in float64: returns (dq, dk, dv).
 
     dout/q [batch, sq, h, d], k/v [batch, sk, hk, d]; options as in `attention`
@@ -258,15 +332,37 @@ def attention_backward(dout: Any, q: Any, k: Any, v: Any, *, causal: bool = Fals
     for bi in range(b):
         sl = None if slopes is None else (slopes if slopes.ndim == 1 else slopes[bi])
         dq[bi], dk[bi], dv[bi] = _attention_backward_one(
-            do[bi], q[bi], k[bi], v[bi], causal=causal, scale=scale, window=window, softcap=softcap,
-            slopes=sl, keep=None if keep is None else keep[bi], dropout_p=dropout_p)
+            do[bi],
+            q[bi],
+            k[bi],
+            v[bi],
+            causal=causal,
+            scale=scale,
+            window=window,
+            softcap=softcap,
+            slopes=sl,
+            keep=None if keep is None else keep[bi],
+            dropout_p=dropout_p,
+        )
     return dq, dk, dv
 
 
-def attention_varlen_backward(dout: Any, q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, *,
-                              causal: bool = False, softmax_scale: Optional[float] = None,
-                              window: Sequence[int] = (-1, -1), softcap: float = 0.0,
-                              alibi_slopes: Any = None, dropout_p: float = 0.0, dropout_masks: Any = None):
+def attention_varlen_backward(
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    cu_seqlens_q: Any,
+    cu_seqlens_k: Any,
+    *,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+    dropout_p: float = 0.0,
+    dropout_masks: Any = None,
+):
     """Gradients of `attention_varlen` in float64: (dq [total_q, h, d], dk, dv [total_k, hk, d]).
 
     dropout_masks: one keep mask [h, sq_b, sk_b] per sequence (as for attention_varlen).
@@ -283,13 +379,32 @@ def attention_varlen_backward(dout: Any, q: Any, k: Any, v: Any, cu_seqlens_q: A
         sl = None if slopes is None else (slopes if slopes.ndim == 1 else slopes[bi])
         keep = None if dropout_masks is None else to_f64(dropout_masks[bi])
         dq[qs], dk[ks], dv[ks] = _attention_backward_one(
-            do[qs], q[qs], k[ks], v[ks], causal=causal, scale=scale, window=window, softcap=softcap,
-            slopes=sl, keep=keep, dropout_p=dropout_p)
+            do[qs],
+            q[qs],
+            k[ks],
+            v[ks],
+            causal=causal,
+            scale=scale,
+            window=window,
+            softcap=softcap,
+            slopes=sl,
+            keep=keep,
+            dropout_p=dropout_p,
+        )
     return dq, dk, dv
 
 
-def naive_scores_torch(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: Optional[float] = None,
-                       window: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Any = None):
+def naive_scores_torch(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+):
     """The front of the naive algorithm in torch, in q's dtype and on q's device: (s, allowed, vv)
     with s [batch, h, sq, sk] the scaled scores after softcap and ALiBi, masked entries -inf;
     allowed the [sq, sk] bool mask; vv = v repeated over the GQA groups [batch, sk, h, d].
@@ -308,8 +423,11 @@ def naive_scores_torch(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_
     if alibi_slopes is not None:
         sl = torch.as_tensor(to_f64(alibi_slopes)).to(device=q.device, dtype=dt)
         sl = sl.view(1, h, 1, 1) if sl.dim() == 1 else sl.view(b, h, 1, 1)
-        dist = (torch.arange(sq, device=q.device)[:, None] + sk - sq
-                - torch.arange(sk, device=q.device)[None, :]).abs().to(dt)
+        dist = (
+            (torch.arange(sq, device=q.device)[:, None] + sk - sq - torch.arange(sk, device=q.device)[None, :])
+            .abs()
+            .to(dt)
+        )
         s = s - sl * dist
     lo, hi = mask_bounds(sq, sk, causal, window)
     j = np.arange(sk)
@@ -317,9 +435,19 @@ def naive_scores_torch(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_
     return s.masked_fill(~allowed, float("-inf")), allowed, vv
 
 
-def attention_torch(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: Optional[float] = None,
-                    window: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Any = None,
-                    dropout_p: float = 0.0, dropout_mask: Any = None):
+def attention_torch(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+    dropout_p: float = 0.0,
+    dropout_mask: Any = None,
+):
     """The naive algorithm in torch, differentiable, computed in q's dtype (CPU or CUDA).
 
     q [batch, sq, h, d], k/v [batch, sk, hk, d] torch tensors; dropout_mask: keep mask
@@ -332,8 +460,9 @@ def attention_torch(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_sca
 
     b, sq, h, sk = q.shape[0], q.shape[1], q.shape[2], k.shape[1]
     dt = q.dtype
-    s, allowed, vv = naive_scores_torch(q, k, v, causal=causal, softmax_scale=softmax_scale, window=window,
-                                        softcap=softcap, alibi_slopes=alibi_slopes)
+    s, allowed, vv = naive_scores_torch(
+        q, k, v, causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes
+    )
     m = s.detach().amax(dim=-1, keepdim=True) if sk else s.new_zeros((b, h, sq, 1))
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m).masked_fill(~allowed, 0.0)

@@ -27,6 +27,7 @@ through it. Double backward is not supported.
 
 Importing this module imports torch; ``import pagedflash`` alone never does.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -63,17 +64,39 @@ def _stream(q: torch.Tensor):
     return torch.cuda.current_stream(q.device).cuda_stream if q.device.type == "cuda" else None
 
 
-def _options(q, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p,
-             seed, offset, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+def _options(
+    q,
+    softmax_scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    alibi_slopes,
+    dropout_p,
+    seed,
+    offset,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=0,
+    max_seqlen_k=0,
+):
     return dict(
         cu_seqlens_q=None if cu_seqlens_q is None else _view(cu_seqlens_q),
         cu_seqlens_k=None if cu_seqlens_k is None else _view(cu_seqlens_k),
-        max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k),
-        softmax_scale=float(softmax_scale), causal=bool(causal), window_left=int(window_left),
-        window_right=int(window_right), softcap=float(softcap),
+        max_seqlen_q=int(max_seqlen_q),
+        max_seqlen_k=int(max_seqlen_k),
+        softmax_scale=float(softmax_scale),
+        causal=bool(causal),
+        window_left=int(window_left),
+        window_right=int(window_right),
+        softcap=float(softcap),
         alibi_slopes=None if alibi_slopes is None else _view(alibi_slopes),
-        dropout_p=float(dropout_p), seed=0 if seed is None else int(seed.item()) & _U64,
-        offset=int(offset), num_threads=_api._num_threads, stream=_stream(q))
+        dropout_p=float(dropout_p),
+        seed=0 if seed is None else int(seed.item()) & _U64,
+        offset=int(offset),
+        num_threads=_api._num_threads,
+        stream=_stream(q),
+    )
 
 
 def _check_seed(dropout_p: float, seed: Optional[torch.Tensor]) -> None:
@@ -87,51 +110,99 @@ def _check_seed(dropout_p: float, seed: Optional[torch.Tensor]) -> None:
 
 
 @torch.library.custom_op("pagedflash::flash_attn_fwd", mutates_args=())
-def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
-                    causal: bool, window_left: int, window_right: int, softcap: float,
-                    alibi_slopes: Optional[torch.Tensor], dropout_p: float,
-                    seed: Optional[torch.Tensor], offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _flash_attn_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: Optional[torch.Tensor],
+    dropout_p: float,
+    seed: Optional[torch.Tensor],
+    offset: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """q [b, sq, h, d], k/v [b, sk, hk, d] -> (out [b, sq, h, d], lse float32 [b, h, sq])."""
     _check_seed(dropout_p, seed)
     out = _empty(q)
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
-    _C.flash_fwd(_view(q), _view(k), _view(v), out, lse,
-                 **_options(q, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-                            dropout_p, seed, offset))
+    _C.flash_fwd(
+        _view(q),
+        _view(k),
+        _view(v),
+        out,
+        lse,
+        **_options(q, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, offset),
+    )
     return out, lse
 
 
 @_flash_attn_fwd.register_fake
-def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed,
-      offset):
+def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, offset):
     return _empty(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
 @torch.library.custom_op("pagedflash::flash_attn_bwd", mutates_args=())
-def _flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    out: torch.Tensor, lse: torch.Tensor, softmax_scale: float, causal: bool,
-                    window_left: int, window_right: int, softcap: float,
-                    alibi_slopes: Optional[torch.Tensor], dropout_p: float,
-                    seed: Optional[torch.Tensor], offset: int
-                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _flash_attn_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: Optional[torch.Tensor],
+    dropout_p: float,
+    seed: Optional[torch.Tensor],
+    offset: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of flash_attn_fwd, given its out and lse."""
     _check_seed(dropout_p, seed)
     dq, dk, dv = _empty(q), _empty(k), _empty(v)
-    _C.flash_bwd(_view(dout), _view(q), _view(k), _view(v), _view(out), _view(lse), dq, dk, dv,
-                 **_options(q, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-                            dropout_p, seed, offset))
+    _C.flash_bwd(
+        _view(dout),
+        _view(q),
+        _view(k),
+        _view(v),
+        _view(out),
+        _view(lse),
+        dq,
+        dk,
+        dv,
+        **_options(q, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, offset),
+    )
     return dq, dk, dv
 
 
 @_flash_attn_bwd.register_fake
-def _(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-      dropout_p, seed, offset):
+def _(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    softmax_scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    alibi_slopes,
+    dropout_p,
+    seed,
+    offset,
+):
     return _empty(q), _empty(k), _empty(v)
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    (q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed,
-     offset) = inputs
+    (q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, offset) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, seed)
     ctx.options = (softmax_scale, causal, window_left, window_right, softcap, dropout_p, offset)
@@ -141,8 +212,23 @@ def _fwd_setup_context(ctx, inputs, output):
 def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, alibi_slopes, seed = ctx.saved_tensors
     softmax_scale, causal, window_left, window_right, softcap, dropout_p, offset = ctx.options
-    dq, dk, dv = _flash_attn_bwd(dout, q, k, v, out, lse, softmax_scale, causal, window_left,
-                                 window_right, softcap, alibi_slopes, dropout_p, seed, offset)
+    dq, dk, dv = _flash_attn_bwd(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        softmax_scale,
+        causal,
+        window_left,
+        window_right,
+        softcap,
+        alibi_slopes,
+        dropout_p,
+        seed,
+        offset,
+    )
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
@@ -155,70 +241,217 @@ _flash_attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_contex
 
 
 @torch.library.custom_op("pagedflash::flash_attn_varlen_fwd", mutates_args=())
-def _flash_attn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
-                           max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int,
-                           window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
-                           dropout_p: float, seed: Optional[torch.Tensor],
-                           offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _flash_attn_varlen_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: Optional[torch.Tensor],
+    dropout_p: float,
+    seed: Optional[torch.Tensor],
+    offset: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """q [total_q, h, d], k/v [total_k, hk, d] -> (out [total_q, h, d], lse float32 [h, total_q])."""
     _check_seed(dropout_p, seed)
     out = _empty(q)
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
-    _C.flash_fwd(_view(q), _view(k), _view(v), out, lse,
-                 **_options(q, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-                            dropout_p, seed, offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                            max_seqlen_k))
+    _C.flash_fwd(
+        _view(q),
+        _view(k),
+        _view(v),
+        out,
+        lse,
+        **_options(
+            q,
+            softmax_scale,
+            causal,
+            window_left,
+            window_right,
+            softcap,
+            alibi_slopes,
+            dropout_p,
+            seed,
+            offset,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+        ),
+    )
     return out, lse
 
 
 @_flash_attn_varlen_fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-      window_right, softcap, alibi_slopes, dropout_p, seed, offset):
+def _(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    softmax_scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    alibi_slopes,
+    dropout_p,
+    seed,
+    offset,
+):
     return _empty(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("pagedflash::flash_attn_varlen_bwd", mutates_args=())
-def _flash_attn_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                           softmax_scale: float, causal: bool, window_left: int, window_right: int,
-                           softcap: float, alibi_slopes: Optional[torch.Tensor], dropout_p: float,
-                           seed: Optional[torch.Tensor], offset: int
-                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _flash_attn_varlen_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: Optional[torch.Tensor],
+    dropout_p: float,
+    seed: Optional[torch.Tensor],
+    offset: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of flash_attn_varlen_fwd, given its out and lse."""
     _check_seed(dropout_p, seed)
     dq, dk, dv = _empty(q), _empty(k), _empty(v)
-    _C.flash_bwd(_view(dout), _view(q), _view(k), _view(v), _view(out), _view(lse), dq, dk, dv,
-                 **_options(q, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-                            dropout_p, seed, offset, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                            max_seqlen_k))
+    _C.flash_bwd(
+        _view(dout),
+        _view(q),
+        _view(k),
+        _view(v),
+        _view(out),
+        _view(lse),
+        dq,
+        dk,
+        dv,
+        **_options(
+            q,
+            softmax_scale,
+            causal,
+            window_left,
+            window_right,
+            softcap,
+            alibi_slopes,
+            dropout_p,
+            seed,
+            offset,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+        ),
+    )
     return dq, dk, dv
 
 
 @_flash_attn_varlen_bwd.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-      causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, offset):
+def _(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    softmax_scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    alibi_slopes,
+    dropout_p,
+    seed,
+    offset,
+):
     return _empty(q), _empty(k), _empty(v)
 
 
 def _varlen_setup_context(ctx, inputs, output):
-    (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-     window_right, softcap, alibi_slopes, dropout_p, seed, offset) = inputs
+    (
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        causal,
+        window_left,
+        window_right,
+        softcap,
+        alibi_slopes,
+        dropout_p,
+        seed,
+        offset,
+    ) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed)
-    ctx.options = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap,
-                   dropout_p, offset)
+    ctx.options = (
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        causal,
+        window_left,
+        window_right,
+        softcap,
+        dropout_p,
+        offset,
+    )
     ctx.mark_non_differentiable(lse)
 
 
 def _varlen_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed = ctx.saved_tensors
-    (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, dropout_p,
-     offset) = ctx.options
-    dq, dk, dv = _flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                        max_seqlen_k, softmax_scale, causal, window_left, window_right,
-                                        softcap, alibi_slopes, dropout_p, seed, offset)
+    (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, dropout_p, offset) = (
+        ctx.options
+    )
+    dq, dk, dv = _flash_attn_varlen_bwd(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        causal,
+        window_left,
+        window_right,
+        softcap,
+        alibi_slopes,
+        dropout_p,
+        seed,
+        offset,
+    )
     return (dq, dk, dv) + (None,) * 13
 
 
@@ -248,10 +481,21 @@ def _window(window: Sequence[int]) -> Tuple[int, int]:
     return int(window[0]), int(window[1])
 
 
-def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-               softmax_scale: Optional[float] = None, window: Sequence[int] = (-1, -1),
-               softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
-               dropout_p: float = 0.0, seed=None, offset: int = 0, return_lse: bool = False):
+def flash_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    seed=None,
+    offset: int = 0,
+    return_lse: bool = False,
+):
     """Differentiable flash attention (pagedflash.flash_attn semantics) on torch tensors.
 
     q [batch, seqlen_q, num_heads, head_dim]; k, v [batch, seqlen_k, num_kv_heads, head_dim].
@@ -262,17 +506,41 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: boo
     """
     left, right = _window(window)
     out, lse = torch.ops.pagedflash.flash_attn_fwd(
-        q, k, v, 0.0 if softmax_scale is None else float(softmax_scale), bool(causal), left, right,
-        float(softcap), alibi_slopes, float(dropout_p), _seed_tensor(dropout_p, seed), int(offset))
+        q,
+        k,
+        v,
+        0.0 if softmax_scale is None else float(softmax_scale),
+        bool(causal),
+        left,
+        right,
+        float(softcap),
+        alibi_slopes,
+        float(dropout_p),
+        _seed_tensor(dropout_p, seed),
+        int(offset),
+    )
     return (out, lse) if return_lse else out
 
 
-def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
-                      causal: bool = False, softmax_scale: Optional[float] = None,
-                      window: Sequence[int] = (-1, -1), softcap: float = 0.0,
-                      alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0, seed=None,
-                      offset: int = 0, return_lse: bool = False):
+def flash_attn_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    seed=None,
+    offset: int = 0,
+    return_lse: bool = False,
+):
     """Differentiable flash attention over packed variable-length sequences.
 
     q [total_q, num_heads, head_dim]; k, v [total_k, num_kv_heads, head_dim];
@@ -281,7 +549,21 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     """
     left, right = _window(window)
     out, lse = torch.ops.pagedflash.flash_attn_varlen_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-        0.0 if softmax_scale is None else float(softmax_scale), bool(causal), left, right,
-        float(softcap), alibi_slopes, float(dropout_p), _seed_tensor(dropout_p, seed), int(offset))
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        int(max_seqlen_q),
+        int(max_seqlen_k),
+        0.0 if softmax_scale is None else float(softmax_scale),
+        bool(causal),
+        left,
+        right,
+        float(softcap),
+        alibi_slopes,
+        float(dropout_p),
+        _seed_tensor(dropout_p, seed),
+        int(offset),
+    )
     return (out, lse) if return_lse else out

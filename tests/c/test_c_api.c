@@ -13,14 +13,14 @@
 
 static int failures = 0;
 
-#define EXPECT(cond, ...)                                   \
-    do {                                                    \
-        if (!(cond)) {                                      \
+#define EXPECT(cond, ...)                                        \
+    do {                                                         \
+        if (!(cond)) {                                           \
             fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-            fprintf(stderr, __VA_ARGS__);                   \
-            fprintf(stderr, "\n");                          \
-            failures++;                                     \
-        }                                                   \
+            fprintf(stderr, __VA_ARGS__);                        \
+            fprintf(stderr, "\n");                               \
+            failures++;                                          \
+        }                                                        \
     } while (0)
 
 static pf_tensor view4(float *data, int64_t a, int64_t b, int64_t c, int64_t d) {
@@ -30,8 +30,14 @@ static pf_tensor view4(float *data, int64_t a, int64_t b, int64_t c, int64_t d) 
     t.dtype = PF_DTYPE_F32;
     t.device = PF_DEVICE_CPU;
     t.ndim = 4;
-    t.shape[0] = a; t.shape[1] = b; t.shape[2] = c; t.shape[3] = d;
-    t.strides[3] = 1; t.strides[2] = d; t.strides[1] = c * d; t.strides[0] = b * c * d;
+    t.shape[0] = a;
+    t.shape[1] = b;
+    t.shape[2] = c;
+    t.shape[3] = d;
+    t.strides[3] = 1;
+    t.strides[2] = d;
+    t.strides[1] = c * d;
+    t.strides[0] = b * c * d;
     return t;
 }
 
@@ -41,8 +47,8 @@ static double uniform(unsigned *state) {
 }
 
 /* naive attention in double: one (batch, head, query row) at a time */
-static void naive(const float *q, const float *k, const float *v, double *out, double *lse, int B,
-                  int SQ, int SK, int H, int HK, int D, int causal) {
+static void naive(const float *q, const float *k, const float *v, double *out, double *lse, int B, int SQ, int SK,
+                  int H, int HK, int D, int causal) {
     double scale = 1.0 / sqrt((double)D);
     double *s = malloc(sizeof(double) * (size_t)SK);
     for (int b = 0; b < B; b++)
@@ -89,7 +95,9 @@ static void check_attention(int B, int SQ, int SK, int H, int HK, int D, int cau
     p.out = view4(o, B, SQ, H, D);
     p.lse = view4(lse, B, H, SQ, 1);
     p.lse.ndim = 3;
-    p.lse.strides[0] = (int64_t)H * SQ; p.lse.strides[1] = SQ; p.lse.strides[2] = 1;
+    p.lse.strides[0] = (int64_t)H * SQ;
+    p.lse.strides[1] = SQ;
+    p.lse.strides[2] = 1;
     p.causal = causal;
     p.window_left = p.window_right = -1;
     pf_status st = pf_flash_fwd(&p);
@@ -109,10 +117,16 @@ static void check_attention(int B, int SQ, int SK, int H, int HK, int D, int cau
         double e = fabs((double)lse[i] - rl[i]);
         if (!(e <= lerr)) lerr = e;
     }
-    EXPECT(err <= 1e-5, "B=%d SQ=%d SK=%d H=%d HK=%d D=%d causal=%d: max |out - ref| = %g", B, SQ,
-           SK, H, HK, D, causal, err);
+    EXPECT(err <= 1e-5, "B=%d SQ=%d SK=%d H=%d HK=%d D=%d causal=%d: max |out - ref| = %g", B, SQ, SK, H, HK, D, causal,
+           err);
     EXPECT(lerr <= 1e-5, "lse error %g", lerr);
-    free(q); free(k); free(v); free(o); free(lse); free(ro); free(rl);
+    free(q);
+    free(k);
+    free(v);
+    free(o);
+    free(lse);
+    free(ro);
+    free(rl);
 }
 
 static void check_errors(void) {
@@ -129,8 +143,7 @@ static void check_errors(void) {
     p.window_left = p.window_right = -1;
     pf_status st = pf_flash_fwd(&p);
     EXPECT(st == PF_STATUS_INVALID_VALUE, "expected PF_STATUS_INVALID_VALUE, got %s", pf_status_string(st));
-    EXPECT(strstr(pf_last_error(), "num_kv_heads") != NULL, "message should name num_kv_heads: %s",
-           pf_last_error());
+    EXPECT(strstr(pf_last_error(), "num_kv_heads") != NULL, "message should name num_kv_heads: %s", pf_last_error());
     for (size_t i = 0; i < sizeof o / 4; i++) EXPECT(o[i] == 7.0f, "out modified at %zu", i);
     p.k.dtype = PF_DTYPE_F16;
     st = pf_flash_fwd(&p);
@@ -144,7 +157,6 @@ int main(void) {
     check_attention(1, 130, 70, 8, 1, 64, 1);
     check_attention(2, 65, 65, 2, 2, 96, 0);
     check_errors();
-    printf("pagedflash C API: %d checks failed; has_cuda=%d cpu_count=%d\n", failures, pf_has_cuda(),
-           pf_cpu_count());
+    printf("pagedflash C API: %d checks failed; has_cuda=%d cpu_count=%d\n", failures, pf_has_cuda(), pf_cpu_count());
     return failures ? 1 : 0;
 }

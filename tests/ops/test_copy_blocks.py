@@ -1,13 +1,13 @@
 """copy_blocks on every backend: whole blocks of every layer's caches copied pair by pair in
 order (copy-on-write), in place, bit for bit; host-resident mappings checked before any copy,
 device-resident ones bound-checked by the CUDA kernel."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 import pagedflash
-
 from conftest import DTYPES, cases, cuda_only
 
 from .test_write_kv_cache import raw
@@ -20,8 +20,9 @@ def expected(cache, pairs):
     return e
 
 
-@cases("dtype,device_mapping", cpu=[(dt, False) for dt in DTYPES],
-       cuda=[(dt, m) for dt in DTYPES for m in (False, True)])
+@cases(
+    "dtype,device_mapping", cpu=[(dt, False) for dt in DTYPES], cuda=[(dt, m) for dt in DTYPES for m in (False, True)]
+)
 def test_copy_blocks_layers(backend, rng, dtype, device_mapping):
     layers, nb, bs, hk, d = 3, 12, 16, 2, 24
     ks = [backend.randn(rng, (nb, bs, hk, d), dtype) for _ in range(layers)]

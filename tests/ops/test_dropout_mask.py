@@ -1,15 +1,15 @@
 """dropout_mask on every backend: the keep mask of pagedflash_philox.h (recomputed here in
 NumPy), its statistics and keys, and that the forward applies exactly it. The forward and
 backward with dropout against the reference: test_flash_fwd.py, test_flash_bwd.py."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 import pagedflash
-from pagedflash import reference
-
 from conftest import as_np64, cases, cu_seqlens
+from pagedflash import reference
 
 _M32 = np.uint64(0xFFFFFFFF)
 
@@ -41,8 +41,12 @@ def philox_keep(seed, offset, p, b, h, sq, sk, bh_base=0):
     return (w >= thr).astype(np.uint8)
 
 
-@cases("p,seed,offset", cpu=[(0.17, 0x1234_5678_9ABC_DEF1, 7), (0.5, 3, 0)],
-       cuda=[(0.17, 0x1234_5678_9ABC_DEF1, 7), (0.5, 3, 0)], ids=lambda p, s, o: f"p{p}-o{o}")
+@cases(
+    "p,seed,offset",
+    cpu=[(0.17, 0x1234_5678_9ABC_DEF1, 7), (0.5, 3, 0)],
+    cuda=[(0.17, 0x1234_5678_9ABC_DEF1, 7), (0.5, 3, 0)],
+    ids=lambda p, s, o: f"p{p}-o{o}",
+)
 def test_mask_is_the_philox_contract(backend, rng, p, seed, offset):
     """Dense: mask[b, h, i, j] of a 64-bit seed and an offset, bit for bit; on CUDA also equal to
     the CPU backend's mask (the two backends' dropout agree)."""
@@ -70,13 +74,14 @@ def test_varlen_mask(backend, rng):
         with pytest.raises(NotImplementedError):
             pagedflash.dropout_mask(q, k, dropout_p=p, seed=seed, cu_seqlens_q=cq, cu_seqlens_k=ck)
         return
-    full = as_np64(pagedflash.dropout_mask(q, k, dropout_p=p, seed=seed, cu_seqlens_q=cq, cu_seqlens_k=ck,
-                                           max_seqlen_q=60))
+    full = as_np64(
+        pagedflash.dropout_mask(q, k, dropout_p=p, seed=seed, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=60)
+    )
     assert full.shape == (3, h, 60, 50)
     for i in range(3):
         keep = philox_keep(seed, 0, p, 1, h, lq[i], lk[i], bh_base=i * h)[0]
         np.testing.assert_array_equal(full[i, :, : lq[i], : lk[i]], keep)
-        assert not full[i, :, lq[i]:].any() and not full[i, :, :, lk[i]:].any()
+        assert not full[i, :, lq[i] :].any() and not full[i, :, :, lk[i] :].any()
 
 
 def test_mask_fraction_and_keys(backend, rng):

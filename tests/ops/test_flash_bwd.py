@@ -10,17 +10,34 @@ key, several key blocks and query tiles per block (CUDA tiles), long sequences, 
 without NaN, strided views, bitwise determinism, bad input. On CUDA with kernel "auto", "sm80"
 and "sm90" where the wgmma backward takes the call (conftest.flash_kernels).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 import pagedflash
+from conftest import (
+    DTYPES,
+    LOWP,
+    alibi_slopes,
+    as_np64,
+    assert_close,
+    cases,
+    check_grads,
+    check_grads_varlen,
+    cpu_only,
+    cu_seqlens,
+    cuda_only,
+    dropout_keep,
+    flash_kernels,
+    naive_attention_lowp,
+    naive_grads,
+    poison_like,
+    refused,
+    torch,
+)
 from pagedflash import reference
-
-from conftest import (DTYPES, LOWP, alibi_slopes, as_np64, assert_close, cases, check_grads, check_grads_varlen,
-                      cpu_only, cu_seqlens, cuda_only, dropout_keep, flash_kernels, naive_attention_lowp, naive_grads,
-                      poison_like, refused, torch)
 
 pytestmark = pytest.mark.skipif(torch is None, reason="gradient references need torch")
 
@@ -36,12 +53,28 @@ def run_bwd(backend, rng, dtype, shape, *, kernel="auto", seed=None, determinist
     dout = backend.randn(rng, (b, sq, h, d), dtype, scale=scale)
     fkernel = "auto" if backend.refuses(kernel) else kernel
     out, lse = pagedflash.flash_attn(q, k, v, return_lse=True, seed=seed, kernel=fkernel, **opts)
-    if refused(backend, kernel, lambda: pagedflash.flash_attn_backward(dout, q, k, v, out, lse, seed=seed,
-                                                                       kernel=kernel, **opts)):
+    if refused(
+        backend,
+        kernel,
+        lambda: pagedflash.flash_attn_backward(dout, q, k, v, out, lse, seed=seed, kernel=kernel, **opts),
+    ):
         return None
     bufs = poison_like(q), poison_like(k), poison_like(v)
-    grads = pagedflash.flash_attn_backward(dout, q, k, v, out, lse, seed=seed, dq=bufs[0], dk=bufs[1], dv=bufs[2],
-                                           deterministic=deterministic, kernel=kernel, **opts)
+    grads = pagedflash.flash_attn_backward(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        seed=seed,
+        dq=bufs[0],
+        dk=bufs[1],
+        dv=bufs[2],
+        deterministic=deterministic,
+        kernel=kernel,
+        **opts,
+    )
     assert all(g is buf for g, buf in zip(grads, bufs))
     return grads, (dout, q, k, v)
 
@@ -77,13 +110,23 @@ def _dense_shape(cfg, heads):
 
 
 def _dense_rows(be):
-    return [(dt, hh, i, kern) for dt in DTYPES for hh in GQA for i in range(len(CONFIGS))
-            for kern in flash_kernels(be, dt, _dense_shape(i, hh)[3], backward=True,
-                                      extras=CONFIGS[i][0].startswith(("softcap", "alibi")))]
+    return [
+        (dt, hh, i, kern)
+        for dt in DTYPES
+        for hh in GQA
+        for i in range(len(CONFIGS))
+        for kern in flash_kernels(
+            be, dt, _dense_shape(i, hh)[3], backward=True, extras=CONFIGS[i][0].startswith(("softcap", "alibi"))
+        )
+    ]
 
 
-@cases("dtype,heads,cfg,kernel", cpu=_dense_rows("cpu"), cuda=_dense_rows("cuda"),
-       ids=lambda dt, hh, i, kern: f"{CONFIGS[i][0]}-h{hh[0]}kv{hh[1]}-{dt}-{kern}")
+@cases(
+    "dtype,heads,cfg,kernel",
+    cpu=_dense_rows("cpu"),
+    cuda=_dense_rows("cuda"),
+    ids=lambda dt, hh, i, kern: f"{CONFIGS[i][0]}-h{hh[0]}kv{hh[1]}-{dt}-{kern}",
+)
 def test_backward_dense(backend, rng, dtype, heads, cfg, kernel):
     name, opts, akind = CONFIGS[cfg]
     b, sq, sk, d = _dense_shape(cfg, heads)
@@ -92,11 +135,19 @@ def test_backward_dense(backend, rng, dtype, heads, cfg, kernel):
     run_and_check(backend, rng, dtype, (b, sq, sk, h, hk, d), kernel=kernel, **kw)
 
 
-@cases("dtype,d,causal,hk,kernel",
-       cpu=[("float32", 64, True, 1, "auto"), ("bfloat16", 96, False, 2, "auto"), ("float16", 128, True, 2, "auto")],
-       cuda=[(dt, d, c, hk, kern) for dt in DTYPES for d in (64, 128, 96, 256) for c in (False, True)
-             for hk in (1, 2) for kern in flash_kernels("cuda", dt, d, backward=True)],
-       ids=lambda dt, d, c, hk, kern: f"{dt}-d{d}-{'causal' if c else 'full'}-kv{hk}-{kern}")
+@cases(
+    "dtype,d,causal,hk,kernel",
+    cpu=[("float32", 64, True, 1, "auto"), ("bfloat16", 96, False, 2, "auto"), ("float16", 128, True, 2, "auto")],
+    cuda=[
+        (dt, d, c, hk, kern)
+        for dt in DTYPES
+        for d in (64, 128, 96, 256)
+        for c in (False, True)
+        for hk in (1, 2)
+        for kern in flash_kernels("cuda", dt, d, backward=True)
+    ],
+    ids=lambda dt, d, c, hk, kern: f"{dt}-d{d}-{'causal' if c else 'full'}-kv{hk}-{kern}",
+)
 def test_backward_head_dims(backend, rng, dtype, d, causal, hk, kernel):
     run_and_check(backend, rng, dtype, (2, 113, 150, 2, hk, d), kernel=kernel, causal=causal)
 
@@ -105,37 +156,61 @@ def test_backward_head_dims(backend, rng, dtype, d, causal, hk, kernel):
 # queries; the sm_80 kernel's 128 x 64 / 128): boundaries inside and across tiles, GQA groups
 # walked by one block, rows that see no key (sq > sk, causal), windows, head dims padded up to an
 # instantiated one.
-TILE_CASES = [(300, 517, False, (-1, -1), 2), (300, 517, True, (-1, -1), 1), (400, 200, True, (-1, -1), 2),
-              (389, 389, False, (64, 17), 2)]
+TILE_CASES = [
+    (300, 517, False, (-1, -1), 2),
+    (300, 517, True, (-1, -1), 1),
+    (400, 200, True, (-1, -1), 2),
+    (389, 389, False, (64, 17), 2),
+]
 
 
-@cases("dtype,d,case,kernel",
-       cpu=[("bfloat16", 48, i, "auto") for i in (2, 3)],
-       cuda=[(dt, d, i, kern) for dt in LOWP for d in (64, 128, 48, 120) for i in range(len(TILE_CASES))
-             for kern in flash_kernels("cuda", dt, d, backward=True)],
-       ids=lambda dt, d, i, kern: "{}-d{}-{}x{}{}-kv{}-{}".format(
-           dt, d, TILE_CASES[i][0], TILE_CASES[i][1], "-causal" if TILE_CASES[i][2] else "",
-           TILE_CASES[i][4], kern) + ("-window" if TILE_CASES[i][3] != (-1, -1) else ""))
+@cases(
+    "dtype,d,case,kernel",
+    cpu=[("bfloat16", 48, i, "auto") for i in (2, 3)],
+    cuda=[
+        (dt, d, i, kern)
+        for dt in LOWP
+        for d in (64, 128, 48, 120)
+        for i in range(len(TILE_CASES))
+        for kern in flash_kernels("cuda", dt, d, backward=True)
+    ],
+    ids=lambda dt, d, i, kern: (
+        "{}-d{}-{}x{}{}-kv{}-{}".format(
+            dt, d, TILE_CASES[i][0], TILE_CASES[i][1], "-causal" if TILE_CASES[i][2] else "", TILE_CASES[i][4], kern
+        )
+        + ("-window" if TILE_CASES[i][3] != (-1, -1) else "")
+    ),
+)
 def test_backward_tiles(backend, rng, dtype, d, case, kernel):
     sq, sk, causal, window, hk = TILE_CASES[case]
     run_and_check(backend, rng, dtype, (2, sq, sk, 4, hk, d), kernel=kernel, causal=causal, window=window)
 
 
-@cases("dtype,kernel", cpu=[(dt, "auto") for dt in ("float32", "bfloat16")],
-       cuda=[(dt, kern) for dt in ("float32", "bfloat16") for kern in flash_kernels("cuda", dt, 40, backward=True)])
+@cases(
+    "dtype,kernel",
+    cpu=[(dt, "auto") for dt in ("float32", "bfloat16")],
+    cuda=[(dt, kern) for dt in ("float32", "bfloat16") for kern in flash_kernels("cuda", dt, 40, backward=True)],
+)
 def test_backward_long_sequence(backend, rng, dtype, kernel):
     """seqlen 1023 (many 64-tiles, a partial last one), GQA 2:1, causal + window."""
     run_and_check(backend, rng, dtype, (1, 1023, 1023, 2, 1, 40), kernel=kernel, causal=True, window=(300, -1))
 
 
-@cases("dtype,kernel", cpu=[(dt, "auto") for dt in LOWP],
-       cuda=[(dt, kern) for dt in LOWP for kern in flash_kernels("cuda", dt, 64, backward=True, extras=True)])
+@cases(
+    "dtype,kernel",
+    cpu=[(dt, "auto") for dt in LOWP],
+    cuda=[(dt, kern) for dt in LOWP for kern in flash_kernels("cuda", dt, 64, backward=True, extras=True)],
+)
 def test_backward_features(backend, rng, dtype, kernel):
     """Window, softcap, per-head ALiBi with causal, dropout: one shape, 4/2 heads, d = 64."""
     b, sq, sk, h, hk, d = 1, 90, 77, 4, 2, 64
     slopes = backend.put(alibi_slopes(rng, "head", b, h, 0.01, 0.3))
-    for opts in ({"window": (20, 3)}, {"softcap": 10.0}, {"alibi_slopes": slopes, "causal": True},
-                 {"dropout_p": 0.2, "seed": 11}):
+    for opts in (
+        {"window": (20, 3)},
+        {"softcap": 10.0},
+        {"alibi_slopes": slopes, "causal": True},
+        {"dropout_p": 0.2, "seed": 11},
+    ):
         seed = opts.pop("seed", None)
         res = run_bwd(backend, rng, dtype, (b, sq, sk, h, hk, d), kernel=kernel, seed=seed, **opts)
         grads, (dout, q, k, v) = res
@@ -149,11 +224,19 @@ def test_backward_features(backend, rng, dtype, kernel):
 # dropout
 # ---------------------------------------------------------------------------
 
-@cases("dtype,heads,masked,kernel",
-       cpu=[(dt, hh, m, "auto") for dt in DTYPES for hh in ((4, 4), (4, 2), (6, 2)) for m in (False, True)],
-       cuda=[(dt, hh, m, kern) for dt in DTYPES for hh in ((4, 4), (4, 2), (6, 2)) for m in (False, True)
-             for kern in flash_kernels("cuda", dt, 24, backward=True, dropout=True)],
-       ids=lambda dt, hh, m, kern: f"{dt}-h{hh[0]}kv{hh[1]}-{'masked' if m else 'plain'}-{kern}")
+
+@cases(
+    "dtype,heads,masked,kernel",
+    cpu=[(dt, hh, m, "auto") for dt in DTYPES for hh in ((4, 4), (4, 2), (6, 2)) for m in (False, True)],
+    cuda=[
+        (dt, hh, m, kern)
+        for dt in DTYPES
+        for hh in ((4, 4), (4, 2), (6, 2))
+        for m in (False, True)
+        for kern in flash_kernels("cuda", dt, 24, backward=True, dropout=True)
+    ],
+    ids=lambda dt, hh, m, kern: f"{dt}-h{hh[0]}kv{hh[1]}-{'masked' if m else 'plain'}-{kern}",
+)
 def test_backward_dropout(backend, rng, dtype, heads, masked, kernel):
     h, hk = heads
     p = 0.2
@@ -182,6 +265,7 @@ def test_backward_dropout_needs_seed(backend, rng):
 # varlen
 # ---------------------------------------------------------------------------
 
+
 def varlen_bwd(backend, rng, dtype, lq, lk, h, hk, d, *, kernel="auto", seed=None, **kw):
     """Packed batch on the backend; forward, then backward into NaN-poisoned buffers. Returns the
     gradients, (dout, q, k, v) and the host cu_seqlens."""
@@ -192,14 +276,19 @@ def varlen_bwd(backend, rng, dtype, lq, lk, h, hk, d, *, kernel="auto", seed=Non
     dcq, dck = backend.put(cq), backend.put(ck)
     mq, mk = int(max(lq)), int(max(lk))
     fkernel = "auto" if backend.refuses(kernel) else kernel
-    out, lse = pagedflash.flash_attn_varlen(q, k, v, dcq, dck, mq, mk, return_lse=True, seed=seed, kernel=fkernel,
-                                            **kw)
-    if refused(backend, kernel, lambda: pagedflash.flash_attn_varlen_backward(
-            dout, q, k, v, out, lse, dcq, dck, mq, mk, seed=seed, kernel=kernel, **kw)):
+    out, lse = pagedflash.flash_attn_varlen(q, k, v, dcq, dck, mq, mk, return_lse=True, seed=seed, kernel=fkernel, **kw)
+    if refused(
+        backend,
+        kernel,
+        lambda: pagedflash.flash_attn_varlen_backward(
+            dout, q, k, v, out, lse, dcq, dck, mq, mk, seed=seed, kernel=kernel, **kw
+        ),
+    ):
         return None
     bufs = poison_like(q), poison_like(k), poison_like(v)
-    grads = pagedflash.flash_attn_varlen_backward(dout, q, k, v, out, lse, dcq, dck, mq, mk, seed=seed, dq=bufs[0],
-                                                  dk=bufs[1], dv=bufs[2], kernel=kernel, **kw)
+    grads = pagedflash.flash_attn_varlen_backward(
+        dout, q, k, v, out, lse, dcq, dck, mq, mk, seed=seed, dq=bufs[0], dk=bufs[1], dv=bufs[2], kernel=kernel, **kw
+    )
     assert all(g is buf for g, buf in zip(grads, bufs))
     return grads, (dout, q, k, v), cq, ck
 
@@ -213,12 +302,21 @@ VARLEN = [
 
 
 def _varlen_rows(be):
-    return [(dt, hh, i, kern) for dt in DTYPES for hh in ((4, 2), (3, 3), (4, 1)) for i in range(len(VARLEN))
-            for kern in flash_kernels(be, dt, 24, backward=True)]
+    return [
+        (dt, hh, i, kern)
+        for dt in DTYPES
+        for hh in ((4, 2), (3, 3), (4, 1))
+        for i in range(len(VARLEN))
+        for kern in flash_kernels(be, dt, 24, backward=True)
+    ]
 
 
-@cases("dtype,heads,cfg,kernel", cpu=_varlen_rows("cpu"), cuda=_varlen_rows("cuda"),
-       ids=lambda dt, hh, i, kern: f"{VARLEN[i][0]}-h{hh[0]}kv{hh[1]}-{dt}-{kern}")
+@cases(
+    "dtype,heads,cfg,kernel",
+    cpu=_varlen_rows("cpu"),
+    cuda=_varlen_rows("cuda"),
+    ids=lambda dt, hh, i, kern: f"{VARLEN[i][0]}-h{hh[0]}kv{hh[1]}-{dt}-{kern}",
+)
 def test_backward_varlen(backend, rng, dtype, heads, cfg, kernel):
     """Five sequences of random lengths including 0 and 1 (keys too)."""
     name, opts = VARLEN[cfg]
@@ -236,22 +334,30 @@ def test_backward_varlen(backend, rng, dtype, heads, cfg, kernel):
         slopes = rng.uniform(0.05, 1.0, (batch, h)).astype(np.float32)
         kw["alibi_slopes"] = backend.put(slopes)
     seed = 77
-    grads, (dout, q, k, v), cq, ck = varlen_bwd(backend, rng, dtype, lq, lk, h, hk, d, kernel=kernel, seed=seed,
-                                                **kw)
+    grads, (dout, q, k, v), cq, ck = varlen_bwd(backend, rng, dtype, lq, lk, h, hk, d, kernel=kernel, seed=seed, **kw)
     masks = None
     if kw.get("dropout_p"):
-        full = as_np64(dropout_keep(q, k, dropout_p=kw["dropout_p"], seed=seed,
-                                               cu_seqlens_q=backend.put(cq), cu_seqlens_k=backend.put(ck)))
+        full = as_np64(
+            dropout_keep(
+                q, k, dropout_p=kw["dropout_p"], seed=seed, cu_seqlens_q=backend.put(cq), cu_seqlens_k=backend.put(ck)
+            )
+        )
         masks = [full[i, :, : lq[i], : lk[i]] for i in range(batch)]
     check_grads_varlen(grads, dout, q, k, v, cq, ck, dtype, dropout_masks=masks, **kw)
 
 
-@cases("lens,d,causal,kernel",
-       cpu=[("short", 64, True, "auto"), ("tiles", 64, True, "auto")],
-       cuda=[("short", 64, True, kern) for kern in flash_kernels("cuda", "bfloat16", 64, backward=True)]
-       + [("tiles", d, c, kern) for d in (64, 128) for c in (False, True)
-          for kern in flash_kernels("cuda", "bfloat16", d, backward=True)],
-       ids=lambda lens, d, c, kern: f"{lens}-d{d}-{'causal' if c else 'full'}-{kern}")
+@cases(
+    "lens,d,causal,kernel",
+    cpu=[("short", 64, True, "auto"), ("tiles", 64, True, "auto")],
+    cuda=[("short", 64, True, kern) for kern in flash_kernels("cuda", "bfloat16", 64, backward=True)]
+    + [
+        ("tiles", d, c, kern)
+        for d in (64, 128)
+        for c in (False, True)
+        for kern in flash_kernels("cuda", "bfloat16", d, backward=True)
+    ],
+    ids=lambda lens, d, c, kern: f"{lens}-d{d}-{'causal' if c else 'full'}-{kern}",
+)
 def test_backward_varlen_lengths(backend, rng, lens, d, causal, kernel):
     """bfloat16 packed batches: "short" (17, 64, 1 queries over 30, 64, 5 keys, MHA) and "tiles"
     (130, 1, 300, 0 queries over 257, 200, 300, 64 keys, GQA 2:1: several query tiles and key
@@ -270,6 +376,7 @@ def test_backward_varlen_lengths(backend, rng, lens, d, causal, kernel):
 # edge cases
 # ---------------------------------------------------------------------------
 
+
 def test_backward_fully_masked_rows(backend, rng):
     """sq > sk causal: rows that see nothing get dq = 0; no NaN anywhere."""
     grads, (dout, q, k, v) = run_bwd(backend, rng, "float32", (1, 9, 4, 2, 1, 8), causal=True)
@@ -286,8 +393,11 @@ def test_backward_empty_query(backend, rng):
     assert tuple(dq.shape) == tuple(q.shape) and np.all(as_np64(dk) == 0) and np.all(as_np64(dv) == 0)
 
 
-@cases("sq,dtype", cpu=[(sq, dt) for sq in (1, 2, 5, 17) for dt in DTYPES],
-       cuda=[(sq, dt) for sq in (1, 2, 5, 17) for dt in DTYPES])
+@cases(
+    "sq,dtype",
+    cpu=[(sq, dt) for sq in (1, 2, 5, 17) for dt in DTYPES],
+    cuda=[(sq, dt) for sq in (1, 2, 5, 17) for dt in DTYPES],
+)
 def test_backward_large_inputs_no_nan(backend, rng, sq, dtype):
     """Large scores on short sequences: no NaN in any gradient. q x5 makes the scores x5;
     q, k, v and dout all x5 makes them x25 (and the gradients large)."""
@@ -329,10 +439,15 @@ def test_backward_strided_inputs(backend, rng):
         assert np.array_equal(as_np64(a), as_np64(b))
 
 
-@cases("dtype,hk,kernel",
-       cpu=[(dt, 2, "auto") for dt in ("float32", "bfloat16")],
-       cuda=[("bfloat16", hk, kern) for hk in (1, 4)
-             for kern in flash_kernels("cuda", "bfloat16", 128, backward=True, deterministic=True)])
+@cases(
+    "dtype,hk,kernel",
+    cpu=[(dt, 2, "auto") for dt in ("float32", "bfloat16")],
+    cuda=[
+        ("bfloat16", hk, kern)
+        for hk in (1, 4)
+        for kern in flash_kernels("cuda", "bfloat16", 128, backward=True, deterministic=True)
+    ],
+)
 def test_backward_deterministic(backend, rng, dtype, hk, kernel):
     """deterministic=True: bitwise-identical gradients over 20 runs (on the CPU cycling through 1,
     2 and 3 threads, with causal, softcap and dropout; on CUDA causal at d = 128, GQA 4:1 and MHA)."""
@@ -387,6 +502,7 @@ def test_backward_bad_input(backend, rng):
 def test_backward_kernel_refusals(backend, rng):
     """NotImplementedError, nothing written: "sm80" / "sm90" for float32, "sm90" with
     deterministic=True (the wgmma backward accumulates dq with atomics), "sm90" at d = 96."""
+
     def refuse(dtype, d, kernel, **kw):
         q = backend.randn(rng, (1, 70, 2, d), dtype)
         k, v = backend.randn(rng, (1, 80, 2, d), dtype), backend.randn(rng, (1, 80, 2, d), dtype)

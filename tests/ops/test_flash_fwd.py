@@ -11,6 +11,7 @@ written. On CUDA every case runs with kernel="auto" and "sm80" (float16/bfloat16
 where the wgmma kernels take it (conftest.flash_kernels); CUDA-only: device-resident cu_seqlens
 with bad values, streams, CuPy / JAX through DLPack, the kernels a hint refuses.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,11 +20,27 @@ import numpy as np
 import pytest
 
 import pagedflash
+from conftest import (
+    DTYPES,
+    LOWP,
+    alibi_slopes,
+    as_np64,
+    assert_close,
+    cases,
+    check_lse,
+    cpu_only,
+    cu_seqlens,
+    cuda_only,
+    dropout_keep,
+    flash_kernels,
+    naive_attention_lowp,
+    naive_attention_varlen_lowp,
+    nan_buffer,
+    poison_like,
+    refused,
+    torch,
+)
 from pagedflash import reference
-
-from conftest import (DTYPES, LOWP, alibi_slopes, as_np64, assert_close, cases, check_lse, cpu_only, cu_seqlens,
-                      cuda_only, dropout_keep, flash_kernels, naive_attention_lowp, naive_attention_varlen_lowp,
-                      nan_buffer, poison_like, refused, torch)
 
 
 def fwd(q, k, v, *, kernel="auto", **opts):
@@ -37,8 +54,11 @@ def fwd(q, k, v, *, kernel="auto", **opts):
 
 def inputs(backend, rng, dtype, shape):
     b, sq, sk, h, hk, d = shape
-    return (backend.randn(rng, (b, sq, h, d), dtype), backend.randn(rng, (b, sk, hk, d), dtype),
-            backend.randn(rng, (b, sk, hk, d), dtype))
+    return (
+        backend.randn(rng, (b, sq, h, d), dtype),
+        backend.randn(rng, (b, sk, hk, d), dtype),
+        backend.randn(rng, (b, sk, hk, d), dtype),
+    )
 
 
 def check(q, k, v, out, lse, dtype, **opts):
@@ -68,44 +88,91 @@ def _kid(dtype, *rest):
 # head dims, lengths, GQA
 # ---------------------------------------------------------------------------
 
+
 def _head_dim_rows():
-    cpu = [(dt, d, c, "auto", (2, 113, 203, 4, 2) if d % 16 else (2, 203, 113, 4, 2))
-           for dt in DTYPES for d in (1, 8, 40, 64, 80, 128, 256) for c in (False, True)]
-    cuda = [(dt, d, c, kern, (2, 113, 203, 4, 2)) for dt in DTYPES for d in (32, 64, 96, 128, 192, 256)
-            for c in (False, True) for kern in flash_kernels("cuda", dt, d)]
+    cpu = [
+        (dt, d, c, "auto", (2, 113, 203, 4, 2) if d % 16 else (2, 203, 113, 4, 2))
+        for dt in DTYPES
+        for d in (1, 8, 40, 64, 80, 128, 256)
+        for c in (False, True)
+    ]
+    cuda = [
+        (dt, d, c, kern, (2, 113, 203, 4, 2))
+        for dt in DTYPES
+        for d in (32, 64, 96, 128, 192, 256)
+        for c in (False, True)
+        for kern in flash_kernels("cuda", dt, d)
+    ]
     # head dims between instantiations, zero-padded; 7 and 100 take the unaligned path
-    cuda += [(dt, d, True, kern, (1, 77, 130, 3, 3)) for dt in LOWP for d in (7, 40, 80, 100, 160, 200)
-             for kern in flash_kernels("cuda", dt, d)]
+    cuda += [
+        (dt, d, True, kern, (1, 77, 130, 3, 3))
+        for dt in LOWP
+        for d in (7, 40, 80, 100, 160, 200)
+        for kern in flash_kernels("cuda", dt, d)
+    ]
     return cpu, cuda
 
 
-@cases("dtype,d,causal,kernel,shape", cpu=_head_dim_rows()[0], cuda=_head_dim_rows()[1],
-       ids=lambda dt, d, c, kern, s: f"{dt}-d{d}-{'causal' if c else 'full'}-{kern}")
+@cases(
+    "dtype,d,causal,kernel,shape",
+    cpu=_head_dim_rows()[0],
+    cuda=_head_dim_rows()[1],
+    ids=lambda dt, d, c, kern, s: f"{dt}-d{d}-{'causal' if c else 'full'}-{kern}",
+)
 def test_head_dims(backend, rng, dtype, d, causal, kernel, shape):
     run(backend, rng, dtype, shape[:5] + (d,), kernel, causal=causal)
 
 
-CPU_LENGTHS = [(1, 1), (1, 7), (7, 1), (7, 113), (113, 7), (113, 203), (203, 113), (1, 1023), (1023, 1),
-               (203, 1023), (1023, 203), (1023, 1023)]
+CPU_LENGTHS = [
+    (1, 1),
+    (1, 7),
+    (7, 1),
+    (7, 113),
+    (113, 7),
+    (113, 203),
+    (203, 113),
+    (1, 1023),
+    (1023, 1),
+    (203, 1023),
+    (1023, 203),
+    (1023, 1023),
+]
 CUDA_LENGTHS = [(1, 1), (7, 7), (1, 203), (203, 1), (113, 203), (203, 113), (1023, 1023), (128, 64), (64, 128)]
 
 
-@cases("dtype,sq,sk,causal,kernel",
-       cpu=[(dt, sq, sk, c, "auto") for dt in DTYPES for sq, sk in CPU_LENGTHS for c in (False, True)],
-       cuda=[(dt, sq, sk, c, kern) for dt in LOWP for sq, sk in CUDA_LENGTHS for c in (False, True)
-             for kern in flash_kernels("cuda", dt, 64)],
-       ids=lambda dt, sq, sk, c, kern: f"{dt}-{sq}x{sk}-{'causal' if c else 'full'}-{kern}")
+@cases(
+    "dtype,sq,sk,causal,kernel",
+    cpu=[(dt, sq, sk, c, "auto") for dt in DTYPES for sq, sk in CPU_LENGTHS for c in (False, True)],
+    cuda=[
+        (dt, sq, sk, c, kern)
+        for dt in LOWP
+        for sq, sk in CUDA_LENGTHS
+        for c in (False, True)
+        for kern in flash_kernels("cuda", dt, 64)
+    ],
+    ids=lambda dt, sq, sk, c, kern: f"{dt}-{sq}x{sk}-{'causal' if c else 'full'}-{kern}",
+)
 def test_lengths(backend, rng, dtype, sq, sk, causal, kernel):
     """Odd lengths; causal with sq > sk has fully masked top rows (out 0, lse -inf)."""
     run(backend, rng, dtype, (1, sq, sk, 2, 1, 64), kernel, causal=causal)
 
 
-@cases("dtype,h,hk,causal,kernel,shape",
-       cpu=[(dt, h, hk, c, "auto", (2, 7, 113, 80)) for dt in DTYPES
-            for h, hk in ((4, 4), (4, 2), (8, 1), (16, 2), (6, 3)) for c in (False, True)],
-       cuda=[(dt, 6, hk, False, kern, (2, 64, 96, 64)) for dt in DTYPES for hk in (1, 2, 3, 6)
-             for kern in flash_kernels("cuda", dt, 64)],
-       ids=lambda dt, h, hk, c, kern, s: f"{dt}-h{h}kv{hk}-{'causal' if c else 'full'}-{kern}")
+@cases(
+    "dtype,h,hk,causal,kernel,shape",
+    cpu=[
+        (dt, h, hk, c, "auto", (2, 7, 113, 80))
+        for dt in DTYPES
+        for h, hk in ((4, 4), (4, 2), (8, 1), (16, 2), (6, 3))
+        for c in (False, True)
+    ],
+    cuda=[
+        (dt, 6, hk, False, kern, (2, 64, 96, 64))
+        for dt in DTYPES
+        for hk in (1, 2, 3, 6)
+        for kern in flash_kernels("cuda", dt, 64)
+    ],
+    ids=lambda dt, h, hk, c, kern, s: f"{dt}-h{h}kv{hk}-{'causal' if c else 'full'}-{kern}",
+)
 def test_gqa(backend, rng, dtype, h, hk, causal, kernel, shape):
     b, sq, sk, d = shape
     run(backend, rng, dtype, (b, sq, sk, h, hk, d), kernel, causal=causal)
@@ -115,14 +182,23 @@ def test_gqa(backend, rng, dtype, h, hk, causal, kernel, shape):
 # masking options
 # ---------------------------------------------------------------------------
 
-WINDOWS = [((16, 0), False), ((0, 0), False), ((32, 8), False), ((-1, 5), False), ((7, -1), False),
-           ((40, -1), True), ((1000, 1000), False)]
+WINDOWS = [
+    ((16, 0), False),
+    ((0, 0), False),
+    ((32, 8), False),
+    ((-1, 5), False),
+    ((7, -1), False),
+    ((40, -1), True),
+    ((1000, 1000), False),
+]
 
 
-@cases("dtype,window,causal,kernel",
-       cpu=[(dt, w, c, "auto") for dt in DTYPES for w, c in WINDOWS],
-       cuda=[(dt, w, c, kern) for dt in DTYPES for w, c in WINDOWS for kern in flash_kernels("cuda", dt, 128)],
-       ids=lambda dt, w, c, kern: f"{dt}-w{w[0]}_{w[1]}-{'causal' if c else 'full'}-{kern}")
+@cases(
+    "dtype,window,causal,kernel",
+    cpu=[(dt, w, c, "auto") for dt in DTYPES for w, c in WINDOWS],
+    cuda=[(dt, w, c, kern) for dt in DTYPES for w, c in WINDOWS for kern in flash_kernels("cuda", dt, 128)],
+    ids=lambda dt, w, c, kern: f"{dt}-w{w[0]}_{w[1]}-{'causal' if c else 'full'}-{kern}",
+)
 def test_windows(backend, rng, dtype, window, causal, kernel):
     run(backend, rng, dtype, (2, 150, 211, 2, 2, 128), kernel, window=window, causal=causal)
 
@@ -141,13 +217,26 @@ FEATURE_HEADS = [(4, 4), (4, 2), (6, 2), (3, 1)]
 
 
 def _feature_rows(be):
-    return [(dt, hh, i, kern) for dt in DTYPES for hh in FEATURE_HEADS for i in range(len(FEATURES))
-            for kern in flash_kernels(be, dt, FEATURE_SHAPES[(i + hh[0] + hh[1]) % len(FEATURE_SHAPES)][3],
-                                      extras=FEATURES[i][0].startswith(("softcap", "alibi")))]
+    return [
+        (dt, hh, i, kern)
+        for dt in DTYPES
+        for hh in FEATURE_HEADS
+        for i in range(len(FEATURES))
+        for kern in flash_kernels(
+            be,
+            dt,
+            FEATURE_SHAPES[(i + hh[0] + hh[1]) % len(FEATURE_SHAPES)][3],
+            extras=FEATURES[i][0].startswith(("softcap", "alibi")),
+        )
+    ]
 
 
-@cases("dtype,heads,cfg,kernel", cpu=_feature_rows("cpu"), cuda=_feature_rows("cuda"),
-       ids=lambda dt, hh, i, kern: f"{FEATURES[i][0]}-h{hh[0]}kv{hh[1]}-{dt}-{kern}")
+@cases(
+    "dtype,heads,cfg,kernel",
+    cpu=_feature_rows("cpu"),
+    cuda=_feature_rows("cuda"),
+    ids=lambda dt, hh, i, kern: f"{FEATURES[i][0]}-h{hh[0]}kv{hh[1]}-{dt}-{kern}",
+)
 def test_features(backend, rng, dtype, heads, cfg, kernel):
     name, opts, akind = FEATURES[cfg]
     b, sq, sk, d = FEATURE_SHAPES[(cfg + heads[0] + heads[1]) % len(FEATURE_SHAPES)]
@@ -161,15 +250,16 @@ def test_features(backend, rng, dtype, heads, cfg, kernel):
     check(q, k, v, out, lse, dtype, **kw)
 
 
-@cases("dtype,causal,kernel",
-       cpu=[(dt, c, "auto") for dt in DTYPES for c in (False, True)],
-       cuda=[(dt, c, kern) for dt in DTYPES for c in (False, True)
-             for kern in flash_kernels("cuda", dt, 64, extras=True)])
+@cases(
+    "dtype,causal,kernel",
+    cpu=[(dt, c, "auto") for dt in DTYPES for c in (False, True)],
+    cuda=[(dt, c, kern) for dt in DTYPES for c in (False, True) for kern in flash_kernels("cuda", dt, 64, extras=True)],
+)
 def test_softcap_alibi(backend, rng, dtype, causal, kernel):
     q, k, v = inputs(backend, rng, dtype, (2, 97, 130, 4, 2, 64))
     slopes = backend.put(alibi_slopes(rng, "head", 2, 4, 0.01, 0.5))
     for opts in ({"softcap": 5.0}, {"alibi_slopes": slopes}, {"softcap": 20.0, "alibi_slopes": slopes}):
-        if refused(backend, kernel, lambda: pagedflash.flash_attn(q, k, v, kernel=kernel, **opts)):
+        if refused(backend, kernel, lambda opts=opts: pagedflash.flash_attn(q, k, v, kernel=kernel, **opts)):
             return
         out, lse = fwd(q, k, v, causal=causal, kernel=kernel, **opts)
         check(q, k, v, out, lse, dtype, causal=causal, **opts)
@@ -185,8 +275,11 @@ def test_alibi_per_batch_and_scale(backend, rng, kernel):
         check(q, k, v, out, lse, "bfloat16", alibi_slopes=slopes, softmax_scale=scale, causal=True)
 
 
-@cases("dtype,kernel", cpu=[(dt, "auto") for dt in DTYPES],
-       cuda=[(dt, kern) for dt in DTYPES for kern in flash_kernels("cuda", dt, 64)])
+@cases(
+    "dtype,kernel",
+    cpu=[(dt, "auto") for dt in DTYPES],
+    cuda=[(dt, kern) for dt in DTYPES for kern in flash_kernels("cuda", dt, 64)],
+)
 def test_softmax_scale(backend, rng, dtype, kernel):
     run(backend, rng, dtype, (1, 37, 53, 2, 2, 64), kernel, softmax_scale=0.3)
 
@@ -199,10 +292,16 @@ MASKED_ROWS = [
 ]
 
 
-@cases("cfg,kernel", cpu=[(i, "auto") for i in range(len(MASKED_ROWS))],
-       cuda=[(i, kern) for i, (_, dt, s, o) in enumerate(MASKED_ROWS)
-             for kern in flash_kernels("cuda", dt, s[5], extras="alibi" in o)],
-       ids=lambda i, kern: f"{MASKED_ROWS[i][0]}-{kern}")
+@cases(
+    "cfg,kernel",
+    cpu=[(i, "auto") for i in range(len(MASKED_ROWS))],
+    cuda=[
+        (i, kern)
+        for i, (_, dt, s, o) in enumerate(MASKED_ROWS)
+        for kern in flash_kernels("cuda", dt, s[5], extras="alibi" in o)
+    ],
+    ids=lambda i, kern: f"{MASKED_ROWS[i][0]}-{kern}",
+)
 def test_fully_masked_rows(backend, rng, cfg, kernel):
     name, dtype, shape, opts = MASKED_ROWS[cfg]
     opts = dict(opts)
@@ -238,9 +337,12 @@ def test_large_scores_no_overflow(backend, rng):
 # strided views, libraries, threads
 # ---------------------------------------------------------------------------
 
-@cases("lib,dtype,kernel",
-       cpu=[("numpy", "float32", "auto")] + [("torch", dt, "auto") for dt in DTYPES],
-       cuda=[("torch", dt, kern) for dt in DTYPES for kern in flash_kernels("cuda", dt, 72)])
+
+@cases(
+    "lib,dtype,kernel",
+    cpu=[("numpy", "float32", "auto")] + [("torch", dt, "auto") for dt in DTYPES],
+    cuda=[("torch", dt, kern) for dt in DTYPES for kern in flash_kernels("cuda", dt, 72)],
+)
 def test_strided_views(backend, rng, lib, dtype, kernel):
     """Views with permuted / gapped batch, token and head strides (last dimension contiguous) are
     read and written in place, not copied: q transposed from [b, h, s, d], k every other head, v
@@ -318,8 +420,11 @@ def test_gil_released_during_compute(backend, rng):
     assert max_gap < 0.5 * single, f"main thread paused {max_gap:.3f}s during a {single:.3f}s call"
 
 
-@cases("dropout_p,kernel", cpu=[(p, "auto") for p in (0.0, 0.25)],
-       cuda=[(p, kern) for p in (0.0, 0.25) for kern in flash_kernels("cuda", "bfloat16", 128, dropout=p > 0)])
+@cases(
+    "dropout_p,kernel",
+    cpu=[(p, "auto") for p in (0.0, 0.25)],
+    cuda=[(p, kern) for p in (0.0, 0.25) for kern in flash_kernels("cuda", "bfloat16", 128, dropout=p > 0)],
+)
 def test_repeat_bitwise(backend, rng, dropout_p, kernel):
     """The same call gives the same bits every time (100 times on CUDA: races would show)."""
     q, k, v = inputs(backend, rng, "bfloat16", (2, 300, 300, 4, 2, 128) if backend.is_cuda else (1, 130, 150, 2, 1, 40))
@@ -337,11 +442,18 @@ def test_repeat_bitwise(backend, rng, dropout_p, kernel):
 # dropout (the mask itself: test_dropout_mask.py)
 # ---------------------------------------------------------------------------
 
-@cases("dtype,heads,kernel",
-       cpu=[(dt, hh, "auto") for dt in DTYPES for hh in ((4, 4), (4, 1), (6, 3))],
-       cuda=[(dt, hh, kern) for dt in DTYPES for hh in ((4, 4), (4, 1), (6, 3))
-             for kern in flash_kernels("cuda", dt, 24, extras=True, dropout=True)],
-       ids=lambda dt, hh, kern: f"{dt}-h{hh[0]}kv{hh[1]}-{kern}")
+
+@cases(
+    "dtype,heads,kernel",
+    cpu=[(dt, hh, "auto") for dt in DTYPES for hh in ((4, 4), (4, 1), (6, 3))],
+    cuda=[
+        (dt, hh, kern)
+        for dt in DTYPES
+        for hh in ((4, 4), (4, 1), (6, 3))
+        for kern in flash_kernels("cuda", dt, 24, extras=True, dropout=True)
+    ],
+    ids=lambda dt, hh, kern: f"{dt}-h{hh[0]}kv{hh[1]}-{kern}",
+)
 def test_dropout_with_masks(backend, rng, dtype, heads, kernel):
     """Dropout with causal, window and softcap: out = the reference with the mask dropout_mask
     reports for (seed, offset); the same seed gives the same bits, another offset another result."""
@@ -359,10 +471,13 @@ def test_dropout_with_masks(backend, rng, dtype, heads, kernel):
     assert not np.array_equal(as_np64(other), as_np64(out))
 
 
-@cases("dtype,causal,kernel",
-       cpu=[(dt, c, "auto") for dt in DTYPES for c in (False, True)],
-       cuda=[(dt, c, kern) for dt in DTYPES for c in (False, True)
-             for kern in flash_kernels("cuda", dt, 64, dropout=True)])
+@cases(
+    "dtype,causal,kernel",
+    cpu=[(dt, c, "auto") for dt in DTYPES for c in (False, True)],
+    cuda=[
+        (dt, c, kern) for dt in DTYPES for c in (False, True) for kern in flash_kernels("cuda", dt, 64, dropout=True)
+    ],
+)
 def test_dropout(backend, rng, dtype, causal, kernel):
     """A 64-bit seed and an offset, MQA; on CUDA also the CPU backend's output for the same seed."""
     b, sq, sk, h, hk, d = 2, 70, 93, 3, 1, 64
@@ -377,14 +492,16 @@ def test_dropout(backend, rng, dtype, causal, kernel):
     if backend.is_cuda:
         cpu_out = pagedflash.flash_attn(q.cpu(), k.cpu(), v.cpu(), **opts)
         ref = reference.attention(q, k, v, causal=causal, dropout_p=p, dropout_mask=mask)
-        naive = None if dtype == "float32" else naive_attention_lowp(q, k, v, causal=causal, dropout_p=p,
-                                                                     dropout_mask=mask)
+        naive = (
+            None if dtype == "float32" else naive_attention_lowp(q, k, v, causal=causal, dropout_p=p, dropout_mask=mask)
+        )
         assert_close(cpu_out, ref, naive, dtype=dtype, what="CPU backend out, same seed")
 
 
 # ---------------------------------------------------------------------------
 # varlen
 # ---------------------------------------------------------------------------
+
 
 def random_lengths(rng, batch, lo, hi, special=(0, 1)):
     lens = rng.integers(lo, hi + 1, batch)
@@ -405,27 +522,38 @@ VARLEN_HEADS = [(4, 2), (3, 3), (4, 1)]
 
 def varlen_fwd(q, k, v, cq, ck, max_q, max_k, *, kernel="auto", **kw):
     out = poison_like(q)
-    res, lse = pagedflash.flash_attn_varlen(q, k, v, cq, ck, int(max_q), int(max_k), out=out, return_lse=True,
-                                            kernel=kernel, **kw)
+    res, lse = pagedflash.flash_attn_varlen(
+        q, k, v, cq, ck, int(max_q), int(max_k), out=out, return_lse=True, kernel=kernel, **kw
+    )
     assert res is out and tuple(lse.shape) == (q.shape[1], q.shape[0])
     return out, lse
 
 
 def check_varlen(q, k, v, cq, ck, out, lse, dtype, *, dropout_masks=None, **kw):
     ref, ref_lse = reference.attention_varlen(q, k, v, cq, ck, dropout_masks=dropout_masks, return_lse=True, **kw)
-    naive = None if dtype == "float32" else naive_attention_varlen_lowp(q, k, v, cq, ck,
-                                                                        dropout_masks=dropout_masks, **kw)
+    naive = (
+        None if dtype == "float32" else naive_attention_varlen_lowp(q, k, v, cq, ck, dropout_masks=dropout_masks, **kw)
+    )
     assert_close(out, ref, naive, dtype=dtype)
     check_lse(lse, ref_lse)
 
 
 def _varlen_rows(be):
-    return [(dt, hh, i, kern) for dt in DTYPES for hh in VARLEN_HEADS for i in range(len(VARLEN))
-            for kern in flash_kernels(be, dt, 40)]
+    return [
+        (dt, hh, i, kern)
+        for dt in DTYPES
+        for hh in VARLEN_HEADS
+        for i in range(len(VARLEN))
+        for kern in flash_kernels(be, dt, 40)
+    ]
 
 
-@cases("dtype,heads,cfg,kernel", cpu=_varlen_rows("cpu"), cuda=_varlen_rows("cuda"),
-       ids=lambda dt, hh, i, kern: f"{VARLEN[i][0]}-h{hh[0]}kv{hh[1]}-{dt}-{kern}")
+@cases(
+    "dtype,heads,cfg,kernel",
+    cpu=_varlen_rows("cpu"),
+    cuda=_varlen_rows("cuda"),
+    ids=lambda dt, hh, i, kern: f"{VARLEN[i][0]}-h{hh[0]}kv{hh[1]}-{dt}-{kern}",
+)
 def test_varlen(backend, rng, dtype, heads, cfg, kernel):
     """Five packed sequences of random lengths including 0 and 1 (keys too), every option."""
     name, opts, akind = VARLEN[cfg]
@@ -439,22 +567,27 @@ def test_varlen(backend, rng, dtype, heads, cfg, kernel):
     slopes = alibi_slopes(rng, akind, batch, h)
     kw = dict(opts, alibi_slopes=backend.put(slopes))
     seed = 4242
-    out, lse = varlen_fwd(q, k, v, backend.put(cq), backend.put(ck), lq.max(), lk.max(), seed=seed,
-                          kernel=kernel, **kw)
+    out, lse = varlen_fwd(q, k, v, backend.put(cq), backend.put(ck), lq.max(), lk.max(), seed=seed, kernel=kernel, **kw)
     masks = None
     if kw.get("dropout_p"):
-        full = as_np64(dropout_keep(q, k, dropout_p=kw["dropout_p"], seed=seed,
-                                               cu_seqlens_q=backend.put(cq), cu_seqlens_k=backend.put(ck)))
+        full = as_np64(
+            dropout_keep(
+                q, k, dropout_p=kw["dropout_p"], seed=seed, cu_seqlens_q=backend.put(cq), cu_seqlens_k=backend.put(ck)
+            )
+        )
         assert full.shape == (batch, h, lq.max(), lk.max())
         masks = [full[i, :, : lq[i], : lk[i]] for i in range(batch)]
         assert full.sum() == sum(m.sum() for m in masks)  # nothing outside the sequences
     check_varlen(q, k, v, cq, ck, out, lse, dtype, dropout_masks=masks, **kw)
 
 
-@cases("dtype,causal,kernel",
-       cpu=[(dt, c, "auto") for dt in DTYPES for c in (False, True)],
-       cuda=[(dt, c, kern) for dt in DTYPES for c in (False, True)
-             for kern in flash_kernels("cuda", dt, 128, extras=True)])
+@cases(
+    "dtype,causal,kernel",
+    cpu=[(dt, c, "auto") for dt in DTYPES for c in (False, True)],
+    cuda=[
+        (dt, c, kern) for dt in DTYPES for c in (False, True) for kern in flash_kernels("cuda", dt, 128, extras=True)
+    ],
+)
 def test_varlen_understated_max_seqlen_q(backend, rng, dtype, causal, kernel):
     """Lengths 0, 1, 203 with ALiBi; an understated max_seqlen_q (1) is still computed in full."""
     lq, lk = [1, 113, 0, 64, 203, 7], [5, 113, 9, 200, 203, 1]
@@ -463,17 +596,24 @@ def test_varlen_understated_max_seqlen_q(backend, rng, dtype, causal, kernel):
     k, v = backend.randn(rng, (sum(lk), hk, d), dtype), backend.randn(rng, (sum(lk), hk, d), dtype)
     cq, ck = cu_seqlens(lq), cu_seqlens(lk)
     slopes = backend.put(alibi_slopes(rng, "head", 1, h, 0.01, 0.3))
-    if refused(backend, kernel, lambda: pagedflash.flash_attn_varlen(q, k, v, backend.put(cq), backend.put(ck), 1,
-                                                                     max(lk), kernel=kernel)):
+    if refused(
+        backend,
+        kernel,
+        lambda: pagedflash.flash_attn_varlen(q, k, v, backend.put(cq), backend.put(ck), 1, max(lk), kernel=kernel),
+    ):
         return
     for max_q in (max(lq), 1):
-        out, lse = varlen_fwd(q, k, v, backend.put(cq), backend.put(ck), max_q, max(lk), causal=causal,
-                              alibi_slopes=slopes, kernel=kernel)
+        out, lse = varlen_fwd(
+            q, k, v, backend.put(cq), backend.put(ck), max_q, max(lk), causal=causal, alibi_slopes=slopes, kernel=kernel
+        )
         check_varlen(q, k, v, cq, ck, out, lse, dtype, causal=causal, alibi_slopes=slopes)
 
 
-@cases("d,kernel", cpu=[(d, "auto") for d in (64, 128)],
-       cuda=[(d, kern) for d in (64, 128) for kern in flash_kernels("cuda", "bfloat16", d)])
+@cases(
+    "d,kernel",
+    cpu=[(d, "auto") for d in (64, 128)],
+    cuda=[(d, kern) for d in (64, 128) for kern in flash_kernels("cuda", "bfloat16", d)],
+)
 def test_varlen_understated_max_seqlen_q_plain(backend, rng, d, kernel):
     """The kernels without score extras (on Hopper the wgmma fast path: 64-key tiles at d=64,
     128-key tiles at d=128) also loop over the query tiles beyond an understated max_seqlen_q,
@@ -498,8 +638,11 @@ def test_varlen_dropout(backend, rng, kernel):
     q = backend.randn(rng, (sum(lq), h, d), "bfloat16")
     k, v = backend.randn(rng, (sum(lk), h, d), "bfloat16"), backend.randn(rng, (sum(lk), h, d), "bfloat16")
     cq, ck = backend.put(cu_seqlens(lq)), backend.put(cu_seqlens(lk))
-    if refused(backend, kernel, lambda: pagedflash.flash_attn_varlen(q, k, v, cq, ck, 50, 50, dropout_p=p, seed=seed,
-                                                                     kernel=kernel)):
+    if refused(
+        backend,
+        kernel,
+        lambda: pagedflash.flash_attn_varlen(q, k, v, cq, ck, 50, 50, dropout_p=p, seed=seed, kernel=kernel),
+    ):
         return
     out, lse = varlen_fwd(q, k, v, cq, ck, 50, 50, dropout_p=p, seed=seed, kernel=kernel)
     full = as_np64(dropout_keep(q, k, dropout_p=p, seed=seed, cu_seqlens_q=cq, cu_seqlens_k=ck))
@@ -539,11 +682,11 @@ def test_bad_device_cu_seqlens_stay_in_bounds(backend, rng, kernel):
     for bad in ([0, 30, 20, 1000], [-5, 10, 70, 50], [0, 2**30, -(2**30), 50]):
         cq = torch.tensor(bad, dtype=torch.int32, device="cuda")
         out_big = torch.full((50 + 2 * g, h, d), 7.0, dtype=torch.float16, device="cuda")
-        out = out_big[g:g + 50]
+        out = out_big[g : g + 50]
         pagedflash.flash_attn_varlen(q, k, v, cq, ck, 64, 64, causal=True, out=out, kernel=kernel)
         pagedflash.flash_attn_varlen(q, k, v, cq, ck, 64, 64, causal=True, return_lse=True, kernel=kernel)
         torch.cuda.synchronize()  # raises if a kernel faulted
-        assert torch.all(out_big[:g] == 7.0) and torch.all(out_big[g + 50:] == 7.0), "written outside out"
+        assert torch.all(out_big[:g] == 7.0) and torch.all(out_big[g + 50 :] == 7.0), "written outside out"
         assert torch.equal(cq, torch.tensor(bad, dtype=torch.int32, device="cuda")), "cu_seqlens_q was written"
         for before, now in zip(inputs_before, (q, k, v, ck)):
             assert torch.equal(before, now), "an input was written"
@@ -556,6 +699,7 @@ def test_bad_device_cu_seqlens_stay_in_bounds(backend, rng, kernel):
 # ---------------------------------------------------------------------------
 # kernel hints
 # ---------------------------------------------------------------------------
+
 
 @cpu_only
 def test_kernel_hints_cpu(backend, rng):
@@ -579,8 +723,12 @@ def test_kernel_hint_names(backend, rng):
     """An unknown name, or a paged attention hint, is a ValueError on every backend; nothing written."""
     q, k, v = inputs(backend, rng, "bfloat16", (1, 8, 8, 2, 2, 64))
     out = poison_like(q)
-    for bad, match in (("bogus", "unknown kernel"), ("8x8", "not a kernel of flash_fwd"),
-                       ("simple", "not a kernel of flash_fwd"), ("sm90+registers", "kernel")):
+    for bad, match in (
+        ("bogus", "unknown kernel"),
+        ("8x8", "not a kernel of flash_fwd"),
+        ("simple", "not a kernel of flash_fwd"),
+        ("sm90+registers", "kernel"),
+    ):
         with pytest.raises(ValueError, match=match):
             pagedflash.flash_attn(q, k, v, out=out, kernel=bad)
     assert np.isnan(as_np64(out)).all()
@@ -591,6 +739,7 @@ def test_kernel_refusals(backend, rng):
     """A hint that cannot take the call raises NotImplementedError and writes nothing: "sm80" /
     "sm90" for float32 (one CUDA-core kernel), "sm90" for a head dim without wgmma kernels, for an
     unaligned tensor, and off Hopper (the grids' "sm90" cases check that too)."""
+
     def refuse(q, k, v, kernel):
         out = poison_like(q)
         with pytest.raises(NotImplementedError):
@@ -614,6 +763,7 @@ def test_kernel_refusals(backend, rng):
 # ---------------------------------------------------------------------------
 # streams and frameworks (CUDA)
 # ---------------------------------------------------------------------------
+
 
 @cuda_only
 def test_torch_current_stream(backend, rng):
@@ -705,6 +855,7 @@ def test_mixed_devices_and_head_ratio(backend, rng):
 # bad input (forward and backward): a clear exception naming the argument, nothing written
 # ---------------------------------------------------------------------------
 
+
 def _problem(backend, rng):
     """A small varlen problem (4 sequences, one empty) and a dense one, float32, on the backend."""
     c = cu_seqlens([3, 5, 0, 2])
@@ -730,8 +881,9 @@ def _call(backend, which, dense, varlen, c, store, **kw):
         o = q * 0.5
         if which.endswith("varlen"):
             lse = backend.put(np.zeros((q.shape[1], q.shape[0]), np.float32))
-            pagedflash.flash_attn_backward(q, q, k, v, o, lse, cu_seqlens_q=cq, cu_seqlens_k=ck,
-                                           dq=store[0], dk=store[1], dv=store[2], **kw)
+            pagedflash.flash_attn_backward(
+                q, q, k, v, o, lse, cu_seqlens_q=cq, cu_seqlens_k=ck, dq=store[0], dk=store[1], dv=store[2], **kw
+            )
         else:
             lse = backend.put(np.zeros((q.shape[0], q.shape[2], q.shape[1]), np.float32))
             pagedflash.flash_attn_backward(q, q, k, v, o, lse, dq=store[0], dk=store[1], dv=store[2], **kw)
@@ -754,8 +906,12 @@ BAD = [
 WHICH = ["fwd", "fwd_varlen", "bwd", "bwd_varlen"]
 
 
-@cases("which,case", cpu=[(w, i) for w in WHICH for i in range(len(BAD))],
-       cuda=[(w, i) for w in WHICH for i in range(len(BAD))], ids=lambda w, i: f"{w}-{BAD[i][0]}")
+@cases(
+    "which,case",
+    cpu=[(w, i) for w in WHICH for i in range(len(BAD))],
+    cuda=[(w, i) for w in WHICH for i in range(len(BAD))],
+    ids=lambda w, i: f"{w}-{BAD[i][0]}",
+)
 def test_bad_options(backend, rng, which, case):
     name, kw, exc, arg = BAD[case]
     c, varlen, dense = _problem(backend, rng)
@@ -780,8 +936,12 @@ CU_BAD = [
 ]
 
 
-@cases("which,case", cpu=[(w, i) for w in ("fwd_varlen", "bwd_varlen") for i in range(len(CU_BAD))],
-       cuda=[(w, i) for w in ("fwd_varlen", "bwd_varlen") for i in (3, 4)], ids=lambda w, i: f"{w}-{CU_BAD[i][0]}")
+@cases(
+    "which,case",
+    cpu=[(w, i) for w in ("fwd_varlen", "bwd_varlen") for i in range(len(CU_BAD))],
+    cuda=[(w, i) for w in ("fwd_varlen", "bwd_varlen") for i in (3, 4)],
+    ids=lambda w, i: f"{w}-{CU_BAD[i][0]}",
+)
 def test_bad_cu_seqlens(backend, rng, which, case):
     name, kw, arg = CU_BAD[case]
     c, varlen, dense = _problem(backend, rng)
@@ -806,15 +966,17 @@ def test_bad_options_write_nothing(backend, rng):
     assert np.all(np.isnan(as_np64(out)))
     dq, dk, dv = poison_like(q), poison_like(k), poison_like(v)
     with pytest.raises(ValueError, match="dropout_p"):
-        pagedflash.flash_attn_backward(q, q, k, v, q, backend.put(np.zeros((2, 4, 6), np.float32)), dropout_p=2.0,
-                                       seed=0, dq=dq, dk=dk, dv=dv)
+        pagedflash.flash_attn_backward(
+            q, q, k, v, q, backend.put(np.zeros((2, 4, 6), np.float32)), dropout_p=2.0, seed=0, dq=dq, dk=dk, dv=dv
+        )
     assert all(np.all(np.isnan(as_np64(x))) for x in (dq, dk, dv))
 
 
 def test_mismatched_cu_seqlens_pair(backend, rng):
     c, (q, k, v), _ = _problem(backend, rng)
     with pytest.raises(ValueError, match="cu_seqlens_k"):
-        pagedflash.flash_attn_backward(q, q, k, v, q, backend.put(np.zeros((4, q.shape[0]), np.float32)),
-                                       cu_seqlens_q=backend.put(c))
+        pagedflash.flash_attn_backward(
+            q, q, k, v, q, backend.put(np.zeros((4, q.shape[0]), np.float32)), cu_seqlens_q=backend.put(c)
+        )
     with pytest.raises(ValueError, match="mask|cu_seqlens"):
         pagedflash.dropout_mask(q, k, dropout_p=0.1, seed=1, cu_seqlens_q=backend.put(c))

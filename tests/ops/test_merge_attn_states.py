@@ -1,16 +1,15 @@
 """merge_attn_states on every backend: the merge of two attention results over disjoint key sets
 (out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b, lse = logaddexp(lse_a, lse_b)), against
 float64 under the rule of tests/conftest.py; a side with lse -inf is never read; in place."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 import pagedflash
+from conftest import DTYPES, as_np64, assert_close, cases, check_lse, naive_attention_lowp, poison_like, randn, torch
 from pagedflash import reference
-
-from conftest import (DTYPES, as_np64, assert_close, cases, check_lse, naive_attention_lowp, poison_like, randn,
-                      torch)
 
 
 def _to_heads_tokens(lse):
@@ -30,8 +29,9 @@ def merge_ref(oa, la, ob, lb):
     m = np.where(np.isfinite(lse), lse, 0.0)
     wa = np.where(np.isneginf(la), 0.0, np.exp(la - m)).T[..., None]
     wb = np.where(np.isneginf(lb), 0.0, np.exp(lb - m)).T[..., None]
-    out = np.where(wa > 0, wa * np.nan_to_num(a, nan=0.0, posinf=0.0), 0.0) + \
-        np.where(wb > 0, wb * np.nan_to_num(b, nan=0.0, posinf=0.0), 0.0)
+    out = np.where(wa > 0, wa * np.nan_to_num(a, nan=0.0, posinf=0.0), 0.0) + np.where(
+        wb > 0, wb * np.nan_to_num(b, nan=0.0, posinf=0.0), 0.0
+    )
     return out.reshape(shape), lse
 
 
@@ -46,8 +46,9 @@ def merge_naive_lowp(oa, la, ob, lb):
     wb = torch.where(torch.isneginf(lb), 0.0, torch.exp(lb - m)).float().T[..., None].to(a.dtype)
     shape = a.shape
     zero = torch.zeros((), dtype=a.dtype)
-    out = torch.where(wa > 0, wa * a.reshape(-1, *shape[-2:]), zero) + \
-        torch.where(wb > 0, wb * b.reshape(-1, *shape[-2:]), zero)
+    out = torch.where(wa > 0, wa * a.reshape(-1, *shape[-2:]), zero) + torch.where(
+        wb > 0, wb * b.reshape(-1, *shape[-2:]), zero
+    )
     return out.reshape(shape).double().numpy()
 
 
@@ -105,11 +106,11 @@ def test_merge_edge_cases(backend, rng):
     ob = rng.standard_normal((t, h, d)).astype(np.float32)
     la = rng.standard_normal((h, t)).astype(np.float32)
     lb = rng.standard_normal((h, t)).astype(np.float32)
-    la[0, 0] = lb[0, 0] = -np.inf   # both empty -> 0, -inf
-    oa[0, 0] = ob[0, 0] = np.nan    # ...whatever they hold
-    la[1, 2] = -np.inf              # a empty -> exactly b
+    la[0, 0] = lb[0, 0] = -np.inf  # both empty -> 0, -inf
+    oa[0, 0] = ob[0, 0] = np.nan  # ...whatever they hold
+    la[1, 2] = -np.inf  # a empty -> exactly b
     oa[2, 1] = np.nan
-    lb[2, 4] = -np.inf              # b empty -> exactly a
+    lb[2, 4] = -np.inf  # b empty -> exactly a
     ob[4, 2] = np.inf
     out, lse = pagedflash.merge_attn_states(*(backend.put(x) for x in (oa, la, ob, lb)))
     out, lse = as_np64(out), as_np64(lse)

@@ -12,17 +12,35 @@ packed empty query ranges, two KV-head groups per sequence, 300 sequences, empty
 CUDA-only: device-resident bad block ids and seq_lens, CUDA graphs (split partials in the
 scratch pool), streams, the launcher's shape and split heuristics, the hints it refuses.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 import pagedflash
+from conftest import (
+    DTYPES,
+    PAGED_KERNELS,
+    ULP,
+    Backend,
+    alibi_slopes,
+    as_np64,
+    assert_close,
+    cases,
+    check_lse,
+    cpu_only,
+    cuda_only,
+    gather,
+    make_paged_cache,
+    make_paged_q,
+    naive_attention_lowp,
+    naive_lowp_paged,
+    poison_like,
+    randn,
+    torch,
+)
 from pagedflash import reference
-
-from conftest import (DTYPES, PAGED_KERNELS, ULP, Backend, alibi_slopes, as_np64, assert_close, cases, check_lse,
-                      cpu_only, cuda_only, gather, make_paged_cache, make_paged_q, naive_attention_lowp,
-                      naive_lowp_paged, poison_like, randn, torch)
 
 
 class Run:
@@ -32,9 +50,27 @@ class Run:
         self.__dict__.update(kw)
 
 
-def run_paged(backend, rng, *, dtype="bfloat16", lens=(113, 1, 203), qlens=None, h=8, hk=2, d=128, bs=16,
-              layout="decode", share=False, num_splits=0, causal=True, window=(-1, -1), softcap=0.0, alibi=None,
-              softmax_scale=None, kernel="auto"):
+def run_paged(
+    backend,
+    rng,
+    *,
+    dtype="bfloat16",
+    lens=(113, 1, 203),
+    qlens=None,
+    h=8,
+    hk=2,
+    d=128,
+    bs=16,
+    layout="decode",
+    share=False,
+    num_splits=0,
+    causal=True,
+    window=(-1, -1),
+    softcap=0.0,
+    alibi=None,
+    softmax_scale=None,
+    kernel="auto",
+):
     """Build a paged cache and queries on the backend, run paged_attn into a NaN-poisoned out and
     check out and lse against the float64 reference (and the naive same-precision result)."""
     qlens = list(qlens or [1] * len(lens))
@@ -43,38 +79,66 @@ def run_paged(backend, rng, *, dtype="bfloat16", lens=(113, 1, 203), qlens=None,
     slopes = alibi_slopes(rng, alibi, len(lens), h, 0.01, 0.5)
     opts = dict(causal=causal, window=window, softcap=softcap, softmax_scale=softmax_scale)
     out = poison_like(q)
-    res, lse = pagedflash.paged_attn(q, *cache, cu_seqlens_q=cu_q, alibi_slopes=backend.put(slopes),
-                                     num_splits=num_splits, return_lse=True, out=out, kernel=kernel, **opts)
+    res, lse = pagedflash.paged_attn(
+        q,
+        *cache,
+        cu_seqlens_q=cu_q,
+        alibi_slopes=backend.put(slopes),
+        num_splits=num_splits,
+        return_lse=True,
+        out=out,
+        kernel=kernel,
+        **opts,
+    )
     assert res is out and type(lse) is type(q)
-    ref, ref_lse = reference.paged_attention(q_host, *cache.host, cu_seqlens_q=cu_host, alibi_slopes=slopes,
-                                             return_lse=True, **opts)
+    ref, ref_lse = reference.paged_attention(
+        q_host, *cache.host, cu_seqlens_q=cu_host, alibi_slopes=slopes, return_lse=True, **opts
+    )
     naive = None if dtype == "float32" else naive_lowp_paged(q_host, cache, offs, alibi_slopes=slopes, **opts)
     assert_close(out, ref, naive, dtype=dtype)
     check_lse(lse, ref_lse)
-    return Run(q=q, q_host=q_host, cache=cache, cu_q=cu_q, cu_host=cu_host, offs=offs, slopes=slopes, opts=opts,
-               out=out, lse=lse, ref=ref, ref_lse=ref_lse, naive=naive)
+    return Run(
+        q=q,
+        q_host=q_host,
+        cache=cache,
+        cu_q=cu_q,
+        cu_host=cu_host,
+        offs=offs,
+        slopes=slopes,
+        opts=opts,
+        out=out,
+        lse=lse,
+        ref=ref,
+        ref_lse=ref_lse,
+        naive=naive,
+    )
 
 
 # ---------------------------------------------------------------------------
 # decode: one query per sequence
 # ---------------------------------------------------------------------------
 
+
 def _decode_scenario(name, dtype):
     """(lens, h, hk, d, share) runs of a decode scenario."""
     if name == "gqa_mix":  # every GQA ratio, head dims 40..128, lengths 1..203, shared prefixes
-        return [([1, 7, 113, 203, 64, 17][: 3 + i], h, hk, [40, 64, 96, 128][i], i % 2 == 0)
-                for i, (h, hk) in enumerate([(4, 4), (6, 2), (8, 1), (6, 3)])]
+        return [
+            ([1, 7, 113, 203, 64, 17][: 3 + i], h, hk, [40, 64, 96, 128][i], i % 2 == 0)
+            for i, (h, hk) in enumerate([(4, 4), (6, 2), (8, 1), (6, 3)])
+        ]
     if name == "long":
         return [((1, 113, 1023, 203), 8, 2, 128, False)]
     return [((7, 113, 50), 8, 2, 128, False)]  # "odd": block sizes that are not powers of two
 
 
-@cases("dtype,bs,scenario",
-       cpu=[(dt, bs, "gqa_mix") for dt in DTYPES for bs in (1, 8, 16, 32, 256)],
-       cuda=[(dt, bs, "gqa_mix") for dt in DTYPES for bs in (1, 8, 16, 32, 256)]
-       + [("bfloat16", bs, "long") for bs in (8, 16, 32, 64, 128, 256)]
-       + [("float16", bs, "odd") for bs in (1, 3, 24)],
-       ids=lambda dt, bs, sc: f"{sc}-{dt}-bs{bs}")
+@cases(
+    "dtype,bs,scenario",
+    cpu=[(dt, bs, "gqa_mix") for dt in DTYPES for bs in (1, 8, 16, 32, 256)],
+    cuda=[(dt, bs, "gqa_mix") for dt in DTYPES for bs in (1, 8, 16, 32, 256)]
+    + [("bfloat16", bs, "long") for bs in (8, 16, 32, 64, 128, 256)]
+    + [("float16", bs, "odd") for bs in (1, 3, 24)],
+    ids=lambda dt, bs, sc: f"{sc}-{dt}-bs{bs}",
+)
 def test_decode(backend, rng, dtype, bs, scenario):
     for lens, h, hk, d, share in _decode_scenario(scenario, dtype):
         run_paged(backend, rng, dtype=dtype, lens=lens, h=h, hk=hk, d=d, bs=bs, share=share)
@@ -95,8 +159,11 @@ def test_head_dims_and_many_heads(backend, rng):
     run_paged(backend, rng, dtype="float32", lens=[33, 100], qlens=[3, 3], h=80, hk=1, d=16, bs=8, layout="dense")
 
 
-@cases("d,dtype", cpu=[(d, "bfloat16") for d in (32, 64, 96, 128, 192, 256, 40, 80, 7)],
-       cuda=[(d, dt) for d in (32, 64, 96, 128, 192, 256, 40, 80, 7) for dt in ("bfloat16", "float16")])
+@cases(
+    "d,dtype",
+    cpu=[(d, "bfloat16") for d in (32, 64, 96, 128, 192, 256, 40, 80, 7)],
+    cuda=[(d, dt) for d in (32, 64, 96, 128, 192, 256, 40, 80, 7) for dt in ("bfloat16", "float16")],
+)
 def test_head_dims(backend, rng, d, dtype):
     """The tensor-core head dims and ones between them (the CUDA-core kernel on CUDA)."""
     run_paged(backend, rng, d=d, dtype=dtype, lens=(129, 3), qlens=[2, 2], layout="dense", h=4, hk=2)
@@ -105,12 +172,14 @@ def test_head_dims(backend, rng, d, dtype):
 @cases("d", cpu=[64, 128, 33], cuda=[64, 128, 33])
 def test_float32(backend, rng, d):
     run_paged(backend, rng, d=d, dtype="float32", lens=(129, 64, 1), h=4, hk=1, bs=8)
-    run_paged(backend, rng, d=d, dtype="float32", lens=(50, 70), qlens=[3, 3], layout="dense", h=4, hk=2,
-              num_splits=3)
+    run_paged(backend, rng, d=d, dtype="float32", lens=(50, 70), qlens=[3, 3], layout="dense", h=4, hk=2, num_splits=3)
 
 
-@cases("h,hk", cpu=[(8, 8), (8, 1), (32, 8), (6, 2)],
-       cuda=[(8, 8), (8, 4), (8, 2), (8, 1), (12, 4), (32, 8), (24, 1), (6, 2)])
+@cases(
+    "h,hk",
+    cpu=[(8, 8), (8, 1), (32, 8), (6, 2)],
+    cuda=[(8, 8), (8, 4), (8, 2), (8, 1), (12, 4), (32, 8), (24, 1), (6, 2)],
+)
 def test_gqa_ratios(backend, rng, h, hk):
     run_paged(backend, rng, h=h, hk=hk, lens=(77, 1, 300))
 
@@ -119,20 +188,37 @@ def test_gqa_ratios(backend, rng, h, hk):
 # several queries per sequence: speculative verification, chunked prefill, mixed batches
 # ---------------------------------------------------------------------------
 
-@cases("dtype,q_len", cpu=[(dt, n) for dt in DTYPES for n in (1, 3, 17)],
-       cuda=[(dt, n) for dt in DTYPES for n in (1, 3, 17)])
+
+@cases(
+    "dtype,q_len",
+    cpu=[(dt, n) for dt in DTYPES for n in (1, 3, 17)],
+    cuda=[(dt, n) for dt in DTYPES for n in (1, 3, 17)],
+)
 def test_dense_q_len(backend, rng, dtype, q_len):
     """q [batch, q_len, h, d]: the queries are each sequence's last q_len tokens."""
     lens = [q_len, q_len + 6, 113, 203]
     for bs, (h, hk) in ((16, (4, 4)), (8, (6, 2)), (32, (8, 1))):
-        run_paged(backend, rng, dtype=dtype, lens=lens, qlens=[q_len] * len(lens), h=h, hk=hk, d=72, bs=bs,
-                  layout="dense", share=True)
+        run_paged(
+            backend,
+            rng,
+            dtype=dtype,
+            lens=lens,
+            qlens=[q_len] * len(lens),
+            h=h,
+            hk=hk,
+            d=72,
+            bs=bs,
+            layout="dense",
+            share=True,
+        )
 
 
-@cases("qlen,layout,causal",
-       cpu=[(17, lay, c) for lay in ("dense", "packed") for c in (True, False)],
-       cuda=[(n, lay, c) for n in (1, 3, 17) for lay in ("dense", "packed") for c in (True, False)],
-       ids=lambda n, lay, c: f"q{n}-{lay}-{'causal' if c else 'full'}-bfloat16")
+@cases(
+    "qlen,layout,causal",
+    cpu=[(17, lay, c) for lay in ("dense", "packed") for c in (True, False)],
+    cuda=[(n, lay, c) for n in (1, 3, 17) for lay in ("dense", "packed") for c in (True, False)],
+    ids=lambda n, lay, c: f"q{n}-{lay}-{'causal' if c else 'full'}-bfloat16",
+)
 def test_query_lengths(backend, rng, qlen, layout, causal):
     run_paged(backend, rng, lens=(qlen + 6, 203, 130), qlens=[qlen] * 3, layout=layout, causal=causal)
 
@@ -142,8 +228,18 @@ def test_packed_mixed(backend, rng, dtype):
     """Chunked prefill (a chunk of 150 in a longer sequence, a whole prompt), decode,
     speculative verification and a sequence with no queries this step."""
     for bs in (1, 16, 256):
-        run_paged(backend, rng, dtype=dtype, lens=[300, 150, 1, 41, 20], qlens=[150, 150, 1, 5, 0], h=6, hk=2,
-                  d=48, bs=bs, layout="packed")
+        run_paged(
+            backend,
+            rng,
+            dtype=dtype,
+            lens=[300, 150, 1, 41, 20],
+            qlens=[150, 150, 1, 5, 0],
+            h=6,
+            hk=2,
+            d=48,
+            bs=bs,
+            layout="packed",
+        )
 
 
 def test_packed_mixed_lengths(backend, rng):
@@ -155,19 +251,29 @@ def test_packed_mixed_lengths(backend, rng):
 # masking options, lse, libraries
 # ---------------------------------------------------------------------------
 
-OPTIONS = [("window", dict(window=(64, -1))), ("window_bidir", dict(window=(5, 2), causal=False)),
-           ("right_only", dict(window=(-1, 3), causal=False)), ("noncausal", dict(causal=False)),
-           ("softcap", dict(softcap=5.0)), ("alibi", dict(alibi="heads")),
-           ("alibi_batch_window", dict(alibi="batch", window=(40, 0))),
-           ("scale_softcap_alibi", dict(softmax_scale=0.3, softcap=2.0, alibi="heads"))]
+OPTIONS = [
+    ("window", dict(window=(64, -1))),
+    ("window_bidir", dict(window=(5, 2), causal=False)),
+    ("right_only", dict(window=(-1, 3), causal=False)),
+    ("noncausal", dict(causal=False)),
+    ("softcap", dict(softcap=5.0)),
+    ("alibi", dict(alibi="heads")),
+    ("alibi_batch_window", dict(alibi="batch", window=(40, 0))),
+    ("scale_softcap_alibi", dict(softmax_scale=0.3, softcap=2.0, alibi="heads")),
+]
 
 
-@cases("dtype,opt", cpu=[(dt, i) for dt in DTYPES for i in range(len(OPTIONS))],
-       cuda=[(dt, i) for dt in DTYPES for i in range(len(OPTIONS))], ids=lambda dt, i: f"{OPTIONS[i][0]}-{dt}")
+@cases(
+    "dtype,opt",
+    cpu=[(dt, i) for dt in DTYPES for i in range(len(OPTIONS))],
+    cuda=[(dt, i) for dt in DTYPES for i in range(len(OPTIONS))],
+    ids=lambda dt, i: f"{OPTIONS[i][0]}-{dt}",
+)
 def test_options(backend, rng, dtype, opt):
     opts = OPTIONS[opt][1]
-    run_paged(backend, rng, dtype=dtype, lens=[130, 9, 257], qlens=[4, 9, 17], h=4, hk=2, d=56, bs=16,
-              layout="packed", **opts)
+    run_paged(
+        backend, rng, dtype=dtype, lens=[130, 9, 257], qlens=[4, 9, 17], h=4, hk=2, d=56, bs=16, layout="packed", **opts
+    )
     run_paged(backend, rng, dtype=dtype, lens=[1, 77, 300], h=4, hk=1, d=32, bs=8, num_splits=3, **opts)
 
 
@@ -177,8 +283,19 @@ def test_masks_softcap_alibi(backend, rng):
     run_paged(backend, rng, softcap=30.0, lens=(300, 20), softmax_scale=0.3)
     run_paged(backend, rng, alibi="heads", lens=(300, 20), qlens=[3, 3], layout="dense")
     run_paged(backend, rng, alibi="batch", lens=(300, 20), bs=64, num_splits=4)
-    run_paged(backend, rng, softcap=5.0, alibi="heads", window=(17, -1), lens=(257, 33, 2), qlens=[2, 17, 0],
-              layout="packed", bs=8, dtype="float16", num_splits=3)
+    run_paged(
+        backend,
+        rng,
+        softcap=5.0,
+        alibi="heads",
+        window=(17, -1),
+        lens=(257, 33, 2),
+        qlens=[2, 17, 0],
+        layout="packed",
+        bs=8,
+        dtype="float16",
+        num_splits=3,
+    )
 
 
 def test_window_zero_sees_own_token(backend, rng):
@@ -219,8 +336,9 @@ def test_library_in_library_out(backend, rng):
 SPLITS = (1, 2, 4, 5, 7, 16, 17, 24, 64, 1000, 0)
 
 
-@cases("dtype,d", cpu=[(dt, 64) for dt in DTYPES] + [("float32", 256)],
-       cuda=[(dt, d) for dt in DTYPES for d in (128, 256)])
+@cases(
+    "dtype,d", cpu=[(dt, 64) for dt in DTYPES] + [("float32", 256)], cuda=[(dt, d) for dt in DTYPES for d in (128, 256)]
+)
 def test_splits_agree(backend, rng, dtype, d):
     """Every split count gives the reference result, and agrees with one split to 2 units in the
     last place of the dtype (float32: 2e-5) relative to max|out|; head dims <= 128 and > 128."""
@@ -243,8 +361,20 @@ def test_splits_multi_query(backend, rng):
     """Splits with chunked-prefill queries and a window: partials of empty splits must not leak."""
     for opts in (dict(), dict(window=(100, 0))):
         for n in (1, 4, 15):
-            run_paged(backend, rng, dtype="float32", lens=[900, 400], qlens=[37, 3], h=3, hk=1, d=24, bs=32,
-                      layout="packed", num_splits=n, **opts)
+            run_paged(
+                backend,
+                rng,
+                dtype="float32",
+                lens=[900, 400],
+                qlens=[37, 3],
+                h=3,
+                hk=1,
+                d=24,
+                bs=32,
+                layout="packed",
+                num_splits=n,
+                **opts,
+            )
 
 
 def test_repeatable(backend, rng):
@@ -275,13 +405,27 @@ def test_random_configurations(backend, rng, dtype):
             opts["softcap"] = float(rng.uniform(1, 10))
         if rng.random() < 0.3:
             opts["alibi"] = "heads" if rng.random() < 0.5 else "batch"
-        run_paged(backend, rng, dtype=dtype, lens=lens, qlens=qlens, h=h, hk=hk, d=d, bs=bs, layout="packed",
-                  share=batch > 1 and rng.random() < 0.5, num_splits=int(rng.choice([0, 1, 3, 7])), **opts)
+        run_paged(
+            backend,
+            rng,
+            dtype=dtype,
+            lens=lens,
+            qlens=qlens,
+            h=h,
+            hk=hk,
+            d=d,
+            bs=bs,
+            layout="packed",
+            share=batch > 1 and rng.random() < 0.5,
+            num_splits=int(rng.choice([0, 1, 3, 7])),
+            **opts,
+        )
 
 
 # ---------------------------------------------------------------------------
 # kernels (CUDA): every CTA shape and the CUDA-core kernel, forced
 # ---------------------------------------------------------------------------
+
 
 @cases("kernel,hk", cuda=PAGED_KERNELS)
 def test_kernel_configs(backend, rng, kernel, hk):
@@ -293,8 +437,19 @@ def test_kernel_configs(backend, rng, kernel, hk):
     run_paged(backend, rng, lens=(700, 33), h=hk, hk=hk, bs=3, softcap=20.0, alibi="heads", kernel=kernel)
     # several queries per sequence (16-row tiles); packed with an empty query range
     run_paged(backend, rng, lens=(400, 129), qlens=[5, 5], layout="dense", h=4 * hk, hk=hk, bs=32, kernel=kernel)
-    run_paged(backend, rng, lens=(250, 40, 900), qlens=[3, 0, 17], layout="packed", h=2 * hk, hk=hk, bs=64,
-              causal=False, window=(30, 8), kernel=kernel)
+    run_paged(
+        backend,
+        rng,
+        lens=(250, 40, 900),
+        qlens=[3, 0, 17],
+        layout="packed",
+        h=2 * hk,
+        hk=hk,
+        bs=64,
+        causal=False,
+        window=(30, 8),
+        kernel=kernel,
+    )
     # two KV-head groups per sequence (the CTA's heads are not a whole token row), d = 64
     run_paged(backend, rng, lens=(600, 90), h=4 * hk, hk=2 * hk, d=64, kernel=kernel)
     # more sequences than the GPU has slots for CTAs (no split, several waves)
@@ -321,8 +476,12 @@ def test_kernel_hint_names(backend, rng):
     cache = make_paged_cache(backend, rng, [20, 5], 2, 64, 16, "bfloat16")
     q = backend.randn(rng, (2, 4, 64), "bfloat16")
     out = poison_like(q)
-    for bad, match in (("bogus", "unknown kernel"), ("sm80", "not a kernel of paged_attn"),
-                       ("8x4", "unknown kernel"), ("simple+registers", "kernel")):
+    for bad, match in (
+        ("bogus", "unknown kernel"),
+        ("sm80", "not a kernel of paged_attn"),
+        ("8x4", "unknown kernel"),
+        ("simple+registers", "kernel"),
+    ):
         with pytest.raises(ValueError, match=match):
             pagedflash.paged_attn(q, *cache, out=out, kernel=bad)
     assert np.isnan(as_np64(out)).all()
@@ -334,6 +493,7 @@ def test_kernel_refusals(backend, rng):
     tensor-core shapes for float32, for head dims without tensor-core kernels, for unaligned
     queries; the mixed shapes 1x8 / 2x8 / 4x8 outside head dims 64 and 128 and with
     "+registers". The CUDA-core kernel ("simple") takes each of these calls."""
+
     def refuse(q, cache, kernel):
         out = poison_like(q)
         with pytest.raises(NotImplementedError):
@@ -346,10 +506,12 @@ def test_kernel_refusals(backend, rng):
         naive = None if q.dtype == torch.float32 else naive_lowp_paged(q.cpu(), cache, np.arange(q.shape[0] + 1))
         assert_close(out, ref, naive, dtype=str(q.dtype).rpartition(".")[2])
 
-    for dtype, d, kernels in (("float32", 128, ("1x4", "4x4", "8x8+registers", "1x8")),
-                              ("bfloat16", 40, ("1x4", "4x4", "8x8", "1x4+registers")),
-                              ("bfloat16", 96, ("1x8", "2x8", "4x8")),
-                              ("float16", 128, ("1x8+registers", "2x8+registers", "4x8+registers"))):
+    for dtype, d, kernels in (
+        ("float32", 128, ("1x4", "4x4", "8x8+registers", "1x8")),
+        ("bfloat16", 40, ("1x4", "4x4", "8x8", "1x4+registers")),
+        ("bfloat16", 96, ("1x8", "2x8", "4x8")),
+        ("float16", 128, ("1x8+registers", "2x8+registers", "4x8+registers")),
+    ):
         cache = make_paged_cache(backend, rng, [70, 5], 8, d, 16, dtype)
         q = backend.randn(rng, (2, 8, d), dtype)
         for kernel in kernels:
@@ -366,6 +528,7 @@ def test_kernel_refusals(backend, rng):
 # ---------------------------------------------------------------------------
 # the launcher's heuristics (CUDA)
 # ---------------------------------------------------------------------------
+
 
 @cuda_only
 def test_long_context_auto_split(backend, rng):
@@ -389,15 +552,26 @@ def test_against_cpu_backend(backend, rng):
     """The CUDA result and the CPU backend's on the same (host) inputs both pass the rule and
     differ by at most 4x the naive error (+ 2e-5 relative)."""
     cpu = Backend("cpu")
-    for kw in (dict(lens=(300, 1, 77)),
-               dict(lens=(40, 129), qlens=[3, 17], layout="packed", bs=32, h=12, hk=3, num_splits=2),
-               dict(lens=(64, 70), qlens=[5, 5], layout="dense", d=80, dtype="float16", window=(20, 3), causal=False)):
+    for kw in (
+        dict(lens=(300, 1, 77)),
+        dict(lens=(40, 129), qlens=[3, 17], layout="packed", bs=32, h=12, hk=3, num_splits=2),
+        dict(lens=(64, 70), qlens=[5, 5], layout="dense", d=80, dtype="float16", window=(20, 3), causal=False),
+    ):
         r = run_paged(backend, rng, **kw)
         kc, vc, bt, sl = r.cache.host
         slopes = r.slopes
-        cpu_out, cpu_lse = pagedflash.paged_attn(cpu.put(r.q_host), kc, vc, bt, sl, cu_seqlens_q=r.cu_host,
-                                                 alibi_slopes=slopes, num_splits=kw.get("num_splits", 0),
-                                                 return_lse=True, **r.opts)
+        cpu_out, cpu_lse = pagedflash.paged_attn(
+            cpu.put(r.q_host),
+            kc,
+            vc,
+            bt,
+            sl,
+            cu_seqlens_q=r.cu_host,
+            alibi_slopes=slopes,
+            num_splits=kw.get("num_splits", 0),
+            return_lse=True,
+            **r.opts,
+        )
         dtype = kw.get("dtype", "bfloat16")
         assert_close(cpu_out, r.ref, r.naive, dtype=dtype, what="CPU backend out")
         check_lse(cpu_lse, r.ref_lse, what="CPU backend lse")
@@ -409,6 +583,7 @@ def test_against_cpu_backend(backend, rng):
 # ---------------------------------------------------------------------------
 # device-resident indices (CUDA): bound-checked by the kernels, never trusted
 # ---------------------------------------------------------------------------
+
 
 @cases("hk", cuda=[2, 8])
 def test_bad_block_ids_in_device_tables(backend, rng, hk):
@@ -422,9 +597,9 @@ def test_bad_block_ids_in_device_tables(backend, rng, hk):
     kc, vc, bt, sl = cache.host
     nb = kc.shape[0]
     bad = bt.copy()
-    bad[0, 1] = -3          # tokens 16..31 of sequence 0
-    bad[1, 3] = nb + 1000   # tokens 48..63 of sequence 1
-    bad[2, 0] = 2**31 - 1   # tokens 0..15 of sequence 2
+    bad[0, 1] = -3  # tokens 16..31 of sequence 0
+    bad[1, 3] = nb + 1000  # tokens 48..63 of sequence 1
+    bad[2, 0] = 2**31 - 1  # tokens 0..15 of sequence 2
     sl_dev = sl.copy()
     sl_dev[2] = 10**6
     q = backend.randn(rng, (3, h, d), "bfloat16")
@@ -438,8 +613,13 @@ def test_bad_block_ids_in_device_tables(backend, rng, hk):
             k = gather(kc, bt[b], lens[b], bs)[keep][None]
             v = gather(vc, bt[b], lens[b], bs)[keep][None]
             qb = q[b].cpu()[None, None]
-            assert_close(out[b], reference.attention(qb, k, v)[0, 0], naive_attention_lowp(qb, k, v)[0, 0],
-                         dtype="bfloat16", what=f"sequence {b}, num_splits={ns}")
+            assert_close(
+                out[b],
+                reference.attention(qb, k, v)[0, 0],
+                naive_attention_lowp(qb, k, v)[0, 0],
+                dtype="bfloat16",
+                what=f"sequence {b}, num_splits={ns}",
+            )
 
 
 @cuda_only
@@ -451,9 +631,14 @@ def test_no_visible_token_rows(backend, rng):
     q = backend.randn(rng, (2, 3, 4, 64), "bfloat16")
     ref, ref_lse = reference.paged_attention(q, *cache.host, return_lse=True)  # bottom-right alignment
     qlow = q.cpu()
-    naive = np.concatenate([naive_attention_lowp(qlow[b:b + 1], *(gather(c, cache.host[2][b], n, 16)[None]
-                                                                   for c in cache.host[:2]), causal=True)
-                            for b, n in enumerate((1, 40))])
+    naive = np.concatenate(
+        [
+            naive_attention_lowp(
+                qlow[b : b + 1], *(gather(c, cache.host[2][b], n, 16)[None] for c in cache.host[:2]), causal=True
+            )
+            for b, n in enumerate((1, 40))
+        ]
+    )
     for ns in (1, 2):
         out, lse = pagedflash.paged_attn(q, *cache, return_lse=True, num_splits=ns)
         assert torch.all(out[0, :2] == 0) and torch.all(torch.isneginf(lse[:, 0:2]))
@@ -464,6 +649,7 @@ def test_no_visible_token_rows(backend, rng):
 # ---------------------------------------------------------------------------
 # graphs and streams (CUDA)
 # ---------------------------------------------------------------------------
+
 
 def _capture(call):
     """Warm up call() on a side stream, then capture it in a CUDA graph."""
@@ -547,6 +733,7 @@ def test_non_default_stream_and_determinism(backend, rng):
 # bad input: clear errors naming the argument, nothing written
 # ---------------------------------------------------------------------------
 
+
 def _small(backend, rng):
     cache = make_paged_cache(backend, rng, [20, 35], 2, 16, 8, "float32")
     q = backend.randn(rng, (2, 4, 16), "float32")
@@ -622,10 +809,10 @@ def test_bad_cu_seqlens(backend, rng, case):
     kc, vc, bt, sl = cache
     qp = backend.randn(rng, (6, 4, 16), "float32")
     bad = [
-        (ValueError, "cu_seqlens_q.*last entry", qp, sl, [0, 2, 5], np.int32),   # 5 != 6 packed queries
+        (ValueError, "cu_seqlens_q.*last entry", qp, sl, [0, 2, 5], np.int32),  # 5 != 6 packed queries
         (ValueError, "cu_seqlens_q.*non-decreasing", qp, sl, [0, 4, 2], np.int32),
         (ValueError, r"cu_seqlens_q\[0\]", qp, sl, [1, 2, 6], np.int32),
-        (ValueError, "cu_seqlens_q.*length", qp, sl, [0, 6], np.int32),          # batch mismatch
+        (ValueError, "cu_seqlens_q.*length", qp, sl, [0, 6], np.int32),  # batch mismatch
         (TypeError, "cu_seqlens_q.*int32", qp, sl, [0, 2, 6], np.int64),
         (ValueError, "seq_lens.*shorter", qp, np.array([20, 3], np.int32), [0, 2, 6], np.int32),
         (ValueError, "q:", backend.randn(rng, (2, 3, 4, 16), "float32"), sl, [0, 3, 6], np.int32),
@@ -637,12 +824,21 @@ def test_bad_cu_seqlens(backend, rng, case):
 @cpu_only
 def test_empty_inputs(backend, rng):
     kc = randn(rng, (0, 16, 2, 8), "float32")
-    out, lse = pagedflash.paged_attn(np.zeros((0, 4, 8), np.float32), kc, kc, np.zeros((0, 3), np.int32),
-                                     np.zeros(0, np.int32), return_lse=True)
+    out, lse = pagedflash.paged_attn(
+        np.zeros((0, 4, 8), np.float32), kc, kc, np.zeros((0, 3), np.int32), np.zeros(0, np.int32), return_lse=True
+    )
     assert out.shape == (0, 4, 8) and lse.shape == (4, 0)
-    out, lse = pagedflash.paged_attn(np.zeros((0, 4, 8), np.float32), kc, kc, np.zeros((2, 0), np.int32),
-                                     np.zeros(2, np.int32), cu_seqlens_q=np.zeros(3, np.int32), return_lse=True)
+    out, lse = pagedflash.paged_attn(
+        np.zeros((0, 4, 8), np.float32),
+        kc,
+        kc,
+        np.zeros((2, 0), np.int32),
+        np.zeros(2, np.int32),
+        cu_seqlens_q=np.zeros(3, np.int32),
+        return_lse=True,
+    )
     assert out.shape == (0, 4, 8) and lse.shape == (4, 0)
     with pytest.raises(ValueError, match="block_tables"):  # one token needs a block, and there are none
-        pagedflash.paged_attn(np.ones((2, 4, 8), np.float32), kc, kc, np.zeros((2, 1), np.int32),
-                              np.array([1, 0], np.int32))
+        pagedflash.paged_attn(
+            np.ones((2, 4, 8), np.float32), kc, kc, np.zeros((2, 1), np.int32), np.array([1, 0], np.int32)
+        )

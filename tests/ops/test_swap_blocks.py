@@ -1,13 +1,13 @@
 """swap_blocks on every backend: whole blocks from one cache to another (swap out to / in from
 host memory), bit for bit; on the CPU backend host <-> host, on CUDA device <-> pinned or
 pageable host memory on a side stream; block-strided views; bad input leaves dst untouched."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 import pagedflash
-
 from conftest import DTYPES, cases, randn, torch
 
 from .test_write_kv_cache import raw
@@ -54,8 +54,11 @@ def test_swap_out_and_in(backend, rng, dtype):
 def test_swap_blocks_strided_view(backend, rng):
     """The k half of a combined [num_blocks, 2, bs, hk, d] cache: strided blocks, contiguous rows."""
     kv = backend.randn(rng, (5, 2, 8, 2, 32), "float16")
-    host = torch.zeros((4, 8, 2, 32), dtype=torch.float16).pin_memory() if backend.is_cuda else \
-        np.zeros((4, 8, 2, 32), np.float16)
+    host = (
+        torch.zeros((4, 8, 2, 32), dtype=torch.float16).pin_memory()
+        if backend.is_cuda
+        else np.zeros((4, 8, 2, 32), np.float16)
+    )
     pagedflash.swap_blocks(kv[:, 0], host, np.array([[1, 0], [2, 1], [4, 3]], np.int64))
     backend.sync()
     h, k = raw(host), raw(kv)

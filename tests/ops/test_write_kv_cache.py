@@ -2,15 +2,15 @@
 negative slots skipped, bit for bit; slots out of range (checked on the host, skipped by the
 CUDA kernel when device-resident); strided views; and a serving loop (write the new tokens,
 then paged_attn over them) against the contiguous computation."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 import pagedflash
-from pagedflash import reference
-
 from conftest import DTYPES, assert_close, cases, cu_seqlens, naive_attention_lowp, poison_like, torch
+from pagedflash import reference
 
 
 def raw(x):
@@ -30,10 +30,12 @@ def expected(cache, rows, slots, bs):
     return e
 
 
-@cases("dtype,bs,d",
-       cpu=[(dt, bs, 40) for dt in DTYPES for bs in (1, 16, 256)],
-       cuda=[(dt, bs, 40) for dt in DTYPES for bs in (1, 16, 256)]
-       + [("bfloat16", 16, 128), ("float16", 16, 40), ("float32", 16, 7), ("bfloat16", 16, 7)])
+@cases(
+    "dtype,bs,d",
+    cpu=[(dt, bs, 40) for dt in DTYPES for bs in (1, 16, 256)],
+    cuda=[(dt, bs, 40) for dt in DTYPES for bs in (1, 16, 256)]
+    + [("bfloat16", 16, 128), ("float16", 16, 40), ("float32", 16, 7), ("bfloat16", 16, 7)],
+)
 def test_write_then_read_back(backend, rng, dtype, bs, d):
     nb, hk, n = (9 if bs > 1 else 50), 3, 37
     kc, vc = backend.randn(rng, (nb, bs, hk, d), dtype), backend.randn(rng, (nb, bs, hk, d), dtype)
@@ -56,7 +58,7 @@ def test_device_slots_out_of_range_are_skipped(backend, rng, dtype, d):
     nb, bs, hk, n, g = 9, 16, 3, 40, 2
     kbig = backend.randn(rng, (nb + 2 * g, bs, hk, d), dtype)
     vbig = backend.randn(rng, (nb + 2 * g, bs, hk, d), dtype)
-    kc, vc = kbig[g:g + nb], vbig[g:g + nb]
+    kc, vc = kbig[g : g + nb], vbig[g : g + nb]
     k, v = backend.randn(rng, (n, hk, d), dtype), backend.randn(rng, (n, hk, d), dtype)
     slots = rng.choice(nb * bs, size=n, replace=False).astype(np.int64)
     slots[::7] = -1
@@ -68,8 +70,8 @@ def test_device_slots_out_of_range_are_skipped(backend, rng, dtype, d):
     for big, before, rows in ((kbig, before_k, raw(k)), (vbig, before_v, raw(v))):
         after = raw(big)
         np.testing.assert_array_equal(after[:g], before[:g])
-        np.testing.assert_array_equal(after[g + nb:], before[g + nb:])
-        np.testing.assert_array_equal(after[g:g + nb], expected(before[g:g + nb], rows, slots, bs))
+        np.testing.assert_array_equal(after[g + nb :], before[g + nb :])
+        np.testing.assert_array_equal(after[g : g + nb], expected(before[g : g + nb], rows, slots, bs))
 
 
 def test_write_strided_inputs(backend, rng):
@@ -163,8 +165,9 @@ def test_serving_loop(backend, rng, dtype):
         q = cat([qs[b][lo:hi] for b, (lo, hi) in enumerate(ranges)])
         cu = cu_seqlens([hi - lo for lo, hi in ranges])
         sl = np.array([hi for _, hi in ranges], np.int32)
-        out = pagedflash.paged_attn(q, kc, vc, backend.put(tables), backend.put(sl), cu_seqlens_q=backend.put(cu),
-                                    out=poison_like(q))
+        out = pagedflash.paged_attn(
+            q, kc, vc, backend.put(tables), backend.put(sl), cu_seqlens_q=backend.put(cu), out=poison_like(q)
+        )
         for b, (lo, hi) in enumerate(ranges):
             mine = slice(int(cu[b]), int(cu[b + 1]))
             args = (qs[b][None, lo:hi], ks[b][None, :hi], vs[b][None, :hi])
@@ -172,7 +175,7 @@ def test_serving_loop(backend, rng, dtype):
             naive = None if dtype == "float32" else naive_attention_lowp(*args, causal=True)[0]
             assert_close(out[mine], ref, naive, dtype=dtype)
 
-    step([(0, 30), (0, 17)])                       # prefill chunk 1 / whole prompt
-    step([(30, 45), (17, 18)])                     # prefill chunk 2 / first decode
+    step([(0, 30), (0, 17)])  # prefill chunk 1 / whole prompt
+    step([(30, 45), (17, 18)])  # prefill chunk 2 / first decode
     for s in range(1, steps):
         step([(45 + s - 1, 45 + s), (17 + s, 18 + s)])
