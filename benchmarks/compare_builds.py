@@ -45,7 +45,7 @@ L2_ROTATE_BYTES = 512 << 20
 # --------------------------------------------------------------------------- worker side
 
 
-def _worker(grid: str, quick: bool, tiny: bool) -> dict:
+def _worker(grid: str, quick: bool, tiny: bool, seqlens: list, dims: list) -> dict:
     import torch
 
     import pagedflash
@@ -57,8 +57,10 @@ def _worker(grid: str, quick: bool, tiny: bool) -> dict:
         global TOKENS, SEQLENS, DECODE_BATCH, DECODE_CTX
         TOKENS, SEQLENS, DECODE_BATCH, DECODE_CTX = 256, [64, 128], [1, 2], [64, 200]
     if grid == "prefill":
-        seqlens = SEQLENS[1::4] if quick else SEQLENS
+        seqlens = seqlens or (SEQLENS[1::4] if quick else SEQLENS)
         for d, h in PREFILL_CONFIGS:
+            if dims and d not in dims:
+                continue
             for s in seqlens:
                 for causal in (False, True):
                     results.update(_prefill_point(torch, pagedflash, gpu_time, d, h, s, causal))
@@ -118,12 +120,12 @@ def _decode_point(torch, pagedflash, time_graph, batch: int, ctx: int) -> float:
 # --------------------------------------------------------------------------- orchestration
 
 
-def _run_worker(root: Path, grid: str, quick: bool, dryrun: bool) -> dict:
+def _run_worker(root: Path, grid: str, quick: bool, dryrun: bool, extra: list) -> dict:
     here = Path(__file__).resolve().parent
     env = dict(os.environ, PYTHONPATH=f"{root / 'python'}{os.pathsep}{here}")
     cmd = [sys.executable] + ([str(here / "cpu_dryrun.py")] if dryrun else [])
     cmd += [str(Path(__file__).resolve()), "--worker", grid] + (["--quick"] if quick else [])
-    cmd += ["--tiny"] if dryrun else []
+    cmd += (["--tiny"] if dryrun else []) + extra
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(root))
     if r.returncode != 0:
         raise RuntimeError(f"worker for {root} ({grid}) failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
@@ -151,12 +153,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="a few points of each grid")
     ap.add_argument("--out", default=None, help="write the markdown report here")
+    ap.add_argument("--seqlens", default="", help="prefill: only these sequence lengths (e.g. 512,1024)")
+    ap.add_argument("--dims", default="", help="prefill: only these head dims (64, 128)")
     ap.add_argument("--dryrun", action="store_true", help="tiny shapes, workers under cpu_dryrun.py (no GPU)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(_worker(args.worker, args.quick, args.tiny)))
+        ints = [[int(x) for x in a.split(",") if x] for a in (args.seqlens, args.dims)]
+        print(json.dumps(_worker(args.worker, args.quick, args.tiny, *ints)))
         return 0
     builds = [(n, Path(p).resolve()) for n, p in (b.split("=", 1) for b in args.build)]
     if len(builds) < 2:
@@ -177,7 +182,8 @@ def main() -> int:
             order = builds if rnd % 2 == 0 else builds[::-1]
             for name, root in order:
                 print(f"[{grid}] round {rnd + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
-                for key, t in _run_worker(root, grid, args.quick, args.dryrun).items():
+                extra = ["--seqlens", args.seqlens, "--dims", args.dims]
+                for key, t in _run_worker(root, grid, args.quick, args.dryrun, extra).items():
                     times[name].setdefault(key, []).append(t)
         ref = builds[0][0]
         head = ["point"] + [f"{n}" for n, _ in builds] + [f"{n} / {ref} speed" for n, _ in builds[1:]]
