@@ -13,6 +13,24 @@
 /* Render a shape as "[2, 3, 4]" into buf (for messages). */
 const char *pf_shape_str(const pf_tensor *t, char *buf, size_t len);
 
+/* Any tensor argument: ndim in [0, PF_MAX_DIMS], no negative dimension, an element count
+ * int64 holds, non-NULL data when it has elements. (pf_check_present and pf_check_rank
+ * run it first.) */
+pf_status pf_check_tensor(const pf_tensor *t, const char *name);
+/* An output must not share memory with an input: their byte spans (first to last element,
+ * strides of any sign) are disjoint, or they live in different memories. Interleaved views
+ * whose spans overlap count as overlapping. Absent or empty tensors pass. */
+pf_status pf_check_disjoint(const pf_tensor *out, const char *out_name, const pf_tensor *in, const char *in_name);
+/* Every output against every input (pf_check_disjoint). */
+typedef struct pf_named_tensor {
+    const pf_tensor *t;
+    const char *name;
+} pf_named_tensor;
+pf_status pf_check_outputs_disjoint(const pf_named_tensor *outs, int n_out, const pf_named_tensor *ins, int n_in);
+#define PF_COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
+/* The very same view: data, dtype, shape and strides (in-place operations allow exactly this). */
+int pf_tensor_same_view(const pf_tensor *a, const pf_tensor *b);
+
 /* Shape, dtype and device checks that produce the standard messages. */
 pf_status pf_check_rank(const pf_tensor *t, const char *name, int ndim);
 pf_status pf_check_dim(const pf_tensor *t, const char *name, int dim, int64_t expected, const char *what);

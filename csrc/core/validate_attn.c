@@ -108,7 +108,7 @@ static pf_status validate_common(const pf_attn_params *p, int backward) {
         PF_TRY(
             pf_check_same_shape(lse, "lse", &want, varlen ? "[num_heads, total_q]" : "[batch, num_heads, seqlen_q]"));
         PF_TRY(pf_check_same_device(lse, "lse", q, "q"));
-        PF_TRY(pf_check_nonneg_strides(lse, "lse"));
+        if (!backward) PF_TRY(pf_check_nonneg_strides(lse, "lse")); /* an output of the forward */
     }
     return PF_STATUS_OK;
 }
@@ -122,10 +122,26 @@ static pf_status check_output(const pf_tensor *t, const char *name, const pf_ten
     return PF_STATUS_OK;
 }
 
+/* An input of q's dtype and device with the shape of `ref` (any strides). */
+static pf_status check_input(const pf_tensor *t, const char *name, const pf_tensor *ref, const char *ref_name,
+                             const pf_tensor *q) {
+    PF_TRY(pf_check_float_like(t, name, q, "q"));
+    PF_TRY(pf_check_same_shape(t, name, ref, ref_name));
+    return PF_STATUS_OK;
+}
+
 pf_status pf_flash_fwd_validate(const pf_attn_params *p) {
     PF_CHECK_VALUE(p != NULL, "params: NULL");
     PF_TRY(validate_common(p, 0));
     PF_TRY(check_output(&p->out, "out", &p->q, "q", &p->q));
+    const pf_named_tensor outs[] = {{&p->out, "out"}, {&p->lse, "lse"}};
+    const pf_named_tensor ins[] = {{&p->q, "q"},
+                                   {&p->k, "k"},
+                                   {&p->v, "v"},
+                                   {&p->alibi_slopes, "alibi_slopes"},
+                                   {&p->cu_seqlens_q, "cu_seqlens_q"},
+                                   {&p->cu_seqlens_k, "cu_seqlens_k"}};
+    PF_TRY(pf_check_outputs_disjoint(outs, PF_COUNT(outs), ins, PF_COUNT(ins)));
     return PF_STATUS_OK;
 }
 
@@ -140,11 +156,23 @@ pf_status pf_flash_bwd_validate(const pf_attn_params *p) {
     PF_CHECK_VALUE(pf_tensor_present(&p->dk) || p->dk.ndim > 0, "dk: missing");
     PF_CHECK_VALUE(pf_tensor_present(&p->dv) || p->dv.ndim > 0, "dv: missing");
     PF_TRY(validate_common(p, 1));
-    PF_TRY(check_output(&p->out, "out", &p->q, "q", &p->q));
-    PF_TRY(check_output(&p->dout, "dout", &p->q, "q", &p->q));
+    PF_TRY(check_input(&p->out, "out", &p->q, "q", &p->q));
+    PF_TRY(check_input(&p->dout, "dout", &p->q, "q", &p->q));
     PF_TRY(check_output(&p->dq, "dq", &p->q, "q", &p->q));
     PF_TRY(check_output(&p->dk, "dk", &p->k, "k", &p->q));
     PF_TRY(check_output(&p->dv, "dv", &p->v, "v", &p->q));
+    /* dq, dk, dv may share memory with each other (views of one packed gradient), not with an input */
+    const pf_named_tensor outs[] = {{&p->dq, "dq"}, {&p->dk, "dk"}, {&p->dv, "dv"}};
+    const pf_named_tensor ins[] = {{&p->dout, "dout"},
+                                   {&p->q, "q"},
+                                   {&p->k, "k"},
+                                   {&p->v, "v"},
+                                   {&p->out, "out"},
+                                   {&p->lse, "lse"},
+                                   {&p->alibi_slopes, "alibi_slopes"},
+                                   {&p->cu_seqlens_q, "cu_seqlens_q"},
+                                   {&p->cu_seqlens_k, "cu_seqlens_k"}};
+    PF_TRY(pf_check_outputs_disjoint(outs, PF_COUNT(outs), ins, PF_COUNT(ins)));
     return PF_STATUS_OK;
 }
 
@@ -162,6 +190,10 @@ pf_status pf_dropout_mask_validate(const pf_attn_params *p, const pf_tensor *mas
     PF_TRY(pf_check_rank(mask, "mask", 4));
     PF_TRY(pf_check_same_device(mask, "mask", &p->q, "q"));
     PF_TRY(pf_check_nonneg_strides(mask, "mask"));
+    const pf_named_tensor outs[] = {{mask, "mask"}};
+    const pf_named_tensor ins[] = {
+        {&p->q, "q"}, {&p->k, "k"}, {&p->cu_seqlens_q, "cu_seqlens_q"}, {&p->cu_seqlens_k, "cu_seqlens_k"}};
+    PF_TRY(pf_check_outputs_disjoint(outs, PF_COUNT(outs), ins, PF_COUNT(ins)));
     char sbuf[128];
     int varlen = pf_tensor_present(&p->cu_seqlens_q);
     const pf_backend *be;

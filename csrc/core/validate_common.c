@@ -11,14 +11,75 @@
 const char *pf_shape_str(const pf_tensor *t, char *buf, size_t len) {
     size_t pos = 0;
     pos += (size_t)snprintf(buf + pos, len - pos, "[");
-    for (int i = 0; i < t->ndim && pos < len; i++)
+    for (int i = 0; i < t->ndim && i < PF_MAX_DIMS && pos < len; i++)
         pos += (size_t)snprintf(buf + pos, len - pos, i ? ", %lld" : "%lld", (long long)t->shape[i]);
     if (pos < len) snprintf(buf + pos, len - pos, "]");
     return buf;
 }
 
+pf_status pf_check_tensor(const pf_tensor *t, const char *name) {
+    PF_CHECK_VALUE(t->ndim >= 0 && t->ndim <= PF_MAX_DIMS, "%s: ndim must be in [0, %d], got %d", name, PF_MAX_DIMS,
+                   (int)t->ndim);
+    int64_t numel = 1;
+    for (int i = 0; i < t->ndim; i++) {
+        PF_CHECK_VALUE(t->shape[i] >= 0, "%s: dimension %d is negative (%lld)", name, i, (long long)t->shape[i]);
+        PF_CHECK_VALUE(!__builtin_mul_overflow(numel, t->shape[i], &numel),
+                       "%s: too many elements (the product of its shape overflows int64)", name);
+    }
+    PF_CHECK_VALUE(numel == 0 || t->data != NULL || t->ndim == 0, "%s: NULL data for %lld elements", name,
+                   (long long)numel);
+    return PF_STATUS_OK;
+}
+
+/* [*lo, *hi): the bytes a tensor's elements occupy; lo == hi for an empty or absent one. */
+static void byte_span(const pf_tensor *t, uintptr_t *lo, uintptr_t *hi) {
+    *lo = *hi = 0;
+    if (!t->data || pf_tensor_numel(t) == 0) return;
+    const int64_t es = (int64_t)pf_dtype_size(t->dtype);
+    int64_t below = 0, above = 0;
+    for (int i = 0; i < t->ndim; i++) {
+        const int64_t reach = t->strides[i] * (t->shape[i] - 1);
+        if (reach < 0)
+            below += reach;
+        else
+            above += reach;
+    }
+    *lo = (uintptr_t)t->data + (uintptr_t)(below * es);
+    *hi = (uintptr_t)t->data + (uintptr_t)((above + 1) * es);
+}
+
+/* Whether two tensors live in one address space: host memory (CPU, page-locked) or one CUDA device. */
+static int same_memory(const pf_tensor *a, const pf_tensor *b) {
+    if (pf_tensor_on_host(a) || pf_tensor_on_host(b)) return pf_tensor_on_host(a) && pf_tensor_on_host(b);
+    return a->device_id == b->device_id;
+}
+
+pf_status pf_check_disjoint(const pf_tensor *out, const char *out_name, const pf_tensor *in, const char *in_name) {
+    if (!pf_tensor_present(out) || !pf_tensor_present(in) || !same_memory(out, in)) return PF_STATUS_OK;
+    uintptr_t olo, ohi, ilo, ihi;
+    byte_span(out, &olo, &ohi);
+    byte_span(in, &ilo, &ihi);
+    PF_CHECK_VALUE(olo == ohi || ilo == ihi || ohi <= ilo || ihi <= olo,
+                   "%s: overlaps %s in memory; an output may not share memory with an input", out_name, in_name);
+    return PF_STATUS_OK;
+}
+
+pf_status pf_check_outputs_disjoint(const pf_named_tensor *outs, int n_out, const pf_named_tensor *ins, int n_in) {
+    for (int o = 0; o < n_out; o++)
+        for (int i = 0; i < n_in; i++) PF_TRY(pf_check_disjoint(outs[o].t, outs[o].name, ins[i].t, ins[i].name));
+    return PF_STATUS_OK;
+}
+
+int pf_tensor_same_view(const pf_tensor *a, const pf_tensor *b) {
+    if (a->data != b->data || a->ndim != b->ndim || a->dtype != b->dtype || !same_memory(a, b)) return 0;
+    for (int i = 0; i < a->ndim; i++)
+        if (a->shape[i] != b->shape[i] || (a->shape[i] > 1 && a->strides[i] != b->strides[i])) return 0;
+    return 1;
+}
+
 pf_status pf_check_rank(const pf_tensor *t, const char *name, int ndim) {
     char s[128];
+    PF_TRY(pf_check_tensor(t, name));
     PF_CHECK_VALUE(t->ndim == ndim, "%s: expected a %d-d tensor, got %d-d with shape %s", name, ndim, (int)t->ndim,
                    pf_shape_str(t, s, sizeof s));
     return PF_STATUS_OK;
@@ -80,6 +141,7 @@ pf_status pf_check_same_shape(const pf_tensor *t, const char *name, const pf_ten
 }
 
 pf_status pf_check_present(const pf_tensor *t, const char *name) {
+    PF_TRY(pf_check_tensor(t, name));
     PF_CHECK_VALUE(pf_tensor_present(t) || (t->ndim > 0 && pf_tensor_numel(t) == 0), "%s: missing (NULL data)", name);
     return PF_STATUS_OK;
 }

@@ -170,6 +170,15 @@ pf_status pf_paged_attn_validate(const pf_paged_params *p) {
     const pf_backend *be;
     PF_TRY(pf_check_backend(q, "q", &be));
     PF_TRY(pf_check_kernel_hint(p->kernel, PF_HINT_PAGED, "paged_attn"));
+    const pf_named_tensor outs[] = {{&p->out, "out"}, {&p->lse, "lse"}};
+    const pf_named_tensor ins[] = {{q, "q"},
+                                   {kc, "k_cache"},
+                                   {vc, "v_cache"},
+                                   {&p->block_tables, "block_tables"},
+                                   {&p->seq_lens, "seq_lens"},
+                                   {&p->cu_seqlens_q, "cu_seqlens_q"},
+                                   {&p->alibi_slopes, "alibi_slopes"}};
+    PF_TRY(pf_check_outputs_disjoint(outs, PF_COUNT(outs), ins, PF_COUNT(ins)));
 
     /* values of the index tensors */
     if (pf_tensor_on_host(&p->block_tables) && pf_tensor_on_host(&p->seq_lens) &&
@@ -220,6 +229,15 @@ pf_status pf_merge_attn_states_validate(const pf_merge_params *p) {
         PF_TRY(pf_check_same_device(l, names[i], a, "out_a"));
         if (i == 2) PF_TRY(pf_check_nonneg_strides(l, names[i]));
     }
+    /* in place: out may be out_a or out_b (lse: lse_a or lse_b) as the very same view; any
+     * other sharing of memory between an output and an input is refused */
+    const pf_named_tensor ins[] = {
+        {&p->out_a, "out_a"}, {&p->lse_a, "lse_a"}, {&p->out_b, "out_b"}, {&p->lse_b, "lse_b"}};
+    const pf_named_tensor outs[] = {{&p->out, "out"}, {&p->lse, "lse"}};
+    for (int o = 0; o < PF_COUNT(outs); o++)
+        for (int i = 0; i < PF_COUNT(ins); i++)
+            if (!pf_tensor_same_view(outs[o].t, ins[i].t))
+                PF_TRY(pf_check_disjoint(outs[o].t, outs[o].name, ins[i].t, ins[i].name));
     const pf_backend *be;
     PF_TRY(pf_check_backend(&p->out, "out", &be));
     PF_CHECK(!be->limits.max_merge_dims || a->ndim - 2 <= be->limits.max_merge_dims, PF_STATUS_NOT_SUPPORTED,
@@ -257,6 +275,9 @@ pf_status pf_write_kv_cache_validate(pf_tensor k, pf_tensor v, pf_tensor k_cache
                    "slot_mapping: expected length %lld (num_tokens, dimension 0 of k), got %lld", (long long)k.shape[0],
                    (long long)slot_mapping.shape[0]);
 
+    const pf_named_tensor outs[] = {{kc, "k_cache"}, {&v_cache, "v_cache"}};
+    const pf_named_tensor ins[] = {{&k, "k"}, {&v, "v"}, {&slot_mapping, "slot_mapping"}};
+    PF_TRY(pf_check_outputs_disjoint(outs, PF_COUNT(outs), ins, PF_COUNT(ins)));
     const pf_backend *be;
     PF_TRY(pf_check_backend(kc, "k_cache", &be));
     PF_CHECK(!be->limits.max_rows || k.shape[0] * kc->shape[2] <= be->limits.max_rows, PF_STATUS_NOT_SUPPORTED,
@@ -341,6 +362,11 @@ pf_status pf_copy_blocks_validate(const pf_tensor *caches, int32_t num_caches, p
     }
     /* every id against the cache with the fewest blocks, i.e. against every cache */
     PF_TRY(check_block_mapping(&block_mapping, fewest, fewest_name, fewest, fewest_name));
+    /* the caches are written in place (and may be views of one tensor); the mapping is read */
+    for (int32_t c = 0; c < num_caches; c++) {
+        snprintf(name, sizeof name, "caches[%d]", (int)c);
+        PF_TRY(pf_check_disjoint(&caches[c], name, &block_mapping, "block_mapping"));
+    }
     return PF_STATUS_OK;
 }
 
@@ -360,5 +386,8 @@ pf_status pf_swap_blocks_validate(pf_tensor src, pf_tensor dst, pf_tensor block_
                    "block_mapping: expected host memory (the copies are issued from the host), "
                    "got a CUDA tensor");
     PF_TRY(check_block_mapping(&block_mapping, src.shape[0], "src", dst.shape[0], "dst"));
+    const pf_named_tensor outs[] = {{&dst, "dst"}};
+    const pf_named_tensor ins[] = {{&src, "src"}, {&block_mapping, "block_mapping"}};
+    PF_TRY(pf_check_outputs_disjoint(outs, PF_COUNT(outs), ins, PF_COUNT(ins)));
     return PF_STATUS_OK;
 }

@@ -68,16 +68,17 @@ static PyObject *flash_fwd(PyObject *module, PyObject *args, PyObject *kwargs) {
     pf_attn_params p;
     memset(&p, 0, sizeof p);
     pf_py_keep keep = {0};
-    pf_status status = PF_STATUS_OK;
-    if (fill_options(module, &o, &p, &keep) < 0) goto done;
-    if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto done;
-    if (pf_py_tensor(ok, "k", 0, &p.k, &keep) < 0) goto done;
-    if (pf_py_tensor(ov, "v", 0, &p.v, &keep) < 0) goto done;
-    if (pf_py_tensor(oout, "out", 1, &p.out, &keep) < 0) goto done;
-    if (pf_py_opt_tensor(olse, "lse", 1, &p.lse, &keep) < 0) goto done;
+    pf_status status;
+    if (fill_options(module, &o, &p, &keep) < 0) goto fail;
+    if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto fail;
+    if (pf_py_tensor(ok, "k", 0, &p.k, &keep) < 0) goto fail;
+    if (pf_py_tensor(ov, "v", 0, &p.v, &keep) < 0) goto fail;
+    if (pf_py_tensor(oout, "out", 1, &p.out, &keep) < 0) goto fail;
+    if (pf_py_opt_tensor(olse, "lse", 1, &p.lse, &keep) < 0) goto fail;
     PF_PY_CALL(status, pf_flash_fwd(&p));
-done:
     return pf_py_finish(module, status, &keep);
+fail:
+    return pf_py_fail(&keep);
 }
 
 static PyObject *flash_bwd(PyObject *module, PyObject *args, PyObject *kwargs) {
@@ -91,20 +92,21 @@ static PyObject *flash_bwd(PyObject *module, PyObject *args, PyObject *kwargs) {
     pf_attn_params p;
     memset(&p, 0, sizeof p);
     pf_py_keep keep = {0};
-    pf_status status = PF_STATUS_OK;
-    if (fill_options(module, &o, &p, &keep) < 0) goto done;
-    if (pf_py_tensor(odout, "dout", 0, &p.dout, &keep) < 0) goto done;
-    if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto done;
-    if (pf_py_tensor(ok, "k", 0, &p.k, &keep) < 0) goto done;
-    if (pf_py_tensor(ov, "v", 0, &p.v, &keep) < 0) goto done;
-    if (pf_py_tensor(oout, "out", 0, &p.out, &keep) < 0) goto done;
-    if (pf_py_tensor(olse, "lse", 0, &p.lse, &keep) < 0) goto done;
-    if (pf_py_tensor(odq, "dq", 1, &p.dq, &keep) < 0) goto done;
-    if (pf_py_tensor(odk, "dk", 1, &p.dk, &keep) < 0) goto done;
-    if (pf_py_tensor(odv, "dv", 1, &p.dv, &keep) < 0) goto done;
+    pf_status status;
+    if (fill_options(module, &o, &p, &keep) < 0) goto fail;
+    if (pf_py_tensor(odout, "dout", 0, &p.dout, &keep) < 0) goto fail;
+    if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto fail;
+    if (pf_py_tensor(ok, "k", 0, &p.k, &keep) < 0) goto fail;
+    if (pf_py_tensor(ov, "v", 0, &p.v, &keep) < 0) goto fail;
+    if (pf_py_tensor(oout, "out", 0, &p.out, &keep) < 0) goto fail;
+    if (pf_py_tensor(olse, "lse", 0, &p.lse, &keep) < 0) goto fail;
+    if (pf_py_tensor(odq, "dq", 1, &p.dq, &keep) < 0) goto fail;
+    if (pf_py_tensor(odk, "dk", 1, &p.dk, &keep) < 0) goto fail;
+    if (pf_py_tensor(odv, "dv", 1, &p.dv, &keep) < 0) goto fail;
     PF_PY_CALL(status, pf_flash_bwd(&p));
-done:
     return pf_py_finish(module, status, &keep);
+fail:
+    return pf_py_fail(&keep);
 }
 
 static PyObject *dropout_mask(PyObject *module, PyObject *args, PyObject *kwargs) {
@@ -119,14 +121,15 @@ static PyObject *dropout_mask(PyObject *module, PyObject *args, PyObject *kwargs
     memset(&p, 0, sizeof p);
     pf_py_keep keep = {0};
     pf_tensor mask;
-    pf_status status = PF_STATUS_OK;
-    if (fill_options(module, &o, &p, &keep) < 0) goto done;
-    if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto done;
-    if (pf_py_tensor(ok, "k", 0, &p.k, &keep) < 0) goto done;
-    if (pf_py_tensor(omask, "mask", 1, &mask, &keep) < 0) goto done;
+    pf_status status;
+    if (fill_options(module, &o, &p, &keep) < 0) goto fail;
+    if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto fail;
+    if (pf_py_tensor(ok, "k", 0, &p.k, &keep) < 0) goto fail;
+    if (pf_py_tensor(omask, "mask", 1, &mask, &keep) < 0) goto fail;
     PF_PY_CALL(status, pf_dropout_mask(&p, mask));
-done:
     return pf_py_finish(module, status, &keep);
+fail:
+    return pf_py_fail(&keep);
 }
 
 PyMethodDef pf_py_attn_methods[] = {

@@ -30,19 +30,19 @@ static PyObject *paged_attn(PyObject *module, PyObject *args, PyObject *kwargs) 
     pf_paged_params p;
     memset(&p, 0, sizeof p);
     pf_py_keep keep = {0};
-    pf_status status = PF_STATUS_OK;
-    if (pf_py_kernel(module, kernel, &p.kernel) < 0) goto done;
-    if (pf_py_stream(ostream, &keep.stream) < 0) goto done;
+    pf_status status;
+    if (pf_py_kernel(module, kernel, &p.kernel) < 0) goto fail;
+    if (pf_py_stream(ostream, &keep.stream) < 0) goto fail;
     p.stream = keep.stream;
-    if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto done;
-    if (pf_py_tensor(okc, "k_cache", 0, &p.k_cache, &keep) < 0) goto done;
-    if (pf_py_tensor(ovc, "v_cache", 0, &p.v_cache, &keep) < 0) goto done;
-    if (pf_py_tensor(obt, "block_tables", 0, &p.block_tables, &keep) < 0) goto done;
-    if (pf_py_tensor(osl, "seq_lens", 0, &p.seq_lens, &keep) < 0) goto done;
-    if (pf_py_tensor(oout, "out", 1, &p.out, &keep) < 0) goto done;
-    if (pf_py_opt_tensor(olse, "lse", 1, &p.lse, &keep) < 0) goto done;
-    if (pf_py_opt_tensor(ocu, "cu_seqlens_q", 0, &p.cu_seqlens_q, &keep) < 0) goto done;
-    if (pf_py_opt_tensor(oalibi, "alibi_slopes", 0, &p.alibi_slopes, &keep) < 0) goto done;
+    if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto fail;
+    if (pf_py_tensor(okc, "k_cache", 0, &p.k_cache, &keep) < 0) goto fail;
+    if (pf_py_tensor(ovc, "v_cache", 0, &p.v_cache, &keep) < 0) goto fail;
+    if (pf_py_tensor(obt, "block_tables", 0, &p.block_tables, &keep) < 0) goto fail;
+    if (pf_py_tensor(osl, "seq_lens", 0, &p.seq_lens, &keep) < 0) goto fail;
+    if (pf_py_tensor(oout, "out", 1, &p.out, &keep) < 0) goto fail;
+    if (pf_py_opt_tensor(olse, "lse", 1, &p.lse, &keep) < 0) goto fail;
+    if (pf_py_opt_tensor(ocu, "cu_seqlens_q", 0, &p.cu_seqlens_q, &keep) < 0) goto fail;
+    if (pf_py_opt_tensor(oalibi, "alibi_slopes", 0, &p.alibi_slopes, &keep) < 0) goto fail;
     p.softmax_scale = (float)scale;
     p.causal = causal;
     p.window_left = wl;
@@ -51,8 +51,9 @@ static PyObject *paged_attn(PyObject *module, PyObject *args, PyObject *kwargs) 
     p.num_splits = num_splits;
     p.num_threads = num_threads;
     PF_PY_CALL(status, pf_paged_attn(&p));
-done:
     return pf_py_finish(module, status, &keep);
+fail:
+    return pf_py_fail(&keep);
 }
 
 static PyObject *merge_attn_states(PyObject *module, PyObject *args, PyObject *kwargs) {
@@ -65,19 +66,20 @@ static PyObject *merge_attn_states(PyObject *module, PyObject *args, PyObject *k
     pf_merge_params p;
     memset(&p, 0, sizeof p);
     pf_py_keep keep = {0};
-    pf_status status = PF_STATUS_OK;
-    if (pf_py_stream(ostream, &keep.stream) < 0) goto done;
+    pf_status status;
+    if (pf_py_stream(ostream, &keep.stream) < 0) goto fail;
     p.stream = keep.stream;
     p.num_threads = num_threads;
-    if (pf_py_tensor(oa, "out_a", 0, &p.out_a, &keep) < 0) goto done;
-    if (pf_py_tensor(ola, "lse_a", 0, &p.lse_a, &keep) < 0) goto done;
-    if (pf_py_tensor(ob, "out_b", 0, &p.out_b, &keep) < 0) goto done;
-    if (pf_py_tensor(olb, "lse_b", 0, &p.lse_b, &keep) < 0) goto done;
-    if (pf_py_tensor(oout, "out", 1, &p.out, &keep) < 0) goto done;
-    if (pf_py_opt_tensor(olse, "lse", 1, &p.lse, &keep) < 0) goto done;
+    if (pf_py_tensor(oa, "out_a", 0, &p.out_a, &keep) < 0) goto fail;
+    if (pf_py_tensor(ola, "lse_a", 0, &p.lse_a, &keep) < 0) goto fail;
+    if (pf_py_tensor(ob, "out_b", 0, &p.out_b, &keep) < 0) goto fail;
+    if (pf_py_tensor(olb, "lse_b", 0, &p.lse_b, &keep) < 0) goto fail;
+    if (pf_py_tensor(oout, "out", 1, &p.out, &keep) < 0) goto fail;
+    if (pf_py_opt_tensor(olse, "lse", 1, &p.lse, &keep) < 0) goto fail;
     PF_PY_CALL(status, pf_merge_attn_states(&p));
-done:
     return pf_py_finish(module, status, &keep);
+fail:
+    return pf_py_fail(&keep);
 }
 
 static PyObject *write_kv_cache(PyObject *module, PyObject *args, PyObject *kwargs) {
@@ -88,17 +90,18 @@ static PyObject *write_kv_cache(PyObject *module, PyObject *args, PyObject *kwar
         return NULL;
     pf_tensor k, v, kc, vc, sm;
     pf_py_keep keep = {0};
-    pf_status status = PF_STATUS_OK;
-    if (pf_py_stream(ostream, &keep.stream) < 0) goto done;
-    if (pf_py_tensor(ok, "k", 0, &k, &keep) < 0) goto done;
-    if (pf_py_tensor(ov, "v", 0, &v, &keep) < 0) goto done;
-    if (pf_py_tensor(okc, "k_cache", 1, &kc, &keep) < 0) goto done;
-    if (pf_py_tensor(ovc, "v_cache", 1, &vc, &keep) < 0) goto done;
-    if (pf_py_tensor(osm, "slot_mapping", 0, &sm, &keep) < 0) goto done;
+    pf_status status;
+    if (pf_py_stream(ostream, &keep.stream) < 0) goto fail;
+    if (pf_py_tensor(ok, "k", 0, &k, &keep) < 0) goto fail;
+    if (pf_py_tensor(ov, "v", 0, &v, &keep) < 0) goto fail;
+    if (pf_py_tensor(okc, "k_cache", 1, &kc, &keep) < 0) goto fail;
+    if (pf_py_tensor(ovc, "v_cache", 1, &vc, &keep) < 0) goto fail;
+    if (pf_py_tensor(osm, "slot_mapping", 0, &sm, &keep) < 0) goto fail;
     void *stream = keep.stream;
     PF_PY_CALL(status, pf_write_kv_cache(k, v, kc, vc, sm, stream));
-done:
     return pf_py_finish(module, status, &keep);
+fail:
+    return pf_py_fail(&keep);
 }
 
 /* copy_blocks takes any number of caches: the imports are spread over as many
@@ -144,6 +147,9 @@ static PyObject *copy_blocks(PyObject *module, PyObject *args, PyObject *kwargs)
     }
     result = Py_NewRef(Py_None);
 done:
+    if (!result && !PyErr_Occurred()) /* a producer cleared its error: still a failure */
+        PyErr_SetString(PyExc_ValueError,
+                        "caches: an argument could not be converted (its producer cleared its error)");
     if (keeps)
         for (Py_ssize_t i = nkeeps - 1; i >= 0; i--) pf_py_keep_release(&keeps[i]);
     PyMem_Free(keeps);
@@ -159,15 +165,16 @@ static PyObject *swap_blocks(PyObject *module, PyObject *args, PyObject *kwargs)
         return NULL;
     pf_tensor src, dst, map;
     pf_py_keep keep = {0};
-    pf_status status = PF_STATUS_OK;
-    if (pf_py_stream(ostream, &keep.stream) < 0) goto done;
-    if (pf_py_tensor(osrc, "src", 0, &src, &keep) < 0) goto done;
-    if (pf_py_tensor(odst, "dst", 1, &dst, &keep) < 0) goto done;
-    if (pf_py_tensor(omap, "block_mapping", 0, &map, &keep) < 0) goto done;
+    pf_status status;
+    if (pf_py_stream(ostream, &keep.stream) < 0) goto fail;
+    if (pf_py_tensor(osrc, "src", 0, &src, &keep) < 0) goto fail;
+    if (pf_py_tensor(odst, "dst", 1, &dst, &keep) < 0) goto fail;
+    if (pf_py_tensor(omap, "block_mapping", 0, &map, &keep) < 0) goto fail;
     void *stream = keep.stream;
     PF_PY_CALL(status, pf_swap_blocks(src, dst, map, stream));
-done:
     return pf_py_finish(module, status, &keep);
+fail:
+    return pf_py_fail(&keep);
 }
 
 PyMethodDef pf_py_paged_methods[] = {

@@ -95,10 +95,62 @@ static int device_from_dl(const char *name, DLDevice dev, pf_tensor *out) {
     }
 }
 
+/* The checks every producer's report goes through (DLPack, array interfaces, NumPy) once
+ * out's dtype, ndim, shape and strides are filled: no negative dimension, an element count
+ * and a byte extent that int64 holds, and -- when there are elements -- a non-NULL data
+ * pointer aligned to the element size. `data` is the address of the first element (the
+ * producer's byte offset applied). On success out->data is set; empty tensors get a
+ * non-NULL placeholder that nothing reads. */
+static int check_view(const char *name, pf_tensor *out, uintptr_t data) {
+    const int64_t es = (int64_t)pf_dtype_size(out->dtype);
+    int64_t numel = 1;
+    for (int i = 0; i < out->ndim; i++) {
+        if (out->shape[i] < 0) {
+            PyErr_Format(PyExc_ValueError, "%s: dimension %d is negative (%lld)", name, i, (long long)out->shape[i]);
+            return -1;
+        }
+        if (__builtin_mul_overflow(numel, out->shape[i], &numel)) {
+            PyErr_Format(PyExc_ValueError, "%s: too many elements (the product of its shape overflows int64)", name);
+            return -1;
+        }
+    }
+    if (numel == 0) {
+        out->data = pf_empty_data;
+        return 0;
+    }
+    int64_t reach = 0; /* elements between the first and the farthest element */
+    for (int i = 0; i < out->ndim; i++) {
+        int64_t step, extent;
+        if (out->strides[i] == INT64_MIN ||
+            __builtin_mul_overflow(out->strides[i] < 0 ? -out->strides[i] : out->strides[i], out->shape[i] - 1,
+                                   &step) ||
+            __builtin_add_overflow(reach, step, &reach) || __builtin_mul_overflow(reach + 1, es, &extent)) {
+            PyErr_Format(PyExc_ValueError, "%s: its strides reach beyond what int64 addresses", name);
+            return -1;
+        }
+    }
+    if (!data) {
+        PyErr_Format(PyExc_ValueError, "%s: the producer reported a NULL data pointer for %lld elements", name,
+                     (long long)numel);
+        return -1;
+    }
+    if (data % (uintptr_t)es) {
+        PyErr_Format(PyExc_ValueError, "%s: its data pointer %p is not aligned to its %lld-byte elements", name,
+                     (void *)data, (long long)es);
+        return -1;
+    }
+    out->data = (void *)data;
+    return 0;
+}
+
 static int fill_from_dltensor(const char *name, const DLTensor *t, pf_tensor *out) {
     if (t->ndim < 0 || t->ndim > PF_MAX_DIMS) {
         PyErr_Format(PyExc_ValueError, "%s: at most %d dimensions are supported, got %d", name, PF_MAX_DIMS,
                      (int)t->ndim);
+        return -1;
+    }
+    if (t->ndim > 0 && !t->shape) {
+        PyErr_Format(PyExc_ValueError, "%s: the producer reported a NULL shape for %d dimensions", name, (int)t->ndim);
         return -1;
     }
     if (dtype_from_dl(t->dtype, &out->dtype) < 0) {
@@ -110,19 +162,19 @@ static int fill_from_dltensor(const char *name, const DLTensor *t, pf_tensor *ou
     }
     if (device_from_dl(name, t->device, out) < 0) return -1;
     out->ndim = t->ndim;
-    int64_t numel = 1;
-    for (int i = 0; i < t->ndim; i++) {
-        out->shape[i] = t->shape[i];
-        numel *= t->shape[i];
-    }
     int64_t stride = 1;
     for (int i = t->ndim - 1; i >= 0; i--) {
+        out->shape[i] = t->shape[i];
         out->strides[i] = t->strides ? t->strides[i] : stride;
-        stride *= t->shape[i];
+        if (t->shape[i] > 0) stride = __builtin_mul_overflow(stride, t->shape[i], &stride) ? INT64_MAX : stride;
     }
-    out->data = t->data ? (char *)t->data + t->byte_offset : NULL;
-    if (numel == 0 || !out->data) out->data = pf_empty_data;
-    return 0;
+    uintptr_t data = (uintptr_t)t->data;
+    if (data && t->byte_offset > UINTPTR_MAX - data) {
+        PyErr_Format(PyExc_ValueError, "%s: byte_offset %llu overflows the data pointer", name,
+                     (unsigned long long)t->byte_offset);
+        return -1;
+    }
+    return check_view(name, out, data ? data + (uintptr_t)t->byte_offset : 0);
 }
 
 /* Call obj.__dlpack__ with the consumer's keywords, falling back for old producers. */
@@ -216,8 +268,14 @@ static int import_dlpack(PyObject *obj, const char *name, int writable, pf_tenso
         PyErr_Format(PyExc_TypeError, "%s: __dlpack__ did not return a DLPack capsule", name);
     }
 done:
-    Py_DECREF(cap);
-    return rc;
+    {
+        /* the capsule's destructor is the producer's code: keep a pending error out of its reach */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        Py_DECREF(cap);
+        PyErr_Restore(type, value, tb);
+        return rc;
+    }
 }
 
 static int dtype_from_typestr(const char *ts, pf_dtype *out) {
@@ -275,44 +333,48 @@ static int import_array_interface(PyObject *obj, PyObject *iface, const char *na
     }
     int64_t esize = (int64_t)pf_dtype_size(out->dtype);
     out->ndim = (int32_t)nd;
-    int64_t numel = 1;
-    for (Py_ssize_t i = 0; i < nd; i++) {
-        out->shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, i));
-        numel *= out->shape[i];
-    }
-    if (PyErr_Occurred()) return -1;
+    for (Py_ssize_t i = 0; i < nd; i++)
+        if (pf_py_int64(PyTuple_GET_ITEM(shape, i), name, &out->shape[i]) < 0) return -1;
     if (strides && strides != Py_None) {
         if (!PyTuple_Check(strides) || PyTuple_GET_SIZE(strides) != nd) {
             PyErr_Format(PyExc_ValueError, "%s: malformed strides in the array interface", name);
             return -1;
         }
         for (Py_ssize_t i = 0; i < nd; i++) {
-            long long sb = PyLong_AsLongLong(PyTuple_GET_ITEM(strides, i));
+            int64_t sb;
+            if (pf_py_int64(PyTuple_GET_ITEM(strides, i), name, &sb) < 0) return -1;
             if (sb % esize) {
                 PyErr_Format(PyExc_ValueError,
                              "%s: strides must be multiples of the element size (%lld bytes), got %lld", name,
-                             (long long)esize, sb);
+                             (long long)esize, (long long)sb);
                 return -1;
             }
             out->strides[i] = sb / esize;
         }
-        if (PyErr_Occurred()) return -1;
     } else {
         int64_t s = 1;
         for (Py_ssize_t i = nd - 1; i >= 0; i--) {
             out->strides[i] = s;
-            s *= out->shape[i];
+            if (out->shape[i] > 0) s = __builtin_mul_overflow(s, out->shape[i], &s) ? INT64_MAX : s;
         }
     }
+    if (!PyLong_Check(PyTuple_GET_ITEM(data, 0))) {
+        PyErr_Format(PyExc_TypeError, "%s: the array interface's data pointer is not an int", name);
+        return -1;
+    }
     void *ptr = PyLong_AsVoidPtr(PyTuple_GET_ITEM(data, 0));
-    if (PyErr_Occurred()) return -1;
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: the array interface's data pointer is out of range", name);
+        return -1;
+    }
     int readonly = PyObject_IsTrue(PyTuple_GET_ITEM(data, 1));
     if (readonly < 0) return -1;
     if (writable && readonly) {
         PyErr_Format(PyExc_ValueError, "%s: the array is read-only; an output must be writable", name);
         return -1;
     }
-    out->data = (numel == 0 || !ptr) ? pf_empty_data : ptr;
+    if (check_view(name, out, (uintptr_t)ptr) < 0) return -1;
     out->device = cuda ? PF_DEVICE_CUDA : PF_DEVICE_CPU;
     out->device_id = 0;
     if (cuda) {
@@ -358,10 +420,8 @@ static int import_ndarray(PyObject *obj, const char *name, int writable, pf_tens
     }
     int64_t esize = (int64_t)PyArray_ITEMSIZE(a);
     out->ndim = nd;
-    int64_t numel = 1;
     for (int i = 0; i < nd; i++) {
         out->shape[i] = PyArray_DIM(a, i);
-        numel *= out->shape[i];
         npy_intp sb = PyArray_STRIDE(a, i);
         if (sb % esize) {
             PyErr_Format(PyExc_ValueError, "%s: strides must be multiples of the element size", name);
@@ -369,7 +429,7 @@ static int import_ndarray(PyObject *obj, const char *name, int writable, pf_tens
         }
         out->strides[i] = sb / esize;
     }
-    out->data = numel == 0 ? pf_empty_data : PyArray_DATA(a);
+    if (check_view(name, out, (uintptr_t)PyArray_DATA(a)) < 0) return -1;
     out->device = PF_DEVICE_CPU;
     out->device_id = 0;
     return keep_push(keep, obj, NULL, 0);
@@ -433,9 +493,18 @@ int pf_py_kernel(PyObject *module, const char *name, int32_t *kernel) {
 
 PyObject *pf_py_finish(PyObject *module, pf_status status, pf_py_keep *keep) {
     pf_py_keep_release(keep);
-    if (PyErr_Occurred()) return NULL;
     if (status != PF_STATUS_OK) return pf_py_raise(module, status);
+    if (PyErr_Occurred()) return NULL; /* a deleter's error, kept rather than returning with it set */
     Py_RETURN_NONE;
+}
+
+PyObject *pf_py_fail(pf_py_keep *keep) {
+    pf_py_keep_release(keep);
+    if (!PyErr_Occurred())
+        PyErr_SetString(PyExc_ValueError,
+                        "pagedflash: an argument could not be converted (its producer raised an error and then "
+                        "cleared it)");
+    return NULL;
 }
 
 /* ---- scalars ---- */

@@ -69,9 +69,14 @@ PyObject *pf_py_new_array(int nd, const Py_ssize_t *dims, int npy_type);
 
 /* ---- the end of a binding ---- */
 
-/* Release the imports (deleters run, even on error), then return None, or raise the
- * exception for a failed status / a pending Python error. */
+/* The end of a binding whose arguments were all converted: release the imports (deleters
+ * run), then return None, or raise the exception for a failed status. */
 PyObject *pf_py_finish(PyObject *module, pf_status status, pf_py_keep *keep);
+/* The end of a binding whose argument conversion failed (a converter returned -1): release
+ * the imports and return NULL with the converter's exception -- or, if a producer's code
+ * cleared it on the way out, a ValueError saying so: success is decided by return codes,
+ * never by whether an exception happens to be pending. */
+PyObject *pf_py_fail(pf_py_keep *keep);
 
 /* Run `call` (a pf_status expression) with the GIL released, storing its status. */
 /* clang-format off */
