@@ -109,7 +109,7 @@ def _dense_args(requires_grad, dropout):
     if requires_grad:
         q, k, v = (x.requires_grad_() for x in (q, k, v))
     seed = torch.tensor(99) if dropout else None
-    return (q, k, v, 0.0, True, -1, -1, 2.0, torch.rand(4, generator=gen), 0.2 if dropout else 0.0, seed, 0)
+    return (q, k, v, None, True, -1, -1, 2.0, torch.rand(4, generator=gen), 0.2 if dropout else 0.0, seed, 0)
 
 
 def _varlen_args(requires_grad):
@@ -121,7 +121,7 @@ def _varlen_args(requires_grad):
     v = torch.randn(12, 2, 8, generator=gen)
     if requires_grad:
         q, k, v = (x.requires_grad_() for x in (q, k, v))
-    return (q, k, v, cq, ck, 7, 5, 0.0, False, 4, -1, 0.0, None, 0.1, torch.tensor(7), 0)
+    return (q, k, v, cq, ck, 7, 5, None, False, 4, -1, 0.0, None, 0.1, torch.tensor(7), 0)
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])

@@ -1,10 +1,10 @@
 /*
  * error.c - status strings, the thread-local last-error message, dtype names
- * and sizes, and the names of the kernel hints.
+ * and sizes, the names of the kernel hints, and the default softmax scale.
  */
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
-
 #include <string.h>
 
 #include "pf_error.h"
@@ -126,3 +126,5 @@ const char *pf_kernel_name(int32_t kernel) {
     }
     return NULL;
 }
+
+float pf_default_softmax_scale(int64_t head_dim) { return head_dim > 0 ? 1.0f / sqrtf((float)head_dim) : 1.0f; }

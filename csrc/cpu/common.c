@@ -77,8 +77,8 @@ void pf_cpu_free_scratch(void **bufs, int n) {
     free(bufs);
 }
 
-float pf_cpu_score_scales(float softmax_scale, float softcap, int64_t head_dim, float *q_scale, float *cap_log2) {
-    float scale = softmax_scale != 0.0f ? softmax_scale : 1.0f / sqrtf((float)head_dim);
+float pf_cpu_score_scales(float softmax_scale, float softcap, float *q_scale, float *cap_log2) {
+    const float scale = softmax_scale;
     if (softcap > 0.0f) {
         *q_scale = scale / softcap;
         *cap_log2 = softcap * PF_LOG2E;

@@ -41,8 +41,8 @@ void pf_cpu_stage_rows(const pf_rows *v, pf_dtype dt, int64_t b, int64_t tok0, i
 
 /* The log2-domain scaling every CPU kernel folds into Q: scores become (Q * q_scale) K^T,
  * then cap_log2 * tanh(.) with softcap (cap_log2 = 0 without). Returns the softmax
- * scale itself (softmax_scale, or 1/sqrt(head_dim) when it is 0). */
-float pf_cpu_score_scales(float softmax_scale, float softcap, int64_t head_dim, float *q_scale, float *cap_log2);
+ * scale itself (softmax_scale, used as given). */
+float pf_cpu_score_scales(float softmax_scale, float softcap, float *q_scale, float *cap_log2);
 
 /* ALiBi slope of (batch b, head h) times log2(e) from f32 [h] or [batch, h]; 0 without ALiBi. */
 float pf_cpu_alibi_log2(const pf_tensor *slopes, int64_t b, int64_t h);

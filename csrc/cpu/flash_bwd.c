@@ -17,7 +17,8 @@
  *      dS = P * (dP * Z - D) * g     (g = 1 - tanh^2 with softcap, else 1)
  *   which is dL/d(logit) times the softcap derivative. Then
  *      dV += (P * Z)^T dO,  dK += dS^T Qs,  dQ += dS K,
- *   and finally dk = dK * scale / q_scale, dq = dQ * scale (scale = softmax_scale).
+ *   and finally dk = dK * scale / q_scale (= ln 2, or softcap: exact whatever the scale),
+ *   dq = dQ * scale (scale = softmax_scale).
  *   1. dK/dV pass: work items (batch, kv head, key tile). An item owns dK and dV
  *      of its key tile and walks every query head of its GQA group and every
  *      query tile, so GQA/MQA sums happen inside the item.
@@ -410,9 +411,11 @@ pf_status pf_cpu_flash_bwd(const pf_attn_params *p) {
     ctx.n_ntiles = (sh->seqlen_k + kBlockN - 1) / kBlockN;
     ctx.group = sh->num_heads / sh->num_kv_heads;
 
-    float scale = pf_cpu_score_scales(p->softmax_scale, p->softcap, sh->head_dim, &ctx.q_scale, &ctx.cap_log2);
+    float scale = pf_cpu_score_scales(p->softmax_scale, p->softcap, &ctx.q_scale, &ctx.cap_log2);
     ctx.dq_scale = scale;
-    ctx.dk_scale = scale / ctx.q_scale;
+    /* scale / q_scale, written out: q_scale = scale log2(e) (or scale / softcap) underflows to 0
+     * for a tiny scale, and the quotient would then be 0 / 0 or x / 0 (NaN in dk) */
+    ctx.dk_scale = p->softcap > 0.0f ? p->softcap : PF_LN2;
     ctx.drop_threshold = pf_dropout_threshold(p->dropout_p);
     ctx.drop_scale = p->dropout_p > 0.0f ? 1.0f / (1.0f - p->dropout_p) : 1.0f;
 

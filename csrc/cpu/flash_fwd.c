@@ -349,7 +349,7 @@ pf_status pf_cpu_flash_fwd(const pf_attn_params *p) {
     ctx.dpad = pf_cpu_dpad(sh->head_dim);
     ctx.n_mtiles = (sh->seqlen_q + kBlockM - 1) / kBlockM;
 
-    pf_cpu_score_scales(p->softmax_scale, p->softcap, sh->head_dim, &ctx.q_scale, &ctx.cap_log2);
+    pf_cpu_score_scales(p->softmax_scale, p->softcap, &ctx.q_scale, &ctx.cap_log2);
 
     int64_t items = sh->batch * sh->num_heads * ctx.n_mtiles;
     if (items == 0) return PF_STATUS_OK;

@@ -302,7 +302,7 @@ pf_status pf_cpu_paged_attn(const pf_paged_params *p) {
     }
     c.n_qtiles = (max_qlen + c.nq - 1) / c.nq;
 
-    pf_cpu_score_scales(p->softmax_scale, p->softcap, c.head_dim, &c.q_scale, &c.cap_log2);
+    pf_cpu_score_scales(p->softmax_scale, p->softcap, &c.q_scale, &c.cap_log2);
 
     if (c.batch == 0 || c.n_qtiles == 0) return PF_STATUS_OK;
     const int threads = pf_resolve_threads(p->num_threads, INT64_MAX);

@@ -90,6 +90,10 @@ typedef struct pf_tensor {
 } pf_tensor;
 
 size_t pf_dtype_size(pf_dtype dtype);      /* 0 for PF_DTYPE_INVALID */
+
+/* 1 / sqrt(head_dim) in float32, the usual softmax_scale (pf_attn_params, pf_paged_params take
+ * the scale as given: a zero scale is a zero scale, so fill it with this for the default). */
+float pf_default_softmax_scale(int64_t head_dim);
 const char *pf_dtype_name(pf_dtype dtype); /* "float16", ... */
 
 /* ------------------------------------------------------------------------ */
@@ -203,7 +207,7 @@ typedef struct pf_attn_params {
     /* backward only */
     pf_tensor dout, dq, dk, dv;
 
-    float softmax_scale;           /* 0 = 1 / sqrt(head_dim) */
+    float softmax_scale;           /* used as given (finite; 0 included): pf_default_softmax_scale */
     int32_t causal;
     int32_t window_left, window_right;
     float softcap;                 /* 0 = off */
@@ -284,7 +288,7 @@ pf_status pf_dropout_mask(const pf_attn_params *params, pf_tensor mask);
  * Causal alignment: query i of a sequence with q_len queries and seq_len tokens sits at
  * position p = seq_len - q_len + i. causal lets it see tokens 0..p; window (left, right)
  * keeps p - left <= j <= p + right (-1 = unbounded); causal = 0 and no window: all
- * seq_len tokens. softcap, ALiBi (s -= slope * |p - j|) and softmax_scale (0 = 1/sqrt(d))
+ * seq_len tokens. softcap, ALiBi (s -= slope * |p - j|) and softmax_scale (used as given)
  * as in pf_attn_params. A query that sees no token gets out = 0 and lse = -inf.
  *
  * Flash decoding: num_splits = 1 processes each sequence's tokens in one pass; n > 1

@@ -11,14 +11,15 @@
 /* Options shared by forward and backward, parsed from keywords. */
 typedef struct attn_opts {
     PyObject *cu_q, *cu_k, *alibi, *stream;
-    long long max_q, max_k;
-    double scale, softcap, dropout_p;
-    int causal, wl, wr, num_threads, deterministic;
-    unsigned long long seed, offset;
+    PyObject *max_q, *max_k, *scale, *wl, *wr, *seed, *offset, *num_threads; /* ints / floats, converted below */
+    double softcap, dropout_p;
+    int causal, deterministic;
     const char *kernel;
 } attn_opts;
 
-/* View the shared optional tensors and copy the scalar options into p. */
+/* View the shared optional tensors and convert the scalar options into p (every integer
+ * range-checked with a ValueError naming it). softmax_scale None: 1/sqrt(head_dim) of q,
+ * which must be converted already. */
 static int fill_options(PyObject *module, const attn_opts *o, pf_attn_params *p, pf_py_keep *keep) {
     if (pf_py_kernel(module, o->kernel, &p->kernel) < 0) return -1;
     if (pf_py_stream(o->stream, &keep->stream) < 0) return -1;
@@ -26,17 +27,16 @@ static int fill_options(PyObject *module, const attn_opts *o, pf_attn_params *p,
     if (pf_py_opt_tensor(o->cu_q, "cu_seqlens_q", 0, &p->cu_seqlens_q, keep) < 0) return -1;
     if (pf_py_opt_tensor(o->cu_k, "cu_seqlens_k", 0, &p->cu_seqlens_k, keep) < 0) return -1;
     if (pf_py_opt_tensor(o->alibi, "alibi_slopes", 0, &p->alibi_slopes, keep) < 0) return -1;
-    p->max_seqlen_q = o->max_q;
-    p->max_seqlen_k = o->max_k;
-    p->softmax_scale = (float)o->scale;
+    if (pf_py_int64(o->max_q, "max_seqlen_q", &p->max_seqlen_q) < 0) return -1;
+    if (pf_py_int64(o->max_k, "max_seqlen_k", &p->max_seqlen_k) < 0) return -1;
+    if (pf_py_int32(o->wl, "window", &p->window_left) < 0 || pf_py_int32(o->wr, "window", &p->window_right) < 0)
+        return -1;
+    if (pf_py_uint64(o->seed, "seed", &p->seed) < 0 || pf_py_uint64(o->offset, "offset", &p->offset) < 0) return -1;
+    if (pf_py_int32(o->num_threads, "num_threads", &p->num_threads) < 0) return -1;
+    if (pf_py_softmax_scale(o->scale, &p->q, &p->softmax_scale) < 0) return -1;
     p->causal = o->causal;
-    p->window_left = o->wl;
-    p->window_right = o->wr;
     p->softcap = (float)o->softcap;
     p->dropout_p = (float)o->dropout_p;
-    p->seed = o->seed;
-    p->offset = o->offset;
-    p->num_threads = o->num_threads;
     p->deterministic = o->deterministic;
     return 0;
 }
@@ -45,15 +45,18 @@ static int fill_options(PyObject *module, const attn_opts *o, pf_attn_params *p,
     "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal", "window_left",     \
         "window_right", "softcap", "alibi_slopes", "dropout_p", "seed", "offset", "num_threads", "deterministic", \
         "stream", "kernel"
-#define ATTN_OPT_FORMAT "OOLLdpiidOdKKipOs"
+#define ATTN_OPT_FORMAT "OOOOOpOOdOdOOOpOs"
 #define ATTN_OPT_ARGS(o)                                                                                               \
     &(o).cu_q, &(o).cu_k, &(o).max_q, &(o).max_k, &(o).scale, &(o).causal, &(o).wl, &(o).wr, &(o).softcap, &(o).alibi, \
         &(o).dropout_p, &(o).seed, &(o).offset, &(o).num_threads, &(o).deterministic, &(o).stream, &(o).kernel
 
 static void opts_init(attn_opts *o) {
+    static PyObject *minus_one, *zero;
     memset(o, 0, sizeof *o);
-    o->cu_q = o->cu_k = o->alibi = o->stream = Py_None;
-    o->wl = o->wr = -1;
+    if (!minus_one) minus_one = PyLong_FromLong(-1), zero = PyLong_FromLong(0); /* immortal small ints */
+    o->cu_q = o->cu_k = o->alibi = o->stream = o->scale = Py_None;
+    o->wl = o->wr = minus_one;
+    o->max_q = o->max_k = o->seed = o->offset = o->num_threads = zero;
     o->kernel = "auto";
 }
 
@@ -69,8 +72,8 @@ static PyObject *flash_fwd(PyObject *module, PyObject *args, PyObject *kwargs) {
     memset(&p, 0, sizeof p);
     pf_py_keep keep = {0};
     pf_status status;
-    if (fill_options(module, &o, &p, &keep) < 0) goto fail;
     if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto fail;
+    if (fill_options(module, &o, &p, &keep) < 0) goto fail;
     if (pf_py_tensor(ok, "k", 0, &p.k, &keep) < 0) goto fail;
     if (pf_py_tensor(ov, "v", 0, &p.v, &keep) < 0) goto fail;
     if (pf_py_tensor(oout, "out", 1, &p.out, &keep) < 0) goto fail;
@@ -93,9 +96,9 @@ static PyObject *flash_bwd(PyObject *module, PyObject *args, PyObject *kwargs) {
     memset(&p, 0, sizeof p);
     pf_py_keep keep = {0};
     pf_status status;
-    if (fill_options(module, &o, &p, &keep) < 0) goto fail;
     if (pf_py_tensor(odout, "dout", 0, &p.dout, &keep) < 0) goto fail;
     if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto fail;
+    if (fill_options(module, &o, &p, &keep) < 0) goto fail;
     if (pf_py_tensor(ok, "k", 0, &p.k, &keep) < 0) goto fail;
     if (pf_py_tensor(ov, "v", 0, &p.v, &keep) < 0) goto fail;
     if (pf_py_tensor(oout, "out", 0, &p.out, &keep) < 0) goto fail;
@@ -122,8 +125,8 @@ static PyObject *dropout_mask(PyObject *module, PyObject *args, PyObject *kwargs
     pf_py_keep keep = {0};
     pf_tensor mask;
     pf_status status;
-    if (fill_options(module, &o, &p, &keep) < 0) goto fail;
     if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto fail;
+    if (fill_options(module, &o, &p, &keep) < 0) goto fail;
     if (pf_py_tensor(ok, "k", 0, &p.k, &keep) < 0) goto fail;
     if (pf_py_tensor(omask, "mask", 1, &mask, &keep) < 0) goto fail;
     PF_PY_CALL(status, pf_dropout_mask(&p, mask));
@@ -135,7 +138,7 @@ fail:
 PyMethodDef pf_py_attn_methods[] = {
     {"flash_fwd", (PyCFunction)(void (*)(void))flash_fwd, METH_VARARGS | METH_KEYWORDS,
      "flash_fwd(q, k, v, out, lse=None, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, "
-     "max_seqlen_k=0, softmax_scale=0.0, causal=False, window_left=-1, window_right=-1, softcap=0.0, "
+     "max_seqlen_k=0, softmax_scale=None, causal=False, window_left=-1, window_right=-1, softcap=0.0, "
      "alibi_slopes=None, dropout_p=0.0, seed=0, offset=0, num_threads=0, deterministic=False, "
      "stream=None, kernel='auto') -> None. Writes out (and lse)."},
     {"flash_bwd", (PyCFunction)(void (*)(void))flash_bwd, METH_VARARGS | METH_KEYWORDS,

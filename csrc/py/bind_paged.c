@@ -19,13 +19,14 @@ static PyObject *paged_attn(PyObject *module, PyObject *args, PyObject *kwargs) 
                              "softcap", "alibi_slopes", "num_splits",    "num_threads",  "stream",      "kernel",
                              NULL};
     PyObject *oq, *okc, *ovc, *obt, *osl, *oout, *olse = Py_None;
-    PyObject *ocu = Py_None, *oalibi = Py_None, *ostream = Py_None;
-    double scale = 0.0, softcap = 0.0;
-    int causal = 1, wl = -1, wr = -1, num_splits = 0, num_threads = 0;
+    PyObject *ocu = Py_None, *oalibi = Py_None, *ostream = Py_None, *oscale = Py_None;
+    PyObject *owl = NULL, *owr = NULL, *osplits = NULL, *othreads = NULL; /* ints, converted below */
+    double softcap = 0.0;
+    int causal = 1;
     const char *kernel = "auto";
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|O$OdpiidOiiOs:paged_attn", kwlist, &oq, &okc, &ovc, &obt,
-                                     &osl, &oout, &olse, &ocu, &scale, &causal, &wl, &wr, &softcap, &oalibi,
-                                     &num_splits, &num_threads, &ostream, &kernel))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|O$OOpOOdOOOOs:paged_attn", kwlist, &oq, &okc, &ovc, &obt,
+                                     &osl, &oout, &olse, &ocu, &oscale, &causal, &owl, &owr, &softcap, &oalibi,
+                                     &osplits, &othreads, &ostream, &kernel))
         return NULL;
     pf_paged_params p;
     memset(&p, 0, sizeof p);
@@ -43,13 +44,15 @@ static PyObject *paged_attn(PyObject *module, PyObject *args, PyObject *kwargs) 
     if (pf_py_opt_tensor(olse, "lse", 1, &p.lse, &keep) < 0) goto fail;
     if (pf_py_opt_tensor(ocu, "cu_seqlens_q", 0, &p.cu_seqlens_q, &keep) < 0) goto fail;
     if (pf_py_opt_tensor(oalibi, "alibi_slopes", 0, &p.alibi_slopes, &keep) < 0) goto fail;
-    p.softmax_scale = (float)scale;
+    p.window_left = p.window_right = -1;
+    if ((owl && pf_py_int32(owl, "window", &p.window_left) < 0) ||
+        (owr && pf_py_int32(owr, "window", &p.window_right) < 0) ||
+        (osplits && pf_py_int32(osplits, "num_splits", &p.num_splits) < 0) ||
+        (othreads && pf_py_int32(othreads, "num_threads", &p.num_threads) < 0))
+        goto fail;
+    if (pf_py_softmax_scale(oscale, &p.q, &p.softmax_scale) < 0) goto fail;
     p.causal = causal;
-    p.window_left = wl;
-    p.window_right = wr;
     p.softcap = (float)softcap;
-    p.num_splits = num_splits;
-    p.num_threads = num_threads;
     PF_PY_CALL(status, pf_paged_attn(&p));
     return pf_py_finish(module, status, &keep);
 fail:
@@ -180,7 +183,7 @@ fail:
 PyMethodDef pf_py_paged_methods[] = {
     {"paged_attn", (PyCFunction)(void (*)(void))paged_attn, METH_VARARGS | METH_KEYWORDS,
      "paged_attn(q, k_cache, v_cache, block_tables, seq_lens, out, lse=None, *, cu_seqlens_q=None, "
-     "softmax_scale=0.0, causal=True, window_left=-1, window_right=-1, softcap=0.0, "
+     "softmax_scale=None, causal=True, window_left=-1, window_right=-1, softcap=0.0, "
      "alibi_slopes=None, num_splits=0, num_threads=0, stream=None) -> None. Writes out (and lse)."},
     {"merge_attn_states", (PyCFunction)(void (*)(void))merge_attn_states, METH_VARARGS | METH_KEYWORDS,
      "merge_attn_states(out_a, lse_a, out_b, lse_b, out, lse=None, *, num_threads=0, "

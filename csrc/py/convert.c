@@ -541,6 +541,41 @@ int pf_py_int32(PyObject *obj, const char *name, int32_t *out) {
     return 0;
 }
 
+int pf_py_uint64(PyObject *obj, const char *name, uint64_t *out) {
+    PyObject *index = PyNumber_Index(obj);
+    if (!index) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s: expected an int, got %.100s", name, Py_TYPE(obj)->tp_name);
+        }
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(index);
+    Py_DECREF(index);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: %R is not in [0, 2**64)", name, obj);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+int pf_py_softmax_scale(PyObject *obj, const pf_tensor *q, float *out) {
+    if (obj == NULL || obj == Py_None) {
+        *out = pf_default_softmax_scale(q->ndim > 0 ? q->shape[q->ndim - 1] : 1);
+        return 0;
+    }
+    const double v = PyFloat_AsDouble(obj);
+    if (v == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "softmax_scale: expected None or a number, got %.100s", Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *out = (float)v; /* a non-finite scale (also one beyond float's range) is refused by the core */
+    return 0;
+}
+
 int pf_py_nargs(const char *fn, Py_ssize_t nargs, Py_ssize_t lo, Py_ssize_t hi) {
     if (nargs < lo || nargs > hi) {
         PyErr_Format(PyExc_TypeError, "%s takes %zd to %zd positional arguments (%zd given)", fn, lo, hi, nargs);

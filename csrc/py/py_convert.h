@@ -39,6 +39,10 @@ int pf_py_kernel(PyObject *module, const char *name, int32_t *kernel);
 /* A Python int into int64 / int32 (TypeError for a non-int, ValueError out of range). */
 int pf_py_int64(PyObject *obj, const char *name, int64_t *out);
 int pf_py_int32(PyObject *obj, const char *name, int32_t *out);
+int pf_py_uint64(PyObject *obj, const char *name, uint64_t *out);
+/* softmax_scale: None gives pf_default_softmax_scale of q's last dimension (q converted
+ * already; 1 when q has none), a number is used as given (TypeError otherwise). */
+int pf_py_softmax_scale(PyObject *obj, const pf_tensor *q, float *out);
 /* Positional argument count of a METH_FASTCALL method `fn` within [lo, hi] (TypeError). */
 int pf_py_nargs(const char *fn, Py_ssize_t nargs, Py_ssize_t lo, Py_ssize_t hi);
 

@@ -109,7 +109,7 @@ pf_status fill_flash_params(const pf_attn_params *a, FlashParams *p, bool backwa
     }
 
     ScoreParams &sp = p->score;
-    const float scale = a->softmax_scale != 0.0f ? a->softmax_scale : 1.0f / sqrtf((float)p->head_dim);
+    const float scale = a->softmax_scale; /* used as given (pagedflash.h) */
     sp.softmax_scale = scale;
     sp.scale_log2 = scale * kLog2e;
     if (a->softcap > 0.0f) {

@@ -119,7 +119,7 @@ static pf_status pf_paged_fill_args(const pf_paged_params *p, pf_paged_args &a) 
         a.lse_sh = p->lse.strides[0];
         a.lse_st = p->lse.strides[1];
     }
-    const float scale = p->softmax_scale != 0.f ? p->softmax_scale : 1.0f / sqrtf((float)a.head_dim);
+    const float scale = p->softmax_scale; /* used as given (pagedflash.h) */
     if (p->softcap > 0.f) {
         a.qk_scale = scale / p->softcap;
         a.cap_log2 = p->softcap * PF_LOG2E;

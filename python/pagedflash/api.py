@@ -39,8 +39,9 @@ def _window(window: Sequence[int]) -> tuple[int, int]:
     return left, right
 
 
-def _scale(softmax_scale: Optional[float]) -> float:
-    return 0.0 if softmax_scale is None else float(softmax_scale)
+def _scale(softmax_scale: Optional[float]) -> Optional[float]:
+    """None (1/sqrt(head_dim), filled in by the binding from q) or the scale as given, 0.0 included."""
+    return None if softmax_scale is None else float(softmax_scale)
 
 
 def flash_attn(

@@ -98,6 +98,7 @@ static void check_attention(int B, int SQ, int SK, int H, int HK, int D, int cau
     p.lse.strides[0] = (int64_t)H * SQ;
     p.lse.strides[1] = SQ;
     p.lse.strides[2] = 1;
+    p.softmax_scale = pf_default_softmax_scale(D); /* the scale is taken as given */
     p.causal = causal;
     p.window_left = p.window_right = -1;
     pf_status st = pf_flash_fwd(&p);
