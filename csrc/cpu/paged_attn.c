@@ -241,10 +241,15 @@ static void merge_item(void *vctx, int64_t t, int tid) {
     }
 }
 
+/* Work items the automatic split count aims for: a fixed number, not the thread count, so
+ * that the result is bitwise the same for any number of threads (the merge's order depends
+ * on the split count). 64 keeps up to 32 threads busy twice over. */
+#define PF_CPU_SPLIT_TARGET_ITEMS 64
+
 /* Splits per sequence: explicit n capped by the tiles of the longest sequence;
- * 0 = enough items to keep every thread busy twice over, each split at least 4
- * tiles (256 tokens) so the merge stays cheap against the work it parallelizes. */
-static int64_t choose_splits(const paged_ctx *c, int64_t requested, int threads) {
+ * 0 = enough items for PF_CPU_SPLIT_TARGET_ITEMS, each split at least 4 tiles (256 tokens)
+ * so the merge stays cheap against the work it parallelizes. */
+static int64_t choose_splits(const paged_ctx *c, int64_t requested) {
     int64_t max_len = 0, qtiles = 0;
     for (int64_t b = 0; b < c->batch; b++) {
         int64_t qoff, qlen, tok, len;
@@ -259,8 +264,8 @@ static int64_t choose_splits(const paged_ctx *c, int64_t requested, int threads)
     } else {
         const int64_t work = qtiles * c->num_kv_heads * c->n_hchunks;
         n = 1;
-        if (work > 0 && work < 2 * (int64_t)threads) {
-            n = (2 * (int64_t)threads + work - 1) / work;
+        if (work > 0 && work < PF_CPU_SPLIT_TARGET_ITEMS) {
+            n = (PF_CPU_SPLIT_TARGET_ITEMS + work - 1) / work;
             if (n > max_tiles / 4) n = max_tiles / 4;
         }
     }
@@ -305,8 +310,7 @@ pf_status pf_cpu_paged_attn(const pf_paged_params *p) {
     pf_cpu_score_scales(p->softmax_scale, p->softcap, &c.q_scale, &c.cap_log2);
 
     if (c.batch == 0 || c.n_qtiles == 0) return PF_STATUS_OK;
-    const int threads = pf_resolve_threads(p->num_threads, INT64_MAX);
-    c.splits = choose_splits(&c, p->num_splits, threads);
+    c.splits = choose_splits(&c, p->num_splits);
 
     const int64_t total_q = c.has_cu || !c.q4 ? p->q.shape[0] : c.batch * c.q_len_dense;
     if (c.splits > 1) {

@@ -294,9 +294,10 @@ pf_status pf_dropout_mask(const pf_attn_params *params, pf_tensor mask);
  * Flash decoding: num_splits = 1 processes each sequence's tokens in one pass; n > 1
  * splits them into n chunks (whole 64-token tiles, so at most ceil(seq_len / 64) are
  * non-empty) computed in parallel, each giving a partial out + lse, merged by
- * log-sum-exp; 0 = automatic from the work and num_threads (splits only when
- * batch x kv heads x query tiles leaves threads idle). Results agree across num_splits
- * to float32 rounding.
+ * log-sum-exp; 0 = automatic from the work alone (never from num_threads: the CPU backend
+ * splits when batch x kv heads x query tiles is below 64 items, the CUDA backend to fill
+ * the GPU once), so a call's result is bitwise the same for any thread count. Results
+ * agree across num_splits to float32 rounding.
  * num_threads: CPU backend thread count, 0 = pf_cpu_count().
  */
 typedef struct pf_paged_params {

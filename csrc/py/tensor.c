@@ -151,7 +151,12 @@ static PyObject *tensor_dlpack(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     if (dl_device != Py_None) {
         int dev_type = -1, dev_id = -1;
-        if (!PyArg_ParseTuple(dl_device, "ii", &dev_type, &dev_id)) return NULL;
+        if (!PyTuple_Check(dl_device) || !PyArg_ParseTuple(dl_device, "ii", &dev_type, &dev_id)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "dl_device: expected a (device_type, device_id) tuple of ints, got %R",
+                         dl_device);
+            return NULL;
+        }
         int mine = t->view.device == PF_DEVICE_CUDA ? kDLCUDA : kDLCPU;
         if (dev_type != mine || (mine == kDLCUDA && dev_id != t->view.device_id)) {
             PyErr_SetString(PyExc_BufferError, "pagedflash.Tensor: export to another device is not supported");

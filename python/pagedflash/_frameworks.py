@@ -15,15 +15,8 @@ from . import _C
 
 _KDLCUDA = 2  # DLPack's device type of CUDA memory
 
-_TORCH_DTYPES = {
-    "float32": "float32",
-    "float16": "float16",
-    "bfloat16": "bfloat16",
-    "int32": "int32",
-    "int64": "int64",
-    "uint8": "uint8",
-    "float64": "float64",
-}
+# the dtypes results are allocated in (the float ones for outputs like q, uint8 for masks)
+_RESULT_DTYPES = ("float32", "float16", "bfloat16", "uint8")
 
 
 def is_torch(x) -> bool:
@@ -65,7 +58,7 @@ class _Torch:
     def empty(shape, dtype, like):
         import torch
 
-        return torch.empty(tuple(shape), dtype=getattr(torch, _TORCH_DTYPES[dtype]), device=like.device)
+        return torch.empty(tuple(shape), dtype=getattr(torch, dtype), device=like.device)
 
     @staticmethod
     def stream(like, stream):
@@ -109,6 +102,20 @@ class _CuPy(_Foreign):
         import cupy
 
         return cupy.cuda.get_current_stream().ptr or None
+
+
+def prepare(x):
+    """x ready for the C core, in its own library (see each library's prepare)."""
+    return library_of(x).prepare(x)
+
+
+def allocate(lib, shape, dtype, like, name):
+    """A result of `shape` and `dtype` in `lib`, on `like`'s device. A dtype no result can have
+    (an input of another dtype, e.g. a torch bool tensor as q) is a TypeError naming `name`;
+    the C core then reports the input itself."""
+    if dtype not in _RESULT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float16, bfloat16 or float32, got {dtype}")
+    return lib.empty(shape, dtype, like)
 
 
 def library_of(x):

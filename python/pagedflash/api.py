@@ -12,18 +12,33 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from . import _C
-from ._frameworks import describe, library_of
+from ._frameworks import allocate, describe, library_of, prepare
 
-_num_threads = int(os.environ.get("PAGEDFLASH_NUM_THREADS", "0") or 0)
+_MAX_THREADS = 2**31 - 1  # an int32 in the C API (the CPU backend uses at most 256 threads)
+
+
+def _check_threads(n) -> int:
+    if isinstance(n, bool) or not hasattr(n, "__index__"):
+        raise TypeError(f"num_threads: expected an int, got {type(n).__name__}")
+    n = n.__index__()
+    if not 0 <= n <= _MAX_THREADS:
+        raise ValueError(f"num_threads: must be in [0, 2**31 - 1] (0 = one per core), got {n}")
+    return n
 
 
 def set_num_threads(n: int) -> None:
-    """Threads used by the CPU backend; 0 (the default) means one per core."""
+    """Threads used by the CPU backend; 0 (the default) means one per core.
+
+    Raises TypeError for a non-integer, ValueError outside [0, 2**31 - 1]; the setting then
+    stays as it was."""
     global _num_threads
-    n = int(n)
-    if n < 0:
-        raise ValueError(f"num_threads: must be >= 0 (0 = one per core), got {n}")
-    _num_threads = n
+    _num_threads = _check_threads(n)
+
+
+try:  # read once, at import (the library reads no environment variable on a call)
+    _num_threads = _check_threads(int(os.environ.get("PAGEDFLASH_NUM_THREADS", "0") or 0))
+except (TypeError, ValueError):
+    _num_threads = 0
 
 
 def get_num_threads() -> int:
@@ -191,11 +206,11 @@ def _attn_fwd(
     kernel,
 ):
     lib = library_of(q)
-    q, k, v = lib.prepare(q), lib.prepare(k), lib.prepare(v)
+    q, k, v = prepare(q), prepare(k), prepare(v)
     qshape, qdtype, _, _ = describe(q)
     varlen = cu_q is not None or cu_k is not None
     if out is None:
-        out = lib.empty(qshape, qdtype, q)
+        out = allocate(lib, qshape, qdtype, q, "q")
     lse = None
     if return_lse and len(qshape) == (3 if varlen else 4):  # a wrong rank is reported by _C
         lse = lib.empty(_lse_shape(qshape, varlen), "float32", q)
@@ -292,15 +307,15 @@ def flash_attn_backward(
             "so the same dropout mask is regenerated)"
         )
     lib = library_of(q)
-    dout, q, k, v, out, lse = (lib.prepare(x) for x in (dout, q, k, v, out, lse))
+    dout, q, k, v, out, lse = (prepare(x) for x in (dout, q, k, v, out, lse))
     qshape, qdtype, _, _ = describe(q)
     kshape, _, _, _ = describe(k)
     if dq is None:
-        dq = lib.empty(qshape, qdtype, q)
+        dq = allocate(lib, qshape, qdtype, q, "q")
     if dk is None:
-        dk = lib.empty(kshape, qdtype, q)
+        dk = allocate(lib, kshape, qdtype, q, "q")
     if dv is None:
-        dv = lib.empty(describe(v)[0], qdtype, q)
+        dv = allocate(lib, describe(v)[0], qdtype, q, "q")
     left, right = _window(window)
     _C.flash_bwd(
         dout,
@@ -389,20 +404,18 @@ def dropout_mask(
     """
     max_q, max_k = _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     lib = library_of(q)
-    q, k = lib.prepare(q), lib.prepare(k)
+    q, k = prepare(q), prepare(k)
     qshape = describe(q)[0]
     kshape = describe(k)[0]
+    shape = (0, 0, 0, 0)  # what the C core then rejects, with the message for what is wrong
     if cu_seqlens_q is not None:
-        import numpy as np
-
-        cq = np.asarray(_host_ints(cu_seqlens_q))
-        ck = np.asarray(_host_ints(cu_seqlens_k))
-        lq = int(np.max(np.diff(cq))) if cq.size > 1 else 0
-        lk = int(np.max(np.diff(ck))) if ck.size > 1 else 0
-        shape = (max(cq.size - 1, 0), qshape[1] if len(qshape) == 3 else 0, max(lq, max_q), max(lk, max_k))
-    else:
-        shape = (qshape[0], qshape[2], qshape[1], kshape[1]) if len(qshape) == 4 else (0, 0, 0, 0)
-    mask = lib.empty(shape, "uint8", q)
+        lq = _longest(cu_seqlens_q, qshape[0] if len(qshape) == 3 else -1)
+        lk = _longest(cu_seqlens_k, kshape[0] if len(kshape) == 3 else -1)
+        if lq is not None and lk is not None:
+            shape = (_len(cu_seqlens_q) - 1, qshape[1], max(lq, max_q), max(lk, max_k))
+    elif len(qshape) == 4 and len(kshape) == 4:
+        shape = (qshape[0], qshape[2], qshape[1], kshape[1])
+    mask = allocate(lib, shape, "uint8", q, "mask")
     _C.dropout_mask(
         q,
         k,
@@ -417,6 +430,24 @@ def dropout_mask(
         num_threads=_num_threads,
     )
     return mask
+
+
+def _len(x) -> int:
+    return int(describe(x)[0][0])
+
+
+def _longest(cu, total: int) -> Optional[int]:
+    """The longest sequence of cu_seqlens `cu` when it is well formed (1-d, 0 first, non-decreasing,
+    `total` last), else None (the C core then says what is wrong before anything is allocated)."""
+    import numpy as np
+
+    try:
+        c = np.asarray(_host_ints(cu)).astype(np.int64)
+    except (TypeError, ValueError, AttributeError):
+        return None
+    if c.ndim != 1 or c.size < 1 or c[0] != 0 or c[-1] != total or (c.size > 1 and np.any(np.diff(c) < 0)):
+        return None
+    return int(np.max(np.diff(c))) if c.size > 1 else 0
 
 
 def _host_ints(x):

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _C, api
-from ._frameworks import describe, is_torch, library_of
+from ._frameworks import allocate, describe, is_torch, library_of
 
 
 def _in_place(x: Any) -> Any:
@@ -95,11 +95,11 @@ def paged_attn(
     block_tables, seq_lens = library_of(block_tables).prepare(block_tables), library_of(seq_lens).prepare(seq_lens)
     qshape, qdtype, _, _ = describe(q)
     if out is None:
-        out = lib.empty(qshape, qdtype, q)
+        out = allocate(lib, qshape, qdtype, q, "q")
     lse = None
-    if return_lse:
+    if return_lse and len(qshape) >= 3:  # a wrong rank is reported by _C
         total_q = qshape[0] * qshape[1] if len(qshape) == 4 and cu_seqlens_q is None else qshape[0]
-        lse = lib.empty((qshape[-2] if len(qshape) >= 2 else 0, total_q), "float32", q)
+        lse = lib.empty((qshape[-2], total_q), "float32", q)
     left, right = api._window(window)
     _C.paged_attn(
         q,
@@ -151,7 +151,7 @@ def merge_attn_states(
     out_a, out_b = lib.prepare(out_a), library_of(out_b).prepare(out_b)
     shape, dtype, _, _ = describe(out_a)
     if out is None:
-        out = lib.empty(shape, dtype, out_a)
+        out = allocate(lib, shape, dtype, out_a, "out_a")
     if out_lse is None:
         tokens = int(np.prod(shape[:-2], dtype=np.int64)) if len(shape) >= 2 else 0
         out_lse = lib.empty((shape[-2] if len(shape) >= 2 else 0, tokens), "float32", out_a)
