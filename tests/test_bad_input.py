@@ -65,15 +65,33 @@ def test_unsupported_dtype(rng, dtype):
     expect_error(TypeError, r"q: .*expected dtype float16, bfloat16 or float32", qi, k.astype(dtype), v.astype(dtype))
 
 
+def fwd(q, k, v, out, lse=None, stream=None):
+    """_C.flash_fwd with the default options (the binding takes them all, positionally)."""
+    return _C.flash_fwd(q, k, v, out, lse, None, None, 0, 0, None, False, (-1, -1), 0.0, None, 0.0, None, 0, False,
+                        stream, "auto")  # fmt: skip
+
+
+class ArrayInterface:
+    """Only __array_interface__ (no NumPy type, no DLPack): the binding views it as it is."""
+
+    def __init__(self, a):
+        self.a = a
+        self.__array_interface__ = a.__array_interface__
+
+
 def test_non_contiguous_last_dim_to_C(rng):
     q, k, v = qkv(rng, d=32)
     out = np.full(q.shape, 7.0, np.float32)
+    # NumPy and torch inputs are copied to a contiguous last dimension; other producers reach the core
+    strided_q = ArrayInterface(np.ascontiguousarray(np.repeat(q, 2, -1))[..., ::2])
     with pytest.raises(ValueError, match=r"q: the last dimension must be contiguous \(stride 1\), got stride 2"):
-        _C.flash_fwd(np.ascontiguousarray(np.repeat(q, 2, -1))[..., ::2], k, v, out)
+        fwd(strided_q, k, v, out, stream=0)
     assert np.all(out == 7.0)
     with pytest.raises(ValueError, match=r"v: the last dimension must be contiguous"):
-        _C.flash_fwd(q, k, np.repeat(v, 2, -1)[..., ::2], out)
+        fwd(q, k, ArrayInterface(np.repeat(v, 2, -1)[..., ::2]), out)
     assert np.all(out == 7.0)
+    # ... and NumPy's are copied: the same values as contiguous inputs
+    np.testing.assert_array_equal(fwd(q, k, np.repeat(v, 2, -1)[..., ::2], None), fwd(q, k, v, None))
 
 
 def test_out_wrong_shape_dtype_readonly(rng):
@@ -95,7 +113,7 @@ def test_lse_wrong_shape(rng):
     q, k, v = qkv(rng)
     out = np.full(q.shape, 7.0, np.float32)
     with pytest.raises(ValueError, match=r"lse: expected the shape of \[batch, num_heads, seqlen_q\]"):
-        _C.flash_fwd(q, k, v, out, np.zeros((2, 4, 6), np.float32))
+        fwd(q, k, v, out, np.zeros((2, 4, 6), np.float32))
     assert np.all(out == 7.0)
 
 
@@ -103,9 +121,9 @@ def test_lse_wrong_shape(rng):
 def test_not_an_array(rng, bad):
     q, k, v = qkv(rng)
     with pytest.raises(TypeError, match=r"expected an array"):
-        _C.flash_fwd(bad, k, v, np.zeros(q.shape, np.float32))
+        fwd(bad, k, v, np.zeros(q.shape, np.float32), stream=0)
     with pytest.raises(TypeError, match=r"k: expected an array"):
-        _C.flash_fwd(q, bad, v, np.zeros(q.shape, np.float32))
+        fwd(q, bad, v, np.zeros(q.shape, np.float32))
 
 
 @pytest.mark.parametrize("shape_q,shape_k", [((0, 5, 4, 16), (0, 7, 2, 16)), ((2, 0, 4, 16), (2, 7, 2, 16))])

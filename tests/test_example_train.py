@@ -28,7 +28,7 @@ def test_train_tiny_lm_short(capsys, bf16):
     import pagedflash
 
     example = load_example()
-    threads = torch.get_num_threads(), pagedflash.api._num_threads
+    threads = torch.get_num_threads(), pagedflash._C.get_num_threads()
     try:  # the script sets both libraries' thread counts; give them back afterwards
         res = example.main(["--steps", "80", "--print-every", "20"] + (["--bf16"] if bf16 else []))
     finally:

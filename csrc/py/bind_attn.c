@@ -1,134 +1,185 @@
 /*
  * bind_attn.c - bindings of the attention entry points:
- *   _C.flash_fwd(q, k, v, out, lse=None, **options)
- * The Python layer (pagedflash/api.py) fills defaults and allocates outputs;
- * these functions only view tensors, fill pf_attn_params, release the GIL
- * around the core call and map its status to an exception.
+ *   _C.flash_fwd, _C.flash_bwd, _C.dropout_mask (METH_FASTCALL, positional)
+ * The whole call of the common libraries happens here: view the arrays (through the
+ * DLPack C exchange API for torch), allocate missing results in the caller's library,
+ * take its current stream, fill pf_attn_params, release the GIL around the core call,
+ * map its status to an exception. The Python layer (pagedflash/api.py) only orders the
+ * arguments, and serves the libraries this layer leaves to it (NotImplemented).
  */
 #include "py_bindings.h"
-#include "py_convert.h"
+#include "py_library.h"
 
-/* Options shared by forward and backward, parsed from keywords. */
-typedef struct attn_opts {
-    PyObject *cu_q, *cu_k, *alibi, *stream;
-    PyObject *max_q, *max_k, *scale, *wl, *wr, *seed, *offset, *num_threads; /* ints / floats, converted below */
-    double softcap, dropout_p;
-    int causal, deterministic;
-    const char *kernel;
-} attn_opts;
+/* The options every attention binding takes, positionally, after its arrays (the Python
+ * layer, pagedflash/api.py, passes them in this order). */
+enum {
+    OPT_CU_Q,
+    OPT_CU_K,
+    OPT_MAX_Q,
+    OPT_MAX_K,
+    OPT_SCALE,
+    OPT_CAUSAL,
+    OPT_WINDOW,
+    OPT_SOFTCAP,
+    OPT_ALIBI,
+    OPT_DROPOUT,
+    OPT_SEED,
+    OPT_OFFSET,
+    OPT_DETERMINISTIC,
+    OPT_STREAM,
+    OPT_KERNEL,
+    NUM_OPTS
+};
+#define OPTS_DOC                                                                                       \
+    "cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window, softcap, " \
+    "alibi_slopes, dropout_p, seed, offset, deterministic, stream, kernel"
 
-/* View the shared optional tensors and convert the scalar options into p (every integer
- * range-checked with a ValueError naming it). softmax_scale None: 1/sqrt(head_dim) of q,
- * which must be converted already. */
-static int fill_options(PyObject *module, const attn_opts *o, pf_attn_params *p, pf_py_keep *keep) {
-    if (pf_py_kernel(module, o->kernel, &p->kernel) < 0) return -1;
-    if (pf_py_stream(o->stream, &keep->stream) < 0) return -1;
-    p->stream = keep->stream;
-    if (pf_py_opt_tensor(o->cu_q, "cu_seqlens_q", 0, &p->cu_seqlens_q, keep) < 0) return -1;
-    if (pf_py_opt_tensor(o->cu_k, "cu_seqlens_k", 0, &p->cu_seqlens_k, keep) < 0) return -1;
-    if (pf_py_opt_tensor(o->alibi, "alibi_slopes", 0, &p->alibi_slopes, keep) < 0) return -1;
-    if (pf_py_int64(o->max_q, "max_seqlen_q", &p->max_seqlen_q) < 0) return -1;
-    if (pf_py_int64(o->max_k, "max_seqlen_k", &p->max_seqlen_k) < 0) return -1;
-    if (pf_py_int32(o->wl, "window", &p->window_left) < 0 || pf_py_int32(o->wr, "window", &p->window_right) < 0)
+/* The stream first: it decides how the arrays are viewed (py_convert.h, stream_given). */
+static int opts_stream(PyObject *const *o, pf_py_keep *keep) {
+    keep->stream_given = o[OPT_STREAM] != Py_None;
+    return pf_py_stream(o[OPT_STREAM], &keep->stream);
+}
+
+/* Everything else once q is viewed (softmax_scale None is 1/sqrt(head_dim) of q; seed None
+ * is a fresh random seed when dropout_p > 0). Every integer range-checked, every message
+ * naming its argument. */
+static int opts_fill(PyObject *module, PyObject *const *o, pf_attn_params *p, pf_py_keep *keep) {
+    if (pf_py_kernel(module, o[OPT_KERNEL], &p->kernel) < 0) return -1;
+    if (pf_py_opt_tensor(o[OPT_CU_Q], "cu_seqlens_q", 0, &p->cu_seqlens_q, keep) < 0) return -1;
+    if (pf_py_opt_tensor(o[OPT_CU_K], "cu_seqlens_k", 0, &p->cu_seqlens_k, keep) < 0) return -1;
+    if (pf_py_opt_tensor(o[OPT_ALIBI], "alibi_slopes", 0, &p->alibi_slopes, keep) < 0) return -1;
+    if (pf_py_int64(o[OPT_MAX_Q], "max_seqlen_q", &p->max_seqlen_q) < 0) return -1;
+    if (pf_py_int64(o[OPT_MAX_K], "max_seqlen_k", &p->max_seqlen_k) < 0) return -1;
+    if (pf_py_window(o[OPT_WINDOW], &p->window_left, &p->window_right) < 0) return -1;
+    if (pf_py_float(o[OPT_SOFTCAP], "softcap", &p->softcap) < 0) return -1;
+    if (pf_py_float(o[OPT_DROPOUT], "dropout_p", &p->dropout_p) < 0) return -1;
+    if (pf_py_uint64(o[OPT_OFFSET], "offset", &p->offset) < 0) return -1;
+    if (o[OPT_SEED] == Py_None)
+        p->seed = p->dropout_p > 0.0f ? pf_py_random_seed(module) : 0;
+    else if (pf_py_uint64(o[OPT_SEED], "seed", &p->seed) < 0)
         return -1;
-    if (pf_py_uint64(o->seed, "seed", &p->seed) < 0 || pf_py_uint64(o->offset, "offset", &p->offset) < 0) return -1;
-    if (pf_py_int32(o->num_threads, "num_threads", &p->num_threads) < 0) return -1;
-    if (pf_py_softmax_scale(o->scale, &p->q, &p->softmax_scale) < 0) return -1;
-    p->causal = o->causal;
-    p->softcap = (float)o->softcap;
-    p->dropout_p = (float)o->dropout_p;
-    p->deterministic = o->deterministic;
+    if (pf_py_bool(o[OPT_CAUSAL], "causal", &p->causal) < 0) return -1;
+    if (pf_py_bool(o[OPT_DETERMINISTIC], "deterministic", &p->deterministic) < 0) return -1;
+    if (pf_py_softmax_scale(o[OPT_SCALE], &p->q, &p->softmax_scale) < 0) return -1;
+    p->num_threads = pf_py_state(module)->num_threads;
+    p->stream = keep->stream;
     return 0;
 }
 
-#define ATTN_OPT_KWLIST                                                                                           \
-    "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal", "window_left",     \
-        "window_right", "softcap", "alibi_slopes", "dropout_p", "seed", "offset", "num_threads", "deterministic", \
-        "stream", "kernel"
-#define ATTN_OPT_FORMAT "OOOOOpOOdOdOOOpOs"
-#define ATTN_OPT_ARGS(o)                                                                                               \
-    &(o).cu_q, &(o).cu_k, &(o).max_q, &(o).max_k, &(o).scale, &(o).causal, &(o).wl, &(o).wr, &(o).softcap, &(o).alibi, \
-        &(o).dropout_p, &(o).seed, &(o).offset, &(o).num_threads, &(o).deterministic, &(o).stream, &(o).kernel
-
-static void opts_init(attn_opts *o) {
-    static PyObject *minus_one, *zero;
-    memset(o, 0, sizeof *o);
-    if (!minus_one) minus_one = PyLong_FromLong(-1), zero = PyLong_FromLong(0); /* immortal small ints */
-    o->cu_q = o->cu_k = o->alibi = o->stream = o->scale = Py_None;
-    o->wl = o->wr = minus_one;
-    o->max_q = o->max_k = o->seed = o->offset = o->num_threads = zero;
-    o->kernel = "auto";
+/* Does this call need the Python layer (a library whose results or stream only it knows)? */
+static int needs_python(const pf_py_lib *lib, const pf_py_keep *keep, int allocates) {
+    return lib->kind == PF_PY_LIB_OTHER && (allocates || !keep->stream_given);
 }
 
-static PyObject *flash_fwd(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"q", "k", "v", "out", "lse", ATTN_OPT_KWLIST, NULL};
-    PyObject *oq, *ok, *ov, *oout, *olse = Py_None;
-    attn_opts o;
-    opts_init(&o);
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|O$" ATTN_OPT_FORMAT ":flash_fwd", kwlist, &oq, &ok, &ov, &oout,
-                                     &olse, ATTN_OPT_ARGS(o)))
-        return NULL;
+/* _C.flash_fwd(q, k, v, out, lse, <options>) -> out or (out, lse)
+ * out None: allocated in q's library; lse False/None: not computed, True: allocated, an
+ * array: written. NotImplemented where q's library is one the Python layer serves. */
+static PyObject *flash_fwd(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (pf_py_nargs("flash_fwd", nargs, 5 + NUM_OPTS, 5 + NUM_OPTS) < 0) return NULL;
+    PyObject *const *o = args + 5;
     pf_attn_params p;
     memset(&p, 0, sizeof p);
     pf_py_keep keep = {0};
+    pf_py_lib lib;
+    PyObject *out = NULL, *lse = NULL;
     pf_status status;
-    if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto fail;
-    if (fill_options(module, &o, &p, &keep) < 0) goto fail;
-    if (pf_py_tensor(ok, "k", 0, &p.k, &keep) < 0) goto fail;
-    if (pf_py_tensor(ov, "v", 0, &p.v, &keep) < 0) goto fail;
-    if (pf_py_tensor(oout, "out", 1, &p.out, &keep) < 0) goto fail;
-    if (pf_py_opt_tensor(olse, "lse", 1, &p.lse, &keep) < 0) goto fail;
+    const int want_lse = args[4] != Py_None && args[4] != Py_False;
+    if (opts_stream(o, &keep) < 0) goto fail;
+    pf_py_lib_of(args[0], &lib);
+    if (needs_python(&lib, &keep, args[3] == Py_None || args[4] == Py_True)) Py_RETURN_NOTIMPLEMENTED;
+    if (pf_py_input(args[0], "q", &p.q, &keep) < 0) goto fail;
+    if (opts_fill(module, o, &p, &keep) < 0) goto fail;
+    if (pf_py_lib_stream(&lib, &p.q, &keep) < 0) goto fail;
+    p.stream = keep.stream;
+    if (pf_py_input(args[1], "k", &p.k, &keep) < 0) goto fail;
+    if (pf_py_input(args[2], "v", &p.v, &keep) < 0) goto fail;
+    out = pf_py_output(module, &lib, args[3], "out", &p.q, "q", p.q.ndim, p.q.shape, p.q.dtype, &p.out, &keep);
+    if (!out) goto fail;
+    if (args[4] == Py_True) {
+        const int varlen = o[OPT_CU_Q] != Py_None || o[OPT_CU_K] != Py_None;
+        const int64_t *s = p.q.shape;
+        if (p.q.ndim == (varlen ? 3 : 4)) { /* a wrong rank: the core says so */
+            const int64_t dense[3] = {s[0], s[2], s[1]}, packed[2] = {s[1], s[0]};
+            lse = pf_py_output(module, &lib, Py_None, "lse", &p.q, "q", varlen ? 2 : 3, varlen ? packed : dense,
+                               PF_DTYPE_F32, &p.lse, &keep);
+            if (!lse) goto fail;
+        }
+    } else if (want_lse) {
+        lse = pf_py_output(module, &lib, args[4], "lse", &p.q, "q", 0, NULL, PF_DTYPE_F32, &p.lse, &keep);
+        if (!lse) goto fail;
+    }
     PF_PY_CALL(status, pf_flash_fwd(&p));
-    return pf_py_finish(module, status, &keep);
+    if (pf_py_done(module, status, &keep) < 0) goto fail_released;
+    if (!want_lse) return out;
+    return pf_py_tuple(2, (PyObject *[]){out, lse ? lse : Py_NewRef(Py_None)});
 fail:
-    return pf_py_fail(&keep);
+    pf_py_fail(&keep);
+fail_released:
+    Py_XDECREF(out);
+    Py_XDECREF(lse);
+    return NULL;
 }
-
-static PyObject *flash_bwd(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"dout", "q", "k", "v", "out", "lse", "dq", "dk", "dv", ATTN_OPT_KWLIST, NULL};
-    PyObject *odout, *oq, *ok, *ov, *oout, *olse, *odq, *odk, *odv;
-    attn_opts o;
-    opts_init(&o);
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOO|$" ATTN_OPT_FORMAT ":flash_bwd", kwlist, &odout, &oq, &ok,
-                                     &ov, &oout, &olse, &odq, &odk, &odv, ATTN_OPT_ARGS(o)))
-        return NULL;
+/* _C.flash_bwd(dout, q, k, v, out, lse, dq, dk, dv, <options>) -> (dq, dk, dv)
+ * dq/dk/dv None: allocated in q's library (q's dtype). NotImplemented as flash_fwd. */
+static PyObject *flash_bwd(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (pf_py_nargs("flash_bwd", nargs, 9 + NUM_OPTS, 9 + NUM_OPTS) < 0) return NULL;
+    PyObject *const *o = args + 9;
     pf_attn_params p;
     memset(&p, 0, sizeof p);
     pf_py_keep keep = {0};
+    pf_py_lib lib;
+    PyObject *grads[3] = {NULL, NULL, NULL};
     pf_status status;
-    if (pf_py_tensor(odout, "dout", 0, &p.dout, &keep) < 0) goto fail;
-    if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto fail;
-    if (fill_options(module, &o, &p, &keep) < 0) goto fail;
-    if (pf_py_tensor(ok, "k", 0, &p.k, &keep) < 0) goto fail;
-    if (pf_py_tensor(ov, "v", 0, &p.v, &keep) < 0) goto fail;
-    if (pf_py_tensor(oout, "out", 0, &p.out, &keep) < 0) goto fail;
-    if (pf_py_tensor(olse, "lse", 0, &p.lse, &keep) < 0) goto fail;
-    if (pf_py_tensor(odq, "dq", 1, &p.dq, &keep) < 0) goto fail;
-    if (pf_py_tensor(odk, "dk", 1, &p.dk, &keep) < 0) goto fail;
-    if (pf_py_tensor(odv, "dv", 1, &p.dv, &keep) < 0) goto fail;
+    if (opts_stream(o, &keep) < 0) goto fail;
+    pf_py_lib_of(args[1], &lib);
+    if (needs_python(&lib, &keep, args[6] == Py_None || args[7] == Py_None || args[8] == Py_None))
+        Py_RETURN_NOTIMPLEMENTED;
+    if (pf_py_input(args[0], "dout", &p.dout, &keep) < 0) goto fail;
+    if (pf_py_input(args[1], "q", &p.q, &keep) < 0) goto fail;
+    if (opts_fill(module, o, &p, &keep) < 0) goto fail;
+    if (pf_py_lib_stream(&lib, &p.q, &keep) < 0) goto fail;
+    p.stream = keep.stream;
+    if (pf_py_input(args[2], "k", &p.k, &keep) < 0) goto fail;
+    if (pf_py_input(args[3], "v", &p.v, &keep) < 0) goto fail;
+    if (pf_py_input(args[4], "out", &p.out, &keep) < 0) goto fail;
+    if (pf_py_tensor(args[5], "lse", 0, &p.lse, &keep) < 0) goto fail;
+    const pf_tensor *like[3] = {&p.q, &p.k, &p.v};
+    pf_tensor *views[3] = {&p.dq, &p.dk, &p.dv};
+    static const char *const names[3] = {"dq", "dk", "dv"};
+    for (int i = 0; i < 3; i++) {
+        grads[i] = pf_py_output(module, &lib, args[6 + i], names[i], &p.q, "q", like[i]->ndim, like[i]->shape,
+                                p.q.dtype, views[i], &keep);
+        if (!grads[i]) goto fail;
+    }
     PF_PY_CALL(status, pf_flash_bwd(&p));
-    return pf_py_finish(module, status, &keep);
+    if (pf_py_done(module, status, &keep) < 0) goto fail_released;
+    return pf_py_tuple(3, grads);
 fail:
-    return pf_py_fail(&keep);
+    pf_py_fail(&keep);
+fail_released:
+    for (int i = 0; i < 3; i++) Py_XDECREF(grads[i]);
+    return NULL;
 }
 
-static PyObject *dropout_mask(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"q", "k", "mask", ATTN_OPT_KWLIST, NULL};
-    PyObject *oq, *ok, *omask;
-    attn_opts o;
-    opts_init(&o);
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$" ATTN_OPT_FORMAT ":dropout_mask", kwlist, &oq, &ok, &omask,
-                                     ATTN_OPT_ARGS(o)))
-        return NULL;
+/* _C.dropout_mask(q, k, mask, <options>) -> None: writes the uint8 keep mask (allocated by
+ * the Python layer, which knows its shape from the host cu_seqlens). */
+static PyObject *dropout_mask(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (pf_py_nargs("dropout_mask", nargs, 3 + NUM_OPTS, 3 + NUM_OPTS) < 0) return NULL;
+    PyObject *const *o = args + 3;
     pf_attn_params p;
     memset(&p, 0, sizeof p);
     pf_py_keep keep = {0};
+    pf_py_lib lib;
     pf_tensor mask;
     pf_status status;
-    if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto fail;
-    if (fill_options(module, &o, &p, &keep) < 0) goto fail;
-    if (pf_py_tensor(ok, "k", 0, &p.k, &keep) < 0) goto fail;
-    if (pf_py_tensor(omask, "mask", 1, &mask, &keep) < 0) goto fail;
+    if (opts_stream(o, &keep) < 0) goto fail;
+    pf_py_lib_of(args[0], &lib);
+    if (pf_py_input(args[0], "q", &p.q, &keep) < 0) goto fail;
+    if (opts_fill(module, o, &p, &keep) < 0) goto fail;
+    if (pf_py_lib_stream(&lib, &p.q, &keep) < 0) goto fail;
+    p.stream = keep.stream;
+    if (pf_py_input(args[1], "k", &p.k, &keep) < 0) goto fail;
+    if (pf_py_tensor(args[2], "mask", 1, &mask, &keep) < 0) goto fail;
     PF_PY_CALL(status, pf_dropout_mask(&p, mask));
     return pf_py_finish(module, status, &keep);
 fail:
@@ -136,16 +187,15 @@ fail:
 }
 
 PyMethodDef pf_py_attn_methods[] = {
-    {"flash_fwd", (PyCFunction)(void (*)(void))flash_fwd, METH_VARARGS | METH_KEYWORDS,
-     "flash_fwd(q, k, v, out, lse=None, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, "
-     "max_seqlen_k=0, softmax_scale=None, causal=False, window_left=-1, window_right=-1, softcap=0.0, "
-     "alibi_slopes=None, dropout_p=0.0, seed=0, offset=0, num_threads=0, deterministic=False, "
-     "stream=None, kernel='auto') -> None. Writes out (and lse)."},
-    {"flash_bwd", (PyCFunction)(void (*)(void))flash_bwd, METH_VARARGS | METH_KEYWORDS,
-     "flash_bwd(dout, q, k, v, out, lse, dq, dk, dv, *, <the options of flash_fwd>) -> None. "
-     "Writes dq, dk, dv."},
-    {"dropout_mask", (PyCFunction)(void (*)(void))dropout_mask, METH_VARARGS | METH_KEYWORDS,
-     "dropout_mask(q, k, mask, *, <the options of flash_fwd>) -> None. Writes the u8 keep mask "
-     "[batch, num_heads, seqlen_q, seqlen_k] that dropout_p, seed and offset give."},
+    {"flash_fwd", (PyCFunction)(void (*)(void))flash_fwd, METH_FASTCALL,
+     "flash_fwd(q, k, v, out, lse, " OPTS_DOC ") -> out or (out, lse); all positional. out None: allocated "
+     "in q's library; lse False/None: none, True: allocated, an array: written. NotImplemented for a "
+     "library the Python layer allocates for."},
+    {"flash_bwd", (PyCFunction)(void (*)(void))flash_bwd, METH_FASTCALL,
+     "flash_bwd(dout, q, k, v, out, lse, dq, dk, dv, " OPTS_DOC ") -> (dq, dk, dv); None gradients are "
+     "allocated in q's library."},
+    {"dropout_mask", (PyCFunction)(void (*)(void))dropout_mask, METH_FASTCALL,
+     "dropout_mask(q, k, mask, " OPTS_DOC ") -> None. Writes the u8 keep mask that dropout_p, seed and "
+     "offset give."},
     {NULL, NULL, 0, NULL},
 };

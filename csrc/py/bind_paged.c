@@ -1,105 +1,139 @@
 /*
  * bind_paged.c - bindings of the serving entry points:
- *   _C.paged_attn(q, k_cache, v_cache, block_tables, seq_lens, out, lse=None, **options)
- *   _C.merge_attn_states(out_a, lse_a, out_b, lse_b, out, lse=None, *, num_threads, stream)
- *   _C.write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, stream)
+ *   _C.paged_attn, _C.merge_attn_states, _C.write_kv_cache (METH_FASTCALL, positional: the
+ *   whole call, results allocated in the caller's library as in bind_attn.c)
  *   _C.copy_blocks(caches, block_mapping, *, stream)      caches: a sequence of arrays
  *   _C.swap_blocks(src, dst, block_mapping, *, stream)
- * The Python layer (pagedflash/paged.py) fills defaults and allocates outputs;
- * these functions only view tensors (no copies), fill the C params, release the
- * GIL around the core call and map its status to an exception. Caches are
- * viewed writable: they are written in place.
+ * Caches are viewed writable (written in place, never copied).
  */
 #include "py_bindings.h"
-#include "py_convert.h"
+#include "py_library.h"
 
-static PyObject *paged_attn(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"q",       "k_cache",      "v_cache",       "block_tables", "seq_lens",    "out",
-                             "lse",     "cu_seqlens_q", "softmax_scale", "causal",       "window_left", "window_right",
-                             "softcap", "alibi_slopes", "num_splits",    "num_threads",  "stream",      "kernel",
-                             NULL};
-    PyObject *oq, *okc, *ovc, *obt, *osl, *oout, *olse = Py_None;
-    PyObject *ocu = Py_None, *oalibi = Py_None, *ostream = Py_None, *oscale = Py_None;
-    PyObject *owl = NULL, *owr = NULL, *osplits = NULL, *othreads = NULL; /* ints, converted below */
-    double softcap = 0.0;
-    int causal = 1;
-    const char *kernel = "auto";
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|O$OOpOOdOOOOs:paged_attn", kwlist, &oq, &okc, &ovc, &obt,
-                                     &osl, &oout, &olse, &ocu, &oscale, &causal, &owl, &owr, &softcap, &oalibi,
-                                     &osplits, &othreads, &ostream, &kernel))
-        return NULL;
+/* The stream argument first: it decides how the arrays are viewed (py_convert.h). */
+static int take_stream(PyObject *obj, pf_py_keep *keep) {
+    keep->stream_given = obj != Py_None;
+    return pf_py_stream(obj, &keep->stream);
+}
+
+/* _C.paged_attn(q, k_cache, v_cache, block_tables, seq_lens, out, lse, cu_seqlens_q,
+ *               softmax_scale, causal, window, softcap, alibi_slopes, num_splits, stream, kernel)
+ * -> out or (out, lse); out None: allocated in q's library; lse False/None, True or an array.
+ * NotImplemented where q's library is one the Python layer serves. */
+static PyObject *paged_attn(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (pf_py_nargs("paged_attn", nargs, 16, 16) < 0) return NULL;
     pf_paged_params p;
     memset(&p, 0, sizeof p);
     pf_py_keep keep = {0};
+    pf_py_lib lib;
+    PyObject *out = NULL, *lse = NULL;
     pf_status status;
-    if (pf_py_kernel(module, kernel, &p.kernel) < 0) goto fail;
-    if (pf_py_stream(ostream, &keep.stream) < 0) goto fail;
+    const int want_lse = args[6] != Py_None && args[6] != Py_False;
+    if (take_stream(args[14], &keep) < 0) goto fail;
+    pf_py_lib_of(args[0], &lib);
+    if (lib.kind == PF_PY_LIB_OTHER && (args[5] == Py_None || args[6] == Py_True || !keep.stream_given))
+        Py_RETURN_NOTIMPLEMENTED;
+    if (pf_py_kernel(module, args[15], &p.kernel) < 0) goto fail;
+    if (pf_py_input(args[0], "q", &p.q, &keep) < 0) goto fail;
+    if (pf_py_lib_stream(&lib, &p.q, &keep) < 0) goto fail;
     p.stream = keep.stream;
-    if (pf_py_tensor(oq, "q", 0, &p.q, &keep) < 0) goto fail;
-    if (pf_py_tensor(okc, "k_cache", 0, &p.k_cache, &keep) < 0) goto fail;
-    if (pf_py_tensor(ovc, "v_cache", 0, &p.v_cache, &keep) < 0) goto fail;
-    if (pf_py_tensor(obt, "block_tables", 0, &p.block_tables, &keep) < 0) goto fail;
-    if (pf_py_tensor(osl, "seq_lens", 0, &p.seq_lens, &keep) < 0) goto fail;
-    if (pf_py_tensor(oout, "out", 1, &p.out, &keep) < 0) goto fail;
-    if (pf_py_opt_tensor(olse, "lse", 1, &p.lse, &keep) < 0) goto fail;
-    if (pf_py_opt_tensor(ocu, "cu_seqlens_q", 0, &p.cu_seqlens_q, &keep) < 0) goto fail;
-    if (pf_py_opt_tensor(oalibi, "alibi_slopes", 0, &p.alibi_slopes, &keep) < 0) goto fail;
-    p.window_left = p.window_right = -1;
-    if ((owl && pf_py_int32(owl, "window", &p.window_left) < 0) ||
-        (owr && pf_py_int32(owr, "window", &p.window_right) < 0) ||
-        (osplits && pf_py_int32(osplits, "num_splits", &p.num_splits) < 0) ||
-        (othreads && pf_py_int32(othreads, "num_threads", &p.num_threads) < 0))
-        goto fail;
-    if (pf_py_softmax_scale(oscale, &p.q, &p.softmax_scale) < 0) goto fail;
-    p.causal = causal;
-    p.softcap = (float)softcap;
+    if (pf_py_tensor(args[1], "k_cache", 0, &p.k_cache, &keep) < 0) goto fail;
+    if (pf_py_tensor(args[2], "v_cache", 0, &p.v_cache, &keep) < 0) goto fail;
+    if (pf_py_input(args[3], "block_tables", &p.block_tables, &keep) < 0) goto fail;
+    if (pf_py_input(args[4], "seq_lens", &p.seq_lens, &keep) < 0) goto fail;
+    if (pf_py_opt_tensor(args[7], "cu_seqlens_q", 0, &p.cu_seqlens_q, &keep) < 0) goto fail;
+    if (pf_py_softmax_scale(args[8], &p.q, &p.softmax_scale) < 0) goto fail;
+    if (pf_py_bool(args[9], "causal", &p.causal) < 0) goto fail;
+    if (pf_py_window(args[10], &p.window_left, &p.window_right) < 0) goto fail;
+    if (pf_py_float(args[11], "softcap", &p.softcap) < 0) goto fail;
+    if (pf_py_opt_tensor(args[12], "alibi_slopes", 0, &p.alibi_slopes, &keep) < 0) goto fail;
+    if (pf_py_int32(args[13], "num_splits", &p.num_splits) < 0) goto fail;
+    p.num_threads = pf_py_state(module)->num_threads;
+    out = pf_py_output(module, &lib, args[5], "out", &p.q, "q", p.q.ndim, p.q.shape, p.q.dtype, &p.out, &keep);
+    if (!out) goto fail;
+    if (args[6] == Py_True) {
+        if (p.q.ndim >= 3) { /* a wrong rank: the core says so */
+            const int64_t *s = p.q.shape;
+            const int64_t total = p.q.ndim == 4 && args[7] == Py_None ? s[0] * s[1] : s[0];
+            const int64_t shape[2] = {s[p.q.ndim - 2], total};
+            lse = pf_py_output(module, &lib, Py_None, "lse", &p.q, "q", 2, shape, PF_DTYPE_F32, &p.lse, &keep);
+            if (!lse) goto fail;
+        }
+    } else if (want_lse) {
+        lse = pf_py_output(module, &lib, args[6], "lse", &p.q, "q", 0, NULL, PF_DTYPE_F32, &p.lse, &keep);
+        if (!lse) goto fail;
+    }
     PF_PY_CALL(status, pf_paged_attn(&p));
-    return pf_py_finish(module, status, &keep);
+    if (pf_py_done(module, status, &keep) < 0) goto fail_released;
+    if (!want_lse) return out;
+    return pf_py_tuple(2, (PyObject *[]){out, lse ? lse : Py_NewRef(Py_None)});
 fail:
-    return pf_py_fail(&keep);
+    pf_py_fail(&keep);
+fail_released:
+    Py_XDECREF(out);
+    Py_XDECREF(lse);
+    return NULL;
 }
 
-static PyObject *merge_attn_states(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"out_a", "lse_a", "out_b", "lse_b", "out", "lse", "num_threads", "stream", NULL};
-    PyObject *oa, *ola, *ob, *olb, *oout, *olse = Py_None, *ostream = Py_None;
-    int num_threads = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|O$iO:merge_attn_states", kwlist, &oa, &ola, &ob, &olb, &oout,
-                                     &olse, &num_threads, &ostream))
-        return NULL;
+/* _C.merge_attn_states(out_a, lse_a, out_b, lse_b, out, out_lse, stream) -> (out, out_lse);
+ * None results are allocated in out_a's library. NotImplemented as paged_attn. */
+static PyObject *merge_attn_states(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (pf_py_nargs("merge_attn_states", nargs, 7, 7) < 0) return NULL;
     pf_merge_params p;
     memset(&p, 0, sizeof p);
     pf_py_keep keep = {0};
+    pf_py_lib lib;
+    PyObject *res[2] = {NULL, NULL};
     pf_status status;
-    if (pf_py_stream(ostream, &keep.stream) < 0) goto fail;
+    if (take_stream(args[6], &keep) < 0) goto fail;
+    pf_py_lib_of(args[0], &lib);
+    if (lib.kind == PF_PY_LIB_OTHER && (args[4] == Py_None || args[5] == Py_None || !keep.stream_given))
+        Py_RETURN_NOTIMPLEMENTED;
+    if (pf_py_input(args[0], "out_a", &p.out_a, &keep) < 0) goto fail;
+    if (pf_py_lib_stream(&lib, &p.out_a, &keep) < 0) goto fail;
     p.stream = keep.stream;
-    p.num_threads = num_threads;
-    if (pf_py_tensor(oa, "out_a", 0, &p.out_a, &keep) < 0) goto fail;
-    if (pf_py_tensor(ola, "lse_a", 0, &p.lse_a, &keep) < 0) goto fail;
-    if (pf_py_tensor(ob, "out_b", 0, &p.out_b, &keep) < 0) goto fail;
-    if (pf_py_tensor(olb, "lse_b", 0, &p.lse_b, &keep) < 0) goto fail;
-    if (pf_py_tensor(oout, "out", 1, &p.out, &keep) < 0) goto fail;
-    if (pf_py_opt_tensor(olse, "lse", 1, &p.lse, &keep) < 0) goto fail;
+    p.num_threads = pf_py_state(module)->num_threads;
+    if (pf_py_tensor(args[1], "lse_a", 0, &p.lse_a, &keep) < 0) goto fail;
+    if (pf_py_input(args[2], "out_b", &p.out_b, &keep) < 0) goto fail;
+    if (pf_py_tensor(args[3], "lse_b", 0, &p.lse_b, &keep) < 0) goto fail;
+    const pf_tensor *a = &p.out_a;
+    res[0] = pf_py_output(module, &lib, args[4], "out", a, "out_a", a->ndim, a->shape, a->dtype, &p.out, &keep);
+    if (!res[0]) goto fail;
+    int64_t lse_shape[2] = {0, 0};
+    if (a->ndim >= 2) {
+        lse_shape[0] = a->shape[a->ndim - 2];
+        lse_shape[1] = 1;
+        for (int i = 0; i < a->ndim - 2; i++) lse_shape[1] *= a->shape[i]; /* the view's count fits int64 */
+    }
+    res[1] = pf_py_output(module, &lib, args[5], "out_lse", a, "out_a", 2, lse_shape, PF_DTYPE_F32, &p.lse, &keep);
+    if (!res[1]) goto fail;
     PF_PY_CALL(status, pf_merge_attn_states(&p));
-    return pf_py_finish(module, status, &keep);
+    if (pf_py_done(module, status, &keep) < 0) goto fail_released;
+    return pf_py_tuple(2, res);
 fail:
-    return pf_py_fail(&keep);
+    pf_py_fail(&keep);
+fail_released:
+    Py_XDECREF(res[0]);
+    Py_XDECREF(res[1]);
+    return NULL;
 }
 
-static PyObject *write_kv_cache(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"k", "v", "k_cache", "v_cache", "slot_mapping", "stream", NULL};
-    PyObject *ok, *ov, *okc, *ovc, *osm, *ostream = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|$O:write_kv_cache", kwlist, &ok, &ov, &okc, &ovc, &osm,
-                                     &ostream))
-        return NULL;
+/* _C.write_kv_cache(k, v, k_cache, v_cache, slot_mapping, stream) -> None; the caches are
+ * written in place on their library's current stream. NotImplemented as paged_attn. */
+static PyObject *write_kv_cache(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (pf_py_nargs("write_kv_cache", nargs, 6, 6) < 0) return NULL;
     pf_tensor k, v, kc, vc, sm;
     pf_py_keep keep = {0};
+    pf_py_lib lib;
     pf_status status;
-    if (pf_py_stream(ostream, &keep.stream) < 0) goto fail;
-    if (pf_py_tensor(ok, "k", 0, &k, &keep) < 0) goto fail;
-    if (pf_py_tensor(ov, "v", 0, &v, &keep) < 0) goto fail;
-    if (pf_py_tensor(okc, "k_cache", 1, &kc, &keep) < 0) goto fail;
-    if (pf_py_tensor(ovc, "v_cache", 1, &vc, &keep) < 0) goto fail;
-    if (pf_py_tensor(osm, "slot_mapping", 0, &sm, &keep) < 0) goto fail;
+    if (take_stream(args[5], &keep) < 0) goto fail;
+    pf_py_lib_of(args[2], &lib);
+    if (lib.kind == PF_PY_LIB_OTHER && !keep.stream_given) Py_RETURN_NOTIMPLEMENTED;
+    if (pf_py_tensor(args[2], "k_cache", 1, &kc, &keep) < 0) goto fail;
+    if (pf_py_lib_stream(&lib, &kc, &keep) < 0) goto fail;
+    if (pf_py_tensor(args[3], "v_cache", 1, &vc, &keep) < 0) goto fail;
+    if (pf_py_input(args[0], "k", &k, &keep) < 0) goto fail;
+    if (pf_py_input(args[1], "v", &v, &keep) < 0) goto fail;
+    if (pf_py_input(args[4], "slot_mapping", &sm, &keep) < 0) goto fail;
     void *stream = keep.stream;
     PF_PY_CALL(status, pf_write_kv_cache(k, v, kc, vc, sm, stream));
     return pf_py_finish(module, status, &keep);
@@ -132,7 +166,10 @@ static PyObject *copy_blocks(PyObject *module, PyObject *args, PyObject *kwargs)
         goto done;
     }
     if (pf_py_stream(ostream, &stream) < 0) goto done;
-    for (Py_ssize_t i = 0; i < nkeeps; i++) keeps[i].stream = stream;
+    for (Py_ssize_t i = 0; i < nkeeps; i++) {
+        keeps[i].stream = stream;
+        keeps[i].stream_given = 1; /* the Python layer passes the caches' current stream */
+    }
     if (pf_py_tensor(omap, "block_mapping", 0, &map, &keeps[0]) < 0) goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
         char name[32];
@@ -169,6 +206,7 @@ static PyObject *swap_blocks(PyObject *module, PyObject *args, PyObject *kwargs)
     pf_tensor src, dst, map;
     pf_py_keep keep = {0};
     pf_status status;
+    keep.stream_given = 1; /* the Python layer passes the current stream of the CUDA side */
     if (pf_py_stream(ostream, &keep.stream) < 0) goto fail;
     if (pf_py_tensor(osrc, "src", 0, &src, &keep) < 0) goto fail;
     if (pf_py_tensor(odst, "dst", 1, &dst, &keep) < 0) goto fail;
@@ -181,16 +219,13 @@ fail:
 }
 
 PyMethodDef pf_py_paged_methods[] = {
-    {"paged_attn", (PyCFunction)(void (*)(void))paged_attn, METH_VARARGS | METH_KEYWORDS,
-     "paged_attn(q, k_cache, v_cache, block_tables, seq_lens, out, lse=None, *, cu_seqlens_q=None, "
-     "softmax_scale=None, causal=True, window_left=-1, window_right=-1, softcap=0.0, "
-     "alibi_slopes=None, num_splits=0, num_threads=0, stream=None) -> None. Writes out (and lse)."},
-    {"merge_attn_states", (PyCFunction)(void (*)(void))merge_attn_states, METH_VARARGS | METH_KEYWORDS,
-     "merge_attn_states(out_a, lse_a, out_b, lse_b, out, lse=None, *, num_threads=0, "
-     "stream=None) -> None. Writes out (and lse)."},
-    {"write_kv_cache", (PyCFunction)(void (*)(void))write_kv_cache, METH_VARARGS | METH_KEYWORDS,
-     "write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, stream=None) -> None. Writes the "
-     "caches in place."},
+    {"paged_attn", (PyCFunction)(void (*)(void))paged_attn, METH_FASTCALL,
+     "paged_attn(q, k_cache, v_cache, block_tables, seq_lens, out, lse, cu_seqlens_q, softmax_scale, causal, "
+     "window, softcap, alibi_slopes, num_splits, stream, kernel) -> out or (out, lse); all positional."},
+    {"merge_attn_states", (PyCFunction)(void (*)(void))merge_attn_states, METH_FASTCALL,
+     "merge_attn_states(out_a, lse_a, out_b, lse_b, out, out_lse, stream) -> (out, out_lse); all positional."},
+    {"write_kv_cache", (PyCFunction)(void (*)(void))write_kv_cache, METH_FASTCALL,
+     "write_kv_cache(k, v, k_cache, v_cache, slot_mapping, stream) -> None. Writes the caches in place."},
     {"copy_blocks", (PyCFunction)(void (*)(void))copy_blocks, METH_VARARGS | METH_KEYWORDS,
      "copy_blocks(caches, block_mapping, *, stream=None) -> None. caches: a sequence of arrays, "
      "written in place."},

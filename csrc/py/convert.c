@@ -177,6 +177,8 @@ static int fill_from_dltensor(const char *name, const DLTensor *t, pf_tensor *ou
     return check_view(name, out, data ? data + (uintptr_t)t->byte_offset : 0);
 }
 
+static void export_failed(const char *name, const char *how);
+
 /* Call obj.__dlpack__ with the consumer's keywords, falling back for old producers. */
 static PyObject *call_dlpack(PyObject *obj, PyObject *stream_arg) {
     PyObject *meth = PyObject_GetAttrString(obj, "__dlpack__");
@@ -222,16 +224,8 @@ static int import_dlpack(PyObject *obj, const char *name, int writable, pf_tenso
     PyObject *cap = call_dlpack(obj, stream_arg);
     Py_DECREF(stream_arg);
     if (!cap) {
-        if (PyErr_ExceptionMatches(PyExc_BufferError) || PyErr_ExceptionMatches(PyExc_RuntimeError)) {
-            PyObject *type, *value, *tb;
-            PyErr_Fetch(&type, &value, &tb);
-            PyErr_NormalizeException(&type, &value, &tb);
-            PyErr_Format(PyExc_ValueError, "%s: could not be exported through DLPack: %S", name,
-                         value ? value : Py_None);
-            Py_XDECREF(type);
-            Py_XDECREF(value);
-            Py_XDECREF(tb);
-        }
+        if (PyErr_ExceptionMatches(PyExc_BufferError) || PyErr_ExceptionMatches(PyExc_RuntimeError))
+            export_failed(name, "DLPack");
         return -1;
     }
     int rc = -1;
@@ -435,12 +429,85 @@ static int import_ndarray(PyObject *obj, const char *name, int writable, pf_tens
     return keep_push(keep, obj, NULL, 0);
 }
 
+/* ---- the DLPack C exchange API ---- */
+
+/* Types seen and the exchange API each publishes (NULL: none), most recent first. A type is
+ * kept alive by its entry (at most PF_XAPI_CACHE of them, the tensor types of the libraries a
+ * process uses). The GIL guards the cache. */
+#define PF_XAPI_CACHE 16
+static struct {
+    PyTypeObject *type;
+    const PFDLPackExchangeAPI *api;
+} xapi_cache[PF_XAPI_CACHE];
+
+static const PFDLPackExchangeAPI *lookup_exchange_api(PyTypeObject *type) {
+    PyObject *cap = PyObject_GetAttrString((PyObject *)type, "__dlpack_c_exchange_api__");
+    if (!cap) {
+        PyErr_Clear();
+        return NULL;
+    }
+    const PFDLPackExchangeAPIHeader *h = NULL;
+    if (PyCapsule_IsValid(cap, "dlpack_exchange_api"))
+        h = (const PFDLPackExchangeAPIHeader *)PyCapsule_GetPointer(cap, "dlpack_exchange_api");
+    Py_DECREF(cap); /* the table lives as long as the process (the API's rule) */
+    while (h && h->version.major != PF_DLPACK_MAJOR) h = h->prev_api; /* a newer major: an older table */
+    return (const PFDLPackExchangeAPI *)h;
+}
+
+const PFDLPackExchangeAPI *pf_py_exchange_api(PyTypeObject *type) {
+    for (int i = 0; i < PF_XAPI_CACHE && xapi_cache[i].type; i++)
+        if (xapi_cache[i].type == type) return xapi_cache[i].api;
+    const PFDLPackExchangeAPI *api = lookup_exchange_api(type);
+    if (xapi_cache[PF_XAPI_CACHE - 1].type) Py_DECREF(xapi_cache[PF_XAPI_CACHE - 1].type);
+    memmove(&xapi_cache[1], &xapi_cache[0], sizeof xapi_cache - sizeof xapi_cache[0]);
+    Py_INCREF(type);
+    xapi_cache[0].type = type;
+    xapi_cache[0].api = api;
+    return api;
+}
+
+/* A producer's failure to export, as the ValueError that names the argument (a TypeError or
+ * ValueError it raised stays as it is). */
+static void export_failed(const char *name, const char *how) {
+    if (PyErr_ExceptionMatches(PyExc_TypeError) || PyErr_ExceptionMatches(PyExc_ValueError)) return;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    PyErr_Format(PyExc_ValueError, "%s: could not be exported through %s: %S", name, how, value ? value : Py_None);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+}
+
+/* A view through the producer's exchange API: no capsule, no Python call. The view is valid
+ * while obj lives (the keep holds it) and nothing resizes it (the GIL is released only
+ * around the core call, which owns no Python reference). */
+static int import_exchange(PyObject *obj, const PFDLPackExchangeAPI *api, const char *name, pf_tensor *out,
+                           pf_py_keep *keep) {
+    DLTensor t;
+    memset(&t, 0, sizeof t);
+    if (api->dltensor_from_py_object_no_sync(obj, &t) != 0) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "%s: its producer's DLPack exchange API failed to view it", name);
+        export_failed(name, "the DLPack exchange API");
+        return -1;
+    }
+    if (fill_from_dltensor(name, &t, out) < 0) return -1;
+    return keep_push(keep, obj, NULL, 0);
+}
+
 int pf_py_tensor(PyObject *obj, const char *name, int writable, pf_tensor *out, pf_py_keep *keep) {
     memset(out, 0, sizeof *out);
     if (PyArray_Check(obj)) return import_ndarray(obj, name, writable, out, keep);
     if (pf_py_is_tensor(obj)) {
         *out = *pf_py_tensor_view(obj);
         return keep_push(keep, obj, NULL, 0);
+    }
+    /* The exchange API means running on the producer's current stream without a sync: used
+     * unless the caller named another stream (then __dlpack__(stream=) orders the two). */
+    if (!keep->stream_given) {
+        const PFDLPackExchangeAPI *api = pf_py_exchange_api(Py_TYPE(obj));
+        if (api) return import_exchange(obj, api, name, out, keep);
     }
     if (PyObject_HasAttrString(obj, "__dlpack__")) return import_dlpack(obj, name, writable, out, keep);
     PyObject *iface = PyObject_GetAttrString(obj, "__cuda_array_interface__");
@@ -484,7 +551,13 @@ int pf_py_stream(PyObject *obj, void **stream) {
     return PyErr_Occurred() ? -1 : 0;
 }
 
-int pf_py_kernel(PyObject *module, const char *name, int32_t *kernel) {
+int pf_py_kernel(PyObject *module, PyObject *obj, int32_t *kernel) {
+    if (!PyUnicode_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "kernel: expected a str, got %.100s", Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    const char *name = PyUnicode_AsUTF8(obj);
+    if (!name) return -1;
     const pf_status st = pf_kernel_parse(name, kernel);
     if (st == PF_STATUS_OK) return 0;
     pf_py_raise(module, st);
@@ -496,6 +569,26 @@ PyObject *pf_py_finish(PyObject *module, pf_status status, pf_py_keep *keep) {
     if (status != PF_STATUS_OK) return pf_py_raise(module, status);
     if (PyErr_Occurred()) return NULL; /* a deleter's error, kept rather than returning with it set */
     Py_RETURN_NONE;
+}
+
+int pf_py_done(PyObject *module, pf_status status, pf_py_keep *keep) {
+    pf_py_keep_release(keep);
+    if (status != PF_STATUS_OK) {
+        pf_py_raise(module, status);
+        return -1;
+    }
+    return PyErr_Occurred() ? -1 : 0; /* a deleter's error */
+}
+
+PyObject *pf_py_tuple(Py_ssize_t n, PyObject *const *items) {
+    PyObject *t = PyTuple_New(n);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (t)
+            PyTuple_SET_ITEM(t, i, items[i]);
+        else
+            Py_DECREF(items[i]);
+    }
+    return t;
 }
 
 PyObject *pf_py_fail(pf_py_keep *keep) {
@@ -559,6 +652,48 @@ int pf_py_uint64(PyObject *obj, const char *name, uint64_t *out) {
     }
     *out = v;
     return 0;
+}
+
+int pf_py_float(PyObject *obj, const char *name, float *out) {
+    const double v = PyFloat_AsDouble(obj); /* floats, ints, anything with __float__ */
+    if (v == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: expected a number, got %.100s", name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *out = (float)v; /* out of range or not finite: the core names it */
+    return 0;
+}
+
+int pf_py_bool(PyObject *obj, const char *name, int32_t *out) {
+    const int v = PyObject_IsTrue(obj);
+    if (v < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: expected a bool, got %.100s", name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+int pf_py_window(PyObject *obj, int32_t *left, int32_t *right) {
+    if (obj == Py_None) {
+        *left = *right = -1;
+        return 0;
+    }
+    PyObject *seq = PySequence_Check(obj) && !PyUnicode_Check(obj) ? PySequence_Fast(obj, "window") : NULL;
+    if (!seq || PySequence_Fast_GET_SIZE(seq) != 2) {
+        Py_XDECREF(seq);
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "window: expected a pair (left, right) of ints, got %.200R", obj);
+        return -1;
+    }
+    const int rc = pf_py_int32(PySequence_Fast_GET_ITEM(seq, 0), "window", left) < 0 ||
+                           pf_py_int32(PySequence_Fast_GET_ITEM(seq, 1), "window", right) < 0
+                       ? -1
+                       : 0;
+    Py_DECREF(seq);
+    return rc;
 }
 
 int pf_py_softmax_scale(PyObject *obj, const pf_tensor *q, float *out) {

@@ -6,6 +6,14 @@
 
 pf_module_state *pf_py_state(PyObject *module) { return (pf_module_state *)PyModule_GetState(module); }
 
+uint64_t pf_py_random_seed(PyObject *module) {
+    /* splitmix64 over a state seeded from os.urandom at import (module.c) */
+    uint64_t z = (pf_py_state(module)->rng += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
 PyObject *pf_py_raise(PyObject *module, pf_status status) {
     pf_module_state *st = pf_py_state(module);
     PyObject *type;

@@ -5,6 +5,7 @@
  * (pf_py.h lists the layers).
  */
 #include "py_bindings.h"
+#include "py_convert.h"
 #include "py_tensor.h"
 
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
@@ -22,9 +23,30 @@ static PyObject *build_info(PyObject *module, PyObject *unused) {
                          pf_cuda_device_count(), "cpu_count", pf_cpu_count(), "version", PF_VERSION_STRING);
 }
 
+/* The CPU backend's thread count for every later call (pagedflash.set_num_threads checks the
+ * argument's type; the range is checked here). */
+static PyObject *set_num_threads(PyObject *module, PyObject *arg) {
+    int32_t n;
+    if (pf_py_int32(arg, "num_threads", &n) < 0) return NULL;
+    if (n < 0) {
+        PyErr_Format(PyExc_ValueError, "num_threads: must be >= 0 (0 = one per core), got %d", (int)n);
+        return NULL;
+    }
+    pf_py_state(module)->num_threads = n;
+    Py_RETURN_NONE;
+}
+
+static PyObject *get_num_threads(PyObject *module, PyObject *unused) {
+    (void)unused;
+    return PyLong_FromLong(pf_py_state(module)->num_threads);
+}
+
 static PyMethodDef module_methods[] = {
     {"build_info", build_info, METH_NOARGS,
      "build_info() -> dict: cuda (built), cuda_archs, cuda_devices (driver-visible), cpu_count, version"},
+    {"set_num_threads", set_num_threads, METH_O,
+     "set_num_threads(n) -> None: the CPU backend's threads (0: one per core)"},
+    {"get_num_threads", get_num_threads, METH_NOARGS, "get_num_threads() -> int: as set (0: one per core)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -49,6 +71,16 @@ static int module_exec(PyObject *m) {
     for (size_t i = 0; i < sizeof binding_tables / sizeof binding_tables[0]; i++)
         if (PyModule_AddFunctions(m, binding_tables[i]) < 0) return -1;
     if (pf_py_block_pool_init(m) < 0) return -1;
+    /* the state of the dropout seeds drawn for calls without one */
+    PyObject *os = PyImport_ImportModule("os");
+    PyObject *bytes = os ? PyObject_CallMethod(os, "urandom", "i", 8) : NULL;
+    Py_XDECREF(os);
+    if (!bytes || !PyBytes_Check(bytes) || PyBytes_GET_SIZE(bytes) != 8) {
+        Py_XDECREF(bytes);
+        return -1;
+    }
+    memcpy(&st->rng, PyBytes_AS_STRING(bytes), 8);
+    Py_DECREF(bytes);
     return 0;
 }
 

@@ -62,4 +62,29 @@ typedef struct DLManagedTensorVersioned {
     DLTensor dl_tensor;
 } DLManagedTensorVersioned;
 
+/* The DLPack C exchange API (dlpack.h 1.2+): a table of C functions a framework publishes on
+ * its tensor type as the capsule `type(x).__dlpack_c_exchange_api__` named
+ * "dlpack_exchange_api", so a consumer views, allocates and finds the current stream without
+ * going through Python. "no_sync": the consumer runs its work on the producer's current
+ * stream (current_work_stream) instead of synchronizing. Functions return 0 on success,
+ * -1 with a Python exception set. */
+typedef struct PFDLPackExchangeAPIHeader {
+    DLPackVersion version;
+    struct PFDLPackExchangeAPIHeader *prev_api; /* an older table in the chain, or NULL */
+} PFDLPackExchangeAPIHeader;
+
+typedef struct PFDLPackExchangeAPI {
+    PFDLPackExchangeAPIHeader header;
+    /* a new tensor of prototype's dtype, ndim, shape and device; SetError(error_ctx, kind,
+     * message) exactly when it fails */
+    int (*managed_tensor_allocator)(DLTensor *prototype, DLManagedTensorVersioned **out, void *error_ctx,
+                                    void (*SetError)(void *error_ctx, const char *kind, const char *message));
+    int (*managed_tensor_from_py_object_no_sync)(void *py_object, DLManagedTensorVersioned **out);
+    /* steals `tensor`; *out_py_object a new reference */
+    int (*managed_tensor_to_py_object_no_sync)(DLManagedTensorVersioned *tensor, void **out_py_object);
+    /* a non-owning view, valid while py_object lives and is not resized */
+    int (*dltensor_from_py_object_no_sync)(void *py_object, DLTensor *out);
+    int (*current_work_stream)(int32_t device_type, int32_t device_id, void **out_current_stream);
+} PFDLPackExchangeAPI;
+
 #endif /* PF_DLPACK_H */

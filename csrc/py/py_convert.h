@@ -19,8 +19,15 @@ typedef struct pf_py_keep {
         void *managed;   /* DLManagedTensor* or DLManagedTensorVersioned* */
         int versioned;
     } items[PF_PY_MAX_ARGS];
-    void *stream; /* the consumer stream for CUDA producers */
+    void *stream;     /* the consumer stream for CUDA producers */
+    int stream_given; /* the caller named the stream: producers are asked to order their work
+                         before it (__dlpack__(stream=)) instead of viewed through the exchange API */
 } pf_py_keep;
+
+/* The DLPack C exchange API that obj's type publishes (type(obj).__dlpack_c_exchange_api__,
+ * major version 1), or NULL; looked up once per type. */
+struct PFDLPackExchangeAPI;
+const struct PFDLPackExchangeAPI *pf_py_exchange_api(PyTypeObject *type);
 
 /* View `obj` as a pf_tensor without copying. `writable` requires a writable
  * buffer (outputs). Returns 0, or -1 with a Python exception that names `name`. */
@@ -34,12 +41,17 @@ void pf_py_keep_release(pf_py_keep *keep);
 /* A stream argument (None or an int cudaStream_t). Returns 0 or -1. */
 int pf_py_stream(PyObject *obj, void **stream);
 /* A kernel hint by name ("auto", "sm80", "8x8", ...; pagedflash.h) into *kernel.
- * Returns 0, or -1 with ValueError. */
-int pf_py_kernel(PyObject *module, const char *name, int32_t *kernel);
+ * Returns 0, or -1 with ValueError (TypeError for a non-str). */
+int pf_py_kernel(PyObject *module, PyObject *name, int32_t *kernel);
 /* A Python int into int64 / int32 (TypeError for a non-int, ValueError out of range). */
 int pf_py_int64(PyObject *obj, const char *name, int64_t *out);
 int pf_py_int32(PyObject *obj, const char *name, int32_t *out);
 int pf_py_uint64(PyObject *obj, const char *name, uint64_t *out);
+/* A number into float (TypeError otherwise), a truth value into 0/1, window (left, right)
+ * into two int32 (None: (-1, -1); ValueError for anything but a pair of ints). */
+int pf_py_float(PyObject *obj, const char *name, float *out);
+int pf_py_bool(PyObject *obj, const char *name, int32_t *out);
+int pf_py_window(PyObject *obj, int32_t *left, int32_t *right);
 /* softmax_scale: None gives pf_default_softmax_scale of q's last dimension (q converted
  * already; 1 when q has none), a number is used as given (TypeError otherwise). */
 int pf_py_softmax_scale(PyObject *obj, const pf_tensor *q, float *out);
@@ -81,6 +93,10 @@ PyObject *pf_py_finish(PyObject *module, pf_status status, pf_py_keep *keep);
  * cleared it on the way out, a ValueError saying so: success is decided by return codes,
  * never by whether an exception happens to be pending. */
 PyObject *pf_py_fail(pf_py_keep *keep);
+/* pf_py_finish for a binding that returns its results: 0, or -1 with the exception. */
+int pf_py_done(PyObject *module, pf_status status, pf_py_keep *keep);
+/* A tuple of n items, stealing the references (released also when it fails). */
+PyObject *pf_py_tuple(Py_ssize_t n, PyObject *const *items);
 
 /* Run `call` (a pf_status expression) with the GIL released, storing its status. */
 /* clang-format off */

@@ -1,8 +1,11 @@
 """The functional API: plain functions with keyword-only options.
 
-Each call: fill defaults, choose the output's library and stream, allocate
-outputs there, hand everything to ``pagedflash._C`` (which views the tensors
-without copying and releases the GIL while the C core computes).
+Each function hands its arguments, in order, to ``pagedflash._C``, which does the
+whole call for NumPy arrays, torch tensors (through the DLPack C exchange API) and
+``pagedflash.Tensor``: views the arrays without copying, allocates missing results
+in the caller's library, takes its current stream, releases the GIL while the C core
+computes. For other producers (CuPy, JAX, ...) the binding answers NotImplemented and
+the general path here allocates with ``_frameworks`` and calls it again.
 """
 
 from __future__ import annotations
@@ -31,32 +34,18 @@ def set_num_threads(n: int) -> None:
 
     Raises TypeError for a non-integer, ValueError outside [0, 2**31 - 1]; the setting then
     stays as it was."""
-    global _num_threads
-    _num_threads = _check_threads(n)
-
-
-try:  # read once, at import (the library reads no environment variable on a call)
-    _num_threads = _check_threads(int(os.environ.get("PAGEDFLASH_NUM_THREADS", "0") or 0))
-except (TypeError, ValueError):
-    _num_threads = 0
+    _C.set_num_threads(_check_threads(n))
 
 
 def get_num_threads() -> int:
     """Threads the CPU backend will use for the next call."""
-    return _num_threads or _C.build_info()["cpu_count"]
+    return _C.get_num_threads() or _C.build_info()["cpu_count"]
 
 
-def _window(window: Sequence[int]) -> tuple[int, int]:
-    try:
-        left, right = (int(w) for w in window)
-    except (TypeError, ValueError):
-        raise ValueError(f"window: expected a pair (left, right) of ints, got {window!r}") from None
-    return left, right
-
-
-def _scale(softmax_scale: Optional[float]) -> Optional[float]:
-    """None (1/sqrt(head_dim), filled in by the binding from q) or the scale as given, 0.0 included."""
-    return None if softmax_scale is None else float(softmax_scale)
+try:  # read once, at import (the library reads no environment variable on a call)
+    set_num_threads(int(os.environ.get("PAGEDFLASH_NUM_THREADS", "0") or 0))
+except (TypeError, ValueError):
+    pass
 
 
 def flash_attn(
@@ -97,26 +86,9 @@ def flash_attn(
     kernel cannot take the call). The CPU backend has one kernel and ignores the hint.
     """
     return _attn_fwd(
-        q,
-        k,
-        v,
-        None,
-        None,
-        0,
-        0,
-        causal=causal,
-        softmax_scale=softmax_scale,
-        window=window,
-        softcap=softcap,
-        alibi_slopes=alibi_slopes,
-        dropout_p=dropout_p,
-        seed=seed,
-        offset=offset,
-        return_lse=return_lse,
-        out=out,
-        stream=stream,
-        kernel=kernel,
-    )
+        q, k, v, None, None, 0, 0, softmax_scale, causal, window, softcap, alibi_slopes, dropout_p, seed, offset,
+        return_lse, out, stream, kernel,
+    )  # fmt: skip
 
 
 def flash_attn_varlen(
@@ -149,34 +121,9 @@ def flash_attn_varlen(
     own keys. lse is float32 [num_heads, total_q]. Options as in flash_attn.
     """
     return _attn_fwd(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        causal=causal,
-        softmax_scale=softmax_scale,
-        window=window,
-        softcap=softcap,
-        alibi_slopes=alibi_slopes,
-        dropout_p=dropout_p,
-        seed=seed,
-        offset=offset,
-        return_lse=return_lse,
-        out=out,
-        stream=stream,
-        kernel=kernel,
-    )
-
-
-def _seed(dropout_p: float, seed: Optional[int]) -> int:
-    if seed is not None:
-        return int(seed) & 0xFFFFFFFFFFFFFFFF
-    if dropout_p > 0.0:
-        return int.from_bytes(os.urandom(8), "little")
-    return 0
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window, softcap,
+        alibi_slopes, dropout_p, seed, offset, return_lse, out, stream, kernel,
+    )  # fmt: skip
 
 
 def _lse_shape(qshape, varlen: bool):
@@ -184,27 +131,16 @@ def _lse_shape(qshape, varlen: bool):
 
 
 def _attn_fwd(
-    q,
-    k,
-    v,
-    cu_q,
-    cu_k,
-    max_q,
-    max_k,
-    *,
-    causal,
-    softmax_scale,
-    window,
-    softcap,
-    alibi_slopes,
-    dropout_p,
-    seed,
-    offset,
-    return_lse,
-    out,
-    stream,
-    kernel,
-):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, alibi, dropout_p, seed, offset, return_lse,
+    out, stream, kernel,
+):  # fmt: skip
+    r = _C.flash_fwd(
+        q, k, v, out, bool(return_lse), cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, alibi, dropout_p,
+        seed, offset, False, stream, kernel,
+    )  # fmt: skip
+    if r is not NotImplemented:
+        return r
+    # the general path: a library only the Python layer allocates for (_frameworks.py)
     lib = library_of(q)
     q, k, v = prepare(q), prepare(k), prepare(v)
     qshape, qdtype, _, _ = describe(q)
@@ -214,31 +150,17 @@ def _attn_fwd(
     lse = None
     if return_lse and len(qshape) == (3 if varlen else 4):  # a wrong rank is reported by _C
         lse = lib.empty(_lse_shape(qshape, varlen), "float32", q)
-    left, right = _window(window)
-    _C.flash_fwd(
-        q,
-        k,
-        v,
-        out,
-        lse,
-        cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k,
-        max_seqlen_q=int(max_q),
-        max_seqlen_k=int(max_k),
-        softmax_scale=_scale(softmax_scale),
-        causal=bool(causal),
-        window_left=left,
-        window_right=right,
-        softcap=float(softcap),
-        alibi_slopes=alibi_slopes,
-        dropout_p=float(dropout_p),
-        seed=_seed(dropout_p, seed),
-        offset=int(offset),
-        num_threads=_num_threads,
-        stream=lib.stream(q, stream),
-        kernel=kernel,
-    )
-    return (out, lse) if return_lse else out
+    return _C.flash_fwd(
+        q, k, v, out, lse if return_lse else None, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, alibi,
+        dropout_p, seed, offset, False, _stream(lib, q, stream), kernel,
+    )  # fmt: skip
+
+
+def _stream(lib, like, stream) -> int:
+    """The stream of the general path: given, or the library's current one, or 0 (the legacy
+    default stream); never None, so the binding takes it as given."""
+    s = lib.stream(like, stream)
+    return 0 if s is None else s
 
 
 # ---------------------------------------------------------------------------
@@ -306,46 +228,36 @@ def flash_attn_backward(
             "seed: required with dropout_p > 0 in the backward (pass the forward's seed "
             "so the same dropout mask is regenerated)"
         )
+    return _attn_bwd(
+        dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_q, max_k, softmax_scale, causal, window,
+        softcap, alibi_slopes, dropout_p, seed, offset, deterministic, stream, kernel,
+    )  # fmt: skip
+
+
+def _attn_bwd(
+    dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, alibi, dropout_p,
+    seed, offset, deterministic, stream, kernel,
+):  # fmt: skip
+    r = _C.flash_bwd(
+        dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, alibi,
+        dropout_p, seed, offset, deterministic, stream, kernel,
+    )  # fmt: skip
+    if r is not NotImplemented:
+        return r
+    # the general path, as in _attn_fwd
     lib = library_of(q)
     dout, q, k, v, out, lse = (prepare(x) for x in (dout, q, k, v, out, lse))
     qshape, qdtype, _, _ = describe(q)
-    kshape, _, _, _ = describe(k)
     if dq is None:
         dq = allocate(lib, qshape, qdtype, q, "q")
     if dk is None:
-        dk = allocate(lib, kshape, qdtype, q, "q")
+        dk = allocate(lib, describe(k)[0], qdtype, q, "q")
     if dv is None:
         dv = allocate(lib, describe(v)[0], qdtype, q, "q")
-    left, right = _window(window)
-    _C.flash_bwd(
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        dq,
-        dk,
-        dv,
-        cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_q,
-        max_seqlen_k=max_k,
-        softmax_scale=_scale(softmax_scale),
-        causal=bool(causal),
-        window_left=left,
-        window_right=right,
-        softcap=float(softcap),
-        alibi_slopes=alibi_slopes,
-        dropout_p=float(dropout_p),
-        seed=_seed(dropout_p, seed),
-        offset=int(offset),
-        num_threads=_num_threads,
-        deterministic=bool(deterministic),
-        stream=lib.stream(q, stream),
-        kernel=kernel,
-    )
-    return dq, dk, dv
+    return _C.flash_bwd(
+        dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, alibi,
+        dropout_p, seed, offset, deterministic, _stream(lib, q, stream), kernel,
+    )  # fmt: skip
 
 
 def flash_attn_varlen_backward(
@@ -417,18 +329,9 @@ def dropout_mask(
         shape = (qshape[0], qshape[2], qshape[1], kshape[1])
     mask = allocate(lib, shape, "uint8", q, "mask")
     _C.dropout_mask(
-        q,
-        k,
-        mask,
-        cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_q,
-        max_seqlen_k=max_k,
-        dropout_p=float(dropout_p),
-        seed=int(seed) & 0xFFFFFFFFFFFFFFFF,
-        offset=int(offset),
-        num_threads=_num_threads,
-    )
+        q, k, mask, cu_seqlens_q, cu_seqlens_k, max_q, max_k, None, False, None, 0.0, None, dropout_p, seed, offset,
+        False, None, "auto",
+    )  # fmt: skip
     return mask
 
 

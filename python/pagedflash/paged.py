@@ -6,9 +6,9 @@ The KV cache of one layer is a pair ``k_cache``, ``v_cache`` of shape
 lives in block ``block_tables[b, t // block_size]`` at offset ``t % block_size``.
 See docs/serving.md for the layouts and semantics.
 
-Each call fills defaults, allocates outputs in the caller's library (NumPy in,
-NumPy out; torch in, torch out; other DLPack producers get ``pagedflash.Tensor``)
-and hands everything to ``pagedflash._C`` without copying. Caches are written in
+Each call hands its arguments to ``pagedflash._C``, which allocates outputs in the
+caller's library (NumPy in, NumPy out; torch in, torch out; other DLPack producers get
+``pagedflash.Tensor``) and views everything without copying (api.py says how). Caches are written in
 place and never copied: a cache whose last dimension is strided is rejected.
 """
 
@@ -89,10 +89,15 @@ def paged_attn(
     with q), TypeError (dtypes, e.g. block_tables not int32), NotImplementedError (a device
     this build lacks).
     """
+    r = _C.paged_attn(
+        q, k_cache, v_cache, block_tables, seq_lens, out, bool(return_lse), cu_seqlens_q, softmax_scale, causal,
+        window, softcap, alibi_slopes, num_splits, stream, kernel,
+    )  # fmt: skip
+    if r is not NotImplemented:
+        return r
+    # the general path: a library only the Python layer allocates for (_frameworks.py)
     lib = library_of(q)
     q = lib.prepare(q)
-    k_cache, v_cache = library_of(k_cache).prepare(k_cache), library_of(v_cache).prepare(v_cache)
-    block_tables, seq_lens = library_of(block_tables).prepare(block_tables), library_of(seq_lens).prepare(seq_lens)
     qshape, qdtype, _, _ = describe(q)
     if out is None:
         out = allocate(lib, qshape, qdtype, q, "q")
@@ -100,28 +105,10 @@ def paged_attn(
     if return_lse and len(qshape) >= 3:  # a wrong rank is reported by _C
         total_q = qshape[0] * qshape[1] if len(qshape) == 4 and cu_seqlens_q is None else qshape[0]
         lse = lib.empty((qshape[-2], total_q), "float32", q)
-    left, right = api._window(window)
-    _C.paged_attn(
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        seq_lens,
-        out,
-        lse,
-        cu_seqlens_q=cu_seqlens_q,
-        softmax_scale=api._scale(softmax_scale),
-        causal=bool(causal),
-        window_left=left,
-        window_right=right,
-        softcap=float(softcap),
-        alibi_slopes=alibi_slopes,
-        num_splits=int(num_splits),
-        num_threads=api._num_threads,
-        stream=lib.stream(q, stream),
-        kernel=kernel,
-    )
-    return (out, lse) if return_lse else out
+    return _C.paged_attn(
+        q, k_cache, v_cache, block_tables, seq_lens, out, lse if return_lse else None, cu_seqlens_q, softmax_scale,
+        causal, window, softcap, alibi_slopes, num_splits, api._stream(lib, q, stream), kernel,
+    )  # fmt: skip
 
 
 def merge_attn_states(
@@ -147,6 +134,9 @@ def merge_attn_states(
 
     Raises ValueError (shapes) or TypeError (dtypes).
     """
+    r = _C.merge_attn_states(out_a, lse_a, out_b, lse_b, out, out_lse, stream)
+    if r is not NotImplemented:
+        return r
     lib = library_of(out_a)
     out_a, out_b = lib.prepare(out_a), library_of(out_b).prepare(out_b)
     shape, dtype, _, _ = describe(out_a)
@@ -155,10 +145,7 @@ def merge_attn_states(
     if out_lse is None:
         tokens = int(np.prod(shape[:-2], dtype=np.int64)) if len(shape) >= 2 else 0
         out_lse = lib.empty((shape[-2] if len(shape) >= 2 else 0, tokens), "float32", out_a)
-    _C.merge_attn_states(
-        out_a, lse_a, out_b, lse_b, out, out_lse, num_threads=api._num_threads, stream=lib.stream(out_a, stream)
-    )
-    return out, out_lse
+    return _C.merge_attn_states(out_a, lse_a, out_b, lse_b, out, out_lse, api._stream(lib, out_a, stream))
 
 
 def write_kv_cache(
@@ -175,10 +162,11 @@ def write_kv_cache(
     >= num_blocks * block_size, a cache with a strided last dimension) or TypeError
     (dtypes, e.g. slot_mapping not int64); the caches are then untouched.
     """
-    lib = library_of(k_cache)
-    k, v = library_of(k).prepare(k), library_of(v).prepare(v)
-    slot_mapping = library_of(slot_mapping).prepare(slot_mapping)
-    _C.write_kv_cache(k, v, _in_place(k_cache), _in_place(v_cache), slot_mapping, stream=lib.stream(k_cache, stream))
+    if _C.write_kv_cache(k, v, k_cache, v_cache, slot_mapping, stream) is NotImplemented:
+        lib = library_of(k_cache)
+        k, v = library_of(k).prepare(k), library_of(v).prepare(v)
+        slot_mapping = library_of(slot_mapping).prepare(slot_mapping)
+        _C.write_kv_cache(k, v, _in_place(k_cache), _in_place(v_cache), slot_mapping, api._stream(lib, k_cache, stream))
 
 
 def copy_blocks(

@@ -34,7 +34,6 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from . import _C
 from . import api as _api
 
 __all__ = ["flash_attn", "flash_attn_varlen"]
@@ -47,56 +46,13 @@ _U64 = 0xFFFFFFFFFFFFFFFF
 # ---------------------------------------------------------------------------
 
 
-def _view(x: torch.Tensor) -> torch.Tensor:
-    """Detached, with a contiguous last dimension (the only layout rule of the C core)."""
-    x = x.detach()
-    if x.dim() and x.shape[-1] > 1 and x.stride(-1) != 1:
-        x = x.contiguous()
-    return x
-
-
 def _empty(x: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor with x's shape, dtype and device (what the kernels return)."""
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _stream(q: torch.Tensor):
-    return torch.cuda.current_stream(q.device).cuda_stream if q.device.type == "cuda" else None
-
-
-def _options(
-    q,
-    softmax_scale,
-    causal,
-    window_left,
-    window_right,
-    softcap,
-    alibi_slopes,
-    dropout_p,
-    seed,
-    offset,
-    cu_seqlens_q=None,
-    cu_seqlens_k=None,
-    max_seqlen_q=0,
-    max_seqlen_k=0,
-):
-    return dict(
-        cu_seqlens_q=None if cu_seqlens_q is None else _view(cu_seqlens_q),
-        cu_seqlens_k=None if cu_seqlens_k is None else _view(cu_seqlens_k),
-        max_seqlen_q=int(max_seqlen_q),
-        max_seqlen_k=int(max_seqlen_k),
-        softmax_scale=None if softmax_scale is None else float(softmax_scale),
-        causal=bool(causal),
-        window_left=int(window_left),
-        window_right=int(window_right),
-        softcap=float(softcap),
-        alibi_slopes=None if alibi_slopes is None else _view(alibi_slopes),
-        dropout_p=float(dropout_p),
-        seed=0 if seed is None else int(seed.item()) & _U64,
-        offset=int(offset),
-        num_threads=_api._num_threads,
-        stream=_stream(q),
-    )
+def _seed_int(seed: Optional[torch.Tensor]) -> int:
+    return 0 if seed is None else int(seed.item()) & _U64
 
 
 def _check_seed(dropout_p: float, seed: Optional[torch.Tensor]) -> None:
@@ -126,17 +82,10 @@ def _flash_attn_fwd(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """q [b, sq, h, d], k/v [b, sk, hk, d] -> (out [b, sq, h, d], lse float32 [b, h, sq])."""
     _check_seed(dropout_p, seed)
-    out = _empty(q)
-    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
-    _C.flash_fwd(
-        _view(q),
-        _view(k),
-        _view(v),
-        out,
-        lse,
-        **_options(q, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, offset),
-    )
-    return out, lse
+    return _api._attn_fwd(
+        q, k, v, None, None, 0, 0, softmax_scale, causal, (window_left, window_right), softcap, alibi_slopes,
+        dropout_p, _seed_int(seed), offset, True, None, None, "auto",
+    )  # fmt: skip
 
 
 @_flash_attn_fwd.register_fake
@@ -164,20 +113,10 @@ def _flash_attn_bwd(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of flash_attn_fwd, given its out and lse."""
     _check_seed(dropout_p, seed)
-    dq, dk, dv = _empty(q), _empty(k), _empty(v)
-    _C.flash_bwd(
-        _view(dout),
-        _view(q),
-        _view(k),
-        _view(v),
-        _view(out),
-        _view(lse),
-        dq,
-        dk,
-        dv,
-        **_options(q, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, offset),
-    )
-    return dq, dk, dv
+    return _api._attn_bwd(
+        dout, q, k, v, out, lse, None, None, None, None, None, 0, 0, softmax_scale, causal,
+        (window_left, window_right), softcap, alibi_slopes, dropout_p, _seed_int(seed), offset, False, None, "auto",
+    )  # fmt: skip
 
 
 @_flash_attn_bwd.register_fake
@@ -261,32 +200,11 @@ def _flash_attn_varlen_fwd(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """q [total_q, h, d], k/v [total_k, hk, d] -> (out [total_q, h, d], lse float32 [h, total_q])."""
     _check_seed(dropout_p, seed)
-    out = _empty(q)
-    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
-    _C.flash_fwd(
-        _view(q),
-        _view(k),
-        _view(v),
-        out,
-        lse,
-        **_options(
-            q,
-            softmax_scale,
-            causal,
-            window_left,
-            window_right,
-            softcap,
-            alibi_slopes,
-            dropout_p,
-            seed,
-            offset,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            max_seqlen_q,
-            max_seqlen_k,
-        ),
-    )
-    return out, lse
+    return _api._attn_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+        (window_left, window_right), softcap, alibi_slopes, dropout_p, _seed_int(seed), offset, True, None, None,
+        "auto",
+    )  # fmt: skip
 
 
 @_flash_attn_varlen_fwd.register_fake
@@ -335,35 +253,11 @@ def _flash_attn_varlen_bwd(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of flash_attn_varlen_fwd, given its out and lse."""
     _check_seed(dropout_p, seed)
-    dq, dk, dv = _empty(q), _empty(k), _empty(v)
-    _C.flash_bwd(
-        _view(dout),
-        _view(q),
-        _view(k),
-        _view(v),
-        _view(out),
-        _view(lse),
-        dq,
-        dk,
-        dv,
-        **_options(
-            q,
-            softmax_scale,
-            causal,
-            window_left,
-            window_right,
-            softcap,
-            alibi_slopes,
-            dropout_p,
-            seed,
-            offset,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            max_seqlen_q,
-            max_seqlen_k,
-        ),
-    )
-    return dq, dk, dv
+    return _api._attn_bwd(
+        dout, q, k, v, out, lse, None, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        softmax_scale, causal, (window_left, window_right), softcap, alibi_slopes, dropout_p, _seed_int(seed), offset,
+        False, None, "auto",
+    )  # fmt: skip
 
 
 @_flash_attn_varlen_bwd.register_fake
@@ -481,6 +375,43 @@ def _window(window: Sequence[int]) -> Tuple[int, int]:
     return int(window[0]), int(window[1])
 
 
+class _FlashAttn(torch.autograd.Function):
+    """The eager path of flash_attn / flash_attn_varlen: the same C calls as the custom operators,
+    without the dispatcher's per-call cost (custom_op's Python dispatch and its autograd
+    wrapper cost tens of microseconds per call). torch.compile traces the custom operators
+    instead (flash_attn below picks)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, alibi, dropout_p, seed, offset):
+        out, lse = _api._attn_fwd(
+            q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, alibi, dropout_p, seed, offset, True,
+            None, None, "auto",
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi)
+        ctx.options = (max_q, max_k, scale, causal, window, softcap, dropout_p, seed, offset)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_q, cu_k, alibi = ctx.saved_tensors
+        max_q, max_k, scale, causal, window, softcap, dropout_p, seed, offset = ctx.options
+        dq, dk, dv = _api._attn_bwd(
+            dout, q, k, v, out, lse, None, None, None, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, alibi,
+            dropout_p, seed, offset, False, None, "auto",
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
+
+
+def _eager_seed(dropout_p: float, seed) -> int:
+    """The dropout seed of an eager call as an int: drawn from torch's generator when None."""
+    if not dropout_p > 0.0:
+        return 0
+    t = _seed_tensor(dropout_p, seed)
+    return int(t.item()) & _U64 if t is not None else 0
+
+
 def flash_attn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -504,6 +435,12 @@ def flash_attn(
     (out, lse) with return_lse=True (lse float32 [batch, num_heads, seqlen_q], not
     differentiable). Gradients reach q, k and v. Works under torch.compile(fullgraph=True).
     """
+    if not torch.compiler.is_compiling():
+        out, lse = _FlashAttn.apply(
+            q, k, v, None, None, 0, 0, softmax_scale, causal, window, softcap, alibi_slopes, dropout_p,
+            _eager_seed(dropout_p, seed), offset,
+        )  # fmt: skip
+        return (out, lse) if return_lse else out
     left, right = _window(window)
     out, lse = torch.ops.pagedflash.flash_attn_fwd(
         q,
@@ -547,6 +484,12 @@ def flash_attn_varlen(
     cu_seqlens_q/k int32 [batch + 1] (on q's device). Returns out, or (out, lse) with
     lse float32 [num_heads, total_q]. Otherwise as flash_attn.
     """
+    if not torch.compiler.is_compiling():
+        out, lse = _FlashAttn.apply(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window, softcap,
+            alibi_slopes, dropout_p, _eager_seed(dropout_p, seed), offset,
+        )  # fmt: skip
+        return (out, lse) if return_lse else out
     left, right = _window(window)
     out, lse = torch.ops.pagedflash.flash_attn_varlen_fwd(
         q,

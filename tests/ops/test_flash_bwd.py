@@ -460,7 +460,7 @@ def test_backward_deterministic(backend, rng, dtype, hk, kernel):
     k, v = backend.randn(rng, (b, sk, hk, d), dtype), backend.randn(rng, (b, sk, hk, d), dtype)
     dout = backend.randn(rng, q.shape, dtype)
     out, lse = pagedflash.flash_attn(q, k, v, return_lse=True, kernel=kernel, **kw)
-    saved = pagedflash.api._num_threads  # 0 = one per core
+    saved = pagedflash._C.get_num_threads()  # as set: 0 = one per core
     try:
         first = None
         for run in range(20):
