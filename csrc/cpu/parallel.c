@@ -37,9 +37,15 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
+/* Asked once (sysconf reads /sys on Linux: microseconds, too slow for every call). */
 int pf_cpu_count(void) {
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
-    return n > 0 ? (int)n : 1;
+    static _Atomic int cached = 0;
+    int n = atomic_load_explicit(&cached, memory_order_relaxed);
+    if (n > 0) return n;
+    const long c = sysconf(_SC_NPROCESSORS_ONLN);
+    n = c > 0 ? (int)(c < 4096 ? c : 4096) : 1;
+    atomic_store_explicit(&cached, n, memory_order_relaxed);
+    return n;
 }
 
 int pf_resolve_threads(int requested, int64_t work_items) {
