@@ -132,7 +132,6 @@ def gpu_rows(dtype: str, calls: int, rounds: int) -> tuple[list[list[str]], list
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    import pagedflash
     import pagedflash.torch as pft
 
     tdt = getattr(torch, dtype)
