@@ -113,12 +113,15 @@ def build_cases(lib: str, device: str, dtype: str) -> dict[str, Callable[[], obj
     ob = _rand(lib, (B, H, D), dtype, device, rng)
     la = _rand(lib, (H, B), "float32", device, rng)
     lb = _rand(lib, (H, B), "float32", device, rng)
+    out_m = _rand(lib, (B, H, D), dtype, device, rng)
+    lse_m = _rand(lib, (H, B), "float32", device, rng)
     return {
         f"flash_attn (prefill {SQ})": lambda: pagedflash.flash_attn(q, k, v, causal=True),
         "flash_attn, out= given": lambda: pagedflash.flash_attn(q, k, v, causal=True, out=out),
         f"paged_attn (decode {CTX})": lambda: pagedflash.paged_attn(qd, kc, vc, bt, sl),
         "write_kv_cache (1 token)": lambda: pagedflash.write_kv_cache(kn, kn, kc, vc, slots),
         "merge_attn_states": lambda: pagedflash.merge_attn_states(oa, la, ob, lb),
+        "merge_attn_states, out= given": lambda: pagedflash.merge_attn_states(oa, la, ob, lb, out=out_m, out_lse=lse_m),
     }
 
 
@@ -227,6 +230,7 @@ def gpu_rows(dtype: str, calls: int, rounds: int) -> tuple[list[list[str]], list
         "paged_attn (decode 256)": "SDPA cuDNN (decode 256)",
         "write_kv_cache (1 token)": "SDPA flash (prefill 16)",
         "merge_attn_states": "SDPA flash (prefill 16)",
+        "merge_attn_states, out= given": "SDPA flash (prefill 16)",
         "pagedflash.torch.flash_attn fwd+bwd": "SDPA flash fwd+bwd",
     }
     t = dict(zip(names, eager))
