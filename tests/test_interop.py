@@ -58,12 +58,25 @@ def test_numpy_in_numpy_out(rng):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_torch_in_torch_out(rng, dtype):
     q, k, v = (torch.from_numpy(x).to(getattr(torch, dtype)) for x in make(rng))
-    q.requires_grad_(True)  # the functional API reads through detach(), no error
+    q.requires_grad_(True)  # viewed through the DLPack C exchange API: no detach() needed, no error
     out, lse = pagedflash.flash_attn(q, k, v, causal=True, return_lse=True)
     assert isinstance(out, torch.Tensor) and out.dtype == q.dtype and out.device == q.device
     assert isinstance(lse, torch.Tensor) and lse.dtype == torch.float32
+    assert not out.requires_grad  # the functional API is not differentiable (pagedflash.torch is)
     naive = None if dtype == "float32" else naive_attention_lowp(q, k, v, causal=True)
     assert_close(out, reference.attention(q, k, v, causal=True), naive, dtype=dtype)
+    # with an explicit stream the tensors go through __dlpack__(stream=), which torch refuses for a
+    # tensor that requires grad: the binding exports a detached view; same result, bit for bit
+    again = pagedflash.flash_attn(q, k, v, causal=True, stream=0)
+    assert torch.equal(again, out)
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+def test_torch_exchange_api_used():
+    """torch publishes the DLPack C exchange API; the binding finds it (else every torch call would
+    take the slower general path through Python)."""
+    assert pagedflash._C.has_exchange_api(torch.empty(1))
+    assert not pagedflash._C.has_exchange_api(np.empty(1))
 
 
 @pytest.mark.parametrize("legacy", [False, True])

@@ -76,7 +76,15 @@ static PyObject *tensor_describe(PyObject *module, PyObject *obj) {
     return result;
 }
 
+/* Whether obj's type publishes a DLPack C exchange API this build can use (tests, diagnostics). */
+static PyObject *has_exchange_api(PyObject *module, PyObject *obj) {
+    (void)module;
+    return PyBool_FromLong(pf_py_exchange_api(Py_TYPE(obj)) != NULL);
+}
+
 PyMethodDef pf_py_tensor_methods[] = {
+    {"has_exchange_api", has_exchange_api, METH_O,
+     "has_exchange_api(array) -> bool: whether its type publishes a usable DLPack C exchange API"},
     {"describe", tensor_describe, METH_O,
      "describe(array) -> (shape, dtype, device, device_id) of any array pagedflash accepts"},
     {"empty", (PyCFunction)(void (*)(void))tensor_empty, METH_VARARGS | METH_KEYWORDS,

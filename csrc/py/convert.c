@@ -505,9 +505,20 @@ int pf_py_tensor(PyObject *obj, const char *name, int writable, pf_tensor *out, 
     }
     /* The exchange API means running on the producer's current stream without a sync: used
      * unless the caller named another stream (then __dlpack__(stream=) orders the two). */
-    if (!keep->stream_given) {
-        const PFDLPackExchangeAPI *api = pf_py_exchange_api(Py_TYPE(obj));
-        if (api) return import_exchange(obj, api, name, out, keep);
+    const PFDLPackExchangeAPI *api = pf_py_exchange_api(Py_TYPE(obj));
+    if (api && !keep->stream_given) return import_exchange(obj, api, name, out, keep);
+    if (api && PyObject_HasAttrString(obj, "detach")) {
+        /* torch's __dlpack__ refuses a tensor that requires grad: export a detached view (the
+         * same memory; the keep holds it for the call) */
+        PyObject *detached = PyObject_CallMethod(obj, "detach", NULL);
+        if (!detached) return -1;
+        const int rc = import_dlpack(detached, name, writable, out, keep);
+        if (rc == 0 && keep_push(keep, detached, NULL, 0) < 0) {
+            Py_DECREF(detached);
+            return -1;
+        }
+        Py_DECREF(detached);
+        return rc;
     }
     if (PyObject_HasAttrString(obj, "__dlpack__")) return import_dlpack(obj, name, writable, out, keep);
     PyObject *iface = PyObject_GetAttrString(obj, "__cuda_array_interface__");
