@@ -166,16 +166,19 @@ static PyObject *copy_blocks(PyObject *module, PyObject *args, PyObject *kwargs)
         goto done;
     }
     if (pf_py_stream(ostream, &stream) < 0) goto done;
-    for (Py_ssize_t i = 0; i < nkeeps; i++) {
-        keeps[i].stream = stream;
-        keeps[i].stream_given = 1; /* the Python layer passes the caches' current stream */
-    }
+    for (Py_ssize_t i = 0; i < nkeeps; i++) keeps[i].stream_given = ostream != Py_None;
     if (pf_py_tensor(omap, "block_mapping", 0, &map, &keeps[0]) < 0) goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
         char name[32];
         snprintf(name, sizeof name, "caches[%zd]", i);
         if (pf_py_tensor(PySequence_Fast_GET_ITEM(seq, i), name, 1, &caches[i], &keeps[1 + i / PF_PY_MAX_ARGS]) < 0)
             goto done;
+    }
+    if (n > 0 && ostream == Py_None) { /* the first cache's library's current stream */
+        pf_py_lib lib;
+        pf_py_lib_of(PySequence_Fast_GET_ITEM(seq, 0), &lib);
+        if (pf_py_lib_stream(&lib, &caches[0], &keeps[0]) < 0) goto done;
+        stream = keeps[0].stream;
     }
     pf_status status;
     Py_BEGIN_ALLOW_THREADS
@@ -206,11 +209,16 @@ static PyObject *swap_blocks(PyObject *module, PyObject *args, PyObject *kwargs)
     pf_tensor src, dst, map;
     pf_py_keep keep = {0};
     pf_status status;
-    keep.stream_given = 1; /* the Python layer passes the current stream of the CUDA side */
-    if (pf_py_stream(ostream, &keep.stream) < 0) goto fail;
+    if (take_stream(ostream, &keep) < 0) goto fail;
     if (pf_py_tensor(osrc, "src", 0, &src, &keep) < 0) goto fail;
     if (pf_py_tensor(odst, "dst", 1, &dst, &keep) < 0) goto fail;
     if (pf_py_tensor(omap, "block_mapping", 0, &map, &keep) < 0) goto fail;
+    { /* no stream given: the current stream of the CUDA side's library */
+        const int dst_side = dst.device == PF_DEVICE_CUDA;
+        pf_py_lib lib;
+        pf_py_lib_of(dst_side ? odst : osrc, &lib);
+        if (pf_py_lib_stream(&lib, dst_side ? &dst : &src, &keep) < 0) goto fail;
+    }
     void *stream = keep.stream;
     PF_PY_CALL(status, pf_swap_blocks(src, dst, map, stream));
     return pf_py_finish(module, status, &keep);

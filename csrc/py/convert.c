@@ -509,14 +509,10 @@ int pf_py_tensor(PyObject *obj, const char *name, int writable, pf_tensor *out, 
     if (api && !keep->stream_given) return import_exchange(obj, api, name, out, keep);
     if (api && PyObject_HasAttrString(obj, "detach")) {
         /* torch's __dlpack__ refuses a tensor that requires grad: export a detached view (the
-         * same memory; the keep holds it for the call) */
+         * same memory, held by the capsule's managed tensor until the call ends) */
         PyObject *detached = PyObject_CallMethod(obj, "detach", NULL);
         if (!detached) return -1;
-        const int rc = import_dlpack(detached, name, writable, out, keep);
-        if (rc == 0 && keep_push(keep, detached, NULL, 0) < 0) {
-            Py_DECREF(detached);
-            return -1;
-        }
+        const int rc = import_dlpack(detached, name, writable, out, keep); /* the capsule owns the memory */
         Py_DECREF(detached);
         return rc;
     }

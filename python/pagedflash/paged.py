@@ -28,6 +28,14 @@ def _in_place(x: Any) -> Any:
     return x.detach() if is_torch(x) else x
 
 
+def _stream_of(x: Any, stream: Optional[int]) -> Optional[int]:
+    """`stream`, or where it is None and x's library is one _C cannot ask (CuPy, torch without
+    the DLPack C exchange API), that library's current stream; None lets _C ask torch."""
+    if stream is None and not isinstance(x, np.ndarray) and not _C.has_exchange_api(x):
+        return library_of(x).stream(x, None)
+    return stream
+
+
 def _index(x: Any) -> Any:
     """Index arguments given as Python lists become NumPy int64 arrays (block_mapping)."""
     if isinstance(x, (list, tuple)):
@@ -184,8 +192,8 @@ def copy_blocks(
     """
     ks = list(k_caches) if isinstance(k_caches, (list, tuple)) else [k_caches]
     vs = list(v_caches) if isinstance(v_caches, (list, tuple)) else [v_caches]
-    caches = [_in_place(c) for c in ks + vs]
-    stream = library_of(caches[0]).stream(caches[0], stream) if caches else stream
+    caches = ks + vs
+    stream = _stream_of(caches[0], stream) if caches else stream
     _C.copy_blocks(caches, _index(block_mapping), stream=stream)
 
 
@@ -200,6 +208,7 @@ def swap_blocks(src_cache: Any, dst_cache: Any, block_mapping: Any, *, stream: O
     Every id is checked before any copy. Raises ValueError or TypeError; dst is then
     untouched.
     """
-    side = dst_cache if describe(dst_cache)[2] == "cuda" else src_cache
+    if stream is None:
+        stream = _stream_of(dst_cache if describe(dst_cache)[2] == "cuda" else src_cache, None)
     src_cache = library_of(src_cache).prepare(src_cache)
-    _C.swap_blocks(src_cache, _in_place(dst_cache), _index(block_mapping), stream=library_of(side).stream(side, stream))
+    _C.swap_blocks(src_cache, dst_cache, _index(block_mapping), stream=stream)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import pagedflash
-from conftest import DTYPES, cases, cuda_only
+from conftest import DTYPES, cases, cuda_only, randn, torch
 
 from .test_write_kv_cache import raw
 
@@ -96,3 +96,16 @@ def test_copy_blocks_bad_input(backend, rng):
         with pytest.raises(exc, match=match):
             pagedflash.copy_blocks(ks, vs, mapping)
         assert all(np.array_equal(raw(c), b) for c, b in zip(ks + vs, before)), match
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+@pytest.mark.parametrize("stream", [None, 0])
+def test_copy_blocks_many_torch_caches(rng, stream):
+    """70 torch caches (more than one import batch holds) through the DLPack C exchange API
+    (stream None) and through __dlpack__ with a named stream (0: the legacy default stream, the
+    path that exports detached views): every cache copied, one import each."""
+    caches = [randn(rng, (5, 4, 2, 8), "float32", lib="torch") for _ in range(70)]
+    expect = [expected(c, [(1, 3), (4, 0)]) for c in caches]
+    pagedflash.copy_blocks(caches[:35], caches[35:], np.array([[1, 3], [4, 0]], np.int64), stream=stream)
+    for c, e in zip(caches, expect):
+        np.testing.assert_array_equal(raw(c), e)
