@@ -41,9 +41,9 @@ static int opts_stream(PyObject *const *o, pf_py_keep *keep) {
 }
 
 /* Everything else once q is viewed (softmax_scale None is 1/sqrt(head_dim) of q; seed None
- * is a fresh random seed when dropout_p > 0). Every integer range-checked, every message
+ * is a fresh random seed when dropout_p > 0, an error in the backward). Every integer range-checked, every message
  * naming its argument. */
-static int opts_fill(PyObject *module, PyObject *const *o, pf_attn_params *p, pf_py_keep *keep) {
+static int opts_fill(PyObject *module, PyObject *const *o, pf_attn_params *p, pf_py_keep *keep, int backward) {
     if (pf_py_kernel(module, o[OPT_KERNEL], &p->kernel) < 0) return -1;
     if (pf_py_opt_tensor(o[OPT_CU_Q], "cu_seqlens_q", 0, &p->cu_seqlens_q, keep) < 0) return -1;
     if (pf_py_opt_tensor(o[OPT_CU_K], "cu_seqlens_k", 0, &p->cu_seqlens_k, keep) < 0) return -1;
@@ -54,6 +54,12 @@ static int opts_fill(PyObject *module, PyObject *const *o, pf_attn_params *p, pf
     if (pf_py_float(o[OPT_SOFTCAP], "softcap", &p->softcap) < 0) return -1;
     if (pf_py_float(o[OPT_DROPOUT], "dropout_p", &p->dropout_p) < 0) return -1;
     if (pf_py_uint64(o[OPT_OFFSET], "offset", &p->offset) < 0) return -1;
+    if (o[OPT_SEED] == Py_None && backward && p->dropout_p > 0.0f) {
+        PyErr_SetString(PyExc_ValueError,
+                        "seed: required with dropout_p > 0 in the backward (pass the forward's seed so the same "
+                        "dropout mask is regenerated)");
+        return -1;
+    }
     if (o[OPT_SEED] == Py_None)
         p->seed = p->dropout_p > 0.0f ? pf_py_random_seed(module) : 0;
     else if (pf_py_uint64(o[OPT_SEED], "seed", &p->seed) < 0)
@@ -88,7 +94,7 @@ static PyObject *flash_fwd(PyObject *module, PyObject *const *args, Py_ssize_t n
     pf_py_lib_of(args[0], &lib);
     if (needs_python(&lib, &keep, args[3] == Py_None || args[4] == Py_True)) Py_RETURN_NOTIMPLEMENTED;
     if (pf_py_input(args[0], "q", &p.q, &keep) < 0) goto fail;
-    if (opts_fill(module, o, &p, &keep) < 0) goto fail;
+    if (opts_fill(module, o, &p, &keep, 0) < 0) goto fail;
     if (pf_py_lib_stream(&lib, &p.q, &keep) < 0) goto fail;
     p.stream = keep.stream;
     if (pf_py_input(args[1], "k", &p.k, &keep) < 0) goto fail;
@@ -136,7 +142,7 @@ static PyObject *flash_bwd(PyObject *module, PyObject *const *args, Py_ssize_t n
         Py_RETURN_NOTIMPLEMENTED;
     if (pf_py_input(args[0], "dout", &p.dout, &keep) < 0) goto fail;
     if (pf_py_input(args[1], "q", &p.q, &keep) < 0) goto fail;
-    if (opts_fill(module, o, &p, &keep) < 0) goto fail;
+    if (opts_fill(module, o, &p, &keep, 1) < 0) goto fail;
     if (pf_py_lib_stream(&lib, &p.q, &keep) < 0) goto fail;
     p.stream = keep.stream;
     if (pf_py_input(args[2], "k", &p.k, &keep) < 0) goto fail;
@@ -175,7 +181,7 @@ static PyObject *dropout_mask(PyObject *module, PyObject *const *args, Py_ssize_
     if (opts_stream(o, &keep) < 0) goto fail;
     pf_py_lib_of(args[0], &lib);
     if (pf_py_input(args[0], "q", &p.q, &keep) < 0) goto fail;
-    if (opts_fill(module, o, &p, &keep) < 0) goto fail;
+    if (opts_fill(module, o, &p, &keep, 0) < 0) goto fail;
     if (pf_py_lib_stream(&lib, &p.q, &keep) < 0) goto fail;
     p.stream = keep.stream;
     if (pf_py_input(args[1], "k", &p.k, &keep) < 0) goto fail;

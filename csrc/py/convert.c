@@ -664,8 +664,12 @@ int pf_py_uint64(PyObject *obj, const char *name, uint64_t *out) {
 int pf_py_float(PyObject *obj, const char *name, float *out) {
     const double v = PyFloat_AsDouble(obj); /* floats, ints, anything with __float__ */
     if (v == -1.0 && PyErr_Occurred()) {
+        const int overflow = PyErr_ExceptionMatches(PyExc_OverflowError);
         PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s: expected a number, got %.100s", name, Py_TYPE(obj)->tp_name);
+        if (overflow)
+            PyErr_Format(PyExc_ValueError, "%s: %.40R is out of range", name, obj);
+        else
+            PyErr_Format(PyExc_TypeError, "%s: expected a number, got %.100s", name, Py_TYPE(obj)->tp_name);
         return -1;
     }
     *out = (float)v; /* out of range or not finite: the core names it */
@@ -708,14 +712,8 @@ int pf_py_softmax_scale(PyObject *obj, const pf_tensor *q, float *out) {
         *out = pf_default_softmax_scale(q->ndim > 0 ? q->shape[q->ndim - 1] : 1);
         return 0;
     }
-    const double v = PyFloat_AsDouble(obj);
-    if (v == -1.0 && PyErr_Occurred()) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "softmax_scale: expected None or a number, got %.100s", Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    *out = (float)v; /* a non-finite scale (also one beyond float's range) is refused by the core */
-    return 0;
+    if (pf_py_float(obj, "softmax_scale", out) < 0) return -1;
+    return 0; /* a non-finite scale (also one beyond float's range) is refused by the core */
 }
 
 int pf_py_nargs(const char *fn, Py_ssize_t nargs, Py_ssize_t lo, Py_ssize_t hi) {

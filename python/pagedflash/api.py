@@ -10,6 +10,7 @@ the general path here allocates with ``_frameworks`` and calls it again.
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -172,7 +173,16 @@ def _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
         missing = "cu_seqlens_k" if cu_seqlens_k is None else "cu_seqlens_q"
         raise ValueError(f"{missing}: required when the other cu_seqlens is given (packed varlen layout)")
-    return int(max_seqlen_q or 0), int(max_seqlen_k or 0)
+    return _int(max_seqlen_q or 0, "max_seqlen_q"), _int(max_seqlen_k or 0, "max_seqlen_k")
+
+
+def _int(x, name: str) -> int:
+    """An int option as an int (through __index__); TypeError / ValueError naming it (never
+    OverflowError: the binding range-checks it)."""
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int, got {type(x).__name__}") from None
 
 
 def flash_attn_backward(
@@ -223,11 +233,6 @@ def flash_attn_backward(
     argument); nothing is written then.
     """
     max_q, max_k = _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if float(dropout_p) > 0.0 and seed is None:
-        raise ValueError(
-            "seed: required with dropout_p > 0 in the backward (pass the forward's seed "
-            "so the same dropout mask is regenerated)"
-        )
     return _attn_bwd(
         dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_q, max_k, softmax_scale, causal, window,
         softcap, alibi_slopes, dropout_p, seed, offset, deterministic, stream, kernel,
