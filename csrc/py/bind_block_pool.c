@@ -107,8 +107,8 @@ static PyObject *bp_allocate(PfBlockPool *self, PyObject *const *args, Py_ssize_
     Py_ssize_t n;
     PyObject *hold = NULL;
     if (PyLong_Check(args[1])) {
-        long long v = PyLong_AsLongLong(args[1]);
-        if (v == -1 && PyErr_Occurred()) return NULL;
+        int64_t v; /* beyond int64: ValueError naming it; the core range-checks the rest */
+        if (pf_py_int64(args[1], "num_tokens", &v) < 0) return NULL;
         n = (Py_ssize_t)v;
     } else if (pf_py_int32_list(args[1], "token_ids", &self->tokens, &tok, &n, &hold) < 0) {
         return NULL;
