@@ -124,7 +124,8 @@ static int check_view(const char *name, pf_tensor *out, uintptr_t data) {
         if (out->strides[i] == INT64_MIN ||
             __builtin_mul_overflow(out->strides[i] < 0 ? -out->strides[i] : out->strides[i], out->shape[i] - 1,
                                    &step) ||
-            __builtin_add_overflow(reach, step, &reach) || __builtin_mul_overflow(reach + 1, es, &extent)) {
+            __builtin_add_overflow(reach, step, &reach) || __builtin_add_overflow(reach, 1, &extent) ||
+            __builtin_mul_overflow(extent, es, &extent)) {
             PyErr_Format(PyExc_ValueError, "%s: its strides reach beyond what int64 addresses", name);
             return -1;
         }
@@ -481,7 +482,14 @@ int pf_py_stream(PyObject *obj, void **stream) {
         return -1;
     }
     *stream = PyLong_AsVoidPtr(obj);
-    return PyErr_Occurred() ? -1 : 0;
+    if (!*stream && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "stream: %.40R is not a stream handle (out of range)", obj);
+        }
+        return -1;
+    }
+    return 0;
 }
 
 int pf_py_kernel(PyObject *module, const char *name, int32_t *kernel) {

@@ -46,17 +46,28 @@ def get_num_threads() -> int:
     return _num_threads or _C.build_info()["cpu_count"]
 
 
+def _number(kind, x, name: str):
+    """int(x) or float(x) of an option; a failure is a ValueError or TypeError naming it (an int
+    beyond float's range, or an infinite float as an int, is a ValueError, not OverflowError)."""
+    try:
+        return kind(x)
+    except OverflowError:
+        raise ValueError(f"{name}: {repr(x):.40} is out of range") from None
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name}: expected a number, got {repr(x):.40} ({e})") from None
+
+
 def _window(window: Sequence[int]) -> tuple[int, int]:
     try:
         left, right = (int(w) for w in window)
-    except (TypeError, ValueError):
-        raise ValueError(f"window: expected a pair (left, right) of ints, got {window!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"window: expected a pair (left, right) of ints, got {repr(window):.60}") from None
     return left, right
 
 
 def _scale(softmax_scale: Optional[float]) -> Optional[float]:
     """None (1/sqrt(head_dim), filled in by the binding from q) or the scale as given, 0.0 included."""
-    return None if softmax_scale is None else float(softmax_scale)
+    return None if softmax_scale is None else _number(float, softmax_scale, "softmax_scale")
 
 
 def flash_attn(
@@ -173,7 +184,7 @@ def flash_attn_varlen(
 
 def _seed(dropout_p: float, seed: Optional[int]) -> int:
     if seed is not None:
-        return int(seed) & 0xFFFFFFFFFFFFFFFF
+        return _number(int, seed, "seed") & 0xFFFFFFFFFFFFFFFF
     if dropout_p > 0.0:
         return int.from_bytes(os.urandom(8), "little")
     return 0
@@ -207,7 +218,7 @@ def _attn_fwd(
 ):
     lib = library_of(q)
     q, k, v = prepare(q), prepare(k), prepare(v)
-    qshape, qdtype, _, _ = describe(q)
+    qshape, qdtype, _, _ = describe(q, "q")
     varlen = cu_q is not None or cu_k is not None
     if out is None:
         out = allocate(lib, qshape, qdtype, q, "q")
@@ -223,17 +234,17 @@ def _attn_fwd(
         lse,
         cu_seqlens_q=cu_q,
         cu_seqlens_k=cu_k,
-        max_seqlen_q=int(max_q),
-        max_seqlen_k=int(max_k),
+        max_seqlen_q=_number(int, max_q, "max_seqlen_q"),
+        max_seqlen_k=_number(int, max_k, "max_seqlen_k"),
         softmax_scale=_scale(softmax_scale),
         causal=bool(causal),
         window_left=left,
         window_right=right,
-        softcap=float(softcap),
+        softcap=_number(float, softcap, "softcap"),
         alibi_slopes=alibi_slopes,
-        dropout_p=float(dropout_p),
+        dropout_p=_number(float, dropout_p, "dropout_p"),
         seed=_seed(dropout_p, seed),
-        offset=int(offset),
+        offset=_number(int, offset, "offset"),
         num_threads=_num_threads,
         stream=lib.stream(q, stream),
         kernel=kernel,
@@ -250,7 +261,7 @@ def _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
         missing = "cu_seqlens_k" if cu_seqlens_k is None else "cu_seqlens_q"
         raise ValueError(f"{missing}: required when the other cu_seqlens is given (packed varlen layout)")
-    return int(max_seqlen_q or 0), int(max_seqlen_k or 0)
+    return _number(int, max_seqlen_q or 0, "max_seqlen_q"), _number(int, max_seqlen_k or 0, "max_seqlen_k")
 
 
 def flash_attn_backward(
@@ -301,21 +312,21 @@ def flash_attn_backward(
     argument); nothing is written then.
     """
     max_q, max_k = _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if float(dropout_p) > 0.0 and seed is None:
+    if _number(float, dropout_p, "dropout_p") > 0.0 and seed is None:
         raise ValueError(
             "seed: required with dropout_p > 0 in the backward (pass the forward's seed "
             "so the same dropout mask is regenerated)"
         )
     lib = library_of(q)
     dout, q, k, v, out, lse = (prepare(x) for x in (dout, q, k, v, out, lse))
-    qshape, qdtype, _, _ = describe(q)
-    kshape, _, _, _ = describe(k)
+    qshape, qdtype, _, _ = describe(q, "q")
+    kshape, _, _, _ = describe(k, "k")
     if dq is None:
         dq = allocate(lib, qshape, qdtype, q, "q")
     if dk is None:
         dk = allocate(lib, kshape, qdtype, q, "q")
     if dv is None:
-        dv = allocate(lib, describe(v)[0], qdtype, q, "q")
+        dv = allocate(lib, describe(v, "v")[0], qdtype, q, "q")
     left, right = _window(window)
     _C.flash_bwd(
         dout,
@@ -335,11 +346,11 @@ def flash_attn_backward(
         causal=bool(causal),
         window_left=left,
         window_right=right,
-        softcap=float(softcap),
+        softcap=_number(float, softcap, "softcap"),
         alibi_slopes=alibi_slopes,
-        dropout_p=float(dropout_p),
+        dropout_p=_number(float, dropout_p, "dropout_p"),
         seed=_seed(dropout_p, seed),
-        offset=int(offset),
+        offset=_number(int, offset, "offset"),
         num_threads=_num_threads,
         deterministic=bool(deterministic),
         stream=lib.stream(q, stream),
@@ -405,14 +416,14 @@ def dropout_mask(
     max_q, max_k = _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     lib = library_of(q)
     q, k = prepare(q), prepare(k)
-    qshape = describe(q)[0]
-    kshape = describe(k)[0]
+    qshape = describe(q, "q")[0]
+    kshape = describe(k, "k")[0]
     shape = (0, 0, 0, 0)  # what the C core then rejects, with the message for what is wrong
     if cu_seqlens_q is not None:
         lq = _longest(cu_seqlens_q, qshape[0] if len(qshape) == 3 else -1)
         lk = _longest(cu_seqlens_k, kshape[0] if len(kshape) == 3 else -1)
         if lq is not None and lk is not None:
-            shape = (_len(cu_seqlens_q) - 1, qshape[1], max(lq, max_q), max(lk, max_k))
+            shape = (_len(cu_seqlens_q, "cu_seqlens_q") - 1, qshape[1], max(lq, max_q), max(lk, max_k))
     elif len(qshape) == 4 and len(kshape) == 4:
         shape = (qshape[0], qshape[2], qshape[1], kshape[1])
     mask = allocate(lib, shape, "uint8", q, "mask")
@@ -424,16 +435,16 @@ def dropout_mask(
         cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_q,
         max_seqlen_k=max_k,
-        dropout_p=float(dropout_p),
-        seed=int(seed) & 0xFFFFFFFFFFFFFFFF,
-        offset=int(offset),
+        dropout_p=_number(float, dropout_p, "dropout_p"),
+        seed=_number(int, seed, "seed") & 0xFFFFFFFFFFFFFFFF,
+        offset=_number(int, offset, "offset"),
         num_threads=_num_threads,
     )
     return mask
 
 
-def _len(x) -> int:
-    return int(describe(x)[0][0])
+def _len(x, name: str) -> int:
+    return int(describe(x, name)[0][0])
 
 
 def _longest(cu, total: int) -> Optional[int]:
@@ -458,4 +469,5 @@ def _host_ints(x):
 
     if isinstance(x, np.ndarray):
         return x
+    describe(x, "cu_seqlens")  # every field the producer reports checked before NumPy reads them
     return np.from_dlpack(x)
