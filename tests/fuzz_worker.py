@@ -311,8 +311,9 @@ class Builder:
                 view = _np_view(self.b.buffers[spec["buf"]], spec, self.starts[id(spec)])
                 if view.size:
                     vals = np.resize(np.asarray(spec["values"], dtype=object), view.size)
-                    if spec["dtype"] in ("int32", "int64", "uint8", "int8"):
-                        arr = np.array([int(v) % 2**64 for v in vals], dtype=np.uint64).astype(view.dtype)
+                    if spec["dtype"] in ("int32", "int64", "uint8", "int8"):  # wrapped, as a C cast would
+                        ints = [int(v) % 2**64 if np.isfinite(v) else 0 for v in vals]
+                        arr = np.array(ints, dtype=np.uint64).astype(view.dtype)
                     else:
                         arr = vals.astype(np.float64).astype(view.dtype)
                     view[...] = arr.reshape(view.shape)
@@ -373,6 +374,8 @@ class Builder:
         lie = spec.get("lie") or {}
         if lib == "torch" and min(strides, default=0) < 0:  # torch has no negative strides
             lib = "numpy" if dtype != "bfloat16" else "dlpack"
+        if lib == "dlpack_nullstrides" and strides != contiguous_strides(shape):
+            lib = "dlpack"  # NULL strides claim a compact layout: only the truth for a compact view
         view = _np_view(buf, spec, start)  # the truth, in NumPy (bfloat16 as its bits)
         if spec.get("role") == "out":
             b.out_views.append((view, dtype, spec["buf"]))

@@ -560,6 +560,27 @@ def test_block_manager_huge_counts():
     bm.check()
 
 
+def test_block_manager_allocates_nothing_huge_for_a_failing_call():
+    """slot_mapping(ids, 2**31 - 1) allocated its int64 result (32 GiB for two ids) before the
+    core refused the count, block_tables(ids, max_blocks=2**31 - 1) an [n, 2**31 - 1] table before
+    the core refused an unknown id (MemoryError; found by the fuzz test)."""
+    bm = pagedflash.BlockManager(8, 4)
+    bm.allocate(0, 5)
+    before = bm.snapshot()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"^slot_mapping: num_new_tokens for seq_id 0 must be in \[0, 5\]"):
+            bm.slot_mapping([0, 0], 2**31 - 1)
+        with pytest.raises(ValueError, match=r"^block_tables: unknown seq_id 7"):
+            bm.block_tables([0, 7], max_blocks=2**31 - 1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak} bytes allocated by calls that fail"
+    assert bm.snapshot() == before
+    assert bm.slot_mapping([0, 0], 2).tolist() == [3, 4, 3, 4]
+
+
 def test_block_pool_out_of_memory_message():
     """The out-of-memory message read block_size from the pool it had just freed (a use after
     free, found by the fuzz test: it printed garbage token counts)."""
