@@ -681,7 +681,7 @@ def gen_block_manager(g):
     def count_arg(valid):
         # no huge valid counts: a pool of 2**31 - 1 blocks is tens of GiB (MemoryError, or the
         # OOM killer where memory is overcommitted), not a validation question
-        return g.choice(BM_WEIRD_COUNTS) if g.flag(0.05) else g.choice(valid)
+        return g.choice(BM_WEIRD_COUNTS) if g.flag(0.1) else g.choice(valid)
 
     ctor = [count_arg([1, 2, 4, 8, 16]), count_arg([1, 2, 4, 16])]
     ckw = {}
@@ -765,7 +765,7 @@ def gen_block_manager(g):
         elif m == "block_tables":
             args = [sids()]
             if g.flag(0.4):
-                kw["max_blocks"] = maybe_weird([None, 0, 1, 4, 9], 0.2)
+                kw["max_blocks"] = count_arg([None, 0, 1, 4, 9])  # no valid huge widths (GiB tables)
             if g.flag(0.3):
                 kw["pad"] = maybe_weird([0, -1, 3], 0.2)
             if g.flag(0.3):
