@@ -454,7 +454,7 @@ def _longest(cu, total: int) -> Optional[int]:
 
     try:
         c = np.asarray(_host_ints(cu)).astype(np.int64)
-    except (TypeError, ValueError, AttributeError):
+    except (TypeError, ValueError, AttributeError, RuntimeError, BufferError):  # also the reader's errors
         return None
     if c.ndim != 1 or c.size < 1 or c[0] != 0 or c[-1] != total or (c.size > 1 and np.any(np.diff(c) < 0)):
         return None
@@ -469,5 +469,8 @@ def _host_ints(x):
 
     if isinstance(x, np.ndarray):
         return x
-    describe(x, "cu_seqlens")  # every field the producer reports checked before NumPy reads them
+    # every field the producer reports checked before NumPy reads them; NumPy only for host integers
+    _, dtype, device, _ = describe(x, "cu_seqlens")
+    if device != "cpu" or dtype not in ("int32", "int64"):
+        raise ValueError("cu_seqlens: not host integers")  # the C core reports what is wrong
     return np.from_dlpack(x)
