@@ -10,6 +10,10 @@ test can assert that each capsule was deleted exactly once, whether the consumer
 deleters: "clear" / "nomemory" are CPython's PyErr_Clear / PyErr_NoMemory themselves (a
 C deleter that clears, or sets, the Python error state), "null" a NULL deleter.
 
+The capsule destructor is Python code (a ctypes callback): a consumer that destroys an unconsumed
+capsule while an exception is pending (NumPy's from_dlpack after refusing one) has that exception
+cleared by ctypes; pagedflash's own consumer fetches the error first, so its calls are unaffected.
+
 `Interface` is an `__array_interface__` (or `__cuda_array_interface__`) producer whose
 dict is given as is, e.g. a NULL (0) data pointer with a nonzero size.
 """

@@ -167,7 +167,7 @@ def test_array_interface_null_data(rng, where):
 def test_dlpack_null_data_output(rng, versioned):
     """A DLPack output with NULL data and elements: ValueError (it was written through)."""
     q, k, v = qkv(rng)
-    bad = Crafted(np.zeros(q.shape, np.float32), data=0, versioned=versioned)
+    bad = Crafted(poison_like(q), data=0, versioned=versioned)
     raises_unchanged(
         ValueError,
         r"^out: the producer reported a NULL data pointer for 640 elements",
@@ -669,20 +669,22 @@ def test_dropout_mask_bad_cu_seqlens_allocates_nothing_huge(rng):
 
 
 @isolated
-@pytest.mark.parametrize("lie", ["shape_null", "data_null"])
+@pytest.mark.parametrize("lie", ["shape_null", "data_null", "cuda_device", "bfloat16"])
 def test_dropout_mask_cu_seqlens_from_a_lying_producer(rng, lie):
-    """dropout_mask read cu_seqlens through np.from_dlpack before the C core checked it: a NULL
-    shape (or data) segfaulted inside NumPy (found by the fuzz test); now ValueError naming it."""
+    """dropout_mask read cu_seqlens through np.from_dlpack before the C core checked it (found by
+    the fuzz test): a NULL shape (or data) segfaulted inside NumPy, a tensor on another device
+    raised NumPy's RuntimeError; now the C core's ValueError / TypeError naming it."""
     q, k = randn(rng, (5, 4, 16), "float32"), randn(rng, (7, 2, 16), "float32")
     base = np.array([0, 5], np.int32)
-    bad = (
-        Crafted(base, shape=None, ndim=1, dtype="int32")
-        if lie == "shape_null"
-        else Crafted(base, data=0, dtype="int32")
-    )
-    what = "shape" if lie == "shape_null" else "data pointer"
-    with pytest.raises(ValueError, match=rf"^cu_seqlens_q: the producer reported a NULL {what}"):
+    bad, exc, match = {
+        "shape_null": (Crafted(base, shape=None, ndim=1, dtype="int32"), ValueError, r"NULL shape"),
+        "data_null": (Crafted(base, data=0, dtype="int32"), ValueError, r"NULL data pointer"),
+        "cuda_device": (Crafted(base, dtype="int32", device=(2, 0)), ValueError, r"expected the same device as q"),
+        "bfloat16": (Crafted(np.array([0, 5], np.uint16), dtype="bfloat16"), TypeError, r"expected dtype int32"),
+    }[lie]
+    with pytest.raises(exc, match=rf"^cu_seqlens_q: (the producer reported a )?{match}") as info:
         pagedflash.dropout_mask(q, k, dropout_p=0.1, seed=1, cu_seqlens_q=bad, cu_seqlens_k=np.array([0, 7], np.int32))
+    assert type(info.value) is exc
     balanced(bad)
 
 
