@@ -87,6 +87,15 @@ def has_cuda() -> bool:
     return _CUDA
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fuzz-examples",
+        type=int,
+        default=None,
+        help="cases tests/test_fuzz.py runs in all (default: PAGEDFLASH_FUZZ_EXAMPLES, else 1000)",
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     if has_cuda():
         return

@@ -471,9 +471,10 @@ pf_status pf_block_pool_init(pf_block_pool_t **pool, const pf_block_pool_config 
     if (side_init(&p->side[0], n, p->block_size) < 0 ||
         side_init(&p->side[1], config->num_cpu_blocks, p->block_size) < 0 || !p->ht_key || !p->ht_val || !p->lru_prev ||
         !p->lru_next) {
-        pf_block_pool_free(p);
+        pf_block_pool_free(p); /* the message reads the config, not the freed pool */
         return pf_set_error(PF_STATUS_OUT_OF_MEMORY, __FILE__, __LINE__,
-                            "block pool: out of host memory for %d blocks of %d tokens", (int)n, (int)p->block_size);
+                            "block pool: out of host memory for %d blocks of %d tokens", (int)n,
+                            (int)config->block_size);
     }
     for (uint64_t i = 0; i < hcap; i++) p->ht_val[i] = BP_NONE;
     for (int32_t i = 0; i < n; i++) p->lru_prev[i] = p->lru_next[i] = BP_NONE;

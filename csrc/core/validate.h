@@ -17,9 +17,10 @@ const char *pf_shape_str(const pf_tensor *t, char *buf, size_t len);
  * int64 holds, non-NULL data when it has elements. (pf_check_present and pf_check_rank
  * run it first.) */
 pf_status pf_check_tensor(const pf_tensor *t, const char *name);
-/* An output must not share memory with an input: their byte spans (first to last element,
- * strides of any sign) are disjoint, or they live in different memories. Interleaved views
- * whose spans overlap count as overlapping. Absent or empty tensors pass. */
+/* An output must not share memory with an input (or with another output written in the same
+ * call: out and lse): their byte spans (first to last element, strides of any sign) are
+ * disjoint, or they live in different memories. Interleaved views whose spans overlap count as
+ * overlapping. Absent or empty tensors pass. */
 pf_status pf_check_disjoint(const pf_tensor *out, const char *out_name, const pf_tensor *in, const char *in_name);
 /* Every output against every input (pf_check_disjoint). */
 typedef struct pf_named_tensor {

@@ -55,9 +55,13 @@ static pf_status validate_common(const pf_attn_params *p, int backward) {
                    (long long)hk);
     int64_t batch;
     if (varlen) {
-        PF_CHECK_VALUE(pf_tensor_present(&p->cu_seqlens_q) || p->cu_seqlens_q.ndim == 1,
+        PF_CHECK_VALUE(pf_tensor_present(&p->cu_seqlens_q) || p->cu_seqlens_q.ndim > 0,
                        "cu_seqlens_q: required with cu_seqlens_k");
-        PF_CHECK_VALUE(p->cu_seqlens_k.ndim == 1, "cu_seqlens_k: required with cu_seqlens_q");
+        PF_CHECK_VALUE(pf_tensor_present(&p->cu_seqlens_k) || p->cu_seqlens_k.ndim > 0,
+                       "cu_seqlens_k: required with cu_seqlens_q");
+        /* given but not 1-d (a 0-d array, say): the rank is what is wrong */
+        PF_TRY(pf_check_rank(&p->cu_seqlens_q, "cu_seqlens_q", 1));
+        PF_TRY(pf_check_rank(&p->cu_seqlens_k, "cu_seqlens_k", 1));
         batch = p->cu_seqlens_q.shape[0] - 1;
         PF_CHECK_VALUE(batch >= 0, "cu_seqlens_q: expected length batch + 1 >= 1, got 0");
         PF_TRY(check_cu_seqlens(&p->cu_seqlens_q, "cu_seqlens_q", batch + 1, q->shape[0], q));
@@ -142,6 +146,7 @@ pf_status pf_flash_fwd_validate(const pf_attn_params *p) {
                                    {&p->cu_seqlens_q, "cu_seqlens_q"},
                                    {&p->cu_seqlens_k, "cu_seqlens_k"}};
     PF_TRY(pf_check_outputs_disjoint(outs, PF_COUNT(outs), ins, PF_COUNT(ins)));
+    PF_TRY(pf_check_disjoint(&p->lse, "lse", &p->out, "out")); /* the two outputs, written concurrently */
     return PF_STATUS_OK;
 }
 

@@ -60,7 +60,8 @@ pf_status pf_check_disjoint(const pf_tensor *out, const char *out_name, const pf
     byte_span(out, &olo, &ohi);
     byte_span(in, &ilo, &ihi);
     PF_CHECK_VALUE(olo == ohi || ilo == ihi || ohi <= ilo || ihi <= olo,
-                   "%s: overlaps %s in memory; an output may not share memory with an input", out_name, in_name);
+                   "%s: overlaps %s in memory; an output may not share memory with an input or another output",
+                   out_name, in_name);
     return PF_STATUS_OK;
 }
 

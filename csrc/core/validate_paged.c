@@ -179,6 +179,7 @@ pf_status pf_paged_attn_validate(const pf_paged_params *p) {
                                    {&p->cu_seqlens_q, "cu_seqlens_q"},
                                    {&p->alibi_slopes, "alibi_slopes"}};
     PF_TRY(pf_check_outputs_disjoint(outs, PF_COUNT(outs), ins, PF_COUNT(ins)));
+    PF_TRY(pf_check_disjoint(&p->lse, "lse", &p->out, "out")); /* the two outputs */
 
     /* values of the index tensors */
     if (pf_tensor_on_host(&p->block_tables) && pf_tensor_on_host(&p->seq_lens) &&
@@ -238,6 +239,7 @@ pf_status pf_merge_attn_states_validate(const pf_merge_params *p) {
         for (int i = 0; i < PF_COUNT(ins); i++)
             if (!pf_tensor_same_view(outs[o].t, ins[i].t))
                 PF_TRY(pf_check_disjoint(outs[o].t, outs[o].name, ins[i].t, ins[i].name));
+    PF_TRY(pf_check_disjoint(&p->lse, "lse", &p->out, "out")); /* the two outputs */
     const pf_backend *be;
     PF_TRY(pf_check_backend(&p->out, "out", &be));
     PF_CHECK(!be->limits.max_merge_dims || a->ndim - 2 <= be->limits.max_merge_dims, PF_STATUS_NOT_SUPPORTED,

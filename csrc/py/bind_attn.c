@@ -62,7 +62,7 @@ static int opts_fill(PyObject *module, PyObject *const *o, pf_attn_params *p, pf
     }
     if (o[OPT_SEED] == Py_None)
         p->seed = p->dropout_p > 0.0f ? pf_py_random_seed(module) : 0;
-    else if (pf_py_uint64(o[OPT_SEED], "seed", &p->seed) < 0)
+    else if (pf_py_seed(o[OPT_SEED], &p->seed) < 0)
         return -1;
     if (pf_py_bool(o[OPT_CAUSAL], "causal", &p->causal) < 0) return -1;
     if (pf_py_bool(o[OPT_DETERMINISTIC], "deterministic", &p->deterministic) < 0) return -1;

@@ -107,8 +107,8 @@ static PyObject *bp_allocate(PfBlockPool *self, PyObject *const *args, Py_ssize_
     Py_ssize_t n;
     PyObject *hold = NULL;
     if (PyLong_Check(args[1])) {
-        long long v = PyLong_AsLongLong(args[1]);
-        if (v == -1 && PyErr_Occurred()) return NULL;
+        int64_t v; /* beyond int64: ValueError naming it; the core range-checks the rest */
+        if (pf_py_int64(args[1], "num_tokens", &v) < 0) return NULL;
         n = (Py_ssize_t)v;
     } else if (pf_py_int32_list(args[1], "token_ids", &self->tokens, &tok, &n, &hold) < 0) {
         return NULL;
@@ -344,10 +344,12 @@ static PyObject *bp_block_tables(PfBlockPool *self, PyObject *const *args, Py_ss
         width = (int32_t)w;
         out = Py_NewRef(args[3]);
     } else {
-        if (width < 0) {
-            st = pf_block_pool_max_blocks(self->pool, ids, (int32_t)n, &width);
-            if (st != PF_STATUS_OK) goto done;
-        }
+        /* the ids checked (and the longest table found) before anything is allocated: a
+         * failing call allocates no n x max_blocks array */
+        int32_t longest = 0;
+        st = pf_block_pool_max_blocks(self->pool, ids, (int32_t)n, &longest);
+        if (st != PF_STATUS_OK) goto done;
+        if (width < 0) width = longest;
         Py_ssize_t dims[2] = {n, width};
         out = pf_py_new_array(2, dims, NPY_INT32);
         if (!out) goto done;
@@ -389,9 +391,15 @@ static PyObject *bp_slot_mapping(PfBlockPool *self, PyObject *const *args, Py_ss
     pf_status st = PF_STATUS_OK;
     if (as_seq_ids(self, args[0], &ids, &n, &hold) < 0) return NULL;
     if (as_counts(self, args[1], "num_new_tokens", n, &per, &uniform, &hold_k) < 0) goto done;
-    int64_t total = 0;
-    for (Py_ssize_t i = 0; i < n; i++) total += per ? per[i] : uniform;
-    if (total < 0) total = 0; /* the core rejects negative counts with a message */
+    /* the result's length, bounded by the tokens the sequences hold (a count beyond its
+     * sequence, 2**31 - 1 say, is the core's error to report, not an allocation to attempt) */
+    int64_t total = 0, held = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t len = 0;
+        total += per ? per[i] : uniform;
+        if (pf_block_pool_seq_info(self->pool, ids[i], &len, NULL, NULL) == PF_STATUS_OK) held += len;
+    }
+    if (total < 0 || total > held) total = 0; /* the core rejects the counts with a message */
     if (args[2] != Py_None) {
         if (pf_py_out_array(args[2], "out", 1, PF_DTYPE_I64, -1) < 0) goto done;
         out = Py_NewRef(args[2]);

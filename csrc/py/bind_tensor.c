@@ -1,6 +1,7 @@
 /*
  * bind_tensor.c - bindings around arrays themselves:
- *   _C.describe(array) -> (shape, dtype name, 'cpu' | 'cuda', device_id) of any array pagedflash accepts
+ *   _C.describe(array, name='array') -> (shape, dtype name, 'cpu' | 'cuda', device_id) of any array
+ *       pagedflash accepts (an error names the argument `name`)
  *   _C.empty(shape, dtype, device='cpu', device_id=0) -> pagedflash.Tensor (uninitialized)
  */
 #include "py_bindings.h"
@@ -23,11 +24,12 @@ static int dtype_from_name(const char *name, pf_dtype *dt) {
 /* _C.empty(shape, dtype, device="cpu", device_id=0) -> Tensor (uninitialized). */
 static PyObject *tensor_empty(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"shape", "dtype", "device", "device_id", NULL};
-    PyObject *shape;
+    PyObject *shape, *odevice_id = NULL;
     const char *dtype_name, *device = "cpu";
-    int device_id = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Os|si:empty", kwlist, &shape, &dtype_name, &device, &device_id))
+    int32_t device_id = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Os|sO:empty", kwlist, &shape, &dtype_name, &device, &odevice_id))
         return NULL;
+    if (odevice_id && pf_py_int32(odevice_id, "device_id", &device_id) < 0) return NULL;
     pf_dtype dt;
     if (dtype_from_name(dtype_name, &dt) < 0) {
         PyErr_Format(PyExc_TypeError, "dtype: unknown dtype '%s'", dtype_name);
@@ -60,12 +62,15 @@ static PyObject *tensor_empty(PyObject *module, PyObject *args, PyObject *kwargs
     return pf_py_tensor_empty(module, (int)nd, dims, dt, on_device, device_id);
 }
 
-static PyObject *tensor_describe(PyObject *module, PyObject *obj) {
+static PyObject *tensor_describe(PyObject *module, PyObject *args) {
     (void)module;
+    PyObject *obj;
+    const char *name = "array";
+    if (!PyArg_ParseTuple(args, "O|s:describe", &obj, &name)) return NULL;
     pf_py_keep keep = {0};
     pf_tensor v;
     PyObject *result = NULL;
-    if (pf_py_tensor(obj, "array", 0, &v, &keep) == 0) {
+    if (pf_py_tensor(obj, name, 0, &v, &keep) == 0) {
         PyObject *shape = PyTuple_New(v.ndim);
         for (int i = 0; shape && i < v.ndim; i++) PyTuple_SET_ITEM(shape, i, PyLong_FromLongLong(v.shape[i]));
         if (shape)
@@ -73,6 +78,10 @@ static PyObject *tensor_describe(PyObject *module, PyObject *obj) {
                                    (int)v.device_id);
     }
     pf_py_keep_release(&keep);
+    if (result && PyErr_Occurred()) Py_CLEAR(result); /* a deleter's error, as pf_py_finish keeps it */
+    if (!result && !PyErr_Occurred()) /* a producer cleared its error: still a failure */
+        PyErr_Format(PyExc_ValueError, "%s: could not be converted (its producer raised an error and then cleared it)",
+                     name);
     return result;
 }
 
@@ -85,8 +94,9 @@ static PyObject *has_exchange_api(PyObject *module, PyObject *obj) {
 PyMethodDef pf_py_tensor_methods[] = {
     {"has_exchange_api", has_exchange_api, METH_O,
      "has_exchange_api(array) -> bool: whether its type publishes a usable DLPack C exchange API"},
-    {"describe", tensor_describe, METH_O,
-     "describe(array) -> (shape, dtype, device, device_id) of any array pagedflash accepts"},
+    {"describe", tensor_describe, METH_VARARGS,
+     "describe(array, name='array') -> (shape, dtype, device, device_id) of any array pagedflash accepts; "
+     "errors name the argument `name`"},
     {"empty", (PyCFunction)(void (*)(void))tensor_empty, METH_VARARGS | METH_KEYWORDS,
      "empty(shape, dtype, device='cpu', device_id=0) -> pagedflash.Tensor (uninitialized)"},
     {NULL, NULL, 0, NULL},

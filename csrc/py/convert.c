@@ -124,7 +124,8 @@ static int check_view(const char *name, pf_tensor *out, uintptr_t data) {
         if (out->strides[i] == INT64_MIN ||
             __builtin_mul_overflow(out->strides[i] < 0 ? -out->strides[i] : out->strides[i], out->shape[i] - 1,
                                    &step) ||
-            __builtin_add_overflow(reach, step, &reach) || __builtin_mul_overflow(reach + 1, es, &extent)) {
+            __builtin_add_overflow(reach, step, &reach) || __builtin_add_overflow(reach, 1, &extent) ||
+            __builtin_mul_overflow(extent, es, &extent)) {
             PyErr_Format(PyExc_ValueError, "%s: its strides reach beyond what int64 addresses", name);
             return -1;
         }
@@ -154,10 +155,18 @@ static int fill_from_dltensor(const char *name, const DLTensor *t, pf_tensor *ou
         return -1;
     }
     if (dtype_from_dl(t->dtype, &out->dtype) < 0) {
+        static const char *const kinds[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
+        const char *kind = t->dtype.code < sizeof kinds / sizeof kinds[0] ? kinds[t->dtype.code] : "dtype code ";
+        char dt[48];
+        if (t->dtype.code == kDLBool && t->dtype.bits == 8)
+            snprintf(dt, sizeof dt, "bool");
+        else
+            snprintf(dt, sizeof dt, "%s%d", kind, (int)t->dtype.bits);
+        if (t->dtype.lanes != 1) snprintf(dt + strlen(dt), sizeof dt - strlen(dt), "x%d", (int)t->dtype.lanes);
         PyErr_Format(PyExc_TypeError,
-                     "%s: unsupported dtype (DLPack code %d, %d bits, %d lanes); expected float16, "
-                     "bfloat16 or float32 (or int32/int64 for indices)",
-                     name, (int)t->dtype.code, (int)t->dtype.bits, (int)t->dtype.lanes);
+                     "%s: unsupported dtype %s; expected float16, bfloat16 or float32 (or int32/int64 for "
+                     "indices)",
+                     name, dt);
         return -1;
     }
     if (device_from_dl(name, t->device, out) < 0) return -1;
@@ -555,7 +564,14 @@ int pf_py_stream(PyObject *obj, void **stream) {
         return -1;
     }
     *stream = PyLong_AsVoidPtr(obj);
-    return PyErr_Occurred() ? -1 : 0;
+    if (!*stream && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "stream: %.40R is not a stream handle (out of range)", obj);
+        }
+        return -1;
+    }
+    return 0;
 }
 
 int pf_py_kernel(PyObject *module, PyObject *obj, int32_t *kernel) {
@@ -705,6 +721,20 @@ int pf_py_window(PyObject *obj, int32_t *left, int32_t *right) {
                        : 0;
     Py_DECREF(seq);
     return rc;
+}
+
+int pf_py_seed(PyObject *obj, uint64_t *out) {
+    PyObject *index = PyNumber_Index(obj);
+    if (!index) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "seed: expected an int, got %.100s", Py_TYPE(obj)->tp_name);
+        }
+        return -1;
+    }
+    *out = PyLong_AsUnsignedLongLongMask(index); /* any int, modulo 2**64 (two's complement) */
+    Py_DECREF(index);
+    return PyErr_Occurred() ? -1 : 0;
 }
 
 int pf_py_softmax_scale(PyObject *obj, const pf_tensor *q, float *out) {

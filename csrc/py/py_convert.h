@@ -52,6 +52,8 @@ int pf_py_uint64(PyObject *obj, const char *name, uint64_t *out);
 int pf_py_float(PyObject *obj, const char *name, float *out);
 int pf_py_bool(PyObject *obj, const char *name, int32_t *out);
 int pf_py_window(PyObject *obj, int32_t *left, int32_t *right);
+/* A dropout seed: any int, taken modulo 2**64 (the Philox key is 64 bits; -1 is 2**64 - 1). */
+int pf_py_seed(PyObject *obj, uint64_t *out);
 /* softmax_scale: None gives pf_default_softmax_scale of q's last dimension (q converted
  * already; 1 when q has none), a number is used as given (TypeError otherwise). */
 int pf_py_softmax_scale(PyObject *obj, const pf_tensor *q, float *out);

@@ -46,23 +46,31 @@ PyObject *pf_py_tensor_empty(PyObject *module, int ndim, const int64_t *shape, p
     t->view.dtype = dtype;
     t->view.device = on_device ? PF_DEVICE_CUDA : PF_DEVICE_CPU;
     t->view.device_id = on_device ? device_id : 0;
-    int64_t numel = 1, stride = 1;
+    /* the byte size must fit int64 (else it wrapped into a small allocation behind a huge shape) */
+    int64_t numel = 1, stride = 1, bytes = 0;
+    int overflow = 0;
     for (int i = ndim - 1; i >= 0; i--) {
         t->view.shape[i] = shape[i];
         t->view.strides[i] = stride;
-        stride *= shape[i];
-        numel *= shape[i];
+        overflow |= __builtin_mul_overflow(stride, shape[i] ? shape[i] : 1, &stride);
+        overflow |= __builtin_mul_overflow(numel, shape[i], &numel);
     }
-    size_t bytes = (size_t)numel * pf_dtype_size(dtype);
+    for (int i = 0; i < ndim; i++)
+        if (shape[i] == 0) numel = 0, overflow = 0; /* empty: no element is ever addressed */
+    if (overflow || __builtin_mul_overflow(numel, (int64_t)pf_dtype_size(dtype), &bytes)) {
+        Py_DECREF(t);
+        PyErr_SetString(PyExc_ValueError, "shape: too many elements (the size in bytes overflows int64)");
+        return NULL;
+    }
     if (on_device) {
-        pf_status status = pf_device_alloc(&t->alloc, bytes ? bytes : 1, device_id);
+        pf_status status = pf_device_alloc(&t->alloc, bytes ? (size_t)bytes : 1, device_id);
         if (status != PF_STATUS_OK) {
             Py_DECREF(t);
             return pf_py_raise(module, status);
         }
         t->on_device = 1;
     } else {
-        t->alloc = pf_host_alloc(bytes);
+        t->alloc = pf_host_alloc((size_t)bytes);
         if (!t->alloc) {
             Py_DECREF(t);
             return PyErr_NoMemory();
@@ -169,8 +177,10 @@ static PyObject *tensor_dlpack(PyObject *self, PyObject *args, PyObject *kwargs)
             PyErr_SetString(PyExc_TypeError, "max_version: expected a (major, minor) tuple");
             return NULL;
         }
-        major = PyLong_AsLong(PyTuple_GET_ITEM(max_version, 0));
+        int overflow = 0; /* a major beyond long: a consumer of some future version, which takes 1.x */
+        major = PyLong_AsLongAndOverflow(PyTuple_GET_ITEM(max_version, 0), &overflow);
         if (major == -1 && PyErr_Occurred()) return NULL;
+        if (overflow) major = overflow > 0 ? LONG_MAX : -1;
     }
     /* Device memory is written on pf streams ordered by the caller: pagedflash
      * never leaves work pending on a stream other than the one it was given. */

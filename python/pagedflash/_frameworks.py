@@ -128,11 +128,12 @@ def library_of(x):
     return _Foreign
 
 
-def describe(x):
-    """(shape, dtype name, device kind, device id) of any array pagedflash accepts."""
+def describe(x, name: str = "array"):
+    """(shape, dtype name, device kind, device id) of any array pagedflash accepts; an error
+    names the argument `name`."""
     if isinstance(x, np.ndarray) and x.dtype.kind in "fiu":
         return x.shape, x.dtype.name, "cpu", 0
     if is_torch(x):
         dev = x.device
         return tuple(x.shape), str(x.dtype).rpartition(".")[2], dev.type, dev.index or 0
-    return _C.describe(x)
+    return _C.describe(x, name)

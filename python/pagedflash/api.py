@@ -144,7 +144,7 @@ def _attn_fwd(
     # the general path: a library only the Python layer allocates for (_frameworks.py)
     lib = library_of(q)
     q, k, v = prepare(q), prepare(k), prepare(v)
-    qshape, qdtype, _, _ = describe(q)
+    qshape, qdtype, _, _ = describe(q, "q")
     varlen = cu_q is not None or cu_k is not None
     if out is None:
         out = allocate(lib, qshape, qdtype, q, "q")
@@ -252,13 +252,13 @@ def _attn_bwd(
     # the general path, as in _attn_fwd
     lib = library_of(q)
     dout, q, k, v, out, lse = (prepare(x) for x in (dout, q, k, v, out, lse))
-    qshape, qdtype, _, _ = describe(q)
+    qshape, qdtype, _, _ = describe(q, "q")
     if dq is None:
         dq = allocate(lib, qshape, qdtype, q, "q")
     if dk is None:
-        dk = allocate(lib, describe(k)[0], qdtype, q, "q")
+        dk = allocate(lib, describe(k, "k")[0], qdtype, q, "q")
     if dv is None:
-        dv = allocate(lib, describe(v)[0], qdtype, q, "q")
+        dv = allocate(lib, describe(v, "v")[0], qdtype, q, "q")
     return _C.flash_bwd(
         dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, alibi,
         dropout_p, seed, offset, deterministic, _stream(lib, q, stream), kernel,
@@ -322,14 +322,14 @@ def dropout_mask(
     max_q, max_k = _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     lib = library_of(q)
     q, k = prepare(q), prepare(k)
-    qshape = describe(q)[0]
-    kshape = describe(k)[0]
+    qshape = describe(q, "q")[0]
+    kshape = describe(k, "k")[0]
     shape = (0, 0, 0, 0)  # what the C core then rejects, with the message for what is wrong
     if cu_seqlens_q is not None:
         lq = _longest(cu_seqlens_q, qshape[0] if len(qshape) == 3 else -1)
         lk = _longest(cu_seqlens_k, kshape[0] if len(kshape) == 3 else -1)
         if lq is not None and lk is not None:
-            shape = (_len(cu_seqlens_q) - 1, qshape[1], max(lq, max_q), max(lk, max_k))
+            shape = (_len(cu_seqlens_q, "cu_seqlens_q") - 1, qshape[1], max(lq, max_q), max(lk, max_k))
     elif len(qshape) == 4 and len(kshape) == 4:
         shape = (qshape[0], qshape[2], qshape[1], kshape[1])
     mask = allocate(lib, shape, "uint8", q, "mask")
@@ -340,8 +340,8 @@ def dropout_mask(
     return mask
 
 
-def _len(x) -> int:
-    return int(describe(x)[0][0])
+def _len(x, name: str) -> int:
+    return int(describe(x, name)[0][0])
 
 
 def _longest(cu, total: int) -> Optional[int]:
@@ -351,7 +351,7 @@ def _longest(cu, total: int) -> Optional[int]:
 
     try:
         c = np.asarray(_host_ints(cu)).astype(np.int64)
-    except (TypeError, ValueError, AttributeError):
+    except (TypeError, ValueError, AttributeError, RuntimeError, BufferError):  # also the reader's errors
         return None
     if c.ndim != 1 or c.size < 1 or c[0] != 0 or c[-1] != total or (c.size > 1 and np.any(np.diff(c) < 0)):
         return None
@@ -366,4 +366,8 @@ def _host_ints(x):
 
     if isinstance(x, np.ndarray):
         return x
+    # every field the producer reports checked before NumPy reads them; NumPy only for host integers
+    _, dtype, device, _ = describe(x, "cu_seqlens")
+    if device != "cpu" or dtype not in ("int32", "int64"):
+        raise ValueError("cu_seqlens: not host integers")  # the C core reports what is wrong
     return np.from_dlpack(x)

@@ -104,7 +104,12 @@ class BlockManager:
         num_blocks = _check_int(num_blocks, "num_blocks", 1)
         block_size = _check_int(block_size, "block_size", 1)
         num_cpu_blocks = _check_int(num_cpu_blocks, "num_cpu_blocks", 0)
-        watermark = float(watermark)
+        try:
+            watermark = float(watermark)
+        except OverflowError:  # an int beyond float's range
+            raise ValueError(f"watermark: expected a fraction in [0, 1), got {watermark}") from None
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"watermark: expected a fraction in [0, 1), got {watermark!r}") from None
         if not 0.0 <= watermark < 1.0:
             raise ValueError(f"watermark: expected a fraction in [0, 1), got {watermark}")
         self._num_blocks = num_blocks

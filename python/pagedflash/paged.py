@@ -39,7 +39,12 @@ def _stream_of(x: Any, stream: Optional[int]) -> Optional[int]:
 def _index(x: Any) -> Any:
     """Index arguments given as Python lists become NumPy int64 arrays (block_mapping)."""
     if isinstance(x, (list, tuple)):
-        return np.asarray(x, dtype=np.int64).reshape(-1, 2)
+        try:
+            return np.asarray(x, dtype=np.int64).reshape(-1, 2)
+        except OverflowError:
+            raise ValueError("block_mapping: a block id does not fit in int64") from None
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"block_mapping: expected (src, dst) pairs of ints ({e})") from None
     return library_of(x).prepare(x)
 
 
@@ -106,7 +111,9 @@ def paged_attn(
     # the general path: a library only the Python layer allocates for (_frameworks.py)
     lib = library_of(q)
     q = lib.prepare(q)
-    qshape, qdtype, _, _ = describe(q)
+    k_cache, v_cache = library_of(k_cache).prepare(k_cache), library_of(v_cache).prepare(v_cache)
+    block_tables, seq_lens = library_of(block_tables).prepare(block_tables), library_of(seq_lens).prepare(seq_lens)
+    qshape, qdtype, _, _ = describe(q, "q")
     if out is None:
         out = allocate(lib, qshape, qdtype, q, "q")
     lse = None
@@ -147,7 +154,7 @@ def merge_attn_states(
         return r
     lib = library_of(out_a)
     out_a, out_b = lib.prepare(out_a), library_of(out_b).prepare(out_b)
-    shape, dtype, _, _ = describe(out_a)
+    shape, dtype, _, _ = describe(out_a, "out_a")
     if out is None:
         out = allocate(lib, shape, dtype, out_a, "out_a")
     if out_lse is None:
@@ -209,6 +216,6 @@ def swap_blocks(src_cache: Any, dst_cache: Any, block_mapping: Any, *, stream: O
     untouched.
     """
     if stream is None:
-        stream = _stream_of(dst_cache if describe(dst_cache)[2] == "cuda" else src_cache, None)
+        stream = _stream_of(dst_cache if describe(dst_cache, "dst")[2] == "cuda" else src_cache, None)
     src_cache = library_of(src_cache).prepare(src_cache)
     _C.swap_blocks(src_cache, dst_cache, _index(block_mapping), stream=stream)
