@@ -26,6 +26,7 @@ failure under a debugger).
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import select
@@ -312,7 +313,8 @@ class Builder:
                 if view.size:
                     vals = np.resize(np.asarray(spec["values"], dtype=object), view.size)
                     if spec["dtype"] in ("int32", "int64", "uint8", "int8"):  # wrapped, as a C cast would
-                        ints = [int(v) % 2**64 if np.isfinite(v) else 0 for v in vals]
+                        # ints of any size (np.isfinite refuses those beyond int64), finite floats
+                        ints = [int(v) % 2**64 if isinstance(v, int) or math.isfinite(v) else 0 for v in vals]
                         arr = np.array(ints, dtype=np.uint64).astype(view.dtype)
                     else:
                         arr = vals.astype(np.float64).astype(view.dtype)
