@@ -566,8 +566,9 @@ def run_tensor_case(case, rng) -> dict:
     itemsize = ITEMSIZE.get(t.dtype, 0)
     if numel * itemsize >= 2**63:
         return {"status": "fail", "why": f"_C.empty made a Tensor of {numel * itemsize} bytes, shape {shape}"}
+    on_host = t.device == "cpu"
     host = None
-    if t.device == "cpu":
+    if on_host:
         host = np.asarray(t)
         if host.size:
             _fill(host.view(np.uint16) if t.dtype == "bfloat16" else host, t.dtype, "randn", rng)
@@ -582,19 +583,17 @@ def run_tensor_case(case, rng) -> dict:
                 del cap
             elif name == "dlpack_device":
                 d = t.__dlpack_device__()
-                if d != (1, 0):
-                    return {"status": "fail", "why": f"__dlpack_device__ of a host tensor is {d}"}
-            elif name == "array_interface":
-                iface = t.__array_interface__
-                if tuple(iface["shape"]) != shape:
-                    return {"status": "fail", "why": f"__array_interface__ shape {iface['shape']} != {shape}"}
-            elif name == "cuda_array_interface":
-                try:
-                    t.__cuda_array_interface__  # noqa: B018 - the access is the test
-                    return {"status": "fail", "why": "__cuda_array_interface__ of a host tensor"}
-                except AttributeError:
-                    pass
-            elif name == "np_from_dlpack" and t.dtype != "bfloat16":
+                if d != ((1, 0) if on_host else (2, int(t.device.partition(":")[2]))):
+                    return {"status": "fail", "why": f"__dlpack_device__ of a {t.device} tensor is {d}"}
+            elif name in ("array_interface", "cuda_array_interface"):
+                # the interface of the tensor's memory works, the other one is absent (AttributeError)
+                if (name == "array_interface") == on_host:
+                    iface = getattr(t, "__" + name + "__")
+                    if tuple(iface["shape"]) != shape:
+                        return {"status": "fail", "why": f"__{name}__ shape {iface['shape']} != {shape}"}
+                elif hasattr(t, "__" + name + "__"):
+                    return {"status": "fail", "why": f"__{name}__ of a {t.device} tensor"}
+            elif name == "np_from_dlpack" and t.dtype != "bfloat16" and on_host:
                 a = np.from_dlpack(t)
                 if a.ctypes.data != t.data_ptr or a.shape != shape:
                     return {"status": "fail", "why": "np.from_dlpack(Tensor) copied or changed the shape"}
