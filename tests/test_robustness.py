@@ -683,6 +683,25 @@ def test_dropout_mask_bad_cu_seqlens_allocates_nothing_huge(rng):
     assert peak < 1 << 20, f"{peak} bytes allocated by a call that fails"
 
 
+@pytest.mark.parametrize("option", ["max_seqlen_q", "max_seqlen_k"])
+def test_dropout_mask_huge_max_seqlen(rng, option):
+    """A packed dropout mask is sized by max_seqlen_q/k: 2**40 allocated terabytes (MemoryError;
+    2**31, gigabytes filled for a minute; found by the fuzz test). A length beyond the packed
+    tokens is inconsistent: ValueError naming it, nothing large allocated."""
+    q, k = randn(rng, (5, 4, 16), "float32"), randn(rng, (7, 2, 16), "float32")
+    cq, ck = np.array([0, 2, 5], np.int32), np.array([0, 3, 7], np.int32)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=rf"^{option}: 1099511627776 exceeds the \d packed tokens"):
+            pagedflash.dropout_mask(q, k, dropout_p=0.1, seed=1, cu_seqlens_q=cq, cu_seqlens_k=ck, **{option: 2**40})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak} bytes allocated by a call that fails"
+    ok = pagedflash.dropout_mask(q, k, dropout_p=0.1, seed=1, cu_seqlens_q=cq, cu_seqlens_k=ck, **{option: 5})
+    assert ok.shape[2 if option == "max_seqlen_q" else 3] == 5
+
+
 @isolated
 @pytest.mark.parametrize("lie", ["shape_null", "data_null", "cuda_device", "bfloat16"])
 def test_dropout_mask_cu_seqlens_from_a_lying_producer(rng, lie):

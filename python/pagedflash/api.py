@@ -329,6 +329,11 @@ def dropout_mask(
         lq = _longest(cu_seqlens_q, qshape[0] if len(qshape) == 3 else -1)
         lk = _longest(cu_seqlens_k, kshape[0] if len(kshape) == 3 else -1)
         if lq is not None and lk is not None:
+            # the mask is sized by max_seqlen_q/k: no sequence is longer than all packed tokens, so
+            # a larger one is refused before a mask of its size is allocated
+            for name, longest, total in (("max_seqlen_q", max_q, qshape[0]), ("max_seqlen_k", max_k, kshape[0])):
+                if longest > total:
+                    raise ValueError(f"{name}: {longest} exceeds the {total} packed tokens (no sequence is longer)")
             shape = (_len(cu_seqlens_q, "cu_seqlens_q") - 1, qshape[1], max(lq, max_q), max(lk, max_k))
     elif len(qshape) == 4 and len(kshape) == 4:
         shape = (qshape[0], qshape[2], qshape[1], kshape[1])
