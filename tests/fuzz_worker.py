@@ -82,7 +82,15 @@ class Worker:
 
     def _start(self) -> None:
         env = dict(os.environ)
-        python_dir = os.path.join(os.path.dirname(HERE), "python")
+        # the worker imports the pagedflash this process imported (an installed package in CI, the
+        # in-tree build in a checkout); the source tree's python/ only when none is imported yet
+        pf = sys.modules.get("pagedflash")
+        pf_file = getattr(pf, "__file__", None)
+        python_dir = (
+            os.path.dirname(os.path.dirname(os.path.abspath(pf_file)))
+            if pf_file
+            else os.path.join(os.path.dirname(HERE), "python")
+        )
         env["PYTHONPATH"] = os.pathsep.join([python_dir, HERE] + [p for p in [env.get("PYTHONPATH")] if p])
         env.setdefault("PYTHONFAULTHANDLER", "1")
         self._stderr = tempfile.TemporaryFile()
