@@ -130,6 +130,8 @@ class Gen:
             lib = "torch"
         if lib == "pf" and dtype not in PF_EMPTY_DTYPES:
             lib = "numpy"
+        if lib in ("iface", "cuda_iface") and dtype == "bfloat16":
+            lib = "dlpack"  # an array interface has no bfloat16 typestr (a lie draws that case)
         spec = {
             "kind": "tensor",
             "shape": shape,
@@ -197,14 +199,15 @@ class Gen:
         if self.flag(p):
             self.kwargs[name] = self.choice(values)
 
-    def attn_options(self, b, h, dtype, *, paged=False):
+    def attn_options(self, b, h, dtype, *, paged=False, backward=False):
         self.opt("causal", [False, True])
         self.opt("softmax_scale", [None, 0.0, 0.5, -0.3, 1e-30, 2.0])
         self.opt("window", [(-1, -1), (0, 0), (2, -1), (-1, 3), (1, 1), [3, 0]])
         self.opt("softcap", [0.0, 0.5, 30.0])
         if self.flag(0.3):
             self.kwargs["alibi_slopes"] = self.tensor(self.choice([(h,), (b, h)]), "float32")
-        self.opt("return_lse", [False, True])
+        if not backward:
+            self.opt("return_lse", [False, True])
         self.opt("stream", [None, None, 0, 1])
         self.opt("kernel", PAGED_KERNELS if paged else FLASH_KERNELS, p=0.3)
         if not paged:
@@ -512,7 +515,7 @@ def gen_backward(g, varlen_positional):
             g.args += [cuq, cuk, mq, mk]
         else:
             g.kwargs.update(cu_seqlens_q=cuq, cu_seqlens_k=cuk, max_seqlen_q=mq, max_seqlen_k=mk)
-    g.attn_options(n, h, dt)
+    g.attn_options(n, h, dt, backward=True)
     if float(g.kwargs.get("dropout_p", 0.0)) > 0 and g.kwargs.get("seed") is None and g.flag(0.8):
         g.kwargs["seed"] = 11
     g.opt("deterministic", [False, True])
