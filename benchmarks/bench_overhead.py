@@ -24,6 +24,7 @@ call minus the core's own time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -151,32 +152,38 @@ def gpu_rows(dtype: str, calls: int, rounds: int) -> tuple[list[list[str]], list
     vdec = torch.randn(B, HK, CTX, D, device=dev, dtype=tdt)
     one = torch.ones(1, device=dev)
 
-    rows: list[list[str]] = []
-    flag_sets = {
-        "SDPA flash (prefill 16)": SDPBackend.FLASH_ATTENTION,
-        "SDPA cuDNN (prefill 16)": SDPBackend.CUDNN_ATTENTION,
-        "SDPA cuDNN (decode 256)": SDPBackend.CUDNN_ATTENTION,
-        "SDPA flash (decode 256)": SDPBackend.FLASH_ATTENTION,
-    }
-    sdpa_calls = {
-        "SDPA flash (prefill 16)": lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True),
-        "SDPA cuDNN (prefill 16)": lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True),
-        "SDPA cuDNN (decode 256)": lambda: F.scaled_dot_product_attention(qdec, kdec, vdec),
-        "SDPA flash (decode 256)": lambda: F.scaled_dot_product_attention(qdec, kdec, vdec),
-    }
-    candidates: dict[str, Callable[[], object]] = {}
-    candidates.update(ours)
+    candidates: dict[str, Callable[[], object]] = dict(ours)
     candidates["empty torch kernel (x.add_(1))"] = lambda: one.add_(1)
-    for name, backend in flag_sets.items():
-        call = sdpa_calls[name]
+    # SDPA's candidates, each with its backend pinned around its timed loop (entered once per loop,
+    # as a model sets the backend once, not per call)
+    pins: dict[str, Any] = {}
+
+    def add_sdpa(name: str, backend: Any, call: Callable[[], object]) -> None:
         try:
             with sdpa_kernel(backend):
                 call()
             sync()
         except RuntimeError as e:
             notes.append(f"{name}: not available here ({str(e).splitlines()[0][:80]})")
-            continue
-        candidates[name] = _with_backend(backend, call, sdpa_kernel)
+            return
+        candidates[name], pins[name] = call, backend
+
+    add_sdpa(
+        "SDPA flash (prefill 16)",
+        SDPBackend.FLASH_ATTENTION,
+        lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True),
+    )
+    add_sdpa(
+        "SDPA cuDNN (prefill 16)",
+        SDPBackend.CUDNN_ATTENTION,
+        lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True),
+    )
+    add_sdpa(
+        "SDPA cuDNN (decode 256)", SDPBackend.CUDNN_ATTENTION, lambda: F.scaled_dot_product_attention(qdec, kdec, vdec)
+    )
+    add_sdpa(
+        "SDPA flash (decode 256)", SDPBackend.FLASH_ATTENTION, lambda: F.scaled_dot_product_attention(qdec, kdec, vdec)
+    )
 
     # autograd: forward + backward of one tiny causal attention
     qg = torch.randn(B, SQ, H, D, device=dev, dtype=tdt, requires_grad=True)
@@ -185,46 +192,39 @@ def gpu_rows(dtype: str, calls: int, rounds: int) -> tuple[list[list[str]], list
     qsg, ksg, vsg = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (qg, kg, vg))
     dout = torch.randn(B, SQ, H, D, device=dev, dtype=tdt)
     douts = dout.transpose(1, 2).contiguous()
-
-    def ours_fb():
-        pft.flash_attn(qg, kg, vg, causal=True).backward(dout)
-
-    candidates["pagedflash.torch.flash_attn fwd+bwd"] = ours_fb
-    for name, backend in (
-        ("SDPA flash fwd+bwd", SDPBackend.FLASH_ATTENTION),
-        ("SDPA cuDNN fwd+bwd", SDPBackend.CUDNN_ATTENTION),
-    ):
-
-        def fb():
-            F.scaled_dot_product_attention(qsg, ksg, vsg, is_causal=True).backward(douts)
-
-        try:
-            with sdpa_kernel(backend):
-                fb()
-            sync()
-        except RuntimeError as e:
-            notes.append(f"{name}: not available here ({str(e).splitlines()[0][:80]})")
-            continue
-        candidates[name] = _with_backend(backend, fb, sdpa_kernel)
+    candidates["pagedflash.torch.flash_attn fwd+bwd"] = lambda: pft.flash_attn(qg, kg, vg, causal=True).backward(dout)
+    add_sdpa(
+        "SDPA flash fwd+bwd",
+        SDPBackend.FLASH_ATTENTION,
+        lambda: F.scaled_dot_product_attention(qsg, ksg, vsg, is_causal=True).backward(douts),
+    )
+    add_sdpa(
+        "SDPA cuDNN fwd+bwd",
+        SDPBackend.CUDNN_ATTENTION,
+        lambda: F.scaled_dot_product_attention(qsg, ksg, vsg, is_causal=True).backward(douts),
+    )
 
     fi = _flashinfer_decode(qd_shape=(B, H, D), dtype=tdt, notes=notes)
     if fi is not None:
         candidates["FlashInfer decode run (256)"] = fi
 
     names = list(candidates)
-    eager = _per_call_pinned([candidates[n] for n in names], calls=calls, rounds=rounds, sync=sync)
+
+    def pinned(n: str) -> contextlib.AbstractContextManager:
+        return sdpa_kernel(pins[n]) if n in pins else contextlib.nullcontext()
+
+    eager = _per_call_pinned(
+        [(candidates[n], lambda n=n: pinned(n)) for n in names], calls=calls, rounds=rounds, sync=sync
+    )
     graph: dict[str, Optional[float]] = {}
     for n in names:
         if "fwd+bwd" in n:
             graph[n] = None  # autograd calls are not captured here
             continue
-        f = candidates[n]
-        pin = getattr(f, "sdpa_backend", None)
-        if pin:  # the backend pinned around each captured call (host work: not in a replay)
 
-            def f(f=f, pin=pin):
-                with pin[1](pin[0]):
-                    return f()
+        def f(call=candidates[n], n=n):  # the pin around each captured call: host work, not in a replay
+            with pinned(n):
+                return call()
 
         try:
             graph[n] = common.time_graph([f] * 20, rounds=5).median
@@ -241,6 +241,7 @@ def gpu_rows(dtype: str, calls: int, rounds: int) -> tuple[list[list[str]], list
         "pagedflash.torch.flash_attn fwd+bwd": "SDPA flash fwd+bwd",
     }
     t = dict(zip(names, eager))
+    rows: list[list[str]] = []
     for n in names:
         r = ref.get(n)
         ratio = f"{t[n] / t[r]:.2f}x {r}" if r in t else ""
@@ -249,30 +250,19 @@ def gpu_rows(dtype: str, calls: int, rounds: int) -> tuple[list[list[str]], list
     return rows, notes
 
 
-def _with_backend(backend: Any, call: Callable[[], object], sdpa_kernel: Any) -> Callable[[], object]:
-    """call() with SDPA pinned to `backend`; the pin is entered once per timed loop (see
-    _per_call_pinned), not per call."""
-    call.__dict__["sdpa_backend"] = (backend, sdpa_kernel)
-    return call
-
-
 def _per_call_pinned(fns, *, calls: int, rounds: int, sync) -> list[float]:
-    """per_call, each SDPA candidate's loop inside its sdpa_kernel context."""
-    import contextlib
+    """per_call of (fn, context factory) pairs, each fn's loop of `calls` calls inside a context
+    from its factory (SDPA's backend pin: entered once per loop)."""
 
-    def looped(f):
-        pin = getattr(f, "sdpa_backend", None)
-
+    def looped(f, ctx):
         def run():
-            ctx = pin[1](pin[0]) if pin else contextlib.nullcontext()
-            with ctx:
+            with ctx():
                 for _ in range(calls):
                     f()
 
         return run
 
-    loops = [looped(f) for f in fns]
-    per = per_call(loops, calls=1, rounds=rounds, sync=sync)
+    per = per_call([looped(f, ctx) for f, ctx in fns], calls=1, rounds=rounds, sync=sync)
     return [x / calls for x in per]
 
 

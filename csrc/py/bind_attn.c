@@ -34,12 +34,6 @@ enum {
     "cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window, softcap, " \
     "alibi_slopes, dropout_p, seed, offset, deterministic, stream, kernel"
 
-/* The stream first: it decides how the arrays are viewed (py_convert.h, stream_given). */
-static int opts_stream(PyObject *const *o, pf_py_keep *keep) {
-    keep->stream_given = o[OPT_STREAM] != Py_None;
-    return pf_py_stream(o[OPT_STREAM], &keep->stream);
-}
-
 /* Everything else once q is viewed (softmax_scale None is 1/sqrt(head_dim) of q; seed None
  * is a fresh random seed when dropout_p > 0, an error in the backward). Every integer range-checked, every message
  * naming its argument. */
@@ -72,11 +66,6 @@ static int opts_fill(PyObject *module, PyObject *const *o, pf_attn_params *p, pf
     return 0;
 }
 
-/* Does this call need the Python layer (a library whose results or stream only it knows)? */
-static int needs_python(const pf_py_lib *lib, const pf_py_keep *keep, int allocates) {
-    return lib->kind == PF_PY_LIB_OTHER && (allocates || !keep->stream_given);
-}
-
 /* _C.flash_fwd(q, k, v, out, lse, <options>) -> out or (out, lse)
  * out None: allocated in q's library; lse False/None: not computed, True: allocated, an
  * array: written. NotImplemented where q's library is one the Python layer serves. */
@@ -89,10 +78,9 @@ static PyObject *flash_fwd(PyObject *module, PyObject *const *args, Py_ssize_t n
     pf_py_lib lib;
     PyObject *out = NULL, *lse = NULL;
     pf_status status;
-    const int want_lse = args[4] != Py_None && args[4] != Py_False;
-    if (opts_stream(o, &keep) < 0) goto fail;
+    if (pf_py_stream(o[OPT_STREAM], &keep) < 0) goto fail; /* first: it decides how arrays are viewed */
     pf_py_lib_of(args[0], &lib);
-    if (needs_python(&lib, &keep, args[3] == Py_None || args[4] == Py_True)) Py_RETURN_NOTIMPLEMENTED;
+    if (pf_py_lib_needs_python(&lib, &keep, args[3] == Py_None || args[4] == Py_True)) Py_RETURN_NOTIMPLEMENTED;
     if (pf_py_input(args[0], "q", &p.q, &keep) < 0) goto fail;
     if (opts_fill(module, o, &p, &keep, 0) < 0) goto fail;
     if (pf_py_lib_stream(&lib, &p.q, &keep) < 0) goto fail;
@@ -101,23 +89,17 @@ static PyObject *flash_fwd(PyObject *module, PyObject *const *args, Py_ssize_t n
     if (pf_py_input(args[2], "v", &p.v, &keep) < 0) goto fail;
     out = pf_py_output(module, &lib, args[3], "out", &p.q, "q", p.q.ndim, p.q.shape, p.q.dtype, &p.out, &keep);
     if (!out) goto fail;
-    if (args[4] == Py_True) {
+    { /* lse [batch, num_heads, seqlen_q], packed [num_heads, total_q] */
         const int varlen = o[OPT_CU_Q] != Py_None || o[OPT_CU_K] != Py_None;
-        const int64_t *s = p.q.shape;
-        if (p.q.ndim == (varlen ? 3 : 4)) { /* a wrong rank: the core says so */
-            const int64_t dense[3] = {s[0], s[2], s[1]}, packed[2] = {s[1], s[0]};
-            lse = pf_py_output(module, &lib, Py_None, "lse", &p.q, "q", varlen ? 2 : 3, varlen ? packed : dense,
-                               PF_DTYPE_F32, &p.lse, &keep);
-            if (!lse) goto fail;
-        }
-    } else if (want_lse) {
-        lse = pf_py_output(module, &lib, args[4], "lse", &p.q, "q", 0, NULL, PF_DTYPE_F32, &p.lse, &keep);
-        if (!lse) goto fail;
+        const int64_t *s = p.q.shape, dense[3] = {s[0], s[2], s[1]}, packed[2] = {s[1], s[0]};
+        const int ndim = p.q.ndim == (varlen ? 3 : 4) ? (varlen ? 2 : 3) : -1;
+        if (pf_py_opt_output(module, &lib, args[4], "lse", &p.q, ndim, varlen ? packed : dense, PF_DTYPE_F32, &p.lse,
+                             &keep, &lse) < 0)
+            goto fail;
     }
     PF_PY_CALL(status, pf_flash_fwd(&p));
     if (pf_py_done(module, status, &keep) < 0) goto fail_released;
-    if (!want_lse) return out;
-    return pf_py_tuple(2, (PyObject *[]){out, lse ? lse : Py_NewRef(Py_None)});
+    return pf_py_out_lse(out, args[4], lse);
 fail:
     pf_py_fail(&keep);
 fail_released:
@@ -136,9 +118,9 @@ static PyObject *flash_bwd(PyObject *module, PyObject *const *args, Py_ssize_t n
     pf_py_lib lib;
     PyObject *grads[3] = {NULL, NULL, NULL};
     pf_status status;
-    if (opts_stream(o, &keep) < 0) goto fail;
+    if (pf_py_stream(o[OPT_STREAM], &keep) < 0) goto fail; /* first: it decides how arrays are viewed */
     pf_py_lib_of(args[1], &lib);
-    if (needs_python(&lib, &keep, args[6] == Py_None || args[7] == Py_None || args[8] == Py_None))
+    if (pf_py_lib_needs_python(&lib, &keep, args[6] == Py_None || args[7] == Py_None || args[8] == Py_None))
         Py_RETURN_NOTIMPLEMENTED;
     if (pf_py_input(args[0], "dout", &p.dout, &keep) < 0) goto fail;
     if (pf_py_input(args[1], "q", &p.q, &keep) < 0) goto fail;
@@ -178,7 +160,7 @@ static PyObject *dropout_mask(PyObject *module, PyObject *const *args, Py_ssize_
     pf_py_lib lib;
     pf_tensor mask;
     pf_status status;
-    if (opts_stream(o, &keep) < 0) goto fail;
+    if (pf_py_stream(o[OPT_STREAM], &keep) < 0) goto fail; /* first: it decides how arrays are viewed */
     pf_py_lib_of(args[0], &lib);
     if (pf_py_input(args[0], "q", &p.q, &keep) < 0) goto fail;
     if (opts_fill(module, o, &p, &keep, 0) < 0) goto fail;

@@ -9,12 +9,6 @@
 #include "py_bindings.h"
 #include "py_library.h"
 
-/* The stream argument first: it decides how the arrays are viewed (py_convert.h). */
-static int take_stream(PyObject *obj, pf_py_keep *keep) {
-    keep->stream_given = obj != Py_None;
-    return pf_py_stream(obj, &keep->stream);
-}
-
 /* _C.paged_attn(q, k_cache, v_cache, block_tables, seq_lens, out, lse, cu_seqlens_q,
  *               softmax_scale, causal, window, softcap, alibi_slopes, num_splits, stream, kernel)
  * -> out or (out, lse); out None: allocated in q's library; lse False/None, True or an array.
@@ -27,11 +21,9 @@ static PyObject *paged_attn(PyObject *module, PyObject *const *args, Py_ssize_t 
     pf_py_lib lib;
     PyObject *out = NULL, *lse = NULL;
     pf_status status;
-    const int want_lse = args[6] != Py_None && args[6] != Py_False;
-    if (take_stream(args[14], &keep) < 0) goto fail;
+    if (pf_py_stream(args[14], &keep) < 0) goto fail;
     pf_py_lib_of(args[0], &lib);
-    if (lib.kind == PF_PY_LIB_OTHER && (args[5] == Py_None || args[6] == Py_True || !keep.stream_given))
-        Py_RETURN_NOTIMPLEMENTED;
+    if (pf_py_lib_needs_python(&lib, &keep, args[5] == Py_None || args[6] == Py_True)) Py_RETURN_NOTIMPLEMENTED;
     if (pf_py_kernel(module, args[15], &p.kernel) < 0) goto fail;
     if (pf_py_input(args[0], "q", &p.q, &keep) < 0) goto fail;
     if (pf_py_lib_stream(&lib, &p.q, &keep) < 0) goto fail;
@@ -50,22 +42,17 @@ static PyObject *paged_attn(PyObject *module, PyObject *const *args, Py_ssize_t 
     p.num_threads = pf_py_state(module)->num_threads;
     out = pf_py_output(module, &lib, args[5], "out", &p.q, "q", p.q.ndim, p.q.shape, p.q.dtype, &p.out, &keep);
     if (!out) goto fail;
-    if (args[6] == Py_True) {
-        if (p.q.ndim >= 3) { /* a wrong rank: the core says so */
-            const int64_t *s = p.q.shape;
-            const int64_t total = p.q.ndim == 4 && args[7] == Py_None ? s[0] * s[1] : s[0];
-            const int64_t shape[2] = {s[p.q.ndim - 2], total};
-            lse = pf_py_output(module, &lib, Py_None, "lse", &p.q, "q", 2, shape, PF_DTYPE_F32, &p.lse, &keep);
-            if (!lse) goto fail;
-        }
-    } else if (want_lse) {
-        lse = pf_py_output(module, &lib, args[6], "lse", &p.q, "q", 0, NULL, PF_DTYPE_F32, &p.lse, &keep);
-        if (!lse) goto fail;
+    { /* lse [num_heads, total_q] */
+        const int64_t *s = p.q.shape;
+        const int64_t total = p.q.ndim == 4 && args[7] == Py_None ? s[0] * s[1] : s[0];
+        const int64_t shape[2] = {p.q.ndim >= 2 ? s[p.q.ndim - 2] : 0, total};
+        if (pf_py_opt_output(module, &lib, args[6], "lse", &p.q, p.q.ndim >= 3 ? 2 : -1, shape, PF_DTYPE_F32, &p.lse,
+                             &keep, &lse) < 0)
+            goto fail;
     }
     PF_PY_CALL(status, pf_paged_attn(&p));
     if (pf_py_done(module, status, &keep) < 0) goto fail_released;
-    if (!want_lse) return out;
-    return pf_py_tuple(2, (PyObject *[]){out, lse ? lse : Py_NewRef(Py_None)});
+    return pf_py_out_lse(out, args[6], lse);
 fail:
     pf_py_fail(&keep);
 fail_released:
@@ -84,10 +71,9 @@ static PyObject *merge_attn_states(PyObject *module, PyObject *const *args, Py_s
     pf_py_lib lib;
     PyObject *res[2] = {NULL, NULL};
     pf_status status;
-    if (take_stream(args[6], &keep) < 0) goto fail;
+    if (pf_py_stream(args[6], &keep) < 0) goto fail;
     pf_py_lib_of(args[0], &lib);
-    if (lib.kind == PF_PY_LIB_OTHER && (args[4] == Py_None || args[5] == Py_None || !keep.stream_given))
-        Py_RETURN_NOTIMPLEMENTED;
+    if (pf_py_lib_needs_python(&lib, &keep, args[4] == Py_None || args[5] == Py_None)) Py_RETURN_NOTIMPLEMENTED;
     if (pf_py_input(args[0], "out_a", &p.out_a, &keep) < 0) goto fail;
     if (pf_py_lib_stream(&lib, &p.out_a, &keep) < 0) goto fail;
     p.stream = keep.stream;
@@ -125,9 +111,9 @@ static PyObject *write_kv_cache(PyObject *module, PyObject *const *args, Py_ssiz
     pf_py_keep keep = {0};
     pf_py_lib lib;
     pf_status status;
-    if (take_stream(args[5], &keep) < 0) goto fail;
+    if (pf_py_stream(args[5], &keep) < 0) goto fail;
     pf_py_lib_of(args[2], &lib);
-    if (lib.kind == PF_PY_LIB_OTHER && !keep.stream_given) Py_RETURN_NOTIMPLEMENTED;
+    if (pf_py_lib_needs_python(&lib, &keep, 0)) Py_RETURN_NOTIMPLEMENTED;
     if (pf_py_tensor(args[2], "k_cache", 1, &kc, &keep) < 0) goto fail;
     if (pf_py_lib_stream(&lib, &kc, &keep) < 0) goto fail;
     if (pf_py_tensor(args[3], "v_cache", 1, &vc, &keep) < 0) goto fail;
@@ -154,7 +140,6 @@ static PyObject *copy_blocks(PyObject *module, PyObject *args, PyObject *kwargs)
     pf_tensor *caches = NULL, map;
     pf_py_keep *keeps = NULL;
     Py_ssize_t nkeeps = 1 + (n + PF_PY_MAX_ARGS - 1) / PF_PY_MAX_ARGS;
-    void *stream = NULL;
     if (n > INT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "caches: too many caches");
         goto done;
@@ -165,8 +150,8 @@ static PyObject *copy_blocks(PyObject *module, PyObject *args, PyObject *kwargs)
         PyErr_NoMemory();
         goto done;
     }
-    if (pf_py_stream(ostream, &stream) < 0) goto done;
-    for (Py_ssize_t i = 0; i < nkeeps; i++) keeps[i].stream_given = ostream != Py_None;
+    if (pf_py_stream(ostream, &keeps[0]) < 0) goto done;
+    for (Py_ssize_t i = 1; i < nkeeps; i++) keeps[i].stream_given = keeps[0].stream_given;
     if (pf_py_tensor(omap, "block_mapping", 0, &map, &keeps[0]) < 0) goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
         char name[32];
@@ -174,12 +159,12 @@ static PyObject *copy_blocks(PyObject *module, PyObject *args, PyObject *kwargs)
         if (pf_py_tensor(PySequence_Fast_GET_ITEM(seq, i), name, 1, &caches[i], &keeps[1 + i / PF_PY_MAX_ARGS]) < 0)
             goto done;
     }
-    if (n > 0 && ostream == Py_None) { /* the first cache's library's current stream */
+    if (n > 0) { /* no stream given: the first cache's library's current stream */
         pf_py_lib lib;
         pf_py_lib_of(PySequence_Fast_GET_ITEM(seq, 0), &lib);
         if (pf_py_lib_stream(&lib, &caches[0], &keeps[0]) < 0) goto done;
-        stream = keeps[0].stream;
     }
+    void *stream = keeps[0].stream;
     pf_status status;
     Py_BEGIN_ALLOW_THREADS
     status = pf_copy_blocks(caches, (int32_t)n, map, stream);
@@ -209,7 +194,7 @@ static PyObject *swap_blocks(PyObject *module, PyObject *args, PyObject *kwargs)
     pf_tensor src, dst, map;
     pf_py_keep keep = {0};
     pf_status status;
-    if (take_stream(ostream, &keep) < 0) goto fail;
+    if (pf_py_stream(ostream, &keep) < 0) goto fail;
     if (pf_py_tensor(osrc, "src", 0, &src, &keep) < 0) goto fail;
     if (pf_py_tensor(odst, "dst", 1, &dst, &keep) < 0) goto fail;
     if (pf_py_tensor(omap, "block_mapping", 0, &map, &keep) < 0) goto fail;

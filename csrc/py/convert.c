@@ -555,9 +555,11 @@ int pf_py_opt_tensor(PyObject *obj, const char *name, int writable, pf_tensor *o
     return pf_py_tensor(obj, name, writable, out, keep);
 }
 
-int pf_py_stream(PyObject *obj, void **stream) {
+int pf_py_stream(PyObject *obj, pf_py_keep *keep) {
+    void **stream = &keep->stream;
     *stream = NULL;
-    if (obj == NULL || obj == Py_None) return 0;
+    keep->stream_given = obj != NULL && obj != Py_None;
+    if (!keep->stream_given) return 0;
     if (!PyLong_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "stream: expected None or an int (a cudaStream_t), got %.200s",
                      Py_TYPE(obj)->tp_name);
@@ -588,10 +590,7 @@ int pf_py_kernel(PyObject *module, PyObject *obj, int32_t *kernel) {
 }
 
 PyObject *pf_py_finish(PyObject *module, pf_status status, pf_py_keep *keep) {
-    pf_py_keep_release(keep);
-    if (status != PF_STATUS_OK) return pf_py_raise(module, status);
-    if (PyErr_Occurred()) return NULL; /* a deleter's error, kept rather than returning with it set */
-    Py_RETURN_NONE;
+    return pf_py_done(module, status, keep) < 0 ? NULL : Py_NewRef(Py_None);
 }
 
 int pf_py_done(PyObject *module, pf_status status, pf_py_keep *keep) {
@@ -600,7 +599,7 @@ int pf_py_done(PyObject *module, pf_status status, pf_py_keep *keep) {
         pf_py_raise(module, status);
         return -1;
     }
-    return PyErr_Occurred() ? -1 : 0; /* a deleter's error */
+    return PyErr_Occurred() ? -1 : 0; /* a deleter's error, kept rather than returning with it set */
 }
 
 PyObject *pf_py_tuple(Py_ssize_t n, PyObject *const *items) {

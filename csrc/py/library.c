@@ -31,6 +31,10 @@ void pf_py_lib_of(PyObject *obj, pf_py_lib *lib) {
     }
 }
 
+int pf_py_lib_needs_python(const pf_py_lib *lib, const pf_py_keep *keep, int allocates) {
+    return lib->kind == PF_PY_LIB_OTHER && (allocates || !keep->stream_given);
+}
+
 int pf_py_lib_stream(const pf_py_lib *lib, const pf_tensor *like, pf_py_keep *keep) {
     if (keep->stream_given || like->device != PF_DEVICE_CUDA) return 0;
     if (lib->kind != PF_PY_LIB_EXCHANGE) return 0; /* NULL: the legacy default stream */
@@ -134,13 +138,31 @@ PyObject *pf_py_output(PyObject *module, const pf_py_lib *lib, PyObject *given, 
                        pf_py_keep *keep) {
     PyObject *obj;
     if (given == Py_None) {
-        if (dtype != PF_DTYPE_F32 && pf_py_result_dtype(like_name, like) < 0) return NULL;
+        if (dtype == like->dtype && pf_py_result_dtype(like_name, like) < 0) return NULL;
         obj = pf_py_lib_empty(lib, module, like, ndim, shape, dtype);
     } else {
         obj = Py_NewRef(given);
     }
     if (obj && pf_py_tensor(obj, name, 1, view, keep) < 0) Py_CLEAR(obj);
     return obj;
+}
+
+int pf_py_opt_output(PyObject *module, const pf_py_lib *lib, PyObject *given, const char *name, const pf_tensor *like,
+                     int ndim, const int64_t *shape, pf_dtype dtype, pf_tensor *view, pf_py_keep *keep,
+                     PyObject **obj) {
+    *obj = NULL;
+    if (given == Py_None || given == Py_False) return 0;
+    if (given == Py_True) {
+        if (ndim < 0) return 0; /* q's rank is wrong: the core says so */
+        given = Py_None;
+    }
+    *obj = pf_py_output(module, lib, given, name, like, "q", ndim, shape, dtype, view, keep);
+    return *obj ? 0 : -1;
+}
+
+PyObject *pf_py_out_lse(PyObject *out, PyObject *want_lse, PyObject *lse) {
+    if (want_lse == Py_None || want_lse == Py_False) return out;
+    return pf_py_tuple(2, (PyObject *[]){out, lse ? lse : Py_NewRef(Py_None)});
 }
 
 /* ---- inputs ---- */

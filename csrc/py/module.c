@@ -76,6 +76,7 @@ static int module_exec(PyObject *m) {
     PyObject *bytes = os ? PyObject_CallMethod(os, "urandom", "i", 8) : NULL;
     Py_XDECREF(os);
     if (!bytes || !PyBytes_Check(bytes) || PyBytes_GET_SIZE(bytes) != 8) {
+        if (bytes) PyErr_SetString(PyExc_RuntimeError, "pagedflash: os.urandom(8) did not return 8 bytes");
         Py_XDECREF(bytes);
         return -1;
     }

@@ -38,8 +38,9 @@ void pf_py_keep_release(pf_py_keep *keep);
 
 /* ---- scalars ---- */
 
-/* A stream argument (None or an int cudaStream_t). Returns 0 or -1. */
-int pf_py_stream(PyObject *obj, void **stream);
+/* A stream argument (None or an int cudaStream_t) into keep->stream, and whether one was given
+ * into keep->stream_given (read it before viewing arrays). Returns 0 or -1. */
+int pf_py_stream(PyObject *obj, pf_py_keep *keep);
 /* A kernel hint by name ("auto", "sm80", "8x8", ...; pagedflash.h) into *kernel.
  * Returns 0, or -1 with ValueError (TypeError for a non-str). */
 int pf_py_kernel(PyObject *module, PyObject *name, int32_t *kernel);

@@ -24,6 +24,11 @@ typedef struct pf_py_lib {
 /* The library of `obj` (never fails). */
 void pf_py_lib_of(PyObject *obj, pf_py_lib *lib);
 
+/* Whether a binding must leave the call to the Python layer (answer NotImplemented): a library
+ * this layer cannot allocate in (`allocates`: a result is missing) or whose current stream
+ * it cannot ask (no stream given). */
+int pf_py_lib_needs_python(const pf_py_lib *lib, const pf_py_keep *keep, int allocates);
+
 /* Unless the caller named a stream (keep->stream_given): the library's current stream on
  * `like`'s CUDA device into keep->stream (torch: torch.cuda.current_stream()); NULL, the
  * legacy default stream, for other libraries. Returns 0 or -1 with an exception. */
@@ -39,13 +44,23 @@ PyObject *pf_py_lib_empty(const pf_py_lib *lib, PyObject *module, const pf_tenso
 int pf_py_result_dtype(const char *name, const pf_tensor *like);
 
 /* An output argument `name`: the caller's array `given` (a new reference), or for None a new
- * result of `shape` and `dtype` in the library (a dtype other than float32 copies an input's,
- * `like`, named `like_name`: TypeError unless it is a float dtype); viewed writable into
+ * result of `shape` and `dtype` in the library (a result with the dtype of the input `like`,
+ * named `like_name`: TypeError unless that is a float dtype); viewed writable into
  * `view`. NULL with an exception; NotImplemented cannot come back (callers check
  * PF_PY_LIB_OTHER first). */
 PyObject *pf_py_output(PyObject *module, const pf_py_lib *lib, PyObject *given, const char *name, const pf_tensor *like,
                        const char *like_name, int ndim, const int64_t *shape, pf_dtype dtype, pf_tensor *view,
                        pf_py_keep *keep);
+
+/* An optional result such as lse, by its argument `given`: None or False, none (*obj NULL);
+ * True, a new one of `shape` (none where ndim < 0: q's rank is wrong and the core says so);
+ * an array, that array. Viewed writable into `view`. Returns 0, or -1 with an exception. */
+int pf_py_opt_output(PyObject *module, const pf_py_lib *lib, PyObject *given, const char *name, const pf_tensor *like,
+                     int ndim, const int64_t *shape, pf_dtype dtype, pf_tensor *view, pf_py_keep *keep, PyObject **obj);
+
+/* A binding's result: out, or (out, lse) when `want_lse` (the lse argument) is not None or
+ * False, lse None where none was made. Steals out and lse. */
+PyObject *pf_py_out_lse(PyObject *out, PyObject *want_lse, PyObject *lse);
 
 /* pf_py_tensor for an input (read-only) whose last dimension the core needs contiguous:
  * NumPy arrays and producers with .contiguous() (torch) are copied when it is strided. */
