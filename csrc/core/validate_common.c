@@ -198,12 +198,12 @@ pf_status pf_check_kernel_hint(int32_t kernel, pf_hint_op op, const char *op_nam
     if (op == PF_HINT_FLASH)
         ok = !registers && (base == PF_KERNEL_FLASH_SM80 || base == PF_KERNEL_FLASH_SM90);
     else
-        ok = (base == PF_KERNEL_PAGED_SIMPLE && !registers) ||
+        ok = ((base == PF_KERNEL_PAGED_SIMPLE || base == PF_KERNEL_FLASH_SM90) && !registers) ||
              (base >= PF_KERNEL_PAGED_1X4 && base <= PF_KERNEL_PAGED_4X8);
     const char *name = pf_kernel_name(kernel);
     PF_CHECK_VALUE(ok, "kernel: %s%s%s (%d) is not a kernel of %s; expected %s", name ? "'" : "",
                    name ? name : "a value", name ? "'" : "", (int)kernel, op_name,
                    op == PF_HINT_FLASH ? "auto, sm80 or sm90"
-                                       : "auto, simple, 1x4, 4x4, 8x8, 1x8, 2x8 or 4x8 (optionally +registers)");
+                                       : "auto, sm90, simple, 1x4, 4x4, 8x8, 1x8, 2x8 or 4x8 (optionally +registers)");
     return PF_STATUS_OK;
 }

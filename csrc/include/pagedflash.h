@@ -112,14 +112,17 @@ const char *pf_dtype_name(pf_dtype dtype); /* "float16", ... */
  *
  * Names (pf_kernel_parse / pf_kernel_name; the Python API takes them as
  * `kernel="..."`): "auto"; flash_fwd / flash_bwd: "sm80", "sm90"; paged_attn:
- * "simple", "1x4", "4x4", "8x8", "1x8", "2x8", "4x8" (H KV heads x W warps per
- * CTA), each tensor-core shape optionally with "+registers".
+ * "sm90" (the prefill path: the wgmma flash forward reading K/V through the block
+ * table, what "auto" runs for >= 64 queries per sequence on Hopper), "simple",
+ * "1x4", "4x4", "8x8", "1x8", "2x8", "4x8" (split-KV tensor-core kernel: H KV
+ * heads x W warps per CTA), each tensor-core shape optionally with "+registers".
  */
 typedef enum pf_kernel {
     PF_KERNEL_AUTO = 0,
     /* flash_fwd, flash_bwd (CUDA, float16 / bfloat16) */
     PF_KERNEL_FLASH_SM80 = 1,       /* mma.sync kernels (every sm_80+ GPU, Hopper included) */
-    PF_KERNEL_FLASH_SM90 = 2,       /* wgmma kernels (Hopper; aligned tensors, head dims 64 / 128) */
+    PF_KERNEL_FLASH_SM90 = 2,       /* wgmma kernels (Hopper; aligned tensors, head dims 64 / 128);
+                                       also paged_attn's prefill path (the wgmma forward over the cache) */
     /* paged_attn (CUDA) */
     PF_KERNEL_PAGED_SIMPLE = 16,    /* CUDA cores, one warp per (query, head, split); any dtype, head dim */
     PF_KERNEL_PAGED_1X4 = 17,       /* tensor cores, 1 KV head x 4 warps (token mode) */
@@ -314,7 +317,7 @@ typedef struct pf_paged_params {
     int32_t window_left, window_right;
     float softcap;
     int32_t num_splits;
-    int32_t kernel;                /* pf_kernel hint: PF_KERNEL_AUTO or a PF_KERNEL_PAGED_* */
+    int32_t kernel;                /* pf_kernel hint: PF_KERNEL_AUTO, PF_KERNEL_FLASH_SM90 or a PF_KERNEL_PAGED_* */
     int32_t num_threads;
     void *stream;
 } pf_paged_params;

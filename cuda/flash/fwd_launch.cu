@@ -92,6 +92,23 @@ static pf_status run_fwd(FlashFamily family, const FlashParams &p, cudaStream_t 
              "q: head_dim %d has no CUDA kernel in this build (PAGEDFLASH_HEADDIMS trimmed the set)", p.head_dim);
 }
 
+/* paged_attn's prefill path (flash/run.h) */
+const char *flash_fwd_paged_refusal(const FlashParams &p, pf_dtype dtype, int device) {
+    if (dtype != PF_DTYPE_F16 && dtype != PF_DTYPE_BF16) return "the wgmma kernels take float16 or bfloat16";
+    const int hd = compiled_head_dim(p.head_dim);
+    if (hd == 0) return "this build has no CUDA kernel for the head dim (PAGEDFLASH_HEADDIMS trimmed the set)";
+    return fwd_sm90_refusal(p, hd, device);
+}
+
+pf_status flash_fwd_paged(const FlashParams &p, pf_dtype dtype, cudaStream_t stream, int device) {
+    const char *why = flash_fwd_paged_refusal(p, dtype, device);
+    PF_CHECK(!why && p.block_table, PF_STATUS_NOT_SUPPORTED, "kernel: 'sm90' cannot run this paged_attn: %s",
+             why ? why : "no block table");
+    if (p.batch == 0 || p.max_seqlen_q == 0) return PF_STATUS_OK;
+    return dtype == PF_DTYPE_F16 ? run_fwd<__half>(FlashFamily::kSm90, p, stream, device)
+                                 : run_fwd<__nv_bfloat16>(FlashFamily::kSm90, p, stream, device);
+}
+
 }  // namespace cuda
 }  // namespace pf
 

@@ -39,6 +39,7 @@
 #include "attn/sm90.cuh"
 #include "attn/softmax.cuh"
 #include "flash/dropout.cuh"
+#include "flash/paged_kv.cuh"
 #include "flash/params.h"
 #include "flash/sequence.cuh"
 #include "flash/tile_io.cuh"
@@ -59,7 +60,7 @@ PF_DEV void store_swizzled(T *g, int64_t row_stride, const unsigned char *tile, 
     }
 }
 
-template <typename T, typename Cfg, bool Has_extras, bool Has_dropout>
+template <typename T, typename Cfg, bool Has_extras, bool Has_dropout, bool Is_paged>
 __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
     flash_fwd_sm90_kernel(const __grid_constant__ FlashParams p) {
 #ifdef PF_SM90_DEVICE
@@ -77,7 +78,14 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
     const int g = lane / 4, t = lane % 4;
-    const int b = blockIdx.z, h = blockIdx.y;
+    const int h = blockIdx.y;
+    int b = blockIdx.z;
+    int tile = p.causal ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
+    if (Is_paged && p.plan) { /* packed queries over a paged cache: one (sequence, query tile) per block */
+        b = p.plan[2 * tile];
+        tile = p.plan[2 * tile + 1];
+        if (b < 0) return;
+    }
     const SeqInfo si = seq_info(p, b);
     const int sq = si.sq, sk = si.sk, d = p.head_dim;
 
@@ -93,9 +101,16 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
     const uint64_t bh = (uint64_t)b * p.num_heads + h;
     const int wrow = 16 * warp; /* this warp's first row in the tile */
 
+    /* paged K/V: this sequence's table row, whether it holds a bad id, the tile row whose
+     * block this lane looks up (flash/paged_kv.cuh) */
+    using PTile = PagedTile<kBlockN, kHeadDim, kNThreads>;
+    const int32_t *table = Is_paged ? p.block_table + b * p.bt_batch_stride : nullptr;
+    const bool bad_ids = Is_paged && paged_any_bad<kNThreads>(p, table, sk, tid);
+    const int fetch_row = Is_paged ? PTile::fetch_row(tid) : -1;
+
     const int n_mtiles = (sq + kBlockM - 1) / kBlockM;
-    int tile = p.causal ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
-    for (; tile < n_mtiles; tile += gridDim.x) {
+    const int tile_step = Is_paged && p.plan ? n_mtiles : (int)gridDim.x;
+    for (; tile < n_mtiles; tile += tile_step) {
         const int m0 = tile * kBlockM;
         const int rows_valid = imin(kBlockM, sq - m0);
         const int i_last = m0 + rows_valid - 1;
@@ -107,7 +122,17 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
         }
 
         auto buf_of = [&](int n) { return (n_hi - 1 - n) % Cfg::kStages; }; /* K/V ring slot of key tile n */
+        PagedSlot next = {-1, 0}; /* paged: this lane's slot in the next key tile to load */
+        auto fetch_slot = [&](int n) {
+            if (Is_paged)
+                next =
+                    n >= n_lo && fetch_row >= 0 ? paged_slot(p, table, n * kBlockN + fetch_row, sk) : PagedSlot{-1, 0};
+        };
         auto load_kv = [&](int n) {
+            if (Is_paged) {
+                load_paged_kv<kBlockN, kHeadDim, kNThreads>(sK(buf_of(n)), sV(buf_of(n)), kb, vb, p, next, d, tid);
+                return;
+            }
             const int j0 = n * kBlockN;
             sm90::load_swizzled<kBlockN, kHeadDim, kNThreads>(sK(buf_of(n)), kb + (int64_t)j0 * p.k_row_stride,
                                                               p.k_row_stride, sk - j0, d, tid);
@@ -126,6 +151,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
             const int j0 = n * kBlockN;
             if (Has_extras) scores_to_log2(s, p.score, m0 + wrow + g, j0, t, off, alibi_log2);
             if (mask.tile_needs_mask(j0, kBlockN, m0, i_last, off)) mask_fragment(s, mask, m0 + wrow + g, off, j0, t);
+            if (Is_paged && bad_ids) mask_bad_blocks(s, p, table, j0, t, sk);
             const bool rescale = online_softmax(s, row_max, row_sum, alpha, sc);
             if (Has_dropout && p.drop_threshold) dropout_fragment(s, p, bh, m0 + wrow + g, j0, t);
             return rescale;
@@ -165,10 +191,15 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
         /* prologue: Q and the first key tiles in flight */
         sm90::load_swizzled<kBlockM, kHeadDim, kNThreads>(sQ, qb + (int64_t)m0 * p.q_row_stride, p.q_row_stride,
                                                           rows_valid, d, tid);
+        fetch_slot(n_hi - 1);
         load_kv(n_hi - 1);
         cp_async_commit();
-        if (n_hi - 2 >= n_lo) load_kv(n_hi - 2);
+        if (n_hi - 2 >= n_lo) {
+            fetch_slot(n_hi - 2);
+            load_kv(n_hi - 2);
+        }
         cp_async_commit();
+        fetch_slot(n_hi - 3); /* paged: consumed by the loop's first load */
 
         cp_async_wait<1>();
         sm90::fence_proxy_async();
@@ -187,6 +218,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocks)
             if (n - 2 >= n_lo) {
                 load_kv(n - 2);
                 cp_async_commit();
+                fetch_slot(n - 3);
             }
             before_wgmma();
             issue_s(n - 1);

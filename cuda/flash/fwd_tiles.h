@@ -97,6 +97,10 @@ struct FwdSm90Config {
     static_assert(kHeadDim % 64 == 0 && kBlockN % 16 == 0, "swizzled tiles are 64 columns wide");
 };
 
+/* Query rows per block of every Hopper forward tile (paged_attn's prefill path plans its
+ * packed query tiles with it before the head dim's kernel is picked). */
+constexpr int kFwdSm90BlockM = 128;
+
 /* The head dims with a Hopper tile (a head dim padded to one of them runs there too). */
 constexpr bool fwd_sm90_has_tile(int head_dim) { return head_dim == 64 || head_dim == 128; }
 

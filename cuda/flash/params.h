@@ -68,6 +68,23 @@ struct FlashParams {
     int aligned;             /* 16-byte vector access is valid for every tensor */
     int deterministic;
     int head_dim_rounded;    /* backward: the compiled head dim, dq_accum's row length */
+
+    /* Paged K/V: the forward of paged_attn's prefill path (paged/launch.cu; sm_90 kernel
+     * only). block_table NULL: k / v are dense or packed as above. Otherwise k / v are the
+     * caches [num_blocks, block_size, num_kv_heads, head_dim] (k_row_stride / v_row_stride:
+     * between the rows of a block; k_head_stride / v_head_stride: between KV heads; batch
+     * strides 0) and key j of sequence b is row j % block_size of block
+     * block_table[b][j / block_size]; an id outside [0, num_blocks) is never read and its
+     * keys are masked (flash/paged_kv.cuh). Appended last: the fields above keep the
+     * offsets the dense kernels' SASS was measured with. */
+    const int32_t *block_table;  /* [batch, max_blocks] */
+    const int32_t *seq_lens;     /* [batch]: keys per sequence, clamped to [0, max_blocks * block_size] */
+    const int32_t *plan;         /* packed queries (varlen): [num_plan_tiles, 2] (sequence, query tile),
+                                    (-1, -1) past the last (paged/plan.cu); the grid walks it */
+    int64_t bt_batch_stride, bt_col_stride, seq_lens_stride;
+    int64_t k_block_stride, v_block_stride;
+    int block_size, num_blocks, max_blocks, num_plan_tiles;
+    unsigned bs_magic, bs_shift; /* j / block_size = (umulhi(j, bs_magic) + j) >> bs_shift */
 };
 
 /* Fill p from validated params (flash/params.cu); backward adds dout/dq/dk/dv. */

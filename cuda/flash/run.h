@@ -44,6 +44,12 @@ template <typename T, int kHeadDim>
 pf_status flash_fwd_sm90_run(const FlashParams &p, cudaStream_t stream, int device);
 pf_status flash_fwd_f32_run(const FlashParams &p, cudaStream_t stream, int device);
 
+/* paged_attn's prefill path (cuda/paged/launch.cu): the sm_90 forward over paged K/V
+ * (p.block_table set, flash/paged_kv.cuh). The refusal says why it cannot take the call
+ * (NULL: it can): dtype, head dim, device or alignment, as for kernel="sm90". */
+const char *flash_fwd_paged_refusal(const FlashParams &p, pf_dtype dtype, int device);
+pf_status flash_fwd_paged(const FlashParams &p, pf_dtype dtype, cudaStream_t stream, int device);
+
 template <typename T, int kHeadDim>
 pf_status flash_bwd_sm80_run(const FlashParams &p, cudaStream_t stream, int device);
 template <typename T, int kHeadDim>

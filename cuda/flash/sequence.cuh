@@ -6,7 +6,8 @@
  * pointers of one (sequence, query head) in the forward, and the flat query-row
  * numbering of the backward's workspace (flash/bwd_workspace.h): the rows of
  * every sequence one after another, row b * seqlen_q + i (dense) or the packed
- * row cu_seqlens_q[b] + i (varlen).
+ * row cu_seqlens_q[b] + i (varlen). With paged K/V (FlashParams::block_table) the
+ * keys of sequence b are its seq_lens[b] first cache rows (flash/paged_kv.cuh).
  */
 #ifndef PF_FLASH_SEQUENCE_CUH
 #define PF_FLASH_SEQUENCE_CUH
@@ -25,17 +26,24 @@ PF_DEV SeqInfo seq_info(const FlashParams &p, int b) {
     SeqInfo s;
     if (p.varlen) {
         /* device-resident offsets: clamp so that any values stay in bounds */
-        int a = imin(imax(__ldg(p.cu_seqlens_q + b), 0), p.total_q);
-        int e = imin(imax(__ldg(p.cu_seqlens_q + b + 1), a), p.total_q);
+        const int a = imin(imax(__ldg(p.cu_seqlens_q + b), 0), p.total_q);
+        const int e = imin(imax(__ldg(p.cu_seqlens_q + b + 1), a), p.total_q);
         s.q_start = a;
         s.sq = e - a;
-        a = imin(imax(__ldg(p.cu_seqlens_k + b), 0), p.total_k);
-        e = imin(imax(__ldg(p.cu_seqlens_k + b + 1), a), p.total_k);
-        s.k_start = a;
-        s.sk = e - a;
     } else {
         s.q_start = 0;
         s.sq = p.seqlen_q;
+    }
+    if (p.block_table) {
+        /* paged K/V: the sequence's first seq_len keys, at most its table row's capacity */
+        s.k_start = 0;
+        s.sk = imin(imax(__ldg(p.seq_lens + b * p.seq_lens_stride), 0), p.max_blocks * p.block_size);
+    } else if (p.varlen) {
+        const int a = imin(imax(__ldg(p.cu_seqlens_k + b), 0), p.total_k);
+        const int e = imin(imax(__ldg(p.cu_seqlens_k + b + 1), a), p.total_k);
+        s.k_start = a;
+        s.sk = e - a;
+    } else {
         s.k_start = 0;
         s.sk = p.seqlen_k;
     }

@@ -3,9 +3,11 @@
  *
  *   1. pf_paged_fill_args: the kernels' arguments (paged/args.cuh) from the
  *      validated pf_paged_params (layouts, strides, scale, masking);
- *   2. pf_paged_choose: the one place that decides what runs -- the tensor-core
- *      kernel (paged/kernel.cuh, one instantiation per head dim and dtype in
- *      cuda/inst/) or the simple one (paged/simple.cu); the tensor-core kernel's
+ *   2. pf_paged_choose: the one place that decides what runs -- the prefill path
+ *      (the sm_90 flash forward reading K/V through the block table,
+ *      flash/paged_kv.cuh), the split-KV tensor-core kernel (paged/kernel.cuh, one
+ *      instantiation per head dim and dtype in cuda/inst/) or the simple one
+ *      (paged/simple.cu); the tensor-core kernel's
  *      CTA shape, row tile and K/V path; the split count -- from the kernel hint
  *      (params.kernel) and, under PF_KERNEL_AUTO, the heuristics of
  *      paged/heuristics.cu;
@@ -17,7 +19,12 @@
  * (common/workspace.cu); nothing else is allocated and nothing synchronizes.
  *
  * The kernel hint (pagedflash.h, pf_kernel; names as in pf_kernel_name):
- *   auto (PF_KERNEL_AUTO)  the tensor-core kernel where the dtype (float16 /
+ *   auto (PF_KERNEL_AUTO)  the prefill path for prefill-sized calls
+ *                          (pf_paged_prefill_size: >= 64 queries per sequence, no
+ *                          explicit split count) where it can take them (Hopper,
+ *                          float16 / bfloat16, head dims running on the 64 / 128
+ *                          wgmma tiles, 16-byte rows); otherwise
+ *                          the tensor-core kernel where the dtype (float16 /
  *                          bfloat16), the head dim (an instantiated one) and the
  *                          alignment (16-byte rows) allow, else the simple kernel;
  *                          the CTA shape by KV-head count, then pf_pick_shape where
@@ -33,11 +40,16 @@
  *                          ring: head dims 64 and 128). Never another kernel instead.
  *   "<shape>+registers"    the same with the register K/V path instead of the ring;
  *                          NOT_SUPPORTED for 1x8, 2x8 and 4x8 (ring only).
+ *   "sm90"                 the prefill path, any query count; NOT_SUPPORTED, naming
+ *                          the reason, where it cannot take the call. num_splits is
+ *                          ignored there (the flash forward does not split keys).
  */
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
 
+#include "flash/fwd_tiles.h"
+#include "flash/run.h"
 #include "paged/paged.h"
 
 static pf_status pf_paged_fill_args(const pf_paged_params *p, pf_paged_args &a) {
@@ -171,6 +183,7 @@ static const char *pf_paged_tensor_core_obstacle(const pf_paged_args &a, pf_dtyp
 
 /* What runs (pf_paged_choose). */
 struct pf_paged_choice {
+    bool prefill;              /* the sm_90 flash forward over the paged cache (nothing below applies) */
     bool tensor_cores;         /* the tensor-core kernel, else the simple one */
     pf_paged_entry_fns entry;  /* the tensor-core kernel's (head dim, dtype) instantiation */
     pf_paged_variant variant;  /* its row tile, CTA shape and K/V path */
@@ -193,6 +206,101 @@ static void pf_paged_hint_shape(int32_t shape_hint, int *heads, int *warps) {
     }
 }
 
+/* The flash forward's parameters for this call (flash/params.h, paged K/V): q / out / lse
+ * as a dense [batch, q_len] or packed (cu_seqlens_q) query layout, the caches through the
+ * block table. The plan (packed layouts) is set by pf_paged_enqueue. */
+static void pf_paged_prefill_params(const pf_paged_params *pp, const pf_paged_args &a, pf::cuda::FlashParams &p) {
+    memset(&p, 0, sizeof p);
+    p.q = a.q;
+    p.o = a.out;
+    p.k = a.k_cache;
+    p.v = a.v_cache;
+    p.batch = a.batch;
+    p.num_heads = a.num_heads;
+    p.num_kv_heads = a.num_kv_heads;
+    p.head_group = a.group;
+    p.head_dim = a.head_dim;
+    p.varlen = a.cu_seqlens_q != NULL;
+    p.cu_seqlens_q = a.cu_seqlens_q;
+    p.total_q = a.total_q;
+    p.seqlen_q = p.varlen ? a.total_q : a.q_len;
+    p.max_seqlen_q = p.seqlen_q; /* the grid of dense layouts; packed ones walk the plan */
+    const int64_t cap = (int64_t)a.max_blocks * a.block_size;
+    p.seqlen_k = p.max_seqlen_k = (int)cap;
+    /* rows: q_st / o_st between query tokens, the batch stride 0 for packed layouts */
+    p.q_batch_stride = a.q_sb, p.q_row_stride = a.q_st, p.q_head_stride = a.q_sh;
+    p.o_batch_stride = a.o_sb, p.o_row_stride = a.o_st, p.o_head_stride = a.o_sh;
+    p.k_row_stride = a.k_stok, p.k_head_stride = a.k_sh, p.k_block_stride = a.k_sblk;
+    p.v_row_stride = a.v_stok, p.v_head_stride = a.v_sh, p.v_block_stride = a.v_sblk;
+    if (a.lse) { /* [num_heads, total_q]: query i of sequence b is column b * q_len + i (dense) */
+        p.lse = a.lse;
+        p.lse_head_stride = a.lse_sh;
+        p.lse_row_stride = a.lse_st;
+        p.lse_batch_stride = p.varlen ? 0 : (int64_t)a.q_len * a.lse_st;
+    }
+    p.block_table = a.block_tables;
+    p.seq_lens = a.seq_lens;
+    p.bt_batch_stride = a.bt_sb;
+    p.bt_col_stride = a.bt_sj;
+    p.seq_lens_stride = a.sl_s;
+    p.block_size = a.block_size;
+    p.num_blocks = a.num_blocks;
+    p.max_blocks = a.max_blocks;
+    p.bs_magic = a.bs_magic;
+    p.bs_shift = a.bs_shift;
+    /* alignment: what the tensor-core obstacle checks (16-byte rows) plus the head dim */
+    p.aligned = a.head_dim % 8 == 0;
+
+    pf::cuda::ScoreParams &sp = p.score;
+    sp.softmax_scale = pp->softmax_scale;
+    sp.scale_log2 = pp->softmax_scale * PF_LOG2E;
+    if (pp->softcap > 0.f) {
+        sp.softcap = pp->softcap;
+        sp.softcap_inv_scale = pp->softmax_scale / pp->softcap;
+        sp.softcap_log2 = pp->softcap * PF_LOG2E;
+    }
+    sp.alibi = a.alibi;
+    sp.alibi_batch_stride = a.al_sb;
+    sp.alibi_head_stride = a.al_sh;
+    p.causal = a.causal;
+    /* a window wider than any sequence is no window (keeps the mask's int math small) */
+    p.window_left = a.window_left >= 0 && a.window_left < cap ? a.window_left : -1;
+    p.window_right = a.window_right >= 0 && a.window_right < cap ? a.window_right : -1;
+    p.drop_scale = 1.0f;
+}
+
+/* Why the prefill path cannot take this call (into buf), or NULL when it can: the flash
+ * forward's own refusal (device, dtype, head dim, alignment) and what only paged calls
+ * have (a strided cu_seqlens_q). */
+static const char *pf_paged_prefill_obstacle(const pf_paged_args &a, const pf::cuda::FlashParams &fp, pf_dtype dtype,
+                                             int device, char *buf, size_t len) {
+    if (!fp.aligned) return "the wgmma kernels need head_dim a multiple of 8";
+    const char *why = pf::cuda::flash_fwd_paged_refusal(fp, dtype, device);
+    if (why) return why;
+    if (a.cu_seqlens_q && a.cu_s != 1) return "the flash kernels need a contiguous cu_seqlens_q";
+    char tc[192];
+    if (pf_paged_tensor_core_obstacle(a, dtype, pf_paged_entry(a.head_dim, dtype), tc, sizeof tc) &&
+        strstr(tc, "aligned")) {
+        snprintf(buf, len, "the wgmma kernels %s", strstr(tc, "need"));
+        return buf;
+    }
+    return NULL;
+}
+
+/*
+ * Whether "auto" runs a call on the prefill path: queries enough per sequence to fill
+ * the flash forward's 128-row tiles (q_len, or for packed layouts total_q / batch, at
+ * least PF_PAGED_PREFILL_MIN_QUERIES) and no explicit split count (num_splits > 1 asks
+ * for the split-KV kernel). Fewer queries keep the split-KV kernel, which packs the
+ * query heads of a GQA group into its rows.
+ */
+#define PF_PAGED_PREFILL_MIN_QUERIES 64
+static bool pf_paged_prefill_size(const pf_paged_params *p, const pf_paged_args &a) {
+    if (p->num_splits > 1) return false;
+    if (a.cu_seqlens_q) return a.total_q >= (int64_t)PF_PAGED_PREFILL_MIN_QUERIES * a.batch;
+    return a.q_len >= PF_PAGED_PREFILL_MIN_QUERIES;
+}
+
 /* Decides what runs: the kernel, its variant and the split count (also into
  * a.num_row_tiles and a.num_splits). The hint was validated by the core: AUTO, SIMPLE,
  * or a shape, optionally | PF_KERNEL_PAGED_REGISTERS. */
@@ -205,6 +313,24 @@ static pf_status pf_paged_choose(const pf_paged_params *p, pf_paged_args &a, pf_
     int dev = 0, sms = 0;
     PF_CUDA_CHECK(cudaGetDevice(&dev));
     PF_TRY(pf::cuda::sm_count(dev, &sms));
+
+    /* prefill: the flash forward over the paged cache ("sm90", or "auto" at prefill sizes) */
+    c->prefill = false;
+    if (hint == PF_KERNEL_FLASH_SM90 || (hint == PF_KERNEL_AUTO && pf_paged_prefill_size(p, a))) {
+        pf::cuda::FlashParams fp;
+        pf_paged_prefill_params(p, a, fp);
+        char why[256];
+        const char *obstacle = pf_paged_prefill_obstacle(a, fp, dtype, dev, why, sizeof why);
+        PF_CHECK(hint != PF_KERNEL_FLASH_SM90 || !obstacle, PF_STATUS_NOT_SUPPORTED,
+                 "kernel: 'sm90' (the flash forward over the paged cache) cannot take this call: %s", obstacle);
+        if (!obstacle) {
+            c->prefill = true;
+            c->num_splits = a.num_splits = 1;
+            a.num_row_tiles =
+                a.cu_seqlens_q ? a.batch + (a.total_q + pf::cuda::kFwdSm90BlockM - 1) / pf::cuda::kFwdSm90BlockM : 0;
+            return PF_STATUS_OK;
+        }
+    }
 
     /* the kernel */
     c->entry = pf_paged_entry(a.head_dim, dtype);
@@ -261,6 +387,21 @@ static pf_status pf_paged_choose(const pf_paged_params *p, pf_paged_args &a, pf_
 static size_t pf_round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
 
 /* Everything after the workspace is in hand: plan / query map, main kernel, merge. */
+/* The prefill path: [plan of (sequence, 128-query tile) pairs] then the flash forward. */
+static pf_status pf_paged_enqueue_prefill(const pf_paged_params *p, const pf_paged_args &a, int32_t *plan,
+                                          cudaStream_t stream) {
+    pf::cuda::FlashParams fp;
+    pf_paged_prefill_params(p, a, fp);
+    if (a.cu_seqlens_q) {
+        pf_paged_args rows = a; /* one row per query: the flash kernel walks heads in its grid */
+        rows.group = 1;
+        PF_TRY(pf_paged_plan_enqueue(rows, pf::cuda::kFwdSm90BlockM, plan, stream));
+        fp.plan = plan;
+        fp.num_plan_tiles = a.num_row_tiles;
+    }
+    return pf::cuda::flash_fwd_paged(fp, p->q.dtype, stream, p->q.device_id);
+}
+
 static pf_status pf_paged_enqueue(pf_paged_args &a, const pf_paged_choice &c, size_t o_bytes, size_t l_bytes,
                                   char *workspace, pf_dtype dtype, cudaStream_t stream) {
     if (c.num_splits > 1) {
@@ -303,11 +444,13 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
         l_bytes = pf_round_up((size_t)c.num_splits * a.total_q * a.num_heads * sizeof(float), 256);
     }
     if (a.cu_seqlens_q)
-        list_bytes = pf_round_up(
-            c.tensor_cores ? (size_t)a.num_row_tiles * 2 * sizeof(int32_t) : (size_t)a.total_q * sizeof(int32_t), 256);
+        list_bytes = pf_round_up(c.tensor_cores || c.prefill ? (size_t)a.num_row_tiles * 2 * sizeof(int32_t)
+                                                             : (size_t)a.total_q * sizeof(int32_t),
+                                 256);
     pf_cuda_scratch scratch;
     PF_TRY(pf_cuda_scratch_acquire(stream, o_bytes + l_bytes + list_bytes, &scratch));
-    pf_status st = pf_paged_enqueue(a, c, o_bytes, l_bytes, (char *)scratch.ptr, p->q.dtype, stream);
+    pf_status st = c.prefill ? pf_paged_enqueue_prefill(p, a, (int32_t *)scratch.ptr, stream)
+                             : pf_paged_enqueue(a, c, o_bytes, l_bytes, (char *)scratch.ptr, p->q.dtype, stream);
     pf_status st2 = pf_cuda_scratch_release(stream, &scratch);
     return st != PF_STATUS_OK ? st : st2;
 }

@@ -466,7 +466,9 @@ def test_kernel_hints_cpu(backend, rng):
     cache = make_paged_cache(backend, rng, [70, 5], 2, 64, 16, "float16")
     q = backend.randn(rng, (2, 3, 4, 64), "float16")
     base, lse = pagedflash.paged_attn(q, *cache, num_splits=2, return_lse=True)
-    for name in ["simple"] + [k for k, _ in PAGED_KERNELS] + ["1x8+registers", "2x8+registers", "4x8+registers"]:
+    for name in (
+        ["simple", "sm90"] + [k for k, _ in PAGED_KERNELS] + ["1x8+registers", "2x8+registers", "4x8+registers"]
+    ):
         o, l = pagedflash.paged_attn(q, *cache, num_splits=2, return_lse=True, kernel=name)
         assert np.array_equal(o, base) and np.array_equal(l, lse), name
 
@@ -523,6 +525,86 @@ def test_kernel_refusals(backend, rng):
     for kernel in ("1x4", "4x4", "1x8"):
         refuse(q, cache, kernel)
     accept(q, cache)
+
+
+# ---------------------------------------------------------------------------
+# the prefill path (CUDA, Hopper): the wgmma flash forward reading K/V through the block table
+# ---------------------------------------------------------------------------
+
+# (name, run_paged arguments): prompts and chunks at every masking option, both query layouts,
+# the extras kernel (softcap / ALiBi), GQA / MQA, long contexts, many sequences (the packed plan)
+PREFILL_SCENARIOS = [
+    ("dense_causal", dict(lens=(300, 517, 1000), qlens=[300] * 3, layout="dense", h=8, hk=2)),
+    ("dense_full_mqa", dict(lens=(129, 64, 700), qlens=[64] * 3, layout="dense", h=6, hk=1, causal=False)),
+    ("packed_chunks", dict(lens=(300, 150, 1, 41, 20, 900), qlens=[150, 150, 1, 5, 0, 257], layout="packed")),
+    ("window", dict(lens=(400, 1000), qlens=[400, 333], layout="packed", window=(64, -1), h=4, hk=4)),
+    ("window_bidir", dict(lens=(300, 257), qlens=[200, 200], layout="dense", window=(17, 5), causal=False)),
+    ("softcap_alibi", dict(lens=(700, 129), qlens=[129, 129], layout="dense", softcap=5.0, alibi="heads")),
+    ("alibi_batch_scale", dict(lens=(500, 77), qlens=[250, 77], layout="packed", alibi="batch", softmax_scale=0.3)),
+    ("long", dict(lens=(5000,), qlens=[1000], layout="packed", h=4, hk=1)),
+    (
+        "many",
+        dict(lens=tuple(range(40, 1500, 97)), qlens=[n // 4 for n in range(40, 1500, 97)], layout="packed", h=4, hk=2),
+    ),
+    ("empty_sequences", dict(lens=(0, 300, 0, 64), qlens=[0, 300, 0, 64], layout="packed")),
+]
+
+
+@cases(
+    "dtype,d,bs,scenario",
+    cuda=[("bfloat16", 128, bs, i) for bs in (16, 64, 256) for i in range(len(PREFILL_SCENARIOS))]
+    + [("float16", d, bs, i) for d in (64, 40) for bs in (1, 3, 32) for i in (0, 2, 5)]
+    + [("float16", 128, 24, i) for i in (1, 3, 6, 9)],
+    ids=lambda dt, d, bs, i: f"{PREFILL_SCENARIOS[i][0]}-{dt}-d{d}-bs{bs}",
+)
+def test_prefill_kernel(backend, rng, dtype, d, bs, scenario):
+    """kernel="sm90": every scenario on the flash forward over the paged cache, against the
+    float64 reference (out and lse); block sizes below, equal to and above the 64 / 128-key
+    tiles, and ones that do not divide them; head dim 40 runs on the 64 tile."""
+    kw = dict(PREFILL_SCENARIOS[scenario][1])
+    if backend.refuses("sm90"):
+        with pytest.raises(NotImplementedError, match="sm90"):
+            run_paged(backend, rng, dtype=dtype, d=d, bs=bs, kernel="sm90", **kw)
+        return
+    run_paged(backend, rng, dtype=dtype, d=d, bs=bs, kernel="sm90", **kw)
+
+
+@cuda_only
+def test_prefill_routing(backend, rng):
+    """ "auto" runs calls with >= 64 queries per sequence (and no explicit split count) on the
+    prefill path where it can: bit for bit the "sm90" result; fewer queries, or num_splits > 1,
+    keep the split-KV kernel (the "sm90" result differs in rounding somewhere)."""
+    if not backend.has_sm90:
+        pytest.skip("the prefill path needs Hopper and an sm_90 build")
+    cache = make_paged_cache(backend, rng, (700, 300), 2, 128, 16, "bfloat16")
+    for q_len, splits, prefill in ((64, 0, True), (64, 1, True), (200, 0, True), (63, 0, False), (64, 3, False)):
+        q = backend.randn(rng, (2, q_len, 8, 128), "bfloat16")
+        auto = pagedflash.paged_attn(q, *cache, num_splits=splits)
+        flash = pagedflash.paged_attn(q, *cache, kernel="sm90")
+        assert torch.equal(auto, flash) == prefill, (q_len, splits)
+    # packed: total_q / batch decides
+    for qlens, prefill in (([100, 28], True), ([100, 27], False)):
+        cu = torch.tensor(np.concatenate([[0], np.cumsum(qlens)]), dtype=torch.int32, device="cuda")
+        q = backend.randn(rng, (sum(qlens), 8, 128), "bfloat16")
+        auto = pagedflash.paged_attn(q, *cache, cu_seqlens_q=cu)
+        flash = pagedflash.paged_attn(q, *cache, cu_seqlens_q=cu, kernel="sm90")
+        assert torch.equal(auto, flash) == prefill, qlens
+
+
+@cuda_only
+def test_prefill_refusals(backend, rng):
+    """kernel="sm90" refuses, naming the reason and writing nothing: float32, a head dim whose
+    kernel has no wgmma tile (192), unaligned queries; off Hopper every call."""
+    cases_ = [("float32", 128, 128), ("bfloat16", 192, 192), ("bfloat16", 64, 65)]
+    for dtype, d, dq in cases_:
+        cache = make_paged_cache(backend, rng, [70, 5], 2, d, 16, dtype)
+        q = backend.randn(rng, (2, 3, 4, dq), dtype)[..., dq - d :]
+        out = poison_like(q)
+        with pytest.raises(NotImplementedError, match="sm90"):
+            pagedflash.paged_attn(q, *cache, out=out, kernel="sm90")
+        assert torch.isnan(out).all()
+        pagedflash.paged_attn(q, *cache, out=out)  # "auto" takes it elsewhere
+        assert not torch.isnan(out).any()
 
 
 # ---------------------------------------------------------------------------
@@ -589,8 +671,8 @@ def test_against_cpu_backend(backend, rng):
 def test_bad_block_ids_in_device_tables(backend, rng, hk):
     """Ids outside [0, num_blocks) in a device-resident table are never dereferenced: the tokens of
     such a block contribute nothing (compute-sanitizer runs this test too). hk = 2: token mode;
-    hk = 8: head mode; num_splits 0 (automatic), 1, 3. A seq_len larger than the table row covers
-    is clamped to its capacity."""
+    hk = 8: head mode; num_splits 0 (automatic), 1, 3; on Hopper also the prefill path ("sm90").
+    A seq_len larger than the table row covers is clamped to its capacity."""
     bs, d, h = 16, 128, 4 * hk
     lens = (100, 64, 37)
     cache = make_paged_cache(backend, rng, lens, hk, d, bs, "bfloat16")
@@ -603,8 +685,11 @@ def test_bad_block_ids_in_device_tables(backend, rng, hk):
     sl_dev = sl.copy()
     sl_dev[2] = 10**6
     q = backend.randn(rng, (3, h, d), "bfloat16")
-    for ns in (0, 1, 3):
-        out = pagedflash.paged_attn(q, cache.k, cache.v, backend.put(bad), backend.put(sl_dev), num_splits=ns)
+    runs = [(ns, "auto") for ns in (0, 1, 3)] + ([(0, "sm90")] if backend.has_sm90 else [])
+    for ns, kernel in runs:
+        out = pagedflash.paged_attn(
+            q, cache.k, cache.v, backend.put(bad), backend.put(sl_dev), num_splits=ns, kernel=kernel
+        )
         torch.cuda.synchronize()
         assert not torch.isnan(out[:2]).any()
         # the reference: the same attention without the bad blocks' tokens
@@ -618,7 +703,7 @@ def test_bad_block_ids_in_device_tables(backend, rng, hk):
                 reference.attention(qb, k, v)[0, 0],
                 naive_attention_lowp(qb, k, v)[0, 0],
                 dtype="bfloat16",
-                what=f"sequence {b}, num_splits={ns}",
+                what=f"sequence {b}, num_splits={ns}, kernel={kernel}",
             )
 
 
@@ -639,10 +724,11 @@ def test_no_visible_token_rows(backend, rng):
             for b, n in enumerate((1, 40))
         ]
     )
-    for ns in (1, 2):
-        out, lse = pagedflash.paged_attn(q, *cache, return_lse=True, num_splits=ns)
+    runs = [(1, "auto"), (2, "auto")] + ([(1, "sm90")] if backend.has_sm90 else [])
+    for ns, kernel in runs:
+        out, lse = pagedflash.paged_attn(q, *cache, return_lse=True, num_splits=ns, kernel=kernel)
         assert torch.all(out[0, :2] == 0) and torch.all(torch.isneginf(lse[:, 0:2]))
-        assert_close(out, ref, naive, dtype="bfloat16", what=f"out, num_splits={ns}")
+        assert_close(out, ref, naive, dtype="bfloat16", what=f"out, num_splits={ns}, kernel={kernel}")
         check_lse(lse, ref_lse)
 
 
