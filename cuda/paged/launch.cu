@@ -145,6 +145,20 @@ static pf_status pf_paged_fill_args(const pf_paged_params *p, pf_paged_args &a) 
     return PF_STATUS_OK;
 }
 
+/* The first of q, out, k_cache, v_cache whose rows are not 16-byte aligned (data pointer or a
+ * stride not a multiple of 8 elements), NULL when none: the tensor-core kernels read and write
+ * 16-byte vectors. */
+static const char *pf_paged_misaligned(const pf_paged_args &a) {
+    auto aligned = [](const void *ptr, int64_t s0, int64_t s1, int64_t s2) {
+        return ((uintptr_t)ptr & 15u) == 0 && s0 % 8 == 0 && s1 % 8 == 0 && s2 % 8 == 0;
+    };
+    return !aligned(a.q, a.q_sb, a.q_st, a.q_sh)             ? "q"
+           : !aligned(a.out, a.o_sb, a.o_st, a.o_sh)         ? "out"
+           : !aligned(a.k_cache, a.k_sblk, a.k_stok, a.k_sh) ? "k_cache"
+           : !aligned(a.v_cache, a.v_sblk, a.v_stok, a.v_sh) ? "v_cache"
+                                                             : NULL;
+}
+
 /* Why the tensor-core kernel cannot take this call (into buf), or NULL when it can: it
  * needs float16 / bfloat16, an instantiation for the head dim and 16-byte aligned rows. */
 static const char *pf_paged_tensor_core_obstacle(const pf_paged_args &a, pf_dtype dtype, pf_paged_entry_fns entry,
@@ -163,14 +177,7 @@ static const char *pf_paged_tensor_core_obstacle(const pf_paged_args &a, pf_dtyp
                  n ? dims : "none");
         return buf;
     }
-    auto aligned = [](const void *ptr, int64_t s0, int64_t s1, int64_t s2) {
-        return ((uintptr_t)ptr & 15u) == 0 && s0 % 8 == 0 && s1 % 8 == 0 && s2 % 8 == 0;
-    };
-    const char *bad = !aligned(a.q, a.q_sb, a.q_st, a.q_sh)             ? "q"
-                      : !aligned(a.out, a.o_sb, a.o_st, a.o_sh)         ? "out"
-                      : !aligned(a.k_cache, a.k_sblk, a.k_stok, a.k_sh) ? "k_cache"
-                      : !aligned(a.v_cache, a.v_sblk, a.v_stok, a.v_sh) ? "v_cache"
-                                                                        : NULL;
+    const char *bad = pf_paged_misaligned(a);
     if (bad) {
         snprintf(buf, len,
                  "needs 16-byte aligned rows (a 16-byte aligned data pointer, strides that are multiples of "
@@ -248,7 +255,7 @@ static void pf_paged_prefill_params(const pf_paged_params *pp, const pf_paged_ar
     p.max_blocks = a.max_blocks;
     p.bs_magic = a.bs_magic;
     p.bs_shift = a.bs_shift;
-    /* alignment: what the tensor-core obstacle checks (16-byte rows) plus the head dim */
+    /* 16-byte vectors: the head dim here, the rows of q / out / caches in pf_paged_prefill_obstacle */
     p.aligned = a.head_dim % 8 == 0;
 
     pf::cuda::ScoreParams &sp = p.score;
@@ -278,10 +285,12 @@ static const char *pf_paged_prefill_obstacle(const pf_paged_args &a, const pf::c
     const char *why = pf::cuda::flash_fwd_paged_refusal(fp, dtype, device);
     if (why) return why;
     if (a.cu_seqlens_q && a.cu_s != 1) return "the flash kernels need a contiguous cu_seqlens_q";
-    char tc[192];
-    if (pf_paged_tensor_core_obstacle(a, dtype, pf_paged_entry(a.head_dim, dtype), tc, sizeof tc) &&
-        strstr(tc, "aligned")) {
-        snprintf(buf, len, "the wgmma kernels %s", strstr(tc, "need"));
+    const char *bad = pf_paged_misaligned(a);
+    if (bad) {
+        snprintf(buf, len,
+                 "the wgmma kernels need 16-byte aligned rows (a 16-byte aligned data pointer, strides that are "
+                 "multiples of 8 elements), which %s does not have",
+                 bad);
         return buf;
     }
     return NULL;
