@@ -10,8 +10,8 @@ whole prompt: q_len = seq_len = s, dense layout [b, s, h, d]), and the columns a
 (FlashAttention's FLOP convention, as bench_attention.py):
 
     paged      pagedflash.paged_attn, kernel "auto" (the prefill path on Hopper)
-    splitkv    paged_attn with kernel "8x8" (the split-KV tensor-core kernel that ran
-               prefill before the prefill path; --no-splitkv skips it)
+    splitkv    paged_attn on the split-KV tensor-core kernel that ran prefill before the
+               prefill path: the best of its CTA shapes 8x8, 4x4, 1x4 (--no-splitkv skips it)
     dense      pagedflash.flash_attn on the contiguous K/V
     cudnn      SDPA CUDNN_ATTENTION on the contiguous K/V (the issue's yardstick)
     fa2        SDPA FLASH_ATTENTION
@@ -22,6 +22,11 @@ Times: common.gpu_time (median of CUDA-event timings, L2 flushed before each cal
 
     python3 benchmarks/bench_paged_prefill.py --out benchmarks/results/paged_prefill_h100.md
     python3 benchmarks/bench_paged_prefill.py --quick --block-sizes 64
+    python3 benchmarks/bench_paged_prefill.py --seqlens 4096 --q-lens 16,32,64,128 --group 4 --causal yes
+        # chunks of a 4k prompt with GQA 4: where "auto" should switch kernels
+
+With --q-lens (queries = the last q_len tokens of each sequence) or --group > 1 the SDPA columns
+are left out (SDPA's causal mask is top-left, and it wants K/V per query head).
 """
 
 from __future__ import annotations
@@ -42,13 +47,18 @@ except ImportError:  # pragma: no cover - older torch
 
 TOKENS = 16384
 SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
-CONFIGS = [(64, 32), (128, 16)]
+DIMS = [64, 128]  # hidden 2048: 32 and 16 heads
 BLOCK_SIZES = [16, 64, 256]
+SPLITKV_SHAPES = ("8x8", "4x4", "1x4")
 
 
-def flops_fwd(b, s, h, d, causal):
-    f = 4.0 * b * s * s * h * d
-    return f / 2 if causal else f
+def flops_fwd(b, n, s, h, d, causal):
+    """n queries (the last of s tokens) per sequence: FlashAttention's convention at n = s (causal
+    halves it), else the visible (query, key) pairs exactly."""
+    if n == s or not causal:
+        f = 4.0 * b * n * s * h * d
+        return f / 2 if causal else f
+    return 4.0 * b * h * d * (n * s - n * (n - 1) / 2)
 
 
 def scatter_into_cache(x, bs, perm):
@@ -63,34 +73,40 @@ def scatter_into_cache(x, bs, perm):
     return cache
 
 
-def bench_point(d, h, s, causal, bs, args):
-    b = max(1, args.tokens // s)
-    g = torch.Generator(device="cuda").manual_seed(s * 7 + d + bs)
-    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+def bench_point(d, s, n, causal, bs, args):
+    h = 2048 // d
+    b, hk = max(1, args.tokens // s), h // args.group
+    g = torch.Generator(device="cuda").manual_seed(s * 7 + d + bs + n)
+    q = torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
     per = (s + bs - 1) // bs
     perm = torch.randperm(b * per, device="cuda", generator=g)
     kc, vc = scatter_into_cache(k, bs, perm), scatter_into_cache(v, bs, perm)
     tables = perm.reshape(b, per).to(torch.int32)
     lens = torch.full((b,), s, device="cuda", dtype=torch.int32)
     out = torch.empty_like(q)
-    ff = flops_fwd(b, s, h, d, causal)
-    row = {"d": d, "s": s, "b": b, "bs": bs, "causal": causal}
+    ff = flops_fwd(b, n, s, h, d, causal)
+    row = {"d": d, "s": s, "q_len": n, "b": b, "bs": bs, "causal": causal}
     timing = {"warmup": args.warmup, "iters": args.iters, "flush_l2_between": not args.no_l2_flush}
 
-    dense = pagedflash.flash_attn(q, k, v, causal=causal)
-    paged = pagedflash.paged_attn(q, kc, vc, tables, lens, causal=causal)
-    row["err"] = float((paged.float() - dense.float()).abs().max())
-    del dense, paged
+    def paged(kernel="auto"):
+        kw = common.kernel_kwargs(kernel)
+        return lambda: pagedflash.paged_attn(q, kc, vc, tables, lens, causal=causal, out=out, **kw)
 
     def rate(fn):
         return common.gpu_time(fn, **timing).rate(ff) / 1e12
 
-    row["paged"] = rate(lambda: pagedflash.paged_attn(q, kc, vc, tables, lens, causal=causal, out=out))
+    dense = pagedflash.flash_attn(q, k, v, causal=causal)
+    row["err"] = float(
+        (pagedflash.paged_attn(q, kc, vc, tables, lens, causal=causal).float() - dense.float()).abs().max()
+    )
+    del dense
+    row["paged"] = rate(paged())
     if not args.no_splitkv:
-        row["splitkv"] = rate(
-            lambda: pagedflash.paged_attn(q, kc, vc, tables, lens, causal=causal, out=out, kernel="8x8")
-        )
+        row["splitkv"] = max(rate(paged(kern)) for kern in SPLITKV_SHAPES)
     row["dense"] = rate(lambda: pagedflash.flash_attn(q, k, v, causal=causal, out=out))
+    if n < s or hk < h:
+        return row
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     for name, be in (("cudnn", "CUDNN_ATTENTION"), ("fa2", "FLASH_ATTENTION")):
 
@@ -105,33 +121,23 @@ def bench_point(d, h, s, causal, bs, args):
     return row
 
 
+RATIOS = {"paged/cudnn": "cudnn", "paged/dense": "dense", "paged/splitkv": "splitkv"}
+
+
 def table(rows):
-    cols = [
-        "d",
-        "s",
-        "b",
-        "bs",
-        "causal",
-        "paged",
-        "splitkv",
-        "dense",
-        "cudnn",
-        "fa2",
-        "paged/cudnn",
-        "paged/dense",
-        "err",
-    ]
+    cols = ["d", "s", "q_len", "b", "bs", "causal", "paged", "splitkv", "dense", "cudnn", "fa2", *RATIOS, "err"]
     lines = []
     for r in rows:
-        r = dict(r)
-        r["paged/cudnn"] = r["paged"] / r["cudnn"] if r.get("cudnn") else None
-        r["paged/dense"] = r["paged"] / r["dense"]
-        lines.append(
-            [
-                f"{r[c]:.2f}x" if "/" in c and r.get(c) else f"{r[c]:.1e}" if c == "err" else common.fmt(r.get(c))
-                for c in cols
-            ]
-        )
+        cells = []
+        for c in cols:
+            if c in RATIOS:
+                base = r.get(RATIOS[c])
+                cells.append(f"{r['paged'] / base:.2f}x" if base else "-")
+            elif c == "err":
+                cells.append(f"{r[c]:.1e}")
+            else:
+                cells.append(common.fmt(r.get(c)))
+        lines.append(cells)
     return common.markdown_table(cols, lines)
 
 
@@ -143,7 +149,9 @@ def main(argv=None):
     ap.add_argument("--dims", help="comma-separated head dims (64, 128)")
     ap.add_argument("--block-sizes", default=",".join(map(str, BLOCK_SIZES)))
     ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
-    ap.add_argument("--tokens", type=int, default=TOKENS)
+    ap.add_argument("--tokens", type=int, default=TOKENS, help="tokens per batch: batch = tokens / seqlen")
+    ap.add_argument("--q-lens", help="comma-separated queries per sequence (default: q_len = s); > s skipped")
+    ap.add_argument("--group", type=int, default=1, help="query heads per KV head (GQA)")
     ap.add_argument("--no-splitkv", action="store_true", help="skip the split-KV kernel's column")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
@@ -154,29 +162,28 @@ def main(argv=None):
     if sdpa_kernel is None:
         sys.exit("needs torch.nn.attention.sdpa_kernel (torch >= 2.3)")
     seqlens = [int(x) for x in args.seqlens.split(",")] if args.seqlens else ([1024, 8192] if args.quick else SEQLENS)
-    dims = [int(x) for x in args.dims.split(",")] if args.dims else [c[0] for c in CONFIGS]
+    dims = [int(x) for x in common.parse_list(args.dims)] if args.dims else DIMS
     sizes = [int(x) for x in common.parse_list(args.block_sizes)]
+    qlens = [int(x) for x in common.parse_list(args.q_lens)] if args.q_lens else None
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     prov = common.provenance_line("cuda", args.commit)
     print(prov, flush=True)
     rows = []
-    for d, h in [(d, 2048 // d) for d in dims]:
+    for d in dims:
         for causal in causals:
             for s in seqlens:
                 for bs in sizes:
-                    r = bench_point(d, h, s, causal, bs, args)
-                    rows.append(r)
-                    print(
-                        ", ".join(f"{k}={common.fmt(v) if k != 'err' else f'{v:.1e}'}" for k, v in r.items()),
-                        flush=True,
-                    )
+                    for n in [x for x in qlens if x <= s] if qlens else [s]:
+                        r = bench_point(d, s, n, causal, bs, args)
+                        rows.append(r)
+                        print(", ".join(f"{k}={common.fmt(v)}" for k, v in r.items()), flush=True)
     head = (
-        f"Prefill over the paged cache (paged_attn, q_len = s, blocks scattered at random), bfloat16, "
-        f"{args.tokens} tokens per batch, TFLOP/s\n\n{prov}\n\n"
+        f"Prefill over the paged cache (paged_attn, blocks scattered at random), bfloat16, {args.tokens} tokens "
+        f"per batch, hidden 2048, query heads per KV head {args.group}, TFLOP/s\n\n{prov}\n\n"
         f"Times: median of {args.iters} CUDA-event timings after {args.warmup} warm-ups"
-        f"{'' if args.no_l2_flush else ', L2 flushed before each'}. paged = paged_attn (auto), splitkv = paged_attn "
-        f"kernel '8x8', dense = flash_attn, cudnn / fa2 = SDPA CUDNN_ATTENTION / FLASH_ATTENTION on contiguous K/V; "
-        f"err = max |paged - dense|\n"
+        f"{'' if args.no_l2_flush else ', L2 flushed before each'}. paged = paged_attn (auto); splitkv = paged_attn "
+        f"on the split-KV kernel, best of {', '.join(SPLITKV_SHAPES)}; dense = flash_attn; cudnn / fa2 = SDPA "
+        f"CUDNN_ATTENTION / FLASH_ATTENTION on contiguous K/V (q_len = s, no GQA only); err = max |paged - dense|\n"
     )
     common.write_report(head + "\n" + table(rows) + "\n", args.out)
 
