@@ -93,9 +93,11 @@ def paged_attn(
     count). A query that sees no token gets out = 0 and lse = -inf.
 
     kernel: "auto" (the default: the launcher's heuristic) or, for tests and benchmarks, a
-    CUDA kernel: "simple" (CUDA cores) or a tensor-core CTA shape of H KV heads x W warps,
-    "1x4", "4x4", "8x8", "1x8", "2x8", "4x8", optionally "+registers" (K/V loaded straight
-    into registers instead of through the shared-memory ring). NotImplementedError where the
+    CUDA kernel: "sm90" (the prefill path: the wgmma flash forward reading K/V through the
+    block table; "auto" takes it on Hopper for >= 64 queries per sequence), "simple" (CUDA
+    cores) or a split-KV tensor-core CTA shape of H KV heads x W warps, "1x4", "4x4", "8x8",
+    "1x8", "2x8", "4x8", optionally "+registers" (K/V loaded straight into registers instead
+    of through the shared-memory ring). NotImplementedError where the
     named kernel cannot take the call; the CPU backend ignores the hint.
 
     Raises ValueError (shapes, lengths, block ids out of range, cu_seqlens_q inconsistent
