@@ -285,6 +285,8 @@ static const char *pf_paged_prefill_obstacle(const pf_paged_args &a, const pf::c
     const char *why = pf::cuda::flash_fwd_paged_refusal(fp, dtype, device);
     if (why) return why;
     if (a.cu_seqlens_q && a.cu_s != 1) return "the flash kernels need a contiguous cu_seqlens_q";
+    if (a.num_heads > 65535 || (!a.cu_seqlens_q && a.batch > 65535))
+        return "its grid holds at most 65535 query heads and (dense queries) 65535 sequences";
     const char *bad = pf_paged_misaligned(a);
     if (bad) {
         snprintf(buf, len,
