@@ -336,8 +336,19 @@ def _poisoned(x):
 @pytest.fixture
 def nan_outputs(monkeypatch):
     """Every result array the library allocates (out, lse, dq/dk/dv, a dropout mask) starts as
-    NaN (0xA5 in integer arrays), not as whatever the allocator hands back."""
+    NaN (0xA5 in integer arrays), not as whatever the allocator hands back: on the C call path
+    (NumPy and torch, allocated in csrc/py/library.c) through _C._set_result_hook, on the Python
+    general path (other libraries) by patching its allocators."""
+    from pagedflash import _C
     from pagedflash import _frameworks as fw
+
+    def hook(x):
+        _poisoned(x)
+        # the fill runs on torch's current stream; a call given another stream (stream=...) must
+        # not race ahead of it
+        if torch is not None and isinstance(x, torch.Tensor) and x.is_cuda:
+            if not torch.cuda.is_current_stream_capturing():
+                torch.cuda.current_stream(x.device).synchronize()
 
     for cls in (fw._Numpy, fw._Torch):
         real = cls.empty
@@ -354,6 +365,9 @@ def nan_outputs(monkeypatch):
         return _real(like, stream)
 
     monkeypatch.setattr(fw._Torch, "stream", staticmethod(stream))
+    _C._set_result_hook(hook)
+    yield
+    _C._set_result_hook(None)
 
 
 @pytest.fixture(autouse=True)

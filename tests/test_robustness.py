@@ -1087,3 +1087,24 @@ def _deleter_cache_ops(rng, deleter):
         dst,
     )
     raises_unchanged(ValueError, r"^block_mapping: ", lambda: pagedflash.copy_blocks([prod], [dst], [[0, 7]]), dst)
+
+
+def test_result_hook_sees_every_library_result():
+    """The tests' poisoning hook (tests/conftest.py nan_outputs) reaches results allocated on the
+    C call path: called once per result, with the object the call returns, before the kernel
+    writes it; never for arrays the caller passed."""
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 9, 2, 16)).astype(np.float32) for _ in range(3))
+    seen = []
+    pagedflash._C._set_result_hook(lambda x: (seen.append(x), x.fill(np.nan)))
+    try:
+        out, lse = pagedflash.flash_attn(q, k, v, return_lse=True)
+        assert [id(x) for x in seen] == [id(out), id(lse)]
+        assert np.isfinite(out).all() and np.isfinite(lse).all()  # written after the hook's fill
+        seen.clear()
+        pagedflash.flash_attn(q, k, v, out=np.empty_like(q))
+        assert seen == []
+    finally:
+        pagedflash._C._set_result_hook(None)
+    with pytest.raises(TypeError, match="hook"):
+        pagedflash._C._set_result_hook(3)

@@ -140,6 +140,12 @@ PyObject *pf_py_output(PyObject *module, const pf_py_lib *lib, PyObject *given, 
     if (given == Py_None) {
         if (dtype == like->dtype && pf_py_result_dtype(like_name, like) < 0) return NULL;
         obj = pf_py_lib_empty(lib, module, like, ndim, shape, dtype);
+        PyObject *hook = pf_py_state(module)->result_hook;
+        if (hook && obj && obj != Py_NotImplemented) {
+            PyObject *r = PyObject_CallOneArg(hook, obj);
+            if (!r) Py_CLEAR(obj);
+            Py_XDECREF(r);
+        }
     } else {
         obj = Py_NewRef(given);
     }

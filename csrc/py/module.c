@@ -41,7 +41,22 @@ static PyObject *get_num_threads(PyObject *module, PyObject *unused) {
     return PyLong_FromLong(pf_py_state(module)->num_threads);
 }
 
+/* Tests: hook(result) runs on every result array the library allocates itself (out, lse,
+ * gradients, a dropout mask), before the kernel writes it -- tests/conftest.py fills them with
+ * NaN so that an element a kernel never writes fails the comparison. None removes it. */
+static PyObject *set_result_hook(PyObject *module, PyObject *hook) {
+    if (hook != Py_None && !PyCallable_Check(hook)) {
+        PyErr_SetString(PyExc_TypeError, "hook: expected a callable or None");
+        return NULL;
+    }
+    pf_module_state *st = pf_py_state(module);
+    Py_XSETREF(st->result_hook, hook == Py_None ? NULL : Py_NewRef(hook));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"_set_result_hook", set_result_hook, METH_O,
+     "_set_result_hook(hook) -> None: tests only: hook(result) on every result the library allocates"},
     {"build_info", build_info, METH_NOARGS,
      "build_info() -> dict: cuda (built), cuda_archs, cuda_devices (driver-visible), cpu_count, version"},
     {"set_num_threads", set_num_threads, METH_O,
@@ -91,6 +106,7 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg) {
     Py_VISIT(st->block_stats_type);
     Py_VISIT(st->out_of_blocks);
     Py_VISIT(st->cuda_error);
+    Py_VISIT(st->result_hook);
     return 0;
 }
 
@@ -100,6 +116,7 @@ static int module_clear(PyObject *m) {
     Py_CLEAR(st->block_stats_type);
     Py_CLEAR(st->out_of_blocks);
     Py_CLEAR(st->cuda_error);
+    Py_CLEAR(st->result_hook);
     return 0;
 }
 

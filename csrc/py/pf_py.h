@@ -31,6 +31,7 @@ typedef struct pf_module_state {
     PyObject *cuda_error;       /* pagedflash.CudaError(RuntimeError) */
     int32_t num_threads;        /* the CPU backend's threads for every call (0: one per core) */
     uint64_t rng;               /* dropout seeds drawn when the caller gives none */
+    PyObject *result_hook;      /* tests: called on every result the library allocates (NULL: none) */
 } pf_module_state;
 
 pf_module_state *pf_py_state(PyObject *module);
