@@ -73,6 +73,16 @@ def _shape(x: Any, name: str, ndim: int) -> tuple:
     return shape
 
 
+def _torch_slopes(alibi_slopes: Any, q: Any) -> Any:
+    """alibi_slopes for pagedflash.torch (which saves it for the backward): a torch tensor on q's
+    device (NumPy slopes with torch q are accepted, as everywhere in pagedflash)."""
+    if alibi_slopes is None or is_torch(alibi_slopes):
+        return alibi_slopes
+    import torch
+
+    return torch.as_tensor(np.asarray(alibi_slopes), device=q.device)
+
+
 def _needs_grad(*xs) -> bool:
     if not any(is_torch(x) for x in xs):
         return False
@@ -141,6 +151,7 @@ def flash_attn_func(
     if is_torch(q):
         from . import torch as pft
 
+        opts["alibi_slopes"] = _torch_slopes(alibi_slopes, q)
         out, lse = pft.flash_attn(q, k, v, dropout_p=dropout_p, return_lse=True, deterministic=deterministic, **opts)
     else:
         out, lse = api.flash_attn(q, k, v, dropout_p=dropout_p, return_lse=True, **opts)
@@ -199,6 +210,7 @@ def flash_attn_varlen_func(
     elif is_torch(q):
         from . import torch as pft
 
+        opts["alibi_slopes"] = _torch_slopes(alibi_slopes, q)
         r = pft.flash_attn_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p, return_lse=True,
             deterministic=deterministic, **opts,
@@ -244,6 +256,12 @@ class _Lib:
                 f"q: flash_attn_with_kvcache takes NumPy arrays or torch tensors, got {type(like).__name__} "
                 "(pagedflash.write_kv_cache and pagedflash.paged_attn take any library)"
             )
+
+    def own(self, x):
+        """An index array or rotary table as an array of this library on q's device (the array itself
+        when it already is one; a copy of a small array from another library, e.g. NumPy
+        cache_seqlens with torch q)."""
+        return self.xp.as_tensor(x, **self.dev) if self.is_torch else np.asarray(x)
 
     def arange(self, n: int):
         return self.xp.arange(n, dtype=self.xp.int64, **self.dev)
@@ -325,7 +343,7 @@ def _cache_seqlens(lib: _Lib, cache_seqlens: Any, batch: int, capacity: int, app
     values = _host(cache_seqlens)
     if values is not None and np.any(values < 0):
         raise ValueError(f"cache_seqlens: must be >= 0, got {values.tolist()}")
-    return lib.astype(cache_seqlens, lib.xp.int32)
+    return lib.astype(lib.own(cache_seqlens), lib.xp.int32)
 
 
 def _check_tokens(seq_lens: Any, bt: Any, num_blocks: int, bs: int, seqlen_q: int, capacity: int, bt_name: str):
@@ -426,7 +444,7 @@ def flash_attn_with_kvcache(
             raise ValueError(
                 f"block_table: expected [{batch}, max_blocks_per_seq >= 1] (batch from q), got {[rows, max_blocks]}"
             )
-        kc, vc, bt, bt_name = k_cache, v_cache, block_table, "block_table"
+        kc, vc, bt, bt_name = k_cache, v_cache, lib.own(block_table), "block_table"
         bs = cache_shape[1]
         capacity = max_blocks * bs
     else:
@@ -438,7 +456,7 @@ def flash_attn_with_kvcache(
             rows_of_batch, bt_name = lib.arange(batch), "k_cache"
         else:
             idx = _index_array(cache_batch_idx, "cache_batch_idx", batch, ("int32", "int64"))
-            rows_of_batch, bt_name = lib.astype(idx, lib.xp.int64), "cache_batch_idx"
+            rows_of_batch, bt_name = lib.astype(lib.own(idx), lib.xp.int64), "cache_batch_idx"
         per_row = capacity // bs
         bt = lib.astype(rows_of_batch[:, None] * per_row + lib.arange(per_row)[None, :], lib.xp.int32)
 
@@ -513,4 +531,5 @@ def _apply_rotary(lib, q, k, cos, sin, lens, capacity, interleaved, at_own_posit
     q_offsets = lib.arange(seqlen_q) if at_own_positions else lib.arange(seqlen_q) * 0
     pos_q = lib.clip(lens[:, None] + q_offsets[None, :], 0, shape[0] - 1)  # clipped: device values are not checked
     pos_k = lib.clip(lens[:, None] + lib.arange(seqlen_new)[None, :], 0, shape[0] - 1)
+    cos, sin = lib.own(cos), lib.own(sin)
     return _rotary(lib, q, cos, sin, pos_q, interleaved), _rotary(lib, k, cos, sin, pos_k, interleaved)
