@@ -152,10 +152,12 @@ def flash_attn_func(
         from . import torch as pft
 
         opts["alibi_slopes"] = _torch_slopes(alibi_slopes, q)
-        out, lse = pft.flash_attn(q, k, v, dropout_p=dropout_p, return_lse=True, deterministic=deterministic, **opts)
+        r = pft.flash_attn(
+            q, k, v, dropout_p=dropout_p, return_lse=return_attn_probs, deterministic=deterministic, **opts
+        )
     else:
-        out, lse = api.flash_attn(q, k, v, dropout_p=dropout_p, return_lse=True, **opts)
-    return (out, lse, None) if return_attn_probs else out
+        r = api.flash_attn(q, k, v, dropout_p=dropout_p, return_lse=return_attn_probs, **opts)
+    return (*r, None) if return_attn_probs else r
 
 
 def flash_attn_varlen_func(
@@ -212,10 +214,9 @@ def flash_attn_varlen_func(
 
         opts["alibi_slopes"] = _torch_slopes(alibi_slopes, q)
         r = pft.flash_attn_varlen(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p, return_lse=True,
-            deterministic=deterministic, **opts,
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
+            return_lse=return_attn_probs, deterministic=deterministic, **opts,
         )  # fmt: skip
-        return (*r, None) if return_attn_probs else r[0]
     else:
         r = api.flash_attn_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
