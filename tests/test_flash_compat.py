@@ -89,6 +89,13 @@ def _slopes(rng, opts, batch, h):
     return opts, slopes
 
 
+def every_dtype(table, label=str):
+    """Parametrize ("backend", "dtype", "case") over every dtype and every row of `table` on each
+    backend present; the id names the dtype and label(row index)."""
+    rows = [(dt, i) for dt in DTYPES for i in range(len(table))]
+    return cases("dtype,case", cpu=rows, cuda=rows, ids=lambda dt, i: f"{dt}-{label(i)}")
+
+
 def _ref_opts(opts):
     """flash-attn's option names as pagedflash.reference's (window_size -> window)."""
     o = dict(opts)
@@ -97,12 +104,7 @@ def _ref_opts(opts):
     return o
 
 
-@cases(
-    "dtype,case",
-    cpu=[(dt, i) for dt in DTYPES for i in range(len(FUNC_CASES))],
-    cuda=[(dt, i) for dt in DTYPES for i in range(len(FUNC_CASES))],
-    ids=lambda dt, i: f"{dt}-{i}",
-)
+@every_dtype(FUNC_CASES)
 def test_flash_attn_func(backend, rng, dtype, case):
     b, sq, sk, h, hk, d, opts = FUNC_CASES[case]
     opts, slopes = _slopes(rng, opts, b, h)
@@ -170,12 +172,7 @@ VARLEN_CASES = [
 ]
 
 
-@cases(
-    "dtype,case",
-    cpu=[(dt, i) for dt in DTYPES for i in range(len(VARLEN_CASES))],
-    cuda=[(dt, i) for dt in DTYPES for i in range(len(VARLEN_CASES))],
-    ids=lambda dt, i: f"{dt}-{i}",
-)
+@every_dtype(VARLEN_CASES)
 def test_flash_attn_varlen_func(backend, rng, dtype, case):
     lq, lk, h, hk, d, opts = VARLEN_CASES[case]
     opts, slopes = _slopes(rng, opts, len(lq), h)
@@ -217,12 +214,7 @@ PAGED_VARLEN = [
 ]
 
 
-@cases(
-    "dtype,case",
-    cpu=[(dt, i) for dt in DTYPES for i in range(len(PAGED_VARLEN))],
-    cuda=[(dt, i) for dt in DTYPES for i in range(len(PAGED_VARLEN))],
-    ids=lambda dt, i: f"{dt}-{i}",
-)
+@every_dtype(PAGED_VARLEN)
 def test_flash_attn_varlen_func_paged(backend, rng, dtype, case):
     """block_table: k, v are paged caches; sequence b holds cu_seqlens_k[b+1] - cu_seqlens_k[b]
     tokens and its queries are the last of them (bottom-right, as flash-attn)."""
@@ -480,12 +472,7 @@ KV_CASES = [
 ]
 
 
-@cases(
-    "dtype,case",
-    cpu=[(dt, i) for dt in DTYPES for i in range(len(KV_CASES))],
-    cuda=[(dt, i) for dt in DTYPES for i in range(len(KV_CASES))],
-    ids=lambda dt, i: f"{dt}-{KV_CASES[i][0]}{i}",
-)
+@every_dtype(KV_CASES, label=lambda i: f"{KV_CASES[i][0]}{i}")
 def test_kvcache(backend, rng, dtype, case):
     layout, size, lens, s_new, sq, opts = KV_CASES[case]
     size_kw = dict(seqlen_cache=size) if layout == "dense" else dict(bs=size)

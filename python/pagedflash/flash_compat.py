@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -148,16 +148,7 @@ def flash_attn_func(
     pagedflash.dropout_mask gives a seed's dropout mask).
     """
     opts = _options(softmax_scale, causal, window_size, softcap, alibi_slopes)
-    if is_torch(q):
-        from . import torch as pft
-
-        opts["alibi_slopes"] = _torch_slopes(alibi_slopes, q)
-        r = pft.flash_attn(
-            q, k, v, dropout_p=dropout_p, return_lse=return_attn_probs, deterministic=deterministic, **opts
-        )
-    else:
-        r = api.flash_attn(q, k, v, dropout_p=dropout_p, return_lse=return_attn_probs, **opts)
-    return (*r, None) if return_attn_probs else r
+    return _flash(q, k, v, (), dropout_p, deterministic, return_attn_probs, opts)
 
 
 def flash_attn_varlen_func(
@@ -209,19 +200,24 @@ def flash_attn_varlen_func(
         rows = _shape(block_table, "block_table", 2)[0]
         seq_lens = _seq_lens_from_cu(cu_seqlens_k, rows)
         r = paged_attn(q, k, v, block_table, seq_lens, cu_seqlens_q=cu_seqlens_q, return_lse=return_attn_probs, **opts)
-    elif is_torch(q):
+        return (*r, None) if return_attn_probs else r
+    varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return _flash(q, k, v, varlen, dropout_p, deterministic, return_attn_probs, opts)
+
+
+def _flash(q, k, v, varlen: tuple, dropout_p, deterministic, return_attn_probs, opts):
+    """flash_attn (varlen empty) or flash_attn_varlen (varlen: its cu_seqlens and max_seqlen
+    arguments): pagedflash.torch's differentiable wrappers for torch tensors, the functional API
+    otherwise. Returns out, or (out, lse, None)."""
+    f: Callable[..., Any]
+    if is_torch(q):
         from . import torch as pft
 
-        opts["alibi_slopes"] = _torch_slopes(alibi_slopes, q)
-        r = pft.flash_attn_varlen(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
-            return_lse=return_attn_probs, deterministic=deterministic, **opts,
-        )  # fmt: skip
+        f = pft.flash_attn_varlen if varlen else pft.flash_attn
+        opts = dict(opts, alibi_slopes=_torch_slopes(opts["alibi_slopes"], q), deterministic=deterministic)
     else:
-        r = api.flash_attn_varlen(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
-            return_lse=return_attn_probs, **opts,
-        )  # fmt: skip
+        f = api.flash_attn_varlen if varlen else api.flash_attn
+    r = f(q, k, v, *varlen, dropout_p=dropout_p, return_lse=return_attn_probs, **opts)
     return (*r, None) if return_attn_probs else r
 
 

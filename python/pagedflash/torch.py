@@ -150,7 +150,8 @@ def _(
 
 
 def _deterministic(inputs, n: int) -> bool:
-    """The trailing deterministic option of an operator's inputs (n: the count without it)."""
+    """The trailing deterministic option of an operator's inputs (n: the count without it), which the
+    setup contexts keep in ctx.deterministic for the backward."""
     return bool(inputs[n]) if len(inputs) > n else False
 
 
@@ -160,22 +161,14 @@ def _fwd_setup_context(ctx, inputs, output):
     )
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, seed)
-    ctx.options = (
-        softmax_scale,
-        causal,
-        window_left,
-        window_right,
-        softcap,
-        dropout_p,
-        offset,
-        _deterministic(inputs, 12),
-    )
+    ctx.options = (softmax_scale, causal, window_left, window_right, softcap, dropout_p, offset)
+    ctx.deterministic = _deterministic(inputs, 12)
     ctx.mark_non_differentiable(lse)
 
 
 def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, alibi_slopes, seed = ctx.saved_tensors
-    softmax_scale, causal, window_left, window_right, softcap, dropout_p, offset, deterministic = ctx.options
+    softmax_scale, causal, window_left, window_right, softcap, dropout_p, offset = ctx.options
     dq, dk, dv = _flash_attn_bwd(
         dout,
         q,
@@ -192,7 +185,7 @@ def _fwd_backward(ctx, dout, dlse):
         dropout_p,
         seed,
         offset,
-        deterministic,
+        ctx.deterministic,
     )
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
@@ -347,25 +340,16 @@ def _varlen_setup_context(ctx, inputs, output):
         softcap,
         dropout_p,
         offset,
-        _deterministic(inputs, 16),
     )
+    ctx.deterministic = _deterministic(inputs, 16)
     ctx.mark_non_differentiable(lse)
 
 
 def _varlen_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed = ctx.saved_tensors
-    (
-        max_seqlen_q,
-        max_seqlen_k,
-        softmax_scale,
-        causal,
-        window_left,
-        window_right,
-        softcap,
-        dropout_p,
-        offset,
-        deterministic,
-    ) = ctx.options
+    (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, dropout_p, offset) = (
+        ctx.options
+    )
     dq, dk, dv = _flash_attn_varlen_bwd(
         dout,
         q,
@@ -386,7 +370,7 @@ def _varlen_backward(ctx, dout, dlse):
         dropout_p,
         seed,
         offset,
-        deterministic,
+        ctx.deterministic,
     )
     return (dq, dk, dv) + (None,) * 14
 
