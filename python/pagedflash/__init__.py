@@ -7,6 +7,7 @@ CuPy, JAX or any DLPack producer and results go back to the caller's library.
 
     import pagedflash
     out = pagedflash.flash_attn(q, k, v, causal=True)
+    out = pagedflash.flash_attn_func(q, k, v, causal=True)   # flash-attn 2.x's signature
 
 ``import pagedflash`` never imports torch; ``pagedflash.torch`` does.
 """
@@ -25,6 +26,7 @@ from .api import (
     set_num_threads,
 )
 from .block_manager import AllocStatus, BlockManager, BlockStats
+from .flash_compat import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from .paged import copy_blocks, merge_attn_states, paged_attn, swap_blocks, write_kv_cache
 
 __version__ = _C.build_info()["version"]
@@ -45,6 +47,10 @@ __all__ = [
     "BlockManager",
     "AllocStatus",
     "BlockStats",
+    # FlashAttention 2.x entry points (flash_compat.py)
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
     # types, errors, configuration
     "Tensor",
     "OutOfBlocks",

@@ -13,7 +13,8 @@ with ``register_autograd``, so they work under autograd, ``torch.compile``
                                                cu_seqlens_k, max_seqlen_q, max_seqlen_k, <options>)
 
     <options> = softmax_scale (None = 1/sqrt(head_dim)), causal, window_left, window_right,
-                softcap, alibi_slopes, dropout_p, seed (int64 scalar tensor or None), offset
+                softcap, alibi_slopes, dropout_p, seed (int64 scalar tensor or None), offset,
+                deterministic=False (used by the backward: bitwise-reproducible dq on CUDA)
 
 Use the wrappers :func:`flash_attn` and :func:`flash_attn_varlen`.
 
@@ -79,8 +80,10 @@ def _flash_attn_fwd(
     dropout_p: float,
     seed: Optional[torch.Tensor],
     offset: int,
+    deterministic: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """q [b, sq, h, d], k/v [b, sk, hk, d] -> (out [b, sq, h, d], lse float32 [b, h, sq])."""
+    """q [b, sq, h, d], k/v [b, sk, hk, d] -> (out [b, sq, h, d], lse float32 [b, h, sq]).
+    deterministic is not used here: it is saved for the backward."""
     _check_seed(dropout_p, seed)
     return _api._attn_fwd(
         q, k, v, None, None, 0, 0, softmax_scale, causal, (window_left, window_right), softcap, alibi_slopes,
@@ -89,7 +92,10 @@ def _flash_attn_fwd(
 
 
 @_flash_attn_fwd.register_fake
-def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, offset):
+def _(
+    q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, offset,
+    deterministic=False,
+):  # fmt: skip
     return _empty(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
@@ -110,12 +116,14 @@ def _flash_attn_bwd(
     dropout_p: float,
     seed: Optional[torch.Tensor],
     offset: int,
+    deterministic: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of flash_attn_fwd, given its out and lse."""
     _check_seed(dropout_p, seed)
     return _api._attn_bwd(
         dout, q, k, v, out, lse, None, None, None, None, None, 0, 0, softmax_scale, causal,
-        (window_left, window_right), softcap, alibi_slopes, dropout_p, _seed_int(seed), offset, False, None, "auto",
+        (window_left, window_right), softcap, alibi_slopes, dropout_p, _seed_int(seed), offset, deterministic, None,
+        "auto",
     )  # fmt: skip
 
 
@@ -136,15 +144,25 @@ def _(
     dropout_p,
     seed,
     offset,
+    deterministic=False,
 ):
     return _empty(q), _empty(k), _empty(v)
 
 
+def _deterministic(inputs, n: int) -> bool:
+    """The trailing deterministic option of an operator's inputs (n: the count without it), which the
+    setup contexts keep in ctx.deterministic for the backward."""
+    return bool(inputs[n]) if len(inputs) > n else False
+
+
 def _fwd_setup_context(ctx, inputs, output):
-    (q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, offset) = inputs
+    (q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, offset) = (
+        inputs[:12]
+    )
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, seed)
     ctx.options = (softmax_scale, causal, window_left, window_right, softcap, dropout_p, offset)
+    ctx.deterministic = _deterministic(inputs, 12)
     ctx.mark_non_differentiable(lse)
 
 
@@ -167,8 +185,9 @@ def _fwd_backward(ctx, dout, dlse):
         dropout_p,
         seed,
         offset,
+        ctx.deterministic,
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 _flash_attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -197,8 +216,10 @@ def _flash_attn_varlen_fwd(
     dropout_p: float,
     seed: Optional[torch.Tensor],
     offset: int,
+    deterministic: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """q [total_q, h, d], k/v [total_k, hk, d] -> (out [total_q, h, d], lse float32 [h, total_q])."""
+    """q [total_q, h, d], k/v [total_k, hk, d] -> (out [total_q, h, d], lse float32 [h, total_q]).
+    deterministic is not used here: it is saved for the backward."""
     _check_seed(dropout_p, seed)
     return _api._attn_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
@@ -225,6 +246,7 @@ def _(
     dropout_p,
     seed,
     offset,
+    deterministic=False,
 ):
     return _empty(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
@@ -250,13 +272,14 @@ def _flash_attn_varlen_bwd(
     dropout_p: float,
     seed: Optional[torch.Tensor],
     offset: int,
+    deterministic: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of flash_attn_varlen_fwd, given its out and lse."""
     _check_seed(dropout_p, seed)
     return _api._attn_bwd(
         dout, q, k, v, out, lse, None, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         softmax_scale, causal, (window_left, window_right), softcap, alibi_slopes, dropout_p, _seed_int(seed), offset,
-        False, None, "auto",
+        deterministic, None, "auto",
     )  # fmt: skip
 
 
@@ -281,6 +304,7 @@ def _(
     dropout_p,
     seed,
     offset,
+    deterministic=False,
 ):
     return _empty(q), _empty(k), _empty(v)
 
@@ -303,7 +327,7 @@ def _varlen_setup_context(ctx, inputs, output):
         dropout_p,
         seed,
         offset,
-    ) = inputs
+    ) = inputs[:16]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed)
     ctx.options = (
@@ -317,6 +341,7 @@ def _varlen_setup_context(ctx, inputs, output):
         dropout_p,
         offset,
     )
+    ctx.deterministic = _deterministic(inputs, 16)
     ctx.mark_non_differentiable(lse)
 
 
@@ -345,8 +370,9 @@ def _varlen_backward(ctx, dout, dlse):
         dropout_p,
         seed,
         offset,
+        ctx.deterministic,
     )
-    return (dq, dk, dv) + (None,) * 13
+    return (dq, dk, dv) + (None,) * 14
 
 
 _flash_attn_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
@@ -382,13 +408,16 @@ class _FlashAttn(torch.autograd.Function):
     instead (flash_attn below picks)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, alibi, dropout_p, seed, offset):
+    def forward(
+        ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, alibi, dropout_p, seed, offset,
+        deterministic,
+    ):  # fmt: skip
         out, lse = _api._attn_fwd(
             q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, alibi, dropout_p, seed, offset, True,
             None, None, "auto",
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi)
-        ctx.options = (max_q, max_k, scale, causal, window, softcap, dropout_p, seed, offset)
+        ctx.options = (max_q, max_k, scale, causal, window, softcap, dropout_p, seed, offset, deterministic)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -396,12 +425,12 @@ class _FlashAttn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_q, cu_k, alibi = ctx.saved_tensors
-        max_q, max_k, scale, causal, window, softcap, dropout_p, seed, offset = ctx.options
+        max_q, max_k, scale, causal, window, softcap, dropout_p, seed, offset, deterministic = ctx.options
         dq, dk, dv = _api._attn_bwd(
             dout, q, k, v, out, lse, None, None, None, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, alibi,
-            dropout_p, seed, offset, False, None, "auto",
+            dropout_p, seed, offset, deterministic, None, "auto",
         )  # fmt: skip
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
+        return (dq, dk, dv) + (None,) * 13
 
 
 def _eager_seed(dropout_p: float, seed) -> int:
@@ -426,6 +455,7 @@ def flash_attn(
     seed=None,
     offset: int = 0,
     return_lse: bool = False,
+    deterministic: bool = False,
 ):
     """Differentiable flash attention (pagedflash.flash_attn semantics) on torch tensors.
 
@@ -434,11 +464,13 @@ def flash_attn(
     (with dropout_p > 0: a fresh draw from torch's generator per call). Returns out, or
     (out, lse) with return_lse=True (lse float32 [batch, num_heads, seqlen_q], not
     differentiable). Gradients reach q, k and v. Works under torch.compile(fullgraph=True).
+    deterministic: the backward's option (pagedflash.flash_attn_backward): bitwise-reproducible
+    dq on CUDA; the CPU backward is always deterministic.
     """
     if not torch.compiler.is_compiling():
         out, lse = _FlashAttn.apply(
             q, k, v, None, None, 0, 0, softmax_scale, causal, window, softcap, alibi_slopes, dropout_p,
-            _eager_seed(dropout_p, seed), offset,
+            _eager_seed(dropout_p, seed), offset, bool(deterministic),
         )  # fmt: skip
         return (out, lse) if return_lse else out
     left, right = _window(window)
@@ -455,6 +487,7 @@ def flash_attn(
         float(dropout_p),
         _seed_tensor(dropout_p, seed),
         int(offset),
+        bool(deterministic),
     )
     return (out, lse) if return_lse else out
 
@@ -477,6 +510,7 @@ def flash_attn_varlen(
     seed=None,
     offset: int = 0,
     return_lse: bool = False,
+    deterministic: bool = False,
 ):
     """Differentiable flash attention over packed variable-length sequences.
 
@@ -487,7 +521,7 @@ def flash_attn_varlen(
     if not torch.compiler.is_compiling():
         out, lse = _FlashAttn.apply(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window, softcap,
-            alibi_slopes, dropout_p, _eager_seed(dropout_p, seed), offset,
+            alibi_slopes, dropout_p, _eager_seed(dropout_p, seed), offset, bool(deterministic),
         )  # fmt: skip
         return (out, lse) if return_lse else out
     left, right = _window(window)
@@ -508,5 +542,6 @@ def flash_attn_varlen(
         float(dropout_p),
         _seed_tensor(dropout_p, seed),
         int(offset),
+        bool(deterministic),
     )
     return (out, lse) if return_lse else out
