@@ -104,9 +104,21 @@ def paged_attn(
     with q), TypeError (dtypes, e.g. block_tables not int32), NotImplementedError (a device
     this build lacks).
     """
+    return _paged_attn(
+        q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, softmax_scale, causal, window, softcap,
+        alibi_slopes, num_splits, bool(return_lse), out, stream, kernel,
+    )  # fmt: skip
+
+
+def _paged_attn(
+    q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, softmax_scale, causal, window, softcap, alibi_slopes,
+    num_splits, lse, out, stream, kernel,
+):  # fmt: skip
+    """paged_attn's call (also pagedflash.torch's). lse: False (out only), True ((out, lse), lse
+    allocated) or an array to write ((out, lse))."""
     r = _C.paged_attn(
-        q, k_cache, v_cache, block_tables, seq_lens, out, bool(return_lse), cu_seqlens_q, softmax_scale, causal,
-        window, softcap, alibi_slopes, num_splits, stream, kernel,
+        q, k_cache, v_cache, block_tables, seq_lens, out, lse, cu_seqlens_q, softmax_scale, causal, window, softcap,
+        alibi_slopes, num_splits, stream, kernel,
     )  # fmt: skip
     if r is not NotImplemented:
         return r
@@ -118,12 +130,13 @@ def paged_attn(
     qshape, qdtype, _, _ = describe(q, "q")
     if out is None:
         out = allocate(lib, qshape, qdtype, q, "q")
-    lse = None
-    if return_lse and len(qshape) >= 3:  # a wrong rank is reported by _C
-        total_q = qshape[0] * qshape[1] if len(qshape) == 4 and cu_seqlens_q is None else qshape[0]
-        lse = lib.empty((qshape[-2], total_q), "float32", q)
+    if lse is True:
+        lse = None
+        if len(qshape) >= 3:  # a wrong rank is reported by _C
+            total_q = qshape[0] * qshape[1] if len(qshape) == 4 and cu_seqlens_q is None else qshape[0]
+            lse = lib.empty((qshape[-2], total_q), "float32", q)
     return _C.paged_attn(
-        q, k_cache, v_cache, block_tables, seq_lens, out, lse if return_lse else None, cu_seqlens_q, softmax_scale,
+        q, k_cache, v_cache, block_tables, seq_lens, out, None if lse is False else lse, cu_seqlens_q, softmax_scale,
         causal, window, softcap, alibi_slopes, num_splits, api._stream(lib, q, stream), kernel,
     )  # fmt: skip
 
