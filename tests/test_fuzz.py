@@ -596,11 +596,14 @@ def gen_merge_attn_states(g):
     tokens = math.prod(lead)
     shape = lead + [h, d]
 
+    def lse_shape():  # [h, tokens], or for out [b, s, h, d] flash_attn's [b, h, s] too
+        return (lead[0], h, lead[1]) if len(lead) == 2 and g.flag(0.5) else (h, tokens)
+
     def lse():
         if g.flag(0.3):
             vals = [g.choice([0.5, -1.0, float("-inf"), 3.0]) for _ in range(max(h * tokens, 1))]
-            return g.tensor((h, tokens), "float32", values=vals)
-        return g.tensor((h, tokens), "float32")
+            return g.tensor(lse_shape(), "float32", values=vals)
+        return g.tensor(lse_shape(), "float32")
 
     oa, la, ob, lb = g.tensor(shape, dt), lse(), g.tensor(shape, dt), lse()
     g.args = [oa, la, ob, lb]
@@ -611,7 +614,7 @@ def gen_merge_attn_states(g):
         g.kwargs["out"] = g.alias(oa if which == "a" else ob, "out")
     which = g.choice(["none", "new", "a", "b"])
     if which == "new":
-        g.kwargs["out_lse"] = g.tensor((h, tokens), "float32", role="out")
+        g.kwargs["out_lse"] = g.tensor(lse_shape(), "float32", role="out")
     elif which in ("a", "b"):
         g.kwargs["out_lse"] = g.alias(la if which == "a" else lb, "out")
     g.opt("stream", [None, 0])

@@ -56,6 +56,7 @@ def test_numpy_in_numpy_out(rng):
 
 @pytest.mark.skipif(torch is None, reason="needs torch")
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.filterwarnings("ignore:pagedflash.flash_attn. q, k or v requires grad")  # tests/test_torch.py
 def test_torch_in_torch_out(rng, dtype):
     q, k, v = (torch.from_numpy(x).to(getattr(torch, dtype)) for x in make(rng))
     q.requires_grad_(True)  # viewed through the DLPack C exchange API: no detach() needed, no error

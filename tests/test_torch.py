@@ -7,6 +7,7 @@
 - torch.library.opcheck passes on the four operators.
 - torch.compile(fullgraph=True) on a module calling them runs without graph breaks and
   gives the eager gradients.
+- The plain pagedflash.flash_attn warns (once) when a gradient would be dropped.
 """
 
 from __future__ import annotations
@@ -37,6 +38,38 @@ def test_import_pagedflash_does_not_import_torch():
     env = dict(os.environ, PYTHONPATH=pkg_parent)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+_GRAD_WARNING_SCRIPT = r"""
+import warnings, torch, pagedflash, pagedflash.torch as pft
+q, k, v = torch.randn(1, 5, 2, 8, requires_grad=True), torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
+cu = torch.tensor([0, 5], dtype=torch.int32)
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    pagedflash.flash_attn(q.detach(), k, v)                     # nothing requires grad
+    with torch.no_grad():
+        pagedflash.flash_attn(q, k, v)                          # no graph is being recorded
+    pft.flash_attn(q, k, v, causal=True).sum().backward()       # the differentiable path
+    assert q.grad is not None and not w, [str(x.message) for x in w]
+    pagedflash.flash_attn_varlen(k[0], q[0], v[0], cu, cu, 5, 5)  # only k requires grad
+    pagedflash.flash_attn(q, k, v)
+    pagedflash.flash_attn(q, k, v, return_lse=True)
+print(len(w), w[0].category.__name__, w[0].filename, "|", w[0].message)
+"""
+
+
+def test_plain_flash_attn_warns_once_when_a_gradient_is_dropped():
+    """pagedflash.flash_attn / flash_attn_varlen on a tensor that requires grad, with grad mode on,
+    warn (once per process: a fresh interpreter) that no gradient will flow, naming
+    pagedflash.torch.flash_attn, at the caller's line; nothing is said for tensors that do not
+    require grad, under no_grad, or on pagedflash.torch's own differentiable calls."""
+    pkg_parent = str(Path(pagedflash.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=pkg_parent)
+    r = subprocess.run([sys.executable, "-c", _GRAD_WARNING_SCRIPT], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    count, category, filename, _, message = r.stdout.strip().split(" ", 4)
+    assert (count, category, filename) == ("1", "UserWarning", "<string>"), r.stdout
+    assert "requires grad" in message and "pagedflash.torch.flash_attn" in message, message
 
 
 def _inputs(gen, shapes, dtype):

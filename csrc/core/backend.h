@@ -57,6 +57,8 @@ typedef struct pf_backend {
     pf_status (*flash_bwd)(const pf_attn_params *p);
     pf_status (*dropout_mask)(const pf_attn_params *p, pf_tensor mask);
     pf_status (*paged_attn)(const pf_paged_params *p);
+    /* lse_a, lse_b and lse (when present) come as views [..., num_heads] over out's leading
+     * dimensions, whichever layout the caller passed (pf_merge_attn_states rewrites them) */
     pf_status (*merge_attn_states)(const pf_merge_params *p);
     pf_status (*write_kv_cache)(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache, pf_tensor slot_mapping,
                                 void *stream);

@@ -97,7 +97,11 @@ pf_status pf_paged_attn(const pf_paged_params *p) {
 
 pf_status pf_merge_attn_states(const pf_merge_params *p) {
     PF_TRY(pf_merge_attn_states_validate(p));
-    PF_BACKEND_CALL(p->out.device, "merge_attn_states", merge_attn_states, p);
+    pf_merge_params b = *p; /* every lse as a [..., num_heads] view over out's leading dims (backend.h) */
+    pf_merge_lse_view(&p->lse_a, &p->out, &b.lse_a);
+    pf_merge_lse_view(&p->lse_b, &p->out, &b.lse_b);
+    pf_merge_lse_view(&p->lse, &p->out, &b.lse);
+    PF_BACKEND_CALL(p->out.device, "merge_attn_states", merge_attn_states, &b);
 }
 
 pf_status pf_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache, pf_tensor slot_mapping,

@@ -58,6 +58,11 @@ pf_status pf_check_nonneg_strides(const pf_tensor *t, const char *name);
  * the message): PF_STATUS_NOT_SUPPORTED when this build has none. */
 pf_status pf_check_backend(const pf_tensor *t, const char *name, const pf_backend **backend);
 
+/* merge_attn_states (validate_paged.c): a validated lse_a / lse_b / lse, in either layout it
+ * takes, as the view the backends index (backend.h): [..., num_heads] over out's leading
+ * dimensions. An absent lse stays absent. */
+void pf_merge_lse_view(const pf_tensor *lse, const pf_tensor *out, pf_tensor *view);
+
 /* The operations a kernel hint may name. */
 typedef enum pf_hint_op { PF_HINT_FLASH, PF_HINT_PAGED } pf_hint_op;
 /* `kernel` is PF_KERNEL_AUTO or a hint of the operation `op` (INVALID_VALUE otherwise). */

@@ -197,8 +197,29 @@ pf_status pf_paged_attn_validate(const pf_paged_params *p) {
 
 /* ---- merge of attention states ---- */
 
+/* The layouts an lse of merge_attn_states may have, for out [..., num_heads, head_dim]:
+ * PF_MERGE_LSE_HEADS_TOKENS [num_heads, tokens] (tokens = the product of out's leading
+ * dimensions: paged_attn's and flash_attn_varlen's lse), or, for a 4-d out [batch, seqlen,
+ * num_heads, head_dim], PF_MERGE_LSE_BATCH_HEADS [batch, num_heads, seqlen] (flash_attn's). */
+typedef enum pf_merge_lse_layout {
+    PF_MERGE_LSE_NONE,
+    PF_MERGE_LSE_HEADS_TOKENS,
+    PF_MERGE_LSE_BATCH_HEADS
+} pf_merge_lse_layout;
+
+static pf_merge_lse_layout merge_lse_layout(const pf_tensor *l, const pf_tensor *out) {
+    const int nd = out->ndim;
+    int64_t tokens = 1;
+    for (int i = 0; i < nd - 2; i++) tokens *= out->shape[i];
+    if (l->ndim == 2 && l->shape[0] == out->shape[nd - 2] && l->shape[1] == tokens) return PF_MERGE_LSE_HEADS_TOKENS;
+    if (nd == 4 && l->ndim == 3 && l->shape[0] == out->shape[0] && l->shape[1] == out->shape[2] &&
+        l->shape[2] == out->shape[1])
+        return PF_MERGE_LSE_BATCH_HEADS;
+    return PF_MERGE_LSE_NONE;
+}
+
 pf_status pf_merge_attn_states_validate(const pf_merge_params *p) {
-    char s1[128];
+    char s1[128], s2[128], s3[128];
     PF_CHECK_VALUE(p != NULL, "params: NULL");
     const pf_tensor *a = &p->out_a;
     PF_TRY(pf_check_present(a, "out_a"));
@@ -214,11 +235,18 @@ pf_status pf_merge_attn_states_validate(const pf_merge_params *p) {
     PF_TRY(pf_check_same_shape(&p->out, "out", a, "out_a"));
     PF_TRY(pf_check_nonneg_strides(&p->out, "out"));
 
-    pf_tensor want = {0};
+    pf_tensor want = {0}; /* [num_heads, tokens], for the message and the row count */
     want.ndim = 2;
     want.shape[0] = a->shape[a->ndim - 2];
     want.shape[1] = 1;
     for (int i = 0; i < a->ndim - 2; i++) want.shape[1] *= a->shape[i];
+    pf_tensor flash = {0}; /* [batch, num_heads, seqlen] where out_a is 4-d */
+    if (a->ndim == 4) {
+        flash.ndim = 3;
+        flash.shape[0] = a->shape[0];
+        flash.shape[1] = a->shape[2];
+        flash.shape[2] = a->shape[1];
+    }
     const char *names[3] = {"lse_a", "lse_b", "lse"};
     const pf_tensor *lses[3] = {&p->lse_a, &p->lse_b, &p->lse};
     for (int i = 0; i < 3; i++) {
@@ -226,7 +254,14 @@ pf_status pf_merge_attn_states_validate(const pf_merge_params *p) {
         if (i == 2 && !pf_tensor_present(l) && l->ndim == 0) break; /* lse output is optional */
         PF_TRY(pf_check_present(l, names[i]));
         PF_TRY(pf_check_dtype(l, names[i], PF_DTYPE_F32));
-        PF_TRY(pf_check_same_shape(l, names[i], &want, "[num_heads, tokens]"));
+        if (a->ndim == 4)
+            PF_CHECK_VALUE(merge_lse_layout(l, a) != PF_MERGE_LSE_NONE,
+                           "%s: expected [num_heads, tokens] %s or [batch, num_heads, seqlen] %s for out_a [batch, "
+                           "seqlen, num_heads, head_dim], got %s",
+                           names[i], pf_shape_str(&want, s1, sizeof s1), pf_shape_str(&flash, s2, sizeof s2),
+                           pf_shape_str(l, s3, sizeof s3));
+        else
+            PF_TRY(pf_check_same_shape(l, names[i], &want, "[num_heads, tokens]"));
         PF_TRY(pf_check_same_device(l, names[i], a, "out_a"));
         if (i == 2) PF_TRY(pf_check_nonneg_strides(l, names[i]));
     }
@@ -249,6 +284,29 @@ pf_status pf_merge_attn_states_validate(const pf_merge_params *p) {
              "out_a: too many rows (tokens x heads = %lld) for %s, at most %lld",
              (long long)(want.shape[0] * want.shape[1]), be->name, (long long)be->limits.max_rows);
     return PF_STATUS_OK;
+}
+
+/* lse as the backends take it (backend.h): [..., num_heads] over out's leading dimensions, for
+ * either layout of a validated lse; an absent lse stays absent. */
+void pf_merge_lse_view(const pf_tensor *lse, const pf_tensor *out, pf_tensor *view) {
+    *view = *lse;
+    if (!pf_tensor_present(lse) && lse->ndim == 0) return;
+    const int nlead = out->ndim - 2;
+    view->ndim = nlead + 1;
+    for (int i = 0; i < nlead; i++) view->shape[i] = out->shape[i];
+    view->shape[nlead] = out->shape[nlead];
+    if (merge_lse_layout(lse, out) == PF_MERGE_LSE_BATCH_HEADS) { /* [b, h, s] -> [b, s, h] */
+        view->strides[0] = lse->strides[0];
+        view->strides[1] = lse->strides[2];
+        view->strides[2] = lse->strides[1];
+        return;
+    }
+    int64_t step = lse->strides[1]; /* [h, tokens] -> [lead..., h], tokens row-major over lead */
+    view->strides[nlead] = lse->strides[0];
+    for (int i = nlead - 1; i >= 0; i--) { /* the token strides of the lse's elements */
+        view->strides[i] = step;
+        if (i > 0) step *= out->shape[i];
+    }
 }
 
 /* ---- cache operations ---- */

@@ -10,7 +10,9 @@
  *   swap_blocks      the same between two caches (host <-> host here)
  *   merge            out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b,
  *                    lse = logaddexp(lse_a, lse_b); the log-sum-exp merge is
- *                    pf_cpu_merge_partials, shared with flash decoding.
+ *                    pf_cpu_merge_partials, shared with flash decoding. out_*
+ *                    [..., h, d]; every lse arrives as a view [..., h] over the
+ *                    same leading dimensions (the core's pf_merge_lse_view).
  *
  * A "block" is a slice along dimension 0. Blocks whose trailing dimensions are
  * C-contiguous move with one memmove; others row by row (the last dimension is
@@ -78,7 +80,8 @@ typedef struct merge_ctx {
     void **scratch;               /* per thread: float [3][d] */
 } merge_ctx;
 
-/* Element offset of (token t, head h) in a [..., heads, d] tensor. */
+/* Element offset of (token t, head h) in a [..., heads, d] tensor, or in an lse view
+ * [..., heads] (backend.h: the core hands every lse over in that form). */
 static int64_t lead_offset(const pf_tensor *t, int nlead, int64_t tok, int64_t h) {
     int64_t off = h * t->strides[nlead];
     for (int i = nlead - 1; i >= 0; i--) {
@@ -97,8 +100,8 @@ static void merge_token(void *vctx, int64_t tok, int tid) {
     float *res = ab + 2 * c->d;
     for (int64_t h = 0; h < c->heads; h++) {
         float lse2[2];
-        lse2[0] = ((const float *)p->lse_a.data)[h * p->lse_a.strides[0] + tok * p->lse_a.strides[1]];
-        lse2[1] = ((const float *)p->lse_b.data)[h * p->lse_b.strides[0] + tok * p->lse_b.strides[1]];
+        lse2[0] = ((const float *)p->lse_a.data)[lead_offset(&p->lse_a, c->nlead, tok, h)];
+        lse2[1] = ((const float *)p->lse_b.data)[lead_offset(&p->lse_b, c->nlead, tok, h)];
         /* load only the sides that count: a side at -inf may hold anything (NaN) */
         if (lse2[0] != -__builtin_inff())
             pf_load_row_f32(ab, (const char *)p->out_a.data + lead_offset(&p->out_a, c->nlead, tok, h) * (int64_t)es,
@@ -110,7 +113,7 @@ static void merge_token(void *vctx, int64_t tok, int tid) {
         float lse;
         pf_cpu_merge_partials(2, lse2, ab, c->d, c->d, res, &lse);
         pf_store_row_f32((char *)p->out.data + lead_offset(&p->out, c->nlead, tok, h) * (int64_t)es, res, dt, c->d);
-        if (pf_tensor_present(&p->lse)) ((float *)p->lse.data)[h * p->lse.strides[0] + tok * p->lse.strides[1]] = lse;
+        if (pf_tensor_present(&p->lse)) ((float *)p->lse.data)[lead_offset(&p->lse, c->nlead, tok, h)] = lse;
     }
 }
 

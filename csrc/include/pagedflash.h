@@ -329,8 +329,11 @@ pf_status pf_paged_attn(const pf_paged_params *params);
  * Merge two partial attention results over disjoint key sets:
  *   out_a, out_b, out  [..., num_heads, head_dim]: any leading shape (tokens = its product),
  *                      one float dtype for all three
- *   lse_a, lse_b       f32 [num_heads, tokens], natural log
- *   lse                f32 [num_heads, tokens], optional output
+ *   lse_a, lse_b       f32, natural log, each in either layout (any strides):
+ *                      [num_heads, tokens] (pf_paged_attn's, packed pf_flash_fwd's), or for a
+ *                      4-d out [batch, seqlen, num_heads, head_dim], [batch, num_heads, seqlen]
+ *                      (dense pf_flash_fwd's)
+ *   lse                f32, optional output, in either layout
  * lse = logaddexp(lse_a, lse_b), out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b.
  * A side whose lse is -inf contributes nothing (its out is never read, so it may hold
  * anything); both -inf gives out = 0, lse = -inf. NaN in an lse propagates.

@@ -80,6 +80,7 @@ static PyObject *flash_fwd(PyObject *module, PyObject *const *args, Py_ssize_t n
     pf_status status;
     if (pf_py_stream(o[OPT_STREAM], &keep) < 0) goto fail; /* first: it decides how arrays are viewed */
     pf_py_lib_of(args[0], &lib);
+    if (pf_py_lib_warn_grad(module, args, 3) < 0) goto fail; /* q, k, v: no autograd graph here */
     if (pf_py_lib_needs_python(&lib, &keep, args[3] == Py_None || args[4] == Py_True)) Py_RETURN_NOTIMPLEMENTED;
     if (pf_py_input(args[0], "q", &p.q, &keep) < 0) goto fail;
     if (opts_fill(module, o, &p, &keep, 0) < 0) goto fail;

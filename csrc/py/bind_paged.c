@@ -62,7 +62,8 @@ fail_released:
 }
 
 /* _C.merge_attn_states(out_a, lse_a, out_b, lse_b, out, out_lse, stream) -> (out, out_lse);
- * None results are allocated in out_a's library. NotImplemented as paged_attn. */
+ * None results are allocated in out_a's library (out_lse in lse_a's layout). NotImplemented as
+ * paged_attn. */
 static PyObject *merge_attn_states(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     if (pf_py_nargs("merge_attn_states", nargs, 7, 7) < 0) return NULL;
     pf_merge_params p;
@@ -84,13 +85,22 @@ static PyObject *merge_attn_states(PyObject *module, PyObject *const *args, Py_s
     const pf_tensor *a = &p.out_a;
     res[0] = pf_py_output(module, &lib, args[4], "out", a, "out_a", a->ndim, a->shape, a->dtype, &p.out, &keep);
     if (!res[0]) goto fail;
-    int64_t lse_shape[2] = {0, 0};
-    if (a->ndim >= 2) {
+    /* out_lse in lse_a's layout: [batch, num_heads, seqlen] (flash_attn's) where lse_a has it and
+     * out_a is [batch, seqlen, num_heads, head_dim], else [num_heads, tokens] */
+    int64_t lse_shape[3] = {0, 0, 0};
+    int lse_ndim = 2;
+    if (a->ndim == 4 && p.lse_a.ndim == 3) {
+        lse_ndim = 3;
+        lse_shape[0] = a->shape[0];
+        lse_shape[1] = a->shape[2];
+        lse_shape[2] = a->shape[1];
+    } else if (a->ndim >= 2) {
         lse_shape[0] = a->shape[a->ndim - 2];
         lse_shape[1] = 1;
         for (int i = 0; i < a->ndim - 2; i++) lse_shape[1] *= a->shape[i]; /* the view's count fits int64 */
     }
-    res[1] = pf_py_output(module, &lib, args[5], "out_lse", a, "out_a", 2, lse_shape, PF_DTYPE_F32, &p.lse, &keep);
+    res[1] =
+        pf_py_output(module, &lib, args[5], "out_lse", a, "out_a", lse_ndim, lse_shape, PF_DTYPE_F32, &p.lse, &keep);
     if (!res[1]) goto fail;
     PF_PY_CALL(status, pf_merge_attn_states(&p));
     if (pf_py_done(module, status, &keep) < 0) goto fail_released;

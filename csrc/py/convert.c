@@ -440,13 +440,18 @@ static int import_ndarray(PyObject *obj, const char *name, int writable, pf_tens
 
 /* ---- the DLPack C exchange API ---- */
 
-/* Types seen and the exchange API each publishes (NULL: none), most recent first. A type is
- * kept alive by its entry (at most PF_XAPI_CACHE of them, the tensor types of the libraries a
- * process uses). The GIL guards the cache. */
+/* Types seen, the exchange API each publishes (NULL: none) and whether it has autograd (a
+ * `requires_grad` attribute: torch), most recent first. A type is kept alive by its entry (at
+ * most PF_XAPI_CACHE of them, the tensor types of the libraries a process uses), and with it
+ * the getter of its requires_grad descriptor, called directly: the generic attribute lookup
+ * costs as much again as torch's getter (~45 ns each). The GIL guards the cache. */
 #define PF_XAPI_CACHE 16
 static struct {
     PyTypeObject *type;
     const PFDLPackExchangeAPI *api;
+    int autograd;
+    getter grad_get; /* NULL: requires_grad is not a plain getset descriptor (generic lookup) */
+    void *grad_closure;
 } xapi_cache[PF_XAPI_CACHE];
 
 static const PFDLPackExchangeAPI *lookup_exchange_api(PyTypeObject *type) {
@@ -463,16 +468,43 @@ static const PFDLPackExchangeAPI *lookup_exchange_api(PyTypeObject *type) {
     return (const PFDLPackExchangeAPI *)h;
 }
 
-const PFDLPackExchangeAPI *pf_py_exchange_api(PyTypeObject *type) {
+/* The cache entry of `type`, made on first sight. */
+static int xapi_entry(PyTypeObject *type) {
     for (int i = 0; i < PF_XAPI_CACHE && xapi_cache[i].type; i++)
-        if (xapi_cache[i].type == type) return xapi_cache[i].api;
+        if (xapi_cache[i].type == type) return i;
     const PFDLPackExchangeAPI *api = lookup_exchange_api(type);
+    PyObject *grad = PyObject_GetAttrString((PyObject *)type, "requires_grad"); /* the descriptor */
+    if (!grad) PyErr_Clear();
     if (xapi_cache[PF_XAPI_CACHE - 1].type) Py_DECREF(xapi_cache[PF_XAPI_CACHE - 1].type);
     memmove(&xapi_cache[1], &xapi_cache[0], sizeof xapi_cache - sizeof xapi_cache[0]);
     Py_INCREF(type);
     xapi_cache[0].type = type;
     xapi_cache[0].api = api;
-    return api;
+    xapi_cache[0].autograd = grad != NULL;
+    xapi_cache[0].grad_get = NULL;
+    if (grad && Py_IS_TYPE(grad, &PyGetSetDescr_Type) && PyType_IsSubtype(type, PyDescr_TYPE(grad))) {
+        xapi_cache[0].grad_get = ((PyGetSetDescrObject *)grad)->d_getset->get; /* the type keeps it */
+        xapi_cache[0].grad_closure = ((PyGetSetDescrObject *)grad)->d_getset->closure;
+    }
+    Py_XDECREF(grad);
+    return 0;
+}
+
+const PFDLPackExchangeAPI *pf_py_exchange_api(PyTypeObject *type) { return xapi_cache[xapi_entry(type)].api; }
+
+int pf_py_autograd_type(PyObject *obj) {
+    return !PyArray_Check(obj) && !pf_py_is_tensor(obj) && xapi_cache[xapi_entry(Py_TYPE(obj))].autograd;
+}
+
+int pf_py_requires_grad(PyObject *obj) {
+    if (!pf_py_autograd_type(obj)) return 0;
+    const int i = xapi_entry(Py_TYPE(obj));
+    PyObject *r = xapi_cache[i].grad_get ? xapi_cache[i].grad_get(obj, xapi_cache[i].grad_closure)
+                                         : PyObject_GetAttrString(obj, "requires_grad");
+    if (!r) return -1;
+    const int v = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return v;
 }
 
 /* A producer's failure to export, as the ValueError that names the argument (a TypeError or

@@ -171,6 +171,52 @@ PyObject *pf_py_out_lse(PyObject *out, PyObject *want_lse, PyObject *lse) {
     return pf_py_tuple(2, (PyObject *[]){out, lse ? lse : Py_NewRef(Py_None)});
 }
 
+/* ---- autograd ---- */
+
+/* torch.is_grad_enabled(), looked up once in the torch its tensors came from (1 where no torch
+ * is imported: an autograd library we do not know), or -1 with an exception. False inside
+ * torch.no_grad(), an autograd.Function's forward and a custom operator's kernel (as
+ * pagedflash.torch runs this library). */
+static int torch_grad_enabled(pf_module_state *st) {
+    if (!st->is_grad_enabled) {
+        PyObject *name = PyUnicode_FromString("torch");
+        PyObject *torch = name ? PyImport_GetModule(name) : NULL;
+        Py_XDECREF(name);
+        if (!torch) return PyErr_Occurred() ? -1 : 1;
+        st->is_grad_enabled = PyObject_GetAttrString(torch, "is_grad_enabled");
+        Py_DECREF(torch);
+        if (!st->is_grad_enabled) return -1;
+    }
+    PyObject *r = PyObject_CallNoArgs(st->is_grad_enabled);
+    if (!r) return -1;
+    const int v = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return v;
+}
+
+int pf_py_lib_warn_grad(PyObject *module, PyObject *const *arrays, int n) {
+    pf_module_state *st = pf_py_state(module);
+    if (st->grad_warned) return 0;
+    int autograd = 0;
+    for (int i = 0; i < n; i++) autograd |= pf_py_autograd_type(arrays[i]);
+    if (!autograd) return 0;
+    /* grad mode first: one call (~45 ns); under torch.no_grad() / inference_mode nothing else
+     * is read, else requires_grad of each (~45 ns a tensor) */
+    const int enabled = torch_grad_enabled(st);
+    if (enabled <= 0) return enabled;
+    int needs_grad = 0;
+    for (int i = 0; i < n && !needs_grad; i++)
+        if ((needs_grad = pf_py_requires_grad(arrays[i])) < 0) return -1;
+    if (!needs_grad) return 0;
+    st->grad_warned = 1;
+    return PyErr_WarnEx(PyExc_UserWarning,
+                        "pagedflash.flash_attn: q, k or v requires grad, but the plain functional API records no "
+                        "autograd graph, so no gradient will reach them. Use pagedflash.torch.flash_attn (or "
+                        "flash_attn_varlen) for a differentiable call, or detach the inputs / run under "
+                        "torch.no_grad() to silence this. (Warned once per process.)",
+                        3);
+}
+
 /* ---- inputs ---- */
 
 int pf_py_input(PyObject *obj, const char *name, pf_tensor *out, pf_py_keep *keep) {

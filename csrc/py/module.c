@@ -107,6 +107,7 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg) {
     Py_VISIT(st->out_of_blocks);
     Py_VISIT(st->cuda_error);
     Py_VISIT(st->result_hook);
+    Py_VISIT(st->is_grad_enabled);
     return 0;
 }
 
@@ -117,6 +118,7 @@ static int module_clear(PyObject *m) {
     Py_CLEAR(st->out_of_blocks);
     Py_CLEAR(st->cuda_error);
     Py_CLEAR(st->result_hook);
+    Py_CLEAR(st->is_grad_enabled);
     return 0;
 }
 

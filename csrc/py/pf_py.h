@@ -32,6 +32,8 @@ typedef struct pf_module_state {
     int32_t num_threads;        /* the CPU backend's threads for every call (0: one per core) */
     uint64_t rng;               /* dropout seeds drawn when the caller gives none */
     PyObject *result_hook;      /* tests: called on every result the library allocates (NULL: none) */
+    PyObject *is_grad_enabled;  /* torch.is_grad_enabled, looked up on first need (library.c) */
+    int grad_warned;            /* the warning about a dropped gradient was given (library.c) */
 } pf_module_state;
 
 pf_module_state *pf_py_state(PyObject *module);

@@ -28,6 +28,12 @@ typedef struct pf_py_keep {
  * major version 1), or NULL; looked up once per type. */
 struct PFDLPackExchangeAPI;
 const struct PFDLPackExchangeAPI *pf_py_exchange_api(PyTypeObject *type);
+/* Whether `obj`'s type is an autograd library's array (it has `requires_grad`: torch); a cached
+ * per-type answer, never an error. */
+int pf_py_autograd_type(PyObject *obj);
+/* obj.requires_grad for such an array (its type's getter called directly), 0 for any other:
+ * 1 or 0, or -1 with an exception. */
+int pf_py_requires_grad(PyObject *obj);
 
 /* View `obj` as a pf_tensor without copying. `writable` requires a writable
  * buffer (outputs). Returns 0, or -1 with a Python exception that names `name`. */

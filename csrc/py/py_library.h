@@ -62,6 +62,13 @@ int pf_py_opt_output(PyObject *module, const pf_py_lib *lib, PyObject *given, co
  * False, lse None where none was made. Steals out and lse. */
 PyObject *pf_py_out_lse(PyObject *out, PyObject *want_lse, PyObject *lse);
 
+/* The plain forward of a library with autograd (torch) records no graph: where one of
+ * arrays[0..n) requires grad while the library's autograd is on (torch.is_grad_enabled()), a
+ * UserWarning says that no gradient will flow and names pagedflash.torch.flash_attn, once per
+ * process; after that nothing is checked. Returns 0, or -1 with an exception (a warning filter
+ * that raises). */
+int pf_py_lib_warn_grad(PyObject *module, PyObject *const *arrays, int n);
+
 /* pf_py_tensor for an input (read-only) whose last dimension the core needs contiguous:
  * NumPy arrays and producers with .contiguous() (torch) are copied when it is strided. */
 int pf_py_input(PyObject *obj, const char *name, pf_tensor *out, pf_py_keep *keep);

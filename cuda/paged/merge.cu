@@ -14,8 +14,10 @@
  *       out_a, out_b, out  [..., num_heads, head_dim], one float dtype (f32/f16/bf16),
  *                          any strides (last dimension contiguous); tokens = the
  *                          product of the leading dimensions
- *       lse_a, lse_b       f32 [num_heads, tokens], natural log
- *       lse                f32 [num_heads, tokens] (optional output)
+ *       lse_a, lse_b       f32, natural log, and lse (optional output): views
+ *                          [..., num_heads] over out's leading dimensions (the core
+ *                          rewrites the caller's [num_heads, tokens] or [batch,
+ *                          num_heads, seqlen] into that form: backend.h)
  *     A side whose lse is -inf is never read (its out may hold NaN). out / lse may be
  *     the very memory of out_a / out_b / lse_a / lse_b with the same strides (in-place
  *     merging): attn/merge.cuh says why that is safe.
@@ -181,38 +183,44 @@ struct pf_state_pair {
     static constexpr bool kLseFirst = true; /* a -inf side is never read */
     const T *out_a, *out_b;
     T *out;
-    const float *lse_a, *lse_b; /* [num_heads, tokens] */
-    float *lse;                 /* [num_heads, tokens] or NULL */
+    const float *lse_a, *lse_b; /* [..., num_heads] over out's leading dimensions */
+    float *lse;                 /* the same, or NULL */
     int64_t lead_shape[PF_MERGE_MAX_LEAD];
     int64_t a_lead_strides[PF_MERGE_MAX_LEAD], b_lead_strides[PF_MERGE_MAX_LEAD], out_lead_strides[PF_MERGE_MAX_LEAD];
+    int64_t lse_a_lead_strides[PF_MERGE_MAX_LEAD], lse_b_lead_strides[PF_MERGE_MAX_LEAD];
+    int64_t lse_lead_strides[PF_MERGE_MAX_LEAD];
     int64_t a_head_stride, b_head_stride, out_head_stride;
-    int64_t lse_a_head_stride, lse_a_token_stride, lse_b_head_stride, lse_b_token_stride;
-    int64_t lse_head_stride, lse_token_stride;
+    int64_t lse_a_head_stride, lse_b_head_stride, lse_head_stride;
     int64_t tokens;
     int n_lead, num_heads, head_dim;
 
     struct Row {
-        int64_t token;
-        int head;
-        const T *a, *b; /* the row in out_a, out_b */
-        T *out;         /* in out */
+        const T *a, *b;            /* the row in out_a, out_b */
+        T *out;                    /* in out */
+        const float *lse_a, *lse_b; /* its lse elements */
+        float *lse;                /* in lse (NULL: none) */
     };
     PF_DEV int64_t rows() const { return tokens * num_heads; }
     PF_DEV Row locate(int64_t row) const {
-        Row at;
-        at.token = row / num_heads;
-        at.head = (int)(row % num_heads);
-        int64_t off_a = 0, off_b = 0, off_out = 0, t = at.token;
+        const int64_t head = row % num_heads;
+        int64_t off_a = 0, off_b = 0, off_out = 0, off_la = 0, off_lb = 0, off_l = 0, t = row / num_heads;
         for (int k = n_lead - 1; k >= 0; k--) {
             const int64_t i = t % lead_shape[k];
             t /= lead_shape[k];
             off_a += i * a_lead_strides[k];
             off_b += i * b_lead_strides[k];
             off_out += i * out_lead_strides[k];
+            off_la += i * lse_a_lead_strides[k];
+            off_lb += i * lse_b_lead_strides[k];
+            off_l += i * lse_lead_strides[k];
         }
-        at.a = out_a + off_a + at.head * a_head_stride;
-        at.b = out_b + off_b + at.head * b_head_stride;
-        at.out = out + off_out + at.head * out_head_stride;
+        Row at;
+        at.a = out_a + off_a + head * a_head_stride;
+        at.b = out_b + off_b + head * b_head_stride;
+        at.out = out + off_out + head * out_head_stride;
+        at.lse_a = lse_a + off_la + head * lse_a_head_stride;
+        at.lse_b = lse_b + off_lb + head * lse_b_head_stride;
+        at.lse = lse ? lse + off_l + head * lse_head_stride : nullptr;
         return at;
     }
     PF_DEV bool skip(const Row &) const { return false; }
@@ -221,10 +229,7 @@ struct pf_state_pair {
     PF_DEV int units() const {
         return head_dim / kUnitVec;
     }
-    PF_DEV float partial_lse(int s, const Row &at) const {
-        return s == 0 ? lse_a[at.head * lse_a_head_stride + at.token * lse_a_token_stride]
-                      : lse_b[at.head * lse_b_head_stride + at.token * lse_b_token_stride];
-    }
+    PF_DEV float partial_lse(int s, const Row &at) const { return s == 0 ? *at.lse_a : *at.lse_b; }
     PF_DEV void load(const Row &at, int s, int unit, float (&v)[kVec]) const {
         const pf_merge_vec<T, kVec> x =
             *reinterpret_cast<const pf_merge_vec<T, kVec> *>((s == 0 ? at.a : at.b) + kVec * unit);
@@ -238,7 +243,7 @@ struct pf_state_pair {
         *reinterpret_cast<pf_merge_vec<T, kVec> *>(at.out + kVec * unit) = x;
     }
     PF_DEV void store_lse(const Row &at, float value) const {
-        if (lse) lse[at.head * lse_head_stride + at.token * lse_token_stride] = value;
+        if (at.lse) *at.lse = value;
     }
 };
 
@@ -256,6 +261,9 @@ static void pf_state_pair_fill(const pf_merge_params *p, P &m) {
         m.a_lead_strides[k] = oa.strides[k];
         m.b_lead_strides[k] = ob.strides[k];
         m.out_lead_strides[k] = o.strides[k];
+        m.lse_a_lead_strides[k] = p->lse_a.strides[k];
+        m.lse_b_lead_strides[k] = p->lse_b.strides[k];
+        if (pf_tensor_present(&p->lse)) m.lse_lead_strides[k] = p->lse.strides[k];
     }
     m.num_heads = (int)oa.shape[nd - 2];
     m.head_dim = (int)oa.shape[nd - 1];
@@ -266,15 +274,12 @@ static void pf_state_pair_fill(const pf_merge_params *p, P &m) {
     m.b_head_stride = ob.strides[nd - 2];
     m.out_head_stride = o.strides[nd - 2];
     m.lse_a = (const float *)p->lse_a.data;
-    m.lse_a_head_stride = p->lse_a.strides[0];
-    m.lse_a_token_stride = p->lse_a.strides[1];
+    m.lse_a_head_stride = p->lse_a.strides[nd - 2];
     m.lse_b = (const float *)p->lse_b.data;
-    m.lse_b_head_stride = p->lse_b.strides[0];
-    m.lse_b_token_stride = p->lse_b.strides[1];
+    m.lse_b_head_stride = p->lse_b.strides[nd - 2];
     if (pf_tensor_present(&p->lse)) {
         m.lse = (float *)p->lse.data;
-        m.lse_head_stride = p->lse.strides[0];
-        m.lse_token_stride = p->lse.strides[1];
+        m.lse_head_stride = p->lse.strides[nd - 2];
     }
 }
 

@@ -88,7 +88,7 @@ def flash_attn(
     """
     return _attn_fwd(
         q, k, v, None, None, 0, 0, softmax_scale, causal, window, softcap, alibi_slopes, dropout_p, seed, offset,
-        return_lse, out, stream, kernel,
+        bool(return_lse), out, stream, kernel,
     )  # fmt: skip
 
 
@@ -123,7 +123,7 @@ def flash_attn_varlen(
     """
     return _attn_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window, softcap,
-        alibi_slopes, dropout_p, seed, offset, return_lse, out, stream, kernel,
+        alibi_slopes, dropout_p, seed, offset, bool(return_lse), out, stream, kernel,
     )  # fmt: skip
 
 
@@ -132,12 +132,14 @@ def _lse_shape(qshape, varlen: bool):
 
 
 def _attn_fwd(
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, alibi, dropout_p, seed, offset, return_lse,
-    out, stream, kernel,
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, alibi, dropout_p, seed, offset, lse, out,
+    stream, kernel,
 ):  # fmt: skip
+    """The forward call of every caller. lse: False (out only), True ((out, lse), lse allocated)
+    or an array to write ((out, lse))."""
     r = _C.flash_fwd(
-        q, k, v, out, bool(return_lse), cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, alibi, dropout_p,
-        seed, offset, False, stream, kernel,
+        q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, alibi, dropout_p, seed, offset,
+        False, stream, kernel,
     )  # fmt: skip
     if r is not NotImplemented:
         return r
@@ -148,11 +150,11 @@ def _attn_fwd(
     varlen = cu_q is not None or cu_k is not None
     if out is None:
         out = allocate(lib, qshape, qdtype, q, "q")
-    lse = None
-    if return_lse and len(qshape) == (3 if varlen else 4):  # a wrong rank is reported by _C
-        lse = lib.empty(_lse_shape(qshape, varlen), "float32", q)
+    if lse is True:
+        # a wrong rank is reported by _C
+        lse = lib.empty(_lse_shape(qshape, varlen), "float32", q) if len(qshape) == (3 if varlen else 4) else None
     return _C.flash_fwd(
-        q, k, v, out, lse if return_lse else None, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, alibi,
+        q, k, v, out, None if lse is False else lse, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, alibi,
         dropout_p, seed, offset, False, _stream(lib, q, stream), kernel,
     )  # fmt: skip
 

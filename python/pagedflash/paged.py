@@ -104,9 +104,21 @@ def paged_attn(
     with q), TypeError (dtypes, e.g. block_tables not int32), NotImplementedError (a device
     this build lacks).
     """
+    return _paged_attn(
+        q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, softmax_scale, causal, window, softcap,
+        alibi_slopes, num_splits, bool(return_lse), out, stream, kernel,
+    )  # fmt: skip
+
+
+def _paged_attn(
+    q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, softmax_scale, causal, window, softcap, alibi_slopes,
+    num_splits, lse, out, stream, kernel,
+):  # fmt: skip
+    """paged_attn's call (also pagedflash.torch's). lse: False (out only), True ((out, lse), lse
+    allocated) or an array to write ((out, lse))."""
     r = _C.paged_attn(
-        q, k_cache, v_cache, block_tables, seq_lens, out, bool(return_lse), cu_seqlens_q, softmax_scale, causal,
-        window, softcap, alibi_slopes, num_splits, stream, kernel,
+        q, k_cache, v_cache, block_tables, seq_lens, out, lse, cu_seqlens_q, softmax_scale, causal, window, softcap,
+        alibi_slopes, num_splits, stream, kernel,
     )  # fmt: skip
     if r is not NotImplemented:
         return r
@@ -118,12 +130,13 @@ def paged_attn(
     qshape, qdtype, _, _ = describe(q, "q")
     if out is None:
         out = allocate(lib, qshape, qdtype, q, "q")
-    lse = None
-    if return_lse and len(qshape) >= 3:  # a wrong rank is reported by _C
-        total_q = qshape[0] * qshape[1] if len(qshape) == 4 and cu_seqlens_q is None else qshape[0]
-        lse = lib.empty((qshape[-2], total_q), "float32", q)
+    if lse is True:
+        lse = None
+        if len(qshape) >= 3:  # a wrong rank is reported by _C
+            total_q = qshape[0] * qshape[1] if len(qshape) == 4 and cu_seqlens_q is None else qshape[0]
+            lse = lib.empty((qshape[-2], total_q), "float32", q)
     return _C.paged_attn(
-        q, k_cache, v_cache, block_tables, seq_lens, out, lse if return_lse else None, cu_seqlens_q, softmax_scale,
+        q, k_cache, v_cache, block_tables, seq_lens, out, None if lse is False else lse, cu_seqlens_q, softmax_scale,
         causal, window, softcap, alibi_slopes, num_splits, api._stream(lib, q, stream), kernel,
     )  # fmt: skip
 
@@ -141,13 +154,16 @@ def merge_attn_states(
     """Merge two attention results over disjoint key sets of the same queries.
 
     out_a, out_b: ``[..., num_heads, head_dim]`` (any leading shape, ``tokens`` = its
-    product), one float dtype; lse_a, lse_b: float32 ``[num_heads, tokens]`` (natural log,
-    as returned by paged_attn / flash_attn_varlen with return_lse).
+    product), one float dtype; lse_a, lse_b: float32 natural log, each either
+    ``[num_heads, tokens]`` (as paged_attn / flash_attn_varlen return it) or, for
+    ``out_a [batch, seqlen, num_heads, head_dim]``, ``[batch, num_heads, seqlen]`` (as
+    flash_attn returns it). Neither is copied.
 
     Returns ``(out, lse)``: ``lse = logaddexp(lse_a, lse_b)`` and
     ``out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b``, i.e. attention over
-    the union of the keys. A side with lse -inf contributes nothing; both -inf gives
-    out 0, lse -inf. out / out_lse may be given (they may be out_a / lse_a: in place).
+    the union of the keys; lse comes in lse_a's layout. A side with lse -inf contributes
+    nothing; both -inf gives out 0, lse -inf. out / out_lse may be given (in either
+    layout; they may be out_a / lse_a: in place).
 
     Raises ValueError (shapes) or TypeError (dtypes).
     """
@@ -159,9 +175,13 @@ def merge_attn_states(
     shape, dtype, _, _ = describe(out_a, "out_a")
     if out is None:
         out = allocate(lib, shape, dtype, out_a, "out_a")
-    if out_lse is None:
-        tokens = int(np.prod(shape[:-2], dtype=np.int64)) if len(shape) >= 2 else 0
-        out_lse = lib.empty((shape[-2] if len(shape) >= 2 else 0, tokens), "float32", out_a)
+    if out_lse is None:  # in lse_a's layout, as the binding allocates it
+        if len(shape) == 4 and len(describe(lse_a, "lse_a")[0]) == 3:
+            lse_shape: tuple = (shape[0], shape[2], shape[1])
+        else:
+            tokens = int(np.prod(shape[:-2], dtype=np.int64)) if len(shape) >= 2 else 0
+            lse_shape = (shape[-2] if len(shape) >= 2 else 0, tokens)
+        out_lse = lib.empty(lse_shape, "float32", out_a)
     return _C.merge_attn_states(out_a, lse_a, out_b, lse_b, out, out_lse, api._stream(lib, out_a, stream))
 
 

@@ -18,6 +18,22 @@ with ``register_autograd``, so they work under autograd, ``torch.compile``
 
 Use the wrappers :func:`flash_attn` and :func:`flash_attn_varlen`.
 
+Serving (no autograd; docs/serving.md): :func:`paged_attn`, :func:`flash_attn_inference` (the
+plain forward), :func:`merge_attn_states`, :func:`write_kv_cache` and :func:`copy_blocks` call
+the plain functions in eager mode and, under torch.compile, the operators
+
+    torch.ops.pagedflash.paged_attn(<paged inputs>, return_lse, kernel)             -> (out, lse)
+    torch.ops.pagedflash.paged_attn_out(<paged inputs>, kernel, out!, lse!?)
+    torch.ops.pagedflash.flash_attn_inference(<flash inputs>, return_lse, kernel)   -> (out, lse)
+    torch.ops.pagedflash.flash_attn_inference_out(<flash inputs>, kernel, out!, lse!?)
+    torch.ops.pagedflash.merge_attn_states(out_a, lse_a, out_b, lse_b)              -> (out, lse)
+    torch.ops.pagedflash.merge_attn_states_out(out_a, lse_a, out_b, lse_b, out!, out_lse!)
+    torch.ops.pagedflash.write_kv_cache(k, v, k_cache!, v_cache!, slot_mapping)
+    torch.ops.pagedflash.copy_blocks(k_caches![], v_caches![], block_mapping)
+
+(! = declared mutated; the inputs are spelled out in _FLASH_INPUTS and _PAGED_INPUTS; lse is
+float32 [0] from a functional operator called without return_lse).
+
 Dropout seeds: with ``dropout_p > 0`` and ``seed=None`` each call draws a fresh seed
 from torch's default CPU generator (``torch.manual_seed`` makes a run reproducible,
 and the draw is traced by ``torch.compile``); the forward saves it and the backward
@@ -31,13 +47,22 @@ Importing this module imports torch; ``import pagedflash`` alone never does.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from . import api as _api
+from . import paged as _paged
 
-__all__ = ["flash_attn", "flash_attn_varlen"]
+__all__ = [
+    "flash_attn",
+    "flash_attn_varlen",
+    "flash_attn_inference",
+    "paged_attn",
+    "merge_attn_states",
+    "write_kv_cache",
+    "copy_blocks",
+]
 
 _U64 = 0xFFFFFFFFFFFFFFFF
 
@@ -545,3 +570,288 @@ def flash_attn_varlen(
         bool(deterministic),
     )
     return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------
+# serving operators: no autograd; a functional form and an out= form (mutating) each
+# ---------------------------------------------------------------------------
+#
+# A custom operator cannot return (an alias of) an argument, so each call with out= has its own
+# operator that writes `out` (and `lse`) and returns nothing, declared with mutates_args: the
+# functionalization of torch.compile then knows what is written. The caches of write_kv_cache
+# and copy_blocks are declared the same way. The two attention calls share one registration
+# (_attention_ops), from their inputs in torch's schema language and their plain call.
+
+_FLASH_INPUTS = (
+    "Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+    "float? softmax_scale, bool causal, int window_left, int window_right, float softcap, Tensor? alibi_slopes"
+)
+_PAGED_INPUTS = (
+    "Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, Tensor? cu_seqlens_q, "
+    "float? softmax_scale, bool causal, int window_left, int window_right, float softcap, Tensor? alibi_slopes, "
+    "int num_splits"
+)
+
+
+def _flash_call(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, left, right, softcap, alibi, lse, out, kernel):
+    """pagedflash.flash_attn(_varlen) without dropout; lse False, True or an array to write."""
+    return _api._attn_fwd(
+        q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, (left, right), softcap, alibi, 0.0, None, 0, lse, out, None,
+        kernel,
+    )  # fmt: skip
+
+
+def _flash_lse_shape(q, k, v, cu_q, cu_k, *options) -> Tuple[int, ...]:
+    """flash_attn's lse: [batch, num_heads, seqlen_q], packed [num_heads, total_q]."""
+    return _api._lse_shape(tuple(q.shape), cu_q is not None or cu_k is not None)
+
+
+def _paged_call(q, k_cache, v_cache, tables, lens, cu_q, scale, causal, left, right, softcap, alibi, splits, lse, out,
+                kernel):  # fmt: skip
+    """pagedflash.paged_attn; lse False, True or an array to write."""
+    return _paged._paged_attn(
+        q, k_cache, v_cache, tables, lens, cu_q, scale, causal, (left, right), softcap, alibi, splits, lse, out, None,
+        kernel,
+    )  # fmt: skip
+
+
+def _paged_lse_shape(q, k_cache, v_cache, tables, lens, cu_q, *options) -> Tuple[int, ...]:
+    """paged_attn's lse: [num_heads, total_q]."""
+    return q.shape[-2], q.shape[0] * q.shape[1] if q.dim() == 4 and cu_q is None else q.shape[0]
+
+
+def _lse_placeholder(like: torch.Tensor) -> torch.Tensor:
+    """The lse of a functional attention operator called without return_lse: float32 [0]."""
+    return torch.empty((0,), dtype=torch.float32, device=like.device)
+
+
+def _attention_ops(name: str, inputs: str, call, lse_shape):
+    """Registers pagedflash::<name>(<inputs>, bool return_lse, str kernel) -> (out, lse), with lse
+    float32 [0] unless return_lse, and pagedflash::<name>_out(<inputs>, str kernel, Tensor(a!) out,
+    Tensor(b!)? lse) -> (), which writes out and, when given, lse; each with its fake. call(*inputs,
+    lse, out, kernel) is the plain call; lse_shape(*inputs) the shape of lse."""
+
+    def functional(*args):
+        *ins, return_lse, kernel = args
+        r = call(*ins, return_lse, None, kernel)
+        return r if return_lse else (r, _lse_placeholder(ins[0]))
+
+    def fake(*args):
+        *ins, return_lse, kernel = args
+        q = ins[0]
+        return _empty(q), q.new_empty(lse_shape(*ins), dtype=torch.float32) if return_lse else _lse_placeholder(q)
+
+    def write(*args):
+        *ins, kernel, out, lse = args
+        call(*ins, False if lse is None else lse, out, kernel)
+
+    op = torch.library.custom_op(
+        f"pagedflash::{name}", functional, mutates_args=(),
+        schema=f"({inputs}, bool return_lse, str kernel) -> (Tensor, Tensor)",
+    )  # fmt: skip
+    op.register_fake(fake)
+    op_out = torch.library.custom_op(
+        f"pagedflash::{name}_out", write, mutates_args=("out", "lse"),
+        schema=f"({inputs}, str kernel, Tensor(a!) out, Tensor(b!)? lse) -> ()",
+    )  # fmt: skip
+    op_out.register_fake(lambda *args: None)
+    return op, op_out
+
+
+_FLASH_OPS = _attention_ops("flash_attn_inference", _FLASH_INPUTS, _flash_call, _flash_lse_shape)
+_PAGED_OPS = _attention_ops("paged_attn", _PAGED_INPUTS, _paged_call, _paged_lse_shape)
+
+
+def _compiled_attention(ops, lse_shape, inputs, return_lse, out, kernel):
+    """An attention call under torch.compile: the functional operator, or with out= the _out one
+    (lse allocated here when asked for). Returns out or (out, lse), as the plain call."""
+    if out is None:
+        o, lse = ops[0](*inputs, bool(return_lse), kernel)
+        return (o, lse) if return_lse else o
+    lse = inputs[0].new_empty(lse_shape(*inputs), dtype=torch.float32) if return_lse else None
+    ops[1](*inputs, kernel, out, lse)
+    return (out, lse) if return_lse else out
+
+
+@torch.library.custom_op("pagedflash::merge_attn_states", mutates_args=())
+def _merge_attn_states(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """pagedflash.merge_attn_states -> (out, lse), lse in lse_a's layout."""
+    return _paged.merge_attn_states(out_a, lse_a, out_b, lse_b)
+
+
+@_merge_attn_states.register_fake
+def _(out_a, lse_a, out_b, lse_b):
+    return _empty(out_a), _empty(lse_a)
+
+
+@torch.library.custom_op("pagedflash::merge_attn_states_out", mutates_args=("out", "out_lse"))
+def _merge_attn_states_out(
+    out_a: torch.Tensor,
+    lse_a: torch.Tensor,
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+    out: torch.Tensor,
+    out_lse: torch.Tensor,
+) -> None:
+    """merge_attn_states writing out and out_lse (which may be out_a / lse_a: in place)."""
+    _paged.merge_attn_states(out_a, lse_a, out_b, lse_b, out=out, out_lse=out_lse)
+
+
+@_merge_attn_states_out.register_fake
+def _(*args):
+    return None
+
+
+@torch.library.custom_op("pagedflash::write_kv_cache", mutates_args=("k_cache", "v_cache"))
+def _write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """pagedflash.write_kv_cache: the caches are written in place."""
+    _paged.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+
+
+@_write_kv_cache.register_fake
+def _(*args):
+    return None
+
+
+@torch.library.custom_op("pagedflash::copy_blocks", mutates_args=("k_caches", "v_caches"))
+def _copy_blocks(k_caches: List[torch.Tensor], v_caches: List[torch.Tensor], block_mapping: torch.Tensor) -> None:
+    """pagedflash.copy_blocks: every cache written in place."""
+    _paged.copy_blocks(k_caches, v_caches, block_mapping)
+
+
+@_copy_blocks.register_fake
+def _(*args):
+    return None
+
+
+# ---------------------------------------------------------------------------
+# serving wrappers: the plain functions in eager mode, the operators under torch.compile
+# ---------------------------------------------------------------------------
+
+
+def _scale(softmax_scale: Optional[float]) -> Optional[float]:
+    return None if softmax_scale is None else float(softmax_scale)
+
+
+def flash_attn_inference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+    out: Optional[torch.Tensor] = None,
+    kernel: str = "auto",
+):
+    """The plain flash forward (no autograd, no dropout), compiling without graph breaks.
+
+    Dense q [batch, seqlen_q, num_heads, head_dim], k/v [batch, seqlen_k, num_kv_heads, head_dim]
+    (lse [batch, num_heads, seqlen_q]), or packed with cu_seqlens_q/k as in
+    pagedflash.flash_attn_varlen (lse [num_heads, total_q]). Options, out= and kernel= as in
+    pagedflash.flash_attn. Returns out, or (out, lse). No gradient flows (the operator has no
+    autograd formula: backward through it raises); pagedflash.torch.flash_attn is the
+    differentiable one. Eager calls go straight to pagedflash.flash_attn; under torch.compile
+    this is torch.ops.pagedflash.flash_attn_inference (flash_attn_inference_out with out=).
+    """
+    if not torch.compiler.is_compiling():
+        max_q, max_k = _api._varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        return _api._attn_fwd(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, softmax_scale, causal, window, softcap, alibi_slopes,
+            0.0, None, 0, bool(return_lse), out, None, kernel,
+        )  # fmt: skip
+    left, right = _window(window)
+    inputs = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), _scale(softmax_scale),
+              bool(causal), left, right, float(softcap), alibi_slopes)  # fmt: skip
+    return _compiled_attention(_FLASH_OPS, _flash_lse_shape, inputs, return_lse, out, kernel)
+
+
+def paged_attn(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    window: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    num_splits: int = 0,
+    return_lse: bool = False,
+    out: Optional[torch.Tensor] = None,
+    kernel: str = "auto",
+):
+    """pagedflash.paged_attn, compiling without graph breaks (torch.ops.pagedflash.paged_attn,
+    paged_attn_out with out=). Shapes, options and results as there; no autograd."""
+    if not torch.compiler.is_compiling():
+        return _paged._paged_attn(
+            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, softmax_scale, causal, window, softcap,
+            alibi_slopes, num_splits, bool(return_lse), out, None, kernel,
+        )  # fmt: skip
+    left, right = _window(window)
+    inputs = (q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, _scale(softmax_scale), bool(causal), left,
+              right, float(softcap), alibi_slopes, int(num_splits))  # fmt: skip
+    return _compiled_attention(_PAGED_OPS, _paged_lse_shape, inputs, return_lse, out, kernel)
+
+
+def merge_attn_states(
+    out_a: torch.Tensor,
+    lse_a: torch.Tensor,
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+    *,
+    out: Optional[torch.Tensor] = None,
+    out_lse: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """pagedflash.merge_attn_states, compiling without graph breaks
+    (torch.ops.pagedflash.merge_attn_states, merge_attn_states_out with out= / out_lse=).
+    lse in either layout ([num_heads, tokens], or flash_attn's [batch, num_heads, seqlen]);
+    returns (out, lse), lse in lse_a's layout."""
+    if not torch.compiler.is_compiling():
+        return _paged.merge_attn_states(out_a, lse_a, out_b, lse_b, out=out, out_lse=out_lse)
+    if out is None and out_lse is None:
+        return torch.ops.pagedflash.merge_attn_states(out_a, lse_a, out_b, lse_b)
+    out = _empty(out_a) if out is None else out
+    out_lse = _empty(lse_a) if out_lse is None else out_lse
+    torch.ops.pagedflash.merge_attn_states_out(out_a, lse_a, out_b, lse_b, out, out_lse)
+    return out, out_lse
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """pagedflash.write_kv_cache (the caches written in place), compiling without graph breaks
+    (torch.ops.pagedflash.write_kv_cache, which declares k_cache and v_cache mutated)."""
+    if not torch.compiler.is_compiling():
+        _paged.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        torch.ops.pagedflash.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+
+
+def copy_blocks(k_caches, v_caches, block_mapping) -> None:
+    """pagedflash.copy_blocks (every layer's caches written in place), compiling without graph
+    breaks (torch.ops.pagedflash.copy_blocks, which declares the caches mutated). k_caches,
+    v_caches: lists of caches (or one cache each); block_mapping: int64 [n, 2] or a list of
+    (src, dst) pairs."""
+    if not torch.compiler.is_compiling():
+        _paged.copy_blocks(k_caches, v_caches, block_mapping)
+        return
+    ks = list(k_caches) if isinstance(k_caches, (list, tuple)) else [k_caches]
+    vs = list(v_caches) if isinstance(v_caches, (list, tuple)) else [v_caches]
+    if not isinstance(block_mapping, torch.Tensor):
+        block_mapping = torch.tensor(block_mapping, dtype=torch.int64).reshape(-1, 2)
+    torch.ops.pagedflash.copy_blocks(ks, vs, block_mapping)
