@@ -306,7 +306,13 @@ static const char *pf_paged_prefill_obstacle(const pf_paged_args &a, const pf::c
  * query heads of a GQA group into its rows.
  */
 #define PF_PAGED_PREFILL_MIN_QUERIES 64
+/* Whether "auto" takes the prefill path at all: 0 until the path has passed the GPU tests and
+ * its benchmark on Hopper (it was written and compiled in a session whose device machines did
+ * not start; kernel="sm90" runs it meanwhile). tests/ops/test_paged_attn.py test_prefill_routing
+ * states the same value. */
+#define PF_PAGED_PREFILL_AUTO 0
 static bool pf_paged_prefill_size(const pf_paged_params *p, const pf_paged_args &a) {
+    if (!PF_PAGED_PREFILL_AUTO) return false;
     if (p->num_splits > 1) return false;
     if (a.cu_seqlens_q) return a.total_q >= (int64_t)PF_PAGED_PREFILL_MIN_QUERIES * a.batch;
     return a.q_len >= PF_PAGED_PREFILL_MIN_QUERIES;
