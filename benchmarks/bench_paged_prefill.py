@@ -184,7 +184,8 @@ def main(argv=None):
         f"per batch, hidden 2048, query heads per KV head {args.group}, TFLOP/s\n\n{prov}\n\n"
         f"Times: median of {args.iters} CUDA-event timings after {args.warmup} warm-ups"
         f"{'' if args.no_l2_flush else ', L2 flushed before each'}. paged = paged_attn kernel 'sm90' (the "
-        f"prefill path); auto = paged_attn (auto); splitkv = paged_attn on the split-KV kernel, best of {', '.join(SPLITKV_SHAPES)}; dense = flash_attn; cudnn / fa2 = SDPA "
+        f"prefill path); auto = paged_attn (auto); splitkv = paged_attn on the split-KV kernel, best of "
+        f"{', '.join(SPLITKV_SHAPES)}; dense = flash_attn; cudnn / fa2 = SDPA "
         f"CUDNN_ATTENTION / FLASH_ATTENTION on contiguous K/V (q_len = s, no GQA only); err = max |paged - dense|\n"
     )
     common.write_report(head + "\n" + table(rows) + "\n", args.out)
