@@ -113,7 +113,7 @@ const char *pf_dtype_name(pf_dtype dtype); /* "float16", ... */
  * Names (pf_kernel_parse / pf_kernel_name; the Python API takes them as
  * `kernel="..."`): "auto"; flash_fwd / flash_bwd: "sm80", "sm90"; paged_attn:
  * "sm90" (the prefill path: the wgmma flash forward reading K/V through the block
- * table, what "auto" runs for >= 64 queries per sequence on Hopper), "simple",
+ * table, what "auto" runs for >= 128 queries per sequence on Hopper), "simple",
  * "1x4", "4x4", "8x8", "1x8", "2x8", "4x8" (split-KV tensor-core kernel: H KV
  * heads x W warps per CTA), each tensor-core shape optionally with "+registers".
  */

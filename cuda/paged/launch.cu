@@ -20,7 +20,7 @@
  *
  * The kernel hint (pagedflash.h, pf_kernel; names as in pf_kernel_name):
  *   auto (PF_KERNEL_AUTO)  the prefill path for prefill-sized calls
- *                          (pf_paged_prefill_size: >= 64 queries per sequence, no
+ *                          (pf_paged_prefill_size: >= 128 queries per sequence, no
  *                          explicit split count) where it can take them (Hopper,
  *                          float16 / bfloat16, head dims running on the 64 / 128
  *                          wgmma tiles, 16-byte rows); otherwise
@@ -303,16 +303,14 @@ static const char *pf_paged_prefill_obstacle(const pf_paged_args &a, const pf::c
  * the flash forward's 128-row tiles (q_len, or for packed layouts total_q / batch, at
  * least PF_PAGED_PREFILL_MIN_QUERIES) and no explicit split count (num_splits > 1 asks
  * for the split-KV kernel). Fewer queries keep the split-KV kernel, which packs the
- * query heads of a GQA group into its rows.
+ * query heads of a GQA group into its rows. Measured (H100, bf16, d = 128, 4 sequences of
+ * 4096 tokens, 32 query heads over 8 KV heads, causal, block size 16; TFLOP/s prefill
+ * path / split-KV kernel's best shape): q_len 32: 41.6 / 84.6, 64: 82.6 / 100.8, 128:
+ * 162.3 / 111.9; at q_len = s = 1k..8k the prefill path runs 2.3-2.95x the split-KV kernel
+ * (benchmarks/results/paged_prefill_h100.md).
  */
-#define PF_PAGED_PREFILL_MIN_QUERIES 64
-/* Whether "auto" takes the prefill path at all: 0 until the path has passed the GPU tests and
- * its benchmark on Hopper (it was written and compiled in a session whose device machines did
- * not start; kernel="sm90" runs it meanwhile). tests/ops/test_paged_attn.py test_prefill_routing
- * states the same value. */
-#define PF_PAGED_PREFILL_AUTO 0
+#define PF_PAGED_PREFILL_MIN_QUERIES 128
 static bool pf_paged_prefill_size(const pf_paged_params *p, const pf_paged_args &a) {
-    if (!PF_PAGED_PREFILL_AUTO) return false;
     if (p->num_splits > 1) return false;
     if (a.cu_seqlens_q) return a.total_q >= (int64_t)PF_PAGED_PREFILL_MIN_QUERIES * a.batch;
     return a.q_len >= PF_PAGED_PREFILL_MIN_QUERIES;

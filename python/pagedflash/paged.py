@@ -94,7 +94,7 @@ def paged_attn(
 
     kernel: "auto" (the default: the launcher's heuristic) or, for tests and benchmarks, a
     CUDA kernel: "sm90" (the prefill path: the wgmma flash forward reading K/V through the
-    block table, Hopper; not yet chosen by "auto": docs/cuda_paged.md), "simple" (CUDA
+    block table; "auto" takes it on Hopper for >= 128 queries per sequence), "simple" (CUDA
     cores) or a split-KV tensor-core CTA shape of H KV heads x W warps, "1x4", "4x4", "8x8",
     "1x8", "2x8", "4x8", optionally "+registers" (K/V loaded straight into registers instead
     of through the shared-memory ring). NotImplementedError where the

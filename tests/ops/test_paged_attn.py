@@ -571,25 +571,24 @@ def test_prefill_kernel(backend, rng, dtype, d, bs, scenario):
 
 @cuda_only
 def test_prefill_routing(backend, rng):
-    """ "auto" runs calls with >= 64 queries per sequence (and no explicit split count) on the
+    """ "auto" runs calls with >= 128 queries per sequence (and no explicit split count) on the
     prefill path where it can: bit for bit the "sm90" result; fewer queries, or num_splits > 1,
     keep the split-KV kernel (the "sm90" result differs in rounding somewhere)."""
     if not backend.has_sm90:
         pytest.skip("the prefill path needs Hopper and an sm_90 build")
-    auto_prefill = False  # cuda/paged/launch.cu PF_PAGED_PREFILL_AUTO: off until verified on a GPU
     cache = make_paged_cache(backend, rng, (700, 300), 2, 128, 16, "bfloat16")
-    for q_len, splits, prefill in ((64, 0, True), (64, 1, True), (200, 0, True), (63, 0, False), (64, 3, False)):
+    for q_len, splits, prefill in ((128, 0, True), (128, 1, True), (200, 0, True), (127, 0, False), (128, 3, False)):
         q = backend.randn(rng, (2, q_len, 8, 128), "bfloat16")
         auto = pagedflash.paged_attn(q, *cache, num_splits=splits)
         flash = pagedflash.paged_attn(q, *cache, kernel="sm90")
-        assert torch.equal(auto, flash) == (prefill and auto_prefill), (q_len, splits)
+        assert torch.equal(auto, flash) == prefill, (q_len, splits)
     # packed: total_q / batch decides
-    for qlens, prefill in (([100, 28], True), ([100, 27], False)):
+    for qlens, prefill in (([200, 56], True), ([200, 55], False)):
         cu = torch.tensor(np.concatenate([[0], np.cumsum(qlens)]), dtype=torch.int32, device="cuda")
         q = backend.randn(rng, (sum(qlens), 8, 128), "bfloat16")
         auto = pagedflash.paged_attn(q, *cache, cu_seqlens_q=cu)
         flash = pagedflash.paged_attn(q, *cache, cu_seqlens_q=cu, kernel="sm90")
-        assert torch.equal(auto, flash) == (prefill and auto_prefill), qlens
+        assert torch.equal(auto, flash) == prefill, qlens
 
 
 @cuda_only
