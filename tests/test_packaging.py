@@ -58,6 +58,7 @@ def starts(path: str, prefixes) -> bool:
 def sdist(tmp_path_factory):
     """(archive path, files in it relative to its top folder, tracked files)"""
     files = tracked_files()
+    pytest.importorskip("setuptools", minversion="77")  # pyproject's license-files (the test extra has it)
     src = tmp_path_factory.mktemp("tree")
     for f in files:
         (src / f).parent.mkdir(parents=True, exist_ok=True)
