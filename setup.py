@@ -1,10 +1,12 @@
 """Build pagedflash._C: the C11 core, CPU backend and CPython extension, plus the
-CUDA backend when nvcc is found.
+CUDA backend when nvcc and a GPU are found (or when asked for).
 
 Environment switches
-  PAGEDFLASH_CUDA=auto|0|1    build the CUDA backend (auto: when nvcc is found)
+  PAGEDFLASH_CUDA=auto|0|1    build the CUDA backend: auto (the default) when nvcc is found and
+                              a GPU is visible, for that GPU's architecture; 1 always (an error
+                              without nvcc), for PAGEDFLASH_CUDA_ARCHS; 0 never
   PAGEDFLASH_CUDA_ARCHS=90    compute capabilities, comma separated
-                              (default: the GPUs present, else 80,90)
+                              (default: the visible GPUs', else 80,90)
   PAGEDFLASH_HEADDIMS=64,128  head dims instantiated by the CUDA kernels (quick builds)
   PAGEDFLASH_NATIVE=1|0       compile the CPU backend for this machine's ISA (-march=native)
   MAX_JOBS=N                  parallel nvcc processes (default: CPU count)
@@ -12,6 +14,7 @@ Environment switches
                               is reused when the hash of its source, the CUDA/C headers,
                               the flags and nvcc matches (objects built on one machine can
                               travel to another with the same nvcc)
+The version is PF_VERSION_* in csrc/include/pagedflash.h (read_version); nothing else states it.
 """
 
 import hashlib
@@ -20,7 +23,8 @@ import re
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy
@@ -45,10 +49,11 @@ def log(msg):
     print(f"pagedflash build: {msg}", file=sys.stderr, flush=True)
 
 
+DEFAULT_ARCHS = ["80", "90"]
+
+
 def find_nvcc():
-    env = os.environ.get("PAGEDFLASH_CUDA", "auto").lower()
-    if env in ("0", "off", "false", "no"):
-        return None, "disabled by PAGEDFLASH_CUDA=0"
+    """nvcc's path, or None."""
     candidates = [shutil.which("nvcc")]
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
@@ -56,29 +61,54 @@ def find_nvcc():
     candidates.append("/usr/local/cuda/bin/nvcc")
     for c in candidates:
         if c and os.path.exists(c):
-            return os.path.realpath(c), None
-    if env in ("1", "on", "true", "yes"):
-        raise RuntimeError("PAGEDFLASH_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
-    return None, "nvcc not found"
+            return os.path.realpath(c)
+    return None
 
 
-def cuda_archs():
-    env = os.environ.get("PAGEDFLASH_CUDA_ARCHS")
-    if env:
-        return [a.strip().replace(".", "") for a in env.split(",") if a.strip()]
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-        caps = sorted({l.strip().replace(".", "") for l in out.stdout.splitlines() if l.strip()})
-        if out.returncode == 0 and caps:
+def parse_archs(text):
+    """'9.0, 80' -> ['90', '80'] (nvidia-smi writes 9.0; __nvcc_device_query and users write 90)."""
+    return [a.strip().replace(".", "") for a in re.split(r"[,\s]+", text or "") if a.strip()]
+
+
+def visible_gpu_archs(nvcc):
+    """The compute capabilities of the GPUs the driver shows, sorted and unique; [] for none.
+    Asks nvidia-smi, else CUDA's own __nvcc_device_query (beside nvcc); both fail without a GPU."""
+    queries = [["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"]]
+    query = shutil.which("__nvcc_device_query") or os.path.join(os.path.dirname(nvcc), "__nvcc_device_query")
+    queries.append([query])
+    for cmd in queries:
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        caps = sorted(set(parse_archs(r.stdout)))
+        if r.returncode == 0 and caps and all(c.isdigit() for c in caps):
             return caps
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return ["80", "90"]
+    return []
+
+
+def cuda_plan(mode, nvcc, archs_env, gpu_archs):
+    """What to build: (archs, None) for the CUDA backend, or (None, why) for the CPU backend only.
+
+    mode is PAGEDFLASH_CUDA (auto, 0 or 1), nvcc nvcc's path or None, archs_env
+    PAGEDFLASH_CUDA_ARCHS or None, gpu_archs a function giving the visible GPUs' compute
+    capabilities (asked only when needed). auto builds CUDA only where it can run: nvcc and a
+    GPU, for the GPU's architecture (PAGEDFLASH_CUDA_ARCHS picks others); 1 builds it anyway.
+    """
+    mode = (mode or "auto").strip().lower()
+    if mode in ("0", "off", "false", "no"):
+        return None, "disabled by PAGEDFLASH_CUDA=0"
+    forced = mode in ("1", "on", "true", "yes")
+    if not forced and mode != "auto":
+        raise RuntimeError(f"PAGEDFLASH_CUDA={mode}: expected auto, 0 or 1")
+    if nvcc is None:
+        if forced:
+            raise RuntimeError("PAGEDFLASH_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
+        return None, "nvcc not found"
+    gpus = gpu_archs()
+    if not forced and not gpus:
+        return None, "nvcc found but no GPU visible; PAGEDFLASH_CUDA=1 builds it anyway"
+    return parse_archs(archs_env) or gpus or DEFAULT_ARCHS, None
 
 
 def cuda_home(nvcc):
@@ -120,18 +150,43 @@ def gencode_flags(archs):
     return flags
 
 
+def c_string(text):
+    """text as a C string literal, for a -D macro."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 class BuildExt(build_ext):
     def build_extensions(self):
         ext = self.extensions[0]
-        nvcc, why = find_nvcc()
-        if nvcc is None:
+        nvcc = find_nvcc()
+        env = os.environ.get
+        archs, why = cuda_plan(
+            env("PAGEDFLASH_CUDA"), nvcc, env("PAGEDFLASH_CUDA_ARCHS"), lambda: visible_gpu_archs(nvcc)
+        )
+        if archs is None:
             log(f"CUDA backend: off ({why}); building the CPU backend only")
+            # build_info()["cuda_note"]: python -m pagedflash says why, where pip hid this line
+            ext.define_macros.append(("PF_CUDA_NOTE", c_string(why)))
         else:
-            self.build_cuda(ext, nvcc)
+            self.build_cuda(ext, nvcc, archs)
+        # distutils relinks only when a source or a dependency is newer than the extension: a
+        # rebuilt CUDA object is a dependency, and so is this build's configuration (switching
+        # backends in one build folder, e.g. a second `pip install .` with PAGEDFLASH_CUDA=1)
+        ext.depends += ext.extra_objects
+        config = repr((ext.define_macros, ext.extra_objects, ext.libraries, ext.extra_compile_args))
+        stamp = Path(self.build_temp) / "pagedflash_config.txt"
+        if not stamp.exists() or stamp.read_text() != config:
+            self.force = True
         super().build_extensions()
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(config)
 
-    def build_cuda(self, ext, nvcc):
-        archs = cuda_archs()
+    def build_cuda(self, ext, nvcc, archs):
+        if not (ROOT / "cuda" / "cuda_backend.cu").exists():
+            raise RuntimeError(
+                f"the CUDA sources are missing from {ROOT / 'cuda'} (an incomplete copy of the source tree?); "
+                "PAGEDFLASH_CUDA=0 builds the CPU backend alone"
+            )
         sources = sorted((ROOT / "cuda").rglob("*.cu"))
         headdims = os.environ.get("PAGEDFLASH_HEADDIMS")
         kept_dims = []
@@ -175,6 +230,7 @@ class BuildExt(build_ext):
             pass
 
         def compile_one(src):
+            """(object, whether it was up to date)"""
             stem = "_".join(src.relative_to(ROOT / "cuda").with_suffix("").parts)
             obj = out_dir / (stem + ".o")
             stamp = out_dir / (stem + ".sha256")
@@ -182,18 +238,27 @@ class BuildExt(build_ext):
             h.update(src.read_bytes())
             digest = h.hexdigest()
             if obj.exists() and stamp.exists() and stamp.read_text() == digest:
-                return str(obj)
+                return str(obj), True
             cmd = [nvcc, "-c", str(src), "-o", str(obj)] + flags
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"nvcc failed on {src.name}:\n{' '.join(cmd)}\n{r.stdout}{r.stderr}")
             stamp.write_text(digest)
-            return str(obj)
+            return str(obj), False
 
         jobs = int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
         log(f"CUDA backend: on ({nvcc}); archs {','.join(archs)}; {len(sources)} files, {jobs} jobs")
+        t0 = time.perf_counter()
+        done = {}
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            objects = list(pool.map(compile_one, sources))
+            pending = {pool.submit(compile_one, src): src for src in sources}
+            for future in as_completed(pending):
+                src = pending[future]
+                done[src], cached = future.result()
+                name = src.relative_to(ROOT / "cuda")
+                took = f"{time.perf_counter() - t0:.0f} s"
+                log(f"CUDA [{len(done)}/{len(sources)}] {name} ({'up to date' if cached else 'compiled'}, {took})")
+        objects = [done[src] for src in sources]
         ext.extra_objects += objects
         ext.define_macros.append(("PF_WITH_CUDA", "1"))
         ext.include_dirs.append(str(ROOT / "cuda"))

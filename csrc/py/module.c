@@ -16,11 +16,17 @@
 #define PF_STR(x) PF_STR_(x)
 #define PF_VERSION_STRING PF_STR(PF_VERSION_MAJOR) "." PF_STR(PF_VERSION_MINOR) "." PF_STR(PF_VERSION_PATCH)
 
+/* Why the build left the CUDA backend out (setup.py defines it then), e.g. "nvcc not found". */
+#ifndef PF_CUDA_NOTE
+#define PF_CUDA_NOTE ""
+#endif
+
 static PyObject *build_info(PyObject *module, PyObject *unused) {
     (void)module;
     (void)unused;
-    return Py_BuildValue("{s:i,s:s,s:i,s:i,s:s}", "cuda", pf_has_cuda(), "cuda_archs", pf_cuda_archs(), "cuda_devices",
-                         pf_cuda_device_count(), "cpu_count", pf_cpu_count(), "version", PF_VERSION_STRING);
+    return Py_BuildValue("{s:i,s:s,s:s,s:i,s:i,s:s}", "cuda", pf_has_cuda(), "cuda_archs", pf_cuda_archs(), "cuda_note",
+                         PF_CUDA_NOTE, "cuda_devices", pf_cuda_device_count(), "cpu_count", pf_cpu_count(), "version",
+                         PF_VERSION_STRING);
 }
 
 /* The CPU backend's thread count for every later call (pagedflash.set_num_threads checks the
@@ -58,7 +64,8 @@ static PyMethodDef module_methods[] = {
     {"_set_result_hook", set_result_hook, METH_O,
      "_set_result_hook(hook) -> None: tests only: hook(result) on every result the library allocates"},
     {"build_info", build_info, METH_NOARGS,
-     "build_info() -> dict: cuda (built), cuda_archs, cuda_devices (driver-visible), cpu_count, version"},
+     "build_info() -> dict: cuda (built), cuda_archs, cuda_note (why not built), cuda_devices (driver-visible), "
+     "cpu_count, version"},
     {"set_num_threads", set_num_threads, METH_O,
      "set_num_threads(n) -> None: the CPU backend's threads (0: one per core)"},
     {"get_num_threads", get_num_threads, METH_NOARGS, "get_num_threads() -> int: as set (0: one per core)"},

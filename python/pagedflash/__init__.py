@@ -14,7 +14,19 @@ CuPy, JAX or any DLPack producer and results go back to the caller's library.
 
 from __future__ import annotations
 
-from . import _C
+try:
+    from . import _C
+except ImportError as e:
+    import glob
+    import os
+
+    if glob.glob(os.path.join(__path__[0], "_C.*")):
+        raise  # there, but it does not load
+    # e.g. PYTHONPATH=python in a source tree that was installed, not built in place
+    raise ImportError(
+        f"pagedflash._C, the compiled extension, is not in {__path__[0]}: build it there "
+        "(python setup.py build_ext --inplace) or import the installed pagedflash (drop PYTHONPATH)"
+    ) from e
 from ._C import CudaError, OutOfBlocks, Tensor
 from .api import (
     dropout_mask,
@@ -65,8 +77,9 @@ def build_info() -> dict:
     """What was built and what this machine offers.
 
     Keys: version; cuda (the CUDA backend was compiled in); cuda_archs (compute
-    capabilities compiled); cuda_devices (GPUs the driver reports now, 0 without a
-    driver); cpu_count; num_threads (the CPU backend's thread count); backends.
+    capabilities compiled); cuda_note (why the build left CUDA out; "" when it is in);
+    cuda_devices (GPUs the driver reports now, 0 without a driver); cpu_count; num_threads
+    (the CPU backend's thread count); backends.
     """
     info = dict(_C.build_info())
     info["cuda"] = bool(info["cuda"])

@@ -1,8 +1,12 @@
 """python -m pagedflash [demo|info]
 
-demo (the default): attention on a realistic shape on the best available device,
-checked against the float64 reference; prints the error, the time and the build.
+demo (the default): attention on a realistic shape on the best available device, in a
+dtype that suits it (float16 on a GPU, float32 on the CPU), checked against the float64
+reference; prints the error, the time and the build.
 info: prints the build and device information.
+
+Neither imports torch unless a GPU is visible to a CUDA build (it names the GPUs and
+holds the demo's GPU tensors).
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ def _cpu_model() -> str:
 
 
 def _gpu_names(count: int):
-    """GPU names through torch when it is installed (pagedflash itself does not need it)."""
+    """GPU names through torch when it is installed (pagedflash itself does not need it); no GPU,
+    no torch import (2 s)."""
+    if count <= 0:
+        return []
     try:
         import torch
 
@@ -53,28 +60,32 @@ def info() -> None:
         for i, name in enumerate(_gpu_names(bi["cuda_devices"])):
             print(f"  GPU {i}       : {name}")
     else:
-        print("  CUDA backend: not built (nvcc was not found at build time, or PAGEDFLASH_CUDA=0)")
+        print(f"  CUDA backend: not built ({bi.get('cuda_note') or 'PAGEDFLASH_CUDA=1 builds it'})")
     print(f"  backends    : {', '.join(bi['backends'])}")
 
 
 def _cuda_torch():
+    """torch, when the CUDA backend is built and a GPU visible (else None, torch not imported)."""
+    bi = pagedflash.build_info()
+    if not (bi["cuda"] and bi["cuda_devices"] > 0):
+        return None
     try:
         import torch
     except ImportError:
         return None
-    return torch if torch.cuda.is_available() and pagedflash.build_info()["cuda_devices"] > 0 else None
+    return torch if torch.cuda.is_available() else None
 
 
-def demo(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, causal: bool) -> int:
+def demo(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, causal: bool, dtype: str) -> int:
     info()
+    torch = _cuda_torch()
+    device = "cuda" if torch is not None else "cpu"
+    if dtype == "auto":  # what each device computes attention in: tensor cores, the CPU's float32 vectors
+        dtype = "float16" if device == "cuda" else "float32"
     rng = np.random.default_rng(0)
     shape_q = (batch, seqlen, heads, head_dim)
     shape_kv = (batch, seqlen, kv_heads, head_dim)
-    q = rng.standard_normal(shape_q, dtype=np.float32).astype(np.float16)
-    k = rng.standard_normal(shape_kv, dtype=np.float32).astype(np.float16)
-    v = rng.standard_normal(shape_kv, dtype=np.float32).astype(np.float16)
-    torch = _cuda_torch()
-    device = "cuda" if torch is not None else "cpu"
+    q, k, v = (rng.standard_normal(shape, dtype=np.float32).astype(dtype) for shape in (shape_q, shape_kv, shape_kv))
     if torch is not None:
         args = [torch.from_numpy(x).cuda() for x in (q, k, v)]
         run = lambda: pagedflash.flash_attn(*args, causal=causal)
@@ -93,16 +104,22 @@ def demo(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, caus
     out = np.asarray(out.float().cpu() if device == "cuda" else out, dtype=np.float64)
     ref = reference.attention(q, k, v, causal=causal)
     err = float(np.max(np.abs(out - ref)))
-    naive16 = _naive_fp16_error(q, k, v, causal, ref)
+    if dtype == "float32":  # the tests' float32 rule: 1e-5 relative
+        bound = 1e-5 * max(1.0, float(np.max(np.abs(ref))))
+        rule = f"float32: at most {bound:.2e}"
+    else:  # twice the naive algorithm's own float16 error
+        naive16 = _naive_fp16_error(q, k, v, causal, ref)
+        bound = 2 * naive16 + 1e-5
+        rule = f"naive float16 attention: {naive16:.2e}"
     flops = 4 * batch * heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
     t = min(times)
     print(
         f"\nattention on {device}: batch {batch}, seqlen {seqlen}, heads {heads}/{kv_heads} (q/kv), "
-        f"head_dim {head_dim}, causal {causal}, float16"
+        f"head_dim {head_dim}, causal {causal}, {dtype}"
     )
-    print(f"  max |out - ref| = {err:.2e}   (naive float16 attention: {naive16:.2e})")
+    print(f"  max |out - ref| = {err:.2e}   ({rule})")
     print(f"  time {t * 1e3:.2f} ms, {flops / t / 1e9:.1f} GFLOP/s")
-    ok = err <= 2 * naive16 + 1e-5
+    ok = err <= bound
     print("  check:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 
@@ -136,11 +153,17 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--no-causal", action="store_true")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float16", "float32"],
+        help="auto: float16 on a GPU, float32 on the CPU",
+    )
     a = ap.parse_args(argv)
     if a.command == "info":
         info()
         return 0
-    return demo(a.batch, a.seqlen, a.heads, a.kv_heads, a.head_dim, not a.no_causal)
+    return demo(a.batch, a.seqlen, a.heads, a.kv_heads, a.head_dim, not a.no_causal, a.dtype)
 
 
 if __name__ == "__main__":
