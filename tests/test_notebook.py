@@ -54,7 +54,7 @@ def test_tour_executes(tmp_path):
     env = dict(os.environ)
     pkg_parent = str(Path(pagedflash.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([pkg_parent] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env["MPLBACKEND"] = "Agg"  # where matplotlib is installed: no window
+    env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"  # where matplotlib is installed: a PNG output
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
