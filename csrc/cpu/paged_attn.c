@@ -22,6 +22,10 @@
  * data (even NaN) in the unused slots of a partial block, or in blocks past the
  * sequence, never reaches a multiply.
  *
+ * Compressed caches (float8, int8: pagedflash.h "Compressed KV caches") are staged the same
+ * way, each row dequantized to float32 (code * its scale, kv_quant.h) as it is loaded; K
+ * tiles always go through rows and a transpose. Everything after staging is the float32 path.
+ *
  * Flash decoding: with num_splits S > 1 each sequence's tiles are divided into
  * S contiguous chunks processed as separate items (parallelism when batch x
  * heads is small and sequences are long). Each writes a normalized partial
@@ -33,6 +37,7 @@
 
 #include "attn_cpu.h"
 #include "cpu_backend.h"
+#include "kv_quant.h"
 
 /* kBlockN must equal the 64-column tile of pf_cpu_score_tile / pf_cpu_transform_scores. */
 enum { kBlockM = 64, kBlockN = 64, kMaxSplits = 256 };
@@ -45,6 +50,8 @@ typedef struct paged_ctx {
     int64_t q_len_dense;     /* queries per sequence without cu_seqlens_q */
     pf_rows q, out;          /* q/out rows: (b, query row, head) */
     pf_rows kc, vc;          /* cache rows: (block id, slot in block, kv head) */
+    pf_dtype cdt;            /* the caches' dtype: q's, or compressed */
+    pf_kv_scale ks, vs;      /* compressed caches: their scales */
     int64_t nh, n_hchunks;   /* heads per item, chunks of the group */
     int64_t nq, n_qtiles;    /* queries per item, query tiles per sequence (max) */
     int64_t splits;
@@ -82,14 +89,23 @@ static inline int64_t block_id(const paged_ctx *c, int64_t b, int64_t t) {
 }
 
 /* Tokens [j0, j0 + n) of sequence b, KV head hk, as rows dst[n][dpad] (zero padded
- * past d), one segment per cache block. */
-static void stage_rows_paged(const paged_ctx *c, const pf_rows *cache, int64_t b, int64_t hk, int64_t j0, int64_t n,
-                             float *dst) {
-    const pf_dtype dt = c->p->q.dtype;
+ * past d), one segment per cache block; compressed rows dequantized with `scale`. */
+static void stage_rows_paged(const paged_ctx *c, const pf_rows *cache, const pf_kv_scale *scale, int64_t b, int64_t hk,
+                             int64_t j0, int64_t n, float *dst) {
+    if (pf_dtype_compressed(c->cdt)) {
+        const int64_t d = c->head_dim, dpad = c->dpad;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t t = j0 + j, blk = block_id(c, b, t), off = t % c->block_size;
+            float *row = dst + j * dpad;
+            pf_load_row_quant(row, pf_row_ptr(cache, blk, off, hk), c->cdt, d, pf_kv_scale_at(scale, blk, off, hk));
+            for (int64_t col = d; col < dpad; col++) row[col] = 0.0f;
+        }
+        return;
+    }
     for (int64_t done = 0; done < n;) {
         int64_t t = j0 + done, off = t % c->block_size;
         int64_t seg = c->block_size - off < n - done ? c->block_size - off : n - done;
-        pf_cpu_stage_rows(cache, dt, block_id(c, b, t), off, hk, seg, c->head_dim, c->dpad, dst + done * c->dpad);
+        pf_cpu_stage_rows(cache, c->cdt, block_id(c, b, t), off, hk, seg, c->head_dim, c->dpad, dst + done * c->dpad);
         done += seg;
     }
 }
@@ -113,11 +129,11 @@ static void stage_kt_paged(const paged_ctx *c, int64_t b, int64_t hk, int64_t j0
                            float *rowbuf) {
     const int64_t d = c->head_dim, dpad = c->dpad;
     int64_t off = j0 % c->block_size;
-    if (off + n <= c->block_size) { /* the whole tile lies in one cache block */
-        pf_cpu_stage_kt(&c->kc, c->p->q.dtype, block_id(c, b, j0), off, hk, n, d, dpad, kt, rowbuf);
+    if (off + n <= c->block_size && !pf_dtype_compressed(c->cdt)) { /* the whole tile lies in one cache block */
+        pf_cpu_stage_kt(&c->kc, c->cdt, block_id(c, b, j0), off, hk, n, d, dpad, kt, rowbuf);
         return;
     }
-    stage_rows_paged(c, &c->kc, b, hk, j0, n, kbuf);
+    stage_rows_paged(c, &c->kc, &c->ks, b, hk, j0, n, kbuf);
     for (int64_t col = 0; col < d; col++) {
         float *krow = kt + col * kBlockN;
         for (int64_t j = 0; j < n; j++) krow[j] = kbuf[j * dpad + col];
@@ -187,7 +203,7 @@ static void paged_item(void *vctx, int64_t item, int tid) {
             pf_cpu_transform_scores(s + hh * nqr * kBlockN, nqr, n, i0, j0, &mk);
         }
         if (!pf_cpu_softmax_tile(s, rows, rows4, m, l, of, dpad)) continue;
-        stage_rows_paged(c, &c->vc, b, g, j0, n, vt);
+        stage_rows_paged(c, &c->vc, &c->vs, b, g, j0, n, vt);
         if (j0 + kBlockN < je) /* the next K tile, while this one's P V runs */
             prefetch_rows_paged(c, &c->kc, b, g, j0 + kBlockN,
                                 je - j0 - kBlockN < kBlockN ? je - j0 - kBlockN : kBlockN);
@@ -291,6 +307,9 @@ pf_status pf_cpu_paged_attn(const pf_paged_params *p) {
     c.out = pf_rows_of(&p->out, !c.q4);
     c.kc = pf_rows_of(&p->k_cache, 0);
     c.vc = pf_rows_of(&p->v_cache, 0);
+    c.cdt = p->k_cache.dtype;
+    c.ks = pf_kv_scale_of(&p->k_scale);
+    c.vs = pf_kv_scale_of(&p->v_scale);
     if (c.rep >= kBlockM) {
         c.nh = kBlockM;
         c.nq = 1;
