@@ -155,8 +155,8 @@ static pf_status check_finite_rows(const pf_tensor *x, const char *name, const p
         for (int64_t h = 0; h < x->shape[1]; h++)
             for (int64_t c = 0; c < x->shape[2]; c++)
                 PF_CHECK_VALUE(!nonfinite(x, t * x->strides[0] + h * x->strides[1] + c, &what),
-                               "%s: %s[%lld, %lld, %lld] is %s; a %s cache holds finite values only (finite "
-                               "values beyond its range saturate)",
+                               "%s: %s[%lld, %lld, %lld] is %s; a compressed cache (%s) holds finite values "
+                               "only (finite values beyond its range saturate)",
                                name, name, (long long)t, (long long)h, (long long)c, what, pf_dtype_name(cache_dtype));
     }
     return PF_STATUS_OK;

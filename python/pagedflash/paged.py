@@ -310,8 +310,7 @@ def swap_blocks(
     if stream is None:
         stream = _stream_of(dst_cache if describe(dst_cache, "dst")[2] == "cuda" else src_cache, None)
     src_cache = library_of(src_cache).prepare(src_cache)
-    if src_scale is not None:
-        src_scale = library_of(src_scale).prepare(src_scale)
+    src_scale, dst_scale = _scale(src_scale), _scale(dst_scale)
     _C.swap_blocks(
         src_cache, dst_cache, _index(block_mapping), src_scale=src_scale, dst_scale=dst_scale, stream=stream
     )

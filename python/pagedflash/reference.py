@@ -311,7 +311,8 @@ def quantize_kv(x: Any, dtype: Any, scale: Any = None) -> tuple:
         s = np.asarray(1.0 if scale is None else to_f64(scale), dtype=np.float32)
         if s.size == 1:
             s = s.reshape(())
-    y = x32 / (s if s.ndim == 0 else s[..., None])  # one float32 division per element
+    with np.errstate(over="ignore"):  # beyond float32: inf, which saturates below
+        y = x32 / (s if s.ndim == 0 else s[..., None])  # one float32 division per element
     if name == "int8":
         return np.clip(np.rint(y), -INT8_MAX, INT8_MAX).astype(np.int8), s
     mant, bias, max_code = _FP8[name]
