@@ -1,14 +1,14 @@
 /*
  * kv_quant.h - the CPU backend's compressed KV-cache elements (pagedflash.h "Compressed KV
  * caches"): float32 -> float8_e4m3fn / float8_e5m2 / int8 codes for write_kv_cache (round to
- * nearest even, saturating), codes -> float32 rows times a scale for paged attention, and the
- * scale of a cache row (per tensor, or per (token, KV head) stored beside the cache).
+ * nearest even, saturating), codes -> float32 rows for paged attention (which applies the scales
+ * itself), and the scale of a cache row (per tensor, or per (token, KV head) stored beside it).
  *
  * Decoding goes through float16, whose conversion to float32 is exact and vectorized
  * (pf_load_row_f32: F16C): an e5m2 code is the high byte of the float16 with the same value,
  * and an e4m3fn code with its 7 magnitude bits placed 3 bits lower (exponent field 0EEEE,
  * mantissa MMM0000000) is the float16 of value / 256, subnormals included; e4m3fn's NaN
- * (magnitude 0x7f) is put back afterwards.
+ * (magnitude 0x7f) gets the float16 NaN exponent.
  */
 #ifndef PF_KV_QUANT_H
 #define PF_KV_QUANT_H
@@ -65,33 +65,58 @@ static inline void pf_store_row_quant(void *PF_RESTRICT dst, const float *PF_RES
 
 /* ---- decode ---- */
 
-/* n codes of a compressed `dtype` as float32 code * scale (one float32 product each). */
-static inline void pf_load_row_quant(float *PF_RESTRICT dst, const void *PF_RESTRICT src, pf_dtype dtype, int64_t n,
-                                     float scale) {
+#if defined(__AVX2__) && defined(__F16C__) && !defined(__CUDACC__)
+#define PF_KV_QUANT_AVX2 1
+/* 16 float8 codes -> their float16 bits (e4m3fn: of value / 256; its NaN given the float16 NaN
+ * exponent), 16 lanes at a time. */
+static inline __m256i pf_fp8x16_to_f16(const uint8_t *c, int e4m3) {
+    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)c));
+    if (!e4m3) return _mm256_slli_epi16(w, 8);
+    const __m256i mag = _mm256_and_si256(w, _mm256_set1_epi16(0x7f));
+    const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8),
+                                      _mm256_slli_epi16(mag, 7));
+    const __m256i nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7f));
+    return _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x7c00)));
+}
+#endif
+
+/* The factor between a code's value and what pf_load_row_codes gives: 256 for float8_e4m3fn
+ * (decoded as value / 256), 1 otherwise. Exact in float32. */
+static inline float pf_code_unit(pf_dtype dtype) { return dtype == PF_DTYPE_F8E4M3 ? 256.0f : 1.0f; }
+
+/* n codes of a compressed `dtype` as float32: code / pf_code_unit(dtype), exactly (the caller
+ * applies unit * scale where it is cheapest). */
+static inline void pf_load_row_codes(float *PF_RESTRICT dst, const void *PF_RESTRICT src, pf_dtype dtype, int64_t n) {
     const uint8_t *s = (const uint8_t *)src;
+    int64_t i = 0;
     if (dtype == PF_DTYPE_I8) {
         const int8_t *q = (const int8_t *)src;
-        for (int64_t i = 0; i < n; i++) dst[i] = (float)q[i] * scale;
+#ifdef PF_KV_QUANT_AVX2
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + i)))));
+#endif
+        for (; i < n; i++) dst[i] = (float)q[i];
         return;
     }
+    const int e4m3 = dtype == PF_DTYPE_F8E4M3;
+#ifdef PF_KV_QUANT_AVX2
+    for (; i + 16 <= n; i += 16) {
+        const __m256i h = pf_fp8x16_to_f16(s + i, e4m3);
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm256_castsi256_si128(h)));
+        _mm256_storeu_ps(dst + i + 8, _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)));
+    }
+#endif
     enum { kChunk = 64 };
     uint16_t h[kChunk];
-    const int e4m3 = dtype == PF_DTYPE_F8E4M3;
-    /* e4m3fn decodes to value / 256: the factor goes into the scale (a power of two: exact unless
-     * the scale is within 2^8 of float32's limits, where the product would round anyway) */
-    const float mul = e4m3 ? scale * 256.0f : scale;
-    for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    for (int64_t i0 = i; i0 < n; i0 += kChunk) { /* the rest (all of it without AVX2 / F16C) */
         const int64_t m = n - i0 < kChunk ? n - i0 : kChunk;
         const uint8_t *c = s + i0;
-        float *o = dst + i0;
         if (e4m3)
-            for (int64_t i = 0; i < m; i++) h[i] = (uint16_t)(((c[i] & 0x80u) << 8) | ((c[i] & 0x7fu) << 7));
+            for (int64_t j = 0; j < m; j++)
+                h[j] = (uint16_t)(((c[j] & 0x80u) << 8) | ((c[j] & 0x7fu) << 7) | ((c[j] & 0x7fu) == 0x7fu ? 0x7c00u : 0u));
         else
-            for (int64_t i = 0; i < m; i++) h[i] = (uint16_t)(c[i] << 8);
-        pf_load_row_f32(o, h, PF_DTYPE_F16, m);
-        for (int64_t i = 0; i < m; i++) o[i] *= mul;
-        if (e4m3)
-            for (int64_t i = 0; i < m; i++) o[i] = (c[i] & 0x7fu) == 0x7fu ? __builtin_nanf("") : o[i];
+            for (int64_t j = 0; j < m; j++) h[j] = (uint16_t)(c[j] << 8);
+        pf_load_row_f32(dst + i0, h, PF_DTYPE_F16, m);
     }
 }
 

@@ -23,8 +23,12 @@
  * sequence, never reaches a multiply.
  *
  * Compressed caches (float8, int8: pagedflash.h "Compressed KV caches") are staged the same
- * way, each row dequantized to float32 (code * its scale, kv_quant.h) as it is loaded; K
- * tiles always go through rows and a transpose. Everything after staging is the float32 path.
+ * way, each row's codes converted to float32 (kv_quant.h; K tiles always through rows and a
+ * transpose), and x = code * scale applied where it costs least: per-tensor factors (the
+ * scales, e4m3fn's 256 of pf_code_unit) fold into the query (K) and the normalization of the
+ * output (V), per-(token, head) scales multiply the score columns (K) and, after the softmax
+ * has summed them, the probability columns (V): a few multiplies per tile row instead of one
+ * per cache element. Up to float32 rounding this is attention over the dequantized cache.
  *
  * Flash decoding: with num_splits S > 1 each sequence's tiles are divided into
  * S contiguous chunks processed as separate items (parallelism when batch x
@@ -51,7 +55,8 @@ typedef struct paged_ctx {
     pf_rows q, out;          /* q/out rows: (b, query row, head) */
     pf_rows kc, vc;          /* cache rows: (block id, slot in block, kv head) */
     pf_dtype cdt;            /* the caches' dtype: q's, or compressed */
-    pf_kv_scale ks, vs;      /* compressed caches: their scales */
+    pf_kv_scale ks, vs;      /* compressed caches: their scales (per-row ones used, per-tensor folded) */
+    float v_mul;             /* compressed V: the per-tensor factor of the output (1 for float caches) */
     int64_t nh, n_hchunks;   /* heads per item, chunks of the group */
     int64_t nq, n_qtiles;    /* queries per item, query tiles per sequence (max) */
     int64_t splits;
@@ -90,24 +95,40 @@ static inline int64_t block_id(const paged_ctx *c, int64_t b, int64_t t) {
 
 /* Tokens [j0, j0 + n) of sequence b, KV head hk, as rows dst[n][dpad] (zero padded
  * past d), one segment per cache block; compressed rows dequantized with `scale`. */
-static void stage_rows_paged(const paged_ctx *c, const pf_rows *cache, const pf_kv_scale *scale, int64_t b, int64_t hk,
-                             int64_t j0, int64_t n, float *dst) {
-    if (pf_dtype_compressed(c->cdt)) {
-        const int64_t d = c->head_dim, dpad = c->dpad;
-        for (int64_t j = 0; j < n; j++) {
-            const int64_t t = j0 + j, blk = block_id(c, b, t), off = t % c->block_size;
-            float *row = dst + j * dpad;
-            pf_load_row_quant(row, pf_row_ptr(cache, blk, off, hk), c->cdt, d, pf_kv_scale_at(scale, blk, off, hk));
-            for (int64_t col = d; col < dpad; col++) row[col] = 0.0f;
-        }
-        return;
-    }
+static void stage_rows_paged(const paged_ctx *c, const pf_rows *cache, int64_t b, int64_t hk, int64_t j0, int64_t n,
+                             float *dst) {
+    const int quant = pf_dtype_compressed(c->cdt);
+    const int64_t d = c->head_dim, dpad = c->dpad;
     for (int64_t done = 0; done < n;) {
         int64_t t = j0 + done, off = t % c->block_size;
         int64_t seg = c->block_size - off < n - done ? c->block_size - off : n - done;
-        pf_cpu_stage_rows(cache, c->cdt, block_id(c, b, t), off, hk, seg, c->head_dim, c->dpad, dst + done * c->dpad);
+        const int64_t blk = block_id(c, b, t);
+        if (!quant) {
+            pf_cpu_stage_rows(cache, c->cdt, blk, off, hk, seg, d, dpad, dst + done * dpad);
+        } else {
+            for (int64_t j = 0; j < seg; j++) {
+                float *row = dst + (done + j) * dpad;
+                pf_load_row_codes(row, pf_row_ptr(cache, blk, off + j, hk), c->cdt, d);
+                for (int64_t col = d; col < dpad; col++) row[col] = 0.0f;
+            }
+        }
         done += seg;
     }
+}
+
+/* The per-(token, head) scales of tokens [j0, j0 + n) of sequence b, KV head hk, into out[n]. */
+static void gather_row_scales(const paged_ctx *c, const pf_kv_scale *scale, int64_t b, int64_t hk, int64_t j0,
+                              int64_t n, float *out) {
+    for (int64_t j = 0; j < n; j++) {
+        const int64_t t = j0 + j;
+        out[j] = *pf_kv_scale_ptr(scale, block_id(c, b, t), t % c->block_size, hk);
+    }
+}
+
+/* s[r][j] *= f[j] for the tile's rows and its n columns. */
+static void scale_columns(float *s, int64_t rows, int64_t n, const float *f) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < n; j++) s[r * kBlockN + j] *= f[j];
 }
 
 /* Ask for the cache rows of tokens [j0, j0 + n), KV head hk, ahead of their use. Rows
@@ -133,7 +154,7 @@ static void stage_kt_paged(const paged_ctx *c, int64_t b, int64_t hk, int64_t j0
         pf_cpu_stage_kt(&c->kc, c->cdt, block_id(c, b, j0), off, hk, n, d, dpad, kt, rowbuf);
         return;
     }
-    stage_rows_paged(c, &c->kc, &c->ks, b, hk, j0, n, kbuf);
+    stage_rows_paged(c, &c->kc, b, hk, j0, n, kbuf);
     for (int64_t col = 0; col < d; col++) {
         float *krow = kt + col * kBlockN;
         for (int64_t j = 0; j < n; j++) krow[j] = kbuf[j * dpad + col];
@@ -190,7 +211,7 @@ static void paged_item(void *vctx, int64_t item, int tid) {
     const int64_t je = hi_last + 1 < te ? hi_last + 1 : te;
 
     pf_cpu_mask mk = pf_cpu_mask_make(qlen, len, p->causal, p->window_left, p->window_right, c->cap_log2, 0.0f);
-    float slope_log2[kBlockM];
+    float slope_log2[kBlockM], colf[kBlockN];
     for (int64_t hh = 0; hh < nhr; hh++) slope_log2[hh] = pf_cpu_alibi_log2(&p->alibi_slopes, b, h0 + hh);
 
     for (int64_t j0 = jb < je ? ts + (jb - ts) / kBlockN * kBlockN : je; j0 < je; j0 += kBlockN) {
@@ -198,12 +219,20 @@ static void paged_item(void *vctx, int64_t item, int tid) {
         stage_kt_paged(c, b, g, j0, n, kt, vt, rowbuf);
         prefetch_rows_paged(c, &c->vc, b, g, j0, n);
         pf_cpu_score_tile(qf, dpad, kt, dpad, s, rows4);
+        if (c->ks.data) { /* per-(token, head) K scales: the score columns */
+            gather_row_scales(c, &c->ks, b, g, j0, n, colf);
+            scale_columns(s, rows, n, colf);
+        }
         for (int64_t hh = 0; hh < nhr; hh++) {
             mk.alibi_log2 = slope_log2[hh];
             pf_cpu_transform_scores(s + hh * nqr * kBlockN, nqr, n, i0, j0, &mk);
         }
         if (!pf_cpu_softmax_tile(s, rows, rows4, m, l, of, dpad)) continue;
-        stage_rows_paged(c, &c->vc, &c->vs, b, g, j0, n, vt);
+        if (c->vs.data) { /* per-(token, head) V scales: the probability columns (l has summed them) */
+            gather_row_scales(c, &c->vs, b, g, j0, n, colf);
+            scale_columns(s, rows, n, colf);
+        }
+        stage_rows_paged(c, &c->vc, b, g, j0, n, vt);
         if (j0 + kBlockN < je) /* the next K tile, while this one's P V runs */
             prefetch_rows_paged(c, &c->kc, b, g, j0 + kBlockN,
                                 je - j0 - kBlockN < kBlockN ? je - j0 - kBlockN : kBlockN);
@@ -220,7 +249,7 @@ static void paged_item(void *vctx, int64_t item, int tid) {
             for (int64_t col = 0; col < d; col++) orow[col] = 0.0f;
             lse = -__builtin_inff();
         } else {
-            float inv = 1.0f / l[r];
+            float inv = 1.0f / l[r] * c->v_mul;
             for (int64_t col = 0; col < d; col++) orow[col] *= inv;
             lse = (m[r] + log2f(l[r])) * PF_LN2;
         }
@@ -327,6 +356,12 @@ pf_status pf_cpu_paged_attn(const pf_paged_params *p) {
     c.n_qtiles = (max_qlen + c.nq - 1) / c.nq;
 
     pf_cpu_score_scales(p->softmax_scale, p->softcap, &c.q_scale, &c.cap_log2);
+    c.v_mul = 1.0f;
+    if (pf_dtype_compressed(c.cdt)) { /* the per-tensor factors of x = code * scale (kv_quant.h) */
+        const float unit = pf_code_unit(c.cdt);
+        c.q_scale *= unit * (c.ks.data ? 1.0f : c.ks.value);
+        c.v_mul = unit * (c.vs.data ? 1.0f : c.vs.value);
+    }
 
     if (c.batch == 0 || c.n_qtiles == 0) return PF_STATUS_OK;
     c.splits = choose_splits(&c, p->num_splits);
