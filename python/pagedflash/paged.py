@@ -26,6 +26,9 @@ import numpy as np
 
 from . import _C, api
 from ._frameworks import allocate, describe, is_torch, library_of
+from .reference import KV_CACHE_DTYPES, kv_cache_dtype_name
+
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1}
 
 
 def _in_place(x: Any) -> Any:
@@ -314,3 +317,30 @@ def swap_blocks(
     _C.swap_blocks(
         src_cache, dst_cache, _index(block_mapping), src_scale=src_scale, dst_scale=dst_scale, stream=stream
     )
+
+
+def kv_cache_bytes(
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: Any,
+    *,
+    num_layers: int = 1,
+    row_scales: bool = False,
+) -> int:
+    """Bytes of ``num_blocks`` blocks of K and V caches ``[num_blocks, block_size, num_kv_heads,
+    head_dim]`` in ``dtype`` over ``num_layers`` layers, with per-(token, head) float32 scales
+    ``[num_blocks, block_size, num_kv_heads]`` beside each cache when ``row_scales`` (int8).
+    Per-tensor scales (8 bytes a layer) are not counted. dtype: float32, float16, bfloat16,
+    float8_e4m3fn, float8_e5m2, int8 (a name, vLLM's "fp8" / "fp8_e4m3" / "fp8_e5m2", or a NumPy /
+    ml_dtypes / torch dtype). ``kv_cache_bytes(1, ...)`` is the ``bytes_per_block`` of a
+    :class:`pagedflash.BlockManager`.
+    """
+    name = kv_cache_dtype_name(dtype)
+    if name not in _ITEMSIZE:
+        raise TypeError(f"dtype: expected one of {', '.join(_ITEMSIZE)}, got {name}")
+    if row_scales and name not in KV_CACHE_DTYPES:
+        raise ValueError(f"row_scales: per-(token, head) scales go with compressed caches, not {name}")
+    per_row = head_dim * _ITEMSIZE[name] + (4 if row_scales else 0)
+    return 2 * num_layers * num_blocks * block_size * num_kv_heads * per_row
