@@ -68,14 +68,15 @@ static inline void pf_store_row_quant(void *PF_RESTRICT dst, const float *PF_RES
 #if defined(__AVX2__) && defined(__F16C__) && !defined(__CUDACC__)
 #define PF_KV_QUANT_AVX2 1
 /* 16 float8 codes -> their float16 bits (e4m3fn: of value / 256; its NaN given the float16 NaN
- * exponent), 16 lanes at a time. */
+ * exponent), 16 lanes at a time. e4m3fn from the sign-extended byte: shifted left by 7, the
+ * magnitude lands in bits 7..13 and the sign's copies in 14 and 15, of which 14 is dropped. */
 static inline __m256i pf_fp8x16_to_f16(const uint8_t *c, int e4m3) {
-    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)c));
-    if (!e4m3) return _mm256_slli_epi16(w, 8);
-    const __m256i mag = _mm256_and_si256(w, _mm256_set1_epi16(0x7f));
-    const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8),
-                                      _mm256_slli_epi16(mag, 7));
-    const __m256i nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7f));
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)c);
+    if (!e4m3) return _mm256_slli_epi16(_mm256_cvtepu8_epi16(bytes), 8);
+    const __m256i w = _mm256_cvtepi8_epi16(bytes);
+    const __m256i h = _mm256_and_si256(_mm256_slli_epi16(w, 7), _mm256_set1_epi16((short)0xbf80));
+    /* NaN: magnitude 0x7f, i.e. w | 0xff80 all ones */
+    const __m256i nan = _mm256_cmpeq_epi16(_mm256_or_si256(w, _mm256_set1_epi16((short)0xff80)), _mm256_set1_epi16(-1));
     return _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x7c00)));
 }
 #endif
@@ -119,6 +120,75 @@ static inline void pf_load_row_codes(float *PF_RESTRICT dst, const void *PF_REST
         pf_load_row_f32(dst + i0, h, PF_DTYPE_F16, m);
     }
 }
+
+#ifdef PF_KV_QUANT_AVX2
+/* 16 codes of `dtype` at c -> *lo, *hi (code / pf_code_unit, as pf_load_row_codes). */
+static inline void pf_codes16(const uint8_t *c, pf_dtype dtype, __m256 *lo, __m256 *hi) {
+    if (dtype == PF_DTYPE_I8) {
+        const __m128i b = _mm_loadu_si128((const __m128i *)c);
+        *lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+        *hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)));
+        return;
+    }
+    const __m256i h = pf_fp8x16_to_f16(c, dtype == PF_DTYPE_F8E4M3);
+    *lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+    *hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+}
+
+static inline float pf_hsum8(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+/* Scores of R query rows against n compressed key rows, without staging K: for each key row its
+ * codes are converted 16 at a time in registers and multiplied into R accumulators.
+ * s[r * lds + j] = sum_c qf[r * dpad + c] * code_j[c] / unit for j < n, 0 for n <= j < 64; qf is
+ * zero in columns [d, dpad) (dpad a multiple of 16), so a partial last chunk reads zero codes. */
+static inline __attribute__((always_inline)) void pf_quant_scores_r(const float *qf, int64_t dpad, const int R,
+                                                                    const uint8_t *const *krow, int64_t n, int64_t d,
+                                                                    pf_dtype dtype, float *s, int64_t lds) {
+    const int64_t d16 = d / 16 * 16;
+    for (int64_t j = 0; j < n; j++) {
+        __m256 acc[8];
+        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+        const uint8_t *k = krow[j];
+        for (int64_t c = 0; c < dpad; c += 16) {
+            __m256 lo, hi;
+            if (c < d16) {
+                pf_codes16(k + c, dtype, &lo, &hi);
+            } else { /* the last, partial chunk */
+                float tmp[16] __attribute__((aligned(32))) = {0};
+                pf_load_row_codes(tmp, k + c, dtype, d - c);
+                lo = _mm256_load_ps(tmp);
+                hi = _mm256_load_ps(tmp + 8);
+            }
+            for (int r = 0; r < R; r++) {
+                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + r * dpad + c), lo, acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + r * dpad + c + 8), hi, acc[r]);
+            }
+        }
+        for (int r = 0; r < R; r++) s[r * lds + j] = pf_hsum8(acc[r]);
+    }
+    for (int r = 0; r < R; r++)
+        for (int64_t j = n; j < 64; j++) s[r * lds + j] = 0.0f;
+}
+
+/* pf_quant_scores_r for rows in [1, PF_QUANT_SCORE_ROWS] (decode: the query heads of a KV head). */
+#define PF_QUANT_SCORE_ROWS 8
+static inline void pf_quant_scores(const float *qf, int64_t dpad, int64_t rows, const uint8_t *const *krow, int64_t n,
+                                   int64_t d, pf_dtype dtype, float *s, int64_t lds) {
+    switch (rows) {
+#define PF_QS_CASE(R) \
+    case R: pf_quant_scores_r(qf, dpad, R, krow, n, d, dtype, s, lds); break;
+        PF_QS_CASE(1) PF_QS_CASE(2) PF_QS_CASE(3) PF_QS_CASE(4) PF_QS_CASE(5) PF_QS_CASE(6) PF_QS_CASE(7)
+        PF_QS_CASE(8)
+#undef PF_QS_CASE
+        default: break;
+    }
+}
+#endif
 
 /* ---- scales ---- */
 

@@ -216,9 +216,22 @@ static void paged_item(void *vctx, int64_t item, int tid) {
 
     for (int64_t j0 = jb < je ? ts + (jb - ts) / kBlockN * kBlockN : je; j0 < je; j0 += kBlockN) {
         const int64_t n = je - j0 < kBlockN ? je - j0 : kBlockN;
-        stage_kt_paged(c, b, g, j0, n, kt, vt, rowbuf);
-        prefetch_rows_paged(c, &c->vc, b, g, j0, n);
-        pf_cpu_score_tile(qf, dpad, kt, dpad, s, rows4);
+#ifdef PF_QUANT_SCORE_ROWS
+        if (pf_dtype_compressed(c->cdt) && rows <= PF_QUANT_SCORE_ROWS) { /* decode: K read in place */
+            const uint8_t *krow[kBlockN];
+            for (int64_t j = 0; j < n; j++) {
+                const int64_t t = j0 + j;
+                krow[j] = (const uint8_t *)pf_row_ptr(&c->kc, block_id(c, b, t), t % c->block_size, g);
+            }
+            prefetch_rows_paged(c, &c->vc, b, g, j0, n);
+            pf_quant_scores(qf, dpad, rows, krow, n, d, c->cdt, s, kBlockN);
+        } else
+#endif
+        {
+            stage_kt_paged(c, b, g, j0, n, kt, vt, rowbuf);
+            prefetch_rows_paged(c, &c->vc, b, g, j0, n);
+            pf_cpu_score_tile(qf, dpad, kt, dpad, s, rows4);
+        }
         if (c->ks.data) { /* per-(token, head) K scales: the score columns */
             gather_row_scales(c, &c->ks, b, g, j0, n, colf);
             scale_columns(s, rows, n, colf);

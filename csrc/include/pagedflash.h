@@ -279,11 +279,15 @@ pf_status pf_dropout_mask(const pf_attn_params *params, pf_tensor mask);
  *            largest finite value (448 e4m3fn, 57344 e5m2) gives +-that value
  *   int8:    code = clamp(rne(x / scale), -127, 127) (symmetric; -128 is never written)
  *   int8 with a per-(token, head) scale: the call computes and writes each row's scale,
- *            scale = max|x| / 127 over the row's head_dim values (1 for an all-zero row)
+ *            scale = max|x| / 127 over the row's head_dim values in float32 (1 where that is
+ *            0: an all-zero row)
  * (x / scale is one float32 division.) k and v must be finite: a NaN or inf among the tokens
  * written is PF_STATUS_INVALID_VALUE naming the element, and nothing is written.
- * Reading (pf_paged_attn) dequantizes each element to float32 (code * scale, one float32
- * product) and computes exactly as for a float32 cache; q and out keep their own dtype.
+ * Reading (pf_paged_attn) computes attention over x = code * scale in float32, as for a float32
+ * cache (q and out keep their own dtype); a backend may apply a scale wherever it is cheapest
+ * (the CPU one: per-tensor scales to the query and the output, per-(token, head) ones to the
+ * scores and probabilities), which differs from dequantizing each element first by float32
+ * rounding only.
  *
  * The CPU backend implements every combination above; the CUDA backend refuses compressed
  * caches in pf_paged_attn and pf_write_kv_cache_scaled with PF_STATUS_NOT_SUPPORTED (it
