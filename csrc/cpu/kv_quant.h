@@ -2,7 +2,8 @@
  * kv_quant.h - the CPU backend's compressed KV-cache elements (pagedflash.h "Compressed KV
  * caches"): float32 -> float8_e4m3fn / float8_e5m2 / int8 codes for write_kv_cache (round to
  * nearest even, saturating), codes -> float32 rows for paged attention (which applies the scales
- * itself), and the scale of a cache row (per tensor, or per (token, KV head) stored beside it).
+ * itself), the decode micro-kernels that read codes in place (scores and P V, AVX2 / F16C), and
+ * the scale of a cache row (per tensor, or per (token, KV head) stored beside it).
  *
  * Decoding goes through float16, whose conversion to float32 is exact and vectorized
  * (pf_load_row_f32: F16C): an e5m2 code is the high byte of the float16 with the same value,
@@ -186,6 +187,55 @@ static inline void pf_quant_scores(const float *qf, int64_t dpad, int64_t rows, 
         PF_QS_CASE(8)
 #undef PF_QS_CASE
         default: break;
+    }
+}
+/* o[r * ldo + c] += sum_j p[r * ldp + j] * code_j[c] / unit for R <= 4 rows, c < dpad: the value
+ * rows' codes converted in registers, 16 columns at a time (codes past d read as 0). */
+static inline __attribute__((always_inline)) void pf_quant_pv_r(const float *p, int64_t ldp, const int R,
+                                                                const uint8_t *const *vrow, int64_t n, int64_t d,
+                                                                int64_t dpad, pf_dtype dtype, float *o, int64_t ldo) {
+    const int64_t d16 = d / 16 * 16;
+    for (int64_t c = 0; c < dpad; c += 16) {
+        __m256 acc[4][2];
+        for (int r = 0; r < R; r++) {
+            acc[r][0] = _mm256_loadu_ps(o + r * ldo + c);
+            acc[r][1] = _mm256_loadu_ps(o + r * ldo + c + 8);
+        }
+        for (int64_t j = 0; j < n; j++) {
+            __m256 lo, hi;
+            if (c < d16) {
+                pf_codes16(vrow[j] + c, dtype, &lo, &hi);
+            } else {
+                float tmp[16] __attribute__((aligned(32))) = {0};
+                pf_load_row_codes(tmp, vrow[j] + c, dtype, d - c);
+                lo = _mm256_load_ps(tmp);
+                hi = _mm256_load_ps(tmp + 8);
+            }
+            for (int r = 0; r < R; r++) {
+                const __m256 pr = _mm256_broadcast_ss(p + r * ldp + j);
+                acc[r][0] = _mm256_fmadd_ps(pr, lo, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(pr, hi, acc[r][1]);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            _mm256_storeu_ps(o + r * ldo + c, acc[r][0]);
+            _mm256_storeu_ps(o + r * ldo + c + 8, acc[r][1]);
+        }
+    }
+}
+
+/* pf_quant_pv_r for rows in [1, PF_QUANT_SCORE_ROWS], in groups of up to 4. */
+static inline void pf_quant_pv(const float *p, int64_t ldp, int64_t rows, const uint8_t *const *vrow, int64_t n,
+                               int64_t d, int64_t dpad, pf_dtype dtype, float *o, int64_t ldo) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+        const float *pr = p + r0 * ldp;
+        float *orow = o + r0 * ldo;
+        switch (rows - r0 < 4 ? rows - r0 : 4) {
+            case 1: pf_quant_pv_r(pr, ldp, 1, vrow, n, d, dpad, dtype, orow, ldo); break;
+            case 2: pf_quant_pv_r(pr, ldp, 2, vrow, n, d, dpad, dtype, orow, ldo); break;
+            case 3: pf_quant_pv_r(pr, ldp, 3, vrow, n, d, dpad, dtype, orow, ldo); break;
+            default: pf_quant_pv_r(pr, ldp, 4, vrow, n, d, dpad, dtype, orow, ldo); break;
+        }
     }
 }
 #endif

@@ -22,13 +22,17 @@
  * data (even NaN) in the unused slots of a partial block, or in blocks past the
  * sequence, never reaches a multiply.
  *
- * Compressed caches (float8, int8: pagedflash.h "Compressed KV caches") are staged the same
- * way, each row's codes converted to float32 (kv_quant.h; K tiles always through rows and a
- * transpose), and x = code * scale applied where it costs least: per-tensor factors (the
- * scales, e4m3fn's 256 of pf_code_unit) fold into the query (K) and the normalization of the
- * output (V), per-(token, head) scales multiply the score columns (K) and, after the softmax
- * has summed them, the probability columns (V): a few multiplies per tile row instead of one
- * per cache element. Up to float32 rounding this is attention over the dequantized cache.
+ * Compressed caches (float8, int8: pagedflash.h "Compressed KV caches"): with at most
+ * PF_QUANT_SCORE_ROWS tile rows (decode: the query heads of one KV head) K and V are read in
+ * place, their codes converted in registers inside the score and P V loops (kv_quant.h
+ * pf_quant_scores, pf_quant_pv: no staging, no transpose, a quarter of float32's bytes); with
+ * more rows (prefill chunks) they are staged like a float cache, each row's codes converted to
+ * float32 (K through rows and a transpose). Either way x = code * scale is applied where it
+ * costs least: per-tensor factors (the scales, e4m3fn's 256 of pf_code_unit) fold into the
+ * query (K) and the normalization of the output (V), per-(token, head) scales multiply the
+ * score columns (K) and, after the softmax has summed them, the probability columns (V): a few
+ * multiplies per tile row instead of one per cache element. Up to float32 rounding this is
+ * attention over the dequantized cache.
  *
  * Flash decoding: with num_splits S > 1 each sequence's tiles are divided into
  * S contiguous chunks processed as separate items (parallelism when batch x
@@ -125,6 +129,15 @@ static void gather_row_scales(const paged_ctx *c, const pf_kv_scale *scale, int6
     }
 }
 
+/* The addresses of the cache rows of tokens [j0, j0 + n) of sequence b, KV head hk (compressed). */
+static void rows_of_tile(const paged_ctx *c, const pf_rows *cache, int64_t b, int64_t hk, int64_t j0, int64_t n,
+                         const uint8_t **rows) {
+    for (int64_t j = 0; j < n; j++) {
+        const int64_t t = j0 + j;
+        rows[j] = (const uint8_t *)pf_row_ptr(cache, block_id(c, b, t), t % c->block_size, hk);
+    }
+}
+
 /* s[r][j] *= f[j] for the tile's rows and its n columns. */
 static void scale_columns(float *s, int64_t rows, int64_t n, const float *f) {
     for (int64_t r = 0; r < rows; r++)
@@ -212,19 +225,17 @@ static void paged_item(void *vctx, int64_t item, int tid) {
 
     pf_cpu_mask mk = pf_cpu_mask_make(qlen, len, p->causal, p->window_left, p->window_right, c->cap_log2, 0.0f);
     float slope_log2[kBlockM], colf[kBlockN];
+    const uint8_t *crow[kBlockN]; /* compressed decode: the cache rows of a tile */
     for (int64_t hh = 0; hh < nhr; hh++) slope_log2[hh] = pf_cpu_alibi_log2(&p->alibi_slopes, b, h0 + hh);
 
     for (int64_t j0 = jb < je ? ts + (jb - ts) / kBlockN * kBlockN : je; j0 < je; j0 += kBlockN) {
         const int64_t n = je - j0 < kBlockN ? je - j0 : kBlockN;
 #ifdef PF_QUANT_SCORE_ROWS
-        if (pf_dtype_compressed(c->cdt) && rows <= PF_QUANT_SCORE_ROWS) { /* decode: K read in place */
-            const uint8_t *krow[kBlockN];
-            for (int64_t j = 0; j < n; j++) {
-                const int64_t t = j0 + j;
-                krow[j] = (const uint8_t *)pf_row_ptr(&c->kc, block_id(c, b, t), t % c->block_size, g);
-            }
+        const int in_place = pf_dtype_compressed(c->cdt) && rows <= PF_QUANT_SCORE_ROWS;
+        if (in_place) { /* decode: K read in place */
+            rows_of_tile(c, &c->kc, b, g, j0, n, crow);
             prefetch_rows_paged(c, &c->vc, b, g, j0, n);
-            pf_quant_scores(qf, dpad, rows, krow, n, d, c->cdt, s, kBlockN);
+            pf_quant_scores(qf, dpad, rows, crow, n, d, c->cdt, s, kBlockN);
         } else
 #endif
         {
@@ -245,10 +256,17 @@ static void paged_item(void *vctx, int64_t item, int tid) {
             gather_row_scales(c, &c->vs, b, g, j0, n, colf);
             scale_columns(s, rows, n, colf);
         }
-        stage_rows_paged(c, &c->vc, b, g, j0, n, vt);
         if (j0 + kBlockN < je) /* the next K tile, while this one's P V runs */
             prefetch_rows_paged(c, &c->kc, b, g, j0 + kBlockN,
                                 je - j0 - kBlockN < kBlockN ? je - j0 - kBlockN : kBlockN);
+#ifdef PF_QUANT_SCORE_ROWS
+        if (in_place) { /* V read in place too */
+            rows_of_tile(c, &c->vc, b, g, j0, n, crow);
+            pf_quant_pv(s, kBlockN, rows, crow, n, d, dpad, c->cdt, of, dpad);
+            continue;
+        }
+#endif
+        stage_rows_paged(c, &c->vc, b, g, j0, n, vt);
         pf_cpu_pv_tile(s, kBlockN, vt, dpad, n, of, dpad, rows4, dpad);
     }
 
