@@ -86,6 +86,28 @@ static inline __m256i pf_fp8x16_to_f16(const uint8_t *c, int e4m3) {
  * (decoded as value / 256), 1 otherwise. Exact in float32. */
 static inline float pf_code_unit(pf_dtype dtype) { return dtype == PF_DTYPE_F8E4M3 ? 256.0f : 1.0f; }
 
+/* The float32 bits of every float8 code (e4m3fn: of value / 256), as constant expressions:
+ * pf_fp8_f32_bits[0] e4m3fn, [1] e5m2 (common.c), the portable decoder. */
+#define PF_E4M3_SUB(m)                                                                                            \
+    ((m) == 0   ? 0u                                                                                              \
+     : (m) == 1 ? 110u << 23                                                                                      \
+     : (m) == 2 ? 111u << 23                                                                                      \
+     : (m) == 3 ? (111u << 23 | 1u << 22)                                                                         \
+     : (m) == 4 ? 112u << 23                                                                                      \
+     : (m) == 5 ? (112u << 23 | 1u << 21)                                                                         \
+     : (m) == 6 ? (112u << 23 | 1u << 22)                                                                         \
+                : (112u << 23 | 3u << 21))
+#define PF_E4M3_MAG(g)                                                                                            \
+    ((g) == 0x7f ? 0x7fc00000u : ((g) >> 3) ? ((((g) >> 3) + 112u) << 23 | ((g) & 7u) << 20) : PF_E4M3_SUB((g) & 7))
+#define PF_E4M3_BITS(c) ((((c) & 0x80u) << 24) | PF_E4M3_MAG((c) & 0x7fu))
+#define PF_E5M2_SUB(m) ((m) == 0 ? 0u : (m) == 1 ? 111u << 23 : (m) == 2 ? 112u << 23 : (112u << 23 | 1u << 22))
+#define PF_E5M2_MAG(g)                                                                                            \
+    (((g) >> 2) == 31 ? (((g) & 3u) ? 0x7fc00000u : 0x7f800000u)                                                 \
+     : ((g) >> 2)     ? ((((g) >> 2) + 112u) << 23 | ((g) & 3u) << 21)                                            \
+                      : PF_E5M2_SUB((g) & 3u))
+#define PF_E5M2_BITS(c) ((((c) & 0x80u) << 24) | PF_E5M2_MAG((c) & 0x7fu))
+extern const uint32_t pf_fp8_f32_bits[2][256];
+
 /* n codes of a compressed `dtype` as float32: code / pf_code_unit(dtype), exactly (the caller
  * applies unit * scale where it is cheapest). */
 static inline void pf_load_row_codes(float *PF_RESTRICT dst, const void *PF_RESTRICT src, pf_dtype dtype, int64_t n) {
@@ -108,18 +130,8 @@ static inline void pf_load_row_codes(float *PF_RESTRICT dst, const void *PF_REST
         _mm256_storeu_ps(dst + i + 8, _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)));
     }
 #endif
-    enum { kChunk = 64 };
-    uint16_t h[kChunk];
-    for (int64_t i0 = i; i0 < n; i0 += kChunk) { /* the rest (all of it without AVX2 / F16C) */
-        const int64_t m = n - i0 < kChunk ? n - i0 : kChunk;
-        const uint8_t *c = s + i0;
-        if (e4m3)
-            for (int64_t j = 0; j < m; j++)
-                h[j] = (uint16_t)(((c[j] & 0x80u) << 8) | ((c[j] & 0x7fu) << 7) | ((c[j] & 0x7fu) == 0x7fu ? 0x7c00u : 0u));
-        else
-            for (int64_t j = 0; j < m; j++) h[j] = (uint16_t)(c[j] << 8);
-        pf_load_row_f32(dst + i0, h, PF_DTYPE_F16, m);
-    }
+    const uint32_t *bits = pf_fp8_f32_bits[e4m3 ? 0 : 1]; /* the rest (all of it without AVX2 / F16C) */
+    for (; i < n; i++) memcpy(dst + i, bits + s[i], 4);
 }
 
 #ifdef PF_KV_QUANT_AVX2

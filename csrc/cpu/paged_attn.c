@@ -225,7 +225,9 @@ static void paged_item(void *vctx, int64_t item, int tid) {
 
     pf_cpu_mask mk = pf_cpu_mask_make(qlen, len, p->causal, p->window_left, p->window_right, c->cap_log2, 0.0f);
     float slope_log2[kBlockM], colf[kBlockN];
+#ifdef PF_QUANT_SCORE_ROWS
     const uint8_t *crow[kBlockN]; /* compressed decode: the cache rows of a tile */
+#endif
     for (int64_t hh = 0; hh < nhr; hh++) slope_log2[hh] = pf_cpu_alibi_log2(&p->alibi_slopes, b, h0 + hh);
 
     for (int64_t j0 = jb < je ? ts + (jb - ts) / kBlockN * kBlockN : je; j0 < je; j0 += kBlockN) {

@@ -261,25 +261,28 @@ def test_splits_agree(backend, rng, dtype, kind):
         assert np.max(np.abs(out - one)) <= 2e-5 * np.max(np.abs(one))
 
 
-@cases("dtype", cpu=["float8_e4m3fn", "float8_e5m2", "int8"])
-def test_every_code_decodes(backend, rng, dtype):
-    """Each code reads as float32(code * scale), exactly: one token holding every code (float8:
-    every finite one, e5m2's infinities left out; int8: -128..127), seen alone (window (0, 0)),
-    so out is its v row bit for bit."""
+@cases("dtype,d", cpu=[(dt, d) for dt in ("float8_e4m3fn", "float8_e5m2", "int8") for d in (256, 15)])
+def test_every_code_decodes(backend, rng, dtype, d):
+    """Each code reads as float32(code * scale), exactly: every code (float8: every finite one,
+    e5m2's infinities left out; int8: -128..127) laid over the rows of one-token sequences, each
+    seen alone (window (0, 0)), so out is the v rows bit for bit. d = 256 converts 16 codes at a
+    time, d = 15 goes through the portable per-code path."""
     vals = np.arange(256, dtype=np.uint8)
     if dtype in FP8:
-        finite = np.isfinite(reference.fp8_values(dtype))
-        vals = np.where(finite, vals, 0).astype(np.uint8)
-    codes = vals.reshape(1, 1, 1, 256)
+        vals = np.where(np.isfinite(reference.fp8_values(dtype)), vals, 0).astype(np.uint8)
+    nb = -(-256 // d)
+    codes = np.zeros(nb * d, np.uint8)
+    codes[:256] = vals
+    codes = codes.reshape(nb, 1, 1, d)
     if dtype == "int8":
         codes = codes.view(np.int8)
     v = as_cache(codes, dtype, "numpy")
     k = as_cache(np.zeros_like(codes), dtype, "numpy")
     scale = np.float32(0.3711)
-    q = randn(rng, (1, 1, 256), "float32")
-    bt, sl = np.array([[0]], np.int32), np.array([1], np.int32)
+    q = randn(rng, (nb, 1, d), "float32")
+    bt, sl = np.arange(nb, dtype=np.int32)[:, None], np.ones(nb, np.int32)
     out = pagedflash.paged_attn(q, k, v, bt, sl, window=(0, 0), causal=False, k_scale=scale, v_scale=scale)
-    want = (reference.dequantize_kv(codes, dtype=dtype).astype(np.float32) * scale).reshape(1, 1, 256)
+    want = (reference.dequantize_kv(codes, dtype=dtype).astype(np.float32) * scale).reshape(nb, 1, d)
     np.testing.assert_array_equal(out, want)
 
 
