@@ -80,7 +80,9 @@ def point(rng, batch, ctx, h, hk, d, bs, formats):
             continue
         if dt == "bfloat16":
             tq, tk, tv = (torch.from_numpy(x).bfloat16() for x in (q, k, v))
-            cands.append((col, lambda tq=tq, tk=tk, tv=tv: pagedflash.paged_attn(tq, tk, tv, bt, sl), (k.nbytes + v.nbytes) // 2))
+            cands.append(
+                (col, lambda tq=tq, tk=tk, tv=tv: pagedflash.paged_attn(tq, tk, tv, bt, sl), (k.nbytes + v.nbytes) // 2)
+            )
             continue
         caches, scales = [], {}
         for name, x in (("k", k), ("v", v)):

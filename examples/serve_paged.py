@@ -59,8 +59,7 @@ from typing import Callable, Optional
 import numpy as np
 
 import pagedflash as pf
-from pagedflash import AllocStatus, BlockManager
-from pagedflash import reference
+from pagedflash import AllocStatus, BlockManager, reference
 from pagedflash.reference import attention as reference_attention
 
 TOL = 1e-4  # max |logits_paged - logits_contiguous|, float32 model
@@ -645,7 +644,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"arrives at step {r.arrival} -- {r.note}"
         )
 
-    kv = KVCaches(args.kv_cache_dtype, c.layers, sc.num_blocks, sc.num_cpu_blocks, sc.block_size, c.kv_heads, c.head_dim)
+    kv = KVCaches(
+        args.kv_cache_dtype, c.layers, sc.num_blocks, sc.num_cpu_blocks, sc.block_size, c.kv_heads, c.head_dim
+    )
     server = PagedServer(
         sc,
         model,
@@ -724,12 +725,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(
         f"  logits: {compared} positions compared with contiguous per-request caches, "
         f"max |diff| = {max_diff:.2e} (tolerance {tol:g}); generated tokens "
-        + ("teacher-forced" if compressed else "identical" if not any("tokens differ" in f for f in failures) else "DIFFER")
+        + (
+            "teacher-forced"
+            if compressed
+            else "identical"
+            if not any("tokens differ" in f for f in failures)
+            else "DIFFER"
+        )
     )
     if compressed:
-        print(
-            f"  {kv.dtype} cache against a float32 cache (same tokens): max |logits diff| = {compressed_diff:.2e}"
-        )
+        print(f"  {kv.dtype} cache against a float32 cache (same tokens): max |logits diff| = {compressed_diff:.2e}")
     print(
         f"  KV memory ({kv.dtype} cache, {bytes_per_token} bytes per token over all layers, K and V"
         + (", scales included" if kv.rows else "")

@@ -47,7 +47,8 @@ static inline int64_t at_i64_2(const pf_tensor *t, int64_t i, int64_t j) {
 
 /* k_cache / v_cache of a call whose values are `ref`'s dtype (q for paged attention, k for a
  * write; NULL: any float dtype): that dtype, or a compressed dtype shared by both caches. */
-static pf_status check_cache_pair(const pf_tensor *kc, const pf_tensor *vc, const pf_tensor *ref, const char *ref_name) {
+static pf_status check_cache_pair(const pf_tensor *kc, const pf_tensor *vc, const pf_tensor *ref,
+                                  const char *ref_name) {
     PF_TRY(pf_check_present(kc, "k_cache"));
     const pf_dtype dt = kc->dtype;
     PF_CHECK_TYPE(dt == PF_DTYPE_F32 || dt == PF_DTYPE_F16 || dt == PF_DTYPE_BF16 || pf_dtype_compressed(dt),
@@ -105,8 +106,8 @@ static pf_status check_kv_scale(const pf_tensor *s, const char *name, const pf_t
                        (int)c->device_id, (int)s->device_id);
         if (pf_tensor_on_host(s)) {
             const float v = *(const float *)s->data;
-            PF_CHECK_VALUE(v > 0.0f && v < __builtin_inff(), "%s: the scale of %s must be finite and > 0, got %g",
-                           name, cname, (double)v);
+            PF_CHECK_VALUE(v > 0.0f && v < __builtin_inff(), "%s: the scale of %s must be finite and > 0, got %g", name,
+                           cname, (double)v);
         }
         return PF_STATUS_OK;
     }
@@ -419,8 +420,10 @@ pf_status pf_write_kv_cache_scaled_validate(pf_tensor k, pf_tensor v, pf_tensor 
     PF_TRY(check_kv_scale(&k_scale, "k_scale", kc, "k_cache", &k_rows));
     PF_TRY(check_kv_scale(&v_scale, "v_scale", &v_cache, "v_cache", &v_rows));
     const pf_tensor none = {0};
-    const pf_named_tensor outs[] = {
-        {kc, "k_cache"}, {&v_cache, "v_cache"}, {k_rows ? &k_scale : &none, "k_scale"}, {v_rows ? &v_scale : &none, "v_scale"}};
+    const pf_named_tensor outs[] = {{kc, "k_cache"},
+                                    {&v_cache, "v_cache"},
+                                    {k_rows ? &k_scale : &none, "k_scale"},
+                                    {v_rows ? &v_scale : &none, "v_scale"}};
     const pf_named_tensor ins[] = {{&k, "k"},
                                    {&v, "v"},
                                    {&slot_mapping, "slot_mapping"},
@@ -560,11 +563,13 @@ pf_status pf_swap_blocks_scaled_validate(pf_tensor src, pf_tensor dst, pf_tensor
                   "not move: use the same on both sides)",
                   pf_dtype_name(src.dtype));
     PF_TRY(check_kv_scale(&src_scale, "src_scale", &src, "src", &per_row));
-    PF_CHECK_VALUE(per_row, "src_scale: expected a per-(token, head) scale [num_blocks, block_size, num_kv_heads] "
-                            "(per-tensor scales do not move: use the same on both sides)");
+    PF_CHECK_VALUE(per_row,
+                   "src_scale: expected a per-(token, head) scale [num_blocks, block_size, num_kv_heads] "
+                   "(per-tensor scales do not move: use the same on both sides)");
     PF_TRY(check_kv_scale(&dst_scale, "dst_scale", &dst, "dst", &per_row));
-    PF_CHECK_VALUE(per_row, "dst_scale: expected a per-(token, head) scale [num_blocks, block_size, num_kv_heads] "
-                            "(per-tensor scales do not move: use the same on both sides)");
+    PF_CHECK_VALUE(per_row,
+                   "dst_scale: expected a per-(token, head) scale [num_blocks, block_size, num_kv_heads] "
+                   "(per-tensor scales do not move: use the same on both sides)");
     PF_TRY(pf_swap_blocks_validate(src_scale, dst_scale, block_mapping));
     const pf_named_tensor outs[] = {{&dst, "dst"}, {&dst_scale, "dst_scale"}};
     const pf_named_tensor ins[] = {{&src, "src"}, {&src_scale, "src_scale"}};

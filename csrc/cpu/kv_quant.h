@@ -31,7 +31,7 @@ static inline uint8_t pf_f32_to_fp8(float x, int mant, int bias, uint32_t max_co
         float f;
         memcpy(&f, &a, 4);
         code = (uint32_t)rintf(f * ldexpf(1.0f, bias - 1 + mant)); /* exact product; rint: to nearest even */
-    } else {                                                        /* drop 23 - mant mantissa bits, to nearest even */
+    } else { /* drop 23 - mant mantissa bits, to nearest even */
         const int shift = 23 - mant;
         a += ((1u << (shift - 1)) - 1u) + ((a >> shift) & 1u);
         code = (a >> shift) - ((uint32_t)(127 - bias) << mant);
@@ -88,22 +88,22 @@ static inline float pf_code_unit(pf_dtype dtype) { return dtype == PF_DTYPE_F8E4
 
 /* The float32 bits of every float8 code (e4m3fn: of value / 256), as constant expressions:
  * pf_fp8_f32_bits[0] e4m3fn, [1] e5m2 (common.c), the portable decoder. */
-#define PF_E4M3_SUB(m)                                                                                            \
-    ((m) == 0   ? 0u                                                                                              \
-     : (m) == 1 ? 110u << 23                                                                                      \
-     : (m) == 2 ? 111u << 23                                                                                      \
-     : (m) == 3 ? (111u << 23 | 1u << 22)                                                                         \
-     : (m) == 4 ? 112u << 23                                                                                      \
-     : (m) == 5 ? (112u << 23 | 1u << 21)                                                                         \
-     : (m) == 6 ? (112u << 23 | 1u << 22)                                                                         \
+#define PF_E4M3_SUB(m)                    \
+    ((m) == 0   ? 0u                      \
+     : (m) == 1 ? 110u << 23              \
+     : (m) == 2 ? 111u << 23              \
+     : (m) == 3 ? (111u << 23 | 1u << 22) \
+     : (m) == 4 ? 112u << 23              \
+     : (m) == 5 ? (112u << 23 | 1u << 21) \
+     : (m) == 6 ? (112u << 23 | 1u << 22) \
                 : (112u << 23 | 3u << 21))
-#define PF_E4M3_MAG(g)                                                                                            \
+#define PF_E4M3_MAG(g) \
     ((g) == 0x7f ? 0x7fc00000u : ((g) >> 3) ? ((((g) >> 3) + 112u) << 23 | ((g) & 7u) << 20) : PF_E4M3_SUB((g) & 7))
 #define PF_E4M3_BITS(c) ((((c) & 0x80u) << 24) | PF_E4M3_MAG((c) & 0x7fu))
 #define PF_E5M2_SUB(m) ((m) == 0 ? 0u : (m) == 1 ? 111u << 23 : (m) == 2 ? 112u << 23 : (112u << 23 | 1u << 22))
-#define PF_E5M2_MAG(g)                                                                                            \
-    (((g) >> 2) == 31 ? (((g) & 3u) ? 0x7fc00000u : 0x7f800000u)                                                 \
-     : ((g) >> 2)     ? ((((g) >> 2) + 112u) << 23 | ((g) & 3u) << 21)                                            \
+#define PF_E5M2_MAG(g)                                                 \
+    (((g) >> 2) == 31 ? (((g) & 3u) ? 0x7fc00000u : 0x7f800000u)       \
+     : ((g) >> 2)     ? ((((g) >> 2) + 112u) << 23 | ((g) & 3u) << 21) \
                       : PF_E5M2_SUB((g) & 3u))
 #define PF_E5M2_BITS(c) ((((c) & 0x80u) << 24) | PF_E5M2_MAG((c) & 0x7fu))
 extern const uint32_t pf_fp8_f32_bits[2][256];
@@ -117,7 +117,8 @@ static inline void pf_load_row_codes(float *PF_RESTRICT dst, const void *PF_REST
         const int8_t *q = (const int8_t *)src;
 #ifdef PF_KV_QUANT_AVX2
         for (; i + 8 <= n; i += 8)
-            _mm256_storeu_ps(dst + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + i)))));
+            _mm256_storeu_ps(dst + i,
+                             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + i)))));
 #endif
         for (; i < n; i++) dst[i] = (float)q[i];
         return;
@@ -193,14 +194,17 @@ static inline __attribute__((always_inline)) void pf_quant_scores_r(const float 
 static inline void pf_quant_scores(const float *qf, int64_t dpad, int64_t rows, const uint8_t *const *krow, int64_t n,
                                    int64_t d, pf_dtype dtype, float *s, int64_t lds) {
     switch (rows) {
-#define PF_QS_CASE(R) \
-    case R: pf_quant_scores_r(qf, dpad, R, krow, n, d, dtype, s, lds); break;
-        PF_QS_CASE(1) PF_QS_CASE(2) PF_QS_CASE(3) PF_QS_CASE(4) PF_QS_CASE(5) PF_QS_CASE(6) PF_QS_CASE(7)
-        PF_QS_CASE(8)
-#undef PF_QS_CASE
-        default: break;
+        case 1: pf_quant_scores_r(qf, dpad, 1, krow, n, d, dtype, s, lds); break;
+        case 2: pf_quant_scores_r(qf, dpad, 2, krow, n, d, dtype, s, lds); break;
+        case 3: pf_quant_scores_r(qf, dpad, 3, krow, n, d, dtype, s, lds); break;
+        case 4: pf_quant_scores_r(qf, dpad, 4, krow, n, d, dtype, s, lds); break;
+        case 5: pf_quant_scores_r(qf, dpad, 5, krow, n, d, dtype, s, lds); break;
+        case 6: pf_quant_scores_r(qf, dpad, 6, krow, n, d, dtype, s, lds); break;
+        case 7: pf_quant_scores_r(qf, dpad, 7, krow, n, d, dtype, s, lds); break;
+        default: pf_quant_scores_r(qf, dpad, 8, krow, n, d, dtype, s, lds); break;
     }
 }
+
 /* o[r * ldo + c] += sum_j p[r * ldp + j] * code_j[c] / unit for R <= 4 rows, c < dpad: the value
  * rows' codes converted in registers, 16 columns at a time (codes past d read as 0). */
 static inline __attribute__((always_inline)) void pf_quant_pv_r(const float *p, int64_t ldp, const int R,

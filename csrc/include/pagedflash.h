@@ -361,7 +361,7 @@ typedef struct pf_paged_params {
     pf_tensor out;
     pf_tensor lse;
     pf_tensor alibi_slopes;
-    pf_tensor k_scale, v_scale;    /* compressed caches: f32 [] / [1], or int8 [num_blocks, block_size, num_kv_heads] */
+    pf_tensor k_scale, v_scale;    /* compressed caches: f32 [] / [1], or [num_blocks, block_size, hk] (int8) */
     float softmax_scale;
     int32_t causal;
     int32_t window_left, window_right;

@@ -161,10 +161,14 @@ static int fill_from_dltensor(const char *name, const DLTensor *t, pf_tensor *ou
         return -1;
     }
     if (dtype_from_dl(t->dtype, &out->dtype) < 0) {
-        static const char *const kinds[] = {"int",         "uint",      "float",         "opaque",
-                                            "bfloat",      "complex",   "bool",          "float8_e3m4",
-                                            "float8_e4m3", "float8_e4m3b11fnuz", "float8_e4m3fn", "float8_e4m3fnuz",
-                                            "float8_e5m2", "float8_e5m2fnuz",    "float8_e8m0fnu"};
+        static const char *const kinds[] = {"int",           "uint",
+                                            "float",         "opaque",
+                                            "bfloat",        "complex",
+                                            "bool",          "float8_e3m4",
+                                            "float8_e4m3",   "float8_e4m3b11fnuz",
+                                            "float8_e4m3fn", "float8_e4m3fnuz",
+                                            "float8_e5m2",   "float8_e5m2fnuz",
+                                            "float8_e8m0fnu"};
         const char *kind = t->dtype.code < sizeof kinds / sizeof kinds[0] ? kinds[t->dtype.code] : "dtype code ";
         char dt[48];
         if (t->dtype.code == kDLBool && t->dtype.bits == 8)
@@ -766,10 +770,11 @@ int pf_py_kv_cache_dtype(PyObject *obj, pf_tensor *k_cache, pf_tensor *v_cache) 
     static const struct {
         const char *name;
         pf_dtype dtype;
-    } names[] = {{"auto", PF_DTYPE_INVALID},       {"fp8", PF_DTYPE_F8E4M3},        {"fp8_e4m3", PF_DTYPE_F8E4M3},
-                 {"float8_e4m3fn", PF_DTYPE_F8E4M3}, {"fp8_e5m2", PF_DTYPE_F8E5M2},   {"float8_e5m2", PF_DTYPE_F8E5M2},
-                 {"int8", PF_DTYPE_I8},              {"float16", PF_DTYPE_F16},       {"bfloat16", PF_DTYPE_BF16},
-                 {"float32", PF_DTYPE_F32}};
+    } names[] = {{"auto", PF_DTYPE_INVALID},    {"fp8", PF_DTYPE_F8E4M3},
+                 {"fp8_e4m3", PF_DTYPE_F8E4M3}, {"float8_e4m3fn", PF_DTYPE_F8E4M3},
+                 {"fp8_e5m2", PF_DTYPE_F8E5M2}, {"float8_e5m2", PF_DTYPE_F8E5M2},
+                 {"int8", PF_DTYPE_I8},         {"float16", PF_DTYPE_F16},
+                 {"bfloat16", PF_DTYPE_BF16},   {"float32", PF_DTYPE_F32}};
     const char *name = PyUnicode_Check(obj) ? PyUnicode_AsUTF8(obj) : NULL;
     if (!name) {
         if (!PyErr_Occurred())

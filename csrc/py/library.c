@@ -61,9 +61,10 @@ static void set_alloc_error(void *ctx, const char *kind, const char *message) {
 }
 
 static const DLDataType dl_types[] = {
-    [PF_DTYPE_F32] = {kDLFloat, 32, 1}, [PF_DTYPE_F16] = {kDLFloat, 16, 1}, [PF_DTYPE_BF16] = {kDLBfloat, 16, 1},
-    [PF_DTYPE_I32] = {kDLInt, 32, 1},   [PF_DTYPE_I64] = {kDLInt, 64, 1},   [PF_DTYPE_U8] = {kDLUInt, 8, 1},
-    [PF_DTYPE_F64] = {kDLFloat, 64, 1}, [PF_DTYPE_F8E4M3] = {kDLFloat8_e4m3fn, 8, 1},
+    [PF_DTYPE_F32] = {kDLFloat, 32, 1},         [PF_DTYPE_F16] = {kDLFloat, 16, 1},
+    [PF_DTYPE_BF16] = {kDLBfloat, 16, 1},       [PF_DTYPE_I32] = {kDLInt, 32, 1},
+    [PF_DTYPE_I64] = {kDLInt, 64, 1},           [PF_DTYPE_U8] = {kDLUInt, 8, 1},
+    [PF_DTYPE_F64] = {kDLFloat, 64, 1},         [PF_DTYPE_F8E4M3] = {kDLFloat8_e4m3fn, 8, 1},
     [PF_DTYPE_F8E5M2] = {kDLFloat8_e5m2, 8, 1}, [PF_DTYPE_I8] = {kDLInt, 8, 1},
 };
 

@@ -521,6 +521,10 @@ class BlockManager:
             f"enable_prefix_caching={self._prefix_caching}; seqs={s.num_seqs}, "
             f"free={s.num_free_blocks} (evictable {s.num_evictable_blocks}), "
             f"free_cpu={s.num_free_cpu_blocks}"
-            + (f"; {s.num_used_blocks * self._bytes_per_block} of {self.total_bytes} bytes used" if self._bytes_per_block else "")
+            + (
+                f"; {s.num_used_blocks * self._bytes_per_block} of {self.total_bytes} bytes used"
+                if self._bytes_per_block
+                else ""
+            )
             + ")"
         )

@@ -314,9 +314,7 @@ def swap_blocks(
         stream = _stream_of(dst_cache if describe(dst_cache, "dst")[2] == "cuda" else src_cache, None)
     src_cache = library_of(src_cache).prepare(src_cache)
     src_scale, dst_scale = _scale(src_scale), _scale(dst_scale)
-    _C.swap_blocks(
-        src_cache, dst_cache, _index(block_mapping), src_scale=src_scale, dst_scale=dst_scale, stream=stream
-    )
+    _C.swap_blocks(src_cache, dst_cache, _index(block_mapping), src_scale=src_scale, dst_scale=dst_scale, stream=stream)
 
 
 def kv_cache_bytes(

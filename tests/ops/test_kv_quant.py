@@ -254,7 +254,9 @@ def test_splits_agree(backend, rng, dtype, kind):
     ref, ref_lse = reference.paged_attention(q, *cache.args(), return_lse=True, **cache.scales())
     one = None
     for n in (1, 2, 7, 24, 0):
-        out, lse = pagedflash.paged_attn(q, *cache.args(), num_splits=n, return_lse=True, out=poison_like(q), **cache.scales())
+        out, lse = pagedflash.paged_attn(
+            q, *cache.args(), num_splits=n, return_lse=True, out=poison_like(q), **cache.scales()
+        )
         assert_close(out, ref, dtype="float32", what=f"out, num_splits={n}")
         check_lse(lse, ref_lse, what=f"lse, num_splits={n}")
         one = out.copy() if one is None else one
@@ -304,7 +306,9 @@ def test_kv_cache_dtype_raw_bytes(backend, rng):
         np.testing.assert_array_equal(kb.reshape(-1, 2, 32)[slots], codes)
     cache = QuantCache(rng, (50, 9), 2, 32, 8, "int8", "row")
     q = randn(rng, (2, 4, 32), "float32")
-    got = pagedflash.paged_attn(q, cache.k.view(np.uint8), cache.v, *cache.args()[2:], kv_cache_dtype="int8", **cache.scales())
+    got = pagedflash.paged_attn(
+        q, cache.k.view(np.uint8), cache.v, *cache.args()[2:], kv_cache_dtype="int8", **cache.scales()
+    )
     np.testing.assert_array_equal(got, pagedflash.paged_attn(q, *cache.args(), **cache.scales()))
 
 
@@ -356,15 +360,27 @@ def test_write_quantizes_exactly(backend, rng, dtype, kind, x_dtype):
     elif x_dtype == "float16":
         k, v = np.clip(k, -6e4, 6e4).astype(np.float16), v.astype(np.float16)
     xk, xv = (torch.from_numpy(x).bfloat16() if lib == "torch" else x for x in (k, v))
-    kc = as_cache(rng.integers(0, 256, (nb, bs, hk, d)).astype(np.uint8).view(np.int8 if dtype == "int8" else np.uint8), dtype, lib)
-    vc = as_cache(rng.integers(0, 256, (nb, bs, hk, d)).astype(np.uint8).view(np.int8 if dtype == "int8" else np.uint8), dtype, lib)
+    kc = as_cache(
+        rng.integers(0, 256, (nb, bs, hk, d)).astype(np.uint8).view(np.int8 if dtype == "int8" else np.uint8),
+        dtype,
+        lib,
+    )
+    vc = as_cache(
+        rng.integers(0, 256, (nb, bs, hk, d)).astype(np.uint8).view(np.int8 if dtype == "int8" else np.uint8),
+        dtype,
+        lib,
+    )
     if dtype in FP8:  # no stale NaN codes: the comparisons below are exact on every byte
         kc, vc = as_cache(raw(kc) & 0x3F, dtype, lib), as_cache(raw(vc) & 0x3F, dtype, lib)
     scales = {}
     if kind == "tensor":  # calibrated without the row that saturates
-        scales = dict(k_scale=tensor_scale(np.delete(np.asarray(k, np.float32), 2, axis=0), dtype), v_scale=np.float32(0.01))
+        scales = dict(
+            k_scale=tensor_scale(np.delete(np.asarray(k, np.float32), 2, axis=0), dtype), v_scale=np.float32(0.01)
+        )
     elif kind == "row":
-        scales = dict(k_scale=np.full((nb, bs, hk), np.nan, np.float32), v_scale=np.full((nb, bs, hk), -7.0, np.float32))
+        scales = dict(
+            k_scale=np.full((nb, bs, hk), np.nan, np.float32), v_scale=np.full((nb, bs, hk), -7.0, np.float32)
+        )
     slots = rng.choice(nb * bs, size=n, replace=False).astype(np.int64)
     slots[[4, 11]] = -1
     before = {name: raw(x).copy() for name, x in dict(kc=kc, vc=vc, **scales).items()}
@@ -414,14 +430,18 @@ def test_serving_loop(backend, rng, dtype, kind):
     (quantizing) and attends with their queries; the result is attention over the quantized
     sequence (reference.quantize_kv of every token), computed contiguously in float64."""
     h, hk, d, bs, nb = 4, 2, 32, 16, 12
-    kc = as_cache(np.full((nb, bs, hk, d), 0x7F, np.uint8).view(np.int8 if dtype == "int8" else np.uint8), dtype, "numpy")
+    kc = as_cache(
+        np.full((nb, bs, hk, d), 0x7F, np.uint8).view(np.int8 if dtype == "int8" else np.uint8), dtype, "numpy"
+    )
     vc = as_cache(raw(kc).copy(), dtype, "numpy")
     total = [70, 20]
     ks = [randn(rng, (n, hk, d), "float32", scale=2.0) for n in total]
     vs = [randn(rng, (n, hk, d), "float32") for n in total]
     qs = [randn(rng, (n, h, d), "float32") for n in total]
     if kind == "row":
-        scales = dict(k_scale=np.full((nb, bs, hk), np.nan, np.float32), v_scale=np.full((nb, bs, hk), np.nan, np.float32))
+        scales = dict(
+            k_scale=np.full((nb, bs, hk), np.nan, np.float32), v_scale=np.full((nb, bs, hk), np.nan, np.float32)
+        )
         fixed = dict(k=None, v=None)
     else:
         fixed = dict(k=tensor_scale(np.concatenate(ks), dtype), v=tensor_scale(np.concatenate(vs), dtype))
@@ -491,7 +511,11 @@ def test_copy_blocks_with_scales(backend, rng):
     before = [raw(x).copy() for x in everything]
     for exc, match, kw in (
         (ValueError, r"k_scales: expected one scale per cache \(2\), got 1", dict(k_scales=kss[:1])),
-        (ValueError, r"v_scales\[1\]: expected shape \[num_blocks, block_size, num_kv_heads\]", dict(v_scales=[vss[0], vss[1][:, :2]])),
+        (
+            ValueError,
+            r"v_scales\[1\]: expected shape \[num_blocks, block_size, num_kv_heads\]",
+            dict(v_scales=[vss[0], vss[1][:, :2]]),
+        ),
         (TypeError, r"k_scales\[0\]: expected dtype float32", dict(k_scales=[kss[0].astype(np.float16), kss[1]])),
     ):
         with pytest.raises(exc, match=match):
@@ -523,11 +547,31 @@ def test_swap_blocks_with_scales(backend, rng):
     before = (raw(host).copy(), host_s.copy(), raw(f8_host).copy())
     for exc, match, args, kw in (
         (ValueError, r"dst_scale: missing", (dev, host, [(0, 0)]), dict(src_scale=dev_s)),
-        (ValueError, r"dst_scale: expected the shape of \[num_blocks", (dev, host, [(0, 0)]), dict(src_scale=dev_s, dst_scale=host_s[:, :2])),
-        (TypeError, r"dst_scale: expected dtype float32", (dev, host, [(0, 0)]), dict(src_scale=dev_s, dst_scale=host_s.astype(np.float64))),
+        (
+            ValueError,
+            r"dst_scale: expected the shape of \[num_blocks",
+            (dev, host, [(0, 0)]),
+            dict(src_scale=dev_s, dst_scale=host_s[:, :2]),
+        ),
+        (
+            TypeError,
+            r"dst_scale: expected dtype float32",
+            (dev, host, [(0, 0)]),
+            dict(src_scale=dev_s, dst_scale=host_s.astype(np.float64)),
+        ),
         (ValueError, r"block_mapping\[0, 1\] = 5", (dev, host, [(0, 5)]), dict(src_scale=dev_s, dst_scale=host_s)),
-        (TypeError, r"src_scale: per-\(token, head\) scales move with int8 caches, src is float8_e5m2", (f8, f8_host, [(0, 0)]), dict(src_scale=np.ones((6, 4, 2), np.float32), dst_scale=np.ones((3, 4, 2), np.float32))),
-        (ValueError, r"src_scale: expected a per-\(token, head\) scale", (dev, host, [(0, 0)]), dict(src_scale=np.array(1, np.float32), dst_scale=1.0)),
+        (
+            TypeError,
+            r"src_scale: per-\(token, head\) scales move with int8 caches, src is float8_e5m2",
+            (f8, f8_host, [(0, 0)]),
+            dict(src_scale=np.ones((6, 4, 2), np.float32), dst_scale=np.ones((3, 4, 2), np.float32)),
+        ),
+        (
+            ValueError,
+            r"src_scale: expected a per-\(token, head\) scale",
+            (dev, host, [(0, 0)]),
+            dict(src_scale=np.array(1, np.float32), dst_scale=1.0),
+        ),
     ):
         with pytest.raises(exc, match=match):
             pagedflash.swap_blocks(*args, **kw)
@@ -547,24 +591,66 @@ def _bad_cases(rng):
     i8 = lambda: np.zeros((nb, bs, hk, d), np.int8)  # noqa: E731
     rows = lambda: np.ones((nb, bs, hk), np.float32)  # noqa: E731
     f32 = np.zeros((nb, bs, hk, d), np.float32)
-    return [
-        (TypeError, r"k_scale: k_cache is float32; scales go with float8_e4m3fn, float8_e5m2 and int8", dict(kc=f32, vc=f32.copy(), k_scale=np.float32(1), v_scale=None)),
-        (TypeError, r"k_scale: k_cache is float32", dict(kc=f32, vc=f32.copy(), k_scale=rows())),  # "int8 scales" on a float cache
-        (ValueError, r"k_scale: missing; an int8 k_cache needs a float32 scale", dict(k_scale=None)),
-        (ValueError, r"v_scale: expected the shape of \[num_blocks, block_size, num_kv_heads\] of the cache \[4, 8, 2\], got \[4, 8, 1\]", dict(v_scale=rows()[..., :1])),
-        (TypeError, r"k_scale: expected dtype float32, got float16", dict(k_scale=rows().astype(np.float16))),
-        (ValueError, r"k_scale: the scale of k_cache must be finite and > 0, got 0", dict(k_scale=np.float32(0))),
-        (ValueError, r"v_scale: the scale of v_cache must be finite and > 0, got -1", dict(v_scale=np.array([-1.0], np.float32))),
-        (ValueError, r"k_scale: the scale of k_cache must be finite and > 0, got (nan|inf)", dict(k_scale=np.float32(np.inf))),
-        (ValueError, r"k_scale: per-\(token, head\) scales go with int8 caches; k_cache is float8_e4m3fn", dict(f8=True, k_scale=rows())),
-        (ValueError, r"k: k\[1, 0, 3\] is nan; a compressed cache \(int8\) holds finite values only", dict(nan_at=(1, 0, 3))),
-        (ValueError, r"v: v\[2, 1, 0\] is -inf; a compressed cache \(float8_e4m3fn\) holds finite values", dict(f8=True, v_inf_at=(2, 1, 0))),
-        (TypeError, r"v_cache: expected dtype int8 \(the dtype of k_cache\), got float8_e4m3fn", dict(vc="f8")),
-        (TypeError, r"k_cache: kv_cache_dtype 'fp8' needs a float8_e4m3fn cache \(or raw bytes: uint8 or int8\), got float32", dict(kc=f32, vc=f32.copy(), k_scale=None, v_scale=None, kv_cache_dtype="fp8")),
-        (ValueError, r"kv_cache_dtype: unknown 'fp4'", dict(kv_cache_dtype="fp4")),
-        (ValueError, r"k_scale: overlaps k_cache", dict(k_scale="alias")),
-        (ValueError, r"v_scale: overlaps k_scale", dict(v_scale="same")),
-    ], i8, rows
+    return (
+        [
+            (
+                TypeError,
+                r"k_scale: k_cache is float32; scales go with float8_e4m3fn, float8_e5m2 and int8",
+                dict(kc=f32, vc=f32.copy(), k_scale=np.float32(1), v_scale=None),
+            ),
+            (
+                TypeError,
+                r"k_scale: k_cache is float32",
+                dict(kc=f32, vc=f32.copy(), k_scale=rows()),
+            ),  # "int8 scales" on a float cache
+            (ValueError, r"k_scale: missing; an int8 k_cache needs a float32 scale", dict(k_scale=None)),
+            (
+                ValueError,
+                r"v_scale: expected the shape of \[num_blocks, block_size, num_kv_heads\] of the cache "
+                r"\[4, 8, 2\], got \[4, 8, 1\]",
+                dict(v_scale=rows()[..., :1]),
+            ),
+            (TypeError, r"k_scale: expected dtype float32, got float16", dict(k_scale=rows().astype(np.float16))),
+            (ValueError, r"k_scale: the scale of k_cache must be finite and > 0, got 0", dict(k_scale=np.float32(0))),
+            (
+                ValueError,
+                r"v_scale: the scale of v_cache must be finite and > 0, got -1",
+                dict(v_scale=np.array([-1.0], np.float32)),
+            ),
+            (
+                ValueError,
+                r"k_scale: the scale of k_cache must be finite and > 0, got (nan|inf)",
+                dict(k_scale=np.float32(np.inf)),
+            ),
+            (
+                ValueError,
+                r"k_scale: per-\(token, head\) scales go with int8 caches; k_cache is float8_e4m3fn",
+                dict(f8=True, k_scale=rows()),
+            ),
+            (
+                ValueError,
+                r"k: k\[1, 0, 3\] is nan; a compressed cache \(int8\) holds finite values only",
+                dict(nan_at=(1, 0, 3)),
+            ),
+            (
+                ValueError,
+                r"v: v\[2, 1, 0\] is -inf; a compressed cache \(float8_e4m3fn\) holds finite values",
+                dict(f8=True, v_inf_at=(2, 1, 0)),
+            ),
+            (TypeError, r"v_cache: expected dtype int8 \(the dtype of k_cache\), got float8_e4m3fn", dict(vc="f8")),
+            (
+                TypeError,
+                r"k_cache: kv_cache_dtype 'fp8' needs a float8_e4m3fn cache \(or raw bytes: uint8 or int8\), "
+                r"got float32",
+                dict(kc=f32, vc=f32.copy(), k_scale=None, v_scale=None, kv_cache_dtype="fp8"),
+            ),
+            (ValueError, r"kv_cache_dtype: unknown 'fp4'", dict(kv_cache_dtype="fp4")),
+            (ValueError, r"k_scale: overlaps k_cache", dict(k_scale="alias")),
+            (ValueError, r"v_scale: overlaps k_scale", dict(v_scale="same")),
+        ],
+        i8,
+        rows,
+    )
 
 
 @pytest.mark.parametrize("case", range(16))
@@ -605,7 +691,9 @@ def test_bad_input(rng, case):
     q = randn(rng, (2, 4, 16), "float32")
     out = np.full(q.shape, np.nan, np.float32)
     with pytest.raises(exc, match=match):
-        pagedflash.paged_attn(q, kc, vc, np.array([[0, 1], [2, 3]], np.int32), np.array([9, 16], np.int32), out=out, **kw)
+        pagedflash.paged_attn(
+            q, kc, vc, np.array([[0, 1], [2, 3]], np.int32), np.array([9, 16], np.int32), out=out, **kw
+        )
     assert np.isnan(out).all()
 
 
@@ -681,7 +769,7 @@ def test_long_context_retrieval(backend, rng, dtype, kind):
     the planted value to 10%; out and lse also match the float64 reference on the dequantized
     cache. Float32 accumulation keeps this exact at any context length; bfloat16 caches pass it
     the same way."""
-    n_dist, h, d, bs = 32768, 1, 16, 256
+    n_dist, _h, d, bs = 32768, 1, 16, 256
     n = n_dist + 3
     pos = np.array([5, n // 2, n - 7])
     keys = randn(rng, (n, 1, d), "float32")
@@ -693,7 +781,7 @@ def test_long_context_retrieval(backend, rng, dtype, kind):
     vals[pos, 0] = 3.0 * np.sign(randn(rng, (3, d), "float32"))
     nb = (n + bs - 1) // bs
     table = rng.permutation(nb).astype(np.int32)[None]
-    slots = (table[0][np.arange(n) // bs].astype(np.int64) * bs + np.arange(n) % bs)
+    slots = table[0][np.arange(n) // bs].astype(np.int64) * bs + np.arange(n) % bs
     if dtype == "bfloat16":
         if torch is None:
             pytest.skip("needs torch")
@@ -743,7 +831,9 @@ def test_cuda_refuses_compressed_caches(backend, rng):
     kc = torch.zeros((4, 8, 2, 16), dtype=torch.float8_e4m3fn, device="cuda")
     vc = torch.zeros_like(kc)
     k = torch.randn(3, 2, 16, device="cuda")
-    with pytest.raises(NotImplementedError, match=r"k_cache: float8_e4m3fn caches are not supported by the cuda backend"):
+    with pytest.raises(
+        NotImplementedError, match=r"k_cache: float8_e4m3fn caches are not supported by the cuda backend"
+    ):
         pagedflash.write_kv_cache(k, k, kc, vc, torch.tensor([0, 1, 2], device="cuda"))
     q = torch.randn(1, 4, 16, device="cuda")
     bt, sl = torch.tensor([[0]], dtype=torch.int32, device="cuda"), torch.tensor([3], dtype=torch.int32, device="cuda")
