@@ -13,6 +13,8 @@ on speed; writes the table (default benchmarks/results/kv_quant_cpu.md).
 
     python3 benchmarks/bench_kv_quant_cpu.py                  # Llama-like heads: h 32, hk 8, d 128
     python3 benchmarks/bench_kv_quant_cpu.py --quick --out /tmp/kvq.md
+    python3 benchmarks/bench_kv_quant_cpu.py --q-len 16 --points 4x2048 \
+        --out benchmarks/results/kv_quant_cpu_qlen16.md    # 16 queries per sequence (chunked prefill)
 """
 
 from __future__ import annotations
@@ -65,14 +67,14 @@ def formats_available():
     return out
 
 
-def point(rng, batch, ctx, h, hk, d, bs, formats):
+def point(rng, batch, ctx, h, hk, d, bs, formats, q_len=1):
     """(name, fn, bytes read per call) per format, correctness checked first."""
     nb = batch * ctx // bs
     k = rng.standard_normal((nb, bs, hk, d), dtype=np.float32)
     v = rng.standard_normal((nb, bs, hk, d), dtype=np.float32)
     bt = rng.permutation(nb).astype(np.int32).reshape(batch, ctx // bs)
     sl = np.full(batch, ctx, np.int32)
-    q = rng.standard_normal((batch, h, d), dtype=np.float32)
+    q = rng.standard_normal((batch, h, d) if q_len == 1 else (batch, q_len, h, d), dtype=np.float32)
     cands = []
     for col, dt, kind in formats:
         if dt == "float32":
@@ -108,6 +110,7 @@ def main(argv=None):
     ap.add_argument("--points", default="1x4096,4x4096,16x2048,8x8192,32x1024", help="batch x context")
     ap.add_argument("--heads", default="32,8,128", help="num_heads, num_kv_heads, head_dim")
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--q-len", type=int, default=1, help="queries per sequence (1: decode)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--min-time", type=float, default=1.0, help="and until each format ran this many seconds")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kv_quant_cpu.md"))
@@ -124,7 +127,7 @@ def main(argv=None):
     rows, per_token = [], []
     for p in pts:
         batch, ctx = (int(x) for x in p.split("x"))
-        cands = point(rng, batch, ctx, h, hk, d, a.block_size, formats)
+        cands = point(rng, batch, ctx, h, hk, d, a.block_size, formats, a.q_len)
         times = common.cpu_time_in_turns([fn for _, fn, _ in cands], repeats=a.repeats, min_time=a.min_time)
         med = [t.median for t in times]
         rows.append([p] + [f"{t * 1e6:.0f}" for t in med] + [f"{t / med[0]:.2f}" for t in med[1:]])
@@ -133,9 +136,11 @@ def main(argv=None):
         )
         print("| " + " | ".join(rows[-1]) + " |", flush=True)
     text = (
-        f"# CPU paged decode over compressed KV caches (h={h}, hk={hk}, d={d}, block_size={a.block_size})\n\n"
+        f"# CPU paged {'decode' if a.q_len == 1 else f'attention, {a.q_len} queries per sequence,'} over compressed "
+        f"KV caches (h={h}, hk={hk}, d={d}, block_size={a.block_size})\n\n"
         f"{prov}\n\n"
-        f"{threads} threads. One query per sequence, every sequence `context` tokens in blocks at random; q "
+        f"{threads} threads. {a.q_len} quer{'y' if a.q_len == 1 else 'ies'} per sequence (the last of its "
+        "`context` tokens, causal), every sequence's tokens in blocks at random; q "
         "float32 (bfloat16 for the bfloat16 cache). Per-tensor scales (`e4m3`, `e5m2`, `int8`) and per-(token, "
         "head) scales (`int8 row`). Median us per call over rounds in which the formats take turns; `vs f32` = "
         "time / float32's time (< 1: faster).\n\n"

@@ -22,32 +22,32 @@ write_kv_cache (NotImplementedError) and copies / swaps their blocks.
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import pytest
 
 import pagedflash
 from conftest import (
+    KV_MAX,
     Backend,
-    alibi_slopes,
+    as_kv_cache,
     as_np64,
     assert_close,
     cases,
     check_lse,
     cpu_only,
     cuda_only,
+    kv_tensor_scale,
     make_paged_cache,
-    make_paged_q,
-    naive_lowp_paged,
     poison_like,
+    quantize_kv_cache,
     randn,
     torch,
 )
 from pagedflash import reference
 
+from .test_paged_attn import run_paged
+
 FP8 = ("float8_e4m3fn", "float8_e5m2")
-FP8_MAX = {"float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}
 # (cache dtype, scale kind): "none" = absent (float8: 1), "tensor" = one float32, "row" = per (token, head)
 KINDS = [
     ("float8_e4m3fn", "tensor"),
@@ -64,23 +64,8 @@ def kid(dt, kind):
 
 
 # ---------------------------------------------------------------------------
-# building compressed caches
+# compressed caches (built by conftest.make_paged_cache with kv=)
 # ---------------------------------------------------------------------------
-
-
-def as_cache(codes, dtype, lib):
-    """reference.quantize_kv's codes (uint8 bytes for float8, int8) as a `dtype` cache in `lib`
-    ("numpy": ml_dtypes float8 / NumPy int8; "torch")."""
-    codes = np.ascontiguousarray(codes)
-    if lib == "torch":
-        if torch is None:
-            pytest.skip("needs torch")
-        t = torch.from_numpy(codes)
-        return t.view(getattr(torch, dtype)) if dtype in FP8 else t
-    if dtype in FP8:
-        ml = pytest.importorskip("ml_dtypes")
-        return codes.view(getattr(ml, dtype))
-    return codes
 
 
 def raw(x):
@@ -92,116 +77,15 @@ def raw(x):
     return x.view(np.uint8) if x.dtype.name.startswith("float8") else x
 
 
-def tensor_scale(x, dtype):
-    """A per-tensor scale as vLLM calibrates it: max|x| / the format's largest value (x 1.3)."""
-    amax = float(np.nanmax(np.abs(x)))
-    return np.float32(1.3 * amax / (127.0 if dtype == "int8" else FP8_MAX[dtype]))
+def quant_cache(rng, lens, hk, d, bs, dtype, kind, *, lib="numpy", share=False):
+    """A compressed paged cache on the CPU: conftest.PagedCache with its scales and values."""
+    return make_paged_cache(CPU, rng, lens, hk, d, bs, "float32", share=share, kv=(dtype, kind), lib=lib)
 
 
-def quantize(rng, x, dtype, kind):
-    """(codes, scale) of x [..., d] (NaN rows = slots no sequence holds: NaN codes for float8, NaN
-    row scales for int8, any code for a per-tensor int8 cache)."""
-    stale = np.isnan(x).any(axis=-1)
-    x = np.where(np.isnan(x), rng.standard_normal(x.shape), x).astype(np.float32)
-    scale = {"none": None, "tensor": tensor_scale(x, dtype), "row": None}[kind]
-    codes, s = reference.quantize_kv(x, dtype, scale)
-    if dtype in FP8:
-        codes[stale] = 0x7F | (rng.integers(0, 2, codes[stale].shape) << 7).astype(np.uint8)
-    elif kind == "row":
-        s = s.copy()
-        s[stale] = np.nan
-    return codes, (None if kind == "none" else s)
-
-
-class QuantCache:
-    """A paged compressed cache: k, v (codes in a library), k_scale, v_scale (float32 or None),
-    block_tables, seq_lens, bs; deq_k / deq_v: the dequantized values in float64."""
-
-    def __init__(self, rng, lens, hk, d, bs, dtype, kind, lib="numpy", share=False, k_gain=3.0, v_gain=0.5):
-        base = make_paged_cache(CPU, rng, lens, hk, d, bs, "float32", share=share)
-        kc, vc, self.block_tables, self.seq_lens = base.host
-        self.bs, self.dtype, self.kind, self.lib = bs, dtype, kind, lib
-        kcodes, self.k_scale = quantize(rng, kc * np.float32(k_gain), dtype, kind)
-        vcodes, self.v_scale = quantize(rng, vc * np.float32(v_gain), dtype, kind)
-        self.k, self.v = as_cache(kcodes, dtype, lib), as_cache(vcodes, dtype, lib)
-        self.deq_k = reference.dequantize_kv(kcodes, self.k_scale, dtype=dtype)
-        self.deq_v = reference.dequantize_kv(vcodes, self.v_scale, dtype=dtype)
-
-    def args(self):
-        return self.k, self.v, self.block_tables, self.seq_lens
-
-    def scales(self, lib=None):
-        """k_scale / v_scale keywords (torch arrays when lib="torch")."""
-        conv = (lambda s: None if s is None else torch.from_numpy(np.asarray(s))) if lib == "torch" else (lambda s: s)
-        return dict(k_scale=conv(self.k_scale), v_scale=conv(self.v_scale))
-
-    def dequantized_like(self, q):
-        """The dequantized cache in q's dtype and library (the naive same-precision baseline's
-        input), as a conftest PagedCache stand-in."""
-        if torch is not None and isinstance(q, torch.Tensor):
-            k, v = (torch.from_numpy(x.astype(np.float32)).to(q.dtype) for x in (self.deq_k, self.deq_v))
-        else:
-            k, v = self.deq_k.astype(q.dtype), self.deq_v.astype(q.dtype)
-        return types.SimpleNamespace(host=(k, v, self.block_tables, self.seq_lens), bs=self.bs)
-
-
-def run_quant(
-    rng,
-    dtype,
-    kind,
-    *,
-    q_dtype="float32",
-    lens=(113, 1, 203),
-    qlens=None,
-    h=8,
-    hk=2,
-    d=40,
-    bs=16,
-    layout="decode",
-    share=False,
-    num_splits=0,
-    alibi=None,
-    **opts,
-):
-    """paged_attn over a compressed cache into a NaN-poisoned out, checked (out and lse) against
-    the float64 reference on the dequantized cache. Returns (out, lse, cache, q)."""
-    qlens = list(qlens or [1] * len(lens))
-    lib = "torch" if q_dtype == "bfloat16" else "numpy"
-    cache = QuantCache(rng, lens, hk, d, bs, dtype, kind, lib=lib, share=share)
-    q, cu, q_host, cu_host, offs = make_paged_q(CPU, rng, layout, qlens, h, d, q_dtype)
-    slopes = alibi_slopes(rng, alibi, len(lens), h, 0.01, 0.5)
-    opts = {"causal": True, **opts}
-    out = poison_like(q)
-    res, lse = pagedflash.paged_attn(
-        q,
-        *cache.args(),
-        cu_seqlens_q=cu,
-        alibi_slopes=slopes,
-        num_splits=num_splits,
-        return_lse=True,
-        out=out,
-        **cache.scales(lib),
-        **opts,
-    )
-    assert res is out
-    ref, ref_lse = reference.paged_attention(
-        q_host,
-        cache.k,
-        cache.v,
-        cache.block_tables,
-        cache.seq_lens,
-        cu_seqlens_q=cu_host,
-        alibi_slopes=slopes,
-        return_lse=True,
-        **cache.scales(),
-        **opts,
-    )
-    naive = None
-    if q_dtype != "float32":
-        naive = naive_lowp_paged(q_host, cache.dequantized_like(q_host), offs, alibi_slopes=slopes, **opts)
-    assert_close(out, ref, naive, dtype=q_dtype)
-    check_lse(lse, ref_lse)
-    return out, lse, cache, q
+def run_quant(rng, dtype, kind, *, q_dtype="float32", d=40, **kw):
+    """test_paged_attn.run_paged over a compressed cache (out and lse against the float64 reference
+    on its dequantized values; float16 / bfloat16 q against the naive run in q's dtype on them)."""
+    return run_paged(CPU, rng, dtype=q_dtype, d=d, kv=(dtype, kind), **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -249,14 +133,12 @@ def test_low_precision_queries(backend, rng, q_dtype, dtype, kind):
 @cases("dtype,kind", cpu=[("float8_e4m3fn", "tensor"), ("int8", "row")], ids=kid)
 def test_splits_agree(backend, rng, dtype, kind):
     """Every split count gives the reference result and agrees with one split to float32 rounding."""
-    cache = QuantCache(rng, (1500, 700, 77, 9), 2, 64, 16, dtype, kind, share=True)
+    cache = quant_cache(rng, (1500, 700, 77, 9), 2, 64, 16, dtype, kind, share=True)
     q = randn(rng, (4, 8, 64), "float32")
-    ref, ref_lse = reference.paged_attention(q, *cache.args(), return_lse=True, **cache.scales())
+    ref, ref_lse = reference.paged_attention(q, *cache, return_lse=True, **cache.scales)
     one = None
     for n in (1, 2, 7, 24, 0):
-        out, lse = pagedflash.paged_attn(
-            q, *cache.args(), num_splits=n, return_lse=True, out=poison_like(q), **cache.scales()
-        )
+        out, lse = pagedflash.paged_attn(q, *cache, num_splits=n, return_lse=True, out=poison_like(q), **cache.scales)
         assert_close(out, ref, dtype="float32", what=f"out, num_splits={n}")
         check_lse(lse, ref_lse, what=f"lse, num_splits={n}")
         one = out.copy() if one is None else one
@@ -278,8 +160,8 @@ def test_every_code_decodes(backend, rng, dtype, d):
     codes = codes.reshape(nb, 1, 1, d)
     if dtype == "int8":
         codes = codes.view(np.int8)
-    v = as_cache(codes, dtype, "numpy")
-    k = as_cache(np.zeros_like(codes), dtype, "numpy")
+    v = as_kv_cache(codes, dtype, "numpy")
+    k = as_kv_cache(np.zeros_like(codes), dtype, "numpy")
     scale = np.float32(0.3711)
     q = randn(rng, (nb, 1, d), "float32")
     bt, sl = np.arange(nb, dtype=np.int32)[:, None], np.ones(nb, np.int32)
@@ -293,23 +175,23 @@ def test_kv_cache_dtype_raw_bytes(backend, rng):
     "fp8_e5m2"), int8 ones with "int8": the same result as typed caches; writing through the same
     names fills the bytes write_kv_cache writes into typed caches."""
     for name, dtype in (("fp8", "float8_e4m3fn"), ("fp8_e4m3", "float8_e4m3fn"), ("fp8_e5m2", "float8_e5m2")):
-        cache = QuantCache(rng, (50, 9), 2, 32, 8, dtype, "tensor", lib="torch" if torch is not None else "numpy")
+        cache = quant_cache(rng, (50, 9), 2, 32, 8, dtype, "tensor", lib="torch" if torch is not None else "numpy")
         kb, vb = raw(cache.k), raw(cache.v)
         q = randn(rng, (2, 4, 32), "float32")
         bt, sl = cache.block_tables, cache.seq_lens
-        got = pagedflash.paged_attn(q, kb, vb, bt, sl, kv_cache_dtype=name, **cache.scales())
-        np.testing.assert_array_equal(got, pagedflash.paged_attn(q, *cache.args(), **cache.scales()))
+        got = pagedflash.paged_attn(q, kb, vb, bt, sl, kv_cache_dtype=name, **cache.scales)
+        np.testing.assert_array_equal(got, pagedflash.paged_attn(q, *cache, **cache.scales))
         k, v = randn(rng, (3, 2, 32), "float32"), randn(rng, (3, 2, 32), "float32")
         slots = np.array([0, 5, 17], np.int64)
-        pagedflash.write_kv_cache(k, v, kb, vb, slots, kv_cache_dtype=name, **cache.scales())
-        codes, _ = reference.quantize_kv(k, dtype, cache.k_scale)
+        pagedflash.write_kv_cache(k, v, kb, vb, slots, kv_cache_dtype=name, **cache.scales)
+        codes, _ = reference.quantize_kv(k, dtype, cache.scales["k_scale"])
         np.testing.assert_array_equal(kb.reshape(-1, 2, 32)[slots], codes)
-    cache = QuantCache(rng, (50, 9), 2, 32, 8, "int8", "row")
+    cache = quant_cache(rng, (50, 9), 2, 32, 8, "int8", "row")
     q = randn(rng, (2, 4, 32), "float32")
     got = pagedflash.paged_attn(
-        q, cache.k.view(np.uint8), cache.v, *cache.args()[2:], kv_cache_dtype="int8", **cache.scales()
+        q, cache.k.view(np.uint8), cache.v, cache.block_tables, cache.seq_lens, kv_cache_dtype="int8", **cache.scales
     )
-    np.testing.assert_array_equal(got, pagedflash.paged_attn(q, *cache.args(), **cache.scales()))
+    np.testing.assert_array_equal(got, pagedflash.paged_attn(q, *cache, **cache.scales))
 
 
 @pytest.mark.skipif(torch is None, reason="needs torch")
@@ -360,22 +242,22 @@ def test_write_quantizes_exactly(backend, rng, dtype, kind, x_dtype):
     elif x_dtype == "float16":
         k, v = np.clip(k, -6e4, 6e4).astype(np.float16), v.astype(np.float16)
     xk, xv = (torch.from_numpy(x).bfloat16() if lib == "torch" else x for x in (k, v))
-    kc = as_cache(
+    kc = as_kv_cache(
         rng.integers(0, 256, (nb, bs, hk, d)).astype(np.uint8).view(np.int8 if dtype == "int8" else np.uint8),
         dtype,
         lib,
     )
-    vc = as_cache(
+    vc = as_kv_cache(
         rng.integers(0, 256, (nb, bs, hk, d)).astype(np.uint8).view(np.int8 if dtype == "int8" else np.uint8),
         dtype,
         lib,
     )
     if dtype in FP8:  # no stale NaN codes: the comparisons below are exact on every byte
-        kc, vc = as_cache(raw(kc) & 0x3F, dtype, lib), as_cache(raw(vc) & 0x3F, dtype, lib)
+        kc, vc = as_kv_cache(raw(kc) & 0x3F, dtype, lib), as_kv_cache(raw(vc) & 0x3F, dtype, lib)
     scales = {}
     if kind == "tensor":  # calibrated without the row that saturates
         scales = dict(
-            k_scale=tensor_scale(np.delete(np.asarray(k, np.float32), 2, axis=0), dtype), v_scale=np.float32(0.01)
+            k_scale=kv_tensor_scale(np.delete(np.asarray(k, np.float32), 2, axis=0), dtype), v_scale=np.float32(0.01)
         )
     elif kind == "row":
         scales = dict(
@@ -403,7 +285,7 @@ def test_write_quantizes_exactly(backend, rng, dtype, kind, x_dtype):
     if w[2] and kind != "row":  # saturated: +-127 or +-the largest float8 (a row scale fits the row)
         i = int(np.flatnonzero(np.flatnonzero(w) == 2)[0])
         got = reference.dequantize_kv(raw(kc)[blk[i], off[i], 1, :3], dtype=dtype)
-        top = 127 if dtype == "int8" else FP8_MAX[dtype]
+        top = 127 if dtype == "int8" else KV_MAX[dtype]
         np.testing.assert_array_equal(got, [top, -top, top])
 
 
@@ -417,8 +299,8 @@ def test_write_rounds_to_nearest_even(backend, rng):
     ):
         x = np.zeros((1, 1, 8), np.float32)
         x[0, 0, : len(ties)] = ties
-        kc = as_cache(np.zeros((1, 1, 1, 8), np.int8 if dtype == "int8" else np.uint8), dtype, "numpy")
-        vc = as_cache(np.zeros((1, 1, 1, 8), np.int8 if dtype == "int8" else np.uint8), dtype, "numpy")
+        kc = as_kv_cache(np.zeros((1, 1, 1, 8), np.int8 if dtype == "int8" else np.uint8), dtype, "numpy")
+        vc = as_kv_cache(np.zeros((1, 1, 1, 8), np.int8 if dtype == "int8" else np.uint8), dtype, "numpy")
         pagedflash.write_kv_cache(x, x, kc, vc, np.array([0], np.int64), k_scale=1.0, v_scale=1.0)
         got = reference.dequantize_kv(kc, dtype=dtype)[0, 0, 0, : len(ties)]
         np.testing.assert_array_equal(got, want, err_msg=dtype)
@@ -430,10 +312,10 @@ def test_serving_loop(backend, rng, dtype, kind):
     (quantizing) and attends with their queries; the result is attention over the quantized
     sequence (reference.quantize_kv of every token), computed contiguously in float64."""
     h, hk, d, bs, nb = 4, 2, 32, 16, 12
-    kc = as_cache(
+    kc = as_kv_cache(
         np.full((nb, bs, hk, d), 0x7F, np.uint8).view(np.int8 if dtype == "int8" else np.uint8), dtype, "numpy"
     )
-    vc = as_cache(raw(kc).copy(), dtype, "numpy")
+    vc = as_kv_cache(raw(kc).copy(), dtype, "numpy")
     total = [70, 20]
     ks = [randn(rng, (n, hk, d), "float32", scale=2.0) for n in total]
     vs = [randn(rng, (n, hk, d), "float32") for n in total]
@@ -444,7 +326,7 @@ def test_serving_loop(backend, rng, dtype, kind):
         )
         fixed = dict(k=None, v=None)
     else:
-        fixed = dict(k=tensor_scale(np.concatenate(ks), dtype), v=tensor_scale(np.concatenate(vs), dtype))
+        fixed = dict(k=kv_tensor_scale(np.concatenate(ks), dtype), v=kv_tensor_scale(np.concatenate(vs), dtype))
         scales = dict(k_scale=fixed["k"], v_scale=fixed["v"])
     tables = rng.permutation(nb)[:10].astype(np.int32).reshape(2, 5)
 
@@ -485,8 +367,8 @@ def test_copy_blocks_with_scales(backend, rng):
     """Every layer's int8 caches and their row scales, float8 caches (per-tensor scales do not
     move), in one call, bit for bit, pairs in order."""
     nb, bs, hk, d = 9, 4, 2, 8
-    ks = [as_cache(rng.integers(-127, 128, (nb, bs, hk, d)).astype(np.int8), "int8", "numpy") for _ in range(2)]
-    vs = [as_cache(rng.integers(-127, 128, (nb, bs, hk, d)).astype(np.int8), "int8", "numpy") for _ in range(2)]
+    ks = [as_kv_cache(rng.integers(-127, 128, (nb, bs, hk, d)).astype(np.int8), "int8", "numpy") for _ in range(2)]
+    vs = [as_kv_cache(rng.integers(-127, 128, (nb, bs, hk, d)).astype(np.int8), "int8", "numpy") for _ in range(2)]
     kss = [rng.random((nb, bs, hk)).astype(np.float32) for _ in range(2)]
     vss = [rng.random((nb, bs, hk)).astype(np.float32) for _ in range(2)]
     pairs = np.array([[1, 4], [4, 7], [8, 0]], np.int64)
@@ -502,7 +384,9 @@ def test_copy_blocks_with_scales(backend, rng):
     pagedflash.copy_blocks(ks, vs, pairs, k_scales=kss, v_scales=vss)
     for x, e in zip(everything, want):
         np.testing.assert_array_equal(raw(x), e)
-    f8 = [as_cache(rng.integers(0, 0x7E, (nb, bs, hk, d)).astype(np.uint8), "float8_e4m3fn", "numpy") for _ in range(2)]
+    f8 = [
+        as_kv_cache(rng.integers(0, 0x7E, (nb, bs, hk, d)).astype(np.uint8), "float8_e4m3fn", "numpy") for _ in range(2)
+    ]
     want = [expected(x) for x in f8]
     pagedflash.copy_blocks(f8[:1], f8[1:], pairs)
     for x, e in zip(f8, want):
@@ -526,7 +410,7 @@ def test_copy_blocks_with_scales(backend, rng):
 def test_swap_blocks_with_scales(backend, rng):
     """An int8 cache and its row scales out to a host cache and back; float8 caches swap as bytes;
     mismatched or missing scales raise with dst untouched."""
-    dev = as_cache(rng.integers(-127, 128, (10, 4, 2, 8)).astype(np.int8), "int8", "numpy")
+    dev = as_kv_cache(rng.integers(-127, 128, (10, 4, 2, 8)).astype(np.int8), "int8", "numpy")
     dev_s = rng.random((10, 4, 2)).astype(np.float32)
     host = np.zeros((5, 4, 2, 8), np.int8)
     host_s = np.full((5, 4, 2), np.nan, np.float32)
@@ -539,8 +423,8 @@ def test_swap_blocks_with_scales(backend, rng):
     pagedflash.swap_blocks(host, dev, [(0, 7), (4, 8)], src_scale=host_s, dst_scale=dev_s)
     np.testing.assert_array_equal(dev[7], dev[2])
     np.testing.assert_array_equal(dev_s[8], dev_s[9])
-    f8 = as_cache(rng.integers(0, 0x7E, (6, 4, 2, 8)).astype(np.uint8), "float8_e5m2", "numpy")
-    f8_host = as_cache(np.zeros((3, 4, 2, 8), np.uint8), "float8_e5m2", "numpy")
+    f8 = as_kv_cache(rng.integers(0, 0x7E, (6, 4, 2, 8)).astype(np.uint8), "float8_e5m2", "numpy")
+    f8_host = as_kv_cache(np.zeros((3, 4, 2, 8), np.uint8), "float8_e5m2", "numpy")
     pagedflash.swap_blocks(f8, f8_host, [(5, 2)])
     np.testing.assert_array_equal(raw(f8_host)[2], raw(f8)[5])
 
@@ -700,15 +584,15 @@ def test_bad_input(rng, case):
 def test_scales_from_any_library(backend, rng):
     """Per-tensor scales as Python numbers, NumPy 0-d / [1] and torch 0-d arrays; row scales as
     torch arrays: all read the same."""
-    cache = QuantCache(rng, (40, 9), 2, 16, 8, "int8", "tensor")
+    cache = quant_cache(rng, (40, 9), 2, 16, 8, "int8", "tensor")
     q = randn(rng, (2, 4, 16), "float32")
-    want = pagedflash.paged_attn(q, *cache.args(), **cache.scales())
-    kscale, vscale = float(cache.k_scale), float(cache.v_scale)
+    want = pagedflash.paged_attn(q, *cache, **cache.scales)
+    kscale, vscale = float(cache.scales["k_scale"]), float(cache.scales["v_scale"])
     variants = [dict(k_scale=kscale, v_scale=vscale), dict(k_scale=np.array([kscale], np.float32), v_scale=vscale)]
     if torch is not None:
         variants.append(dict(k_scale=torch.tensor(kscale), v_scale=torch.tensor([vscale])))
     for kw in variants:
-        np.testing.assert_array_equal(pagedflash.paged_attn(q, *cache.args(), **kw), want)
+        np.testing.assert_array_equal(pagedflash.paged_attn(q, *cache, **kw), want)
 
 
 # ---------------------------------------------------------------------------
@@ -746,9 +630,9 @@ def test_accuracy_against_unquantized(backend, rng, capsys):
             tk, tv = (torch.from_numpy(x).bfloat16() for x in (kc, vc))
             out = pagedflash.paged_attn(torch.from_numpy(q).bfloat16(), tk, tv, bt, sl)
         else:
-            kcodes, ks = quantize(rng, kc, dtype, kind)
-            vcodes, vs = quantize(rng, vc, dtype, kind)
-            k, v = as_cache(kcodes, dtype, "numpy"), as_cache(vcodes, dtype, "numpy")
+            kcodes, ks = quantize_kv_cache(rng, kc, dtype, kind)
+            vcodes, vs = quantize_kv_cache(rng, vc, dtype, kind)
+            k, v = as_kv_cache(kcodes, dtype, "numpy"), as_kv_cache(vcodes, dtype, "numpy")
             out = pagedflash.paged_attn(q, k, v, bt, sl, k_scale=ks, v_scale=vs)
         err = as_np64(out) - ref
         top = float(np.max(np.abs(ref)))
@@ -790,12 +674,12 @@ def test_long_context_retrieval(backend, rng, dtype, kind):
         scales = {}
         deq_k, deq_v = as_np64(kc), as_np64(vc)
     else:
-        kc = as_cache(np.zeros((nb, bs, 1, d), np.int8 if dtype == "int8" else np.uint8), dtype, "numpy")
-        vc = as_cache(raw(kc).copy(), dtype, "numpy")
+        kc = as_kv_cache(np.zeros((nb, bs, 1, d), np.int8 if dtype == "int8" else np.uint8), dtype, "numpy")
+        vc = as_kv_cache(raw(kc).copy(), dtype, "numpy")
         if kind == "row":
             scales = dict(k_scale=np.zeros((nb, bs, 1), np.float32), v_scale=np.zeros((nb, bs, 1), np.float32))
         elif kind == "tensor":
-            scales = dict(k_scale=tensor_scale(keys, dtype), v_scale=tensor_scale(vals, dtype))
+            scales = dict(k_scale=kv_tensor_scale(keys, dtype), v_scale=kv_tensor_scale(vals, dtype))
         else:
             scales = {}
         pagedflash.write_kv_cache(keys, vals, kc, vc, slots, **scales)
