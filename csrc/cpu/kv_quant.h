@@ -2,14 +2,15 @@
  * kv_quant.h - the CPU backend's compressed KV-cache elements (pagedflash.h "Compressed KV
  * caches"): float32 -> float8_e4m3fn / float8_e5m2 / int8 codes for write_kv_cache (round to
  * nearest even, saturating), codes -> float32 rows for paged attention (which applies the scales
- * itself), the decode micro-kernels that read codes in place (scores and P V, AVX2 / F16C), and
+ * itself), the micro-kernels that read codes in place (scores and P V, AVX2 / F16C), and
  * the scale of a cache row (per tensor, or per (token, KV head) stored beside it).
  *
- * Decoding goes through float16, whose conversion to float32 is exact and vectorized
- * (pf_load_row_f32: F16C): an e5m2 code is the high byte of the float16 with the same value,
- * and an e4m3fn code with its 7 magnitude bits placed 3 bits lower (exponent field 0EEEE,
- * mantissa MMM0000000) is the float16 of value / 256, subnormals included; e4m3fn's NaN
- * (magnitude 0x7f) gets the float16 NaN exponent.
+ * With AVX2 / F16C, float8 decoding goes through float16, whose conversion to float32 is exact
+ * (vcvtph2ps, 8 lanes): an e5m2 code is the high byte of the float16 with the same value, and an
+ * e4m3fn code with its 7 magnitude bits placed 3 bits lower (exponent field 0EEEE, mantissa
+ * MMM0000000) is the float16 of value / 256, subnormals included; e4m3fn's NaN (magnitude 0x7f)
+ * gets the float16 NaN exponent. Elsewhere (and for a row's last codes) a constant table holds
+ * the float32 bits of every code.
  */
 #ifndef PF_KV_QUANT_H
 #define PF_KV_QUANT_H
@@ -189,19 +190,22 @@ static inline __attribute__((always_inline)) void pf_quant_scores_r(const float 
         for (int64_t j = n; j < 64; j++) s[r * lds + j] = 0.0f;
 }
 
-/* pf_quant_scores_r for rows in [1, PF_QUANT_SCORE_ROWS] (decode: the query heads of a KV head). */
-#define PF_QUANT_SCORE_ROWS 8
+/* pf_quant_scores_r for any number of rows, in groups of up to 8 (s rows lds apart). */
 static inline void pf_quant_scores(const float *qf, int64_t dpad, int64_t rows, const uint8_t *const *krow, int64_t n,
                                    int64_t d, pf_dtype dtype, float *s, int64_t lds) {
-    switch (rows) {
-        case 1: pf_quant_scores_r(qf, dpad, 1, krow, n, d, dtype, s, lds); break;
-        case 2: pf_quant_scores_r(qf, dpad, 2, krow, n, d, dtype, s, lds); break;
-        case 3: pf_quant_scores_r(qf, dpad, 3, krow, n, d, dtype, s, lds); break;
-        case 4: pf_quant_scores_r(qf, dpad, 4, krow, n, d, dtype, s, lds); break;
-        case 5: pf_quant_scores_r(qf, dpad, 5, krow, n, d, dtype, s, lds); break;
-        case 6: pf_quant_scores_r(qf, dpad, 6, krow, n, d, dtype, s, lds); break;
-        case 7: pf_quant_scores_r(qf, dpad, 7, krow, n, d, dtype, s, lds); break;
-        default: pf_quant_scores_r(qf, dpad, 8, krow, n, d, dtype, s, lds); break;
+    for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+        const float *q = qf + r0 * dpad;
+        float *sr = s + r0 * lds;
+        switch (rows - r0 < 8 ? rows - r0 : 8) {
+            case 1: pf_quant_scores_r(q, dpad, 1, krow, n, d, dtype, sr, lds); break;
+            case 2: pf_quant_scores_r(q, dpad, 2, krow, n, d, dtype, sr, lds); break;
+            case 3: pf_quant_scores_r(q, dpad, 3, krow, n, d, dtype, sr, lds); break;
+            case 4: pf_quant_scores_r(q, dpad, 4, krow, n, d, dtype, sr, lds); break;
+            case 5: pf_quant_scores_r(q, dpad, 5, krow, n, d, dtype, sr, lds); break;
+            case 6: pf_quant_scores_r(q, dpad, 6, krow, n, d, dtype, sr, lds); break;
+            case 7: pf_quant_scores_r(q, dpad, 7, krow, n, d, dtype, sr, lds); break;
+            default: pf_quant_scores_r(q, dpad, 8, krow, n, d, dtype, sr, lds); break;
+        }
     }
 }
 
@@ -240,7 +244,7 @@ static inline __attribute__((always_inline)) void pf_quant_pv_r(const float *p, 
     }
 }
 
-/* pf_quant_pv_r for rows in [1, PF_QUANT_SCORE_ROWS], in groups of up to 4. */
+/* pf_quant_pv_r for any number of rows, in groups of up to 4. */
 static inline void pf_quant_pv(const float *p, int64_t ldp, int64_t rows, const uint8_t *const *vrow, int64_t n,
                                int64_t d, int64_t dpad, pf_dtype dtype, float *o, int64_t ldo) {
     for (int64_t r0 = 0; r0 < rows; r0 += 4) {

@@ -22,17 +22,16 @@
  * data (even NaN) in the unused slots of a partial block, or in blocks past the
  * sequence, never reaches a multiply.
  *
- * Compressed caches (float8, int8: pagedflash.h "Compressed KV caches"): with at most
- * PF_QUANT_SCORE_ROWS tile rows (decode: the query heads of one KV head) K and V are read in
- * place, their codes converted in registers inside the score and P V loops (kv_quant.h
- * pf_quant_scores, pf_quant_pv: no staging, no transpose, a quarter of float32's bytes); with
- * more rows (prefill chunks) they are staged like a float cache, each row's codes converted to
- * float32 (K through rows and a transpose). Either way x = code * scale is applied where it
- * costs least: per-tensor factors (the scales, e4m3fn's 256 of pf_code_unit) fold into the
- * query (K) and the normalization of the output (V), per-(token, head) scales multiply the
- * score columns (K) and, after the softmax has summed them, the probability columns (V): a few
- * multiplies per tile row instead of one per cache element. Up to float32 rounding this is
- * attention over the dequantized cache.
+ * Compressed caches (float8, int8: pagedflash.h "Compressed KV caches"): where AVX2 / F16C
+ * are compiled in, K and V are read in place, their codes converted in registers inside the
+ * score and P V loops (kv_quant.h pf_quant_scores, pf_quant_pv: no staging, no transpose, a
+ * quarter of float32's bytes; rows in groups of 8 and 4); elsewhere they are staged like a
+ * float cache, each row's codes converted to float32 (K through rows and a transpose). Either
+ * way x = code * scale is applied where it costs least: per-tensor factors (the scales,
+ * e4m3fn's 256 of pf_code_unit) fold into the query (K) and the normalization of the output
+ * (V), per-(token, head) scales multiply the score columns (K) and, after the softmax has
+ * summed them, the probability columns (V): a few multiplies per tile row instead of one per
+ * cache element. Up to float32 rounding this is attention over the dequantized cache.
  *
  * Flash decoding: with num_splits S > 1 each sequence's tiles are divided into
  * S contiguous chunks processed as separate items (parallelism when batch x
@@ -225,16 +224,16 @@ static void paged_item(void *vctx, int64_t item, int tid) {
 
     pf_cpu_mask mk = pf_cpu_mask_make(qlen, len, p->causal, p->window_left, p->window_right, c->cap_log2, 0.0f);
     float slope_log2[kBlockM], colf[kBlockN];
-#ifdef PF_QUANT_SCORE_ROWS
+#ifdef PF_KV_QUANT_AVX2
     const uint8_t *crow[kBlockN]; /* compressed decode: the cache rows of a tile */
 #endif
     for (int64_t hh = 0; hh < nhr; hh++) slope_log2[hh] = pf_cpu_alibi_log2(&p->alibi_slopes, b, h0 + hh);
 
     for (int64_t j0 = jb < je ? ts + (jb - ts) / kBlockN * kBlockN : je; j0 < je; j0 += kBlockN) {
         const int64_t n = je - j0 < kBlockN ? je - j0 : kBlockN;
-#ifdef PF_QUANT_SCORE_ROWS
-        const int in_place = pf_dtype_compressed(c->cdt) && rows <= PF_QUANT_SCORE_ROWS;
-        if (in_place) { /* decode: K read in place */
+#ifdef PF_KV_QUANT_AVX2
+        const int in_place = pf_dtype_compressed(c->cdt);
+        if (in_place) { /* K read in place */
             rows_of_tile(c, &c->kc, b, g, j0, n, crow);
             prefetch_rows_paged(c, &c->vc, b, g, j0, n);
             pf_quant_scores(qf, dpad, rows, crow, n, d, c->cdt, s, kBlockN);
@@ -261,7 +260,7 @@ static void paged_item(void *vctx, int64_t item, int tid) {
         if (j0 + kBlockN < je) /* the next K tile, while this one's P V runs */
             prefetch_rows_paged(c, &c->kc, b, g, j0 + kBlockN,
                                 je - j0 - kBlockN < kBlockN ? je - j0 - kBlockN : kBlockN);
-#ifdef PF_QUANT_SCORE_ROWS
+#ifdef PF_KV_QUANT_AVX2
         if (in_place) { /* V read in place too */
             rows_of_tile(c, &c->vc, b, g, j0, n, crow);
             pf_quant_pv(s, kBlockN, rows, crow, n, d, dpad, c->cdt, of, dpad);
