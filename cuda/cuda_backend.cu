@@ -62,10 +62,11 @@ static void cuda_free(void *ptr, int32_t device_id) {
  * token indices (sequence lengths < 2^30 keep their products with small factors
  * in range), 16-bit grid dimensions for heads and batch, 32-bit grid x of the
  * row-per-warp kernels (4 rows per block), 6 leading dimensions in the merge's
- * addressing, and no packed dropout mask. */
+ * addressing, no packed dropout mask, and no compressed (float8 / int8) KV caches
+ * in paged_attn and write_kv_cache yet (copy_blocks and swap_blocks move their bytes). */
 extern "C" const pf_backend pf_cuda_backend = {
     /* name */ "cuda",
-    /* limits */ {(int64_t)1 << 30, 65535, 65535, 4 * ((int64_t)INT32_MAX - 1), PF_MAX_DIMS - 2, 0},
+    /* limits */ {(int64_t)1 << 30, 65535, 65535, 4 * ((int64_t)INT32_MAX - 1), PF_MAX_DIMS - 2, 0, 0},
     pf_cuda_flash_fwd,
     pf_cuda_flash_bwd,
     pf_cuda_dropout_mask,

@@ -26,6 +26,14 @@ a handful of requests of different prompt lengths with the serving pieces of pag
 Unused device and host blocks are filled with NaN after every step, so a read of a stale
 or never-written slot would show up in the logits.
 
+``--kv-cache-dtype fp8 | fp8_e5m2 | int8`` serves from compressed caches instead of float32 ones:
+float8 codes in raw uint8 caches read with ``kv_cache_dtype="fp8"`` (as vLLM stores them; per-tensor
+scale 1), or int8 codes with a float32 scale per (token, KV head) that write_kv_cache computes and
+copy_blocks / swap_blocks move with their blocks. The contiguous run then holds the same values
+(pagedflash.reference.quantize_kv, dequantized) and follows the paged run's tokens; the accuracy
+the compression costs is printed against a float32 cache, and the memory in bytes
+(``BlockManager(bytes_per_block=pagedflash.kv_cache_bytes(...))``).
+
 Every sequence is then generated again by the same model with plain contiguous per-request
 KV caches (NumPy lists growing per token) and the float64 reference attention
 (``pagedflash.reference.attention``), one request at a time, without any block manager.
@@ -37,6 +45,7 @@ maximum length for every sequence. Exit status 0 when every check passes, 1 othe
     python3 examples/serve_paged.py            # default size
     python3 examples/serve_paged.py --small    # a few seconds (the test)
     python3 examples/serve_paged.py --seed 3 --num-splits 2
+    python3 examples/serve_paged.py --kv-cache-dtype int8    # fp8, fp8_e5m2, int8
 """
 
 from __future__ import annotations
@@ -50,10 +59,14 @@ from typing import Callable, Optional
 import numpy as np
 
 import pagedflash as pf
-from pagedflash import AllocStatus, BlockManager
+from pagedflash import AllocStatus, BlockManager, reference
 from pagedflash.reference import attention as reference_attention
 
 TOL = 1e-4  # max |logits_paged - logits_contiguous|, float32 model
+# A compressed cache stores rounded K/V; the paged run's batched float32 forward and the contiguous
+# run differ in the last bits of K/V, which now and then puts a value on the other side of a
+# rounding tie: one code step in one element, a few 1e-3 in the logits (largest seen 5e-3).
+TOL_COMPRESSED = 2e-2
 
 
 # ----------------------------------------------------------------------------- model
@@ -246,6 +259,80 @@ def sample_rng(seed: int, req: int, sample_idx: int) -> np.random.Generator:
     return np.random.default_rng([seed, req, sample_idx])
 
 
+# ---------------------------------------------------------------------- KV caches
+# --kv-cache-dtype: (cache dtype of pagedflash, NumPy storage, kv_cache_dtype argument, per-(token, head) scales)
+KV_FORMATS = {
+    "float32": ("float32", np.float32, "auto", False),
+    "fp8": ("float8_e4m3fn", np.uint8, "fp8", False),  # raw bytes, as vLLM stores float8 caches
+    "fp8_e5m2": ("float8_e5m2", np.uint8, "fp8_e5m2", False),
+    "int8": ("int8", np.int8, "auto", True),  # int8 codes with a float32 scale per (token, KV head)
+}
+
+
+class KVCaches:
+    """One K and one V cache per layer on the device and on the host (swap space), in one of
+    KV_FORMATS, with per-(token, head) scales beside int8 caches. The float8 caches use per-tensor
+    scale 1 (no calibration: vLLM's default). Stale data is made poisonous: NaN in float32, the
+    NaN code in float8, NaN scales for int8."""
+
+    def __init__(self, fmt: str, layers: int, num_blocks: int, num_cpu_blocks: int, bs: int, hk: int, d: int):
+        self.dtype, self.storage, self.kv_cache_dtype, self.rows = KV_FORMATS[fmt]
+        self.layers = layers
+
+        def caches(n: int) -> list[np.ndarray]:
+            return [np.zeros((n, bs, hk, d), self.storage) for _ in range(2 * layers)]  # k0, v0, k1, ...
+
+        def scales(n: int) -> list:
+            return [np.zeros((n, bs, hk), np.float32) if self.rows else None for _ in range(2 * layers)]
+
+        self.dev, self.host = caches(num_blocks), caches(num_cpu_blocks)
+        self.dev_scales, self.host_scales = scales(num_blocks), scales(num_cpu_blocks)
+        self.bytes_per_block = pf.kv_cache_bytes(1, bs, hk, d, self.dtype, num_layers=layers, row_scales=self.rows)
+        self.bytes_per_token = self.bytes_per_block // bs
+
+    def poison(self, free_dev: np.ndarray, free_host: np.ndarray) -> None:
+        for caches, scales, free in ((self.dev, self.dev_scales, free_dev), (self.host, self.host_scales, free_host)):
+            for cache, scale in zip(caches, scales):
+                if self.rows:
+                    scale[free] = np.nan
+                else:
+                    cache[free] = np.nan if self.storage == np.float32 else 0x7F  # float8's NaN code
+
+    def kwargs(self, i: int) -> dict:
+        """The scale and format arguments of write_kv_cache / paged_attn for layer i."""
+        kw: dict = {"kv_cache_dtype": self.kv_cache_dtype}
+        if self.rows:
+            kw.update(k_scale=self.dev_scales[2 * i], v_scale=self.dev_scales[2 * i + 1])
+        return kw
+
+    def layer(self, i: int) -> tuple:
+        return self.dev[2 * i], self.dev[2 * i + 1]
+
+    def copy(self, mapping: np.ndarray) -> None:
+        """Copy-on-write: every layer's K and V (and scales) in one call."""
+        ks, vs = self.dev[0::2], self.dev[1::2]
+        if self.rows:
+            pf.copy_blocks(ks, vs, mapping, k_scales=self.dev_scales[0::2], v_scales=self.dev_scales[1::2])
+        else:
+            pf.copy_blocks(ks, vs, mapping)
+
+    def swap(self, to_host: bool, mapping: np.ndarray) -> None:
+        src, dst = (self.dev, self.host) if to_host else (self.host, self.dev)
+        src_s, dst_s = (self.dev_scales, self.host_scales) if to_host else (self.host_scales, self.dev_scales)
+        for a, b, sa, sb in zip(src, dst, src_s, dst_s):
+            if self.rows:
+                pf.swap_blocks(a, b, mapping, src_scale=sa, dst_scale=sb)
+            else:
+                pf.swap_blocks(a, b, mapping)
+
+    def stored(self, k: np.ndarray) -> np.ndarray:
+        """What the cache holds for rows k: their dequantized quantization (write_kv_cache's, in
+        NumPy: pagedflash.reference), for the contiguous reference run."""
+        if self.dtype == "float32":
+            return k
+        return reference.dequantize_kv(*reference.quantize_kv(k, self.dtype), dtype=self.dtype)
+
+
 # ------------------------------------------------------------------------ paged run
 class PagedServer:
     """The serving loop: scheduler + BlockManager + paged KV caches (one pair per layer)."""
@@ -259,19 +346,18 @@ class PagedServer:
         temperature: float,
         num_splits: int,
         log: Callable[[str], None],
+        kv: KVCaches,
     ) -> None:
-        c = sc.model
         self.sc, self.model, self.seed, self.temperature = sc, model, seed, temperature
-        self.num_splits, self.log = num_splits, log
+        self.num_splits, self.log, self.kv = num_splits, log, kv
         self.bm = BlockManager(
-            sc.num_blocks, sc.block_size, num_cpu_blocks=sc.num_cpu_blocks, enable_prefix_caching=True
+            sc.num_blocks,
+            sc.block_size,
+            num_cpu_blocks=sc.num_cpu_blocks,
+            enable_prefix_caching=True,
+            bytes_per_block=kv.bytes_per_block,
         )
-        shape = (sc.num_blocks, sc.block_size, c.kv_heads, c.head_dim)
-        host = (sc.num_cpu_blocks, sc.block_size, c.kv_heads, c.head_dim)
-        self.k_caches = [np.full(shape, np.nan, np.float32) for _ in range(c.layers)]
-        self.v_caches = [np.full(shape, np.nan, np.float32) for _ in range(c.layers)]
-        self.k_host = [np.full(host, np.nan, np.float32) for _ in range(c.layers)]
-        self.v_host = [np.full(host, np.nan, np.float32) for _ in range(c.layers)]
+        kv.poison(np.ones(sc.num_blocks, bool), np.ones(sc.num_cpu_blocks, bool))
         self.seqs: list[Seq] = []  # every sequence ever created
         self.stats = dict(
             steps=0,
@@ -283,6 +369,7 @@ class PagedServer:
             swap_in_blocks=0,
             cached_tokens=0,
             peak_blocks=0,
+            peak_bytes=0,
             decode_layout_steps=0,
             packed_layout_steps=0,
         )
@@ -299,19 +386,10 @@ class PagedServer:
         self.seqs.append(s)
         return s
 
-    def _swap(self, src_k, src_v, dst_k, dst_v, mapping: np.ndarray) -> None:
-        for layer in range(self.sc.model.layers):
-            pf.swap_blocks(src_k[layer], dst_k[layer], mapping)
-            pf.swap_blocks(src_v[layer], dst_v[layer], mapping)
-
     def _poison_unused(self) -> None:
-        """NaN into every free device block and free host block: stale data must never
-        be read (evictable blocks keep their contents for prefix hits)."""
-        free_dev = self.bm.block_states()[1] == 0
-        free_host = self.bm.block_states(cpu=True)[1] == 0
-        for caches, free in ((self.k_caches + self.v_caches, free_dev), (self.k_host + self.v_host, free_host)):
-            for cache in caches:
-                cache[free] = np.nan
+        """NaN into every free device block and free host block (KVCaches.poison): stale data
+        must never be read (evictable blocks keep their contents for prefix hits)."""
+        self.kv.poison(self.bm.block_states()[1] == 0, self.bm.block_states(cpu=True)[1] == 0)
 
     # ........................................................................ run
     def run(self) -> None:
@@ -332,7 +410,7 @@ class PagedServer:
                 ids = [s.sid for s in swapped]
                 if bm.can_swap_in(ids) == AllocStatus.OK:
                     mapping = bm.swap_in(ids)
-                    self._swap(self.k_host, self.v_host, self.k_caches, self.v_caches, mapping)
+                    self.kv.swap(False, mapping)
                     self.stats["swap_in"] += 1
                     self.stats["swap_in_blocks"] += len(mapping)
                     events.append(
@@ -351,7 +429,7 @@ class PagedServer:
                 ids = [s.sid for s in group]
                 if bm.can_swap_out(ids):
                     mapping = bm.swap_out(ids)
-                    self._swap(self.k_caches, self.v_caches, self.k_host, self.v_host, mapping)
+                    self.kv.swap(True, mapping)
                     self.stats["swap_out"] += 1
                     self.stats["swap_out_blocks"] += len(mapping)
                     events.append(
@@ -417,7 +495,7 @@ class PagedServer:
             # 4. copy-on-write for every layer in one call, before this step's writes
             cow = np.concatenate(cow_pairs) if cow_pairs else np.zeros((0, 2), np.int64)
             if len(cow):
-                pf.copy_blocks(self.k_caches, self.v_caches, cow)
+                self.kv.copy(cow)
                 self.stats["cow_copies"] += len(cow)
                 events.append("copy-on-write " + _pairs(cow))
             # 5. one batched forward over the paged cache
@@ -425,6 +503,7 @@ class PagedServer:
             self.stats["steps"] += 1
             self.stats["query_tokens"] += sum(n for _, n in items)
             self.stats["peak_blocks"] = max(self.stats["peak_blocks"], bm.num_used_blocks)
+            self.stats["peak_bytes"] = max(self.stats["peak_bytes"], bm.used_bytes)
             used = bm.num_used_blocks
             # 6. record logits, sample, fork, finish
             row = 0
@@ -478,37 +557,49 @@ class PagedServer:
         else:
             self.stats["packed_layout_steps"] += 1
             cu = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-        kc, vc = self.k_caches, self.v_caches
+        kv = self.kv
 
         def attend(layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-            pf.write_kv_cache(k, v, kc[layer], vc[layer], slots)  # first write, then attend
+            kc, vc = kv.layer(layer)
+            pf.write_kv_cache(k, v, kc, vc, slots, **kv.kwargs(layer))  # first write (quantizing), then attend
             if decode_only:  # q [batch, h, d]: one query per sequence
-                return pf.paged_attn(q, kc[layer], vc[layer], tables, lens, num_splits=self.num_splits)
-            return pf.paged_attn(q, kc[layer], vc[layer], tables, lens, cu_seqlens_q=cu, num_splits=self.num_splits)
+                return pf.paged_attn(q, kc, vc, tables, lens, num_splits=self.num_splits, **kv.kwargs(layer))
+            return pf.paged_attn(
+                q, kc, vc, tables, lens, cu_seqlens_q=cu, num_splits=self.num_splits, **kv.kwargs(layer)
+            )
 
         return self.model.forward(tokens, positions, attend)
 
 
 # ------------------------------------------------------------------- reference run
 def reference_generate(
-    model: TinyDecoder, prompt: np.ndarray, max_new: int, rng: np.random.Generator, temperature: float
+    model: TinyDecoder,
+    prompt: np.ndarray,
+    max_new: int,
+    rng: np.random.Generator,
+    temperature: float,
+    stored: Callable[[np.ndarray], np.ndarray],
+    forced: Optional[list[int]] = None,
 ) -> tuple:
     """One sequence alone, with contiguous KV caches (lists growing per token) and the
-    float64 naive attention. Returns (generated tokens, logits [positions, vocab])."""
+    float64 naive attention; stored(k) is what a cache keeps of new rows k (themselves, or their
+    dequantized quantization). forced: generate these tokens instead of sampling (teacher
+    forcing). Returns (generated tokens, logits [positions, vocab])."""
     c = model.cfg
     k_cache: list[list[np.ndarray]] = [[] for _ in range(c.layers)]
     v_cache: list[list[np.ndarray]] = [[] for _ in range(c.layers)]
 
     def attend(layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        k_cache[layer].extend(k)
-        v_cache[layer].extend(v)
+        k_cache[layer].extend(stored(k))
+        v_cache[layer].extend(stored(v))
         kk, vv = np.stack(k_cache[layer]), np.stack(v_cache[layer])
         return reference_attention(q[None], kk[None], vv[None], causal=True)[0].astype(np.float32)
 
     tokens = prompt.tolist()
     rows = [model.forward(np.asarray(tokens, np.int64), np.arange(len(tokens)), attend)]
     while True:
-        tokens.append(sample(rows[-1][-1], rng, temperature))
+        drawn = sample(rows[-1][-1], rng, temperature)
+        tokens.append(drawn if forced is None else forced[len(tokens) - len(prompt)])
         if len(tokens) - len(prompt) == max_new:
             break
         rows.append(model.forward(np.asarray(tokens[-1:], np.int64), np.array([len(tokens) - 1]), attend))
@@ -525,6 +616,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument(
         "--num-splits", type=int, default=0, help="paged_attn num_splits (0 automatic, n > 1 flash decoding)"
+    )
+    ap.add_argument(
+        "--kv-cache-dtype",
+        choices=list(KV_FORMATS),
+        default="float32",
+        help="the paged caches' format: float32, fp8 (float8_e4m3fn), fp8_e5m2, int8 (scale per token and KV head)",
     )
     ap.add_argument("--quiet", action="store_true", help="no per-step log")
     args = ap.parse_args(argv)
@@ -547,6 +644,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"arrives at step {r.arrival} -- {r.note}"
         )
 
+    kv = KVCaches(
+        args.kv_cache_dtype, c.layers, sc.num_blocks, sc.num_cpu_blocks, sc.block_size, c.kv_heads, c.head_dim
+    )
     server = PagedServer(
         sc,
         model,
@@ -554,17 +654,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         temperature=args.temperature,
         num_splits=args.num_splits,
         log=(lambda m: None) if args.quiet else print,
+        kv=kv,
     )
     server.run()
     st, bm = server.stats, server.bm
 
-    # ---- compare with contiguous per-request caches
+    # ---- compare with contiguous per-request caches (holding what the paged cache holds: for a
+    # compressed one the dequantized quantization of each row; the tokens are then teacher-forced,
+    # so that a rounding flip cannot change what is compared), and a compressed run also with a
+    # float32 cache: the accuracy its compression costs
+    compressed = kv.dtype != "float32"
+    tol = TOL_COMPRESSED if compressed else TOL
     failures: list[str] = []
-    max_diff, compared = 0.0, 0
+    max_diff, compressed_diff, compared = 0.0, 0.0, 0
     for s in server.seqs:
         rng = sample_rng(args.seed, s.req.idx, s.sample)  # the same draws as the paged run
-        ref_tokens, ref_logits = reference_generate(model, s.req.prompt, s.req.max_new, rng, args.temperature)
         paged_tokens = s.tokens[len(s.req.prompt) :]
+        forced = paged_tokens if compressed else None
+        ref_tokens, ref_logits = reference_generate(
+            model, s.req.prompt, s.req.max_new, rng, args.temperature, kv.stored, forced
+        )
         if paged_tokens != ref_tokens:
             failures.append(f"seq {s.sid}: tokens differ: paged {paged_tokens} vs contiguous {ref_tokens}")
         first = s.cached if s.sample == 0 else len(s.req.prompt)
@@ -573,11 +682,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             failures.append(f"seq {s.sid}: computed positions {sorted(s.logits)} != {sorted(expect)}")
             continue
         pos = sorted(s.logits)
-        diff = float(np.max(np.abs(np.stack([s.logits[p] for p in pos]) - ref_logits[pos])))
-        if not diff <= TOL:  # NaN fails too
-            failures.append(f"seq {s.sid}: max |logits diff| = {diff:.3g} > {TOL}")
+        paged = np.stack([s.logits[p] for p in pos])
+        diff = float(np.max(np.abs(paged - ref_logits[pos])))
+        if not diff <= tol:  # NaN fails too
+            failures.append(f"seq {s.sid}: max |logits diff| = {diff:.3g} > {tol}")
         max_diff = max(max_diff, diff) if diff == diff else float("nan")
         compared += len(pos)
+        if compressed:
+            _, f32_logits = reference_generate(
+                model, s.req.prompt, s.req.max_new, rng, args.temperature, lambda k: k, paged_tokens
+            )
+            compressed_diff = max(compressed_diff, float(np.max(np.abs(paged - f32_logits[pos]))))
     if len(server.seqs) != sum(r.n for r in sc.requests):
         failures.append(f"{len(server.seqs)} sequences served, expected {sum(r.n for r in sc.requests)}")
     if len(bm) != 0 or bm.num_used_blocks != 0:
@@ -585,11 +700,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # ---- summary
     nseq = len(server.seqs)
-    bytes_per_token = c.layers * 2 * c.kv_heads * c.head_dim * 4  # K and V, float32, all layers
-    paged_bytes = st["peak_blocks"] * sc.block_size * bytes_per_token
+    bytes_per_token = kv.bytes_per_token  # K and V of all layers, scales included
+    paged_bytes = st["peak_bytes"]  # the BlockManager's used_bytes at its peak
     contiguous_bytes = nseq * c.max_len * bytes_per_token
     tight_len = max(len(r.prompt) + r.max_new for r in sc.requests)
     tight_bytes = nseq * tight_len * bytes_per_token
+    f32_bytes = pf.kv_cache_bytes(1, sc.block_size, c.kv_heads, c.head_dim, "float32", num_layers=c.layers)
     kib = 1024.0
     print("summary:")
     print(
@@ -608,23 +724,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     print(
         f"  logits: {compared} positions compared with contiguous per-request caches, "
-        f"max |diff| = {max_diff:.2e} (tolerance {TOL:g}); generated tokens "
-        f"{'identical' if not any('tokens differ' in f for f in failures) else 'DIFFER'}"
+        f"max |diff| = {max_diff:.2e} (tolerance {tol:g}); generated tokens "
+        + (
+            "teacher-forced"
+            if compressed
+            else "identical"
+            if not any("tokens differ" in f for f in failures)
+            else "DIFFER"
+        )
     )
-    block_kib = sc.block_size * bytes_per_token / kib
+    if compressed:
+        print(f"  {kv.dtype} cache against a float32 cache (same tokens): max |logits diff| = {compressed_diff:.2e}")
     print(
-        f"  KV memory: paged peak {st['peak_blocks']} blocks x {block_kib:.0f} KiB "
-        f"= {paged_bytes / kib:.0f} KiB; contiguous pre-allocation {nseq} seqs x {c.max_len} tokens x "
-        f"{bytes_per_token / kib:.0f} KiB = {contiguous_bytes / kib:.0f} KiB; "
+        f"  KV memory ({kv.dtype} cache, {bytes_per_token} bytes per token over all layers, K and V"
+        + (", scales included" if kv.rows else "")
+        + (f"; {f32_bytes / kv.bytes_per_block:.2f}x less than float32" if compressed else "")
+        + f"): paged peak {st['peak_blocks']} blocks x "
+        f"{kv.bytes_per_block} B = {paged_bytes} B ({paged_bytes / kib:.1f} KiB); contiguous pre-allocation "
+        f"{nseq} seqs x {c.max_len} tokens = {contiguous_bytes / kib:.1f} KiB; "
         f"ratio {paged_bytes / contiguous_bytes:.3f} ({contiguous_bytes / paged_bytes:.1f}x less)"
     )
     print(
         f"             (even pre-allocating only the longest request, {tight_len} tokens: "
-        f"{tight_bytes / kib:.0f} KiB, ratio {paged_bytes / tight_bytes:.3f})"
+        f"{tight_bytes / kib:.1f} KiB, ratio {paged_bytes / tight_bytes:.3f})"
     )
     for f in failures:
         print("FAIL:", f)
-    print("FAILED" if failures else "OK: every step's logits and every token match the contiguous run")
+    print(
+        "FAILED"
+        if failures
+        else f"OK: every step's logits match the contiguous run holding the same {kv.dtype} values"
+        if compressed
+        else "OK: every step's logits and every token match the contiguous run"
+    )
     return 1 if failures else 0
 
 

@@ -563,26 +563,82 @@ def check_grads_varlen(grads, dout, q, k, v, cq, ck, dtype, *, alibi_slopes=None
 class PagedCache:
     """A paged K/V cache on a backend: k, v [num_blocks, bs, hk, d], block_tables int32
     [batch, max_blocks], seq_lens int32 [batch] (iterate to unpack these four) and `host`:
-    the same four on the host (caches in the host library, index arrays as NumPy)."""
+    the same four on the host (caches in the host library, index arrays as NumPy). A compressed
+    cache (make_paged_cache's kv=) also has `scales`, its k_scale / v_scale keywords (host NumPy
+    float32; empty for float caches), and `values`: what its elements stand for, in float64."""
 
-    def __init__(self, backend, kc, vc, bt, sl, bs):
+    def __init__(self, backend, kc, vc, bt, sl, bs, scales=None, values=None):
         self.host = (kc, vc, bt, sl)
         self.bs = bs
         self.k, self.v = backend.put(kc), backend.put(vc)
         self.block_tables, self.seq_lens = backend.put(bt), backend.put(sl)
+        self.scales = scales or {}
+        self.values = values
 
     def __iter__(self):
         return iter((self.k, self.v, self.block_tables, self.seq_lens))
 
+    def values_like(self, q):
+        """(k, v) for the naive same-precision baseline of queries q: the host caches, or a
+        compressed cache's values in q's dtype and library."""
+        if self.values is None:
+            return self.host[0], self.host[1]
+        if torch is not None and isinstance(q, torch.Tensor):
+            return tuple(torch.from_numpy(x.astype(np.float32)).to(q.dtype) for x in self.values)
+        return tuple(x.astype(q.dtype) for x in self.values)
 
-def make_paged_cache(backend, rng, lens, hk, d, bs, dtype, *, share=False, spare=3, pad_value=None):
+
+# compressed KV caches (docs/serving.md): the largest magnitude of each format
+KV_MAX = {"float8_e4m3fn": 448.0, "float8_e5m2": 57344.0, "int8": 127.0}
+
+
+def as_kv_cache(codes, dtype, lib):
+    """reference.quantize_kv's codes (uint8 bytes for float8, int8) as a `dtype` cache in `lib`
+    ("numpy": ml_dtypes float8 / NumPy int8, skipped without ml_dtypes; "torch")."""
+    codes = np.ascontiguousarray(codes)
+    if lib == "torch":
+        if torch is None:
+            pytest.skip("needs torch")
+        t = torch.from_numpy(codes)
+        return t.view(getattr(torch, dtype)) if dtype.startswith("float8") else t
+    if dtype.startswith("float8"):
+        ml = pytest.importorskip("ml_dtypes")
+        return codes.view(getattr(ml, dtype))
+    return codes
+
+
+def kv_tensor_scale(x, dtype):
+    """A per-tensor scale as vLLM calibrates one: max|x| / the format's largest value (x 1.3)."""
+    return np.float32(1.3 * float(np.nanmax(np.abs(x))) / KV_MAX[dtype])
+
+
+def quantize_kv_cache(rng, x, dtype, kind):
+    """(codes, scale) of a float32 cache x [..., d] in a compressed `dtype` with a scale of `kind`
+    ("none": absent, float8 only; "tensor"; "row": per (token, head), int8 only). Rows holding NaN
+    (slots no sequence holds) come out poisoned: NaN codes for float8, NaN row scales for int8 (a
+    per-tensor int8 cache cannot hold NaN: any code)."""
+    stale = np.isnan(x).any(axis=-1)
+    x = np.where(np.isnan(x), rng.standard_normal(x.shape), x).astype(np.float32)
+    codes, s = reference.quantize_kv(x, dtype, kv_tensor_scale(x, dtype) if kind == "tensor" else None)
+    if dtype.startswith("float8"):
+        codes[stale] = 0x7F | (rng.integers(0, 2, codes[stale].shape) << 7).astype(np.uint8)
+    elif kind == "row":
+        s = s.copy()
+        s[stale] = np.nan
+    return codes, (None if kind == "none" else s)
+
+
+def make_paged_cache(backend, rng, lens, hk, d, bs, dtype, *, share=False, spare=3, pad_value=None, kv=None, lib=None):
     """Paged K/V caches holding sequences of the given lengths, on `backend` (a Backend).
 
     Blocks come from a random permutation; each sequence's last block is partial unless its
     length is a multiple of bs; with share, sequence 1 reuses sequence 0's full blocks as its
     prefix. Every slot no sequence holds (partial blocks' tails, the `spare` unused blocks)
     holds stale NaN, and unused block-table entries hold garbage (pad_value, default a mix of -1
-    and ids far out of range): none of it may reach an output. Returns a PagedCache.
+    and ids far out of range): none of it may reach an output. kv=(cache dtype, scale kind):
+    the caches compressed (quantize_kv_cache of keys x 3 and values x 0.5; stale slots poisoned)
+    for queries of `dtype`, in `lib` (default: torch for bfloat16 and CUDA, else NumPy).
+    Returns a PagedCache.
     """
     lens = [int(x) for x in lens]
     need = [(n + bs - 1) // bs for n in lens]
@@ -602,9 +658,10 @@ def make_paged_cache(backend, rng, lens, hk, d, bs, dtype, *, share=False, spare
             else:
                 bt[b, j] = perm[nxt]
                 nxt += 1
-    lib = "torch" if backend.is_cuda else None
-    kc = randn(rng, (num_blocks, bs, hk, d), dtype, lib=lib)
-    vc = randn(rng, (num_blocks, bs, hk, d), dtype, lib=lib)
+    lib = lib or ("torch" if backend.is_cuda or (kv and dtype == "bfloat16") else None)
+    values_dtype = "float32" if kv else dtype
+    kc = randn(rng, (num_blocks, bs, hk, d), values_dtype, lib=None if kv else lib)
+    vc = randn(rng, (num_blocks, bs, hk, d), values_dtype, lib=None if kv else lib)
     used = np.zeros((num_blocks, bs), dtype=bool)
     for b, n in enumerate(lens):
         t = np.arange(n)
@@ -615,7 +672,16 @@ def make_paged_cache(backend, rng, lens, hk, d, bs, dtype, *, share=False, spare
             blk, slot = torch.from_numpy(blk), torch.from_numpy(slot)
         kc[blk, slot] = float("nan")
         vc[blk, slot] = float("nan")
-    return PagedCache(backend, kc, vc, bt, np.asarray(lens, dtype=np.int32), bs)
+    sl = np.asarray(lens, dtype=np.int32)
+    if not kv:
+        return PagedCache(backend, kc, vc, bt, sl, bs)
+    kv_dtype, kind = kv
+    kcodes, ks = quantize_kv_cache(rng, kc * np.float32(3.0), kv_dtype, kind)
+    vcodes, vs = quantize_kv_cache(rng, vc * np.float32(0.5), kv_dtype, kind)
+    scales = {} if ks is None else {"k_scale": ks, "v_scale": vs}
+    values = tuple(reference.dequantize_kv(c, s, dtype=kv_dtype) for c, s in ((kcodes, ks), (vcodes, vs)))
+    kq, vq = (as_kv_cache(c, kv_dtype, lib or "numpy") for c in (kcodes, vcodes))
+    return PagedCache(backend, kq, vq, bt, sl, bs, scales=scales, values=values)
 
 
 def gather(cache, row, length, bs):
@@ -648,7 +714,8 @@ def make_paged_q(backend, rng, layout, qlens, h, d, dtype):
 def naive_lowp_paged(q, cache, offs, *, alibi_slopes=None, **opts):
     """naive_attention_lowp per sequence on the gathered contiguous K/V (host copies), in q's
     layout. q: host queries; cache: a PagedCache; offs: make_paged_q's offsets."""
-    kc, vc, bt, lens = cache.host
+    kc, vc = cache.values_like(q)
+    bt, lens = cache.host[2], cache.host[3]
     d, h = q.shape[-1], q.shape[-2]
     flat = q.reshape(-1, h, d)
     out = np.zeros((flat.shape[0], h, d))

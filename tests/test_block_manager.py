@@ -63,6 +63,8 @@ def test_exports():
         (dict(num_blocks=8.0, block_size=16), TypeError, "num_blocks"),
         (dict(num_blocks=8, block_size=True), TypeError, "block_size"),
         (dict(num_blocks=2**31, block_size=16), ValueError, "num_blocks"),
+        (dict(num_blocks=8, block_size=16, bytes_per_block=-1), ValueError, "bytes_per_block"),
+        (dict(num_blocks=8, block_size=16, bytes_per_block=2.0), TypeError, "bytes_per_block"),
     ],
 )
 def test_constructor_errors(kwargs, exc, word):
@@ -80,7 +82,35 @@ def test_constructor_keyword_only_and_properties():
     assert bm.num_seqs == 0 and len(bm) == 0 and bm.seq_ids == []
     assert bm.prefix_cache_hits == 0 and bm.prefix_cache_queries == 0 and bm.prefix_cache_hit_rate == 0.0
     assert "BlockManager(num_blocks=200" in repr(bm)
+    assert bm.bytes_per_block == 0 and bm.used_bytes == 0 and "bytes" not in repr(bm)
     bm.check()
+
+
+def test_memory_in_bytes():
+    """bytes_per_block from pagedflash.kv_cache_bytes: the counts in bytes follow the block counts,
+    for float and compressed caches (int8 with its per-(token, head) float32 scales)."""
+    from pagedflash import kv_cache_bytes
+
+    # 32 layers, 8 KV heads x 128, block 16: K and V
+    assert kv_cache_bytes(1, 16, 8, 128, "bfloat16", num_layers=32) == 2 * 32 * 16 * 8 * 128 * 2
+    assert kv_cache_bytes(1, 16, 8, 128, "fp8", num_layers=32) == 2 * 32 * 16 * 8 * 128
+    assert kv_cache_bytes(1, 16, 8, 128, "float8_e5m2", num_layers=32) == 2 * 32 * 16 * 8 * 128
+    assert kv_cache_bytes(10, 16, 8, 128, "int8", row_scales=True) == 10 * 2 * 16 * 8 * (128 + 4)
+    assert kv_cache_bytes(3, 4, 2, 8, np.float32) == 3 * 2 * 4 * 2 * 8 * 4
+    with pytest.raises(TypeError, match="dtype"):
+        kv_cache_bytes(1, 16, 8, 128, "float64")
+    with pytest.raises(ValueError, match="row_scales"):
+        kv_cache_bytes(1, 16, 8, 128, "bfloat16", row_scales=True)
+    per_block = kv_cache_bytes(1, 16, 8, 128, "int8", num_layers=2, row_scales=True)
+    bm = BlockManager(100, 16, bytes_per_block=per_block)
+    bm.allocate(1, 40)  # 3 blocks
+    assert (bm.bytes_per_block, bm.used_bytes, bm.free_bytes, bm.total_bytes) == (
+        per_block,
+        3 * per_block,
+        97 * per_block,
+        100 * per_block,
+    )
+    assert f"{3 * per_block} of {100 * per_block} bytes used" in repr(bm)
 
 
 # --------------------------------------------------------------------------- allocate

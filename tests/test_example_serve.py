@@ -59,6 +59,41 @@ def test_serve_paged_small(args):
     assert 0 < number(r"ratio ([0-9.]+) \(", log) < 1
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "fp8_e5m2", "int8"])
+def test_serve_paged_compressed_cache(fmt):
+    """The same serving run from a compressed cache: logits match a contiguous run holding the same
+    dequantized values (tokens teacher-forced), memory reported in bytes, 4x (int8 with its scales:
+    3.56x) smaller than float32."""
+    res = run_example("--small", "--seed", "3", "--kv-cache-dtype", fmt)
+    log = res.stdout
+    assert res.returncode == 0, log + res.stderr
+    assert "FAIL" not in log and "OK: every step's logits match the contiguous run holding the same" in log
+    assert number(r"max \|diff\| = ([0-9.e+-]+) \(tolerance", log) <= 2e-2
+    assert number(r"against a float32 cache \(same tokens\): max \|logits diff\| = ([0-9.e+-]+)", log) < 2.0
+    assert number(r"; ([0-9.]+)x less than float32", log) == (3.56 if fmt == "int8" else 4.0)
+    blocks, block_bytes, peak = (
+        number(r"paged peak (\d+) blocks", log),
+        number(r"blocks x (\d+) B", log),
+        number(r"= (\d+) B \(", log),
+    )
+    assert blocks * block_bytes == peak > 0
+
+
+def test_checker_catches_scales_left_behind(monkeypatch, capsys):
+    """int8 caches whose per-(token, head) scales copy-on-write forgets: the copied blocks read
+    the NaN scales of a fresh block, and the run fails (its NaN reaches the next layer's keys,
+    which write_kv_cache refuses to quantize, or the logits)."""
+    example = load_example()
+    real = example.pf.copy_blocks
+    monkeypatch.setattr(example.pf, "copy_blocks", lambda k, v, m, **kw: real(k, v, m))
+    try:
+        status = example.main(["--small", "--quiet", "--kv-cache-dtype", "int8"])
+    except ValueError as e:
+        assert "is nan; a compressed cache (int8) holds finite values only" in str(e)
+    else:
+        assert status == 1 and "FAILED" in capsys.readouterr().out
+
+
 def load_example():
     spec = importlib.util.spec_from_file_location("serve_paged", EXAMPLE)
     mod = importlib.util.module_from_spec(spec)

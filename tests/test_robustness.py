@@ -612,23 +612,30 @@ def test_block_pool_out_of_memory_message():
 @pytest.mark.parametrize("dtype", ["bool", "int8", "complex64"])
 def test_torch_unsupported_dtypes(rng, dtype):
     """torch bool / int8 / complex64 inputs raised KeyError (no result of that dtype); now
-    TypeError naming q (or the first argument a result is allocated like)."""
+    TypeError naming q (or the first argument a result is allocated like). int8 is a dtype the
+    library views (KV caches), so it is refused where a float array is needed, with that message."""
     tdt = getattr(torch, dtype)
     q, k, v = (torch.from_numpy(x).to(tdt) for x in qkv(rng))
-    with pytest.raises(TypeError, match=rf"^q: unsupported dtype {dtype}; expected float16, bfloat16 or float32"):
+    bad = (
+        rf"expected dtype float16, bfloat16 or float32, got {dtype}"
+        if dtype == "int8"
+        else rf"unsupported dtype {dtype}; expected float16, bfloat16 or float32"
+    )
+    with pytest.raises(TypeError, match=rf"^q: {bad}"):
         pagedflash.flash_attn(q, k, v)
     kc = torch.from_numpy(cache(rng)).to(tdt)
-    with pytest.raises(TypeError, match=rf"^q: unsupported dtype {dtype}"):
+    with pytest.raises(TypeError, match=rf"^q: {bad}"):
         pagedflash.paged_attn(q[:, 0], kc, kc, np.array([[0], [1]], np.int32), np.array([1, 1], np.int32))
-    with pytest.raises(TypeError, match=rf"^out_a: unsupported dtype {dtype}"):
+    with pytest.raises(TypeError, match=rf"^out_a: {bad}"):
         pagedflash.merge_attn_states(q[0], torch.zeros(4, 5), q[0], torch.zeros(4, 5))
-    with pytest.raises(TypeError, match=rf"^dout: unsupported dtype {dtype}"):  # the first array viewed
+    # the first array viewed (int8 is viewed: q, the first a result is allocated like)
+    with pytest.raises(TypeError, match=rf"^{'q' if dtype == 'int8' else 'dout'}: {bad}"):
         pagedflash.flash_attn_backward(q, q, k, v, q, torch.zeros(2, 4, 5))
     # given outputs of the right dtype: the C core names the input
     out = torch.full(q.shape, float("nan"))
     raises_unchanged(
         TypeError,
-        r"^q: unsupported dtype",
+        rf"^q: {bad}",
         lambda: pagedflash.flash_attn(q, k, v, out=out),
         out,
     )

@@ -46,7 +46,13 @@ typedef struct pf_backend_limits {
     int64_t max_rows;         /* merge / cache ops: rows (tokens x heads) of one launch */
     int32_t max_merge_dims;   /* merge_attn_states: leading dimensions of out */
     int32_t dropout_mask_varlen; /* 1 when pf_dropout_mask takes packed layouts */
+    int32_t kv_quant;         /* 1 when paged_attn and write_kv_cache take compressed (float8, int8) caches */
 } pf_backend_limits;
+
+/* A compressed KV-cache dtype (pagedflash.h "Compressed KV caches"): float8_e4m3fn, float8_e5m2, int8. */
+static inline int pf_dtype_compressed(pf_dtype dtype) {
+    return dtype == PF_DTYPE_F8E4M3 || dtype == PF_DTYPE_F8E5M2 || dtype == PF_DTYPE_I8;
+}
 
 typedef struct pf_backend {
     const char *name; /* "cpu", "cuda": in messages */
@@ -60,8 +66,10 @@ typedef struct pf_backend {
     /* lse_a, lse_b and lse (when present) come as views [..., num_heads] over out's leading
      * dimensions, whichever layout the caller passed (pf_merge_attn_states rewrites them) */
     pf_status (*merge_attn_states)(const pf_merge_params *p);
+    /* k_scale / v_scale: absent for float caches (the only caches a backend without
+     * limits.kv_quant is given) */
     pf_status (*write_kv_cache)(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache, pf_tensor slot_mapping,
-                                void *stream);
+                                pf_tensor k_scale, pf_tensor v_scale, void *stream);
     pf_status (*copy_blocks)(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping, void *stream);
     pf_status (*swap_blocks)(pf_tensor src, pf_tensor dst, pf_tensor block_mapping, void *stream);
 

@@ -106,8 +106,15 @@ pf_status pf_merge_attn_states(const pf_merge_params *p) {
 
 pf_status pf_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache, pf_tensor slot_mapping,
                             void *stream) {
-    PF_TRY(pf_write_kv_cache_validate(k, v, k_cache, v_cache, slot_mapping));
-    PF_BACKEND_CALL(k_cache.device, "write_kv_cache", write_kv_cache, k, v, k_cache, v_cache, slot_mapping, stream);
+    const pf_tensor none = {0};
+    return pf_write_kv_cache_scaled(k, v, k_cache, v_cache, slot_mapping, none, none, stream);
+}
+
+pf_status pf_write_kv_cache_scaled(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache,
+                                   pf_tensor slot_mapping, pf_tensor k_scale, pf_tensor v_scale, void *stream) {
+    PF_TRY(pf_write_kv_cache_scaled_validate(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale));
+    PF_BACKEND_CALL(k_cache.device, "write_kv_cache", write_kv_cache, k, v, k_cache, v_cache, slot_mapping, k_scale,
+                    v_scale, stream);
 }
 
 pf_status pf_copy_blocks(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping, void *stream) {
@@ -119,8 +126,21 @@ pf_status pf_copy_blocks(const pf_tensor *caches, int32_t num_caches, pf_tensor 
 /* Host <-> host runs on the CPU backend. If either side is on a CUDA device the
  * CUDA backend copies (cudaMemcpyAsync per block, host <-> device or device <->
  * device, on `stream`). */
-pf_status pf_swap_blocks(pf_tensor src, pf_tensor dst, pf_tensor block_mapping, void *stream) {
-    PF_TRY(pf_swap_blocks_validate(src, dst, block_mapping));
+static pf_status swap_blocks_run(pf_tensor src, pf_tensor dst, pf_tensor block_mapping, void *stream) {
     pf_device device = (src.device == PF_DEVICE_CUDA || dst.device == PF_DEVICE_CUDA) ? PF_DEVICE_CUDA : PF_DEVICE_CPU;
     PF_BACKEND_CALL(device, "swap_blocks", swap_blocks, src, dst, block_mapping, stream);
+}
+
+pf_status pf_swap_blocks(pf_tensor src, pf_tensor dst, pf_tensor block_mapping, void *stream) {
+    PF_TRY(pf_swap_blocks_validate(src, dst, block_mapping));
+    return swap_blocks_run(src, dst, block_mapping, stream);
+}
+
+/* The cache, then its per-(token, head) scales: both validated before either moves. */
+pf_status pf_swap_blocks_scaled(pf_tensor src, pf_tensor dst, pf_tensor src_scale, pf_tensor dst_scale,
+                                pf_tensor block_mapping, void *stream) {
+    PF_TRY(pf_swap_blocks_scaled_validate(src, dst, src_scale, dst_scale, block_mapping));
+    PF_TRY(swap_blocks_run(src, dst, block_mapping, stream));
+    if (!pf_tensor_present(&src_scale) && src_scale.ndim == 0) return PF_STATUS_OK;
+    return swap_blocks_run(src_scale, dst_scale, block_mapping, stream);
 }

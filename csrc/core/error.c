@@ -59,6 +59,9 @@ size_t pf_dtype_size(pf_dtype dtype) {
         case PF_DTYPE_I64: return 8;
         case PF_DTYPE_U8: return 1;
         case PF_DTYPE_F64: return 8;
+        case PF_DTYPE_F8E4M3:
+        case PF_DTYPE_F8E5M2:
+        case PF_DTYPE_I8: return 1;
         case PF_DTYPE_INVALID: return 0;
     }
     return 0;
@@ -73,6 +76,9 @@ const char *pf_dtype_name(pf_dtype dtype) {
         case PF_DTYPE_I64: return "int64";
         case PF_DTYPE_U8: return "uint8";
         case PF_DTYPE_F64: return "float64";
+        case PF_DTYPE_F8E4M3: return "float8_e4m3fn";
+        case PF_DTYPE_F8E5M2: return "float8_e5m2";
+        case PF_DTYPE_I8: return "int8";
         case PF_DTYPE_INVALID: return "invalid";
     }
     return "invalid";

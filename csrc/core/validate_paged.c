@@ -43,6 +43,126 @@ static inline int64_t at_i64_2(const pf_tensor *t, int64_t i, int64_t j) {
     return ((const int64_t *)t->data)[i * t->strides[0] + j * t->strides[1]];
 }
 
+/* ---- compressed caches (pagedflash.h "Compressed KV caches") ---- */
+
+/* k_cache / v_cache of a call whose values are `ref`'s dtype (q for paged attention, k for a
+ * write; NULL: any float dtype): that dtype, or a compressed dtype shared by both caches. */
+static pf_status check_cache_pair(const pf_tensor *kc, const pf_tensor *vc, const pf_tensor *ref,
+                                  const char *ref_name) {
+    PF_TRY(pf_check_present(kc, "k_cache"));
+    const pf_dtype dt = kc->dtype;
+    PF_CHECK_TYPE(dt == PF_DTYPE_F32 || dt == PF_DTYPE_F16 || dt == PF_DTYPE_BF16 || pf_dtype_compressed(dt),
+                  "k_cache: expected dtype float16, bfloat16, float32%s or a compressed cache's "
+                  "(float8_e4m3fn, float8_e5m2, int8), got %s",
+                  ref ? " (the dtype of q)" : "", pf_dtype_name(dt));
+    if (!pf_dtype_compressed(dt) && ref) PF_TRY(pf_check_float_like(kc, "k_cache", ref, ref_name));
+    PF_TRY(pf_check_last_contiguous(kc, "k_cache"));
+    if (!pf_dtype_compressed(dt)) {
+        PF_TRY(pf_check_float_like(vc, "v_cache", kc, "k_cache"));
+        return PF_STATUS_OK;
+    }
+    if (ref) PF_TRY(pf_check_same_device(kc, "k_cache", ref, ref_name));
+    PF_TRY(pf_check_present(vc, "v_cache"));
+    PF_CHECK_TYPE(vc->dtype == kc->dtype, "v_cache: expected dtype %s (the dtype of k_cache), got %s",
+                  pf_dtype_name(kc->dtype), pf_dtype_name(vc->dtype));
+    PF_TRY(pf_check_last_contiguous(vc, "v_cache"));
+    PF_TRY(pf_check_same_device(vc, "v_cache", kc, "k_cache"));
+    return PF_STATUS_OK;
+}
+
+/* A compressed cache needs a backend that reads and writes them. */
+static pf_status check_backend_kv_quant(const pf_backend *be, const pf_tensor *kc) {
+    PF_CHECK(!pf_dtype_compressed(kc->dtype) || be->limits.kv_quant, PF_STATUS_NOT_SUPPORTED,
+             "k_cache: %s caches are not supported by the %s backend yet (the CPU backend takes them; the "
+             "%s backend copies and swaps their blocks)",
+             pf_dtype_name(kc->dtype), be->name, be->name);
+    return PF_STATUS_OK;
+}
+
+/* The scale `s` (named `name`) of cache `c` (named `cname`), once the cache is checked. *per_row
+ * is set for a per-(token, head) scale [num_blocks, block_size, num_kv_heads]. */
+static pf_status check_kv_scale(const pf_tensor *s, const char *name, const pf_tensor *c, const char *cname,
+                                int *per_row) {
+    char s1[128];
+    *per_row = 0;
+    const int given = pf_tensor_present(s) || s->ndim > 0;
+    if (!pf_dtype_compressed(c->dtype)) {
+        PF_CHECK_TYPE(!given,
+                      "%s: %s is %s; scales go with float8_e4m3fn, float8_e5m2 and int8 caches only (pass "
+                      "none)",
+                      name, cname, pf_dtype_name(c->dtype));
+        return PF_STATUS_OK;
+    }
+    PF_CHECK_VALUE(given || c->dtype != PF_DTYPE_I8,
+                   "%s: missing; an int8 %s needs a float32 scale: per tensor ([] or [1]) or per (token, "
+                   "head) [num_blocks, block_size, num_kv_heads]",
+                   name, cname);
+    if (!given) return PF_STATUS_OK; /* float8: scale 1 */
+    PF_TRY(pf_check_present(s, name));
+    PF_TRY(pf_check_dtype(s, name, PF_DTYPE_F32));
+    if (s->ndim == 0 || (s->ndim == 1 && s->shape[0] == 1)) { /* per tensor */
+        PF_CHECK_VALUE(pf_tensor_on_host(s) || (s->device == c->device && s->device_id == c->device_id),
+                       "%s: expected host memory or the device of %s (cuda:%d), got cuda:%d", name, cname,
+                       (int)c->device_id, (int)s->device_id);
+        if (pf_tensor_on_host(s)) {
+            const float v = *(const float *)s->data;
+            PF_CHECK_VALUE(v > 0.0f && v < __builtin_inff(), "%s: the scale of %s must be finite and > 0, got %g", name,
+                           cname, (double)v);
+        }
+        return PF_STATUS_OK;
+    }
+    PF_CHECK_VALUE(c->dtype == PF_DTYPE_I8,
+                   "%s: per-(token, head) scales go with int8 caches; %s is %s, which takes one scale per "
+                   "tensor ([] or [1]), got shape %s",
+                   name, cname, pf_dtype_name(c->dtype), pf_shape_str(s, s1, sizeof s1));
+    pf_tensor want = {0};
+    want.ndim = 3;
+    for (int i = 0; i < 3; i++) want.shape[i] = c->ndim > i ? c->shape[i] : 0;
+    PF_CHECK_VALUE(c->ndim == 4, "%s: per-(token, head) scales need a 4-d %s", name, cname);
+    PF_TRY(pf_check_same_shape(s, name, &want, "[num_blocks, block_size, num_kv_heads] of the cache"));
+    PF_TRY(pf_check_last_contiguous(s, name));
+    PF_TRY(pf_check_nonneg_strides(s, name));
+    PF_TRY(pf_check_same_device(s, name, c, cname));
+    *per_row = 1;
+    return PF_STATUS_OK;
+}
+
+/* Whether element i of a float16 / bfloat16 / float32 tensor is NaN or inf; *what names it. */
+static int nonfinite(const pf_tensor *t, int64_t off, const char **what) {
+    uint32_t exp_mask, man, sign, u;
+    if (t->dtype == PF_DTYPE_F32) {
+        u = ((const uint32_t *)t->data)[off];
+        exp_mask = 0x7f800000u;
+        man = u & 0x007fffffu;
+        sign = u >> 31;
+    } else {
+        u = ((const uint16_t *)t->data)[off];
+        exp_mask = t->dtype == PF_DTYPE_F16 ? 0x7c00u : 0x7f80u;
+        man = u & (~exp_mask & 0x7fffu);
+        sign = u >> 15;
+    }
+    if ((u & exp_mask) != exp_mask) return 0;
+    *what = man ? "nan" : sign ? "-inf" : "inf";
+    return 1;
+}
+
+/* Every value of k ([num_tokens, hk, d]) that a host slot_mapping writes must be finite when the
+ * cache is compressed (it has no inf, and int8 no NaN). */
+static pf_status check_finite_rows(const pf_tensor *x, const char *name, const pf_tensor *slots, pf_dtype cache_dtype) {
+    const int64_t *sm = (const int64_t *)slots->data;
+    const char *what = "";
+    for (int64_t t = 0; t < x->shape[0]; t++) {
+        if (sm[t * slots->strides[0]] < 0) continue;
+        for (int64_t h = 0; h < x->shape[1]; h++)
+            for (int64_t c = 0; c < x->shape[2]; c++)
+                PF_CHECK_VALUE(!nonfinite(x, t * x->strides[0] + h * x->strides[1] + c, &what),
+                               "%s: %s[%lld, %lld, %lld] is %s; a compressed cache (%s) holds finite values "
+                               "only (finite values beyond its range saturate)",
+                               name, name, (long long)t, (long long)h, (long long)c, what, pf_dtype_name(cache_dtype));
+    }
+    return PF_STATUS_OK;
+}
+
 /* ---- paged attention ---- */
 
 /* Range checks of the index tensors' values (all host-readable). */
@@ -108,9 +228,8 @@ pf_status pf_paged_attn_validate(const pf_paged_params *p) {
     PF_CHECK_VALUE(d >= 1 && d <= PF_MAX_HEAD_DIM, "q: head_dim must be in [1, %d], got %lld", PF_MAX_HEAD_DIM,
                    (long long)d);
 
-    /* caches */
-    PF_TRY(pf_check_float_like(kc, "k_cache", q, "q"));
-    PF_TRY(pf_check_float_like(vc, "v_cache", q, "q"));
+    /* caches: q's dtype or compressed */
+    PF_TRY(check_cache_pair(kc, vc, q, "q"));
     PF_TRY(pf_check_rank(kc, "k_cache", 4));
     PF_TRY(pf_check_same_shape(vc, "v_cache", kc, "k_cache"));
     PF_TRY(pf_check_dim(kc, "k_cache", 3, d, "head_dim, as in q"));
@@ -169,6 +288,10 @@ pf_status pf_paged_attn_validate(const pf_paged_params *p) {
     PF_CHECK_VALUE(p->num_splits >= 0, "num_splits: must be >= 0 (0 = automatic), got %d", (int)p->num_splits);
     const pf_backend *be;
     PF_TRY(pf_check_backend(q, "q", &be));
+    PF_TRY(check_backend_kv_quant(be, kc));
+    int per_row;
+    PF_TRY(check_kv_scale(&p->k_scale, "k_scale", kc, "k_cache", &per_row));
+    PF_TRY(check_kv_scale(&p->v_scale, "v_scale", vc, "v_cache", &per_row));
     PF_TRY(pf_check_kernel_hint(p->kernel, PF_HINT_PAGED, "paged_attn"));
     const pf_named_tensor outs[] = {{&p->out, "out"}, {&p->lse, "lse"}};
     const pf_named_tensor ins[] = {{q, "q"},
@@ -177,7 +300,9 @@ pf_status pf_paged_attn_validate(const pf_paged_params *p) {
                                    {&p->block_tables, "block_tables"},
                                    {&p->seq_lens, "seq_lens"},
                                    {&p->cu_seqlens_q, "cu_seqlens_q"},
-                                   {&p->alibi_slopes, "alibi_slopes"}};
+                                   {&p->alibi_slopes, "alibi_slopes"},
+                                   {&p->k_scale, "k_scale"},
+                                   {&p->v_scale, "v_scale"}};
     PF_TRY(pf_check_outputs_disjoint(outs, PF_COUNT(outs), ins, PF_COUNT(ins)));
     PF_TRY(pf_check_disjoint(&p->lse, "lse", &p->out, "out")); /* the two outputs */
 
@@ -313,21 +438,32 @@ void pf_merge_lse_view(const pf_tensor *lse, const pf_tensor *out, pf_tensor *vi
 
 pf_status pf_write_kv_cache_validate(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache,
                                      pf_tensor slot_mapping) {
+    const pf_tensor none = {0};
+    return pf_write_kv_cache_scaled_validate(k, v, k_cache, v_cache, slot_mapping, none, none);
+}
+
+pf_status pf_write_kv_cache_scaled_validate(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache,
+                                            pf_tensor slot_mapping, pf_tensor k_scale, pf_tensor v_scale) {
     const pf_tensor *kc = &k_cache;
-    PF_TRY(pf_check_present(kc, "k_cache"));
-    PF_TRY(pf_check_float_dtype(kc, "k_cache"));
-    PF_TRY(pf_check_last_contiguous(kc, "k_cache"));
+    const int quant = pf_dtype_compressed(k_cache.dtype);
+    PF_TRY(check_cache_pair(kc, &v_cache, NULL, NULL));
     PF_TRY(pf_check_rank(kc, "k_cache", 4));
     PF_TRY(pf_check_nonneg_strides(kc, "k_cache"));
-    PF_TRY(pf_check_float_like(&v_cache, "v_cache", kc, "k_cache"));
     PF_TRY(pf_check_same_shape(&v_cache, "v_cache", kc, "k_cache"));
     PF_TRY(pf_check_nonneg_strides(&v_cache, "v_cache"));
 
-    PF_TRY(pf_check_float_like(&k, "k", kc, "k_cache"));
+    if (quant) { /* k, v: any float dtype, quantized on the way in */
+        PF_TRY(pf_check_present(&k, "k"));
+        PF_TRY(pf_check_float_dtype(&k, "k"));
+        PF_TRY(pf_check_last_contiguous(&k, "k"));
+        PF_TRY(pf_check_same_device(&k, "k", kc, "k_cache"));
+    } else {
+        PF_TRY(pf_check_float_like(&k, "k", kc, "k_cache"));
+    }
     PF_TRY(pf_check_rank(&k, "k", 3));
     PF_TRY(pf_check_dim(&k, "k", 1, kc->shape[2], "num_kv_heads, as in k_cache"));
     PF_TRY(pf_check_dim(&k, "k", 2, kc->shape[3], "head_dim, as in k_cache"));
-    PF_TRY(pf_check_float_like(&v, "v", kc, "k_cache"));
+    PF_TRY(pf_check_float_like(&v, "v", &k, quant ? "k" : "k_cache"));
     PF_TRY(pf_check_same_shape(&v, "v", &k, "k"));
 
     PF_TRY(check_index(&slot_mapping, "slot_mapping", PF_DTYPE_I64, 1, kc, "k_cache"));
@@ -335,11 +471,26 @@ pf_status pf_write_kv_cache_validate(pf_tensor k, pf_tensor v, pf_tensor k_cache
                    "slot_mapping: expected length %lld (num_tokens, dimension 0 of k), got %lld", (long long)k.shape[0],
                    (long long)slot_mapping.shape[0]);
 
-    const pf_named_tensor outs[] = {{kc, "k_cache"}, {&v_cache, "v_cache"}};
-    const pf_named_tensor ins[] = {{&k, "k"}, {&v, "v"}, {&slot_mapping, "slot_mapping"}};
-    PF_TRY(pf_check_outputs_disjoint(outs, PF_COUNT(outs), ins, PF_COUNT(ins)));
     const pf_backend *be;
     PF_TRY(pf_check_backend(kc, "k_cache", &be));
+    PF_TRY(check_backend_kv_quant(be, kc));
+    int k_rows, v_rows; /* per-(token, head) scales: written by the call */
+    PF_TRY(check_kv_scale(&k_scale, "k_scale", kc, "k_cache", &k_rows));
+    PF_TRY(check_kv_scale(&v_scale, "v_scale", &v_cache, "v_cache", &v_rows));
+    const pf_tensor none = {0};
+    const pf_named_tensor outs[] = {{kc, "k_cache"},
+                                    {&v_cache, "v_cache"},
+                                    {k_rows ? &k_scale : &none, "k_scale"},
+                                    {v_rows ? &v_scale : &none, "v_scale"}};
+    const pf_named_tensor ins[] = {{&k, "k"},
+                                   {&v, "v"},
+                                   {&slot_mapping, "slot_mapping"},
+                                   {k_rows ? &none : &k_scale, "k_scale"},
+                                   {v_rows ? &none : &v_scale, "v_scale"}};
+    PF_TRY(pf_check_outputs_disjoint(outs, PF_COUNT(outs), ins, PF_COUNT(ins)));
+    for (int i = 2; i < PF_COUNT(outs); i++) /* written scales against the other outputs (the caches may
+                                                interleave: a combined [num_blocks, 2, ...] cache) */
+        for (int j = 0; j < i; j++) PF_TRY(pf_check_disjoint(outs[i].t, outs[i].name, outs[j].t, outs[j].name));
     PF_CHECK(!be->limits.max_rows || k.shape[0] * kc->shape[2] <= be->limits.max_rows, PF_STATUS_NOT_SUPPORTED,
              "k: too many rows (tokens x kv heads = %lld) for %s, at most %lld", (long long)(k.shape[0] * kc->shape[2]),
              be->name, (long long)be->limits.max_rows);
@@ -354,6 +505,10 @@ pf_status pf_write_kv_cache_validate(pf_tensor k, pf_tensor v, pf_tensor k_cache
                            "%lld slots (num_blocks %lld x block_size %lld); negative = skip",
                            (long long)t, (long long)slot, (long long)num_slots, (long long)kc->shape[0],
                            (long long)kc->shape[1]);
+        }
+        if (quant && pf_tensor_on_host(&k) && pf_tensor_on_host(&v)) {
+            PF_TRY(check_finite_rows(&k, "k", &slot_mapping, kc->dtype));
+            PF_TRY(check_finite_rows(&v, "v", &slot_mapping, kc->dtype));
         }
     } else {
         /* A device-resident slot_mapping is bound-checked by the CUDA kernel: slots
@@ -449,5 +604,34 @@ pf_status pf_swap_blocks_validate(pf_tensor src, pf_tensor dst, pf_tensor block_
     const pf_named_tensor outs[] = {{&dst, "dst"}};
     const pf_named_tensor ins[] = {{&src, "src"}, {&block_mapping, "block_mapping"}};
     PF_TRY(pf_check_outputs_disjoint(outs, PF_COUNT(outs), ins, PF_COUNT(ins)));
+    return PF_STATUS_OK;
+}
+
+pf_status pf_swap_blocks_scaled_validate(pf_tensor src, pf_tensor dst, pf_tensor src_scale, pf_tensor dst_scale,
+                                         pf_tensor block_mapping) {
+    PF_TRY(pf_swap_blocks_validate(src, dst, block_mapping));
+    const int has_src = pf_tensor_present(&src_scale) || src_scale.ndim > 0;
+    const int has_dst = pf_tensor_present(&dst_scale) || dst_scale.ndim > 0;
+    PF_CHECK_VALUE(has_src == has_dst, "%s: missing; src_scale and dst_scale move together (both or neither)",
+                   has_src ? "dst_scale" : "src_scale");
+    if (!has_src) return PF_STATUS_OK;
+    int per_row;
+    PF_CHECK_TYPE(src.dtype == PF_DTYPE_I8,
+                  "src_scale: per-(token, head) scales move with int8 caches, src is %s (per-tensor scales do "
+                  "not move: use the same on both sides)",
+                  pf_dtype_name(src.dtype));
+    PF_TRY(check_kv_scale(&src_scale, "src_scale", &src, "src", &per_row));
+    PF_CHECK_VALUE(per_row,
+                   "src_scale: expected a per-(token, head) scale [num_blocks, block_size, num_kv_heads] "
+                   "(per-tensor scales do not move: use the same on both sides)");
+    PF_TRY(check_kv_scale(&dst_scale, "dst_scale", &dst, "dst", &per_row));
+    PF_CHECK_VALUE(per_row,
+                   "dst_scale: expected a per-(token, head) scale [num_blocks, block_size, num_kv_heads] "
+                   "(per-tensor scales do not move: use the same on both sides)");
+    PF_TRY(pf_swap_blocks_validate(src_scale, dst_scale, block_mapping));
+    const pf_named_tensor outs[] = {{&dst, "dst"}, {&dst_scale, "dst_scale"}};
+    const pf_named_tensor ins[] = {{&src, "src"}, {&src_scale, "src_scale"}};
+    PF_TRY(pf_check_outputs_disjoint(outs, PF_COUNT(outs), ins, PF_COUNT(ins)));
+    PF_TRY(pf_check_disjoint(&dst_scale, "dst_scale", &dst, "dst"));
     return PF_STATUS_OK;
 }

@@ -4,7 +4,9 @@
  *
  *   write_kv_cache   k, v [num_tokens, hk, d] -> k_cache, v_cache
  *                    [num_blocks, block_size, hk, d] at slot_mapping[t]
- *                    (= block * block_size + offset; negative = skip)
+ *                    (= block * block_size + offset; negative = skip); rows are
+ *                    copied as they are, or quantized into a compressed cache
+ *                    (kv_quant.h), int8 rows with their per-(token, head) scale
  *   copy_blocks      for every cache (all layers' k and v), block dst := block
  *                    src for each (src, dst) pair of block_mapping [n, 2], in order
  *   swap_blocks      the same between two caches (host <-> host here)
@@ -22,6 +24,7 @@
 
 #include "attn_cpu.h"
 #include "cpu_backend.h"
+#include "kv_quant.h"
 
 /* ---- log-sum-exp merge ---- */
 
@@ -216,13 +219,44 @@ pf_status pf_cpu_swap_blocks(pf_tensor src, pf_tensor dst, pf_tensor block_mappi
 
 typedef struct write_ctx {
     pf_tensor k, v, kc, vc, slots;
-    int64_t per_item; /* tokens per item */
+    pf_kv_scale ks, vs; /* compressed caches */
+    int64_t per_item;   /* tokens per item */
 } write_ctx;
+
+enum { kQuantChunk = 256 }; /* float32 values a compressed row is converted in */
+
+/* Row x (d values of a float dtype) into cache row `dst` of compressed `cdt`: with a per-(token,
+ * head) scale, the row's scale max|x| / 127 (1 where that is 0: an all-zero row) is computed and
+ * stored first.
+ * x is finite (validated). */
+static void write_row_quant(char *dst, const char *x, pf_dtype xdt, pf_dtype cdt, int64_t d, float *row_scale,
+                            float scale) {
+    float buf[kQuantChunk];
+    const size_t xes = pf_dtype_size(xdt);
+    if (row_scale) {
+        float amax = 0.0f;
+        for (int64_t c0 = 0; c0 < d; c0 += kQuantChunk) {
+            const int64_t m = d - c0 < kQuantChunk ? d - c0 : kQuantChunk;
+            pf_load_row_f32(buf, x + c0 * (int64_t)xes, xdt, m);
+            for (int64_t i = 0; i < m; i++) amax = fabsf(buf[i]) > amax ? fabsf(buf[i]) : amax;
+        }
+        scale = amax / PF_I8_MAX;
+        if (scale == 0.0f) scale = 1.0f; /* an all-zero row (or one that small) */
+        *row_scale = scale;
+    }
+    for (int64_t c0 = 0; c0 < d; c0 += kQuantChunk) {
+        const int64_t m = d - c0 < kQuantChunk ? d - c0 : kQuantChunk;
+        pf_load_row_f32(buf, x + c0 * (int64_t)xes, xdt, m);
+        pf_store_row_quant(dst + c0, buf, cdt, m, scale);
+    }
+}
 
 static void write_tokens(void *vctx, int64_t item, int tid) {
     (void)tid;
     const write_ctx *w = (const write_ctx *)vctx;
-    const size_t es = pf_dtype_size(w->kc.dtype);
+    const pf_dtype cdt = w->kc.dtype, xdt = w->k.dtype;
+    const int quant = pf_dtype_compressed(cdt);
+    const size_t es = pf_dtype_size(cdt), xes = pf_dtype_size(xdt);
     const int64_t bs = w->kc.shape[1], hk = w->kc.shape[2], d = w->kc.shape[3];
     const int64_t t_end = (item + 1) * w->per_item < w->k.shape[0] ? (item + 1) * w->per_item : w->k.shape[0];
     const int64_t *sm = (const int64_t *)w->slots.data;
@@ -231,20 +265,27 @@ static void write_tokens(void *vctx, int64_t item, int tid) {
         if (slot < 0) continue;
         int64_t blk = slot / bs, off = slot % bs;
         for (int64_t h = 0; h < hk; h++) {
-            memcpy((char *)w->kc.data +
-                       (blk * w->kc.strides[0] + off * w->kc.strides[1] + h * w->kc.strides[2]) * (int64_t)es,
-                   (const char *)w->k.data + (t * w->k.strides[0] + h * w->k.strides[1]) * (int64_t)es, (size_t)d * es);
-            memcpy((char *)w->vc.data +
-                       (blk * w->vc.strides[0] + off * w->vc.strides[1] + h * w->vc.strides[2]) * (int64_t)es,
-                   (const char *)w->v.data + (t * w->v.strides[0] + h * w->v.strides[1]) * (int64_t)es, (size_t)d * es);
+            char *kd = (char *)w->kc.data +
+                       (blk * w->kc.strides[0] + off * w->kc.strides[1] + h * w->kc.strides[2]) * (int64_t)es;
+            char *vd = (char *)w->vc.data +
+                       (blk * w->vc.strides[0] + off * w->vc.strides[1] + h * w->vc.strides[2]) * (int64_t)es;
+            const char *ks = (const char *)w->k.data + (t * w->k.strides[0] + h * w->k.strides[1]) * (int64_t)xes;
+            const char *vs = (const char *)w->v.data + (t * w->v.strides[0] + h * w->v.strides[1]) * (int64_t)xes;
+            if (!quant) {
+                memcpy(kd, ks, (size_t)d * es);
+                memcpy(vd, vs, (size_t)d * es);
+                continue;
+            }
+            write_row_quant(kd, ks, xdt, cdt, d, w->ks.data ? pf_kv_scale_ptr(&w->ks, blk, off, h) : NULL, w->ks.value);
+            write_row_quant(vd, vs, xdt, cdt, d, w->vs.data ? pf_kv_scale_ptr(&w->vs, blk, off, h) : NULL, w->vs.value);
         }
     }
 }
 
 pf_status pf_cpu_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache, pf_tensor slot_mapping,
-                                void *stream) {
+                                pf_tensor k_scale, pf_tensor v_scale, void *stream) {
     (void)stream;
-    write_ctx w = {k, v, k_cache, v_cache, slot_mapping, 0};
+    write_ctx w = {k, v, k_cache, v_cache, slot_mapping, pf_kv_scale_of(&k_scale), pf_kv_scale_of(&v_scale), 0};
     const int64_t tokens = k.shape[0];
     if (tokens == 0) return PF_STATUS_OK;
     /* items of ~256 KiB of k + v rows: small writes (decode) stay on this thread */

@@ -6,6 +6,14 @@
 #include <stdlib.h>
 
 #include "cpu_backend.h"
+#include "kv_quant.h"
+
+/* kv_quant.h: the float32 bits of every float8 code, computed by the compiler */
+#define PF_X4(F, b) F((b)), F((b) + 1), F((b) + 2), F((b) + 3)
+#define PF_X16(F, b) PF_X4(F, b), PF_X4(F, (b) + 4), PF_X4(F, (b) + 8), PF_X4(F, (b) + 12)
+#define PF_X64(F, b) PF_X16(F, b), PF_X16(F, (b) + 16), PF_X16(F, (b) + 32), PF_X16(F, (b) + 48)
+#define PF_X256(F) PF_X64(F, 0u), PF_X64(F, 64u), PF_X64(F, 128u), PF_X64(F, 192u)
+const uint32_t pf_fp8_f32_bits[2][256] = {{PF_X256(PF_E4M3_BITS)}, {PF_X256(PF_E5M2_BITS)}};
 
 void pf_attn_shape_from_params(const pf_attn_params *p, pf_attn_shape *s) {
     memset(s, 0, sizeof *s);

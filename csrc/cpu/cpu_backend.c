@@ -30,7 +30,7 @@ static void cpu_free(void *ptr, int32_t device_id) {
 
 const pf_backend pf_cpu_backend = {
     .name = "cpu",
-    .limits = {.dropout_mask_varlen = 1},
+    .limits = {.dropout_mask_varlen = 1, .kv_quant = 1},
     .flash_fwd = pf_cpu_flash_fwd,
     .flash_bwd = pf_cpu_flash_bwd,
     .dropout_mask = pf_cpu_dropout_mask,

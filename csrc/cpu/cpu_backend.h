@@ -76,7 +76,7 @@ pf_status pf_cpu_paged_attn(const pf_paged_params *p);
 pf_status pf_cpu_merge_attn_states(const pf_merge_params *p);
 /* `stream` is the table's signature; host work has none */
 pf_status pf_cpu_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache, pf_tensor slot_mapping,
-                                void *stream);
+                                pf_tensor k_scale, pf_tensor v_scale, void *stream);
 pf_status pf_cpu_copy_blocks(const pf_tensor *caches, int32_t num_caches, pf_tensor block_mapping, void *stream);
 pf_status pf_cpu_swap_blocks(pf_tensor src, pf_tensor dst, pf_tensor block_mapping, void *stream);
 

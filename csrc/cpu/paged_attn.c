@@ -22,6 +22,17 @@
  * data (even NaN) in the unused slots of a partial block, or in blocks past the
  * sequence, never reaches a multiply.
  *
+ * Compressed caches (float8, int8: pagedflash.h "Compressed KV caches"): where AVX2 / F16C
+ * are compiled in, K and V are read in place, their codes converted in registers inside the
+ * score and P V loops (kv_quant.h pf_quant_scores, pf_quant_pv: no staging, no transpose, a
+ * quarter of float32's bytes; rows in groups of 8 and 4); elsewhere they are staged like a
+ * float cache, each row's codes converted to float32 (K through rows and a transpose). Either
+ * way x = code * scale is applied where it costs least: per-tensor factors (the scales,
+ * e4m3fn's 256 of pf_code_unit) fold into the query (K) and the normalization of the output
+ * (V), per-(token, head) scales multiply the score columns (K) and, after the softmax has
+ * summed them, the probability columns (V): a few multiplies per tile row instead of one per
+ * cache element. Up to float32 rounding this is attention over the dequantized cache.
+ *
  * Flash decoding: with num_splits S > 1 each sequence's tiles are divided into
  * S contiguous chunks processed as separate items (parallelism when batch x
  * heads is small and sequences are long). Each writes a normalized partial
@@ -33,6 +44,7 @@
 
 #include "attn_cpu.h"
 #include "cpu_backend.h"
+#include "kv_quant.h"
 
 /* kBlockN must equal the 64-column tile of pf_cpu_score_tile / pf_cpu_transform_scores. */
 enum { kBlockM = 64, kBlockN = 64, kMaxSplits = 256 };
@@ -45,6 +57,9 @@ typedef struct paged_ctx {
     int64_t q_len_dense;     /* queries per sequence without cu_seqlens_q */
     pf_rows q, out;          /* q/out rows: (b, query row, head) */
     pf_rows kc, vc;          /* cache rows: (block id, slot in block, kv head) */
+    pf_dtype cdt;            /* the caches' dtype: q's, or compressed */
+    pf_kv_scale ks, vs;      /* compressed caches: their scales (per-row ones used, per-tensor folded) */
+    float v_mul;             /* compressed V: the per-tensor factor of the output (1 for float caches) */
     int64_t nh, n_hchunks;   /* heads per item, chunks of the group */
     int64_t nq, n_qtiles;    /* queries per item, query tiles per sequence (max) */
     int64_t splits;
@@ -82,16 +97,50 @@ static inline int64_t block_id(const paged_ctx *c, int64_t b, int64_t t) {
 }
 
 /* Tokens [j0, j0 + n) of sequence b, KV head hk, as rows dst[n][dpad] (zero padded
- * past d), one segment per cache block. */
+ * past d), one segment per cache block; compressed rows dequantized with `scale`. */
 static void stage_rows_paged(const paged_ctx *c, const pf_rows *cache, int64_t b, int64_t hk, int64_t j0, int64_t n,
                              float *dst) {
-    const pf_dtype dt = c->p->q.dtype;
+    const int quant = pf_dtype_compressed(c->cdt);
+    const int64_t d = c->head_dim, dpad = c->dpad;
     for (int64_t done = 0; done < n;) {
         int64_t t = j0 + done, off = t % c->block_size;
         int64_t seg = c->block_size - off < n - done ? c->block_size - off : n - done;
-        pf_cpu_stage_rows(cache, dt, block_id(c, b, t), off, hk, seg, c->head_dim, c->dpad, dst + done * c->dpad);
+        const int64_t blk = block_id(c, b, t);
+        if (!quant) {
+            pf_cpu_stage_rows(cache, c->cdt, blk, off, hk, seg, d, dpad, dst + done * dpad);
+        } else {
+            for (int64_t j = 0; j < seg; j++) {
+                float *row = dst + (done + j) * dpad;
+                pf_load_row_codes(row, pf_row_ptr(cache, blk, off + j, hk), c->cdt, d);
+                for (int64_t col = d; col < dpad; col++) row[col] = 0.0f;
+            }
+        }
         done += seg;
     }
+}
+
+/* The per-(token, head) scales of tokens [j0, j0 + n) of sequence b, KV head hk, into out[n]. */
+static void gather_row_scales(const paged_ctx *c, const pf_kv_scale *scale, int64_t b, int64_t hk, int64_t j0,
+                              int64_t n, float *out) {
+    for (int64_t j = 0; j < n; j++) {
+        const int64_t t = j0 + j;
+        out[j] = *pf_kv_scale_ptr(scale, block_id(c, b, t), t % c->block_size, hk);
+    }
+}
+
+/* The addresses of the cache rows of tokens [j0, j0 + n) of sequence b, KV head hk (compressed). */
+static void rows_of_tile(const paged_ctx *c, const pf_rows *cache, int64_t b, int64_t hk, int64_t j0, int64_t n,
+                         const uint8_t **rows) {
+    for (int64_t j = 0; j < n; j++) {
+        const int64_t t = j0 + j;
+        rows[j] = (const uint8_t *)pf_row_ptr(cache, block_id(c, b, t), t % c->block_size, hk);
+    }
+}
+
+/* s[r][j] *= f[j] for the tile's rows and its n columns. */
+static void scale_columns(float *s, int64_t rows, int64_t n, const float *f) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < n; j++) s[r * kBlockN + j] *= f[j];
 }
 
 /* Ask for the cache rows of tokens [j0, j0 + n), KV head hk, ahead of their use. Rows
@@ -113,8 +162,8 @@ static void stage_kt_paged(const paged_ctx *c, int64_t b, int64_t hk, int64_t j0
                            float *rowbuf) {
     const int64_t d = c->head_dim, dpad = c->dpad;
     int64_t off = j0 % c->block_size;
-    if (off + n <= c->block_size) { /* the whole tile lies in one cache block */
-        pf_cpu_stage_kt(&c->kc, c->p->q.dtype, block_id(c, b, j0), off, hk, n, d, dpad, kt, rowbuf);
+    if (off + n <= c->block_size && !pf_dtype_compressed(c->cdt)) { /* the whole tile lies in one cache block */
+        pf_cpu_stage_kt(&c->kc, c->cdt, block_id(c, b, j0), off, hk, n, d, dpad, kt, rowbuf);
         return;
     }
     stage_rows_paged(c, &c->kc, b, hk, j0, n, kbuf);
@@ -174,23 +223,51 @@ static void paged_item(void *vctx, int64_t item, int tid) {
     const int64_t je = hi_last + 1 < te ? hi_last + 1 : te;
 
     pf_cpu_mask mk = pf_cpu_mask_make(qlen, len, p->causal, p->window_left, p->window_right, c->cap_log2, 0.0f);
-    float slope_log2[kBlockM];
+    float slope_log2[kBlockM], colf[kBlockN];
+#ifdef PF_KV_QUANT_AVX2
+    const uint8_t *crow[kBlockN]; /* compressed decode: the cache rows of a tile */
+#endif
     for (int64_t hh = 0; hh < nhr; hh++) slope_log2[hh] = pf_cpu_alibi_log2(&p->alibi_slopes, b, h0 + hh);
 
     for (int64_t j0 = jb < je ? ts + (jb - ts) / kBlockN * kBlockN : je; j0 < je; j0 += kBlockN) {
         const int64_t n = je - j0 < kBlockN ? je - j0 : kBlockN;
-        stage_kt_paged(c, b, g, j0, n, kt, vt, rowbuf);
-        prefetch_rows_paged(c, &c->vc, b, g, j0, n);
-        pf_cpu_score_tile(qf, dpad, kt, dpad, s, rows4);
+#ifdef PF_KV_QUANT_AVX2
+        const int in_place = pf_dtype_compressed(c->cdt);
+        if (in_place) { /* K read in place */
+            rows_of_tile(c, &c->kc, b, g, j0, n, crow);
+            prefetch_rows_paged(c, &c->vc, b, g, j0, n);
+            pf_quant_scores(qf, dpad, rows, crow, n, d, c->cdt, s, kBlockN);
+        } else
+#endif
+        {
+            stage_kt_paged(c, b, g, j0, n, kt, vt, rowbuf);
+            prefetch_rows_paged(c, &c->vc, b, g, j0, n);
+            pf_cpu_score_tile(qf, dpad, kt, dpad, s, rows4);
+        }
+        if (c->ks.data) { /* per-(token, head) K scales: the score columns */
+            gather_row_scales(c, &c->ks, b, g, j0, n, colf);
+            scale_columns(s, rows, n, colf);
+        }
         for (int64_t hh = 0; hh < nhr; hh++) {
             mk.alibi_log2 = slope_log2[hh];
             pf_cpu_transform_scores(s + hh * nqr * kBlockN, nqr, n, i0, j0, &mk);
         }
         if (!pf_cpu_softmax_tile(s, rows, rows4, m, l, of, dpad)) continue;
-        stage_rows_paged(c, &c->vc, b, g, j0, n, vt);
+        if (c->vs.data) { /* per-(token, head) V scales: the probability columns (l has summed them) */
+            gather_row_scales(c, &c->vs, b, g, j0, n, colf);
+            scale_columns(s, rows, n, colf);
+        }
         if (j0 + kBlockN < je) /* the next K tile, while this one's P V runs */
             prefetch_rows_paged(c, &c->kc, b, g, j0 + kBlockN,
                                 je - j0 - kBlockN < kBlockN ? je - j0 - kBlockN : kBlockN);
+#ifdef PF_KV_QUANT_AVX2
+        if (in_place) { /* V read in place too */
+            rows_of_tile(c, &c->vc, b, g, j0, n, crow);
+            pf_quant_pv(s, kBlockN, rows, crow, n, d, dpad, c->cdt, of, dpad);
+            continue;
+        }
+#endif
+        stage_rows_paged(c, &c->vc, b, g, j0, n, vt);
         pf_cpu_pv_tile(s, kBlockN, vt, dpad, n, of, dpad, rows4, dpad);
     }
 
@@ -204,7 +281,7 @@ static void paged_item(void *vctx, int64_t item, int tid) {
             for (int64_t col = 0; col < d; col++) orow[col] = 0.0f;
             lse = -__builtin_inff();
         } else {
-            float inv = 1.0f / l[r];
+            float inv = 1.0f / l[r] * c->v_mul;
             for (int64_t col = 0; col < d; col++) orow[col] *= inv;
             lse = (m[r] + log2f(l[r])) * PF_LN2;
         }
@@ -291,6 +368,9 @@ pf_status pf_cpu_paged_attn(const pf_paged_params *p) {
     c.out = pf_rows_of(&p->out, !c.q4);
     c.kc = pf_rows_of(&p->k_cache, 0);
     c.vc = pf_rows_of(&p->v_cache, 0);
+    c.cdt = p->k_cache.dtype;
+    c.ks = pf_kv_scale_of(&p->k_scale);
+    c.vs = pf_kv_scale_of(&p->v_scale);
     if (c.rep >= kBlockM) {
         c.nh = kBlockM;
         c.nq = 1;
@@ -308,6 +388,12 @@ pf_status pf_cpu_paged_attn(const pf_paged_params *p) {
     c.n_qtiles = (max_qlen + c.nq - 1) / c.nq;
 
     pf_cpu_score_scales(p->softmax_scale, p->softcap, &c.q_scale, &c.cap_log2);
+    c.v_mul = 1.0f;
+    if (pf_dtype_compressed(c.cdt)) { /* the per-tensor factors of x = code * scale (kv_quant.h) */
+        const float unit = pf_code_unit(c.cdt);
+        c.q_scale *= unit * (c.ks.data ? 1.0f : c.ks.value);
+        c.v_mul = unit * (c.vs.data ? 1.0f : c.vs.value);
+    }
 
     if (c.batch == 0 || c.n_qtiles == 0) return PF_STATUS_OK;
     c.splits = choose_splits(&c, p->num_splits);

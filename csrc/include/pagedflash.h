@@ -70,7 +70,11 @@ typedef enum pf_dtype {
     PF_DTYPE_I32 = 4,
     PF_DTYPE_I64 = 5,
     PF_DTYPE_U8 = 6,
-    PF_DTYPE_F64 = 7
+    PF_DTYPE_F64 = 7,
+    /* compressed KV caches only (see "Compressed KV caches" below) */
+    PF_DTYPE_F8E4M3 = 8,           /* OCP FP8 E4M3 "fn": finite, max 448, NaN 0x7f/0xff ("float8_e4m3fn") */
+    PF_DTYPE_F8E5M2 = 9,           /* OCP FP8 E5M2: max 57344, inf, NaN ("float8_e5m2") */
+    PF_DTYPE_I8 = 10               /* signed 8-bit integer ("int8") */
 } pf_dtype;
 
 typedef enum pf_device {
@@ -249,6 +253,48 @@ pf_status pf_flash_bwd(const pf_attn_params *params);
 pf_status pf_dropout_mask(const pf_attn_params *params, pf_tensor mask);
 
 /* ------------------------------------------------------------------------ */
+/* Compressed KV caches                                                      */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * k_cache / v_cache may hold float8 or int8 codes instead of float16 / bfloat16 / float32
+ * values: half (or a quarter) of the bytes to store and to read per token. A cache element
+ * stands for  x = code * scale  (code: the float8 value, or the int8 integer), with a float32
+ * scale per cache (k_scale for k_cache, v_scale for v_cache):
+ *
+ *   cache dtype      per-tensor scale           per-(token, KV head) scale
+ *   float8_e4m3fn    f32 [] or [1]; absent = 1  -
+ *   float8_e5m2      f32 [] or [1]; absent = 1  -
+ *   int8             f32 [] or [1]              f32 [num_blocks, block_size, num_kv_heads]
+ *   f16, bf16, f32   - (a scale is a TypeError)
+ *
+ * An int8 cache needs a scale. A per-(token, head) scale is stored beside its cache and paged
+ * the same way: scale[block, offset, head] belongs to the row cache[block, offset, head, :]
+ * (move it with its blocks: pf_copy_blocks takes it as one more cache, pf_swap_blocks_scaled
+ * swaps it with its cache). A per-tensor scale lives in host memory or on the cache's device;
+ * a host-resident one must be finite and > 0 (checked).
+ *
+ * Writing (pf_write_kv_cache_scaled) quantizes k, v (any of f16, bf16, f32) in float32:
+ *   float8:  code = fp8(x / scale), round to nearest even, saturating: |x / scale| beyond the
+ *            largest finite value (448 e4m3fn, 57344 e5m2) gives +-that value
+ *   int8:    code = clamp(rne(x / scale), -127, 127) (symmetric; -128 is never written)
+ *   int8 with a per-(token, head) scale: the call computes and writes each row's scale,
+ *            scale = max|x| / 127 over the row's head_dim values in float32 (1 where that is
+ *            0: an all-zero row)
+ * (x / scale is one float32 division.) k and v must be finite: a NaN or inf among the tokens
+ * written is PF_STATUS_INVALID_VALUE naming the element, and nothing is written.
+ * Reading (pf_paged_attn) computes attention over x = code * scale in float32, as for a float32
+ * cache (q and out keep their own dtype); a backend may apply a scale wherever it is cheapest
+ * (the CPU one: per-tensor scales to the query and the output, per-(token, head) ones to the
+ * scores and probabilities), which differs from dequantizing each element first by float32
+ * rounding only.
+ *
+ * The CPU backend implements every combination above; the CUDA backend refuses compressed
+ * caches in pf_paged_attn and pf_write_kv_cache_scaled with PF_STATUS_NOT_SUPPORTED (it
+ * copies and swaps their blocks: those move bytes).
+ */
+
+/* ------------------------------------------------------------------------ */
 /* Paged attention and flash decoding                                        */
 /* ------------------------------------------------------------------------ */
 
@@ -269,7 +315,8 @@ pf_status pf_dropout_mask(const pf_attn_params *params, pf_tensor mask);
  *                                        sequence b owns tokens cu[b] .. cu[b+1] - 1
  *                                        (a sequence may have 0 queries)
  * k_cache,
- * v_cache      [num_blocks, block_size, num_kv_heads, head_dim], q's dtype and device;
+ * v_cache      [num_blocks, block_size, num_kv_heads, head_dim], q's device; q's dtype, or
+ *              both float8_e4m3fn, float8_e5m2 or int8 (compressed, read as code * scale);
  *              1 <= block_size <= 256; 1 <= head_dim <= 256;
  *              num_heads % num_kv_heads == 0 (query head h reads KV head h / (num_heads / num_kv_heads))
  * block_tables int32 [batch, max_blocks_per_seq]; token t of sequence b lives in block
@@ -285,6 +332,8 @@ pf_status pf_dropout_mask(const pf_attn_params *params, pf_tensor mask);
  * lse          f32 [num_heads, total_q] (optional), natural log, for every layout (the
  *              layout pf_merge_attn_states takes)
  * alibi_slopes f32 [num_heads] or [batch, num_heads] (optional)
+ * k_scale,
+ * v_scale      the caches' scales (compressed caches only; "Compressed KV caches" above)
  * block_tables, seq_lens, cu_seqlens_q, alibi_slopes live on q's device; host-resident ones
  * are range-checked before anything runs (on CUDA the kernels bound-check instead).
  *
@@ -312,6 +361,7 @@ typedef struct pf_paged_params {
     pf_tensor out;
     pf_tensor lse;
     pf_tensor alibi_slopes;
+    pf_tensor k_scale, v_scale;    /* compressed caches: f32 [] / [1], or [num_blocks, block_size, hk] (int8) */
     float softmax_scale;
     int32_t causal;
     int32_t window_left, window_right;
@@ -354,10 +404,18 @@ pf_status pf_merge_attn_states(const pf_merge_params *params);
 /* ------------------------------------------------------------------------ */
 
 /*
- * k, v             [num_tokens, num_kv_heads, head_dim], the caches' dtype (f32, f16, bf16)
- * k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim], one shape and device
+ * k, v             [num_tokens, num_kv_heads, head_dim], the caches' dtype (f32, f16, bf16);
+ *                  for compressed caches any of f32, f16, bf16 (k and v alike), finite
+ * k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim], one shape and device;
+ *                  f32, f16, bf16, or both float8_e4m3fn, float8_e5m2 or int8
  * slot_mapping     int64 [num_tokens] on the caches' device; token t goes to slot
  *                  slot_mapping[t] = block * block_size + offset; negative = skip.
+ * k_scale, v_scale (pf_write_kv_cache_scaled) the caches' scales ("Compressed KV caches"):
+ *                  absent for float caches; per-tensor ones are read, per-(token, head) ones
+ *                  [num_blocks, block_size, num_kv_heads] are written with the rows (the
+ *                  scale of each token written, computed from its values).
+ * pf_write_kv_cache is pf_write_kv_cache_scaled with both scales absent (float caches, or
+ * float8 caches with scale 1).
  * All slots are checked (< num_blocks * block_size) before anything is written (host
  * slot_mapping; on CUDA the kernel bound-checks). Two tokens mapped to one slot: one of
  * them wins, which one is unspecified.
@@ -366,11 +424,17 @@ pf_status pf_write_kv_cache_validate(pf_tensor k, pf_tensor v, pf_tensor k_cache
                                      pf_tensor slot_mapping);
 pf_status pf_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache, pf_tensor slot_mapping,
                             void *stream);
+pf_status pf_write_kv_cache_scaled_validate(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache,
+                                            pf_tensor slot_mapping, pf_tensor k_scale, pf_tensor v_scale);
+pf_status pf_write_kv_cache_scaled(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache,
+                                   pf_tensor slot_mapping, pf_tensor k_scale, pf_tensor v_scale, void *stream);
 
 /*
  * caches          num_caches tensors [num_blocks_c, ...] (a block is a slice along dim 0,
  *                 e.g. [num_blocks, block_size, num_kv_heads, head_dim]); pass every
- *                 layer's k and v caches together. Any dtypes, one device.
+ *                 layer's k and v caches together, and their per-(token, head) scales
+ *                 [num_blocks, block_size, num_kv_heads] where they have some (a scale is a
+ *                 cache like any other here). Any dtypes, one device.
  * block_mapping   int64 [n, 2] (src, dst) pairs, host-readable (or, for CUDA caches, on
  *                 their device); every id checked against every cache before any copy.
  * For each cache the pairs are applied in order (a later pair sees earlier copies).
@@ -384,9 +448,18 @@ pf_status pf_copy_blocks(const pf_tensor *caches, int32_t num_caches, pf_tensor 
  *                 CUDA the CUDA backend copies with cudaMemcpyAsync on `stream`)
  * block_mapping   int64 [n, 2] (src block, dst block), host-readable; ids checked against
  *                 src and dst before any copy. Pairs are applied in order.
+ * pf_swap_blocks_scaled also moves the per-(token, head) scales of int8 caches:
+ * src_scale       f32 [num_blocks_src, block_size, num_kv_heads] of src (int8, 4-d), on src's
+ *                 side (host or src's device); dst_scale likewise for dst; both given or both
+ *                 absent (then it is pf_swap_blocks). Per-tensor scales do not move: use the
+ *                 same on both sides. Everything is checked before anything is copied.
  */
 pf_status pf_swap_blocks_validate(pf_tensor src, pf_tensor dst, pf_tensor block_mapping);
 pf_status pf_swap_blocks(pf_tensor src, pf_tensor dst, pf_tensor block_mapping, void *stream);
+pf_status pf_swap_blocks_scaled_validate(pf_tensor src, pf_tensor dst, pf_tensor src_scale, pf_tensor dst_scale,
+                                         pf_tensor block_mapping);
+pf_status pf_swap_blocks_scaled(pf_tensor src, pf_tensor dst, pf_tensor src_scale, pf_tensor dst_scale,
+                                pf_tensor block_mapping, void *stream);
 
 /* ------------------------------------------------------------------------ */
 /* Block pool (mechanism under the Python BlockManager)                     */

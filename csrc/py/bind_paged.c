@@ -3,18 +3,24 @@
  *   _C.paged_attn, _C.merge_attn_states, _C.write_kv_cache (METH_FASTCALL, positional: the
  *   whole call, results allocated in the caller's library as in bind_attn.c)
  *   _C.copy_blocks(caches, block_mapping, *, stream)      caches: a sequence of arrays
- *   _C.swap_blocks(src, dst, block_mapping, *, stream)
+ *   _C.swap_blocks(src, dst, block_mapping, *, src_scale, dst_scale, stream)
+ * Compressed caches: paged_attn and write_kv_cache take k_scale, v_scale and kv_cache_dtype
+ * (pf_py_kv_cache_dtype: raw uint8 / int8 caches viewed as float8 or int8 codes).
  * Caches are viewed writable (written in place, never copied).
  */
 #include "py_bindings.h"
 #include "py_library.h"
 
 /* _C.paged_attn(q, k_cache, v_cache, block_tables, seq_lens, out, lse, cu_seqlens_q,
- *               softmax_scale, causal, window, softcap, alibi_slopes, num_splits, stream, kernel)
+ *               softmax_scale, causal, window, softcap, alibi_slopes, num_splits, stream, kernel
+ *               [, k_scale, v_scale, kv_cache_dtype])
  * -> out or (out, lse); out None: allocated in q's library; lse False/None, True or an array.
  * NotImplemented where q's library is one the Python layer serves. */
 static PyObject *paged_attn(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (pf_py_nargs("paged_attn", nargs, 16, 16) < 0) return NULL;
+    if (pf_py_nargs("paged_attn", nargs, 16, 19) < 0) return NULL;
+    PyObject *const opt = Py_None; /* k_scale, v_scale, kv_cache_dtype may be left out */
+    PyObject *const ks_arg = nargs > 16 ? args[16] : opt, *const vs_arg = nargs > 17 ? args[17] : opt;
+    PyObject *const kvdt_arg = nargs > 18 ? args[18] : opt;
     pf_paged_params p;
     memset(&p, 0, sizeof p);
     pf_py_keep keep = {0};
@@ -30,6 +36,9 @@ static PyObject *paged_attn(PyObject *module, PyObject *const *args, Py_ssize_t 
     p.stream = keep.stream;
     if (pf_py_tensor(args[1], "k_cache", 0, &p.k_cache, &keep) < 0) goto fail;
     if (pf_py_tensor(args[2], "v_cache", 0, &p.v_cache, &keep) < 0) goto fail;
+    if (pf_py_kv_cache_dtype(kvdt_arg, &p.k_cache, &p.v_cache) < 0) goto fail;
+    if (pf_py_opt_tensor(ks_arg, "k_scale", 0, &p.k_scale, &keep) < 0) goto fail;
+    if (pf_py_opt_tensor(vs_arg, "v_scale", 0, &p.v_scale, &keep) < 0) goto fail;
     if (pf_py_input(args[3], "block_tables", &p.block_tables, &keep) < 0) goto fail;
     if (pf_py_input(args[4], "seq_lens", &p.seq_lens, &keep) < 0) goto fail;
     if (pf_py_opt_tensor(args[7], "cu_seqlens_q", 0, &p.cu_seqlens_q, &keep) < 0) goto fail;
@@ -113,11 +122,15 @@ fail_released:
     return NULL;
 }
 
-/* _C.write_kv_cache(k, v, k_cache, v_cache, slot_mapping, stream) -> None; the caches are
- * written in place on their library's current stream. NotImplemented as paged_attn. */
+/* _C.write_kv_cache(k, v, k_cache, v_cache, slot_mapping, stream[, k_scale, v_scale, kv_cache_dtype])
+ * -> None; the caches (and per-(token, head) scales) are written in place on their library's
+ * current stream. NotImplemented as paged_attn. */
 static PyObject *write_kv_cache(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (pf_py_nargs("write_kv_cache", nargs, 6, 6) < 0) return NULL;
-    pf_tensor k, v, kc, vc, sm;
+    if (pf_py_nargs("write_kv_cache", nargs, 6, 9) < 0) return NULL;
+    PyObject *const opt = Py_None; /* k_scale, v_scale, kv_cache_dtype may be left out */
+    PyObject *const ks_arg = nargs > 6 ? args[6] : opt, *const vs_arg = nargs > 7 ? args[7] : opt;
+    PyObject *const kvdt_arg = nargs > 8 ? args[8] : opt;
+    pf_tensor k, v, kc, vc, sm, ks, vs;
     pf_py_keep keep = {0};
     pf_py_lib lib;
     pf_status status;
@@ -127,11 +140,17 @@ static PyObject *write_kv_cache(PyObject *module, PyObject *const *args, Py_ssiz
     if (pf_py_tensor(args[2], "k_cache", 1, &kc, &keep) < 0) goto fail;
     if (pf_py_lib_stream(&lib, &kc, &keep) < 0) goto fail;
     if (pf_py_tensor(args[3], "v_cache", 1, &vc, &keep) < 0) goto fail;
+    if (pf_py_kv_cache_dtype(kvdt_arg, &kc, &vc) < 0) goto fail;
     if (pf_py_input(args[0], "k", &k, &keep) < 0) goto fail;
     if (pf_py_input(args[1], "v", &v, &keep) < 0) goto fail;
     if (pf_py_input(args[4], "slot_mapping", &sm, &keep) < 0) goto fail;
+    /* a per-(token, head) scale is written: viewed writable (a per-tensor one is only read, but a
+     * read-only array cannot be told apart here before its shape is known: views are taken
+     * writable only when they have three dimensions) */
+    if (pf_py_scale(ks_arg, "k_scale", &ks, &keep) < 0) goto fail;
+    if (pf_py_scale(vs_arg, "v_scale", &vs, &keep) < 0) goto fail;
     void *stream = keep.stream;
-    PF_PY_CALL(status, pf_write_kv_cache(k, v, kc, vc, sm, stream));
+    PF_PY_CALL(status, pf_write_kv_cache_scaled(k, v, kc, vc, sm, ks, vs, stream));
     return pf_py_finish(module, status, &keep);
 fail:
     return pf_py_fail(&keep);
@@ -197,17 +216,20 @@ done:
 }
 
 static PyObject *swap_blocks(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"src", "dst", "block_mapping", "stream", NULL};
-    PyObject *osrc, *odst, *omap, *ostream = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$O:swap_blocks", kwlist, &osrc, &odst, &omap, &ostream))
+    static char *kwlist[] = {"src", "dst", "block_mapping", "src_scale", "dst_scale", "stream", NULL};
+    PyObject *osrc, *odst, *omap, *osrc_scale = Py_None, *odst_scale = Py_None, *ostream = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$OOO:swap_blocks", kwlist, &osrc, &odst, &omap, &osrc_scale,
+                                     &odst_scale, &ostream))
         return NULL;
-    pf_tensor src, dst, map;
+    pf_tensor src, dst, map, src_scale, dst_scale;
     pf_py_keep keep = {0};
     pf_status status;
     if (pf_py_stream(ostream, &keep) < 0) goto fail;
     if (pf_py_tensor(osrc, "src", 0, &src, &keep) < 0) goto fail;
     if (pf_py_tensor(odst, "dst", 1, &dst, &keep) < 0) goto fail;
     if (pf_py_tensor(omap, "block_mapping", 0, &map, &keep) < 0) goto fail;
+    if (pf_py_opt_tensor(osrc_scale, "src_scale", 0, &src_scale, &keep) < 0) goto fail;
+    if (pf_py_opt_tensor(odst_scale, "dst_scale", 1, &dst_scale, &keep) < 0) goto fail;
     { /* no stream given: the current stream of the CUDA side's library */
         const int dst_side = dst.device == PF_DEVICE_CUDA;
         pf_py_lib lib;
@@ -215,7 +237,7 @@ static PyObject *swap_blocks(PyObject *module, PyObject *args, PyObject *kwargs)
         if (pf_py_lib_stream(&lib, dst_side ? &dst : &src, &keep) < 0) goto fail;
     }
     void *stream = keep.stream;
-    PF_PY_CALL(status, pf_swap_blocks(src, dst, map, stream));
+    PF_PY_CALL(status, pf_swap_blocks_scaled(src, dst, src_scale, dst_scale, map, stream));
     return pf_py_finish(module, status, &keep);
 fail:
     return pf_py_fail(&keep);
@@ -224,15 +246,18 @@ fail:
 PyMethodDef pf_py_paged_methods[] = {
     {"paged_attn", (PyCFunction)(void (*)(void))paged_attn, METH_FASTCALL,
      "paged_attn(q, k_cache, v_cache, block_tables, seq_lens, out, lse, cu_seqlens_q, softmax_scale, causal, "
-     "window, softcap, alibi_slopes, num_splits, stream, kernel) -> out or (out, lse); all positional."},
+     "window, softcap, alibi_slopes, num_splits, stream, kernel, k_scale, v_scale, kv_cache_dtype) -> out or "
+     "(out, lse); all positional."},
     {"merge_attn_states", (PyCFunction)(void (*)(void))merge_attn_states, METH_FASTCALL,
      "merge_attn_states(out_a, lse_a, out_b, lse_b, out, out_lse, stream) -> (out, out_lse); all positional."},
     {"write_kv_cache", (PyCFunction)(void (*)(void))write_kv_cache, METH_FASTCALL,
-     "write_kv_cache(k, v, k_cache, v_cache, slot_mapping, stream) -> None. Writes the caches in place."},
+     "write_kv_cache(k, v, k_cache, v_cache, slot_mapping, stream, k_scale, v_scale, kv_cache_dtype) -> None. "
+     "Writes the caches (and per-(token, head) scales) in place."},
     {"copy_blocks", (PyCFunction)(void (*)(void))copy_blocks, METH_VARARGS | METH_KEYWORDS,
      "copy_blocks(caches, block_mapping, *, stream=None) -> None. caches: a sequence of arrays, "
      "written in place."},
     {"swap_blocks", (PyCFunction)(void (*)(void))swap_blocks, METH_VARARGS | METH_KEYWORDS,
-     "swap_blocks(src, dst, block_mapping, *, stream=None) -> None. Writes dst in place."},
+     "swap_blocks(src, dst, block_mapping, *, src_scale=None, dst_scale=None, stream=None) -> None. Writes dst "
+     "(and dst_scale) in place."},
     {NULL, NULL, 0, NULL},
 };

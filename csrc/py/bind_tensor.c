@@ -11,8 +11,8 @@
 #include <string.h>
 
 static int dtype_from_name(const char *name, pf_dtype *dt) {
-    static const pf_dtype all[] = {PF_DTYPE_F32, PF_DTYPE_F16, PF_DTYPE_BF16, PF_DTYPE_I32,
-                                   PF_DTYPE_I64, PF_DTYPE_U8,  PF_DTYPE_F64};
+    static const pf_dtype all[] = {PF_DTYPE_F32, PF_DTYPE_F16, PF_DTYPE_BF16,   PF_DTYPE_I32,    PF_DTYPE_I64,
+                                   PF_DTYPE_U8,  PF_DTYPE_F64, PF_DTYPE_F8E4M3, PF_DTYPE_F8E5M2, PF_DTYPE_I8};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         if (!strcmp(name, pf_dtype_name(all[i]))) {
             *dt = all[i];

@@ -78,6 +78,12 @@ static int dtype_from_dl(DLDataType t, pf_dtype *out) {
         *out = PF_DTYPE_U8;
     else if (t.code == kDLFloat && t.bits == 64)
         *out = PF_DTYPE_F64;
+    else if (t.code == kDLInt && t.bits == 8)
+        *out = PF_DTYPE_I8;
+    else if (t.code == kDLFloat8_e4m3fn && t.bits == 8)
+        *out = PF_DTYPE_F8E4M3;
+    else if (t.code == kDLFloat8_e5m2 && t.bits == 8)
+        *out = PF_DTYPE_F8E5M2;
     return *out == PF_DTYPE_INVALID ? -1 : 0;
 }
 
@@ -155,17 +161,26 @@ static int fill_from_dltensor(const char *name, const DLTensor *t, pf_tensor *ou
         return -1;
     }
     if (dtype_from_dl(t->dtype, &out->dtype) < 0) {
-        static const char *const kinds[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
+        static const char *const kinds[] = {"int",           "uint",
+                                            "float",         "opaque",
+                                            "bfloat",        "complex",
+                                            "bool",          "float8_e3m4",
+                                            "float8_e4m3",   "float8_e4m3b11fnuz",
+                                            "float8_e4m3fn", "float8_e4m3fnuz",
+                                            "float8_e5m2",   "float8_e5m2fnuz",
+                                            "float8_e8m0fnu"};
         const char *kind = t->dtype.code < sizeof kinds / sizeof kinds[0] ? kinds[t->dtype.code] : "dtype code ";
         char dt[48];
         if (t->dtype.code == kDLBool && t->dtype.bits == 8)
             snprintf(dt, sizeof dt, "bool");
+        else if (t->dtype.code >= 7 && t->dtype.code < sizeof kinds / sizeof kinds[0])
+            snprintf(dt, sizeof dt, "%s (%d bits)", kind, (int)t->dtype.bits);
         else
             snprintf(dt, sizeof dt, "%s%d", kind, (int)t->dtype.bits);
         if (t->dtype.lanes != 1) snprintf(dt + strlen(dt), sizeof dt - strlen(dt), "x%d", (int)t->dtype.lanes);
         PyErr_Format(PyExc_TypeError,
                      "%s: unsupported dtype %s; expected float16, bfloat16 or float32 (or int32/int64 for "
-                     "indices)",
+                     "indices, float8_e4m3fn/float8_e5m2/int8 for KV caches)",
                      name, dt);
         return -1;
     }
@@ -297,6 +312,8 @@ static int dtype_from_typestr(const char *ts, pf_dtype *out) {
         *out = PF_DTYPE_U8;
     else if (!strcmp(ts + 1, "f8"))
         *out = PF_DTYPE_F64;
+    else if (!strcmp(ts + 1, "i1"))
+        *out = PF_DTYPE_I8;
     return *out == PF_DTYPE_INVALID ? -1 : 0;
 }
 
@@ -325,7 +342,7 @@ static int import_array_interface(PyObject *obj, PyObject *iface, const char *na
     if (dtype_from_typestr(ts, &out->dtype) < 0) {
         PyErr_Format(PyExc_TypeError,
                      "%s: unsupported dtype '%s'; expected float16, bfloat16 or float32 (or int32/int64 "
-                     "for indices)",
+                     "for indices, int8 for KV caches; float8 caches come through DLPack or NumPy)",
                      name, ts);
         return -1;
     }
@@ -402,14 +419,26 @@ static int import_ndarray(PyObject *obj, const char *name, int writable, pf_tens
         case NPY_INT64: out->dtype = PF_DTYPE_I64; break;
         case NPY_UINT8: out->dtype = PF_DTYPE_U8; break;
         case NPY_FLOAT64: out->dtype = PF_DTYPE_F64; break;
+        case NPY_INT8: out->dtype = PF_DTYPE_I8; break;
         default:
-            if (d->typeobj && strcmp(d->typeobj->tp_name, "bfloat16") == 0) {
-                out->dtype = PF_DTYPE_BF16; /* ml_dtypes.bfloat16 */
-                break;
+            /* ml_dtypes' types, known by name (their numbers are assigned at import; the type's
+             * name is "ml_dtypes.float8_e4m3fn" or, in older releases, "float8_e4m3fn") */
+            if (d->typeobj) {
+                const char *tn = strrchr(d->typeobj->tp_name, '.');
+                tn = tn ? tn + 1 : d->typeobj->tp_name;
+                const size_t es = (size_t)PyDataType_ELSIZE(d);
+                pf_dtype known = PF_DTYPE_INVALID;
+                if (es == 2 && !strcmp(tn, "bfloat16")) known = PF_DTYPE_BF16;
+                if (es == 1 && !strcmp(tn, "float8_e4m3fn")) known = PF_DTYPE_F8E4M3;
+                if (es == 1 && !strcmp(tn, "float8_e5m2")) known = PF_DTYPE_F8E5M2;
+                if (known != PF_DTYPE_INVALID) {
+                    out->dtype = known;
+                    break;
+                }
             }
             PyErr_Format(PyExc_TypeError,
                          "%s: unsupported dtype %S; expected float16, bfloat16 or float32 (or "
-                         "int32/int64 for indices)",
+                         "int32/int64 for indices, float8_e4m3fn/float8_e5m2/int8 for KV caches)",
                          name, (PyObject *)d);
             return -1;
     }
@@ -752,6 +781,64 @@ int pf_py_window(PyObject *obj, int32_t *left, int32_t *right) {
                        : 0;
     Py_DECREF(seq);
     return rc;
+}
+
+int pf_py_scale(PyObject *obj, const char *name, pf_tensor *out, pf_py_keep *keep) {
+    if (obj == NULL || obj == Py_None) return pf_py_opt_tensor(obj, name, 0, out, keep);
+    long ndim = -1;
+    if (PyArray_Check(obj)) {
+        ndim = PyArray_NDIM((PyArrayObject *)obj);
+    } else {
+        PyObject *n = PyObject_GetAttrString(obj, "ndim");
+        if (n && PyLong_Check(n)) ndim = PyLong_AsLong(n);
+        Py_XDECREF(n);
+        PyErr_Clear();
+    }
+    return pf_py_tensor(obj, name, !(ndim >= 0 && ndim <= 1), out, keep);
+}
+
+int pf_py_kv_cache_dtype(PyObject *obj, pf_tensor *k_cache, pf_tensor *v_cache) {
+    if (obj == NULL || obj == Py_None) return 0;
+    static const struct {
+        const char *name;
+        pf_dtype dtype;
+    } names[] = {{"auto", PF_DTYPE_INVALID},    {"fp8", PF_DTYPE_F8E4M3},
+                 {"fp8_e4m3", PF_DTYPE_F8E4M3}, {"float8_e4m3fn", PF_DTYPE_F8E4M3},
+                 {"fp8_e5m2", PF_DTYPE_F8E5M2}, {"float8_e5m2", PF_DTYPE_F8E5M2},
+                 {"int8", PF_DTYPE_I8},         {"float16", PF_DTYPE_F16},
+                 {"bfloat16", PF_DTYPE_BF16},   {"float32", PF_DTYPE_F32}};
+    const char *name = PyUnicode_Check(obj) ? PyUnicode_AsUTF8(obj) : NULL;
+    if (!name) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_TypeError, "kv_cache_dtype: expected a str, got %.100s", Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    size_t i = 0;
+    while (i < sizeof names / sizeof names[0] && strcmp(names[i].name, name) != 0) i++;
+    if (i == sizeof names / sizeof names[0]) {
+        PyErr_Format(PyExc_ValueError,
+                     "kv_cache_dtype: unknown '%.100s'; expected auto, fp8 (= fp8_e4m3, float8_e4m3fn), fp8_e5m2 "
+                     "(= float8_e5m2), int8, float16, bfloat16 or float32",
+                     name);
+        return -1;
+    }
+    const pf_dtype want = names[i].dtype;
+    if (want == PF_DTYPE_INVALID) return 0;
+    pf_tensor *caches[2] = {k_cache, v_cache};
+    const char *cache_names[2] = {"k_cache", "v_cache"};
+    for (int c = 0; c < 2; c++) {
+        const pf_dtype have = caches[c]->dtype;
+        if (have == want) continue;
+        if (pf_dtype_size(want) == 1 && (have == PF_DTYPE_U8 || have == PF_DTYPE_I8)) {
+            caches[c]->dtype = want; /* raw bytes: the codes of `want` */
+            continue;
+        }
+        PyErr_Format(PyExc_TypeError, "%s: kv_cache_dtype '%s' needs a %s cache%s, got %s", cache_names[c], name,
+                     pf_dtype_name(want), pf_dtype_size(want) == 1 ? " (or raw bytes: uint8 or int8)" : "",
+                     pf_dtype_name(have));
+        return -1;
+    }
+    return 0;
 }
 
 int pf_py_seed(PyObject *obj, uint64_t *out) {

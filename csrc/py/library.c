@@ -61,9 +61,11 @@ static void set_alloc_error(void *ctx, const char *kind, const char *message) {
 }
 
 static const DLDataType dl_types[] = {
-    [PF_DTYPE_F32] = {kDLFloat, 32, 1}, [PF_DTYPE_F16] = {kDLFloat, 16, 1}, [PF_DTYPE_BF16] = {kDLBfloat, 16, 1},
-    [PF_DTYPE_I32] = {kDLInt, 32, 1},   [PF_DTYPE_I64] = {kDLInt, 64, 1},   [PF_DTYPE_U8] = {kDLUInt, 8, 1},
-    [PF_DTYPE_F64] = {kDLFloat, 64, 1},
+    [PF_DTYPE_F32] = {kDLFloat, 32, 1},         [PF_DTYPE_F16] = {kDLFloat, 16, 1},
+    [PF_DTYPE_BF16] = {kDLBfloat, 16, 1},       [PF_DTYPE_I32] = {kDLInt, 32, 1},
+    [PF_DTYPE_I64] = {kDLInt, 64, 1},           [PF_DTYPE_U8] = {kDLUInt, 8, 1},
+    [PF_DTYPE_F64] = {kDLFloat, 64, 1},         [PF_DTYPE_F8E4M3] = {kDLFloat8_e4m3fn, 8, 1},
+    [PF_DTYPE_F8E5M2] = {kDLFloat8_e5m2, 8, 1}, [PF_DTYPE_I8] = {kDLInt, 8, 1},
 };
 
 static PyObject *empty_exchange(const pf_py_lib *lib, PyObject *module, const pf_tensor *like, int ndim,
@@ -104,7 +106,8 @@ static PyObject *empty_numpy(PyObject *like, int ndim, const int64_t *shape, pf_
     } else {
         static const int npy[] = {[PF_DTYPE_F32] = NPY_FLOAT32, [PF_DTYPE_F16] = NPY_FLOAT16,
                                   [PF_DTYPE_I32] = NPY_INT32,   [PF_DTYPE_I64] = NPY_INT64,
-                                  [PF_DTYPE_U8] = NPY_UINT8,    [PF_DTYPE_F64] = NPY_FLOAT64};
+                                  [PF_DTYPE_U8] = NPY_UINT8,    [PF_DTYPE_F64] = NPY_FLOAT64,
+                                  [PF_DTYPE_I8] = NPY_INT8}; /* results are never float8 */
         descr = PyArray_DescrFromType(npy[dtype]);
     }
     return PyArray_Empty(ndim, dims, descr, 0); /* steals descr */

@@ -18,6 +18,8 @@ enum {
 };
 
 enum { kDLInt = 0, kDLUInt = 1, kDLFloat = 2, kDLBfloat = 4, kDLBool = 6 };
+/* float8 type codes (DLPack 1.1; bits = 8): what torch exports for float8_e4m3fn / float8_e5m2 */
+enum { kDLFloat8_e4m3fn = 10, kDLFloat8_e5m2 = 12 };
 
 typedef struct {
     int32_t device_type; /* an enum in the spec: int-sized */

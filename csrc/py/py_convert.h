@@ -59,6 +59,15 @@ int pf_py_uint64(PyObject *obj, const char *name, uint64_t *out);
 int pf_py_float(PyObject *obj, const char *name, float *out);
 int pf_py_bool(PyObject *obj, const char *name, int32_t *out);
 int pf_py_window(PyObject *obj, int32_t *left, int32_t *right);
+/* A cache's scale for write_kv_cache (None: absent): a per-(token, head) scale is written by the
+ * call, so it is viewed writable unless the object reports ndim <= 1 (a per-tensor scale, read). */
+int pf_py_scale(PyObject *obj, const char *name, pf_tensor *out, pf_py_keep *keep);
+/* kv_cache_dtype (None or "auto": the caches' own dtype; "fp8" = "fp8_e4m3" = "float8_e4m3fn",
+ * "fp8_e5m2" = "float8_e5m2", "int8", "float16", "bfloat16", "float32"): the dtype k_cache and
+ * v_cache (viewed already) hold. A compressed one may be given raw bytes (uint8 or int8 arrays,
+ * as vLLM allocates float8 caches), which are reinterpreted; otherwise the caches must be of
+ * that dtype. Returns 0, or -1 with ValueError (unknown name) or TypeError. */
+int pf_py_kv_cache_dtype(PyObject *obj, pf_tensor *k_cache, pf_tensor *v_cache);
 /* A dropout seed: any int, taken modulo 2**64 (the Philox key is 64 bits; -1 is 2**64 - 1). */
 int pf_py_seed(PyObject *obj, uint64_t *out);
 /* softmax_scale: None gives pf_default_softmax_scale of q's last dimension (q converted

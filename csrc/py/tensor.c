@@ -135,6 +135,9 @@ static void fill_dltensor(PfTensor *t, DLTensor *d, int64_t *shape, int64_t *str
         case PF_DTYPE_I32: d->dtype = (DLDataType){kDLInt, 32, 1}; break;
         case PF_DTYPE_I64: d->dtype = (DLDataType){kDLInt, 64, 1}; break;
         case PF_DTYPE_U8: d->dtype = (DLDataType){kDLUInt, 8, 1}; break;
+        case PF_DTYPE_I8: d->dtype = (DLDataType){kDLInt, 8, 1}; break;
+        case PF_DTYPE_F8E4M3: d->dtype = (DLDataType){kDLFloat8_e4m3fn, 8, 1}; break;
+        case PF_DTYPE_F8E5M2: d->dtype = (DLDataType){kDLFloat8_e5m2, 8, 1}; break;
         default: d->dtype = (DLDataType){kDLFloat, 64, 1}; break;
     }
     for (int i = 0; i < v->ndim; i++) {
@@ -225,6 +228,9 @@ static const char *typestr_of(pf_dtype dt) {
         case PF_DTYPE_I32: return "<i4";
         case PF_DTYPE_I64: return "<i8";
         case PF_DTYPE_U8: return "|u1";
+        case PF_DTYPE_I8: return "|i1";
+        case PF_DTYPE_F8E4M3:
+        case PF_DTYPE_F8E5M2: return "|V1"; /* no standard code: raw bytes, as bfloat16 */
         default: return "<f8";
     }
 }

@@ -74,7 +74,12 @@ static int pf_unit_of(const int64_t *vals, int n) {
 }
 
 extern "C" pf_status pf_cuda_write_kv_cache(pf_tensor k, pf_tensor v, pf_tensor k_cache, pf_tensor v_cache,
-                                            pf_tensor slot_mapping, void *stream) {
+                                            pf_tensor slot_mapping, pf_tensor k_scale, pf_tensor v_scale,
+                                            void *stream) {
+    /* float caches only: compressed ones (which have scales) are refused by the core for this
+     * backend (limits.kv_quant = 0), so the scales are absent here */
+    (void)k_scale;
+    (void)v_scale;
     pf_cuda_device_guard guard;
     PF_TRY(guard.set(k_cache.device_id));
     const int64_t es = (int64_t)pf_dtype_size(k_cache.dtype);

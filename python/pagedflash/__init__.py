@@ -39,7 +39,7 @@ from .api import (
 )
 from .block_manager import AllocStatus, BlockManager, BlockStats
 from .flash_compat import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
-from .paged import copy_blocks, merge_attn_states, paged_attn, swap_blocks, write_kv_cache
+from .paged import copy_blocks, kv_cache_bytes, merge_attn_states, paged_attn, swap_blocks, write_kv_cache
 
 __version__ = _C.build_info()["version"]
 
@@ -56,6 +56,7 @@ __all__ = [
     "write_kv_cache",
     "copy_blocks",
     "swap_blocks",
+    "kv_cache_bytes",
     "BlockManager",
     "AllocStatus",
     "BlockStats",

@@ -85,6 +85,9 @@ class BlockManager:
             ``watermark_blocks = int(watermark * num_blocks)``. In [0, 1).
         enable_prefix_caching: share full prompt blocks between sequences with the
             same prefix; then token ids are required wherever tokens are added.
+        bytes_per_block: bytes one block takes in the caches it indexes (every layer's K
+            and V, per-(token, head) scales included: :func:`pagedflash.kv_cache_bytes`),
+            for the memory counts in bytes (``used_bytes``, ...); 0 = not given.
 
     Sequence ids are Python ints in int64 range. Errors: unknown, repeated or
     wrongly placed ids and bad arguments raise ``ValueError`` (naming the id);
@@ -100,8 +103,13 @@ class BlockManager:
         num_cpu_blocks: int = 0,
         watermark: float = 0.01,
         enable_prefix_caching: bool = False,
+        bytes_per_block: int = 0,
     ) -> None:
         num_blocks = _check_int(num_blocks, "num_blocks", 1)
+        if isinstance(bytes_per_block, bool) or not isinstance(bytes_per_block, (int, np.integer)):
+            raise TypeError(f"bytes_per_block: expected an int, got {type(bytes_per_block).__name__}")
+        if bytes_per_block < 0:
+            raise ValueError(f"bytes_per_block: expected >= 0, got {bytes_per_block}")
         block_size = _check_int(block_size, "block_size", 1)
         num_cpu_blocks = _check_int(num_cpu_blocks, "num_cpu_blocks", 0)
         try:
@@ -118,6 +126,7 @@ class BlockManager:
         self._watermark = watermark
         self._watermark_blocks = int(watermark * num_blocks)
         self._prefix_caching = bool(enable_prefix_caching)
+        self._bytes_per_block = int(bytes_per_block)
         self._pool = _C.BlockPool(num_blocks, block_size, num_cpu_blocks, self._prefix_caching)
 
     # ------------------------------------------------------------------ config
@@ -149,7 +158,27 @@ class BlockManager:
     def enable_prefix_caching(self) -> bool:
         return self._prefix_caching
 
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of cache per block, as given (0 = not given: the byte counts are then 0)."""
+        return self._bytes_per_block
+
     # ------------------------------------------------------------------ counts
+    @property
+    def used_bytes(self) -> int:
+        """Cache bytes of the device blocks in use: ``num_used_blocks * bytes_per_block``."""
+        return self.num_used_blocks * self._bytes_per_block
+
+    @property
+    def free_bytes(self) -> int:
+        """Cache bytes of the allocatable device blocks (evictable ones included)."""
+        return self.num_free_blocks * self._bytes_per_block
+
+    @property
+    def total_bytes(self) -> int:
+        """Cache bytes of the whole device pool: ``num_blocks * bytes_per_block``."""
+        return self._num_blocks * self._bytes_per_block
+
     @property
     def num_free_blocks(self) -> int:
         """Device blocks allocatable now: free ones plus evictable cached ones."""
@@ -491,5 +520,11 @@ class BlockManager:
             f"num_cpu_blocks={self._num_cpu_blocks}, watermark={self._watermark}, "
             f"enable_prefix_caching={self._prefix_caching}; seqs={s.num_seqs}, "
             f"free={s.num_free_blocks} (evictable {s.num_evictable_blocks}), "
-            f"free_cpu={s.num_free_cpu_blocks})"
+            f"free_cpu={s.num_free_cpu_blocks}"
+            + (
+                f"; {s.num_used_blocks * self._bytes_per_block} of {self.total_bytes} bytes used"
+                if self._bytes_per_block
+                else ""
+            )
+            + ")"
         )

@@ -4,6 +4,10 @@ It materializes S = Q K^T, P = softmax(S) and O = P V, with exactly the masking
 semantics of pagedflash (bottom-right causal alignment, sliding window, softcap,
 ALiBi, dropout with a given keep mask, fully masked rows -> out 0, lse -inf).
 Inputs may be NumPy arrays or torch tensors (any dtype); outputs are float64.
+
+Compressed KV caches (docs/serving.md "Compressed KV caches"): ``quantize_kv`` is
+write_kv_cache's quantization in NumPy, bit for bit; ``dequantize_kv`` gives a cache's
+values ``code * scale`` in float64 (exact); ``paged_attention`` takes k_scale / v_scale.
 """
 
 from __future__ import annotations
@@ -197,13 +201,148 @@ def attention_varlen(
     return (out, lse) if return_lse else out
 
 
+# ---------------------------------------------------------------------------
+# Compressed KV caches
+# ---------------------------------------------------------------------------
+
+# name: (mantissa bits, exponent bias, largest finite code); int8 is symmetric [-127, 127]
+_FP8 = {"float8_e4m3fn": (3, 7, 0x7E), "float8_e5m2": (2, 15, 0x7B)}
+KV_CACHE_DTYPES = ("float8_e4m3fn", "float8_e5m2", "int8")
+_ALIASES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+INT8_MAX = 127
+
+
+def kv_cache_dtype_name(dtype: Any) -> str:
+    """The name of a KV-cache dtype: a str (vLLM's "fp8", "fp8_e4m3", "fp8_e5m2" included), a
+    NumPy / ml_dtypes dtype or a torch dtype -> "float8_e4m3fn", "float8_e5m2", "int8",
+    "float16", ... (unchanged for other names)."""
+    if isinstance(dtype, str) or type(dtype).__module__.partition(".")[0] == "torch":
+        name = str(dtype)
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = str(dtype)
+    name = name.rpartition(".")[2]  # torch.float8_e4m3fn
+    return _ALIASES.get(name, name)
+
+
+def fp8_values(dtype: Any) -> np.ndarray:
+    """float64 [256]: the value of every code (byte) of a float8 dtype (NaN codes NaN, e5m2's
+    0x7c / 0xfc +-inf)."""
+    mant, bias, _ = _FP8[kv_cache_dtype_name(dtype)]
+    c = np.arange(256)
+    e = (c & 0x7F) >> mant
+    m = c & ((1 << mant) - 1)
+    mag = np.where(e == 0, m * 2.0 ** (1 - bias - mant), (1 + m / 2.0**mant) * 2.0 ** (e - bias))
+    if mant == 3:  # e4m3fn: no infinities, magnitude 0x7f is NaN
+        mag = np.where((c & 0x7F) == 0x7F, np.nan, mag)
+    else:  # e5m2: IEEE-like
+        mag = np.where(e == 31, np.where(m == 0, np.inf, np.nan), mag)
+    return np.where(c & 0x80, -mag, mag)
+
+
+def _codes(x: Any, dtype: Optional[str]) -> tuple:
+    """(codes as NumPy: uint8 bytes for float8, int8 for int8; dtype name) of a cache in any
+    library: torch float8 / int8, ml_dtypes float8, NumPy int8, raw uint8 with `dtype`."""
+    name = None if dtype in (None, "auto") else kv_cache_dtype_name(dtype)
+    if type(x).__module__.partition(".")[0] == "torch":
+        import torch
+
+        x = x.detach().cpu()
+        own = kv_cache_dtype_name(x.dtype)
+        x = x.view(torch.uint8).numpy() if own.startswith("float8") else x.numpy()
+    else:
+        if not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__"):
+            x = np.from_dlpack(x)
+        x = np.asarray(x)
+        own = kv_cache_dtype_name(x.dtype)
+        if own.startswith("float8"):
+            x = x.view(np.uint8)
+    if own in KV_CACHE_DTYPES:
+        if name is not None and name != own:
+            raise TypeError(f"a {own} cache read as {name}")
+        name = own
+    elif own not in ("uint8", "int8") or name is None:
+        raise TypeError(f"expected a float8 or int8 cache (or raw bytes with its dtype), got {own}")
+    return (x.view(np.int8) if name == "int8" else x.view(np.uint8)), name
+
+
+def dequantize_kv(cache: Any, scale: Any = None, *, dtype: Any = None) -> np.ndarray:
+    """A compressed cache's values ``code * scale`` in float64 (exact: a code has at most 8
+    significant bits, a float32 scale 24).
+
+    cache: float8_e4m3fn / float8_e5m2 / int8 codes in any library (ml_dtypes or torch float8,
+    NumPy or torch int8), or raw bytes (uint8) with ``dtype`` naming the codes. scale: None (1),
+    a number or float32 ``[]`` / ``[1]`` (per tensor), or ``cache.shape[:-1]`` (per row: per
+    (token, KV head) for a ``[num_blocks, block_size, num_kv_heads, head_dim]`` cache).
+    """
+    codes, name = _codes(cache, dtype)
+    vals = codes.astype(np.float64) if name == "int8" else fp8_values(name)[codes]
+    if scale is None:
+        return vals
+    s = to_f64(scale)
+    if s.size == 1:
+        return vals * float(s.reshape(-1)[0])
+    return vals * s[..., None]
+
+
+def quantize_kv(x: Any, dtype: Any, scale: Any = None) -> tuple:
+    """write_kv_cache's quantization in NumPy, bit for bit: (codes, scale).
+
+    x [..., d] in any float dtype and library (converted to float32 exactly); dtype: a
+    compressed cache dtype (kv_cache_dtype_name's names). scale: None (float8: 1; int8: per
+    row, ``max|x| / 127`` in float32 over the last axis, 1 where that is 0), a number or
+    float32 ``[]`` / ``[1]`` (per tensor), or ``x.shape[:-1]`` float32 (per row, given).
+    Codes: ``y = float32(x / scale)`` rounded to nearest even; float8 saturates to its largest
+    finite value (|y| beyond it, inf included), int8 clamps to [-127, 127]. Returns the codes as
+    uint8 bytes (float8; view them as ml_dtypes / torch float8) or int8, and the float32 scale
+    used (``[]`` per tensor or ``x.shape[:-1]``).
+    """
+    name = kv_cache_dtype_name(dtype)
+    if name not in KV_CACHE_DTYPES:
+        raise TypeError(f"dtype: expected one of {', '.join(KV_CACHE_DTYPES)}, got {name}")
+    x32 = to_f64(x).astype(np.float32)  # float16 / bfloat16 / float32 values are exact in float32
+    if scale is None and name == "int8":
+        amax = np.max(np.abs(x32), axis=-1) if x32.shape[-1] else np.zeros(x32.shape[:-1], np.float32)
+        s = (amax / np.float32(INT8_MAX)).astype(np.float32)
+        s = np.where(s == 0, np.float32(1), s).astype(np.float32)
+    else:
+        s = np.asarray(1.0 if scale is None else to_f64(scale), dtype=np.float32)
+        if s.size == 1:
+            s = s.reshape(())
+    with np.errstate(over="ignore"):  # beyond float32: inf, which saturates below
+        y = x32 / (s if s.ndim == 0 else s[..., None])  # one float32 division per element
+    if name == "int8":
+        return np.clip(np.rint(y), -INT8_MAX, INT8_MAX).astype(np.int8), s
+    mant, bias, max_code = _FP8[name]
+    vals = fp8_values(name)
+    a = np.abs(y).astype(np.float64)
+    e = np.frexp(np.where(np.isfinite(a) & (a > 0), a, 1.0))[1] - 1  # floor(log2 |y|), exactly
+    quantum = 2.0 ** (np.maximum(e, 1 - bias) - mant)  # the spacing of the codes around |y|
+    r = np.where(np.isfinite(a), np.rint(a / np.where(np.isfinite(a), quantum, 1.0)) * quantum, np.inf)
+    mag = np.searchsorted(vals[: max_code + 1], np.minimum(r, vals[max_code]))  # exact: r is a code's value
+    mag = np.where(np.isnan(y), 0x7F, mag)
+    return (mag | np.where(np.signbit(y), 0x80, 0)).astype(np.uint8), s
+
+
+def _is_compressed(cache: Any) -> bool:
+    dt = cache.dtype if hasattr(cache, "dtype") else np.asarray(cache).dtype
+    return kv_cache_dtype_name(dt) in KV_CACHE_DTYPES
+
+
+def _cache_f64(cache: Any) -> np.ndarray:
+    """A cache's values in float64: float caches as they are, compressed ones' codes (scale 1)."""
+    return dequantize_kv(cache) if _is_compressed(cache) else to_f64(cache)
+
+
 def gather_paged_kv(k_cache: Any, v_cache: Any, block_tables: Any, seq_lens: Any):
     """Each sequence's contiguous K/V from a paged cache: a list of (k [len, hk, d], v) in float64.
 
     k_cache/v_cache [num_blocks, block_size, hk, d]; token t of sequence b is
     k_cache[block_tables[b, t // block_size], t % block_size].
     """
-    kc, vc = to_f64(k_cache), to_f64(v_cache)
+    kc, vc = _cache_f64(k_cache), _cache_f64(v_cache)
     bt = np.asarray(to_f64(block_tables)).astype(np.int64)
     sl = np.asarray(to_f64(seq_lens)).astype(np.int64)
     bs = kc.shape[1]
@@ -229,16 +368,23 @@ def paged_attention(
     softcap: float = 0.0,
     alibi_slopes: Any = None,
     return_lse: bool = False,
+    k_scale: Any = None,
+    v_scale: Any = None,
+    kv_cache_dtype: str = "auto",
 ):
     """Naive paged attention in float64: gathers each sequence's K/V through its block
     table and runs the naive attention on the contiguous sequence.
 
     q [batch, h, d] (one query per sequence), [batch, q_len, h, d], or packed [total_q, h, d]
     with cu_seqlens_q [batch + 1]. The q_len queries of a sequence holding seq_len tokens are
-    its last q_len tokens (bottom-right causal alignment). Returns out (q's layout, float64)
-    and, with return_lse, lse [h, total_q].
+    its last q_len tokens (bottom-right causal alignment). Compressed caches are read as
+    dequantize_kv(cache, scale) (kv_cache_dtype names the codes of raw uint8 caches). Returns
+    out (q's layout, float64) and, with return_lse, lse [h, total_q].
     """
     q = to_f64(q)
+    if k_scale is not None or v_scale is not None or kv_cache_dtype != "auto" or _is_compressed(k_cache):
+        k_cache = dequantize_kv(k_cache, k_scale, dtype=kv_cache_dtype)
+        v_cache = dequantize_kv(v_cache, v_scale, dtype=kv_cache_dtype)
     kv = gather_paged_kv(k_cache, v_cache, block_tables, seq_lens)
     batch = len(kv)
     d, h = q.shape[-1], q.shape[-2]

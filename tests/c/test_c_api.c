@@ -2,7 +2,9 @@
  * test_c_api.c - the C API on its own, without Python: pf_flash_fwd on float32
  * inputs against a naive double-precision attention written here, with GQA and
  * causal masking, plus the error path (status, message naming the argument,
- * output untouched). Built and run by tests/test_c_api.py; exits non-zero on failure.
+ * output untouched), and a compressed cache: pf_write_kv_cache_scaled into int8
+ * codes with per-(token, head) scales, pf_paged_attn over them against the naive
+ * attention on code * scale. Built and run by tests/test_c_api.py; exits non-zero on failure.
  */
 #include <math.h>
 #include <stdio.h>
@@ -152,12 +154,78 @@ static void check_errors(void) {
     EXPECT(strcmp(pf_status_string(PF_STATUS_OK), "PF_STATUS_OK") == 0, "status string");
 }
 
+/* One sequence of SK tokens written into an int8 paged cache (blocks of 8, in reverse order) with
+ * row scales, decoded by H query heads over HK KV heads. */
+static void check_int8_cache(void) {
+    enum { SK = 37, H = 4, HK = 2, D = 24, BS = 8, NB = 5 };
+    static float k[SK * HK * D], v[SK * HK * D], q[H * D], o[H * D], kd[SK * HK * D], vd[SK * HK * D];
+    static int8_t kc[NB * BS * HK * D], vc[NB * BS * HK * D];
+    static float ks[NB * BS * HK], vs[NB * BS * HK];
+    static int64_t slots[SK];
+    int32_t table[NB], len = SK;
+    unsigned seed = 99u;
+    for (int i = 0; i < SK * HK * D; i++) k[i] = (float)uniform(&seed) * 3.0f, v[i] = (float)uniform(&seed);
+    for (int i = 0; i < H * D; i++) q[i] = (float)uniform(&seed), o[i] = NAN;
+    for (int b = 0; b < NB; b++) table[b] = NB - 1 - b;
+    for (int t = 0; t < SK; t++) slots[t] = (int64_t)table[t / BS] * BS + t % BS;
+    pf_tensor tk = view4(k, 1, SK, HK, D), tv = view4(v, 1, SK, HK, D);
+    tk.ndim = tv.ndim = 3; /* [SK, HK, D] */
+    for (int i = 0; i < 3; i++)
+        tk.shape[i] = tv.shape[i] = tk.shape[i + 1], tk.strides[i] = tv.strides[i] = tk.strides[i + 1];
+    pf_tensor tkc = view4((float *)kc, NB, BS, HK, D), tvc = view4((float *)vc, NB, BS, HK, D);
+    tkc.dtype = tvc.dtype = PF_DTYPE_I8;
+    pf_tensor tks = view4(ks, 1, NB, BS, HK), tvs = view4(vs, 1, NB, BS, HK);
+    tks.ndim = tvs.ndim = 3;
+    for (int i = 0; i < 3; i++)
+        tks.shape[i] = tvs.shape[i] = tks.shape[i + 1], tks.strides[i] = tvs.strides[i] = tks.strides[i + 1];
+    pf_tensor tslots = {slots, PF_DTYPE_I64, PF_DEVICE_CPU, 0, 1, {SK}, {1}};
+    pf_tensor none;
+    memset(&none, 0, sizeof none);
+    pf_status st = pf_write_kv_cache_scaled(tk, tv, tkc, tvc, tslots, none, tvs, NULL);
+    EXPECT(st == PF_STATUS_INVALID_VALUE && strstr(pf_last_error(), "k_scale: missing") != NULL,
+           "an int8 cache without k_scale: %s", pf_last_error());
+    st = pf_write_kv_cache_scaled(tk, tv, tkc, tvc, tslots, tks, tvs, NULL);
+    EXPECT(st == PF_STATUS_OK, "pf_write_kv_cache_scaled: %s", pf_last_error());
+    for (int t = 0; t < SK; t++)
+        for (int h = 0; h < HK; h++) {
+            const int64_t row = slots[t] * HK + h;
+            for (int c = 0; c < D; c++) {
+                kd[(t * HK + h) * D + c] = kc[row * D + c] * ks[row];
+                vd[(t * HK + h) * D + c] = vc[row * D + c] * vs[row];
+                EXPECT(fabsf(kd[(t * HK + h) * D + c] - k[(t * HK + h) * D + c]) <= 0.5f * ks[row] * 1.0001f,
+                       "k[%d, %d, %d] quantized beyond half a step", t, h, c);
+            }
+        }
+    pf_paged_params p;
+    memset(&p, 0, sizeof p);
+    p.q = view4(q, 1, 1, H, D);
+    p.q.ndim = 3; /* [batch, H, D] */
+    for (int i = 0; i < 3; i++) p.q.shape[i] = p.q.shape[i + 1], p.q.strides[i] = p.q.strides[i + 1];
+    p.out = p.q;
+    p.out.data = o;
+    p.k_cache = tkc;
+    p.v_cache = tvc;
+    p.k_scale = tks;
+    p.v_scale = tvs;
+    p.block_tables = (pf_tensor){table, PF_DTYPE_I32, PF_DEVICE_CPU, 0, 2, {1, NB}, {NB, 1}};
+    p.seq_lens = (pf_tensor){&len, PF_DTYPE_I32, PF_DEVICE_CPU, 0, 1, {1}, {1}};
+    p.softmax_scale = pf_default_softmax_scale(D);
+    p.causal = 1;
+    p.window_left = p.window_right = -1;
+    st = pf_paged_attn(&p);
+    EXPECT(st == PF_STATUS_OK, "pf_paged_attn over an int8 cache: %s", pf_last_error());
+    double ref[H * D], lse[H];
+    naive(q, kd, vd, ref, lse, 1, 1, SK, H, HK, D, 1);
+    for (int i = 0; i < H * D; i++) EXPECT(fabs(o[i] - ref[i]) <= 1e-5, "out[%d] = %g, expected %g", i, o[i], ref[i]);
+}
+
 int main(void) {
     check_attention(1, 1, 1, 1, 1, 1, 0);
     check_attention(2, 7, 113, 4, 2, 40, 1);
     check_attention(1, 130, 70, 8, 1, 64, 1);
     check_attention(2, 65, 65, 2, 2, 96, 0);
     check_errors();
+    check_int8_cache();
     printf("pagedflash C API: %d checks failed; has_cuda=%d cpu_count=%d\n", failures, pf_has_cuda(), pf_cpu_count());
     return failures ? 1 : 0;
 }

@@ -70,11 +70,14 @@ def run_paged(
     alibi=None,
     softmax_scale=None,
     kernel="auto",
+    kv=None,
 ):
     """Build a paged cache and queries on the backend, run paged_attn into a NaN-poisoned out and
-    check out and lse against the float64 reference (and the naive same-precision result)."""
+    check out and lse against the float64 reference (and the naive same-precision result).
+    kv=(cache dtype, scale kind): a compressed cache (conftest.make_paged_cache) read by queries
+    of `dtype`, against the reference on its dequantized values (tests/ops/test_kv_quant.py)."""
     qlens = list(qlens or [1] * len(lens))
-    cache = make_paged_cache(backend, rng, lens, hk, d, bs, dtype, share=share)
+    cache = make_paged_cache(backend, rng, lens, hk, d, bs, dtype, share=share, kv=kv)
     q, cu_q, q_host, cu_host, offs = make_paged_q(backend, rng, layout, qlens, h, d, dtype)
     slopes = alibi_slopes(rng, alibi, len(lens), h, 0.01, 0.5)
     opts = dict(causal=causal, window=window, softcap=softcap, softmax_scale=softmax_scale)
@@ -88,11 +91,12 @@ def run_paged(
         return_lse=True,
         out=out,
         kernel=kernel,
+        **cache.scales,
         **opts,
     )
     assert res is out and type(lse) is type(q)
     ref, ref_lse = reference.paged_attention(
-        q_host, *cache.host, cu_seqlens_q=cu_host, alibi_slopes=slopes, return_lse=True, **opts
+        q_host, *cache.host, cu_seqlens_q=cu_host, alibi_slopes=slopes, return_lse=True, **cache.scales, **opts
     )
     naive = None if dtype == "float32" else naive_lowp_paged(q_host, cache, offs, alibi_slopes=slopes, **opts)
     assert_close(out, ref, naive, dtype=dtype)
