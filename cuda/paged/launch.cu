@@ -145,18 +145,24 @@ static pf_status pf_paged_fill_args(const pf_paged_params *p, pf_paged_args &a) 
     return PF_STATUS_OK;
 }
 
-/* The first of q, out, k_cache, v_cache whose rows are not 16-byte aligned (data pointer or a
- * stride not a multiple of 8 elements), NULL when none: the tensor-core kernels read and write
- * 16-byte vectors. */
-static const char *pf_paged_misaligned(const pf_paged_args &a) {
+/* Why the tensor-core kernels (which read and write 16-byte vectors) cannot take q, out,
+ * k_cache or v_cache -- "<need> 16-byte aligned rows (...), which <tensor> does not have", into
+ * buf -- or NULL when every row is 16-byte aligned (data pointer, strides multiples of 8). */
+static const char *pf_paged_misaligned(const pf_paged_args &a, const char *need, char *buf, size_t len) {
     auto aligned = [](const void *ptr, int64_t s0, int64_t s1, int64_t s2) {
         return ((uintptr_t)ptr & 15u) == 0 && s0 % 8 == 0 && s1 % 8 == 0 && s2 % 8 == 0;
     };
-    return !aligned(a.q, a.q_sb, a.q_st, a.q_sh)             ? "q"
-           : !aligned(a.out, a.o_sb, a.o_st, a.o_sh)         ? "out"
-           : !aligned(a.k_cache, a.k_sblk, a.k_stok, a.k_sh) ? "k_cache"
-           : !aligned(a.v_cache, a.v_sblk, a.v_stok, a.v_sh) ? "v_cache"
-                                                             : NULL;
+    const char *bad = !aligned(a.q, a.q_sb, a.q_st, a.q_sh)             ? "q"
+                      : !aligned(a.out, a.o_sb, a.o_st, a.o_sh)         ? "out"
+                      : !aligned(a.k_cache, a.k_sblk, a.k_stok, a.k_sh) ? "k_cache"
+                      : !aligned(a.v_cache, a.v_sblk, a.v_stok, a.v_sh) ? "v_cache"
+                                                                        : NULL;
+    if (!bad) return NULL;
+    snprintf(buf, len,
+             "%s 16-byte aligned rows (a 16-byte aligned data pointer, strides that are multiples of 8 elements), "
+             "which %s does not have",
+             need, bad);
+    return buf;
 }
 
 /* Why the tensor-core kernel cannot take this call (into buf), or NULL when it can: it
@@ -177,20 +183,13 @@ static const char *pf_paged_tensor_core_obstacle(const pf_paged_args &a, pf_dtyp
                  n ? dims : "none");
         return buf;
     }
-    const char *bad = pf_paged_misaligned(a);
-    if (bad) {
-        snprintf(buf, len,
-                 "needs 16-byte aligned rows (a 16-byte aligned data pointer, strides that are multiples of "
-                 "8 elements), which %s does not have",
-                 bad);
-        return buf;
-    }
-    return NULL;
+    return pf_paged_misaligned(a, "needs", buf, len);
 }
 
 /* What runs (pf_paged_choose). */
 struct pf_paged_choice {
     bool prefill;              /* the sm_90 flash forward over the paged cache (nothing below applies) */
+    pf::cuda::FlashParams prefill_params; /* its parameters (the plan is added by the enqueue) */
     bool tensor_cores;         /* the tensor-core kernel, else the simple one */
     pf_paged_entry_fns entry;  /* the tensor-core kernel's (head dim, dtype) instantiation */
     pf_paged_variant variant;  /* its row tile, CTA shape and K/V path */
@@ -287,15 +286,7 @@ static const char *pf_paged_prefill_obstacle(const pf_paged_args &a, const pf::c
     if (a.cu_seqlens_q && a.cu_s != 1) return "the flash kernels need a contiguous cu_seqlens_q";
     if (a.num_heads > 65535 || (!a.cu_seqlens_q && a.batch > 65535))
         return "its grid holds at most 65535 query heads and (dense queries) 65535 sequences";
-    const char *bad = pf_paged_misaligned(a);
-    if (bad) {
-        snprintf(buf, len,
-                 "the wgmma kernels need 16-byte aligned rows (a 16-byte aligned data pointer, strides that are "
-                 "multiples of 8 elements), which %s does not have",
-                 bad);
-        return buf;
-    }
-    return NULL;
+    return pf_paged_misaligned(a, "the wgmma kernels need", buf, len);
 }
 
 /*
@@ -332,7 +323,7 @@ static pf_status pf_paged_choose(const pf_paged_params *p, pf_paged_args &a, pf_
     /* prefill: the flash forward over the paged cache ("sm90", or "auto" at prefill sizes) */
     c->prefill = false;
     if (hint == PF_KERNEL_FLASH_SM90 || (hint == PF_KERNEL_AUTO && pf_paged_prefill_size(p, a))) {
-        pf::cuda::FlashParams fp;
+        pf::cuda::FlashParams &fp = c->prefill_params;
         pf_paged_prefill_params(p, a, fp);
         char why[256];
         const char *obstacle = pf_paged_prefill_obstacle(a, fp, dtype, dev, why, sizeof why);
@@ -401,12 +392,10 @@ static pf_status pf_paged_choose(const pf_paged_params *p, pf_paged_args &a, pf_
 
 static size_t pf_round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
 
-/* Everything after the workspace is in hand: plan / query map, main kernel, merge. */
 /* The prefill path: [plan of (sequence, 128-query tile) pairs] then the flash forward. */
-static pf_status pf_paged_enqueue_prefill(const pf_paged_params *p, const pf_paged_args &a, int32_t *plan,
-                                          cudaStream_t stream) {
-    pf::cuda::FlashParams fp;
-    pf_paged_prefill_params(p, a, fp);
+static pf_status pf_paged_enqueue_prefill(const pf_paged_params *p, const pf_paged_args &a, const pf_paged_choice &c,
+                                          int32_t *plan, cudaStream_t stream) {
+    pf::cuda::FlashParams fp = c.prefill_params;
     if (a.cu_seqlens_q) {
         pf_paged_args rows = a; /* one row per query: the flash kernel walks heads in its grid */
         rows.group = 1;
@@ -417,6 +406,7 @@ static pf_status pf_paged_enqueue_prefill(const pf_paged_params *p, const pf_pag
     return pf::cuda::flash_fwd_paged(fp, p->q.dtype, stream, p->q.device_id);
 }
 
+/* Everything after the workspace is in hand: plan / query map, main kernel, merge. */
 static pf_status pf_paged_enqueue(pf_paged_args &a, const pf_paged_choice &c, size_t o_bytes, size_t l_bytes,
                                   char *workspace, pf_dtype dtype, cudaStream_t stream) {
     if (c.num_splits > 1) {
@@ -464,7 +454,7 @@ extern "C" pf_status pf_cuda_paged_attn(const pf_paged_params *p) {
                                  256);
     pf_cuda_scratch scratch;
     PF_TRY(pf_cuda_scratch_acquire(stream, o_bytes + l_bytes + list_bytes, &scratch));
-    pf_status st = c.prefill ? pf_paged_enqueue_prefill(p, a, (int32_t *)scratch.ptr, stream)
+    pf_status st = c.prefill ? pf_paged_enqueue_prefill(p, a, c, (int32_t *)scratch.ptr, stream)
                              : pf_paged_enqueue(a, c, o_bytes, l_bytes, (char *)scratch.ptr, p->q.dtype, stream);
     pf_status st2 = pf_cuda_scratch_release(stream, &scratch);
     return st != PF_STATUS_OK ? st : st2;
